@@ -1,0 +1,38 @@
+# Everything installs from nothing: `make test` and `make demo` on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this machine's disk; any other spec may pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: install test data demo reproduce clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+data:
+	@if [ ! -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ]; then \
+		echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+test: install data
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/ctfgen sample --class sneaker --n 16 --out samples.png
+
+reproduce: install data
+	$(VENV)/bin/ctfgen pipeline configs/fashion_mnist.yaml --out runs/fashion_mnist --resume
+	$(PY) benchmarks/reproduce.py --run runs/fashion_mnist
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,54 @@
+"""The `ctfgen` command. Each subcommand lives in `ctfgen.commands.<module>` and defines
+`configure(parser)` and `run(args)`; modules are imported only when their command runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "sample": ("sample", "sample a class-conditional image grid from a trained or shipped model"),
+    "sample-many": ("sample_many", "generate N images per class into an ADM-style .npz (resumable, torchrun-aware)"),
+    "train-tokenizer": ("train_tokenizer", "train a VQ tokenizer"),
+    "extract-codes": ("extract_codes", "tokenize a dataset into memory-mapped code files"),
+    "cluster": ("cluster", "fit a CoarseMap (k-means or random) on a tokenizer's codebook"),
+    "train": ("train", "train stage 1 (ar), the auxiliary model (aux) or the baseline on extracted codes"),
+    "pipeline": ("pipeline", "run a whole experiment from a YAML config: tokenizer to trained models"),
+    "eval": ("eval", "FID / IS / precision / recall of a sample set against a reference"),
+    "compare": ("compare", "render several evaluated runs into one markdown table and figure"),
+    "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
+    "bench": ("bench", "time the baseline and CTF sampling side by side"),
+    "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctfgen", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            importlib.import_module(f"ctfgen.commands.{module}").configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"ctfgen.commands.{COMMANDS[args.command][0]}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
