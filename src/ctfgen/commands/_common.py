@@ -1,0 +1,76 @@
+"""Options and helpers shared by the commands that sample."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="fashion-mnist",
+                   help="a pipeline directory (from `ctfgen pipeline`, e.g. RUN/ctf or RUN/baseline) or a shipped "
+                        "name: fashion-mnist, fashion-mnist-baseline (default: %(default)s)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling (defaults: the paper's)")
+    g.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of stage 1 / the baseline")
+    g.add_argument("--cfg-steps", type=int, default=None, help="guide only the first N tokens")
+    g.add_argument("--temperature", type=float, default=1.1, help="stage-1 (or baseline) temperature")
+    g.add_argument("--top-k", type=int, default=0, help="stage-1 (or baseline) top-k, 0 = all")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature-fine", type=float, default=1.1, help="stage-2 temperature (CTF only)")
+    g.add_argument("--top-k-fine", type=int, default=0, help="stage-2 top-k, 0 = all, 1 = argmax (CTF only)")
+    g.add_argument("--cfg-scale-fine", type=float, default=1.0, help="stage-2 guidance, off (1.0) by default (CTF only)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def load_model(spec: str, device: str):
+    from pathlib import Path
+
+    from ctfgen.pipeline import load_pipeline
+    from ctfgen.pretrained import PRETRAINED, pretrained
+
+    if spec in PRETRAINED and not Path(spec).exists():
+        return pretrained(spec, device=device)
+    if not Path(spec).is_dir():
+        raise SystemExit(f"--model {spec!r} is neither a directory nor a shipped model ({', '.join(PRETRAINED)})")
+    return load_pipeline(spec).to(device).eval()
+
+
+def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
+    from ctfgen.pipeline import CTFPipeline
+
+    kwargs = dict(cfg_scale=args.cfg_scale, cfg_steps=args.cfg_steps, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p)
+    if isinstance(pipeline, CTFPipeline):
+        kwargs.update(temperature_fine=args.temperature_fine, top_k_fine=args.top_k_fine,
+                      cfg_scale_fine=args.cfg_scale_fine)
+    return kwargs
+
+
+def resolve_classes(values: list[str], num_classes: int, class_names: list[str] | None = None) -> list[int]:
+    """Class ids from ids or names; names follow the model's class list or Fashion-MNIST's."""
+    ids = []
+    for v in values:
+        if v.lstrip("-").isdigit():
+            c = int(v)
+        elif class_names:
+            lowered = [n.lower() for n in class_names]
+            if v.lower() not in lowered:
+                raise SystemExit(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
+            c = lowered.index(v.lower())
+        else:
+            from ctfgen.data.fashion_mnist import class_index
+
+            try:
+                c = class_index(v)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+        if not 0 <= c < num_classes:
+            raise SystemExit(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
+        ids.append(c)
+    return ids
