@@ -1,0 +1,171 @@
+"""One process or many: the same training code runs alone or under `torchrun`.
+
+`init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and starts a process group: NCCL when CUDA is available, gloo on CPU. Without those
+variables it does nothing and every helper answers as a single process (rank 0 of 1), so callers
+never branch on "distributed or not".
+
+`wrap_model` puts a model in DDP, or FSDP (FSDP2 `fully_shard`, one unit per transformer block)
+for the large presets where a full replica per GPU stops making sense.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# GPT-L (24 x 1024, ~343M) and larger are sharded; LlamaGen trains those with FSDP too.
+FSDP_MIN_PARAMS = 300_000_000
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
+    """Start the process group if torchrun launched us; return the device this rank should use.
+
+    Safe to call more than once (later calls only return the device).
+    """
+    if launched_by_torchrun() and not is_distributed():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return default_device()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank() if is_distributed() else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s value of a picklable object, on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. writes a file), the others after it is done.
+
+    An exception on rank 0 is broadcast so that the other ranks fail too instead of waiting
+    in a barrier forever.
+    """
+    error = None
+    if is_main():
+        try:
+            yield True
+        except BaseException as e:  # noqa: BLE001 - re-raised below after telling the others
+            error = e
+        ok = broadcast_object(error is None)
+        if error is not None:
+            raise error
+    else:
+        ok = broadcast_object(None)
+        if not ok:
+            raise RuntimeError("rank 0 failed in a rank-0-only step; see its error above")
+        yield False
+
+
+def use_fsdp(model: nn.Module, fsdp: bool | str = "auto") -> bool:
+    """Whether to shard: `fsdp=True/False` forces it; "auto" shards models of GPT-L size and up."""
+    if isinstance(fsdp, str):
+        if fsdp != "auto":
+            raise ValueError(f"train.fsdp must be true, false or 'auto', got {fsdp!r}")
+        n = sum(p.numel() for p in model.parameters())
+        return is_distributed() and n >= FSDP_MIN_PARAMS
+    return bool(fsdp) and is_distributed()
+
+
+def _block_modules(model: nn.Module) -> list[nn.Module]:
+    # The transformer blocks are the elements of the model's ModuleLists; one FSDP unit each
+    # keeps the peak memory at one block's full parameters.
+    blocks = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList):
+            blocks.extend(m)
+    return blocks
+
+
+def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto") -> nn.Module:
+    """DDP or FSDP when distributed, the model itself otherwise. Model must already be on `device`."""
+    if not is_distributed():
+        return model
+    if use_fsdp(model, fsdp):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _block_modules(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if device.type == "cuda":
+        return DDP(model, device_ids=[device.index], output_device=device.index)
+    return DDP(model)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (FSDP2 shards in place, so it is the module itself)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model

@@ -1,0 +1,83 @@
+"""A toy model and a runnable training script for the training-loop tests (single process,
+torchrun, or a subprocess that a test kills). Not collected by pytest (no test_ prefix)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+class Toy(nn.Module):
+    def __init__(self, dropout: float = 0.2):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 2)])
+        self.norm = nn.LayerNorm(32)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        h = torch.relu(self.layers[0](x))
+        h = self.drop(self.norm(torch.relu(self.layers[1](h))))
+        return self.layers[2](h)
+
+
+def toy_dataset(n: int = 96) -> TensorDataset:
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :4].sum(1) > x[:, 4:].sum(1)).long()
+    return TensorDataset(x, y)
+
+
+def toy_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def main(argv=None):
+    sys.path.insert(0, str(SRC))
+    from ctfgen.train import distributed as D
+    from ctfgen.train.loop import train
+
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--ckpt-every", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--ema", action="store_true")
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds per step, to give a test time to kill us")
+    p.add_argument("--schedule", default="cosine")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--result", default=None, help="write final weights here (rank suffix added)")
+    a = p.parse_args(argv)
+
+    D.init_distributed()
+
+    def loss_fn(model, batch):
+        if a.sleep:
+            time.sleep(a.sleep)
+        return toy_loss(model, batch)
+
+    cfg = dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=3e-3,
+               ckpt_every=a.ckpt_every, log_every=1, ema=a.ema, ema_decay=0.9, fsdp=a.fsdp,
+               schedule=a.schedule, warmup_steps=3, progress=False)
+    torch.manual_seed(0)  # the same initial weights in every run of this script
+    res = train(Toy(a.dropout), loss_fn, toy_dataset(), cfg, a.out, resume=a.resume)
+    if a.result:
+        torch.save({"model": res.state_dict, "ema": res.ema_state_dict, "step": res.step},
+                   f"{a.result}.rank{D.get_rank()}")
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main()

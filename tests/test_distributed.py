@@ -1,0 +1,88 @@
+"""2-rank gloo training under torchrun on CPU: DDP keeps the ranks identical, and both DDP and
+FSDP do the same arithmetic as one process on the same global batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_toy import Toy, toy_dataset, toy_loss
+
+TOY_SCRIPT = Path(__file__).with_name("_train_toy.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(args, nproc=2, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(TOY_SCRIPT), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def load_results(prefix: Path, n: int = 2):
+    return [torch.load(f"{prefix}.rank{r}", weights_only=True) for r in range(n)]
+
+
+def single_process(tmp_path, steps, dropout, schedule="cosine", **kw):
+    from ctfgen.train.loop import train
+
+    torch.manual_seed(0)
+    cfg = dict(steps=steps, batch_size=16, lr=3e-3, ckpt_every=5, log_every=1, ema=True, ema_decay=0.9,
+               schedule=schedule, warmup_steps=3, progress=False, **kw)
+    return train(Toy(dropout), toy_loss, toy_dataset(), cfg, tmp_path)
+
+
+def test_ddp_two_ranks_identical_weights_and_equal_to_one_process(tmp_path):
+    # With dropout the ranks draw different masks, yet DDP must keep their weights identical.
+    torchrun([str(tmp_path / "drop"), "--steps", "8", "--ema", "--result", str(tmp_path / "drop_res")])
+    a, b = load_results(tmp_path / "drop_res")
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    # Only rank 0 writes: one metrics file, checkpoints written once.
+    assert (tmp_path / "drop" / "metrics.csv").is_file()
+    assert sorted(p.name for p in (tmp_path / "drop" / "checkpoints").iterdir()) == ["ckpt-00000005.pt", "ckpt-00000008.pt"]
+
+    # Without dropout, 2 ranks x 8 samples is the same computation as 1 process x 16 samples.
+    torchrun([str(tmp_path / "nodrop"), "--steps", "8", "--ema", "--dropout", "0", "--result", str(tmp_path / "nd_res")])
+    ddp = load_results(tmp_path / "nd_res")[0]
+    one = single_process(tmp_path / "one", 8, 0.0)
+    for k in one.state_dict:
+        torch.testing.assert_close(ddp["model"][k], one.state_dict[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_two_ranks_resume_matches_one_process(tmp_path):
+    # FSDP (forced on for the toy) for 5 steps, then resumed to 10 from its checkpoint (a constant
+    # lr, so that stopping at 5 and going on to 10 is the same schedule as 10 at once).
+    out = str(tmp_path / "fsdp")
+    args = ["--fsdp", "--ema", "--dropout", "0", "--grad-accum", "2", "--schedule", "constant"]
+    torchrun([out, "--steps", "5", *args])
+    torchrun([out, "--steps", "10", *args, "--resume", "--result", str(tmp_path / "res")])
+    a, b = load_results(tmp_path / "res")
+    one = single_process(tmp_path / "one", 10, 0.0, schedule="constant", grad_accum=2)
+    for k in one.state_dict:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        torch.testing.assert_close(a["model"][k], one.state_dict[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a["ema"][k], one.ema_state_dict[k], rtol=1e-4, atol=1e-5)
+
+
+def test_single_process_helpers_without_torchrun(monkeypatch):
+    from ctfgen.train import distributed as D
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert D.init_distributed() == torch.device("cpu")
+    assert (D.get_rank(), D.get_world_size(), D.is_main()) == (0, 1, True)
+    D.barrier()
+    model = Toy()
+    assert D.wrap_model(model, torch.device("cpu")) is model
+    with D.main_first() as first:
+        assert first

@@ -1,0 +1,193 @@
+"""The training loop and checkpoints on a toy model (stages are tested at the end, on tiny codes)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _train_toy import Toy as _Toy, toy_dataset, toy_loss
+from ctfgen.train import checkpoint as C
+from ctfgen.train.loop import NonFiniteLossError, ShardedBatches, TrainConfig, lr_at, make_optimizer, train
+
+
+def Toy(dropout=0.2, seed=0):  # noqa: N802 - the toy model, initialised the same way every time
+    torch.manual_seed(seed)
+    return _Toy(dropout)
+
+
+def small_cfg(**kw):
+    base = dict(steps=12, batch_size=16, lr=3e-3, ckpt_every=4, log_every=1, progress=False)
+    base.update(kw)
+    return base
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def test_atomic_save_keeps_newest_and_ignores_partial_files(tmp_path):
+    for step in (1, 2, 3):
+        C.save_checkpoint({"step": step, "w": torch.full((3,), float(step))}, tmp_path, step, keep=2)
+    assert [s for s, _ in C.list_checkpoints(tmp_path)] == [2, 3]
+    # A save killed mid-write leaves only a hidden temporary, which is never taken for a checkpoint.
+    (tmp_path / ".ckpt-00000004.pt.abc.tmp").write_bytes(b"\x00garbage")
+    assert C.latest_checkpoint(tmp_path).name == "ckpt-00000003.pt"
+    state, path = C.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 3 and torch.equal(state["w"], torch.full((3,), 3.0))
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):
+    C.save_checkpoint({"step": 1}, tmp_path, 1, keep=0)
+    (tmp_path / "ckpt-00000002.pt").write_bytes(b"truncated")
+    state, path = C.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 1
+    with pytest.raises(C.CheckpointError, match="could not read"):
+        C.load_checkpoint(tmp_path / "ckpt-00000002.pt")
+
+
+def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
+    C.seed_everything(3)
+    state = C.get_rng_state()
+    C.save_checkpoint({"rng": state}, tmp_path, 0)
+    a = (random.random(), np.random.rand(), torch.rand(()).item())
+    C.seed_everything(99)
+    C.set_rng_state(C.load_checkpoint(C.latest_checkpoint(tmp_path))["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == a
+
+
+# --- optimiser pieces -------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_then_cosine_and_constant():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(9, cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(10, cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(55, cfg, 100) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(100, cfg, 100) == pytest.approx(1e-4)
+    const = TrainConfig(steps=100, lr=1e-3)
+    assert {lr_at(s, const, 100) for s in range(100)} == {1e-3}
+
+
+def test_weight_decay_only_on_matrices_and_llamagen_defaults():
+    model = Toy()
+    opt = make_optimizer(model, TrainConfig(steps=1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert decay["betas"] == (0.9, 0.95) and decay["lr"] == 1e-4
+
+
+def test_config_rejects_unknown_keys_and_missing_length():
+    with pytest.raises(ValueError, match="unknown train settings: lrr"):
+        TrainConfig.from_dict({"steps": 1, "lrr": 1})
+    with pytest.raises(ValueError, match="steps.*epochs"):
+        TrainConfig.from_dict({})
+
+
+def test_sharded_batches_split_each_global_batch_and_resume_mid_epoch():
+    one = ShardedBatches(50, micro=8, world=1, rank=0, seed=5)
+    r0 = ShardedBatches(50, micro=4, world=2, rank=0, seed=5)
+    r1 = ShardedBatches(50, micro=4, world=2, rank=1, seed=5)
+    assert one.per_epoch == r0.per_epoch == 6  # 50 // 8, tail dropped
+    for g, a, b in zip(one.epoch_batches(2), r0.epoch_batches(2), r1.epoch_batches(2)):
+        assert g == a + b and not set(a) & set(b)
+    assert list(one.epoch_batches(2, start=4)) == list(one.epoch_batches(2))[4:]
+    assert list(one.epoch_batches(0)) != list(one.epoch_batches(1))
+    with pytest.raises(ValueError, match="lower train.batch_size"):
+        ShardedBatches(7, micro=4, world=2, rank=0, seed=0)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def test_training_reduces_loss_and_logs_csv(tmp_path):
+    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=60, lr=1e-2, ckpt_every=30), tmp_path,
+                tokens_per_item=1)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 61))
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "elapsed_s"}
+    first = np.mean([float(r["loss"]) for r in rows[:5]])
+    last = np.mean([float(r["loss"]) for r in rows[-5:]])
+    assert last < first - 0.1
+    assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [30, 60]
+    assert res.step == 60 and res.checkpoint.name == "ckpt-00000060.pt"
+
+
+def test_in_process_resume_matches_uninterrupted_run(tmp_path):
+    cfg = small_cfg(steps=12, ema=True, ema_decay=0.8, grad_accum=2, schedule="cosine", warmup_steps=2)
+    full = train(Toy(), toy_loss, toy_dataset(), cfg, tmp_path / "full")
+    # The same run stopped after 8 steps (its checkpoint at 8), then resumed with a fresh model.
+    part_dir = tmp_path / "part"
+    train(Toy(), toy_loss, toy_dataset(), cfg, part_dir)
+    for p in C.list_checkpoints(part_dir / "checkpoints"):
+        if p[0] > 8:
+            p[1].unlink()
+    resumed = train(Toy(), toy_loss, toy_dataset(), cfg, part_dir, resume=True)
+    assert resumed.resumed_from.name == "ckpt-00000008.pt"
+    for k in full.state_dict:
+        assert torch.equal(full.state_dict[k], resumed.state_dict[k]), k
+        assert torch.equal(full.ema_state_dict[k], resumed.ema_state_dict[k]), k
+    with open(part_dir / "metrics.csv") as f:  # rows after the checkpoint were redone, not duplicated
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 13))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1), tmp_path / "a")
+    b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4), tmp_path / "b")
+    for k in a.state_dict:
+        torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=1e-4, atol=1e-5)
+
+
+def test_existing_run_is_refused_without_resume(tmp_path):
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=4), tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=4), tmp_path)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = toy_loss(model, batch)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    with pytest.raises(NonFiniteLossError) as e:
+        train(Toy(), loss_fn, toy_dataset(), small_cfg(steps=20, ckpt_every=5), tmp_path)
+    msg = str(e.value)
+    assert "step 7" in msg and "lower learning rate" in msg and "ckpt-00000005.pt" in msg
+    assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [5]
+    state = C.load_checkpoint(C.latest_checkpoint(tmp_path / "checkpoints"))
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+    # ... and the run resumes from it with a lower learning rate.
+    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8, ckpt_every=5, lr=1e-3), tmp_path, resume=True)
+    assert res.step == 8 and res.resumed_from.name == "ckpt-00000005.pt"
+
+
+def test_epoch_hook_and_snapshots(tmp_path):
+    from ctfgen.hub import HubMixin
+
+    class HubToy(_Toy, HubMixin):
+        def __init__(self, config: dict):
+            super().__init__(config["dropout"])
+            self.config = config
+
+    seen = []
+
+    def hook(epoch, model):
+        assert not model.training
+        seen.append(epoch)
+
+    # 96 items in micro-batches of 10 -> 9 per epoch; 27 micro-batches / grad_accum 4 -> 6 steps,
+    # the last 3 micro-batches of epoch 2 unused; its hook still runs.
+    res = train(HubToy({"dropout": 0.1}), toy_loss, toy_dataset(),
+                dict(epochs=3, batch_size=40, grad_accum=4, ckpt_every=100, ema=True, progress=False,
+                     snapshot_every_epoch=True), tmp_path, on_epoch_end=hook)
+    assert res.step == 6 and seen == [0, 1, 2]
+    snap = HubToy.from_pretrained(tmp_path / "epochs" / "epoch-002")
+    assert snap.config == {"dropout": 0.1}
