@@ -1,0 +1,467 @@
+"""Inference pipelines: CTF (coarse AR stage + one-pass auxiliary fine stage) and the plain AR baseline.
+
+    >>> pipe = CTFPipeline(ar, aux, coarse_map, tokenizer)
+    >>> images = pipe.sample([3, 7], generator=0)           # (2, C, H, W) in [-1, 1]
+    >>> tokens = pipe.sample_tokens([3, 7], generator=0)    # (2, image_tokens) fine tokens
+    >>> nats = pipe.log_prob(tokens, [3, 7])                # (2,) float64, exact with an in-cluster aux
+    >>> pipe.save_pretrained("run/ctf"); load_pipeline("run/ctf")
+
+Both pipelines share one interface (`sample_tokens`, `sample`, `log_prob`, `save_pretrained`,
+`from_pretrained`, `last_timings`), so benchmarks and evaluation treat them alike. Every part is
+checked against the others on construction (vocabularies, grid, classes, codebook and coarse-map
+fingerprints): a mismatched part is a ValueError naming both values, never silent garbage.
+
+Pipelines are inference objects: the constructor puts every model in eval mode (dropout and class
+dropout off), which `log_prob` and sampling rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ctfgen.clustering import CoarseMap
+
+__all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
+
+PIPELINE_FILE = "pipeline.json"
+COARSE_MAP_FILE = "coarse_map.safetensors"
+FORMAT_VERSION = 1
+
+# The paper's defaults: guidance 2.0, both temperatures 1.1, stage-2 top-k = all, no stage-2 guidance.
+CTF_DEFAULTS = dict(cfg_scale=2.0, temperature=1.1, top_k=0, top_p=1.0, cfg_steps=None,
+                    temperature_fine=1.1, top_k_fine=0, cfg_scale_fine=1.0)
+# LlamaGen's sampler defaults apart from guidance, which matches CTF's so the two compare like for like.
+BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg_steps=None)
+
+
+def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """Per-image log-probabilities in nats -> bits per token (lower is better)."""
+    return -torch.as_tensor(log_prob, dtype=torch.float64) / (image_tokens * math.log(2.0))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generator(generator, device: torch.device):
+    """None, an int seed, or a torch.Generator -> a Generator on `device` (or None)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int):
+        return torch.Generator(device=device).manual_seed(generator)
+    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def _labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: pass one class id per image")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"class labels must be in [0, {num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def _flat_tokens(tokens, image_tokens: int, device: torch.device) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens).to(device)
+    if tokens.dim() == 3:  # (B, h, w) grids as the tokenizer returns them
+        tokens = tokens.flatten(1)
+    if tokens.dim() != 2 or tokens.shape[1] != image_tokens:
+        raise ValueError(f"expected tokens of shape (B, {image_tokens}) or (B, h, w) grids, got {tuple(tokens.shape)}")
+    return tokens.long()
+
+
+def _grid_size(image_tokens: int) -> int:
+    g = math.isqrt(image_tokens)
+    if g * g != image_tokens:
+        raise ValueError(f"image_tokens={image_tokens} is not a square grid")
+    return g
+
+
+def _check_fp(problems: list, what: str, have, want, want_what: str) -> None:
+    if have is not None and want is not None and have != want:
+        problems.append(f"{what} is {have!r} but {want_what} is {want!r}")
+
+
+def _raise(problems: list, title: str) -> None:
+    if problems:
+        raise ValueError(title + ":\n  " + "\n  ".join(problems)
+                         + "\nUse parts trained together (one pipeline directory, or the same tokenizer and coarse map).")
+
+
+class _Pipeline:
+    kind = ""
+    _defaults: dict = {}
+
+    # ------------------------------------------------------------ shared plumbing
+    def _models(self) -> list:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._models()[0].parameters()).device
+
+    def to(self, device):
+        for m in self._models():
+            m.to(device)
+        if self.tokenizer is not None:
+            self.tokenizer.to(device)
+        return self
+
+    def eval(self):
+        for m in self._models():
+            m.eval()
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        return _grid_size(self.image_tokens)
+
+    def _resolve(self, kwargs: dict) -> dict:
+        unknown = set(kwargs) - set(self._defaults)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.sample_tokens got unknown options {sorted(unknown)}; "
+                            f"valid: {sorted(self._defaults)}")
+        out = dict(self.sampling_defaults)
+        out.update({k: v for k, v in kwargs.items() if v is not None})
+        return out
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, image_tokens) fine tokens -> (B, C, H, W) images in [-1, 1]."""
+        if self.tokenizer is None:
+            raise ValueError(f"this {type(self).__name__} has no tokenizer; pass tokenizer= to decode images "
+                             "(sample_tokens works without one)")
+        g = self.grid_size
+        return self.tokenizer.decode(tokens.reshape(-1, g, g)).clamp(-1, 1)
+
+    def sample(self, labels, generator=None, **kwargs) -> torch.Tensor:
+        """Sample tokens for `labels` (see `sample_tokens` for the options) and decode them to
+        (B, C, H, W) images in [-1, 1]. `last_timings` gets stage1/stage2/decode seconds."""
+        if self.tokenizer is None:
+            raise ValueError(f"this {type(self).__name__} has no tokenizer, so it cannot decode images; "
+                             "pass tokenizer= or use sample_tokens")
+        tokens = self.sample_tokens(labels, generator=generator, **kwargs)
+        device = self.device
+        _sync(device)
+        t0 = time.perf_counter()
+        images = self.decode(tokens)
+        _sync(device)
+        self.last_timings["decode"] = time.perf_counter() - t0
+        self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
+        return images
+
+    def _write_json(self, directory: Path, extra: dict) -> None:
+        info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,
+                "num_classes": self.num_classes, "has_tokenizer": self.tokenizer is not None,
+                "sampling_defaults": self.sampling_defaults, **extra}
+        (directory / PIPELINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    @staticmethod
+    def _read_json(directory: Path, kind: str) -> dict:
+        info = _read_pipeline_json(directory)
+        if info.get("type") != kind:
+            raise ValueError(f"{directory} holds a {info.get('type')!r} pipeline, not {kind!r}; use load_pipeline()")
+        return info
+
+    @staticmethod
+    def _load_tokenizer(directory: Path, info: dict, map_location):
+        if not (directory / "tokenizer").is_dir():
+            if info.get("has_tokenizer"):
+                raise FileNotFoundError(f"{directory}/tokenizer is missing but pipeline.json says it was saved")
+            return None
+        from ctfgen.tokenizer.vq import VQModel
+
+        return VQModel.from_pretrained(str(directory / "tokenizer"), map_location=map_location)
+
+
+class CTFPipeline(_Pipeline):
+    """Coarse-to-fine generation: `ar` (a GPT over coarse labels) samples the coarse sequence,
+    `aux` (AuxModel) predicts every fine token from it in one pass, `tokenizer` decodes."""
+
+    kind = "ctf"
+    _defaults = CTF_DEFAULTS
+
+    def __init__(self, ar, aux, coarse_map: CoarseMap, tokenizer=None, sampling_defaults: dict | None = None):
+        if not isinstance(coarse_map, CoarseMap):
+            raise TypeError(f"coarse_map must be a ctfgen.CoarseMap, got {type(coarse_map).__name__}")
+        self.ar, self.aux, self.coarse_map, self.tokenizer = ar, aux, coarse_map, tokenizer
+        self._check_parts()
+        self.sampling_defaults = {**CTF_DEFAULTS, **(sampling_defaults or {})}
+        self._resolve(self.sampling_defaults)
+        self.last_timings: dict = {}
+        self.eval()
+
+    def _models(self):
+        return [self.ar, self.aux]
+
+    def _check_parts(self) -> None:
+        ar, aux, cmap, tok = self.ar.config, self.aux.config, self.coarse_map, self.tokenizer
+        p: list[str] = []
+        if ar.vocab_size != cmap.num_coarse:
+            p.append(f"stage-1 GPT vocab_size is {ar.vocab_size} but the coarse map has num_coarse {cmap.num_coarse}")
+        if aux.vocab_size != cmap.vocab_size:
+            p.append(f"aux vocab_size is {aux.vocab_size} but the coarse map covers {cmap.vocab_size} codewords")
+        if aux.num_coarse != cmap.num_coarse:
+            p.append(f"aux num_coarse is {aux.num_coarse} but the coarse map has num_coarse {cmap.num_coarse}")
+        if ar.image_tokens != aux.image_tokens:
+            p.append(f"stage-1 image_tokens is {ar.image_tokens} but aux image_tokens is {aux.image_tokens}")
+        if ar.num_classes != aux.num_classes:
+            p.append(f"stage-1 num_classes is {ar.num_classes} but aux num_classes is {aux.num_classes}")
+        for name, cfg in (("stage-1 GPT", ar), ("aux", aux)):
+            _check_fp(p, f"{name} config coarse_map_fingerprint", cfg.coarse_map_fingerprint, cmap.fingerprint,
+                      "the coarse map's fingerprint")
+            _check_fp(p, f"{name} config codebook_fingerprint", cfg.codebook_fingerprint, cmap.codebook_fingerprint,
+                      "the coarse map's codebook_fingerprint")
+        if tok is not None:
+            _check_fp(p, "tokenizer fingerprint", tok.fingerprint, cmap.codebook_fingerprint,
+                      "the coarse map's codebook_fingerprint")
+            size = getattr(tok.config, "codebook_size", None)
+            if size is not None and size != cmap.vocab_size:
+                p.append(f"tokenizer codebook_size is {size} but the coarse map covers {cmap.vocab_size} codewords")
+        _raise(p, "CTFPipeline parts do not belong together")
+        f2c = self.aux.fine_to_coarse.detach().cpu()
+        if bool((f2c < 0).all()):
+            self.aux.set_coarse_map(cmap)  # an aux built without a map adopts (after checking) this one
+        elif not torch.equal(f2c, cmap.fine_to_coarse):
+            n = int((f2c != cmap.fine_to_coarse).sum())
+            raise ValueError(f"the aux model's fine_to_coarse differs from the coarse map's at {n} of {cmap.vocab_size} "
+                             f"codewords (coarse map {cmap.fingerprint}, aux config "
+                             f"{aux.coarse_map_fingerprint}); the aux model was trained with another coarse map")
+
+    @property
+    def num_classes(self) -> int:
+        return self.ar.config.num_classes
+
+    @property
+    def image_tokens(self) -> int:
+        return self.ar.config.image_tokens
+
+    @property
+    def log_prob_is_exact(self) -> bool:
+        """True when `log_prob` is the exact log-likelihood (in-cluster aux); otherwise it is a lower bound."""
+        return bool(self.aux.config.restrict_to_cluster)
+
+    @torch.no_grad()
+    def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
+                      temperature_fine=None, top_k_fine=None, cfg_scale_fine=None, generator=None,
+                      dtype=None) -> torch.Tensor:
+        """(B, image_tokens) int64 fine tokens for class `labels`.
+
+        Options left as None take `sampling_defaults` (the paper's: cfg_scale 2.0, temperature 1.1,
+        top_k 0 (all), top_p 1.0, cfg_steps None (guide every step), temperature_fine 1.1,
+        top_k_fine 0 (all; 1 = argmax), cfg_scale_fine 1.0 (no stage-2 guidance)).
+        `generator`: an int seed or a torch.Generator on the pipeline's device; one stream feeds
+        both stages, so a seed reproduces the whole sample. `dtype`: "bf16"/"fp16" autocast on a GPU.
+        """
+        from ctfgen.sampling import generate, sample_fine
+
+        o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               cfg_steps=cfg_steps, temperature_fine=temperature_fine, top_k_fine=top_k_fine,
+                               cfg_scale_fine=cfg_scale_fine))
+        device = self.device
+        labels = _labels(labels, self.num_classes, device)
+        gen = _generator(generator, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        coarse = generate(self.ar, labels, cfg_scale=o["cfg_scale"], temperature=o["temperature"], top_k=o["top_k"],
+                          top_p=o["top_p"], cfg_steps=o["cfg_steps"], generator=gen, dtype=dtype)
+        _sync(device)
+        t1 = time.perf_counter()
+        fine = sample_fine(self.aux, coarse, labels, temperature=o["temperature_fine"], top_k=o["top_k_fine"],
+                           cfg_scale=o["cfg_scale_fine"], generator=gen, dtype=dtype)
+        _sync(device)
+        self.last_timings = {"stage1": t1 - t0, "stage2": time.perf_counter() - t1, "decode": 0.0}
+        self.last_timings["total"] = self.last_timings["stage1"] + self.last_timings["stage2"]
+        return fine
+
+    @torch.no_grad()
+    def log_prob(self, tokens, labels) -> torch.Tensor:
+        """(B,) float64 log p(tokens | label) in nats per image.
+
+        log p(fine) = log p_AR(coarse(fine)) + sum_i log p_aux(fine_i | coarse, label): exact because
+        the coarse sequence is a function of the fine one and the in-cluster aux puts all its mass on
+        fine tokens that map back to it. With `restrict_to_cluster=False` (see `log_prob_is_exact`)
+        the aux also spends mass on fine grids with other coarse sequences, so this is only a LOWER
+        BOUND on log p(fine), and a warning says so.
+        """
+        from ctfgen.sampling import log_prob as ar_log_prob, token_log_probs
+
+        if not self.log_prob_is_exact:
+            warnings.warn("aux model is not restricted to clusters: CTFPipeline.log_prob is a lower bound on the "
+                          "log-likelihood, not the exact value", stacklevel=2)
+        device = self.device
+        tokens = _flat_tokens(tokens, self.image_tokens, device)
+        labels = _labels(labels, self.num_classes, device)
+        coarse = self.coarse_map(tokens)
+        lp_coarse = ar_log_prob(self.ar, coarse, labels).to(torch.float64)
+        was_training = self.aux.training
+        self.aux.eval()  # dropout or class dropout would make the value random
+        try:
+            logits = self.aux(coarse, labels)
+        finally:
+            self.aux.train(was_training)
+        lp_fine = token_log_probs(logits, tokens).sum(-1)
+        return lp_coarse + lp_fine
+
+    def save_pretrained(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ar.save_pretrained(str(directory / "ar"))
+        self.aux.save_pretrained(str(directory / "aux"))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        self.coarse_map.save(directory / COARSE_MAP_FILE)
+        self._write_json(directory, {"coarse_map_fingerprint": self.coarse_map.fingerprint,
+                                     "codebook_fingerprint": self.coarse_map.codebook_fingerprint,
+                                     "num_coarse": self.coarse_map.num_coarse, "vocab_size": self.coarse_map.vocab_size})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu") -> "CTFPipeline":
+        from ctfgen.models.transformer import GPT, AuxModel
+
+        directory = Path(directory)
+        info = cls._read_json(directory, cls.kind)
+        cmap = CoarseMap.load(directory / COARSE_MAP_FILE)
+        p: list[str] = []
+        _check_fp(p, "coarse_map.safetensors fingerprint", cmap.fingerprint, info.get("coarse_map_fingerprint"),
+                  "pipeline.json's coarse_map_fingerprint")
+        _check_fp(p, "coarse_map.safetensors codebook_fingerprint", cmap.codebook_fingerprint,
+                  info.get("codebook_fingerprint"), "pipeline.json's codebook_fingerprint")
+        _raise(p, f"{directory} is inconsistent")
+        ar = GPT.from_pretrained(str(directory / "ar"), map_location=map_location)
+        aux = AuxModel.from_pretrained(str(directory / "aux"), map_location=map_location)
+        tok = cls._load_tokenizer(directory, info, map_location)
+        return cls(ar, aux, cmap, tok, sampling_defaults=info.get("sampling_defaults"))
+
+    def __repr__(self) -> str:
+        return (f"CTFPipeline(classes={self.num_classes}, image_tokens={self.image_tokens}, "
+                f"coarse {self.coarse_map.num_coarse} -> fine {self.coarse_map.vocab_size}, "
+                f"tokenizer={'yes' if self.tokenizer is not None else 'no'}, device={self.device})")
+
+
+class ARPipeline(_Pipeline):
+    """The vanilla LlamaGen baseline: one GPT over the fine vocabulary, same interface as CTFPipeline."""
+
+    kind = "baseline"
+    _defaults = BASELINE_DEFAULTS
+
+    def __init__(self, gpt, tokenizer=None, sampling_defaults: dict | None = None):
+        self.gpt, self.tokenizer = gpt, tokenizer
+        cfg, p = gpt.config, []
+        if cfg.coarse_map_fingerprint is not None:
+            p.append(f"the GPT was trained on coarse labels (coarse_map_fingerprint {cfg.coarse_map_fingerprint!r}); "
+                     "it is a CTF stage-1 model, use CTFPipeline")
+        if tokenizer is not None:
+            _check_fp(p, "GPT config codebook_fingerprint", cfg.codebook_fingerprint, tokenizer.fingerprint,
+                      "the tokenizer's fingerprint")
+            size = getattr(tokenizer.config, "codebook_size", None)
+            if size is not None and size != cfg.vocab_size:
+                p.append(f"GPT vocab_size is {cfg.vocab_size} but the tokenizer codebook_size is {size}")
+        _raise(p, "ARPipeline parts do not belong together")
+        self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
+        self._resolve(self.sampling_defaults)
+        self.last_timings: dict = {}
+        self.eval()
+
+    def _models(self):
+        return [self.gpt]
+
+    @property
+    def num_classes(self) -> int:
+        return self.gpt.config.num_classes
+
+    @property
+    def image_tokens(self) -> int:
+        return self.gpt.config.image_tokens
+
+    log_prob_is_exact = True
+
+    @torch.no_grad()
+    def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
+                      generator=None, dtype=None) -> torch.Tensor:
+        """(B, image_tokens) int64 tokens; options left as None take `sampling_defaults`
+        (cfg_scale 2.0, temperature 1.0, top_k 0, top_p 1.0, guidance on every step)."""
+        from ctfgen.sampling import generate
+
+        o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               cfg_steps=cfg_steps))
+        device = self.device
+        labels = _labels(labels, self.num_classes, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens = generate(self.gpt, labels, generator=_generator(generator, device), dtype=dtype, **o)
+        _sync(device)
+        t = time.perf_counter() - t0
+        self.last_timings = {"stage1": t, "stage2": 0.0, "decode": 0.0, "total": t}
+        return tokens
+
+    @torch.no_grad()
+    def log_prob(self, tokens, labels) -> torch.Tensor:
+        """(B,) float64 exact log p(tokens | label) in nats per image."""
+        from ctfgen.sampling import log_prob as ar_log_prob
+
+        device = self.device
+        tokens = _flat_tokens(tokens, self.image_tokens, device)
+        return ar_log_prob(self.gpt, tokens, _labels(labels, self.num_classes, device)).to(torch.float64)
+
+    def save_pretrained(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.gpt.save_pretrained(str(directory / "gpt"))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        self._write_json(directory, {"codebook_fingerprint": self.gpt.config.codebook_fingerprint
+                                     or (self.tokenizer.fingerprint if self.tokenizer is not None else None),
+                                     "vocab_size": self.gpt.config.vocab_size})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu") -> "ARPipeline":
+        from ctfgen.models.transformer import GPT
+
+        directory = Path(directory)
+        info = cls._read_json(directory, cls.kind)
+        gpt = GPT.from_pretrained(str(directory / "gpt"), map_location=map_location)
+        tok = cls._load_tokenizer(directory, info, map_location)
+        if tok is not None:
+            p: list[str] = []
+            _check_fp(p, "tokenizer fingerprint", tok.fingerprint, info.get("codebook_fingerprint"),
+                      "pipeline.json's codebook_fingerprint")
+            _raise(p, f"{directory} is inconsistent")
+        return cls(gpt, tok, sampling_defaults=info.get("sampling_defaults"))
+
+    def __repr__(self) -> str:
+        return (f"ARPipeline(classes={self.num_classes}, image_tokens={self.image_tokens}, "
+                f"vocab {self.gpt.config.vocab_size}, tokenizer={'yes' if self.tokenizer is not None else 'no'}, "
+                f"device={self.device})")
+
+
+def _read_pipeline_json(directory: Path) -> dict:
+    path = Path(directory) / PIPELINE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a saved pipeline "
+                                "(written by CTFPipeline/ARPipeline.save_pretrained or `ctfgen pipeline`)")
+    info = json.loads(path.read_text())
+    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer ctfgen (format {info['format_version']}); upgrade ctfgen")
+    return info
+
+
+def load_pipeline(directory, map_location="cpu"):
+    """Load whichever pipeline `directory` holds (pipeline.json "type": "ctf" or "baseline")."""
+    info = _read_pipeline_json(Path(directory))
+    kinds = {"ctf": CTFPipeline, "baseline": ARPipeline}
+    if info.get("type") not in kinds:
+        raise ValueError(f"{directory}/{PIPELINE_FILE} has unknown type {info.get('type')!r}; expected one of {list(kinds)}")
+    return kinds[info["type"]].from_pretrained(directory, map_location=map_location)

@@ -1,0 +1,154 @@
+"""How interchangeable are the codewords within a cluster? (CTF paper, Fig. 1b, as a measurement.)
+
+Encode images, replace every token with a random *other* member of its own cluster, decode, and
+compare with the plain reconstruction (PSNR, SSIM). Two controls: the same swap under a balanced
+random cluster map of equal K, and a swap for a random codeword from the whole codebook. If
+k-means clusters hold near-duplicates, the in-cluster swap barely changes the image while the
+controls destroy it: that redundancy is what lets CTF predict the coarse label first.
+
+    >>> r = measure_redundancy(vq, coarse_map, images, seed=0)
+    >>> r["in_cluster"]["psnr"], r["random_map"]["psnr"], r["whole_codebook"]["psnr"]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ctfgen.clustering import CoarseMap
+
+__all__ = ["psnr", "ssim", "ssim_map", "gaussian_window", "swap_within_clusters", "measure_redundancy",
+           "format_table", "SWAPS"]
+
+SWAPS = ("in_cluster", "random_map", "whole_codebook")
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """(B,) PSNR in dB of (B, C, H, W) images; identical images give +inf."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """(size, size) float64 normalised Gaussian, the window of Wang et al. (2004)."""
+    ax = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5,
+             k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """(B, C, H', W') local SSIM, per channel, over valid window positions (no padding).
+
+    Gaussian-weighted means, variances and covariance, C1 = (k1 L)^2, C2 = (k2 L)^2 (Wang et al.
+    2004). Images smaller than the window use the largest odd window that fits.
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    win = min(window_size, x.shape[-2], x.shape[-1])
+    win -= 1 - win % 2
+    c = x.shape[1]
+    w = gaussian_window(win, sigma).to(x.device)[None, None].repeat(c, 1, 1, 1)
+    x, y = x.double(), y.double()
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    mu_x, mu_y = filt(x), filt(y)
+    var_x = filt(x * x) - mu_x**2
+    var_y = filt(y * y) - mu_y**2
+    cov = filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, **kwargs) -> torch.Tensor:
+    """(B,) mean SSIM over channels and window positions."""
+    return ssim_map(x, y, data_range, **kwargs).flatten(1).mean(1)
+
+
+def swap_within_clusters(codes: torch.Tensor, fine_to_coarse: torch.Tensor, generator: torch.Generator | None = None
+                         ) -> torch.Tensor:
+    """Replace every token by a uniformly drawn *other* member of its cluster (itself only when the
+    cluster is a singleton), so every swappable token really changes. Any shape; same device."""
+    f2c = torch.as_tensor(fine_to_coarse, dtype=torch.long).cpu()
+    v = f2c.numel()
+    k = int(f2c.max()) + 1
+    sizes = torch.bincount(f2c, minlength=k)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    order = torch.argsort(f2c, stable=True)  # members of cluster c: order[offsets[c] : offsets[c] + sizes[c]]
+    rank = torch.empty(v, dtype=torch.long)
+    rank[order] = torch.arange(v) - offsets[f2c[order]]
+
+    flat = codes.reshape(-1).long().cpu()
+    c = f2c[flat]
+    n = sizes[c]
+    others = (n - 1).clamp(min=1)
+    r = (torch.rand(flat.shape, generator=generator, dtype=torch.float64) * others).long().clamp(max=others - 1)
+    r = torch.where(r >= rank[flat], r + 1, r)  # skip the token itself
+    new = torch.where(n > 1, order[offsets[c] + r.clamp(max=n - 1)], flat)
+    return new.view(codes.shape).to(codes.device)
+
+
+@torch.no_grad()
+def measure_redundancy(vq, coarse_map: CoarseMap, images: torch.Tensor, seed: int = 0,
+                       random_map: CoarseMap | None = None, return_images: bool = False) -> dict:
+    """Fig. 1(b) numbers for `images` (B, C, H, W) in [-1, 1].
+
+    Returns {"num_images", "num_coarse", "vocab_size", "seed", "reconstruction": {psnr, ssim} (vs the
+    originals), and for each of "in_cluster", "random_map", "whole_codebook": {psnr, ssim, changed}
+    (vs the plain reconstruction; `changed` = fraction of tokens that differ)}; PSNR/SSIM are means
+    over images, computed on [0, 1] intensities. With `return_images`, also "images": the five rows
+    original, reconstruction, in_cluster, random_map, whole_codebook.
+    """
+    coarse_map.check_codebook(vq)
+    device = next(vq.parameters()).device
+    images = images.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    if random_map is None:
+        random_map = CoarseMap.fit(vq, coarse_map.num_coarse, method="random", seed=seed)
+    random_map.check_codebook(vq)
+
+    codes = vq.encode(images)
+    recon = vq.decode(codes).clamp(-1, 1)
+    swapped = {
+        "in_cluster": swap_within_clusters(codes, coarse_map.fine_to_coarse, gen),
+        "random_map": swap_within_clusters(codes, random_map.fine_to_coarse, gen),
+        "whole_codebook": swap_within_clusters(codes, torch.zeros(coarse_map.vocab_size, dtype=torch.long), gen),
+    }
+
+    def unit(t):
+        return (t.double().clamp(-1, 1) + 1) / 2
+
+    result = {
+        "num_images": int(images.shape[0]), "num_coarse": coarse_map.num_coarse, "vocab_size": coarse_map.vocab_size,
+        "seed": seed, "coarse_map": coarse_map.fingerprint, "coarse_map_method": coarse_map.method,
+        "reconstruction": {"psnr": float(psnr(unit(recon), unit(images)).mean()),
+                           "ssim": float(ssim(unit(recon), unit(images)).mean())},
+    }
+    rows = {"original": images, "reconstruction": recon}
+    for name, new_codes in swapped.items():
+        out = vq.decode(new_codes).clamp(-1, 1)
+        rows[name] = out
+        result[name] = {"psnr": float(psnr(unit(out), unit(recon)).mean()), "ssim": float(ssim(unit(out), unit(recon)).mean()),
+                        "changed": float((new_codes != codes).double().mean())}
+    if return_images:
+        result["images"] = rows
+    return result
+
+
+def format_table(result: dict) -> str:
+    k = result["num_coarse"]
+    label = {"in_cluster": f"in-cluster swap ({result.get('coarse_map_method', 'kmeans')}, K={k})",
+             "random_map": f"random-map swap (balanced, K={k})", "whole_codebook": "whole-codebook swap"}
+    lines = [f"{result['num_images']} images, vocab {result['vocab_size']}; swaps compared with the plain reconstruction",
+             f"{'':38s} {'PSNR dB':>8s} {'SSIM':>7s} {'changed':>8s}",
+             f"{'reconstruction vs original':38s} {result['reconstruction']['psnr']:8.2f} {result['reconstruction']['ssim']:7.4f}"]
+    for name in SWAPS:
+        r = result[name]
+        p = r["psnr"]
+        lines.append(f"{label[name]:38s} {p if math.isfinite(p) else float('inf'):8.2f} {r['ssim']:7.4f} {r['changed']:8.1%}")
+    return "\n".join(lines)

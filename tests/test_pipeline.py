@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+from _tiny_ctf import SMALL, randomize, tiny_baseline, tiny_ctf, tiny_vq
+
+from ctfgen.clustering import CoarseMap
+from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
+from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
+from ctfgen.sampling import generate
+
+
+@pytest.fixture(scope="module")
+def ctf16():
+    """Fine vocab 32, 8 clusters, 4x4 grid, so clusters have several members."""
+    vq = tiny_vq(codebook_size=32, seed=1)
+    return tiny_ctf(vocab=32, num_coarse=8, image_tokens=16, vq=vq, seed=1)
+
+
+@pytest.mark.parametrize("cfg_scale_fine", [1.0, 3.0])
+def test_fine_tokens_map_back_to_sampled_coarse(ctf16, cfg_scale_fine):
+    ar, aux, cmap, vq = ctf16
+    pipe = CTFPipeline(ar, aux, cmap, vq)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    fine = pipe.sample_tokens(labels, cfg_scale_fine=cfg_scale_fine, generator=5)
+    assert fine.shape == (6, 16) and fine.dtype == torch.int64
+    # stage 1 draws first from the same stream, so replaying it gives the coarse labels sampled
+    coarse = generate(ar, labels, cfg_scale=2.0, temperature=1.1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(cmap(fine), coarse)
+    # and fine tokens vary within clusters (stage 2 really samples)
+    assert len(fine.unique()) > len(coarse.unique())
+
+
+def test_argmax_and_determinism(ctf16):
+    ar, aux, cmap, vq = ctf16
+    pipe = CTFPipeline(ar, aux, cmap, vq)
+    a = pipe.sample_tokens([1, 2], generator=3)
+    assert torch.equal(a, pipe.sample_tokens([1, 2], generator=3))
+    assert torch.equal(a, pipe.sample_tokens([1, 2], generator=torch.Generator().manual_seed(3)))
+    greedy = pipe.sample_tokens([1, 2], top_k_fine=1, generator=3)
+    coarse = cmap(greedy)
+    assert torch.equal(greedy, aux(coarse, torch.tensor([1, 2])).argmax(-1))
+
+
+def test_end_to_end_sample_and_timings(ctf16):
+    pipe = CTFPipeline(*ctf16)
+    images = pipe.sample([0, 2, 1], generator=0)
+    assert images.shape == (3, 1, 8, 8)
+    assert images.min() >= -1 and images.max() <= 1
+    assert set(pipe.last_timings) >= {"stage1", "stage2", "decode"}
+    assert all(v >= 0 for v in pipe.last_timings.values())
+    assert (pipe.num_classes, pipe.image_tokens, pipe.grid_size, pipe.device.type) == (3, 16, 4, "cpu")
+    assert pipe.to("cpu") is pipe and pipe.eval() is pipe
+
+
+def test_options_and_labels(ctf16):
+    pipe = CTFPipeline(*ctf16)
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 3\)"):
+        pipe.sample_tokens([3])
+    with pytest.raises(TypeError):
+        pipe.sample_tokens([0], temperature_fin=1.0)
+    ar, aux, cmap, _ = ctf16
+    with pytest.raises(ValueError, match="no tokenizer"):
+        CTFPipeline(ar, aux, cmap).sample([0])
+    assert CTFPipeline(ar, aux, cmap).sample_tokens([0], generator=0).shape == (1, 16)
+
+
+def test_save_load_round_trip(ctf16, tmp_path):
+    pipe = CTFPipeline(*ctf16, sampling_defaults={"temperature_fine": 0.9})
+    pipe.save_pretrained(tmp_path / "ctf")
+    info = json.loads((tmp_path / "ctf" / "pipeline.json").read_text())
+    assert info["type"] == "ctf" and info["sampling_defaults"]["temperature_fine"] == 0.9
+    back = load_pipeline(tmp_path / "ctf")
+    assert isinstance(back, CTFPipeline)
+    assert back.sampling_defaults == pipe.sampling_defaults
+    assert back.coarse_map.fingerprint == pipe.coarse_map.fingerprint
+    assert torch.equal(back.sample_tokens([0, 1], generator=7), pipe.sample_tokens([0, 1], generator=7))
+    assert torch.equal(back.sample([2], generator=1), pipe.sample([2], generator=1))
+    tokens = pipe.sample_tokens([0, 1], generator=2)
+    assert torch.equal(back.log_prob(tokens, [0, 1]), pipe.log_prob(tokens, [0, 1]))
+
+
+def test_baseline_round_trip(tmp_path):
+    gpt, vq = tiny_baseline(vocab=32, image_tokens=16, vq=tiny_vq(32, seed=1))
+    pipe = ARPipeline(gpt, vq)
+    images = pipe.sample([0, 1], generator=0)
+    assert images.shape == (2, 1, 8, 8) and pipe.last_timings["stage2"] == 0.0
+    pipe.save_pretrained(tmp_path / "base")
+    back = load_pipeline(tmp_path / "base")
+    assert isinstance(back, ARPipeline) and back.log_prob_is_exact
+    assert torch.equal(back.sample_tokens([2, 1], generator=4), pipe.sample_tokens([2, 1], generator=4))
+    with pytest.raises(ValueError, match="not 'ctf'"):
+        CTFPipeline.from_pretrained(tmp_path / "base")
+
+
+def test_refuses_map_of_another_codebook(ctf16):
+    ar, aux, cmap, vq = ctf16
+    other = tiny_vq(codebook_size=32, seed=9)
+    with pytest.raises(ValueError, match=f"tokenizer fingerprint is '{other.fingerprint}'.*'{cmap.codebook_fingerprint}'"):
+        CTFPipeline(ar, aux, cmap, other)
+
+
+def test_refuses_aux_trained_with_another_map(ctf16):
+    ar, aux, cmap, vq = ctf16
+    other = CoarseMap.fit(vq, 8, method="random", seed=0)  # same codebook and K, other assignment
+    with pytest.raises(ValueError, match="coarse_map_fingerprint"):
+        CTFPipeline(ar, aux, other, vq)
+    # even with fingerprints absent from the configs, the aux's own fine_to_coarse gives it away
+    ar2 = GPT(GPTConfig(vocab_size=8, image_tokens=16, num_classes=3, **SMALL))
+    aux2 = AuxModel(AuxConfig(vocab_size=32, num_coarse=8, image_tokens=16, num_classes=3, **SMALL))
+    aux2.fine_to_coarse.copy_(cmap.fine_to_coarse)
+    with pytest.raises(ValueError, match="fine_to_coarse differs"):
+        CTFPipeline(ar2, aux2, other, vq)
+    # an aux with no map at all adopts the pipeline's
+    aux3 = AuxModel(AuxConfig(vocab_size=32, num_coarse=8, image_tokens=16, num_classes=3, **SMALL))
+    CTFPipeline(ar2, aux3, other, vq)
+    assert torch.equal(aux3.fine_to_coarse, other.fine_to_coarse)
+
+
+def test_refuses_stage1_vocab_not_k(ctf16):
+    ar, aux, cmap, vq = ctf16
+    bad = GPT(GPTConfig(vocab_size=16, image_tokens=16, num_classes=3, **SMALL))
+    with pytest.raises(ValueError, match="stage-1 GPT vocab_size is 16 but the coarse map has num_coarse 8"):
+        CTFPipeline(bad, aux, cmap, vq)
+    grid = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=3, **SMALL))
+    with pytest.raises(ValueError, match="image_tokens is 4 but aux image_tokens is 16"):
+        CTFPipeline(grid, aux, cmap, vq)
+
+
+def test_baseline_refuses_mismatches(ctf16):
+    ar, aux, cmap, vq = ctf16
+    with pytest.raises(ValueError, match="CTF stage-1 model"):
+        ARPipeline(ar)
+    gpt, _ = tiny_baseline(vocab=32, image_tokens=16, vq=vq)
+    with pytest.raises(ValueError, match="codebook_fingerprint"):
+        ARPipeline(gpt, tiny_vq(codebook_size=32, seed=9))
+    small = randomize(GPT(GPTConfig(vocab_size=16, image_tokens=16, num_classes=3, **SMALL)), 0)
+    with pytest.raises(ValueError, match="vocab_size is 16 but the tokenizer codebook_size is 32"):
+        ARPipeline(small, vq)
+
+
+def test_load_refuses_swapped_coarse_map(ctf16, tmp_path):
+    ar, aux, cmap, vq = ctf16
+    CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "p")
+    CoarseMap.fit(vq, 8, method="random", seed=0).save(tmp_path / "p" / "coarse_map.safetensors")
+    with pytest.raises(ValueError, match="coarse_map_fingerprint"):
+        load_pipeline(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        load_pipeline(tmp_path)
