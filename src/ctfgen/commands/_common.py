@@ -16,15 +16,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling (defaults: the paper's)")
-    g.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of stage 1 / the baseline")
+    g = parser.add_argument_group("sampling (unset options take the model's defaults: the paper's for CTF)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance of stage 1 / the baseline")
     g.add_argument("--cfg-steps", type=int, default=None, help="guide only the first N tokens")
-    g.add_argument("--temperature", type=float, default=1.1, help="stage-1 (or baseline) temperature")
-    g.add_argument("--top-k", type=int, default=0, help="stage-1 (or baseline) top-k, 0 = all")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--temperature-fine", type=float, default=1.1, help="stage-2 temperature (CTF only)")
-    g.add_argument("--top-k-fine", type=int, default=0, help="stage-2 top-k, 0 = all, 1 = argmax (CTF only)")
-    g.add_argument("--cfg-scale-fine", type=float, default=1.0, help="stage-2 guidance, off (1.0) by default (CTF only)")
+    g.add_argument("--temperature", type=float, default=None, help="stage-1 (or baseline) temperature")
+    g.add_argument("--top-k", type=int, default=None, help="stage-1 (or baseline) top-k, 0 = all")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--temperature-fine", type=float, default=None, help="stage-2 temperature (CTF only)")
+    g.add_argument("--top-k-fine", type=int, default=None, help="stage-2 top-k, 0 = all, 1 = argmax (CTF only)")
+    g.add_argument("--cfg-scale-fine", type=float, default=None, help="stage-2 guidance, off (1.0) by default (CTF only)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -42,14 +42,18 @@ def load_model(spec: str, device: str):
 
 
 def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
+    """The options the user set; the rest fall back to the pipeline's stored defaults."""
     from ctfgen.pipeline import CTFPipeline
 
-    kwargs = dict(cfg_scale=args.cfg_scale, cfg_steps=args.cfg_steps, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p)
+    names = ["cfg_scale", "cfg_steps", "temperature", "top_k", "top_p"]
+    fine = ["temperature_fine", "top_k_fine", "cfg_scale_fine"]
     if isinstance(pipeline, CTFPipeline):
-        kwargs.update(temperature_fine=args.temperature_fine, top_k_fine=args.top_k_fine,
-                      cfg_scale_fine=args.cfg_scale_fine)
-    return kwargs
+        names += fine
+    else:
+        ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
+        if ignored:
+            raise SystemExit(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def resolve_classes(values: list[str], num_classes: int, class_names: list[str] | None = None) -> list[int]:

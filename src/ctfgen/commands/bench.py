@@ -48,7 +48,7 @@ def paper_shape_pipelines(preset: str, image_tokens: int, num_coarse: int, aux_p
     return ARPipeline(baseline, tokenizer), CTFPipeline(stage1, aux, coarse_map, tokenizer)
 
 
-def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, device: str) -> dict:
+def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, device: str, dtype=None) -> dict:
     import torch
 
     labels = torch.arange(batch_size, device=device) % pipeline.num_classes
@@ -57,7 +57,8 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
         generator = torch.Generator(device=device).manual_seed(r)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pipeline.sample(labels, cfg_scale=cfg_scale, generator=generator)
+            pipeline.sample(labels, cfg_scale=cfg_scale, generator=generator,
+                                **({} if dtype is None or dtype == torch.float32 else {"dtype": dtype}))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
@@ -85,11 +86,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             base, ctf = paper_shape_pipelines(name, args.image_tokens, args.num_coarse, args.aux_preset, not args.no_decode)
             pipes = {"baseline": base.to(args.device).eval(), "ctf": ctf.to(args.device).eval()}
-        if dtype != torch.float32:
-            pipes = {k: p.to(dtype=dtype) for k, p in pipes.items()}
         for batch_size in args.batch_sizes:
             for method, pipe in pipes.items():
-                t = time_pipeline(pipe, batch_size, args.repeats, args.cfg_scale, args.device)
+                t = time_pipeline(pipe, batch_size, args.repeats, args.cfg_scale, args.device, dtype)
                 results.append({"model": name, "method": method, "batch_size": batch_size, **t})
                 print(f"{name:<16}{method:<10}{batch_size:>6}{t['images_per_s']:>10.2f}{t.get('stage1', 0):>10.3f}"
                       f"{t.get('stage2', 0):>10.3f}{t.get('decode', 0):>10.3f}{t['total']:>10.3f}", flush=True)
