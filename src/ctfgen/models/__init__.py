@@ -1,0 +1,26 @@
+"""Transformers: LlamaGen's class-conditional GPT and CTF's auxiliary fine-token model."""
+
+from ctfgen.models.llamagen import extract_state_dict, load_llamagen_gpt
+from ctfgen.models.transformer import (
+    AUX_PRESETS,
+    GPT,
+    GPT_PRESETS,
+    AuxConfig,
+    AuxModel,
+    GPTConfig,
+    apply_rotary_emb,
+    precompute_freqs_cis_2d,
+)
+
+__all__ = [
+    "AUX_PRESETS",
+    "GPT",
+    "GPT_PRESETS",
+    "AuxConfig",
+    "AuxModel",
+    "GPTConfig",
+    "apply_rotary_emb",
+    "extract_state_dict",
+    "load_llamagen_gpt",
+    "precompute_freqs_cis_2d",
+]

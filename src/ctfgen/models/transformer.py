@@ -1,0 +1,541 @@
+"""LlamaGen's class-conditional GPT and CTF's bidirectional auxiliary model.
+
+Read top to bottom: configs and presets, the building blocks (RMSNorm, SwiGLU feed-forward,
+2-D rotary embedding, attention with an optional KV cache, the pre-norm block), then `GPT`
+(LlamaGen c2i, parameter names identical to its checkpoints) and `AuxModel` (CTF stage 2).
+
+Numerics follow LlamaGen exactly (see /work/shared/llamagen/README.md): RMSNorm in float32,
+RoPE computed in float32 on adjacent pairs with row angles in the first half of the pairs and
+column angles in the second, and the class-token position's cos/sin both 0, so its query and key
+are multiplied by zero. This module deliberately has no `from __future__ import annotations`:
+huggingface_hub's mixin reads the `config` annotation of `__init__` as a real class to turn
+config.json back into a `GPTConfig` / `AuxConfig`.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ctfgen.hub import HubMixin
+
+# --------------------------------------------------------------------------------------------
+# Configs and presets
+
+GPT_PRESETS = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+    # small presets that train on a CPU
+    "GPT-tiny": dict(n_layer=2, n_head=2, dim=64),
+    "GPT-mini": dict(n_layer=4, n_head=4, dim=128),
+    "GPT-S": dict(n_layer=6, n_head=6, dim=384),
+}
+
+AUX_PRESETS = {"Aux" + name[3:]: shape for name, shape in GPT_PRESETS.items()}
+
+
+def _preset(table, kind, name):
+    if name not in table:
+        raise KeyError(f"unknown {kind} preset {name!r}; choose one of {', '.join(table)}")
+    return dict(table[name])
+
+
+def _check_shape(cfg) -> None:
+    if cfg.dim % cfg.n_head:
+        raise ValueError(f"dim {cfg.dim} is not divisible by n_head {cfg.n_head}")
+    head_dim = cfg.dim // cfg.n_head
+    if head_dim % 4:
+        # 2-D RoPE splits the head's d/2 pairs in two halves (rows, columns).
+        raise ValueError(f"head_dim {head_dim} (dim/n_head) must be a multiple of 4 for 2-D RoPE")
+    grid = math.isqrt(cfg.image_tokens)
+    if grid * grid != cfg.image_tokens:
+        raise ValueError(f"image_tokens={cfg.image_tokens} is not a square grid (e.g. 256 = 16x16, 49 = 7x7)")
+
+
+@dataclass
+class GPTConfig:
+    """LlamaGen c2i GPT. `vocab_size` is the token vocabulary (fine codes, or coarse labels in CTF
+    stage 1); `num_classes` excludes the null label, which is row `num_classes` of the table."""
+
+    vocab_size: int
+    image_tokens: int
+    num_classes: int = 1000
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1
+    codebook_fingerprint: Optional[str] = None
+    coarse_map_fingerprint: Optional[str] = None
+
+    def __post_init__(self):
+        _check_shape(self)
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.image_tokens)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """`GPTConfig.from_preset("GPT-B", vocab_size=16384, image_tokens=256)`."""
+        return cls(**{**_preset(GPT_PRESETS, "GPT", name), **overrides})
+
+
+@dataclass
+class AuxConfig:
+    """CTF stage-2 model: coarse labels in, fine-token logits out, all positions in one pass.
+
+    `class_prefix`: prepend the class token (null label = `num_classes`, for guidance).
+    `restrict_to_cluster`: logits outside each position's coarse cluster are -inf, so
+    p(fine | coarse) is a proper distribution and the likelihood of CTF is exact.
+    """
+
+    vocab_size: int
+    num_coarse: int
+    image_tokens: int
+    num_classes: int = 1000
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    class_prefix: bool = True
+    restrict_to_cluster: bool = True
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    class_dropout: float = 0.1
+    codebook_fingerprint: Optional[str] = None
+    coarse_map_fingerprint: Optional[str] = None
+
+    def __post_init__(self):
+        _check_shape(self)
+        if not 0 < self.num_coarse <= self.vocab_size:
+            raise ValueError(f"num_coarse={self.num_coarse} must be in 1..vocab_size ({self.vocab_size})")
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.image_tokens)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "AuxConfig":
+        """`AuxConfig.from_preset("Aux-B", vocab_size=16384, num_coarse=512, image_tokens=256)`."""
+        return cls(**{**_preset(AUX_PRESETS, "Aux", name), **overrides})
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # float32 statistics whatever the activation dtype, as LlamaGen.
+        xf = x.float()
+        out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, multiple_of: int = 256, dropout: float = 0.0):
+        super().__init__()
+        hidden = ffn_hidden_dim(dim, multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000.0, cls_token_num: int = 1):
+    """(cls_token_num + grid^2, head_dim/2, 2) table of (cos, sin), float32.
+
+    Pair i of grid position p = r*G + c has angle r*f_i for i < h/2 and c*f_{i-h/2} after,
+    with h = head_dim/2 and f_j = base^(-2j/h). The class rows are all zero: LlamaGen's quirk,
+    which multiplies the class token's q and k by zero instead of leaving them unrotated.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    t = torch.arange(grid_size, device=freqs.device, dtype=torch.float32)
+    freqs = torch.outer(t, freqs)  # (G, h/2)
+    grid = torch.cat(
+        [freqs[:, None, :].expand(-1, grid_size, -1), freqs[None, :, :].expand(grid_size, -1, -1)], dim=-1
+    )  # (G, G, h): rows first, then columns
+    cache = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(cls_token_num, half, 2), cache])
+
+
+def apply_rotary_emb(x, freqs_cis):
+    """x (B, T, H, d); freqs_cis (T, d/2, 2). Rotates adjacent pairs in float32, as LlamaGen."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack(
+        [
+            xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+            xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1],
+        ],
+        dim=-1,
+    )
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values (max_batch, n_head, max_seq, head_dim); written in place.
+
+    Buffers are non-persistent so they never enter a state dict or checkpoint."""
+
+    def __init__(self, max_batch: int, max_seq: int, n_head: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch, n_head, max_seq, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # A batch smaller than max_batch uses the leading rows: generate drops the unconditional
+        # half this way once guidance stops, without touching the conditional half's cache.
+        b = k.shape[0]
+        self.k_cache[:b, :, input_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[:b, :, input_pos] = v.to(self.v_cache.dtype)
+        return self.k_cache[:b], self.v_cache[:b]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, resid_dropout: float = 0.0):
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = dim // n_head
+        self.dim = dim
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.resid_dropout = nn.Dropout(resid_dropout)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, freqs_cis, causal: bool = True, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.dim, self.dim, self.dim], dim=-1)
+        q = apply_rotary_emb(q.view(B, T, self.n_head, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(k.view(B, T, self.n_head, self.head_dim), freqs_cis)
+        v = v.view(B, T, self.n_head, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if input_pos is not None:
+            # cached decoding: attend over the whole preallocated cache, the precomputed causal
+            # mask row hides positions not yet written (fixed shapes, torch.compile friendly)
+            k, v = self.kv_cache.update(input_pos, k, v)
+            if q.dtype != k.dtype:
+                q = q.to(k.dtype)
+            if q.is_cuda:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                # PyTorch's CPU flash kernel with a mask is far slower than plain math for the
+                # one-query decode step (measured: 16 ms vs 1 ms per layer for GPT-B, batch 8)
+                scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+                y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention = Attention(cfg.dim, cfg.n_head, cfg.resid_dropout)
+        self.feed_forward = FeedForward(cfg.dim, cfg.multiple_of, cfg.ffn_dropout)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, freqs_cis, causal: bool = True, input_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, causal, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, the null label, and class dropout in training."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels):
+        if self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+def _labels_tensor(labels, batch: int, num_classes: int, device) -> torch.Tensor:
+    """None -> null labels; ints/lists -> int64 tensor on `device`."""
+    if labels is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.shape[0] != batch:
+        raise ValueError(f"got {labels.shape[0]} labels for a batch of {batch}")
+    return labels
+
+
+class _Backbone(nn.Module):
+    """What GPT and AuxModel share: weight init and the RoPE table kept in float32."""
+
+    def init_weights(self):
+        """LlamaGen's init: N(0, 0.02) linears and embeddings, RMSNorm 1, output head zero."""
+        if self.output.weight.is_meta:
+            return  # shape-only model (checkpoint loading): first-use of meta init costs seconds
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.output.weight)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _make_freqs(self, device=None):
+        cfg = self.config
+        table = precompute_freqs_cis_2d(cfg.grid_size, cfg.dim // cfg.n_head, cfg.rope_base, cls_token_num=1)
+        return table.to(device) if device is not None else table
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(bf16) would also cast the RoPE table; LlamaGen keeps it in float32 (a plain
+        # attribute there), so rebuild it in float32 on whatever device it moved to.
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.float32:
+            self.freqs_cis = self._make_freqs(self.freqs_cis.device)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# GPT
+
+
+class GPT(_Backbone, HubMixin):
+    """LlamaGen's class-conditional GPT (c2i).
+
+    Sequence `[class, tok_0 .. tok_{L-1}]`; `forward` returns (B, L+1, V) float32 logits and
+    position i predicts tok_i. State-dict names and shapes equal LlamaGen's checkpoints.
+    The RoPE table `freqs_cis` and the KV cache are non-persistent buffers.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = GPTConfig(**config)
+        self.config = config
+        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("freqs_cis", self._make_freqs(), persistent=False)
+        self.max_batch = 0
+        self.init_weights()
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def image_tokens(self) -> int:
+        return self.config.image_tokens
+
+    def forward(self, tokens, labels=None):
+        """tokens (B, L) int64, L <= image_tokens; labels (B,) (None = null label).
+        Returns (B, L+1, vocab) float32; class dropout applies in training mode."""
+        B, L = tokens.shape
+        if L > self.config.image_tokens:
+            raise ValueError(f"got {L} tokens, the model's grid holds {self.config.image_tokens}")
+        labels = _labels_tensor(labels, B, self.config.num_classes, tokens.device)
+        cls = self.cls_embedding(labels)[:, None]
+        h = self.tok_dropout(torch.cat([cls, self.tok_embeddings(tokens)], dim=1))
+        freqs = self.freqs_cis[: L + 1]
+        for layer in self.layers:
+            h = layer(h, freqs, causal=True)
+        return self.output(self.norm(h)).float()
+
+    # ---- KV-cached generation (gpt-fast style) ----
+
+    def setup_caches(self, max_batch: int, dtype=None, device=None) -> None:
+        """Preallocate every layer's KV cache for `max_batch` sequences of image_tokens + 1."""
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        cached = self.layers[0].attention.kv_cache if len(self.layers) else None
+        if cached is not None and self.max_batch >= max_batch and cached.k_cache.dtype == dtype and cached.k_cache.device == torch.device(device):
+            return
+        max_seq = self.config.image_tokens + 1
+        head_dim = self.config.dim // self.config.n_head
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, max_seq, self.config.n_head, head_dim, dtype, device)
+        mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", mask, persistent=False)
+        self.max_batch = max_batch
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        if hasattr(self, "causal_mask"):
+            del self.causal_mask
+        self.max_batch = 0
+
+    def _cached(self, h, input_pos):
+        if self.max_batch < h.shape[0]:
+            raise RuntimeError(f"KV cache holds {self.max_batch} sequences, got {h.shape[0]}: call setup_caches(max_batch) first")
+        freqs = self.freqs_cis[input_pos]
+        mask = self.causal_mask[None, None, input_pos]
+        for layer in self.layers:
+            h = layer(h, freqs, input_pos=input_pos, mask=mask)
+        return self.output(self.norm(h)).float()
+
+    def prefill(self, labels):
+        """Write the class token at sequence position 0; returns the logits of tok_0, (B, V)."""
+        labels = _labels_tensor(labels, len(labels), self.config.num_classes, self.freqs_cis.device)
+        pos = torch.zeros(1, dtype=torch.long, device=labels.device)
+        return self._cached(self.cls_embedding(labels)[:, None], pos)[:, -1]
+
+    def forward_step(self, tokens, input_pos):
+        """tokens (B, T) sitting at sequence positions `input_pos` (T,) (tok_k is at k+1).
+        Returns (B, T, V) float32 logits; the last row predicts the next token."""
+        return self._cached(self.tok_embeddings(tokens), input_pos)
+
+
+# --------------------------------------------------------------------------------------------
+# AuxModel (CTF stage 2)
+
+
+class AuxModel(_Backbone, HubMixin):
+    """Bidirectional transformer: coarse labels (B, L) -> fine-token logits (B, L, V), one pass.
+
+    Same blocks and 2-D RoPE as `GPT`; attention is non-causal. Choices:
+    - `tok_embeddings` has `num_coarse` rows: the input tokens are coarse labels.
+    - With `class_prefix`, the class token sits at sequence position 0 with the same LlamaGen
+      RoPE quirk as GPT (cos = sin = 0, q and k zeroed), so it contributes through its value only
+      and every image token sees it identically; image token k is at position k+1, grid
+      position k. Without the prefix, token k is at sequence position k and `labels` is unused.
+    - `fine_to_coarse` (V,) int64 is a persistent buffer so `from_pretrained` restores the map
+      with the weights; it is -1 until a coarse map is attached.
+    - With `restrict_to_cluster`, logits of codes outside the position's coarse cluster are -inf.
+      The mask compares `fine_to_coarse[None, None, :] == coarse[..., None]`; no (K, V) table.
+    - Output head zero-initialised as GPT's, so training starts from uniform (in-cluster) logits.
+    """
+
+    def __init__(self, config: AuxConfig, coarse_map=None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = AuxConfig(**config)
+        self.config = config
+        if config.class_prefix:
+            self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout)
+        self.tok_embeddings = nn.Embedding(config.num_coarse, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("freqs_cis", self._make_freqs(), persistent=False)
+        self.register_buffer("fine_to_coarse", torch.full((config.vocab_size,), -1, dtype=torch.long))
+        self._map_checked = False
+        self.init_weights()
+        if coarse_map is not None:
+            self.set_coarse_map(coarse_map)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def set_coarse_map(self, coarse_map) -> None:
+        """Attach a coarse map (duck-typed: .fine_to_coarse, .num_coarse, .vocab_size,
+        .fingerprint, .codebook_fingerprint). Refused unless it fits the config; a config without
+        fingerprints adopts the map's."""
+        cfg = self.config
+        problems = []
+        if coarse_map.vocab_size != cfg.vocab_size:
+            problems.append(f"vocab_size {coarse_map.vocab_size} != model's {cfg.vocab_size}")
+        if coarse_map.num_coarse != cfg.num_coarse:
+            problems.append(f"num_coarse {coarse_map.num_coarse} != model's {cfg.num_coarse}")
+        fp, cb = getattr(coarse_map, "fingerprint", None), getattr(coarse_map, "codebook_fingerprint", None)
+        if cfg.coarse_map_fingerprint is not None and fp != cfg.coarse_map_fingerprint:
+            problems.append(f"map fingerprint {fp} != model's {cfg.coarse_map_fingerprint}")
+        if cfg.codebook_fingerprint is not None and cb is not None and cb != cfg.codebook_fingerprint:
+            problems.append(f"codebook fingerprint {cb} != model's {cfg.codebook_fingerprint}")
+        f2c = torch.as_tensor(coarse_map.fine_to_coarse, dtype=torch.long).reshape(-1)
+        if f2c.numel() != cfg.vocab_size or int(f2c.min()) < 0 or int(f2c.max()) >= cfg.num_coarse:
+            problems.append(f"fine_to_coarse must be ({cfg.vocab_size},) with values in 0..{cfg.num_coarse - 1}")
+        if problems:
+            raise ValueError(
+                "coarse map does not belong to this AuxModel:\n  " + "\n  ".join(problems)
+                + "\nUse the coarse map the model was trained with (the pipeline directory's coarse_map.safetensors)."
+            )
+        if cfg.coarse_map_fingerprint is None or (cfg.codebook_fingerprint is None and cb is not None):
+            self.config = dataclasses.replace(
+                cfg, coarse_map_fingerprint=cfg.coarse_map_fingerprint or fp,
+                codebook_fingerprint=cfg.codebook_fingerprint or cb,
+            )
+            self._hub_mixin_config = self.config  # what save_pretrained writes to config.json
+        self.fine_to_coarse.copy_(f2c.to(self.fine_to_coarse.device))
+        self._map_checked = True
+
+    def _require_map(self):
+        if not self._map_checked:
+            if bool((self.fine_to_coarse < 0).any()):
+                raise RuntimeError(
+                    "AuxModel has no coarse map: pass coarse_map= to AuxModel(...) or call "
+                    "set_coarse_map(map); from_pretrained restores it from the checkpoint."
+                )
+            self._map_checked = True
+
+    def cluster_mask(self, coarse):
+        """(B, L, V) bool: True where fine code v belongs to the cluster coarse[b, l]."""
+        self._require_map()
+        return self.fine_to_coarse[None, None, :] == coarse[..., None]
+
+    def forward(self, coarse, labels=None, restrict: Optional[bool] = None):
+        """coarse (B, L) int64 labels, L <= image_tokens; labels (B,) (None = null label).
+        Returns (B, L, vocab) float32. `restrict` overrides config.restrict_to_cluster (guidance
+        combines unrestricted logits and masks after, since -inf - -inf is nan)."""
+        B, L = coarse.shape
+        cfg = self.config
+        if L > cfg.image_tokens:
+            raise ValueError(f"got {L} coarse labels, the model's grid holds {cfg.image_tokens}")
+        h = self.tok_embeddings(coarse)
+        if cfg.class_prefix:
+            labels = _labels_tensor(labels, B, cfg.num_classes, coarse.device)
+            h = torch.cat([self.cls_embedding(labels)[:, None], h], dim=1)
+            freqs = self.freqs_cis[: L + 1]
+        else:
+            freqs = self.freqs_cis[1 : L + 1]
+        h = self.tok_dropout(h)
+        for layer in self.layers:
+            h = layer(h, freqs, causal=False)
+        if cfg.class_prefix:
+            h = h[:, 1:]
+        logits = self.output(self.norm(h)).float()
+        if cfg.restrict_to_cluster if restrict is None else restrict:
+            logits = logits.masked_fill(~self.cluster_mask(coarse), float("-inf"))
+        return logits

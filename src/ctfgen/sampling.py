@@ -1,0 +1,243 @@
+"""Sampling and exact likelihoods: LlamaGen's KV-cached sampler, CTF stage 2, teacher-forced log p.
+
+`generate` follows LlamaGen's `generate` step for step (prefill with the class token only,
+guidance as one [cond; null] batch, the same token fed to both halves, temperature, top-k, top-p
+with the shift-right keep rule, multinomial), so `top_k=1` reproduces LlamaGen's greedy tokens
+from the same weights. Differences, all deliberate:
+- `top_k=1` takes the argmax directly (LlamaGen draws from the one-hot; identical unless logits tie
+  exactly) and consumes no random numbers.
+- Guidance runs whenever `cfg_scale != 1` (LlamaGen silently ignores scales below 1).
+- `cfg_steps=N` guides tokens 0..N-1; LlamaGen's `cfg_interval=I` guides tokens 0..I+1, so
+  `cfg_steps = cfg_interval + 2`. After the last guided token the unconditional half is dropped
+  from the batch instead of being computed and thrown away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+GeneratorLike = Union[torch.Generator, int, None]
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + (cond - uncond) * scale (LlamaGen's formula)."""
+    return uncond + (cond - uncond) * scale
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """LlamaGen's top-k / top-p filter over the last dim; removed entries become -inf.
+
+    top-k keeps every logit >= the k-th largest. top-p sorts descending, removes tokens whose
+    cumulative probability exceeds p, shifted right by one so the token that crosses p stays,
+    and always keeps the top token. Returns a new tensor.
+    """
+    if top_k > 0:
+        k = min(int(top_k), logits.size(-1))
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def as_generator(generator: GeneratorLike, device) -> Optional[torch.Generator]:
+    """An int seeds a fresh generator on `device`; a Generator is used as is; None = global RNG."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int):
+        return torch.Generator(device=device).manual_seed(generator)
+    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: GeneratorLike = None,
+) -> torch.Tensor:
+    """Draw one token per row of (..., V) logits -> (...) int64. `top_k=1` is greedy."""
+    if top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k > 0 or top_p < 1.0:
+        logits = filter_logits(logits, top_k, top_p)
+    probs = F.softmax(logits, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    idx = torch.multinomial(flat, 1, generator=as_generator(generator, flat.device))
+    return idx.view(probs.shape[:-1])
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def _autocast(module: torch.nn.Module, dtype):
+    """Autocast to `dtype` unless the weights already are in it (LlamaGen casts the model; we
+    leave the caller's weights alone)."""
+    if dtype is None:
+        return contextlib.nullcontext(), None
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype")
+    param = next(module.parameters())
+    if param.dtype == dtype or dtype == torch.float32:
+        return contextlib.nullcontext(), param.dtype
+    return torch.autocast(param.device.type, dtype=dtype), dtype
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _check_labels(labels, num_classes: int, device) -> torch.Tensor:
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("no labels given: pass one class index per image")
+    if int(labels.min()) < 0 or int(labels.max()) > num_classes:
+        raise ValueError(f"labels must be class indices in 0..{num_classes - 1} (or {num_classes}, the null label)")
+    return labels.to(device)
+
+
+@torch.no_grad()
+def generate(
+    gpt,
+    labels,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_steps: Optional[int] = None,
+    generator: GeneratorLike = None,
+    dtype=None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Sample (B, image_tokens) int64 tokens from a `GPT` for class `labels` (B,).
+
+    KV-cached: the class token is prefilled, then one token per step; the cache and causal mask
+    are allocated once. `cfg_scale != 1` runs [cond; null] in one batch and samples from
+    uncond + (cond - uncond) * cfg_scale; `cfg_steps` limits guidance to the first N tokens.
+    `generator`: a torch.Generator or an int seed, for reproducible draws. `dtype`: "bf16"/"fp16"
+    autocast (weights untouched). `compile`: torch.compile the decode step (keeps the caches
+    allocated afterwards so the compiled graph is reused; `gpt.clear_caches()` frees them).
+    """
+    device = gpt.tok_embeddings.weight.device
+    labels = _check_labels(labels, gpt.config.num_classes, device)
+    B, L = labels.shape[0], gpt.config.image_tokens
+    n_guided = L if cfg_steps is None else max(0, min(int(cfg_steps), L))
+    guided = cfg_scale != 1.0 and n_guided > 0
+    gen = as_generator(generator, device)
+    amp, cache_dtype = _autocast(gpt, dtype)
+
+    with _eval_mode(gpt), amp:
+        gpt.setup_caches(2 * B if guided else B, dtype=cache_dtype)
+        step = _compiled_step(gpt) if compile else gpt.forward_step
+        positions = torch.arange(1, L + 1, device=device)  # tok_k sits at sequence position k+1
+        out = torch.empty(B, L, dtype=torch.long, device=device)
+        try:
+            if guided:
+                logits = gpt.prefill(torch.cat([labels, torch.full_like(labels, gpt.config.num_classes)]))
+            else:
+                logits = gpt.prefill(labels)
+            for k in range(L):
+                use_cfg = guided and k < n_guided
+                if k > 0:
+                    x = out[:, k - 1 : k]
+                    logits = step(torch.cat([x, x]) if use_cfg else x, positions[k - 1 : k])[:, -1]
+                if use_cfg:
+                    cond, uncond = logits.chunk(2)
+                    logits = cfg_combine(cond, uncond, cfg_scale)
+                out[:, k] = sample_from_logits(logits, temperature, top_k, top_p, gen)
+        finally:
+            if not compile:
+                gpt.clear_caches()
+    return out
+
+
+def _compiled_step(gpt):
+    # One compiled graph per model, reused across calls (re-compiling per call costs seconds).
+    compiled = getattr(gpt, "_ctfgen_compiled_step", None)
+    if compiled is None:
+        mode = "reduce-overhead" if gpt.tok_embeddings.weight.is_cuda else None
+        compiled = torch.compile(gpt.forward_step, mode=mode, fullgraph=True)
+        gpt._ctfgen_compiled_step = compiled
+    return compiled
+
+
+@torch.no_grad()
+def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
+    """Teacher-forced log p(tokens | label) in nats, (B,) float64 (eval mode: no dropout, no
+    class dropout). `labels=None` scores under the null label (unconditional)."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long, device=gpt.tok_embeddings.weight.device)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+    with _eval_mode(gpt):
+        logits = gpt(tokens[:, :-1], labels)  # (B, L, V): position i predicts token i
+    return token_log_probs(logits, tokens).sum(-1)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """log softmax(logits)[tokens] per position, float64, without a full float64 copy of logits."""
+    V = logits.shape[-1]
+    flat, tok = logits.reshape(-1, V), tokens.reshape(-1)
+    rows = max(1, chunk_bytes // (8 * V))
+    out = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
+    for i in range(0, flat.shape[0], rows):
+        x = flat[i : i + rows].double()
+        out[i : i + rows] = x.gather(-1, tok[i : i + rows, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return out.view(tokens.shape)
+
+
+@torch.no_grad()
+def sample_fine(
+    aux,
+    coarse: torch.Tensor,
+    labels=None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    generator: GeneratorLike = None,
+    dtype=None,
+) -> torch.Tensor:
+    """CTF stage 2: one `AuxModel` pass over coarse labels (B, L), sample every position's fine
+    token -> (B, L) int64. `top_k=1` is argmax (the paper found sampling better).
+
+    With `cfg_scale != 1` the [cond; null] batch runs unmasked, is combined, and the cluster mask
+    (if the model restricts) is applied after, since combining -inf logits would give nan.
+    """
+    device = aux.tok_embeddings.weight.device
+    coarse = torch.as_tensor(coarse, dtype=torch.long, device=device)
+    B = coarse.shape[0]
+    if labels is not None:
+        labels = _check_labels(labels, aux.config.num_classes, device)
+    amp, _ = _autocast(aux, dtype)
+    with _eval_mode(aux), amp:
+        if cfg_scale != 1.0:
+            if not aux.config.class_prefix:
+                raise ValueError("stage-2 guidance needs an AuxModel with class_prefix=True; use cfg_scale=1.0")
+            if labels is None:
+                raise ValueError("stage-2 guidance needs class labels")
+            null = torch.full_like(labels, aux.config.num_classes)
+            both = aux(torch.cat([coarse, coarse]), torch.cat([labels, null]), restrict=False)
+            logits = cfg_combine(both[:B], both[B:], cfg_scale)
+            if aux.config.restrict_to_cluster:
+                logits = logits.masked_fill(~aux.cluster_mask(coarse), float("-inf"))
+        else:
+            logits = aux(coarse, labels)
+    return sample_from_logits(logits, temperature, top_k, top_p, generator)

@@ -1,0 +1,169 @@
+"""generate / filters / guidance / log_prob, checked against hand-built cases and a naive sampler."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctfgen.models import GPT, GPTConfig
+from ctfgen.sampling import cfg_combine, filter_logits, generate, log_prob, sample_from_logits
+
+NEG = float("-inf")
+
+
+def tiny_gpt(vocab=11, image_tokens=16, num_classes=3, std=0.3, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_preset("GPT-tiny", vocab_size=vocab, image_tokens=image_tokens, num_classes=num_classes)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def naive_generate(gpt, labels, cfg_scale=1.0, cfg_steps=None, **kw):
+    """LlamaGen's sampler written the slow way: full forward per step, no cache."""
+    gpt.eval()
+    B, L = len(labels), gpt.config.image_tokens
+    n_guided = L if cfg_steps is None else cfg_steps
+    null = torch.full_like(labels, gpt.config.num_classes)
+    out = torch.empty(B, 0, dtype=torch.long)
+    with torch.no_grad():
+        for k in range(L):
+            cond = gpt(out, labels)[:, -1]
+            if cfg_scale != 1.0 and k < n_guided:
+                uncond = gpt(out, null)[:, -1]
+                logits = uncond + (cond - uncond) * cfg_scale
+            else:
+                logits = cond
+            out = torch.cat([out, sample_from_logits(logits, **kw)[:, None]], dim=1)
+    return out
+
+
+def test_cfg_formula():
+    cond, uncond = torch.tensor([1.0, 2.0, -3.0]), torch.tensor([0.5, 4.0, -1.0])
+    torch.testing.assert_close(cfg_combine(cond, uncond, 2.0), torch.tensor([1.5, 0.0, -5.0]))
+    torch.testing.assert_close(cfg_combine(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(cfg_combine(cond, uncond, 0.0), uncond)
+
+
+def kept(logits):
+    return {i for i, v in enumerate(logits.tolist()) if v != NEG}
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 2.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    out = filter_logits(logits, top_k=2)
+    assert kept(out[0]) == {1, 4} and kept(out[1]) == {0, 1}
+    assert torch.equal(out[0, [1, 4]], logits[0, [1, 4]])
+    assert kept(filter_logits(logits, top_k=99)[0]) == set(range(5))
+    ties = torch.tensor([1.0, 2.0, 2.0, 0.0])
+    assert kept(filter_logits(ties, top_k=1)) == {1, 2}  # LlamaGen: strictly below the k-th goes
+    assert torch.equal(filter_logits(logits), logits)
+
+
+@pytest.mark.parametrize(
+    "p, want",
+    [(0.45, {3}), (0.5, {3, 0}), (0.7, {3, 0}), (0.85, {3, 0, 4}), (0.96, {3, 0, 4, 1}), (0.999, {3, 0, 4, 1})],
+)
+def test_top_p_keeps_the_crossing_token(p, want):
+    # probabilities 0.3, 0.05, 0.0 (none), 0.5, 0.15 in shuffled order; sorted cum: .5 .8 .95 1.0
+    probs = torch.tensor([0.30, 0.05, 1e-12, 0.50, 0.15], dtype=torch.float64)
+    logits = probs.log().float()
+    assert kept(filter_logits(logits[None], top_p=p)[0]) == want
+
+
+def test_top_p_always_keeps_the_top_token_and_combines_with_top_k():
+    logits = torch.tensor([[0.0, 10.0, 0.0]])
+    assert kept(filter_logits(logits, top_p=0.01)[0]) == {1}
+    logits = torch.tensor([[1.0, 0.9, 0.8, -5.0]])
+    # top-k=2 first renormalises over {0, 1}, so top-p 0.6 then keeps both (0.525 < 0.6)
+    assert kept(filter_logits(logits, top_k=2, top_p=0.6)[0]) == {0, 1}
+
+
+def test_sample_from_logits_respects_filters_and_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).log_softmax(-1)
+    draws = sample_from_logits(logits.expand(20000, 4), generator=g)
+    freq = torch.bincount(draws, minlength=4).double() / 20000
+    torch.testing.assert_close(freq, logits.double().softmax(-1), atol=0.015, rtol=0)
+    assert set(sample_from_logits(logits.expand(2000, 4), top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_from_logits(logits.expand(2000, 4), top_p=0.7, generator=g).tolist()) == {0, 1}
+    x = torch.randn(7, 9, 5)
+    assert torch.equal(sample_from_logits(x, top_k=1), x.argmax(-1))
+    assert torch.equal(sample_from_logits(x, temperature=0.0, generator=g), x.argmax(-1))
+    assert sample_from_logits(x, generator=1).shape == (7, 9)
+
+
+@pytest.mark.parametrize("cfg_scale, cfg_steps", [(1.0, None), (2.0, None), (3.0, 5)])
+def test_greedy_generate_matches_naive_sampler(cfg_scale, cfg_steps):
+    gpt = tiny_gpt()
+    labels = torch.tensor([0, 2, 1])
+    got = generate(gpt, labels, cfg_scale=cfg_scale, cfg_steps=cfg_steps, top_k=1)
+    want = naive_generate(gpt, labels, cfg_scale=cfg_scale, cfg_steps=cfg_steps, top_k=1)
+    assert got.shape == (3, 16) and got.dtype == torch.long
+    assert torch.equal(got, want)
+
+
+def test_sampled_generate_matches_naive_sampler_for_a_seed():
+    gpt = tiny_gpt()
+    labels = torch.tensor([1, 2])
+    kw = dict(temperature=1.1, top_k=8, top_p=0.95)
+    got = generate(gpt, labels, cfg_scale=1.5, generator=7, **kw)
+    want = naive_generate(gpt, labels, cfg_scale=1.5, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(got, want)
+
+
+def test_generate_is_reproducible_and_guidance_matters():
+    gpt = tiny_gpt()
+    labels = [0, 1, 2, 0]
+    a = generate(gpt, labels, cfg_scale=2.0, generator=123)
+    assert torch.equal(a, generate(gpt, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(123)))
+    assert not torch.equal(a, generate(gpt, labels, cfg_scale=2.0, generator=124))
+    # the guided prefix decides the rest: with cfg_steps = all it is full guidance, with 0 none
+    assert torch.equal(generate(gpt, labels, cfg_scale=2.0, cfg_steps=16, generator=5),
+                       generate(gpt, labels, cfg_scale=2.0, generator=5))
+    assert torch.equal(generate(gpt, labels, cfg_scale=2.0, cfg_steps=0, generator=5),
+                       generate(gpt, labels, cfg_scale=1.0, generator=5))
+    greedy_cfg = generate(gpt, labels, cfg_scale=4.0, top_k=1)
+    assert not torch.equal(greedy_cfg, generate(gpt, labels, top_k=1))
+    assert not torch.equal(greedy_cfg, generate(gpt, labels, cfg_scale=4.0, cfg_steps=2, top_k=1))
+
+
+def test_generate_restores_mode_frees_caches_and_checks_labels():
+    gpt = tiny_gpt().train()
+    generate(gpt, [0], generator=0)
+    assert gpt.training and all(layer.attention.kv_cache is None for layer in gpt.layers)
+    with pytest.raises(ValueError, match="class indices"):
+        generate(gpt, [4])
+    null = generate(gpt, [3], top_k=1)  # the null label = unconditional
+    assert null.shape == (1, 16)
+
+
+def test_generate_bf16_autocast_runs():
+    gpt = tiny_gpt()
+    out = generate(gpt, [0, 1], cfg_scale=2.0, generator=0, dtype="bf16")
+    assert out.shape == (2, 16) and out.min() >= 0 and out.max() < 11
+    assert gpt.tok_embeddings.weight.dtype == torch.float32
+
+
+def test_log_prob_is_teacher_forced_sum():
+    gpt = tiny_gpt().train()
+    tokens = torch.randint(0, 11, (2, 16))
+    labels = torch.tensor([2, 0])
+    lp = log_prob(gpt, tokens, labels)
+    assert lp.dtype == torch.float64 and lp.shape == (2,) and gpt.training
+    gpt.eval()
+    logits = gpt(tokens, labels)[:, :16].double()
+    want = logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(lp, want)
+
+
+def test_baseline_log_prob_sums_to_one_over_all_grids():
+    gpt = tiny_gpt(vocab=3, image_tokens=4, std=0.5)
+    grids = torch.tensor(list(itertools.product(range(3), repeat=4)))
+    for label in (0, 2, 3):
+        lp = log_prob(gpt, grids, torch.full((len(grids),), label))
+        assert abs(lp.exp().sum().item() - 1.0) < 1e-5
+        assert lp.max() - lp.min() > 1.0  # not the uniform distribution
