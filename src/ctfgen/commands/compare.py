@@ -1,0 +1,27 @@
+"""`ctfgen compare RUN...`: one markdown table of several evaluated runs and a figure per metric vs epoch."""
+
+from __future__ import annotations
+
+import sys
+
+
+def configure(parser):
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="an evaluation JSON (from `ctfgen eval --out`) or a run directory holding RUN/eval/*.json")
+    parser.add_argument("--out", default=None,
+                        help="directory for compare.md and one <metric>.png per metric (against training epoch)")
+
+
+def run(args):
+    from ctfgen.metrics.compare import compare
+
+    try:
+        table, pngs = compare(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ctfgen compare: {err}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.out:
+        print(f"wrote {args.out}/compare.md" + (f" and {len(pngs)} figures" if pngs else
+                                                 " (no figures: no record has an epoch)"))
+    return 0

@@ -1,0 +1,172 @@
+"""The shipped Fashion-MNIST classifier and the offline metrics built on it; eval/compare CLIs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctfgen.cli import main
+from ctfgen.metrics import classifier as clf
+from ctfgen.metrics.evaluate import evaluate_fmnist, load_images
+
+N = 2000  # enough for stable 128-d statistics, small enough for a 2-core machine
+
+
+@pytest.fixture(scope="module")
+def model():
+    return clf.load_default_classifier()
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    x, y = clf.load_split("test")
+    return x[:N], y[:N]
+
+
+@pytest.fixture(scope="module")
+def train_split():
+    x, y = clf.load_split("train")
+    return x[:N], y[:N]
+
+
+def test_shipped_weights_are_small_and_load_strictly(model):
+    assert isinstance(model, clf.FMNISTClassifier) and not model.training
+    assert sum(p.numel() for p in model.parameters()) < 300_000
+    x = torch.zeros(2, 1, 28, 28)
+    assert model.features(x).shape == (2, model.config.feature_dim)
+    p = model.probs(x)
+    assert p.shape == (2, 10) and torch.allclose(p.sum(1), torch.ones(2))
+
+
+def test_save_and_reload_roundtrip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    again = clf.FMNISTClassifier.from_pretrained(str(tmp_path)).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_preprocess_accepts_uint8_and_float_layouts(model, test_split):
+    u8 = test_split[0][:4]
+    a = model.preprocess(u8)
+    assert a.shape == (4, 1, 28, 28) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(model.preprocess(u8[..., None]), a)
+    torch.testing.assert_close(model.preprocess(a), a)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        model.preprocess(u8.astype(np.float32))
+    with pytest.raises(ValueError, match="28x28"):
+        model.preprocess(np.zeros((2, 32, 32), np.uint8))
+
+
+def test_class_consistency_of_real_images_equals_test_accuracy(model, test_split, train_split):
+    images, labels = test_split
+    # accuracy computed directly from the network, batch by batch
+    with torch.no_grad():
+        x = torch.from_numpy(images.copy()).float().div(127.5).sub(1).unsqueeze(1)
+        pred = torch.cat([model(x[i : i + 250]).argmax(1) for i in range(0, len(x), 250)])
+    accuracy = (pred.numpy() == labels).mean()
+    metrics = evaluate_fmnist(images, labels, ref=train_split[0], classifier=model)
+    assert metrics["class_consistency"] == pytest.approx(accuracy, abs=0)
+    assert accuracy > 0.9
+
+
+def test_real_vs_noise_frechet_distance(model, test_split, train_split):
+    real = evaluate_fmnist(test_split[0], ref=train_split[0], classifier=model)
+    rng = np.random.default_rng(0)
+    noise = evaluate_fmnist(rng.integers(0, 256, (N, 28, 28), dtype=np.uint8), ref=train_split[0], classifier=model)
+    assert real["fd"] < 0.05 * noise["fd"], (real, noise)
+    assert real["precision"] > 0.6 and real["recall"] > 0.6
+    # the classifier maps all noise to one or two classes: one tight clump, which real "bag"
+    # images may well cover (precision need not be low), but which covers no real data
+    assert noise["recall"] < 0.05
+    # a good classifier on real, class-balanced data is confident and spread over all 10 classes
+    assert real["is"] > 7 and noise["is"] < real["is"]
+    assert "class_consistency" not in real
+
+
+def test_default_reference_is_cached_test_split(model, test_split):
+    a = evaluate_fmnist(test_split[0][:300], test_split[1][:300])
+    b = evaluate_fmnist(test_split[0][:300], test_split[1][:300], ref="fashion-mnist-test")
+    assert a == b
+    assert a["precision"] > 0.9  # test images lie on the test-split manifold
+
+
+def test_train_classifier_smoke(tmp_path):
+    model, info = clf.train_classifier(tmp_path, epochs=1, limit=256, eval_limit=256, batch_size=64, log=lambda s: None)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    assert json.loads((tmp_path / "train_info.json").read_text())["epochs"] == 1
+    assert 0 <= info["test_accuracy"] <= 1
+    clf.FMNISTClassifier.from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIs
+
+
+def _write_png_folder(folder, images):
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+
+
+def test_eval_cli_fmnist_on_tiny_npz(tmp_path, test_split, train_split, capsys):
+    images, labels = test_split
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, arr_0=images[:200, :, :, None], labels=labels[:200])
+    _write_png_folder(tmp_path / "ref", train_split[0][:300])
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(npz), "--ref", str(tmp_path / "ref"), "--metric-set", "fmnist", "--out", str(out),
+               "--name", "tiny", "--epoch", "3"])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert record["name"] == "tiny" and record["epoch"] == 3 and record["metric_set"] == "fmnist"
+    assert record["num_samples"] == 200 and record["num_reference"] == 300
+    assert set(record["metrics"]) == {"fd", "is", "is_std", "precision", "recall", "class_consistency"}
+    assert "FD (classifier)" in capsys.readouterr().out
+    # the npz and the folder load to the same arrays
+    loaded, lab = load_images(npz)
+    assert loaded.shape == (200, 28, 28, 1) and lab.tolist() == labels[:200].tolist()
+    assert np.array_equal(load_images(tmp_path / "ref")[0][..., 0], train_split[0][:300])
+
+
+def test_eval_cli_missing_inception_weights(tmp_path, monkeypatch, capsys):
+    from ctfgen.metrics import inception
+
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(inception, "DEFAULT_DIR", tmp_path)
+    monkeypatch.setattr(inception, "TORCH_HUB_DIR", tmp_path)
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    assert main(["eval", str(npz), "--ref", str(npz)]) == 2
+    err = capsys.readouterr().err
+    assert "weights-inception-2015-12-05-6726825d.pth" in err and "--inception-weights" in err
+
+
+def test_compare_renders_table_and_figures(tmp_path, capsys):
+    for run, base in (("ctf", 10.0), ("baseline", 14.0)):
+        for epoch in (1, 2, 4):
+            rec = {"name": run, "epoch": epoch, "metric_set": "fmnist", "num_samples": 100,
+                   "metrics": {"fd": base / epoch, "is": 5 + epoch, "is_std": 0.1, "precision": 0.5, "recall": 0.4}}
+            (tmp_path / run / "eval").mkdir(parents=True, exist_ok=True)
+            (tmp_path / run / "eval" / f"epoch_{epoch:04d}.json").write_text(json.dumps(rec))
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"name": "other", "metrics": {"fd": 1.0}}))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "ctf"), str(tmp_path / "baseline"), str(single), "--out", str(out)]) == 0
+    table = (out / "compare.md").read_text()
+    lines = table.strip().splitlines()
+    assert len(lines) == 2 + 7
+    assert lines[0].startswith("| run | epoch |") and "FD (classifier) ↓" in lines[0]
+    assert "| baseline | 4 | fmnist | 100 | 3.5000 |" in table and "| other | – |" in table
+    assert table in capsys.readouterr().out
+    for key in ("fd", "is", "precision", "recall"):
+        png = out / f"{key}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "is_std.png").exists()
+    with pytest.raises(FileNotFoundError, match="eval"):
+        from ctfgen.metrics.compare import load_records
+
+        (tmp_path / "empty").mkdir()
+        load_records(tmp_path / "empty")
