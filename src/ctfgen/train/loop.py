@@ -81,6 +81,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # YAML 1.1 reads `3e-4` as a string; accept it (and say so when it is not a number).
+        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "ema_decay"):
+            try:
+                setattr(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise ValueError(f"train.{name} must be a number, got {getattr(self, name)!r}") from None
         self.betas = tuple(float(b) for b in self.betas)
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
@@ -501,8 +507,13 @@ def train(
         if batch_idx >= batches.per_epoch:
             epoch, batch_idx, epoch_iter = epoch + 1, 0, None
         if epoch_iter is None:
+            if hasattr(dataset, "set_epoch"):  # e.g. CodeDataset picks its augmentation per epoch
+                dataset.set_epoch(epoch)
             idx_iter = batches.epoch_batches(epoch, batch_idx)
-            if cfg.num_workers > 0:
+            if collate_fn is None and cfg.num_workers == 0 and hasattr(dataset, "get_batch"):
+                # One vectorised read per batch (CodeDataset on a memory map) instead of B item reads.
+                epoch_iter = (dataset.get_batch(idx) for idx in idx_iter)
+            elif cfg.num_workers > 0:
                 loader = DataLoader(dataset, batch_sampler=list(idx_iter), num_workers=cfg.num_workers,
                                     collate_fn=collate, pin_memory=device.type == "cuda",
                                     generator=torch.Generator().manual_seed(cfg.seed + epoch))

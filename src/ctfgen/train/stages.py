@@ -1,0 +1,195 @@
+"""Stage 1 (`ar`), the auxiliary model (`aux`) and the baseline, trained on extracted codes.
+
+`ar` and `baseline` are one code path: a `GPT` trained by teacher forcing,
+`logits = gpt(x[:, :-1], labels)` -> (B, L, V) against `x`, where `x` is the coarse labels of
+the codes (ar, V = num_coarse) or the codes themselves (baseline, V = codebook size).
+`aux` is an `AuxModel` fed the ground-truth coarse labels, trained with cross entropy on the
+fine tokens; with `restrict_to_cluster` its logits outside each position's cluster are -inf, so
+the loss is the exact -log p(fine | coarse, class) the likelihood uses.
+
+Every model records where its vocabulary came from (`codebook_fingerprint`, and for ar/aux
+`coarse_map_fingerprint`), and parts that do not belong together are refused before training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as D
+from .loop import TrainConfig, TrainResult, train
+
+STAGES = ("ar", "aux", "baseline")
+DEFAULT_PRESETS = {"ar": "GPT-B", "aux": "Aux-B", "baseline": "GPT-B"}
+MODEL_DIR = "model"  # out_dir/model: the finished model in save_pretrained form
+
+
+class StageMismatchError(ValueError):
+    """Codes, coarse map and model do not belong together."""
+
+
+@dataclass
+class Stage:
+    name: str
+    model: nn.Module
+    loss_fn: Callable
+    tokens_per_item: int
+    model_class: type
+
+
+def _code_dataset(codes):
+    from ctfgen.data.codes import CodeDataset
+
+    return codes if isinstance(codes, CodeDataset) else CodeDataset(codes)
+
+
+def _load_map(coarse_map):
+    from ctfgen.clustering import CoarseMap
+
+    if coarse_map is None or isinstance(coarse_map, CoarseMap):
+        return coarse_map
+    return CoarseMap.load(coarse_map)
+
+
+def check_map_for_codes(coarse_map, header: dict, where: str = "the code files") -> None:
+    """Refuse a coarse map fitted on another codebook than the one that made the codes."""
+    fp = header.get("tokenizer_fingerprint")
+    problems = []
+    if fp != coarse_map.codebook_fingerprint:
+        problems.append(
+            f"the coarse map {coarse_map.fingerprint} was fitted on codebook {coarse_map.codebook_fingerprint}, "
+            f"but {where} were made by tokenizer {fp}"
+        )
+    if int(header["codebook_size"]) != coarse_map.vocab_size:
+        problems.append(f"the coarse map covers {coarse_map.vocab_size} codewords, the codes' codebook has "
+                        f"{header['codebook_size']}")
+    if problems:
+        raise StageMismatchError(
+            "coarse map and codes do not belong together: " + "; ".join(problems)
+            + ". Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer."
+        )
+
+
+def _num_classes(dataset, requested: int | None) -> int:
+    seen = int(dataset.labels.max()) + 1 if len(dataset) else 1
+    header_n = dataset.header.get("num_classes")
+    n = requested if requested is not None else (header_n if header_n is not None else seen)
+    if seen > n:
+        raise StageMismatchError(f"the codes hold class labels up to {seen - 1} but the model has num_classes={n}")
+    return int(n)
+
+
+def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
+                model: dict | None = None, num_classes: int | None = None) -> Stage:
+    """The model (freshly initialised) and `loss_fn(model, batch)` of one stage.
+
+    `model` overrides preset fields (dim, dropouts, restrict_to_cluster, ...). Vocabulary, grid
+    and fingerprints come from the codes and the map; giving them in `model` with other values
+    is an error rather than a silently mis-sized model.
+    """
+    from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    dataset = _code_dataset(codes)
+    header = dataset.header
+    cmap = _load_map(coarse_map)
+    if stage in ("ar", "aux"):
+        if cmap is None:
+            raise ValueError(f"stage {stage!r} needs a coarse map (--coarse-map FILE from `ctfgen cluster`)")
+        check_map_for_codes(cmap, header, str(dataset.dir))
+    elif cmap is not None:
+        raise ValueError("the baseline trains on fine tokens and takes no coarse map; drop --coarse-map")
+
+    codebook = int(header["codebook_size"])
+    vocab = cmap.num_coarse if stage == "ar" else codebook
+    derived = dict(
+        vocab_size=vocab, image_tokens=int(header["image_tokens"]),
+        num_classes=_num_classes(dataset, num_classes),
+        codebook_fingerprint=header["tokenizer_fingerprint"],
+        coarse_map_fingerprint=cmap.fingerprint if stage != "baseline" else None,
+    )
+    if stage == "aux":
+        derived["num_coarse"] = cmap.num_coarse
+    overrides = dict(model or {})
+    clash = [f"{k}={overrides[k]!r} (the data needs {v!r})" for k, v in derived.items()
+             if k in overrides and overrides[k] != v]
+    if clash:
+        raise StageMismatchError(f"model settings do not fit the {stage} data: " + ", ".join(clash)
+                                 + "; leave them out, they are taken from the codes and the coarse map")
+    fields = {**overrides, **derived}
+    preset = preset or DEFAULT_PRESETS[stage]
+
+    if stage == "aux":
+        net = AuxModel(AuxConfig.from_preset(preset, **fields), coarse_map=cmap)
+        f2c = cmap.fine_to_coarse
+
+        def loss_fn(m, batch):
+            x, y = batch
+            logits = m(f2c.to(x.device)[x], y)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+
+        return Stage(stage, net, loss_fn, derived["image_tokens"], AuxModel)
+
+    net = GPT(GPTConfig.from_preset(preset, **fields))
+    f2c = cmap.fine_to_coarse if stage == "ar" else None
+
+    def loss_fn(m, batch):
+        x, y = batch
+        if f2c is not None:
+            x = f2c.to(x.device)[x]
+        logits = m(x[:, :-1], y)  # position i predicts token i (position 0 sees only the class)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+
+    return Stage(stage, net, loss_fn, derived["image_tokens"], GPT)
+
+
+def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | None = None,
+                model: dict | None = None, train_config: dict | TrainConfig | None = None,
+                num_classes: int | None = None, resume: bool = False, on_epoch_end=None,
+                run_config: dict | None = None, desc: str | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train one stage on a code directory; the finished model (EMA weights when EMA is on) is
+    written to `out_dir/model` (save_pretrained) by rank 0 and returned on every rank (CPU)."""
+    tcfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(train_config)
+    dataset = _code_dataset(codes)
+    # The initial weights are a function of the seed alone (and identical on every rank).
+    torch.manual_seed(tcfg.seed)
+    st = build_stage(stage, dataset, coarse_map, preset, model, num_classes)
+    out_dir = Path(out_dir)
+    if D.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in st.model.parameters())
+        (out_dir / "stage.json").write_text(json.dumps(
+            {"stage": stage, "preset": preset or DEFAULT_PRESETS[stage], "params": n_params,
+             "codes": str(dataset.dir), "model_config": _jsonable(st.model.config)}, indent=2) + "\n")
+    config_record = {"stage": stage, "preset": preset, "model": model or {}, **(run_config or {})}
+    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume,
+                   tokens_per_item=st.tokens_per_item, on_epoch_end=on_epoch_end,
+                   run_config=config_record, desc=desc or stage)
+    final = finished_model(st, result)
+    if D.is_main():
+        final.save_pretrained(str(out_dir / MODEL_DIR))
+    D.barrier()
+    return final, result
+
+
+def finished_model(stage: Stage, result: TrainResult) -> nn.Module:
+    """A fresh CPU copy of the stage's model holding the weights to ship, in eval mode."""
+    from ctfgen.hub import load_state_dict_strict
+
+    cfg = stage.model.config
+    net = stage.model_class(cfg)
+    load_state_dict_strict(net, result.best_state_dict(), source=f"{stage.name} training result")
+    return net.eval()
+
+
+def _jsonable(cfg) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,260 @@
+"""Stages on tiny synthetic codes, the cluster/train commands, and the whole pipeline on a few
+Fashion-MNIST images: single process, killed and resumed, and under a 2-rank torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctfgen.cli import main as cli
+from ctfgen.clustering import CoarseMap
+from ctfgen.data.codes import CodeDataset, write_codes
+from ctfgen.experiment import ExperimentError, resolve_config, run_experiment
+from ctfgen.fingerprint import codebook_fingerprint
+from ctfgen.train.stages import StageMismatchError, build_stage, train_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# tiny.yaml cut down further so that a whole run takes seconds.
+SMALL = ["data.train_limit=100", "data.test_limit=40", "data.extract_batch_size=50",
+         "tokenizer.train.steps=6", "tokenizer.train.batch_size=16", "tokenizer.train.log_every=2",
+         "clustering.num_coarse=16", "train.steps=6", "train.batch_size=20", "train.log_every=2",
+         "train.warmup_steps=2", "heldout.limit=40"]
+TRAIN = dict(steps=4, batch_size=8, lr=1e-3, log_every=1, ckpt_every=2, progress=False)
+
+
+def have_fashion_mnist() -> bool:
+    try:
+        from ctfgen.data.fashion_mnist import find_fashion_mnist
+
+        find_fashion_mnist()
+        return True
+    except Exception:
+        return False
+
+
+needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed (make data)")
+
+
+def make_codes(path, codebook: torch.Tensor, n=32, grid=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, codebook.shape[0], (n, 1, grid * grid), generator=g)
+    labels = torch.arange(n) % classes
+    header = {"tokenizer_fingerprint": codebook_fingerprint(codebook), "grid_size": grid, "augment": "none",
+              "dataset": "synthetic", "num_classes": classes, "codebook_size": codebook.shape[0]}
+    return write_codes(path, codes, labels, header)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synthetic")
+    book = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    other = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    cmap = CoarseMap.fit(book, 8, seed=0)
+    cmap.save(d / "map.safetensors")
+    CoarseMap.fit(other, 8, seed=0).save(d / "other_map.safetensors")
+    make_codes(d / "codes", book)
+    return d, cmap
+
+
+# --- config ----------------------------------------------------------------------------------
+
+def test_config_overrides_are_typed_and_baseline_inherits_stage1():
+    cfg = resolve_config({"stage1": {"preset": "GPT-mini", "train": {"lr": 3e-4}}, "train": {"steps": 5}},
+                         ["train.batch_size=64", "aux.model.restrict_to_cluster=false", "data.train_limit=null",
+                          "seed=7"])
+    assert cfg["stage1"]["train"] == {"seed": 7, "steps": 5, "batch_size": 64, "lr": 3e-4}
+    assert cfg["aux"]["train"] == {"seed": 7, "steps": 5, "batch_size": 64}  # TrainConfig's lr default
+    assert cfg["aux"]["model"]["restrict_to_cluster"] is False
+    assert cfg["baseline"]["preset"] == "GPT-mini" and cfg["baseline"]["train"] == cfg["stage1"]["train"]
+    assert cfg["clustering"]["seed"] == 7 and cfg["data"]["train_limit"] is None
+
+
+def test_config_typos_are_refused():
+    with pytest.raises(ExperimentError, match="unknown config key 'data.trian_limit'"):
+        resolve_config({"data": {"trian_limit": 5}})
+    with pytest.raises(ExperimentError, match="stage1.train: unknown train settings: lrr"):
+        resolve_config({"train": {"steps": 1}, "stage1": {"train": {"lrr": 1}}})
+    with pytest.raises(ExperimentError, match="not key.sub=value"):
+        resolve_config({}, ["train.steps"])
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+def test_mismatched_coarse_map_is_refused(synthetic, tmp_path):
+    d, _ = synthetic
+    for stage in ("ar", "aux"):
+        with pytest.raises(StageMismatchError, match="fitted on codebook .* made by tokenizer"):
+            build_stage(stage, d / "codes", d / "other_map.safetensors", preset="GPT-tiny" if stage == "ar" else "Aux-tiny")
+    with pytest.raises(ValueError, match="needs a coarse map"):
+        build_stage("ar", d / "codes", None)
+    # The command says the same and exits with an error, without training anything.
+    rc = cli(["train", "--stage", "ar", "--codes", str(d / "codes"), "--coarse-map", str(d / "other_map.safetensors"),
+              "--preset", "GPT-tiny", "--out", str(tmp_path / "run"), "train.steps=2"])
+    assert rc == 1 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_vocabulary_that_does_not_fit_is_refused(synthetic, tmp_path):
+    d, cmap = synthetic
+    with pytest.raises(StageMismatchError, match="vocab_size=64 .*needs 8"):
+        build_stage("ar", d / "codes", cmap, preset="GPT-tiny", model={"vocab_size": 64})
+    with pytest.raises(StageMismatchError, match="num_classes=2"):
+        build_stage("baseline", d / "codes", None, preset="GPT-tiny", num_classes=2)
+    # A checkpoint of another model size is refused by name and shape on resume.
+    train_stage("baseline", d / "codes", tmp_path, preset="GPT-tiny", train_config=TRAIN)
+    from ctfgen.hub import StateDictMismatch
+
+    with pytest.raises(StateDictMismatch, match="shape mismatch"):
+        train_stage("baseline", d / "codes", tmp_path, preset="GPT-tiny", model={"dim": 128, "n_head": 2},
+                    train_config={**TRAIN, "steps": 6}, resume=True)
+
+
+def test_training_losses_are_the_exact_likelihoods(synthetic, tmp_path):
+    """ar + aux cross entropy is -log p_CTF per token; baseline cross entropy is -log p_AR per token."""
+    from ctfgen.pipeline import ARPipeline, CTFPipeline
+
+    d, cmap = synthetic
+    ar, _ = train_stage("ar", d / "codes", tmp_path / "ar", coarse_map=cmap, preset="GPT-tiny", train_config=TRAIN)
+    aux, _ = train_stage("aux", d / "codes", tmp_path / "aux", coarse_map=cmap, preset="Aux-tiny", train_config=TRAIN)
+    base, _ = train_stage("baseline", d / "codes", tmp_path / "base", preset="GPT-tiny", train_config=TRAIN)
+    assert ar.config.coarse_map_fingerprint == cmap.fingerprint == aux.config.coarse_map_fingerprint
+    assert ar.config.codebook_fingerprint == cmap.codebook_fingerprint and base.config.coarse_map_fingerprint is None
+    assert ar.config.vocab_size == 8 and base.config.vocab_size == 64 and aux.config.num_coarse == 8
+
+    ds = CodeDataset(d / "codes")
+    x, y = ds.get_batch(range(8))
+    L = x.shape[1]
+    with torch.no_grad():
+        losses = {s: build_stage(s, ds, cmap if s != "baseline" else None, preset=p).loss_fn(m.eval(), (x, y))
+                  for s, p, m in (("ar", "GPT-tiny", ar), ("aux", "Aux-tiny", aux), ("baseline", "GPT-tiny", base))}
+    ctf = CTFPipeline(ar, aux, cmap).log_prob(x, y)
+    torch.testing.assert_close(-ctf.mean(), ((losses["ar"] + losses["aux"]) * L).double(), rtol=1e-5, atol=1e-4)
+    vanilla = ARPipeline(base).log_prob(x, y)
+    torch.testing.assert_close(-vanilla.mean(), (losses["baseline"] * L).double(), rtol=1e-5, atol=1e-4)
+    # Finished models were written in from_pretrained form.
+    from ctfgen.models.transformer import GPT
+
+    assert GPT.from_pretrained(str(tmp_path / "ar" / "model")).config == ar.config
+
+
+def test_cluster_and_train_commands(tmp_path):
+    from ctfgen.tokenizer.vq import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(codebook_size=64, encoder_ch_mult=(1, 2, 2), decoder_ch_mult=(1, 2, 2), z_channels=8,
+                          base_ch=8, num_res_blocks=1, in_channels=1, norm_groups=4))
+    vq.save_pretrained(str(tmp_path / "vq"))
+    assert cli(["cluster", "--tokenizer", str(tmp_path / "vq"), "--num-coarse", "8", "--method", "random",
+                "--seed", "3", "--out", str(tmp_path / "map.safetensors")]) == 0
+    cmap = CoarseMap.load(tmp_path / "map.safetensors")
+    assert cmap.method == "random" and cmap.num_coarse == 8 and cmap.seed == 3
+    cmap.check_codebook(vq)
+
+    # Codes "made by" this tokenizer: its fingerprint in the header.
+    g = torch.Generator().manual_seed(0)
+    write_codes(tmp_path / "codes", torch.randint(0, 64, (24, 1, 49), generator=g), torch.arange(24) % 10,
+                {"tokenizer_fingerprint": vq.fingerprint, "grid_size": 7, "augment": "none", "dataset": "synthetic",
+                 "num_classes": 10, "codebook_size": 64})
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text("preset: Aux-tiny\nmodel: {multiple_of: 32}\ntrain: {steps: 3, batch_size: 8, progress: false}\n")
+    out = tmp_path / "aux"
+    args = ["train", "--stage", "aux", "--codes", str(tmp_path / "codes"), "--coarse-map", str(tmp_path / "map.safetensors"),
+            "--config", str(cfg), "--out", str(out), "train.lr=3e-4"]
+    assert cli(args) == 0
+    from ctfgen.models.transformer import AuxModel
+
+    aux = AuxModel.from_pretrained(str(out / "model"))
+    assert aux.config.multiple_of == 32 and torch.equal(aux.fine_to_coarse, cmap.fine_to_coarse)
+    assert json.loads((out / "stage.json").read_text())["stage"] == "aux"
+    assert cli(args) == 1  # an existing run is not overwritten without --resume
+    assert cli(args + ["--resume", "train.steps=5"]) == 0
+    assert (out / "checkpoints" / "ckpt-00000005.pt").is_file()
+
+
+# --- the whole pipeline --------------------------------------------------------------------------
+
+def _check_run(out: Path, world_size: int = 1):
+    from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
+
+    for step in ("tokenizer", "cluster", "extract", "ar", "aux", "baseline", "assemble", "heldout"):
+        assert (out / "steps" / f"{step}.json").is_file(), step
+    ctf = CTFPipeline.from_pretrained(out)
+    assert isinstance(load_pipeline(out / "ctf"), CTFPipeline)
+    base = ARPipeline.from_pretrained(out / "baseline")
+    images = ctf.sample([0, 9], generator=0)
+    assert images.shape == (2, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    assert base.sample([1], generator=0).shape == (1, 1, 28, 28)
+    held = json.loads((out / "heldout.json").read_text())
+    assert held["ctf"]["exact"] and held["images"] == 40 and held["ctf"]["bits_per_token"] > 0
+    assert json.loads((out / "summary.json").read_text())["world_size"] == world_size
+    stages = {line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]}
+    assert stages == {"tokenizer", "ar", "aux", "baseline"}
+    assert (out / "config.yaml").is_file() and (out / "input.yaml").is_file()
+
+
+@needs_fmnist
+def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 0
+    _check_run(out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    # Not empty and no --resume: refused, nothing touched.
+    assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    # A finished step run with other settings: refused on resume.
+    assert cli(["pipeline", TINY, "--out", str(out), "--resume", "--no-progress", *SMALL, "clustering.num_coarse=8"]) == 1
+    assert "clustering.num_coarse: 16 then, 8 now" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+    # Resuming a finished run redoes nothing (its own input.yaml when no CONFIG is given).
+    t0 = time.time()
+    assert cli(["pipeline", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert time.time() - t0 < 30
+    changed = [p for p in out.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+    assert {p.name for p in changed} <= {"config.yaml", "input.yaml", "summary.json"}
+
+
+@needs_fmnist
+def test_pipeline_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "ctfgen.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL,
+            "stage1.train.steps=300", "stage1.train.ckpt_every=5", "baseline.train.steps=6"]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = out / "runs" / "ar" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpts.glob("ckpt-*.pt")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "steps" / "ar.json").exists(), "stage 1 finished before it could be killed"
+    assert (out / "steps" / "extract.json").is_file()
+
+    res = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "[ar] resumed from" in res.stderr and "training the tokenizer" not in res.stderr
+    assert json.loads((out / "steps" / "ar.json").read_text())["steps"] == 300
+    _check_run(out)
+
+
+@needs_fmnist
+def test_pipeline_under_torchrun_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ctfgen.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
+    _check_run(out, world_size=2)
+    # Rank 0 alone wrote: one log line per logged step, no duplicates.
+    steps = [line.split(",")[0] for line in (out / "runs" / "ar" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["2", "4", "6"]
