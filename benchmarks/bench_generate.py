@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"{args.preset}: {sum(p.numel() for p in gpt.parameters()) / 1e6:.1f}M params, batch {args.batch}, "
           f"{args.image_tokens} tokens, device {args.device}, threads {torch.get_num_threads()}, "
-          f"dtype {args.dtype or 'fp32'}, compile {args.compile}")
+          f"dtype {args.dtype or 'fp32'}, compile {args.compile}", flush=True)
     for scale in args.cfg:
         if args.compile:  # compile outside the timing
             generate(gpt, labels, cfg_scale=scale, generator=0, dtype=args.dtype, compile=True)
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         best = min(times)
         n = out.numel()
         print(f"cfg_scale={scale}: {n} tokens in {best:.2f}s -> {n / best:.1f} tokens/s "
-              f"({best / args.image_tokens * 1e3:.1f} ms per step)")
+              f"({best / args.image_tokens * 1e3:.1f} ms per step)", flush=True)
 
 
 if __name__ == "__main__":
