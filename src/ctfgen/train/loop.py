@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     snapshot_every_epoch: bool = False  # save_pretrained the (EMA) model after every epoch
+    snapshot_every: int = 0             # ... and every N steps, to snapshots/step-<N>/ (0: never)
     num_workers: int = 0
     fsdp: Any = "auto"                  # True, False or "auto" (GPT-L and larger)
     progress: bool = True
@@ -476,23 +477,34 @@ def train(
             last_ckpt = save_checkpoint(state, ckpt_dir, step, keep=cfg.keep_checkpoints)
         D.barrier()
 
-    def run_epoch_end(e: int):
-        if on_epoch_end is None and not cfg.snapshot_every_epoch:
-            return
+    def with_shipped_weights(fn):
+        """Run fn with the weights a snapshot ships (EMA when on) swapped in, in eval mode."""
         backup = None
         if ema is not None and not fsdp:
             backup = {k: v.detach().clone() for k, v in raw.state_dict().items()}
             raw.load_state_dict(ema.full_model_state(backup))
         raw.eval()
         try:
-            if cfg.snapshot_every_epoch:
-                _snapshot(raw if not fsdp else None, wrapped, out_dir / "epochs" / f"epoch-{e:03d}", ema if fsdp else None)
-            if on_epoch_end is not None:
-                on_epoch_end(e, raw)
+            fn()
         finally:
             raw.train()
             if backup is not None:
                 raw.load_state_dict(backup)
+
+    def snapshot(path: Path):
+        _snapshot(raw if not fsdp else None, wrapped, path, ema if fsdp else None)
+
+    def run_epoch_end(e: int):
+        if on_epoch_end is None and not cfg.snapshot_every_epoch:
+            return
+
+        def work():
+            if cfg.snapshot_every_epoch:
+                snapshot(out_dir / "epochs" / f"epoch-{e:03d}")
+            if on_epoch_end is not None:
+                on_epoch_end(e, raw)
+
+        with_shipped_weights(work)
 
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -569,6 +581,10 @@ def train(
                 if ema is not None:
                     ema.update()
                 step += 1
+                if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                    # Same steps and seed, constant lr: a snapshot at step N equals an N-step run,
+                    # which is what lets shorter ablations compare against a longer main run.
+                    with_shipped_weights(lambda: snapshot(out_dir / "snapshots" / f"step-{step:06d}"))
 
                 completed = epoch + (1 if batch_idx >= batches.per_epoch else 0)
                 while epochs_done < completed:
