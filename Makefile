@@ -32,7 +32,7 @@ demo: install
 
 reproduce: install data
 	$(VENV)/bin/ctfgen pipeline configs/fashion_mnist.yaml --out runs/fashion_mnist --resume
-	$(PY) benchmarks/reproduce.py --run runs/fashion_mnist
+	$(VENV)/bin/ctfgen reproduce configs/fashion_mnist_ablations.yaml --run runs/fashion_mnist
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("eval", "FID / IS / precision / recall of a sample set against a reference"),
     "compare": ("compare", "render several evaluated runs into one markdown table and figure"),
     "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
+    "reproduce": ("reproduce", "ablations, evaluation and the results report on top of a finished pipeline run"),
     "bench": ("bench", "time the baseline and CTF sampling side by side"),
     "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),
 }

@@ -1,0 +1,21 @@
+"""`ctfgen reproduce SETTINGS --run RUN`: ablations, evaluation and report on a finished pipeline run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("settings", nargs="?", default=None,
+                        help="YAML of reproduce settings (e.g. configs/fashion_mnist_ablations.yaml); default: built-in")
+    parser.add_argument("--run", required=True, help="the finished `ctfgen pipeline` directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctfgen.reproduce import reproduce
+
+    try:
+        reproduce(args.run, args.settings)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return 0
