@@ -70,12 +70,15 @@ class MainRun:
 
     def __post_init__(self):
         self.dir = Path(self.dir)
-        for needed in ("config.yaml", "ctf/pipeline.json", "baseline/pipeline.json", "codes/train/header.json"):
+        self.require("config.yaml", "codes/train/header.json", "codes/test/header.json")
+        self.config = yaml.safe_load((self.dir / "config.yaml").read_text())
+
+    def require(self, *paths: str) -> None:
+        for needed in paths:
             if not (self.dir / needed).exists():
                 raise FileNotFoundError(
-                    f"{self.dir / needed} is missing: run the main experiment first "
+                    f"{self.dir / needed} is missing: run (or --resume) the main experiment first "
                     f"(ctfgen pipeline configs/fashion_mnist.yaml --out {self.dir})")
-        self.config = yaml.safe_load((self.dir / "config.yaml").read_text())
 
     @property
     def tokenizer(self):
@@ -214,9 +217,20 @@ def evaluate_once(run: MainRun, group: str, name: str, make_pipeline, settings: 
     return record
 
 
+def train_independent_ablations(run: MainRun, settings: dict) -> None:
+    """The variants that need only the tokenizer and codes, not the main run's models, so they can
+    train beside the main run (`ctfgen reproduce --independent-only`)."""
+    k_main = int(run.config["clustering"]["num_coarse"])
+    for k in settings["clusters"]:
+        train_ablation(run, f"kmeans-k{k}", settings, int(k))
+    if settings["random_clusters"]:
+        train_ablation(run, f"random-k{k_main}", settings, k_main, method="random")
+
+
 def run_evaluations(run: MainRun, settings: dict) -> dict[str, list[dict]]:
     from ctfgen.pipeline import load_pipeline
 
+    run.require("ctf/pipeline.json", "baseline/pipeline.json")
     steps = int(settings["steps"])
     per_epoch = run.steps_per_epoch
     k_main = int(run.config["clustering"]["num_coarse"])
@@ -337,10 +351,12 @@ def write_report(run: MainRun, results: dict, settings: dict) -> Path:
     return path
 
 
-def reproduce(run_dir: str | Path, settings_path: str | Path | None = None) -> Path:
-    torch.set_grad_enabled(True)
+def reproduce(run_dir: str | Path, settings_path: str | Path | None = None, independent_only: bool = False) -> Path | None:
     run = MainRun(run_dir)
     settings = load_settings(settings_path)
+    if independent_only:
+        train_independent_ablations(run, settings)
+        return None
     results = run_evaluations(run, settings)
     path = write_report(run, results, settings)
     _say(f"wrote {path}, {run.dir / 'results.json'} and {run.dir / 'quality_vs_epoch.png'}")

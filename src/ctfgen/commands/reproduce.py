@@ -9,13 +9,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("settings", nargs="?", default=None,
                         help="YAML of reproduce settings (e.g. configs/fashion_mnist_ablations.yaml); default: built-in")
     parser.add_argument("--run", required=True, help="the finished `ctfgen pipeline` directory")
+    parser.add_argument("--independent-only", action="store_true",
+                        help="only train the ablations that need no main-run model (they can run beside "
+                             "the main run once its codes exist), then stop")
 
 
 def run(args: argparse.Namespace) -> int:
     from ctfgen.reproduce import reproduce
 
     try:
-        reproduce(args.run, args.settings)
+        reproduce(args.run, args.settings, independent_only=args.independent_only)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     return 0

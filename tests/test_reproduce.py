@@ -1,0 +1,80 @@
+"""`ctfgen reproduce` on a seconds-long tiny pipeline run: ablations match the main run's
+snapshots where they should, every evaluation record is written, and a rerun redoes nothing."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctfgen.cli import main as cli
+from ctfgen.data.fashion_mnist import find_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+SMALL = ["data.train_limit=100", "data.test_limit=40", "data.extract_batch_size=50",
+         "tokenizer.train.steps=6", "tokenizer.train.batch_size=16", "clustering.num_coarse=8",
+         "train.steps=8", "train.batch_size=20", "train.warmup_steps=2", "train.schedule=constant",
+         "train.snapshot_every=4", "heldout.limit=40"]
+
+
+def _have_data():
+    try:
+        find_fashion_mnist()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST missing: run `make data`")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro") / "run"
+    assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 0
+    settings = out.parent / "settings.yaml"
+    settings.write_text("steps: 4\nclusters: [4]\nevaluation: {per_class: 2, batch_size: 10, heldout_images: 20, "
+                        "temperatures: [1.0]}\n")
+    assert cli(["reproduce", str(settings), "--run", str(out)]) == 0
+    return out, settings
+
+
+def test_report_and_records(finished):
+    out, _ = finished
+    results = json.loads((out / "results.json").read_text())
+    assert [r["step"] for r in results["epochs_ctf"]] == [4, 8]
+    assert {r["variant"] for r in results["ablations"]} == {"kmeans-k8", "kmeans-k4", "random-k8", "unrestricted-k8",
+                                                            "baseline-step4"}
+    for group in results.values():
+        for r in group:
+            assert 0 <= r["metrics"]["class_consistency"] <= 1 and r["metrics"]["fd"] >= 0
+    unrestricted = next(r for r in results["ablations"] if r["variant"] == "unrestricted-k8")
+    assert unrestricted["metrics"]["bits_per_token_exact"] is False
+    assert "(bound)" in (out / "results.md").read_text()
+    assert (out / "quality_vs_epoch.png").stat().st_size > 1000
+
+
+def test_ablation_reuses_the_main_stage1_snapshot(finished):
+    from ctfgen.pipeline import load_pipeline
+    from ctfgen.reproduce import MainRun
+
+    out, _ = finished
+    run = MainRun(out)
+    unrestricted = load_pipeline(out / "ablations" / "unrestricted-k8" / "ctf")
+    snapshot = run.snapshot("ar", 4)
+    for a, b in zip(unrestricted.ar.state_dict().values(), snapshot.state_dict().values()):
+        assert torch.equal(a, b)
+    assert unrestricted.aux.config.restrict_to_cluster is False
+
+
+def test_rerun_redoes_nothing(finished):
+    out, settings = finished
+    before = {p: p.stat().st_mtime_ns for p in (out / "eval").rglob("*.json")}
+    assert cli(["reproduce", str(settings), "--run", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "eval").rglob("*.json")} == before
+
+
+def test_reproduce_needs_a_main_run(tmp_path):
+    with pytest.raises(SystemExit, match="run .*the main experiment first"):
+        cli(["reproduce", "--run", str(tmp_path)])
