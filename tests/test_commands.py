@@ -100,3 +100,4 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     assert {(r["method"], r["batch_size"]) for r in results} == {("baseline", 1), ("ctf", 1), ("baseline", 2), ("ctf", 2)}
     assert all(r["images_per_s"] > 0 and r["stage1"] > 0 for r in results)
     assert all(r["stage2"] > 0 for r in results if r["method"] == "ctf")
+    assert torch.is_grad_enabled()  # the command must not leave autograd switched off for its caller

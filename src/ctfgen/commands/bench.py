@@ -72,20 +72,14 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ctfgen.pretrained import pretrained
-
-    torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
     results = []
     print(f"device: {args.device}  threads: {torch.get_num_threads()}  dtype: {args.dtype}  cfg: {args.cfg_scale}")
     header = f"{'model':<16}{'method':<10}{'batch':>6}{'img/s':>10}{'stage1 s':>10}{'stage2 s':>10}{'decode s':>10}{'total s':>10}"
     print(header)
     for name in args.models:
-        if name == "fashion-mnist":
-            pipes = {"baseline": pretrained("fashion-mnist-baseline", args.device), "ctf": pretrained("fashion-mnist", args.device)}
-        else:
-            base, ctf = paper_shape_pipelines(name, args.image_tokens, args.num_coarse, args.aux_preset, not args.no_decode)
-            pipes = {"baseline": base.to(args.device).eval(), "ctf": ctf.to(args.device).eval()}
+        with torch.inference_mode():  # building random-weight models needs no autograd either
+            pipes = _pipelines(name, args)
         for batch_size in args.batch_sizes:
             for method, pipe in pipes.items():
                 t = time_pipeline(pipe, batch_size, args.repeats, args.cfg_scale, args.device, dtype)
@@ -97,3 +91,13 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"device": args.device, "threads": torch.get_num_threads(), "dtype": args.dtype,
                        "cfg_scale": args.cfg_scale, "results": results}, f, indent=2)
     return 0
+
+
+def _pipelines(name: str, args: argparse.Namespace) -> dict:
+    from ctfgen.pretrained import pretrained
+
+    if name == "fashion-mnist":
+        return {"baseline": pretrained("fashion-mnist-baseline", args.device), "ctf": pretrained("fashion-mnist", args.device)}
+    base, ctf = paper_shape_pipelines(name, args.image_tokens, args.num_coarse, args.aux_preset, not args.no_decode)
+    return {"baseline": base.to(args.device).eval(), "ctf": ctf.to(args.device).eval()}
+
