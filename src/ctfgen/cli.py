@@ -1,5 +1,7 @@
-"""The `ctfgen` command. Each subcommand lives in `ctfgen.commands.<module>` and defines
-`configure(parser)` and `run(args)`; modules are imported only when their command runs."""
+"""ctfgen: class-conditional image generation with coarse-to-fine token prediction.
+
+Each subcommand lives in `ctfgen.commands.<module>` and defines `configure(parser)` and
+`run(args)`; modules are imported only when their command runs, so `--help` stays fast."""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ COMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctfgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ctfgen", description=__doc__.splitlines()[0],
+        epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
