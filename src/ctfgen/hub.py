@@ -68,6 +68,17 @@ class HubMixin(PyTorchModelHubMixin):
     """`save_pretrained(dir)` / `from_pretrained(dir)` with strict, safetensors-only loading."""
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path) and (os.sep in path or path.startswith(".") or os.path.exists(path)):
+            # A local path that is not there: say so, rather than trying it as a Hub repo id.
+            raise FileNotFoundError(
+                f"{path} is not a directory: expected a saved {cls.__name__} "
+                f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,

@@ -70,7 +70,8 @@ class MainRun:
 
     def __post_init__(self):
         self.dir = Path(self.dir)
-        self.require("config.yaml", "codes/train/header.json", "codes/test/header.json")
+        self.require("config.yaml", "runs/tokenizer/tokenizer/config.json", "codes/train/header.json",
+                     "codes/test/header.json")
         self.config = yaml.safe_load((self.dir / "config.yaml").read_text())
 
     def require(self, *paths: str) -> None:
@@ -84,7 +85,7 @@ class MainRun:
     def tokenizer(self):
         from ctfgen.tokenizer.vq import VQModel
 
-        return VQModel.from_pretrained(str(self.dir / "ctf" / "tokenizer")).eval()
+        return VQModel.from_pretrained(str(self.dir / "runs" / "tokenizer" / "tokenizer")).eval()
 
     def snapshot_steps(self, stage: str) -> list[int]:
         return sorted(int(p.name.split("-")[1]) for p in (self.dir / "runs" / stage / "snapshots").glob("step-*"))
