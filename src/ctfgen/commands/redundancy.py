@@ -28,6 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                                 "in-cluster, random-map, whole-codebook swap")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--scale", type=int, default=4, help="enlarge the grid by this factor (nearest)")
+    parser.add_argument("--grid-columns", type=int, default=16, help="images shown in the grid (the numbers use all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
 
@@ -96,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
     result = measure_redundancy(vq, cmap, images, seed=args.seed, return_images=True)
     rows = result.pop("images")
     print(format_table(result))
-    grid = torch.cat([rows[k].cpu() for k in ("original", "reconstruction", *SWAPS)])
-    out = save_grid(grid, args.out, nrow=args.images, scale=args.scale)
+    shown = min(args.images, args.grid_columns)
+    grid = torch.cat([rows[k][:shown].cpu() for k in ("original", "reconstruction", *SWAPS)])
+    out = save_grid(grid, args.out, nrow=shown, scale=args.scale)
     print(f"wrote {out} (rows: original, reconstruction, in-cluster, random-map, whole-codebook swap)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
