@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install test data demo reproduce clean
+.PHONY: install test data demo reproduce ship bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ demo: install
 reproduce: install data
 	$(VENV)/bin/ctfgen pipeline configs/fashion_mnist.yaml --out runs/fashion_mnist --resume
 	$(VENV)/bin/ctfgen reproduce configs/fashion_mnist_ablations.yaml --run runs/fashion_mnist
+
+# Replace the shipped models (src/ctfgen/assets/fashion_mnist) with the reproduction's.
+ship: install
+	$(PY) -m ctfgen.pretrained runs/fashion_mnist
+
+bench: install
+	$(VENV)/bin/ctfgen bench --models fashion-mnist GPT-B --batch-sizes 1 8 64
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

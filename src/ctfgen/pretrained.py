@@ -1,17 +1,20 @@
-"""Models that ship inside the package (trained by `make reproduce`, see docs/results.md)."""
+"""Models that ship inside the package, trained by `make reproduce` (docs/results.md).
+
+The CTF pipeline and the baseline share one tokenizer; it is stored once, under the CTF pipeline,
+and the baseline's `pipeline.json` says so (`has_tokenizer: false`).
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
 ASSETS = Path(str(resources.files("ctfgen") / "assets"))
-
-# name -> (pipeline directory, tokenizer directory shared between the two pipelines)
-PRETRAINED = {
-    "fashion-mnist": "fashion_mnist/ctf",
-    "fashion-mnist-baseline": "fashion_mnist/baseline",
-}
+SHIPPED_CTF = "fashion_mnist/ctf"
+SHIPPED_BASELINE = "fashion_mnist/baseline"
+PRETRAINED = {"fashion-mnist": SHIPPED_CTF, "fashion-mnist-baseline": SHIPPED_BASELINE}
 
 
 def pretrained_path(name: str) -> Path:
@@ -31,6 +34,38 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu"):
 
     Both return a pipeline with `sample(labels, ...) -> (B, 1, 28, 28)` images in [-1, 1].
     """
-    from ctfgen.pipeline import load_pipeline
+    from ctfgen.pipeline import ARPipeline, load_pipeline
+    from ctfgen.tokenizer.vq import VQModel
 
-    return load_pipeline(pretrained_path(name)).to(device).eval()
+    pipe = load_pipeline(pretrained_path(name))
+    if pipe.tokenizer is None:
+        tokenizer = VQModel.from_pretrained(str(pretrained_path("fashion-mnist") / "tokenizer"))
+        pipe = ARPipeline(pipe.gpt, tokenizer, sampling_defaults=pipe.sampling_defaults)  # checks the fingerprint
+    return pipe.to(device).eval()
+
+
+def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
+    """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
+    own tokenizer copy). Returns the bytes written per model."""
+    run_dir = Path(run_dir)
+    sizes = {}
+    for name, sub in (("ctf", SHIPPED_CTF), ("baseline", SHIPPED_BASELINE)):
+        src, dest = run_dir / name, assets / sub
+        if not (src / "pipeline.json").is_file():
+            raise FileNotFoundError(f"{src} is not a finished pipeline; run `make reproduce` first")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("tokenizer") if name == "baseline" else None)
+        if name == "baseline":
+            info = json.loads((dest / "pipeline.json").read_text())
+            info["has_tokenizer"] = False
+            info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
+            (dest / "pipeline.json").write_text(json.dumps(info, indent=2) + "\n")
+        sizes[name] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    return sizes
+
+
+if __name__ == "__main__":  # python -m ctfgen.pretrained RUN_DIR
+    import sys
+
+    print(ship(sys.argv[1]))
