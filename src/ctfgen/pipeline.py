@@ -90,6 +90,20 @@ def _check_fp(problems: list, what: str, have, want, want_what: str) -> None:
         problems.append(f"{what} is {have!r} but {want_what} is {want!r}")
 
 
+def _check_tokenizer(problems: list, tokenizer, fingerprint, vocab_size: int, fingerprint_problem: str,
+                     size_problem: str) -> None:
+    """Whether `tokenizer` (if any) matches the parts' codebook `fingerprint` and `vocab_size`; the problem
+    texts are formatted with tokenizer=/parts= (fingerprints) and size=/vocab_size= (codebook sizes)."""
+    if tokenizer is None:
+        return
+    have = tokenizer.fingerprint
+    if have is not None and fingerprint is not None and have != fingerprint:
+        problems.append(fingerprint_problem.format(tokenizer=have, parts=fingerprint))
+    size = getattr(tokenizer.config, "codebook_size", None)
+    if size is not None and size != vocab_size:
+        problems.append(size_problem.format(size=size, vocab_size=vocab_size))
+
+
 def _raise(problems: list, title: str) -> None:
     if problems:
         raise ValueError(title + ":\n  " + "\n  ".join(problems)
@@ -222,12 +236,9 @@ class CTFPipeline(_Pipeline):
                       "the coarse map's fingerprint")
             _check_fp(p, f"{name} config codebook_fingerprint", cfg.codebook_fingerprint, cmap.codebook_fingerprint,
                       "the coarse map's codebook_fingerprint")
-        if tok is not None:
-            _check_fp(p, "tokenizer fingerprint", tok.fingerprint, cmap.codebook_fingerprint,
-                      "the coarse map's codebook_fingerprint")
-            size = getattr(tok.config, "codebook_size", None)
-            if size is not None and size != cmap.vocab_size:
-                p.append(f"tokenizer codebook_size is {size} but the coarse map covers {cmap.vocab_size} codewords")
+        _check_tokenizer(p, tok, cmap.codebook_fingerprint, cmap.vocab_size,
+                         "tokenizer fingerprint is {tokenizer!r} but the coarse map's codebook_fingerprint is {parts!r}",
+                         "tokenizer codebook_size is {size} but the coarse map covers {vocab_size} codewords")
         _raise(p, "CTFPipeline parts do not belong together")
         f2c = self.aux.fine_to_coarse.detach().cpu()
         if bool((f2c < 0).all()):
@@ -362,12 +373,9 @@ class ARPipeline(_Pipeline):
         if cfg.coarse_map_fingerprint is not None:
             p.append(f"the GPT was trained on coarse labels (coarse_map_fingerprint {cfg.coarse_map_fingerprint!r}); "
                      "it is a CTF stage-1 model, use CTFPipeline")
-        if tokenizer is not None:
-            _check_fp(p, "GPT config codebook_fingerprint", cfg.codebook_fingerprint, tokenizer.fingerprint,
-                      "the tokenizer's fingerprint")
-            size = getattr(tokenizer.config, "codebook_size", None)
-            if size is not None and size != cfg.vocab_size:
-                p.append(f"GPT vocab_size is {cfg.vocab_size} but the tokenizer codebook_size is {size}")
+        _check_tokenizer(p, tokenizer, cfg.codebook_fingerprint, cfg.vocab_size,
+                         "GPT config codebook_fingerprint is {parts!r} but the tokenizer's fingerprint is {tokenizer!r}",
+                         "GPT vocab_size is {vocab_size} but the tokenizer codebook_size is {size}")
         _raise(p, "ARPipeline parts do not belong together")
         self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
         self._resolve(self.sampling_defaults)

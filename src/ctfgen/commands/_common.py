@@ -1,13 +1,13 @@
-"""Options and helpers shared by the commands that sample."""
+"""Options and helpers shared by the commands (sampling options, model loading, trailing overrides)."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    import torch
+
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="fashion-mnist",
                    help="a pipeline directory (from `ctfgen pipeline`, e.g. RUN/ctf or RUN/baseline) or a shipped "
@@ -78,3 +78,17 @@ def resolve_classes(values: list[str], num_classes: int, class_names: list[str] 
             raise SystemExit(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
         ids.append(c)
     return ids
+
+
+def collect_trailing_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
+    argparse fills positionals only once, so leftovers that look like overrides are added here."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, rest = parse(args, namespace)
+        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
+        return ns, [a for a in rest if a not in extra]
+
+    parser.parse_known_args = parse_known_args

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctfgen.commands._common import collect_trailing_overrides
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -22,21 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    _collect_trailing_overrides(parser)
-
-
-def _collect_trailing_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
-    argparse fills positionals only once, so leftovers that look like overrides are added here."""
-    parse = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, rest = parse(args, namespace)
-        extra = [a for a in rest if "=" in a and not a.startswith("-")]
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
-        return ns, [a for a in rest if a not in extra]
-
-    parser.parse_known_args = parse_known_args
+    collect_trailing_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctfgen.commands._common import collect_trailing_overrides
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", required=True, choices=["ar", "aux", "baseline"],
@@ -20,21 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="overrides of the stage config, e.g. train.steps=1000 train.lr=3e-4 model.dim=256")
-    _collect_trailing_overrides(parser)
-
-
-def _collect_trailing_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
-    argparse fills positionals only once, so leftovers that look like overrides are added here."""
-    parse = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, rest = parse(args, namespace)
-        extra = [a for a in rest if "=" in a and not a.startswith("-")]
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
-        return ns, [a for a in rest if a not in extra]
-
-    parser.parse_known_args = parse_known_args
+    collect_trailing_overrides(parser)
 
 
 SECTION = {"ar": "stage1", "aux": "aux", "baseline": "baseline"}

@@ -13,10 +13,11 @@ The resolved config is written to DIR/config.yaml.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from pathlib import Path
+
+from ctfgen.commands._common import collect_trailing_overrides
 
 DATA_KEYS = {"dataset", "root", "image_size", "limit", "split"}
 
@@ -28,41 +29,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log.csv is still written)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
-    _collect_trailing_overrides(parser)
-
-
-def _collect_trailing_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`): argparse
-    fills positionals only once, so leftovers that look like overrides are added here.
-    (Same as ctfgen.commands.pipeline's; both can move to commands._common.)"""
-    parse = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, rest = parse(args, namespace)
-        extra = [a for a in rest if "=" in a and not a.startswith("-")]
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
-        return ns, [a for a in rest if a not in extra]
-
-    parser.parse_known_args = parse_known_args
+    collect_trailing_overrides(parser)
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """A copy of `config` with each `a.b.c=value` set (value parsed as YAML, so 3 is an int, [1,2] a list)."""
-    import yaml
+    """A copy of `config` with each `a.b.c=value` set (value parsed as YAML, so 3 is an int, [1,2] a list):
+    ctfgen.experiment.apply_overrides, with its errors raised as ValueError."""
+    from ctfgen.experiment import ExperimentError
+    from ctfgen.experiment import apply_overrides as _apply_overrides
 
-    config = copy.deepcopy(config)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return config
+    try:
+        return _apply_overrides(config, overrides)
+    except ExperimentError as e:
+        raise ValueError(str(e)) from None
 
 
 def build_dataset(data: dict, in_channels: int = 1):

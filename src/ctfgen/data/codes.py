@@ -20,6 +20,8 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
 
+from ctfgen.fileio import fsync_dir
+
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",
                "num_augmentations", "augment", "num_images", "dataset", "created_by")
@@ -37,19 +39,6 @@ def _created_by() -> str:
     except Exception:
         __version__ = "unknown"
     return f"ctfgen {__version__}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_partials(out_dir: Path) -> None:
@@ -160,7 +149,7 @@ class CodeWriter:
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.out_dir, old)
         os.replace(self.tmp_dir, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.closed = True

@@ -46,20 +46,39 @@ def _preset(table, kind, name):
     return dict(table[name])
 
 
-def _check_shape(cfg) -> None:
-    if cfg.dim % cfg.n_head:
-        raise ValueError(f"dim {cfg.dim} is not divisible by n_head {cfg.n_head}")
-    head_dim = cfg.dim // cfg.n_head
-    if head_dim % 4:
-        # 2-D RoPE splits the head's d/2 pairs in two halves (rows, columns).
-        raise ValueError(f"head_dim {head_dim} (dim/n_head) must be a multiple of 4 for 2-D RoPE")
-    grid = math.isqrt(cfg.image_tokens)
-    if grid * grid != cfg.image_tokens:
-        raise ValueError(f"image_tokens={cfg.image_tokens} is not a square grid (e.g. 256 = 16x16, 49 = 7x7)")
+class _TransformerConfig:
+    """What GPTConfig and AuxConfig share beyond their fields: the shape checks, `grid_size` and
+    `from_preset`. The fields themselves stay declared in each dataclass, because a dataclass base's
+    fields would come first in `__init__` and AuxConfig's positional order has `num_coarse` between
+    `vocab_size` and `image_tokens`."""
+
+    _presets: dict = {}
+    _preset_kind = ""
+
+    def __post_init__(self):
+        if self.dim % self.n_head:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        head_dim = self.dim // self.n_head
+        if head_dim % 4:
+            # 2-D RoPE splits the head's d/2 pairs in two halves (rows, columns).
+            raise ValueError(f"head_dim {head_dim} (dim/n_head) must be a multiple of 4 for 2-D RoPE")
+        grid = math.isqrt(self.image_tokens)
+        if grid * grid != self.image_tokens:
+            raise ValueError(f"image_tokens={self.image_tokens} is not a square grid (e.g. 256 = 16x16, 49 = 7x7)")
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.image_tokens)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """`GPTConfig.from_preset("GPT-B", vocab_size=16384, image_tokens=256)`,
+        `AuxConfig.from_preset("Aux-B", vocab_size=16384, num_coarse=512, image_tokens=256)`."""
+        return cls(**{**_preset(cls._presets, cls._preset_kind, name), **overrides})
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(_TransformerConfig):
     """LlamaGen c2i GPT. `vocab_size` is the token vocabulary (fine codes, or coarse labels in CTF
     stage 1); `num_classes` excludes the null label, which is row `num_classes` of the table."""
 
@@ -79,21 +98,12 @@ class GPTConfig:
     codebook_fingerprint: Optional[str] = None
     coarse_map_fingerprint: Optional[str] = None
 
-    def __post_init__(self):
-        _check_shape(self)
-
-    @property
-    def grid_size(self) -> int:
-        return math.isqrt(self.image_tokens)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        """`GPTConfig.from_preset("GPT-B", vocab_size=16384, image_tokens=256)`."""
-        return cls(**{**_preset(GPT_PRESETS, "GPT", name), **overrides})
+    _presets = GPT_PRESETS
+    _preset_kind = "GPT"
 
 
 @dataclass
-class AuxConfig:
+class AuxConfig(_TransformerConfig):
     """CTF stage-2 model: coarse labels in, fine-token logits out, all positions in one pass.
 
     `class_prefix`: prepend the class token (null label = `num_classes`, for guidance).
@@ -120,19 +130,13 @@ class AuxConfig:
     codebook_fingerprint: Optional[str] = None
     coarse_map_fingerprint: Optional[str] = None
 
+    _presets = AUX_PRESETS
+    _preset_kind = "Aux"
+
     def __post_init__(self):
-        _check_shape(self)
+        super().__post_init__()
         if not 0 < self.num_coarse <= self.vocab_size:
             raise ValueError(f"num_coarse={self.num_coarse} must be in 1..vocab_size ({self.vocab_size})")
-
-    @property
-    def grid_size(self) -> int:
-        return math.isqrt(self.image_tokens)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "AuxConfig":
-        """`AuxConfig.from_preset("Aux-B", vocab_size=16384, num_coarse=512, image_tokens=256)`."""
-        return cls(**{**_preset(AUX_PRESETS, "Aux", name), **overrides})
 
 
 # --------------------------------------------------------------------------------------------

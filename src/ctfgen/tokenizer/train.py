@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
+from ctfgen.train.checkpoint import atomic_torch_save
 
 __all__ = ["train_tokenizer", "DEFAULT_TRAIN", "NonFiniteLossError", "CHECKPOINT_NAME"]
 
@@ -68,24 +68,6 @@ DEFAULT_TRAIN = dict(
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run stopped without overwriting its checkpoint."""
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
-
-    Kept as one small function so it can be swapped for ctfgen.train.checkpoint's shared version.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolve_config(config: dict) -> tuple[VQConfig, dict]:
@@ -319,7 +301,7 @@ def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device
             ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(device)
         if disc is not None:
             ckpt["disc"], ckpt["disc_optimizer"] = disc.state_dict(), d_opt.state_dict()
-        atomic_save(ckpt, ckpt_path)
+        atomic_torch_save(ckpt, ckpt_path)
 
     bar = None
     if main and progress:

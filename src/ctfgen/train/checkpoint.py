@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctfgen.fileio import fsync_dir
+
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
@@ -53,20 +55,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry itself reaches the disk.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
@@ -84,7 +72,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         except OSError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
