@@ -11,7 +11,9 @@ from ctfgen.hub import StateDictMismatch
 from ctfgen.models import GPT, GPTConfig, load_llamagen_gpt
 from ctfgen.models.transformer import apply_rotary_emb, ffn_hidden_dim, precompute_freqs_cis_2d
 
-MANIFEST = Path("/work/shared/llamagen/GPT-B.json")
+from conftest import LLAMAGEN_MANIFESTS
+
+MANIFEST = LLAMAGEN_MANIFESTS / "GPT-B.json"
 
 
 def tiny_gpt(vocab=11, image_tokens=16, num_classes=3, std=0.2, seed=0, **kw):

@@ -14,9 +14,7 @@ from ctfgen.tokenizer import VQConfig, VQModel, load_llamagen_vq
 from ctfgen.tokenizer.llamagen import infer_vq_config
 from ctfgen.tokenizer.vq import AttnBlock, Downsample
 
-MANIFESTS = Path("/work/shared/llamagen")
-if not MANIFESTS.is_dir():
-    MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "llamagen"
+from conftest import LLAMAGEN_MANIFESTS as MANIFESTS
 
 
 def fmnist_config(**kw):
