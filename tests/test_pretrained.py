@@ -1,0 +1,37 @@
+"""The models that ship with the package load, agree with each other, and sample."""
+
+import pytest
+import torch
+
+import ctfgen
+from ctfgen.pipeline import ARPipeline, CTFPipeline
+from ctfgen.pretrained import ASSETS, SHIPPED_CTF
+
+
+def test_unknown_name_lists_the_shipped_models():
+    with pytest.raises(ValueError, match="fashion-mnist-baseline"):
+        ctfgen.pretrained("imagenet")
+
+
+def test_shipped_models_sample_and_share_one_tokenizer():
+    ctf = ctfgen.pretrained("fashion-mnist")
+    base = ctfgen.pretrained("fashion-mnist-baseline")
+    assert isinstance(ctf, CTFPipeline) and isinstance(base, ARPipeline)
+    assert ctf.tokenizer.fingerprint == base.tokenizer.fingerprint == ctf.coarse_map.codebook_fingerprint
+    # Stage 1 and the baseline have the same size: only the vocabulary differs.
+    a, b = ctf.ar.config, base.gpt.config
+    assert (a.dim, a.n_layer, a.n_head) == (b.dim, b.n_layer, b.n_head) and a.vocab_size < b.vocab_size
+    labels = torch.tensor([7, 7, 1])
+    for pipe in (ctf, base):
+        images = pipe.sample(labels, generator=0)
+        assert images.shape == (3, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    tokens = ctf.sample_tokens(labels, generator=1)
+    assert torch.equal(tokens, ctf.sample_tokens(labels, generator=1))
+    assert ctf.log_prob_is_exact and torch.isfinite(ctf.log_prob(tokens, labels)).all()
+
+
+def test_shipped_weights_are_small():
+    total = sum(p.stat().st_size for p in (ASSETS / "fashion_mnist").rglob("*") if p.is_file())
+    assert total < 30 * 2**20, f"shipped models take {total / 2**20:.1f} MiB"
+    assert not (ASSETS / "fashion_mnist" / "baseline" / "tokenizer").exists()
+    assert (ASSETS / SHIPPED_CTF / "tokenizer" / "model.safetensors").is_file()
