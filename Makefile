@@ -36,7 +36,7 @@ reproduce: install data
 
 # Replace the shipped models (src/ctfgen/assets/fashion_mnist) with the reproduction's.
 ship: install
-	$(PY) -m ctfgen.pretrained runs/fashion_mnist
+	$(PY) -m ctfgen.shipped runs/fashion_mnist
 
 bench: install
 	$(VENV)/bin/ctfgen bench --models fashion-mnist GPT-B --batch-sizes 1 8 64

@@ -5,7 +5,7 @@ import torch
 
 import ctfgen
 from ctfgen.pipeline import ARPipeline, CTFPipeline
-from ctfgen.pretrained import ASSETS, SHIPPED_CTF
+from ctfgen.shipped import ASSETS, SHIPPED_CTF
 
 
 def test_unknown_name_lists_the_shipped_models():

@@ -35,7 +35,7 @@ _EXPORTS = {
     "generate": "ctfgen.sampling",
     "log_prob": "ctfgen.sampling",
     # shipped models
-    "pretrained": "ctfgen.pretrained",
+    "pretrained": "ctfgen.shipped",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -32,7 +32,7 @@ def load_model(spec: str, device: str):
     from pathlib import Path
 
     from ctfgen.pipeline import load_pipeline
-    from ctfgen.pretrained import PRETRAINED, pretrained
+    from ctfgen.shipped import PRETRAINED, pretrained
 
     if spec in PRETRAINED and not Path(spec).exists():
         return pretrained(spec, device=device)

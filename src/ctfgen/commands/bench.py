@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pipelines(name: str, args: argparse.Namespace) -> dict:
-    from ctfgen.pretrained import pretrained
+    from ctfgen.shipped import pretrained
 
     if name == "fashion-mnist":
         return {"baseline": pretrained("fashion-mnist-baseline", args.device), "ctf": pretrained("fashion-mnist", args.device)}

@@ -65,7 +65,7 @@ def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
     return sizes
 
 
-if __name__ == "__main__":  # python -m ctfgen.pretrained RUN_DIR
+if __name__ == "__main__":  # python -m ctfgen.shipped RUN_DIR
     import sys
 
     print(ship(sys.argv[1]))
