@@ -101,3 +101,12 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     assert all(r["images_per_s"] > 0 and r["stage1"] > 0 for r in results)
     assert all(r["stage2"] > 0 for r in results if r["method"] == "ctf")
     assert torch.is_grad_enabled()  # the command must not leave autograd switched off for its caller
+
+
+def test_bench_without_tokenizer_times_the_token_stages(pipelines):
+    from ctfgen.commands.bench import time_pipeline
+
+    ctf = CTFPipeline.from_pretrained(pipelines / "ctf")
+    ctf.tokenizer = None  # as with `ctfgen bench --no-decode`
+    t = time_pipeline(ctf, 2, 1, 2.0, "cpu")
+    assert t["stage1"] > 0 and t["stage2"] > 0 and "decode" not in t and t["images_per_s"] > 0

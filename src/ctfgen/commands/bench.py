@@ -57,13 +57,15 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
         generator = torch.Generator(device=device).manual_seed(r)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pipeline.sample(labels, cfg_scale=cfg_scale, generator=generator,
+            # Without a tokenizer (--no-decode) only the two token stages are timed.
+            sample = pipeline.sample if pipeline.tokenizer is not None else pipeline.sample_tokens
+            sample(labels, cfg_scale=cfg_scale, generator=generator,
                                 **({} if dtype is None or dtype == torch.float32 else {"dtype": dtype}))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
         if r > 0:
-            runs.append({"total": total, **pipeline.last_timings})
+            runs.append({**pipeline.last_timings, "total": total})
     mean = {k: sum(run.get(k, 0.0) for run in runs) / len(runs) for k in runs[0]}
     mean["images_per_s"] = batch_size / mean["total"]
     return mean
