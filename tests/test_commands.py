@@ -109,4 +109,4 @@ def test_bench_without_tokenizer_times_the_token_stages(pipelines):
     ctf = CTFPipeline.from_pretrained(pipelines / "ctf")
     ctf.tokenizer = None  # as with `ctfgen bench --no-decode`
     t = time_pipeline(ctf, 2, 1, 2.0, "cpu")
-    assert t["stage1"] > 0 and t["stage2"] > 0 and "decode" not in t and t["images_per_s"] > 0
+    assert t["stage1"] > 0 and t["stage2"] > 0 and t.get("decode", 0.0) == 0.0 and t["images_per_s"] > 0
