@@ -9,3 +9,18 @@ LLAMAGEN_MANIFESTS = next(
     (p for p in (TESTS.parents[1] / "shared" / "llamagen", Path("/work/shared/llamagen")) if p.is_dir()),
     TESTS.parents[1] / "shared" / "llamagen",
 )
+
+
+def _have_fashion_mnist() -> bool:
+    from ctfgen.data.fashion_mnist import find_fashion_mnist
+
+    try:
+        find_fashion_mnist()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+import pytest  # noqa: E402
+
+needs_fmnist = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed: run `make data`")

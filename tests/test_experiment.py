@@ -32,17 +32,7 @@ SMALL = ["data.train_limit=100", "data.test_limit=40", "data.extract_batch_size=
 TRAIN = dict(steps=4, batch_size=8, lr=1e-3, log_every=1, ckpt_every=2, progress=False)
 
 
-def have_fashion_mnist() -> bool:
-    try:
-        from ctfgen.data.fashion_mnist import find_fashion_mnist
-
-        find_fashion_mnist()
-        return True
-    except Exception:
-        return False
-
-
-needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST IDX files not installed (make data)")
+from conftest import needs_fmnist  # noqa: E402
 
 
 def make_codes(path, codebook: torch.Tensor, n=32, grid=4, classes=3, seed=0):

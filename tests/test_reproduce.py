@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctfgen.cli import main as cli
-from ctfgen.data.fashion_mnist import find_fashion_mnist
+from conftest import needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -18,15 +18,7 @@ SMALL = ["data.train_limit=100", "data.test_limit=40", "data.extract_batch_size=
          "train.snapshot_every=4", "heldout.limit=40"]
 
 
-def _have_data():
-    try:
-        find_fashion_mnist()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST missing: run `make data`")
+pytestmark = needs_fmnist
 
 
 @pytest.fixture(scope="module")
