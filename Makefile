@@ -4,7 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; any other spec may pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: install test data demo reproduce ship bench clean
 
@@ -18,11 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-data:
-	@if [ ! -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ]; then \
+# Fashion-MNIST's default place is named once, in ctfgen.data.fashion_mnist.DEFAULT_DIR.
+data: install
+	@$(PY) -c "from ctfgen.data.fashion_mnist import find_fashion_mnist; find_fashion_mnist()" 2>/dev/null || { \
 		echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
-	fi
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
 test: install data
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -51,7 +51,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--ckpt-every", type=int, default=5)
+    p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--ema", action="store_true")
@@ -69,7 +69,7 @@ def main(argv=None):
         return toy_loss(model, batch)
 
     cfg = dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=3e-3,
-               ckpt_every=a.ckpt_every, log_every=1, ema=a.ema, ema_decay=0.9, fsdp=a.fsdp,
+               checkpoint_every=a.checkpoint_every, log_every=1, ema=a.ema, ema_decay=0.9, fsdp=a.fsdp,
                schedule=a.schedule, warmup_steps=3, progress=False)
     torch.manual_seed(0)  # the same initial weights in every run of this script
     res = train(Toy(a.dropout), loss_fn, toy_dataset(), cfg, a.out, resume=a.resume)

@@ -1,14 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # the shared helpers (_tiny_ctf.py, _train_toy.py)
 
-# LlamaGen's tensor manifests live in shared/ beside the checkout (CI clones main next to it).
-LLAMAGEN_MANIFESTS = next(
-    (p for p in (TESTS.parents[1] / "shared" / "llamagen", Path("/work/shared/llamagen")) if p.is_dir()),
-    TESTS.parents[1] / "shared" / "llamagen",
-)
+# LlamaGen's tensor manifests live in shared/ beside the checkout (CI clones main next to it), or
+# wherever $CTFGEN_SHARED points.
+LLAMAGEN_MANIFESTS = Path(os.environ.get("CTFGEN_SHARED", TESTS.parents[1] / "shared")) / "llamagen"
 
 
 def _have_fashion_mnist() -> bool:

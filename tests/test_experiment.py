@@ -29,7 +29,7 @@ SMALL = ["data.train_limit=100", "data.test_limit=40", "data.extract_batch_size=
          "tokenizer.train.steps=6", "tokenizer.train.batch_size=16", "tokenizer.train.log_every=2",
          "clustering.num_coarse=16", "train.steps=6", "train.batch_size=20", "train.log_every=2",
          "train.warmup_steps=2", "heldout.limit=40"]
-TRAIN = dict(steps=4, batch_size=8, lr=1e-3, log_every=1, ckpt_every=2, progress=False)
+TRAIN = dict(steps=4, batch_size=8, lr=1e-3, log_every=1, checkpoint_every=2, progress=False)
 
 
 from conftest import needs_fmnist  # noqa: E402
@@ -218,7 +218,7 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
 def test_pipeline_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "ctfgen.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL,
-            "stage1.train.steps=300", "stage1.train.ckpt_every=5", "baseline.train.steps=6"]
+            "stage1.train.steps=300", "stage1.train.checkpoint_every=5", "baseline.train.steps=6"]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpts = out / "runs" / "ar" / "checkpoints"
     deadline = time.time() + 300

@@ -27,7 +27,7 @@ def run_toy(out, *extra, **popen):
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ref = run_toy(tmp_path / "ref", "--result", str(tmp_path / "ref_res"))
-    victim = run_toy(tmp_path / "run", "--sleep", "0.05", "--ckpt-every", "4")
+    victim = run_toy(tmp_path / "run", "--sleep", "0.05", "--checkpoint-every", "4")
     ckpts = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not any(s >= 8 for s, _ in list_checkpoints(ckpts)):
@@ -39,7 +39,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed_at = max(s for s, _ in list_checkpoints(ckpts))
     assert 8 <= killed_at < 30, "the run should have been killed mid-way"
 
-    resumed = run_toy(tmp_path / "run", "--ckpt-every", "4", "--resume", "--result", str(tmp_path / "res"))
+    resumed = run_toy(tmp_path / "run", "--checkpoint-every", "4", "--resume", "--result", str(tmp_path / "res"))
     out, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, out
     assert f"resumed from" in out and f"at step {killed_at}/30" in out
@@ -57,7 +57,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 def test_sigterm_checkpoints_the_last_finished_step_and_resumes_exactly(tmp_path):
     ref = run_toy(tmp_path / "ref", "--result", str(tmp_path / "ref_res"))
     # No periodic checkpoints: whatever is on disk after SIGTERM was written at exit.
-    victim = run_toy(tmp_path / "run", "--sleep", "0.05", "--ckpt-every", "1000")
+    victim = run_toy(tmp_path / "run", "--sleep", "0.05", "--checkpoint-every", "1000")
     metrics = tmp_path / "run" / "metrics.csv"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) > 6):
@@ -69,7 +69,7 @@ def test_sigterm_checkpoints_the_last_finished_step_and_resumes_exactly(tmp_path
     (step, path), = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert 5 <= step < 30
 
-    resumed = run_toy(tmp_path / "run", "--ckpt-every", "1000", "--resume", "--result", str(tmp_path / "res"))
+    resumed = run_toy(tmp_path / "run", "--checkpoint-every", "1000", "--resume", "--result", str(tmp_path / "res"))
     out, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0 and f"at step {step}/30" in out, out
     ref.communicate(timeout=180)

@@ -13,7 +13,9 @@ import yaml
 from ctfgen.tokenizer import VQModel
 from ctfgen.tokenizer.losses import (LPIPS, NLayerDiscriminator, adopt_weight, hinge_d_loss, hinge_g_loss,
                                      load_lpips, merge_lpips_weights, reconstruction_loss)
-from ctfgen.tokenizer.train import NonFiniteLossError, train_tokenizer
+from ctfgen.errors import CheckpointError, ConfigError
+from ctfgen.tokenizer.train import train_tokenizer
+from ctfgen.train.loop import NonFiniteLossError
 
 TINY_MODEL = dict(in_channels=1, base_ch=16, norm_groups=8, num_res_blocks=1, encoder_ch_mult=[1, 2],
                   decoder_ch_mult=[1, 2], z_channels=16, codebook_size=32)
@@ -43,7 +45,7 @@ def config(**train):
 
 
 def read_log(out):
-    with open(out / "log.csv") as f:
+    with open(out / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -58,8 +60,8 @@ def test_training_reduces_loss_and_saves_model(tmp_path):
     first = sum(float(r["reconstruction"]) for r in rows[:3]) / 3
     last = sum(float(r["reconstruction"]) for r in rows[-3:]) / 3
     assert last < 0.5 * first
-    assert 0 < float(rows[-1]["usage"]) <= 1 and float(rows[-1]["img_per_s"]) > 0
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()  # the final checkpoint, written at exit
+    assert 0 < float(rows[-1]["usage"]) <= 1 and float(rows[-1]["items_per_s"]) > 0
+    assert (tmp_path / "checkpoints" / "ckpt-00000030.pt").is_file()  # the final checkpoint, written at exit
     loaded = VQModel.from_pretrained(tmp_path / "tokenizer")
     sd = vq.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
@@ -79,26 +81,31 @@ def test_resume_continues_exactly(tmp_path):
     # a different model cannot resume this run
     other = config(steps=8)
     other["model"]["codebook_size"] = 64
-    with pytest.raises(ValueError, match="codebook_size"):
+    with pytest.raises(ValueError, match="quantize.embedding.weight"):
+        train_tokenizer(other, Blobs(), split, resume=True, progress=False)
+    # nor one with other settings of the same shapes
+    other = config(steps=8)
+    other["model"]["commit_loss_beta"] = 0.5
+    with pytest.raises(CheckpointError, match="commit_loss_beta"):
         train_tokenizer(other, Blobs(), split, resume=True, progress=False)
 
 
 def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
     train_tokenizer(config(steps=3), Blobs(), tmp_path, progress=False)
-    ckpt = tmp_path / "checkpoints" / "last.pt"
+    ckpt = tmp_path / "checkpoints" / "ckpt-00000003.pt"
     before = ckpt.read_bytes()
-    with pytest.raises(NonFiniteLossError, match=r"nan at step 4.*last\.pt \(step 3\)"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 4.*ckpt-00000003\.pt \(step 3\)"):
         train_tokenizer(config(steps=6), Blobs(nan=True), tmp_path, resume=True, progress=False)
     assert ckpt.read_bytes() == before
     assert not list(ckpt.parent.glob("*.tmp"))
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown train keys.*stepz"):
+    with pytest.raises(ConfigError, match="unknown config key tokenizer.train.stepz; did you mean tokenizer.train.steps"):
         train_tokenizer({"model": TINY_MODEL, "train": {"stepz": 3}}, Blobs(), tmp_path)
     with pytest.raises(ValueError, match="lpips_weights"):
         train_tokenizer(config(perceptual_weight=1.0), Blobs(), tmp_path)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(ConfigError, match="fewer than one global micro-batch"):
         train_tokenizer(config(batch_size=32), Blobs(), tmp_path, progress=False)
 
 
@@ -175,37 +182,34 @@ def test_training_with_perceptual_and_adversarial_losses(tmp_path):
     rows = read_log(tmp_path / "run")
     assert float(rows[0]["generator_adv"]) == 0.0 and float(rows[0]["disc"]) == 0.0  # before disc_start
     assert float(rows[-1]["perceptual"]) > 0 and float(rows[-1]["disc"]) > 0
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert "disc" in ckpt and "disc_optimizer" in ckpt and ckpt["step"] == 3
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "ckpt-00000003.pt", weights_only=True)
+    assert "disc" in ckpt["extra"] and "disc_optimizer" in ckpt["extra"] and ckpt["step"] == 3
 
 
 # --- command ----------------------------------------------------------------------------------
 
 def test_command_with_overrides(tmp_path):
-    from ctfgen.commands.train_tokenizer import apply_overrides, build_dataset
     from ctfgen.cli import main
+    from ctfgen.data import make_dataset
+    from ctfgen.config import DataConfig
 
-    cfg = {"model": dict(TINY_MODEL), "train": {"steps": 50, "batch_size": 4},
-           "data": {"dataset": "fashion_mnist", "limit": 20}}
-    assert apply_overrides(cfg, ["train.steps=2", "model.encoder_ch_mult=[1,1]", "data.new.x=1"])["train"]["steps"] == 2
-    with pytest.raises(ValueError, match="key.sub=value"):
-        apply_overrides(cfg, ["train.steps"])
-    with pytest.raises(ValueError, match="image_folder"):
-        build_dataset({"dataset": "imagenet"})
+    cfg = {"data": {"dataset": "fashion_mnist", "train_limit": 20},
+           "tokenizer": {"model": dict(TINY_MODEL), "train": {"steps": 50, "batch_size": 4}}}
     path = tmp_path / "tok.yaml"
     path.write_text(yaml.safe_dump(cfg))
     try:
-        build_dataset(cfg["data"])
+        make_dataset(DataConfig(**cfg["data"]), "train")
     except FileNotFoundError:
         pytest.skip("Fashion-MNIST files are not installed (make data)")
     out = tmp_path / "out"
-    assert main(["train-tokenizer", str(path), "--out", str(out), "--no-progress", "train.steps=2",
-                 "train.log_every=1"]) == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 2
+    args = ["train-tokenizer", str(path), "--out", str(out), "--no-progress"]
+    assert main(args + ["tokenizer.train.steps=2", "tokenizer.train.log_every=1"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["tokenizer"]["train"]["steps"] == 2
     assert VQModel.from_pretrained(out / "tokenizer").grid_size(28) == 14
-    assert main(["train-tokenizer", str(path), "--out", str(out), "--no-progress"]) == 1  # exists, no --resume
-    assert main(["train-tokenizer", str(path), "--out", str(out), "--no-progress", "--resume", "train.steps=3"]) == 0
+    assert main(args) == 2  # exists, no --resume
+    assert main(args + ["--resume", "tokenizer.train.steps=3"]) == 0
     assert int(read_log(out)[-1]["step"]) == 3
+    assert main(args + ["tokenizer.train.stepz=3"]) == 2
 
 
 # --- DDP --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def Toy(dropout=0.2, seed=0):  # noqa: N802 - the toy model, initialised the sam
 
 
 def small_cfg(**kw):
-    base = dict(steps=12, batch_size=16, lr=3e-3, ckpt_every=4, log_every=1, progress=False)
+    base = dict(steps=12, batch_size=16, lr=3e-3, checkpoint_every=4, log_every=1, progress=False)
     base.update(kw)
     return base
 
@@ -82,11 +82,14 @@ def test_weight_decay_only_on_matrices_and_llamagen_defaults():
     assert decay["betas"] == (0.9, 0.95) and decay["lr"] == 1e-4
 
 
-def test_config_rejects_unknown_keys_and_missing_length():
-    with pytest.raises(ValueError, match="unknown train settings: lrr"):
-        TrainConfig.from_dict({"steps": 1, "lrr": 1})
-    with pytest.raises(ValueError, match="steps.*epochs"):
-        TrainConfig.from_dict({})
+def test_config_rejects_unknown_keys_and_missing_length(tmp_path):
+    from ctfgen.config import from_dict
+    from ctfgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown config key train.lrr; did you mean train.lr?"):
+        from_dict(TrainConfig, {"steps": 1, "lrr": 1}, "train")
+    with pytest.raises(ConfigError, match="steps.*epochs"):
+        train(Toy(), toy_loss, toy_dataset(), {}, tmp_path)
 
 
 def test_sharded_batches_split_each_global_batch_and_resume_mid_epoch():
@@ -105,7 +108,7 @@ def test_sharded_batches_split_each_global_batch_and_resume_mid_epoch():
 # --- the loop ---------------------------------------------------------------------------------
 
 def test_training_reduces_loss_and_logs_csv(tmp_path):
-    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=60, lr=1e-2, ckpt_every=30), tmp_path,
+    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=60, lr=1e-2, checkpoint_every=30), tmp_path,
                 tokens_per_item=1)
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -158,14 +161,14 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
         return loss * float("nan") if calls["n"] == 7 else loss
 
     with pytest.raises(NonFiniteLossError) as e:
-        train(Toy(), loss_fn, toy_dataset(), small_cfg(steps=20, ckpt_every=5), tmp_path)
+        train(Toy(), loss_fn, toy_dataset(), small_cfg(steps=20, checkpoint_every=5), tmp_path)
     msg = str(e.value)
     assert "step 7" in msg and "lower learning rate" in msg and "ckpt-00000005.pt" in msg
     assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [5]
     state = C.load_checkpoint(C.latest_checkpoint(tmp_path / "checkpoints"))
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
     # ... and the run resumes from it with a lower learning rate.
-    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8, ckpt_every=5, lr=1e-3), tmp_path, resume=True)
+    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8, checkpoint_every=5, lr=1e-3), tmp_path, resume=True)
     assert res.step == 8 and res.resumed_from.name == "ckpt-00000005.pt"
 
 
@@ -186,7 +189,7 @@ def test_epoch_hook_and_snapshots(tmp_path):
     # 96 items in micro-batches of 10 -> 9 per epoch; 27 micro-batches / grad_accum 4 -> 6 steps,
     # the last 3 micro-batches of epoch 2 unused; its hook still runs.
     res = train(HubToy({"dropout": 0.1}), toy_loss, toy_dataset(),
-                dict(epochs=3, batch_size=40, grad_accum=4, ckpt_every=100, ema=True, progress=False,
+                dict(epochs=3, batch_size=40, grad_accum=4, checkpoint_every=100, ema=True, progress=False,
                      snapshot_every_epoch=True), tmp_path, on_epoch_end=hook)
     assert res.step == 6 and seen == [0, 1, 2]
     snap = HubToy.from_pretrained(tmp_path / "epochs" / "epoch-002")

@@ -1,7 +1,9 @@
 """ctfgen: class-conditional image generation with coarse-to-fine token prediction.
 
 Each subcommand lives in `ctfgen.commands.<module>` and defines `configure(parser)` and
-`run(args)`; modules are imported only when their command runs, so `--help` stays fast."""
+`run(args)`, which parses nothing more and calls the library once; modules are imported only when
+their command runs, so `--help` stays fast. Every mistake a user can fix (a `CtfgenError`, a missing
+file, a bad argument) ends as one `error: ...` line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -27,8 +29,15 @@ COMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + message, as our one error line
+        from ctfgen.errors import ConfigError
+
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ctfgen", description=__doc__.splitlines()[0],
         epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,19 +49,29 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ctfgen.errors import CtfgenError
+
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=command if command in COMMANDS else "")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    module = importlib.import_module(f"ctfgen.commands.{COMMANDS[args.command][0]}")
     try:
+        parser = build_parser(only=command if command in COMMANDS else "")
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        module = importlib.import_module(f"ctfgen.commands.{COMMANDS[args.command][0]}")
         return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (CtfgenError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where its checkpoint is
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:
+            from ctfgen.train import distributed as D
+
+            D.cleanup()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ their configs, so mismatched parts are refused instead of silently producing gar
 
 from __future__ import annotations
 
+from ctfgen.errors import MismatchError
+
 import hashlib
 import json
 import time
@@ -61,7 +63,7 @@ def _codewords(codebook, normalize: bool | None) -> tuple[np.ndarray, str, bool]
     if isinstance(codebook, (torch.Tensor, np.ndarray)):
         weight = torch.as_tensor(codebook)
         if weight.dim() != 2:
-            raise ValueError(f"a codebook is a (V, D) matrix, got shape {tuple(weight.shape)}")
+            raise MismatchError(f"a codebook is a (V, D) matrix, got shape {tuple(weight.shape)}")
         fp = codebook_fingerprint(weight)
         data = weight.detach().to("cpu", torch.float64)
         normalize = True if normalize is None else normalize
@@ -76,7 +78,7 @@ def _codewords(codebook, normalize: bool | None) -> tuple[np.ndarray, str, bool]
     if normalize:
         data = torch.nn.functional.normalize(data, p=2, dim=-1)
     if not torch.isfinite(data).all():
-        raise ValueError("the codebook contains NaN or inf values")
+        raise MismatchError("the codebook contains NaN or inf values")
     return data.numpy(), fp, bool(normalize)
 
 
@@ -148,14 +150,14 @@ class CoarseMap:
         f2c = np.asarray(torch.as_tensor(fine_to_coarse).cpu().numpy(), dtype=np.int64).reshape(-1)
         num_coarse = int(num_coarse)
         if method not in METHODS:
-            raise ValueError(f"unknown clustering method {method!r}; choose one of {METHODS}")
+            raise MismatchError(f"unknown clustering method {method!r}; choose one of {METHODS}")
         if f2c.size == 0 or f2c.min() < 0 or f2c.max() >= num_coarse:
-            raise ValueError(f"fine_to_coarse must hold labels in [0, {num_coarse}); got range "
+            raise MismatchError(f"fine_to_coarse must hold labels in [0, {num_coarse}); got range "
                              f"[{f2c.min() if f2c.size else None}, {f2c.max() if f2c.size else None}]")
         sizes = np.bincount(f2c, minlength=num_coarse)
         if (sizes == 0).any():
             empty = np.flatnonzero(sizes == 0)
-            raise ValueError(f"coarse map has {len(empty)} empty cluster(s) (e.g. {empty[:5].tolist()}); "
+            raise MismatchError(f"coarse map has {len(empty)} empty cluster(s) (e.g. {empty[:5].tolist()}); "
                              "every coarse label must own at least one codeword")
         self._f2c = f2c
         self.num_coarse = num_coarse
@@ -197,11 +199,11 @@ class CoarseMap:
         codewords first, because LlamaGen's quantiser compares normalised vectors.
         """
         if method not in METHODS:
-            raise ValueError(f"unknown clustering method {method!r}; choose one of {METHODS}")
+            raise MismatchError(f"unknown clustering method {method!r}; choose one of {METHODS}")
         x, fp, normalized = _codewords(codebook, normalize)
         v = x.shape[0]
         if not 1 <= num_coarse <= v:
-            raise ValueError(f"num_coarse must be in [1, {v}] (the codebook size), got {num_coarse}")
+            raise MismatchError(f"num_coarse must be in [1, {v}] (the codebook size), got {num_coarse}")
         repaired = 0
         if method == "kmeans":
             from sklearn.cluster import KMeans  # slow import (seconds), kept out of `fit_seconds`
@@ -261,7 +263,7 @@ class CoarseMap:
         if fine.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"fine tokens must be an integer tensor, got {fine.dtype}")
         if fine.numel() and (int(fine.min()) < 0 or int(fine.max()) >= self.vocab_size):
-            raise ValueError(f"fine tokens must be in [0, {self.vocab_size}), got range "
+            raise MismatchError(f"fine tokens must be in [0, {self.vocab_size}), got range "
                              f"[{int(fine.min())}, {int(fine.max())}]; are these tokens from another tokenizer?")
         table = self._tables.get(fine.device)
         if table is None:
@@ -294,14 +296,14 @@ class CoarseMap:
         map was fitted on."""
         fp = fingerprint_of(codebook_or_fingerprint)
         if fp != self.codebook_fingerprint:
-            raise ValueError(
+            raise MismatchError(
                 f"coarse map {self.fingerprint} was fitted on the codebook with fingerprint "
                 f"{self.codebook_fingerprint}, but the {what} has codebook fingerprint {fp}. Use the tokenizer the "
                 "map was fitted on, or fit a new map on this one (`ctfgen cluster`, CoarseMap.fit)."
             )
         vocab = getattr(getattr(codebook_or_fingerprint, "config", None), "codebook_size", None)
         if vocab is not None and vocab != self.vocab_size:
-            raise ValueError(f"coarse map covers {self.vocab_size} codewords but the {what} has {vocab}")
+            raise MismatchError(f"coarse map covers {self.vocab_size} codewords but the {what} has {vocab}")
 
     # ---------------------------------------------------------------- files
     def save(self, path) -> Path:
@@ -338,9 +340,9 @@ class CoarseMap:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("format") != FORMAT or "fine_to_coarse" not in tensors:
-            raise ValueError(f"{path} is not a ctfgen coarse map (no {FORMAT} metadata / fine_to_coarse tensor)")
+            raise MismatchError(f"{path} is not a ctfgen coarse map (no {FORMAT} metadata / fine_to_coarse tensor)")
         if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer ctfgen (format {meta['format_version']}); upgrade ctfgen")
+            raise MismatchError(f"{path} was written by a newer ctfgen (format {meta['format_version']}); upgrade ctfgen")
         try:
             num_coarse, vocab = int(meta["num_coarse"]), int(meta["vocab_size"])
             cmap = cls(tensors["fine_to_coarse"], num_coarse, codebook_fingerprint=meta["codebook_fingerprint"],
@@ -348,10 +350,10 @@ class CoarseMap:
                        centroids=tensors.get("centroids"), spread=tensors.get("spread"),
                        inertia=json.loads(meta.get("inertia", "null")))
         except KeyError as e:
-            raise ValueError(f"{path}: coarse map metadata lacks {e}") from None
+            raise MismatchError(f"{path}: coarse map metadata lacks {e}") from None
         if cmap.vocab_size != vocab:
-            raise ValueError(f"{path}: metadata says {vocab} codewords but fine_to_coarse has {cmap.vocab_size}")
+            raise MismatchError(f"{path}: metadata says {vocab} codewords but fine_to_coarse has {cmap.vocab_size}")
         if cmap.fingerprint != meta.get("fingerprint"):
-            raise ValueError(f"{path}: stored fingerprint {meta.get('fingerprint')} does not match its contents "
+            raise MismatchError(f"{path}: stored fingerprint {meta.get('fingerprint')} does not match its contents "
                              f"({cmap.fingerprint}); the file is corrupt or was edited")
         return cmap

@@ -13,19 +13,14 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
     assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/
     heldout     exact held-out bits per token of both                   DIR/heldout.json
 
-`DIR` itself is also a loadable CTF pipeline (`CTFPipeline.from_pretrained(DIR)`): its top level
-holds `pipeline.json` and links to the parts in `DIR/ctf/`. `DIR/config.yaml` is the resolved
-config and `DIR/metrics.csv` gathers every training stage's log (with a `stage` column).
-
-Configs are YAML files (see configs/*.yaml and `DEFAULTS`); `key.sub=value` overrides are parsed
-as YAML values (`train.steps=10`, `stage1.preset=GPT-mini`, `data.train_limit=null`).
-Under torchrun every rank runs this; training and extraction are sharded, rank 0 alone writes,
-and the others wait at barriers around the rank-0-only steps.
+`DIR` itself is also a loadable CTF pipeline (`CTFPipeline.from_pretrained(DIR)`). The layout is
+`ctfgen.rundir.RunDir`; the config is `ctfgen.config.ExperimentConfig`. Under torchrun every rank
+runs this; training and extraction are sharded, rank 0 alone writes, and the others wait at
+barriers around the rank-0-only steps.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -34,486 +29,264 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import yaml
 
+from ctfgen.config import (STAGE_SECTIONS, ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides,
+                           dump, read_yaml, to_dict)
+from ctfgen.errors import RunError
+from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
+from ctfgen.rundir import RunDir
 from ctfgen.train import distributed as D
 
-INPUT_CONFIG = "input.yaml"
 STEPS = ("tokenizer", "cluster", "extract", "ar", "aux", "baseline", "assemble", "heldout")
 
-DEFAULTS: dict[str, Any] = {
-    "name": None,
-    "seed": 0,
-    "data": {
-        "dataset": "fashion_mnist",   # fashion_mnist | image_folder
-        "root": None,                 # Fashion-MNIST IDX directory, or the train image folder
-        "test_root": None,            # image_folder: held-out images (class-per-folder)
-        "image_size": None,           # image_folder: crop size (default 256); fashion_mnist: 28
-        "channels": None,             # image_folder: 1 or 3 (default 3)
-        "train_limit": None,          # class-balanced subset sizes (fashion_mnist)
-        "test_limit": None,
-        "augment": "none",            # none | flip | tencrop, for the train codes
-        "extract_batch_size": 256,
-        "num_workers": 0,
-    },
-    "tokenizer": {
-        "pretrained": None,           # a VQModel directory to use instead of training one
-        "model": {},                  # VQConfig fields
-        "train": {},                  # ctfgen.tokenizer.train.DEFAULT_TRAIN keys
-    },
-    "clustering": {"num_coarse": 512, "method": "kmeans", "seed": None},
-    "train": {},                      # TrainConfig defaults shared by ar, aux and baseline
-    "stage1": {"preset": "GPT-B", "model": {}, "train": {}},
-    "aux": {"preset": "Aux-B", "model": {}, "train": {}},
-    # The baseline is stage 1's size, steps and seed unless given here (paper: same stage-1 size).
-    "baseline": {"enabled": True, "preset": None, "model": None, "train": None},
-    "heldout": {"enabled": True, "limit": None, "batch_size": 64},
-}
-
-# Which parts of the config each step depends on: a finished step whose parts changed is refused
-# on --resume instead of being silently kept.
+# The config sections each step depends on: a finished step whose sections changed is refused on
+# --resume instead of being silently kept.
 STEP_SECTIONS = {
-    "tokenizer": ("seed", "data", "tokenizer"),
-    "cluster": ("seed", "clustering"),
-    "extract": ("data",),
-    "ar": ("seed", "train", "stage1"),
-    "aux": ("seed", "train", "aux"),
-    "baseline": ("seed", "train", "stage1", "baseline"),
-    "assemble": (),
-    "heldout": ("heldout",),
+    "tokenizer": ("seed", "data", "tokenizer"), "cluster": ("seed", "clustering"), "extract": ("data",),
+    "ar": ("seed", "train", "stage1"), "aux": ("seed", "train", "aux"),
+    "baseline": ("seed", "train", "stage1", "baseline"), "assemble": (), "heldout": ("heldout",),
 }
 
 
-class ExperimentError(RuntimeError):
-    """The experiment cannot start or continue as asked; the message says why and what to do."""
-
-
-# --- config ------------------------------------------------------------------------------------
-
-def _merge(base: dict, new: dict, path: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (new or {}).items():
-        where = f"{path}{k}"
-        if k not in out and not _free_form(path):
-            raise ExperimentError(f"unknown config key {where!r}; known at this level: {', '.join(sorted(out))}")
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not _free_form(where + "."):
-            out[k] = _merge(out[k], v, where + ".")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _free_form(path: str) -> bool:
-    # model/train sub-dicts are checked by their own dataclasses, which list the valid fields.
-    return path.endswith(("model.", "train.")) or path == "train."
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ExperimentError(f"override {text!r} is not key.sub=value (e.g. train.steps=100)")
-    key, value = text.split("=", 1)
-    keys = [k for k in key.strip().split(".") if k]
-    if not keys:
-        raise ExperimentError(f"override {text!r} has an empty key")
-    return keys, parse_value(value)
-
-
-def parse_value(text: str) -> Any:
-    """A YAML scalar, except that exponent floats like 3e-4 (strings to YAML 1.1) are floats."""
-    if not text.strip():
-        return None
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in ".e") and value.strip() not in ("e", ".") else value
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    cfg = copy.deepcopy(cfg)
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        node = cfg
-        for i, k in enumerate(keys[:-1]):
-            if node.get(k) is None:
-                node[k] = {}
-            if not isinstance(node[k], dict):
-                raise ExperimentError(f"override {text!r}: {'.'.join(keys[:i + 1])} is not a section")
-            node = node[k]
-        node[keys[-1]] = value
-    return cfg
-
-
-def resolve_config(raw: dict | None, overrides: list[str] | None = None) -> dict:
-    """Defaults <- YAML <- overrides, validated, with every inherited value filled in."""
-    cfg = _merge(DEFAULTS, apply_overrides(raw or {}, overrides or []))
-    seed = int(cfg["seed"])
-    if cfg["clustering"]["seed"] is None:
-        cfg["clustering"]["seed"] = seed
-    cfg["tokenizer"]["train"] = {"seed": seed, **(cfg["tokenizer"]["train"] or {})}
-    base = cfg["baseline"]
-    s1 = cfg["stage1"]
-    for k in ("preset", "model", "train"):
-        if base.get(k) is None:
-            base[k] = copy.deepcopy(s1.get(k))
-    for section in ("stage1", "aux", "baseline"):
-        st = cfg[section]
-        st["model"] = dict(st.get("model") or {})
-        st["train"] = {"seed": seed, **(cfg["train"] or {}), **(st.get("train") or {})}
-        # Validate now, not an hour into the run.
-        from ctfgen.train.loop import TrainConfig
-
-        try:
-            TrainConfig.from_dict(st["train"])
-        except (ValueError, TypeError) as e:
-            raise ExperimentError(f"{section}.train: {e}") from e
-    if cfg["data"]["dataset"] not in ("fashion_mnist", "image_folder"):
-        raise ExperimentError(f"data.dataset must be fashion_mnist or image_folder, got {cfg['data']['dataset']!r}")
-    if cfg["clustering"]["method"] not in ("kmeans", "random"):
-        raise ExperimentError(f"clustering.method must be kmeans or random, got {cfg['clustering']['method']!r}")
-    return cfg
-
-
-def load_raw_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """The YAML file with the overrides applied, before defaults and inheritance."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExperimentError(f"config file {path} not found (see configs/*.yaml)")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ExperimentError(f"{path} must hold a YAML mapping at the top level")
-    return apply_overrides(raw, overrides or [])
-
-
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    return resolve_config(load_raw_config(path, overrides))
-
-
-# --- small file helpers --------------------------------------------------------------------------
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     if D.is_main():
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
+def sections(cfg: ExperimentConfig, step: str) -> dict:
+    d = to_dict(cfg)
+    return json.loads(json.dumps({k: d[k] for k in STEP_SECTIONS[step]}, default=str))
+
+
 class Experiment:
-    """One experiment directory. `run()` performs whatever steps are not finished yet."""
+    """A run directory being filled: its config, its layout and which steps are finished."""
 
-    def __init__(self, config: dict, out_dir: str | os.PathLike, resume: bool = False,
-                 on_epoch_end: dict[str, Callable] | None = None, progress: bool = True,
-                 raw_config: dict | None = None):
-        self.cfg = config
-        self.raw = raw_config if raw_config is not None else config
-        self.dir = Path(out_dir)
-        self.resume = resume
-        self.hooks = on_epoch_end or {}
-        self.progress = progress
+    def __init__(self, cfg: ExperimentConfig, out_dir, resume: bool = False, raw: dict | None = None,
+                 on_epoch_end: dict[str, Callable] | None = None, progress: bool = True):
+        self.cfg, self.run, self.resume = cfg, RunDir(out_dir), resume
+        self.raw = raw if raw is not None else to_dict(cfg)
+        self.hooks, self.progress = on_epoch_end or {}, progress
         self.device = D.init_distributed()
-        self.times: dict[str, float] = {}
-
-    # paths
-    @property
-    def steps_dir(self) -> Path:
-        return self.dir / "steps"
-
-    def marker(self, step: str) -> Path:
-        return self.steps_dir / f"{step}.json"
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.dir / "runs" / "tokenizer"
-
-    @property
-    def coarse_map_path(self) -> Path:
-        return self.dir / "runs" / "coarse_map.safetensors"
-
-    def codes_dir(self, split: str) -> Path:
-        return self.dir / "codes" / split
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.dir / "runs" / stage
-
-    # --- bookkeeping -------------------------------------------------------------------------
-
-    def _sections(self, step: str) -> dict:
-        return {k: self.cfg[k] for k in STEP_SECTIONS[step]}
 
     def done(self, step: str) -> dict | None:
-        p = self.marker(step)
-        if not p.is_file():
-            return None
-        return json.loads(p.read_text())
+        p = self.run.marker(step)
+        return json.loads(p.read_text()) if p.is_file() else None
 
-    def mark(self, step: str, **info) -> None:
+    def once(self, step: str, work: Callable[[], dict | None]) -> None:
+        """Run `work` unless `step` is finished, then record it (its info, time and config)."""
+        if self.done(step) is not None:
+            return
+        t0 = time.time()
+        info = work() or {}
         if D.is_main():
-            record = {"step": step, "config": self._sections(step), "seconds": round(self.times.get(step, 0.0), 2),
-                      "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-            _atomic_write_text(self.marker(step), json.dumps(record, indent=2, default=str) + "\n")
+            atomic_write_json(self.run.marker(step), {
+                "step": step, "config": sections(self.cfg, step), "seconds": round(time.time() - t0, 2),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
         D.barrier()
 
     def prepare(self) -> None:
-        """Refuse a non-empty DIR without --resume; on resume refuse changed finished steps."""
-        error = None
-        if D.is_main():
-            error = self._check_dir()
-            if error is None:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                # config.yaml: everything resolved, for the record. input.yaml: what was asked for
-                # (file + overrides), which `--resume` without a CONFIG starts from, so that a
-                # top-level override such as train.steps=N still reaches every stage.
-                _atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
-                _atomic_write_text(self.dir / INPUT_CONFIG, yaml.safe_dump(self.raw, sort_keys=False))
+        """Refuse a non-empty DIR without --resume, and on resume finished steps whose config changed."""
+        error = self._check_dir() if D.is_main() else None
         error = D.broadcast_object(error)  # every rank stops, not only rank 0
         if error:
-            raise ExperimentError(error)
+            raise RunError(error)
+        if D.is_main():
+            # config.yaml: everything resolved, for the record. input.yaml: what was asked for, which
+            # `--resume` without a CONFIG starts from, so a top-level override still reaches every stage.
+            atomic_write_text(self.run.config, dump(self.cfg))
+            atomic_write_text(self.run.input_config, yaml.safe_dump(self.raw, sort_keys=False))
+        D.barrier()
 
     def _check_dir(self) -> str | None:
-        existing = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
+        root = self.run.root
+        existing = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
         if existing and not self.resume:
-            return (f"{self.dir} is not empty (it holds {', '.join(existing[:6])}{' ...' if len(existing) > 6 else ''}). "
+            return (f"{root} is not empty (it holds {', '.join(existing[:6])}{' ...' if len(existing) > 6 else ''}). "
                     "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
         changed = []
         for step in STEPS:
             rec = self.done(step)
             if rec is None:
                 continue
-            now = json.loads(json.dumps(self._sections(step), default=str))
-            if rec.get("config") != now:
-                changed.append(f"  {step}: " + "; ".join(_diff(rec.get("config") or {}, now)))
+            # Records are re-read through today's loader, so runs written before a setting was
+            # renamed or added compare by the values they resolve to.
+            then = sections(ExperimentConfig.from_raw(rec.get("config") or {}), step)
+            now = sections(self.cfg, step)
+            if then != now:
+                changed.append(f"  {step}: " + "; ".join(_diff(then, now)))
         if changed:
-            return (f"{self.dir} was run with another config for steps that already finished:\n" + "\n".join(changed)
+            return (f"{root} was run with another config for steps that already finished:\n" + "\n".join(changed)
                     + "\nRevert those settings to continue this run, or start a new one with another --out.")
         return None
 
-    # --- steps -------------------------------------------------------------------------------
 
-    def datasets(self, split: str, for_codes: bool = False):
-        d = self.cfg["data"]
-        if d["dataset"] == "fashion_mnist":
-            from ctfgen.data.fashion_mnist import FashionMNIST
+# --- the steps -----------------------------------------------------------------------------------
 
-            limit = d["train_limit"] if split == "train" else d["test_limit"]
-            return FashionMNIST(split, root=d["root"], limit=limit, image_size=d["image_size"] or 28)
-        from ctfgen.data.folder import ImageFolder
+def step_tokenizer(x: Experiment):
+    from ctfgen.tokenizer import load_tokenizer
 
-        root = d["root"] if split == "train" else d["test_root"]
-        if root is None:
-            return None
-        size = d["image_size"] or 256
-        if split == "train" and d["augment"] == "tencrop" and for_codes:
-            size = int(size * 1.1)  # LlamaGen: ten crops of image_size from a centre crop 1.1x larger
-        channels = d["channels"] or self.cfg["tokenizer"]["model"].get("in_channels", 3)
-        return ImageFolder(root, image_size=size, channels=channels)
+    t = x.cfg.tokenizer
+    if t.pretrained:
+        x.once("tokenizer", lambda: {"path": str(t.pretrained), "fingerprint": load_tokenizer(t.pretrained).fingerprint})
+        return load_tokenizer(t.pretrained).eval()
 
-    def step_tokenizer(self):
-        from ctfgen.tokenizer.vq import VQModel
+    def work():
+        from ctfgen.data import make_dataset
+        from ctfgen.tokenizer.train import train_tokenizer
 
-        t = self.cfg["tokenizer"]
-        if t["pretrained"]:
-            if self.done("tokenizer") is None:
-                vq = VQModel.from_pretrained(str(t["pretrained"]))
-                self.mark("tokenizer", path=str(t["pretrained"]), fingerprint=vq.fingerprint)
-            return VQModel.from_pretrained(str(t["pretrained"])).eval()
-        final = self.tokenizer_dir / "tokenizer"
-        if self.done("tokenizer") is None:
-            from ctfgen.tokenizer.train import train_tokenizer
+        say("training the tokenizer")
+        dataset = make_dataset(x.cfg.data, "train", channels=t.model.get("in_channels", 3))
+        vq = train_tokenizer(t, dataset, x.run.tokenizer_run, resume=True, device=x.device, progress=x.progress)
+        return {"path": str(x.run.tokenizer), "fingerprint": vq.fingerprint, "codebook_usage": vq.codebook_usage()}
 
-            _say("training the tokenizer")
-            t0 = time.time()
-            train_tokenizer({"model": t["model"], "train": t["train"]}, self.datasets("train"), self.tokenizer_dir,
-                            resume=True, device=self.device, progress=self.progress)
-            self.times["tokenizer"] = time.time() - t0
-            vq = VQModel.from_pretrained(str(final))
-            self.mark("tokenizer", path=str(final), fingerprint=vq.fingerprint, codebook_usage=vq.codebook_usage())
-        return VQModel.from_pretrained(str(final)).eval()
+    x.once("tokenizer", work)
+    return load_tokenizer(x.run.tokenizer).eval()
 
-    def step_cluster(self, vq):
-        from ctfgen.clustering import CoarseMap
 
-        c = self.cfg["clustering"]
-        if self.done("cluster") is None:
-            t0 = time.time()
-            with D.main_first() as first:
-                if first:
-                    _say(f"clustering {vq.config.codebook_size} codewords into {c['num_coarse']} ({c['method']})")
-                    cmap = CoarseMap.fit(vq, int(c["num_coarse"]), method=c["method"], seed=int(c["seed"]))
-                    cmap.save(self.coarse_map_path)
-            self.times["cluster"] = time.time() - t0
-            cmap = CoarseMap.load(self.coarse_map_path)
-            self.mark("cluster", fingerprint=cmap.fingerprint, **{k: v for k, v in cmap.stats().items()
-                                                                   if k not in ("fingerprint",)})
-        cmap = CoarseMap.load(self.coarse_map_path)
-        cmap.check_codebook(vq)
-        return cmap
+def step_cluster(x: Experiment, vq):
+    from ctfgen.clustering import CoarseMap
 
-    def step_extract(self, vq):
-        from ctfgen.data.codes import check_codes, read_header
-        from ctfgen.data.extract import extract_codes
+    c = x.cfg.clustering
 
-        d = self.cfg["data"]
-        splits = {"train": d["augment"], "test": "none"}
-        if self.done("extract") is None:
-            t0 = time.time()
-            for split, augment in splits.items():
-                out = self.codes_dir(split)
-                dataset = self.datasets(split, for_codes=True)
-                if dataset is None:
-                    continue
-                if out.is_dir():  # finished before the marker was written
-                    try:
-                        check_codes(out, vq)
-                        continue
-                    except ValueError:
-                        D.barrier()
-                        if D.is_main():
-                            shutil.rmtree(out)
-                D.barrier()
-                _say(f"extracting {split} codes ({len(dataset)} images, augment={augment})")
-                extract_codes(vq.to(self.device), dataset, out, augment=augment,
-                              batch_size=int(d["extract_batch_size"]), device=self.device,
-                              num_workers=int(d["num_workers"]), dataset_name=f"{d['dataset']}:{split}",
-                              image_size=(d["image_size"] or 256) if d["dataset"] == "image_folder" else None,
-                              progress=self.progress)
-                vq.cpu()
-            self.times["extract"] = time.time() - t0
-            self.mark("extract", **{s: read_header(self.codes_dir(s)) for s in splits if self.codes_dir(s).is_dir()})
-        for split in splits:
-            if self.codes_dir(split).is_dir():
-                check_codes(self.codes_dir(split), vq)
-
-    def step_train(self, stage: str, section: str, cmap):
-        from ctfgen.models.transformer import GPT, AuxModel
-        from ctfgen.train.stages import MODEL_DIR, train_stage
-
-        cls = AuxModel if stage == "aux" else GPT
-        out = self.stage_dir(stage)
-        if self.done(stage) is None:
-            s = self.cfg[section]
-            _say(f"training {stage} ({s['preset']})")
-            t0 = time.time()
-            _, result = train_stage(
-                stage, self.codes_dir("train"), out, coarse_map=cmap if stage != "baseline" else None,
-                preset=s["preset"], model=s["model"], train_config={**s["train"], "progress": self.progress and s["train"].get("progress", True)},
-                resume=True, on_epoch_end=self.hooks.get(stage), run_config={"experiment": str(self.dir)},
-                desc=stage,
-            )
-            self.times[stage] = time.time() - t0
-            last = result.history[-1] if result.history else {}
-            self.mark(stage, steps=result.step, final_loss=last.get("loss"), params=sum(
-                p.numel() for p in cls.from_pretrained(str(out / MODEL_DIR)).parameters()))
-        return cls.from_pretrained(str(out / MODEL_DIR)).eval()
-
-    def step_assemble(self, vq, cmap, ar, aux, base):
-        from ctfgen.pipeline import ARPipeline, CTFPipeline
-
-        if self.done("assemble") is not None:
-            return
-        t0 = time.time()
+    def work():
         with D.main_first() as first:
             if first:
-                _say(f"assembling {self.dir / 'ctf'} and {self.dir / 'baseline'}")
-                _publish_dir(lambda d: CTFPipeline(ar, aux, cmap, vq).save_pretrained(d), self.dir / "ctf")
-                if base is not None:
-                    _publish_dir(lambda d: ARPipeline(base, vq).save_pretrained(d), self.dir / "baseline")
-                _link_top_level(self.dir, "ctf")
-                self._write_metrics()
-        self.times["assemble"] = time.time() - t0
-        self.mark("assemble")
+                say(f"clustering {vq.config.codebook_size} codewords into {c.num_coarse} ({c.method})")
+                CoarseMap.fit(vq, int(c.num_coarse), method=c.method, seed=int(c.seed)).save(x.run.coarse_map)
+        cmap = CoarseMap.load(x.run.coarse_map)
+        return {"fingerprint": cmap.fingerprint, **{k: v for k, v in cmap.stats().items() if k != "fingerprint"}}
 
-    def step_heldout(self, ctf_dir: Path, base_dir: Path | None):
-        import torch
+    x.once("cluster", work)
+    cmap = CoarseMap.load(x.run.coarse_map)
+    cmap.check_codebook(vq)
+    return cmap
 
-        h = self.cfg["heldout"]
-        if not h["enabled"] or not self.codes_dir("test").is_dir() or self.done("heldout") is not None:
-            return
-        from ctfgen.data.codes import CodeDataset
-        from ctfgen.pipeline import ARPipeline, CTFPipeline, bits_per_token
 
-        t0 = time.time()
-        codes = CodeDataset(self.codes_dir("test"), augmentation=0)
-        n = len(codes) if h["limit"] is None else min(len(codes), int(h["limit"]))
-        mine = list(range(D.get_rank(), n, D.get_world_size()))
-        results = {}
-        pipes = {"ctf": CTFPipeline.from_pretrained(ctf_dir)}
-        if base_dir is not None:
-            pipes["baseline"] = ARPipeline.from_pretrained(base_dir)
-        for name, pipe in pipes.items():
-            pipe.to(self.device)
-            total = torch.zeros(2, dtype=torch.float64, device=self.device)
-            bs = int(h["batch_size"])
-            for i in range(0, len(mine), bs):
-                x, y = codes.get_batch(mine[i:i + bs])
-                lp = pipe.log_prob(x.to(self.device), y.to(self.device))
-                total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=self.device)])
-            D.all_reduce_sum(total)
-            nats = (total[0] / total[1]).item()
-            results[name] = {"nats_per_image": nats,
-                             "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
-                             "exact": bool(pipe.log_prob_is_exact)}
-        results["images"] = n
-        results["image_tokens"] = codes.image_tokens
-        if D.is_main():
-            _atomic_write_text(self.dir / "heldout.json", json.dumps(results, indent=2) + "\n")
-            line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
-            _say(f"held-out bits per token on {n} test images: {line}")
-        self.times["heldout"] = time.time() - t0
-        self.mark("heldout", **results)
+def step_extract(x: Experiment, vq) -> None:
+    from ctfgen.data import check_codes, extract_codes, make_dataset, read_header
+    from ctfgen.data.factory import TENCROP_RANGE, image_size
 
-    def _write_metrics(self) -> None:
-        """DIR/metrics.csv: every training log in one table, with the stage it came from."""
-        rows, columns = [], ["stage"]
-        sources = [("tokenizer", self.tokenizer_dir / "log.csv")] + [
-            (s, self.stage_dir(s) / "metrics.csv") for s in ("ar", "aux", "baseline")]
-        for stage, path in sources:
-            if not path.is_file():
+    d = x.cfg.data
+    splits = {"train": d.augment, "test": "none"}
+
+    def work():
+        for split, augment in splits.items():
+            out = x.run.codes(split)
+            dataset = make_dataset(d, split, channels=vq.config.in_channels, for_codes=True)
+            if dataset is None or _valid_codes(out, vq):  # finished before the marker was written
                 continue
+            say(f"extracting {split} codes ({len(dataset)} images, augment={augment})")
+            extract_codes(vq.to(x.device), dataset, out, augment=augment, batch_size=int(d.extract_batch_size),
+                          device=x.device, num_workers=int(d.num_workers), dataset_name=f"{d.dataset}:{split}",
+                          image_size=image_size(d) if d.dataset == "image_folder" else None,
+                          crop_range=TENCROP_RANGE, progress=x.progress)
+            vq.cpu()
+        return {s: read_header(x.run.codes(s)) for s in splits if x.run.codes(s).is_dir()}
+
+    x.once("extract", work)
+    for split in splits:
+        if x.run.codes(split).is_dir():
+            check_codes(x.run.codes(split), vq)
+
+
+def _valid_codes(out: Path, vq) -> bool:
+    """Whether `out` holds codes of this tokenizer; a stale directory is removed."""
+    from ctfgen.data import check_codes
+
+    ok = True
+    if out.is_dir():
+        try:
+            check_codes(out, vq)
+        except ValueError:
+            ok = False
+            D.barrier()
+            if D.is_main():
+                shutil.rmtree(out)
+    D.barrier()
+    return ok and out.is_dir()
+
+
+def step_train(x: Experiment, stage: str, cmap):
+    from ctfgen.train.stages import load_stage_model, train_stage
+
+    s = x.cfg.stage(stage)
+
+    def work():
+        say(f"training {stage} ({s.preset})")
+        model, result = train_stage(
+            stage, x.run.codes("train"), x.run.stage(stage), coarse_map=cmap if stage != "baseline" else None,
+            preset=s.preset, model=s.model, train_config={**s.train.to_dict(), "progress": x.progress and s.train.progress},
+            resume=True, on_epoch_end=x.hooks.get(stage), run_config={"experiment": str(x.run.root)}, desc=stage)
+        last = result.history[-1] if result.history else {}
+        return {"steps": result.step, "final_loss": last.get("loss"), "params": sum(p.numel() for p in model.parameters())}
+
+    x.once(stage, work)
+    return load_stage_model(stage, x.run.model(stage))
+
+
+def step_assemble(x: Experiment, vq, cmap, ar, aux, base) -> None:
+    from ctfgen.pipeline import ARPipeline, CTFPipeline
+
+    def work():
+        with D.main_first() as first:
+            if first:
+                say(f"assembling {x.run.ctf} and {x.run.baseline}")
+                sampling = x.cfg.sampling
+                publish_dir(CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf).save_pretrained, x.run.ctf)
+                if base is not None:
+                    publish_dir(ARPipeline(base, vq, sampling_defaults=sampling.baseline).save_pretrained,
+                                x.run.baseline)
+                _link_top_level(x.run.root, "ctf")
+                _write_metrics(x.run)
+
+    x.once("assemble", work)
+
+
+def step_heldout(x: Experiment) -> None:
+    from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
+
+    h = x.cfg.heldout
+    if not h.enabled or not x.run.codes("test").is_dir():
+        return
+
+    def work():
+        pipes = {"ctf": CTFPipeline.from_pretrained(x.run.ctf)}
+        if x.cfg.baseline.enabled:
+            pipes["baseline"] = ARPipeline.from_pretrained(x.run.baseline)
+        results = {}
+        for name, pipe in pipes.items():
+            r = heldout_bits_per_token(pipe.to(x.device), x.run.codes("test"), h.limit, int(h.batch_size))
+            results[name] = {k: r[k] for k in ("nats_per_image", "bits_per_token", "exact")}
+        results.update(images=r["images"], image_tokens=r["image_tokens"])
+        if D.is_main():
+            atomic_write_json(x.run.heldout, results)
+            line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
+            say(f"held-out bits per token on {results['images']} test images: {line}")
+        return results
+
+    x.once("heldout", work)
+
+
+def _write_metrics(run: RunDir) -> None:
+    """RUN/metrics.csv: every training log in one table, with the stage it came from."""
+    rows, columns = [], ["stage"]
+    tok_log = run.tokenizer_run / "metrics.csv"
+    if not tok_log.is_file():
+        tok_log = run.tokenizer_run / "log.csv"  # runs made before the one training loop
+    for stage, path in [("tokenizer", tok_log)] + [(s, run.stage(s) / "metrics.csv") for s in STAGE_SECTIONS]:
+        if path.is_file():
             with open(path, newline="") as f:
                 for r in csv.DictReader(f):
                     rows.append({"stage": stage, **r})
                     columns += [k for k in r if k not in columns]
-        out = io.StringIO()
-        w = csv.DictWriter(out, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-        _atomic_write_text(self.dir / "metrics.csv", out.getvalue())
-
-    # --- driver ------------------------------------------------------------------------------
-
-    def run(self) -> Path:
-        t_all = time.time()
-        self.prepare()
-        vq = self.step_tokenizer()
-        cmap = self.step_cluster(vq)
-        self.step_extract(vq)
-        ar = self.step_train("ar", "stage1", cmap)
-        aux = self.step_train("aux", "aux", cmap)
-        base = self.step_train("baseline", "baseline", None) if self.cfg["baseline"]["enabled"] else None
-        self.step_assemble(vq, cmap, ar, aux, base)
-        self.step_heldout(self.dir / "ctf", self.dir / "baseline" if base is not None else None)
-        if D.is_main():
-            summary = {s: (self.done(s) or {}).get("seconds") for s in STEPS}
-            _atomic_write_text(self.dir / "summary.json", json.dumps(
-                {"seconds_this_run": round(time.time() - t_all, 2), "step_seconds": summary,
-                 "world_size": D.get_world_size()}, indent=2) + "\n")
-            _say(f"done in {time.time() - t_all:.1f}s: CTFPipeline.from_pretrained({str(self.dir)!r}); "
-                 f"baseline in {self.dir / 'baseline'}")
-        D.barrier()
-        return self.dir
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(run.metrics, out.getvalue())
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -527,22 +300,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _publish_dir(write: Callable[[Path], Any], final: Path) -> None:
-    """Write a directory under a temporary name and rename it into place (replacing a stale one)."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def _link_top_level(root: Path, sub: str) -> None:
     """Make `root` itself a loadable pipeline: pipeline.json copied, parts linked (relative links,
     so the directory can be moved; copies where the filesystem has no symlinks)."""
-    src = root / sub
-    for entry in src.iterdir():
+    for entry in (root / sub).iterdir():
         target = root / entry.name
         if target.is_symlink() or target.is_file():
             target.unlink()
@@ -557,17 +318,43 @@ def _link_top_level(root: Path, sub: str) -> None:
             (shutil.copytree if entry.is_dir() else shutil.copyfile)(entry, target)
 
 
-def run_experiment(config: dict | str | os.PathLike | None, out_dir, resume: bool = False,
-                   overrides: list[str] | None = None, on_epoch_end: dict[str, Callable] | None = None,
-                   progress: bool = True) -> Path:
-    """Python entry point of `ctfgen pipeline`. `config` is a YAML path or a dict of the same
-    shape; None (with resume) takes the run's own DIR/input.yaml. `on_epoch_end` maps a stage
-    ("ar", "aux", "baseline") to a hook(epoch, model) run after each of its epochs."""
+# --- the driver ----------------------------------------------------------------------------------
+
+def load_experiment_config(config, out_dir=None, resume: bool = False, overrides=None,
+                           dry_run: bool = False) -> tuple[ExperimentConfig, dict]:
+    """(resolved config, what was asked for) from a YAML path or a dict; None (with resume) takes
+    the run's own input.yaml. `dry_run` shrinks it to two steps of everything (see config.py)."""
     if config is None:
-        config = Path(out_dir) / INPUT_CONFIG
-        if not (resume and config.is_file()):
-            raise ExperimentError(f"no config given and no {config} to resume from; pass a CONFIG")
-    raw = apply_overrides(config, overrides or []) if isinstance(config, dict) else load_raw_config(config, overrides)
-    cfg = resolve_config(raw)
-    return Experiment(cfg, out_dir, resume=resume, on_epoch_end=on_epoch_end, progress=progress,
-                      raw_config=raw).run()
+        config = RunDir(out_dir).input_config if out_dir is not None else None
+        if not (resume and config is not None and config.is_file()):
+            raise RunError(f"no config given and no {config} to resume from; pass a CONFIG")
+    raw = apply_overrides(config if isinstance(config, dict) else read_yaml(config),
+                          (dry_run_overrides() if dry_run else []) + list(overrides or []))
+    cfg = ExperimentConfig.from_raw(raw)
+    check_experiment(cfg)
+    return cfg, raw
+
+
+def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] | None = None,
+                   on_epoch_end: dict[str, Callable] | None = None, progress: bool = True,
+                   dry_run: bool = False) -> Path:
+    """Python entry point of `ctfgen pipeline`. `on_epoch_end` maps a stage ("ar", "aux",
+    "baseline") to a hook(epoch, model) run after each of its epochs."""
+    cfg, raw = load_experiment_config(config, out_dir, resume, overrides, dry_run)
+    x = Experiment(cfg, out_dir, resume=resume, raw=raw, on_epoch_end=on_epoch_end, progress=progress)
+    t_all = time.time()
+    x.prepare()
+    vq = step_tokenizer(x)
+    cmap = step_cluster(x, vq)
+    step_extract(x, vq)
+    ar, aux = step_train(x, "ar", cmap), step_train(x, "aux", cmap)
+    base = step_train(x, "baseline", None) if cfg.baseline.enabled else None
+    step_assemble(x, vq, cmap, ar, aux, base)
+    step_heldout(x)
+    if D.is_main():
+        atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),
+                                          "step_seconds": {s: (x.done(s) or {}).get("seconds") for s in STEPS}})
+        say(f"done in {time.time() - t_all:.1f}s: CTFPipeline.from_pretrained({str(x.run.root)!r}); "
+            f"baseline in {x.run.baseline}")
+    D.barrier()
+    return x.run.root

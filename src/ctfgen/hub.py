@@ -15,10 +15,12 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file
 
+from ctfgen.errors import CorruptFileError, MismatchError
+
 SAFETENSORS_FILE = "model.safetensors"
 
 
-class StateDictMismatch(ValueError):
+class StateDictMismatch(MismatchError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
@@ -76,7 +78,13 @@ class HubMixin(PyTorchModelHubMixin):
                 f"{path} is not a directory: expected a saved {cls.__name__} "
                 f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
             )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            if isinstance(e, MismatchError):
+                raise
+            raise CorruptFileError(f"{path} is not a readable saved {cls.__name__} (config.json and "
+                                   f"{SAFETENSORS_FILE}): {e}") from None
 
     @classmethod
     def _from_pretrained(
@@ -105,7 +113,10 @@ class HubMixin(PyTorchModelHubMixin):
                 force_download=force_download, token=token, local_files_only=local_files_only,
             )
         model = cls(**model_kwargs)
-        state = load_file(str(model_file), device=str(map_location))
+        try:
+            state = load_file(str(model_file), device=str(map_location))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CorruptFileError(f"{model_file} cannot be read as safetensors ({e}); save the model again") from None
         if strict:
             load_state_dict_strict(model, state, source=str(model_file))
         else:  # only reachable by asking for it explicitly

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B,C,H,W) floats in [-1,1] -> (B,H,W,C) uint8, rounding as ADM's sampler does."""
     if images.dim() != 4:
-        raise ValueError(f"expected images of shape (B,C,H,W), got {tuple(images.shape)}")
+        raise ConfigError(f"expected images of shape (B,C,H,W), got {tuple(images.shape)}")
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -17,6 +17,8 @@ dropout off), which `log_prob` and sampling rely on.
 
 from __future__ import annotations
 
+from ctfgen.errors import CorruptFileError, MismatchError
+
 import json
 import math
 import time
@@ -27,7 +29,7 @@ import torch
 
 from ctfgen.clustering import CoarseMap
 
-__all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
+__all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
 
 PIPELINE_FILE = "pipeline.json"
 COARSE_MAP_FILE = "coarse_map.safetensors"
@@ -43,6 +45,29 @@ BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg
 def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
     """Per-image log-probabilities in nats -> bits per token (lower is better)."""
     return -torch.as_tensor(log_prob, dtype=torch.float64) / (image_tokens * math.log(2.0))
+
+
+def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size: int = 64) -> dict:
+    """Exact held-out bits per token of `pipeline` on the first `limit` images of a code directory
+    (or CodeDataset), on the pipeline's device; under torchrun the images are shared out and the
+    sums all-reduced. Returns nats_per_image, bits_per_token, exact (False: an upper bound), images."""
+    from ctfgen.data.codes import CodeDataset
+    from ctfgen.train import distributed as D
+
+    codes = codes if isinstance(codes, CodeDataset) else CodeDataset(codes, augmentation=0)
+    n = len(codes) if limit is None else min(len(codes), int(limit))
+    mine = list(range(D.get_rank(), n, D.get_world_size()))
+    device = pipeline.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for i in range(0, len(mine), batch_size):
+            x, y = codes.get_batch(mine[i:i + batch_size])
+            lp = pipeline.log_prob(x.to(device), y.to(device))
+            total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=device)])
+    D.all_reduce_sum(total)
+    nats = (total[0] / total[1]).item()
+    return {"nats_per_image": nats, "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
+            "exact": bool(pipeline.log_prob_is_exact), "images": n, "image_tokens": codes.image_tokens}
 
 
 def _sync(device: torch.device) -> None:
@@ -62,9 +87,9 @@ def _generator(generator, device: torch.device):
 def _labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
     if labels.numel() == 0:
-        raise ValueError("labels is empty: pass one class id per image")
+        raise MismatchError("labels is empty: pass one class id per image")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"class labels must be in [0, {num_classes}), got range "
+        raise MismatchError(f"class labels must be in [0, {num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return labels
 
@@ -74,14 +99,14 @@ def _flat_tokens(tokens, image_tokens: int, device: torch.device) -> torch.Tenso
     if tokens.dim() == 3:  # (B, h, w) grids as the tokenizer returns them
         tokens = tokens.flatten(1)
     if tokens.dim() != 2 or tokens.shape[1] != image_tokens:
-        raise ValueError(f"expected tokens of shape (B, {image_tokens}) or (B, h, w) grids, got {tuple(tokens.shape)}")
+        raise MismatchError(f"expected tokens of shape (B, {image_tokens}) or (B, h, w) grids, got {tuple(tokens.shape)}")
     return tokens.long()
 
 
 def _grid_size(image_tokens: int) -> int:
     g = math.isqrt(image_tokens)
     if g * g != image_tokens:
-        raise ValueError(f"image_tokens={image_tokens} is not a square grid")
+        raise MismatchError(f"image_tokens={image_tokens} is not a square grid")
     return g
 
 
@@ -106,7 +131,7 @@ def _check_tokenizer(problems: list, tokenizer, fingerprint, vocab_size: int, fi
 
 def _raise(problems: list, title: str) -> None:
     if problems:
-        raise ValueError(title + ":\n  " + "\n  ".join(problems)
+        raise MismatchError(title + ":\n  " + "\n  ".join(problems)
                          + "\nUse parts trained together (one pipeline directory, or the same tokenizer and coarse map).")
 
 
@@ -153,7 +178,7 @@ class _Pipeline:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, image_tokens) fine tokens -> (B, C, H, W) images in [-1, 1]."""
         if self.tokenizer is None:
-            raise ValueError(f"this {type(self).__name__} has no tokenizer; pass tokenizer= to decode images "
+            raise MismatchError(f"this {type(self).__name__} has no tokenizer; pass tokenizer= to decode images "
                              "(sample_tokens works without one)")
         g = self.grid_size
         return self.tokenizer.decode(tokens.reshape(-1, g, g)).clamp(-1, 1)
@@ -162,7 +187,7 @@ class _Pipeline:
         """Sample tokens for `labels` (see `sample_tokens` for the options) and decode them to
         (B, C, H, W) images in [-1, 1]. `last_timings` gets stage1/stage2/decode seconds."""
         if self.tokenizer is None:
-            raise ValueError(f"this {type(self).__name__} has no tokenizer, so it cannot decode images; "
+            raise MismatchError(f"this {type(self).__name__} has no tokenizer, so it cannot decode images; "
                              "pass tokenizer= or use sample_tokens")
         tokens = self.sample_tokens(labels, generator=generator, **kwargs)
         device = self.device
@@ -184,7 +209,7 @@ class _Pipeline:
     def _read_json(directory: Path, kind: str) -> dict:
         info = _read_pipeline_json(directory)
         if info.get("type") != kind:
-            raise ValueError(f"{directory} holds a {info.get('type')!r} pipeline, not {kind!r}; use load_pipeline()")
+            raise MismatchError(f"{directory} holds a {info.get('type')!r} pipeline, not {kind!r}; use load_pipeline()")
         return info
 
     @staticmethod
@@ -245,7 +270,7 @@ class CTFPipeline(_Pipeline):
             self.aux.set_coarse_map(cmap)  # an aux built without a map adopts (after checking) this one
         elif not torch.equal(f2c, cmap.fine_to_coarse):
             n = int((f2c != cmap.fine_to_coarse).sum())
-            raise ValueError(f"the aux model's fine_to_coarse differs from the coarse map's at {n} of {cmap.vocab_size} "
+            raise MismatchError(f"the aux model's fine_to_coarse differs from the coarse map's at {n} of {cmap.vocab_size} "
                              f"codewords (coarse map {cmap.fingerprint}, aux config "
                              f"{aux.coarse_map_fingerprint}); the aux model was trained with another coarse map")
 
@@ -460,9 +485,12 @@ def _read_pipeline_json(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a saved pipeline "
                                 "(written by CTFPipeline/ARPipeline.save_pretrained or `ctfgen pipeline`)")
-    info = json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); save the pipeline again") from None
     if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer ctfgen (format {info['format_version']}); upgrade ctfgen")
+        raise MismatchError(f"{path} was written by a newer ctfgen (format {info['format_version']}); upgrade ctfgen")
     return info
 
 
@@ -471,5 +499,5 @@ def load_pipeline(directory, map_location="cpu"):
     info = _read_pipeline_json(Path(directory))
     kinds = {"ctf": CTFPipeline, "baseline": ARPipeline}
     if info.get("type") not in kinds:
-        raise ValueError(f"{directory}/{PIPELINE_FILE} has unknown type {info.get('type')!r}; expected one of {list(kinds)}")
+        raise MismatchError(f"{directory}/{PIPELINE_FILE} has unknown type {info.get('type')!r}; expected one of {list(kinds)}")
     return kinds[info["type"]].from_pretrained(directory, map_location=map_location)

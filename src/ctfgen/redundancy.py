@@ -12,6 +12,8 @@ controls destroy it: that redundancy is what lets CTF predict the coarse label f
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import math
 
 import torch
@@ -47,7 +49,7 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window_s
     2004). Images smaller than the window use the largest odd window that fits.
     """
     if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ConfigError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     win = min(window_size, x.shape[-2], x.shape[-1])
     win -= 1 - win % 2
     c = x.shape[1]

@@ -14,6 +14,8 @@ from the same weights. Differences, all deliberate:
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import contextlib
 from typing import Optional, Union
 
@@ -88,7 +90,7 @@ def _autocast(module: torch.nn.Module, dtype):
         return contextlib.nullcontext(), None
     dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype")
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype")
     param = next(module.parameters())
     if param.dtype == dtype or dtype == torch.float32:
         return contextlib.nullcontext(), param.dtype
@@ -108,9 +110,9 @@ def _eval_mode(module: torch.nn.Module):
 def _check_labels(labels, num_classes: int, device) -> torch.Tensor:
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() == 0:
-        raise ValueError("no labels given: pass one class index per image")
+        raise ConfigError("no labels given: pass one class index per image")
     if int(labels.min()) < 0 or int(labels.max()) > num_classes:
-        raise ValueError(f"labels must be class indices in 0..{num_classes - 1} (or {num_classes}, the null label)")
+        raise ConfigError(f"labels must be class indices in 0..{num_classes - 1} (or {num_classes}, the null label)")
     return labels.to(device)
 
 
@@ -185,7 +187,7 @@ def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     class dropout). `labels=None` scores under the null label (unconditional)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long, device=gpt.tok_embeddings.weight.device)
     if tokens.dim() != 2:
-        raise ValueError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+        raise ConfigError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
     with _eval_mode(gpt):
         logits = gpt(tokens[:, :-1], labels)  # (B, L, V): position i predicts token i
     return token_log_probs(logits, tokens).sum(-1)
@@ -230,9 +232,9 @@ def sample_fine(
     with _eval_mode(aux), amp:
         if cfg_scale != 1.0:
             if not aux.config.class_prefix:
-                raise ValueError("stage-2 guidance needs an AuxModel with class_prefix=True; use cfg_scale=1.0")
+                raise ConfigError("stage-2 guidance needs an AuxModel with class_prefix=True; use cfg_scale=1.0")
             if labels is None:
-                raise ValueError("stage-2 guidance needs class labels")
+                raise ConfigError("stage-2 guidance needs class labels")
             null = torch.full_like(labels, aux.config.num_classes)
             both = aux(torch.cat([coarse, coarse]), torch.cat([labels, null]), restrict=False)
             logits = cfg_combine(both[:B], both[B:], cfg_scale)

@@ -47,12 +47,13 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu"):
 def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
     """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
     own tokenizer copy). Returns the bytes written per model."""
-    run_dir = Path(run_dir)
+    from ctfgen.rundir import RunDir
+
+    run = RunDir(run_dir)
     sizes = {}
-    for name, sub in (("ctf", SHIPPED_CTF), ("baseline", SHIPPED_BASELINE)):
-        src, dest = run_dir / name, assets / sub
-        if not (src / "pipeline.json").is_file():
-            raise FileNotFoundError(f"{src} is not a finished pipeline; run `make reproduce` first")
+    for src, sub in ((run.ctf, SHIPPED_CTF), (run.baseline, SHIPPED_BASELINE)):
+        name, dest = src.name, assets / sub
+        run.require(src / "pipeline.json")
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(src, dest, ignore=shutil.ignore_patterns("tokenizer") if name == "baseline" else None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
 
 
@@ -37,7 +39,7 @@ def load_model(spec: str, device: str):
     if spec in PRETRAINED and not Path(spec).exists():
         return pretrained(spec, device=device)
     if not Path(spec).is_dir():
-        raise SystemExit(f"--model {spec!r} is neither a directory nor a shipped model ({', '.join(PRETRAINED)})")
+        raise ConfigError(f"--model {spec!r} is neither a directory nor a shipped model ({', '.join(PRETRAINED)})")
     return load_pipeline(spec).to(device).eval()
 
 
@@ -52,7 +54,7 @@ def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
     else:
         ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
         if ignored:
-            raise SystemExit(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
+            raise ConfigError(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -65,7 +67,7 @@ def resolve_classes(values: list[str], num_classes: int, class_names: list[str] 
         elif class_names:
             lowered = [n.lower() for n in class_names]
             if v.lower() not in lowered:
-                raise SystemExit(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
+                raise ConfigError(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
             c = lowered.index(v.lower())
         else:
             from ctfgen.data.fashion_mnist import class_index
@@ -73,9 +75,9 @@ def resolve_classes(values: list[str], num_classes: int, class_names: list[str] 
             try:
                 c = class_index(v)
             except ValueError as e:
-                raise SystemExit(str(e)) from None
+                raise ConfigError(str(e)) from None
         if not 0 <= c < num_classes:
-            raise SystemExit(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
+            raise ConfigError(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
         ids.append(c)
     return ids
 

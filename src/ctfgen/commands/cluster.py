@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
 
 
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} already exists; pass --overwrite to replace it")
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     vq = VQModel.from_pretrained(args.tokenizer)
     cmap = CoarseMap.fit(vq, args.num_coarse, method=args.method, seed=args.seed, n_init=args.n_init)
     cmap.save(out)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def configure(parser):
     parser.add_argument("runs", nargs="+", metavar="RUN",
@@ -15,11 +13,7 @@ def configure(parser):
 def run(args):
     from ctfgen.metrics.compare import compare
 
-    try:
-        table, pngs = compare(args.runs, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ctfgen compare: {err}", file=sys.stderr)
-        return 2
+    table, pngs = compare(args.runs, args.out)
     print(table, end="")
     if args.out:
         print(f"wrote {args.out}/compare.md" + (f" and {len(pngs)} figures" if pngs else

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def configure(parser):
     parser.add_argument("samples", help="sample set: an ADM-style .npz (uint8 arr_0 (N,H,W,C), labels under "
@@ -31,17 +29,11 @@ def configure(parser):
 
 def run(args):
     from ctfgen.metrics.evaluate import evaluate, format_table, write_record
-    from ctfgen.metrics.inception import InceptionWeightsNotFound
-
-    try:
-        record = evaluate(
-            args.samples, args.ref, metric_set=args.metric_set, name=args.name, epoch=args.epoch,
-            inception_weights=args.inception_weights, k=args.k, splits=args.splits,
-            batch_size=args.batch_size, device=args.device, sfid=not args.no_sfid,
-        )
-    except (InceptionWeightsNotFound, FileNotFoundError, ValueError) as err:
-        print(f"ctfgen eval: {err}", file=sys.stderr)
-        return 2
+    record = evaluate(
+        args.samples, args.ref, metric_set=args.metric_set, name=args.name, epoch=args.epoch,
+        inception_weights=args.inception_weights, k=args.k, splits=args.splits,
+        batch_size=args.batch_size, device=args.device, sfid=not args.no_sfid,
+    )
     print(format_table(record))
     if args.out:
         print(f"wrote {write_record(record, args.out)}")

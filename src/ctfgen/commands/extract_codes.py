@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
 import logging
 
@@ -10,8 +12,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="VQModel directory (save_pretrained form)")
     parser.add_argument("--dataset", choices=["fashion_mnist", "image_folder"], default="fashion_mnist")
     parser.add_argument("--data-root", default=None,
-                        help="Fashion-MNIST IDX directory (default: $CTFGEN_FASHION_MNIST, then "
-                             "/usr/share/datasets/fashion-mnist) or the class-per-folder image root")
+                        help="Fashion-MNIST IDX directory (default: $CTFGEN_FASHION_MNIST, then the Debian "
+                             "package's directory) or the class-per-folder image root")
     parser.add_argument("--split", choices=["train", "test"], default="train", help="Fashion-MNIST split")
     parser.add_argument("--image-size", type=int, default=None,
                         help="size the tokenizer sees (default: 28 for fashion_mnist, 256 for image_folder)")
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from pathlib import Path
     if Path(args.out).exists() and not args.overwrite:
-        raise SystemExit(f"{args.out} already exists; remove it or pass --overwrite")
+        raise ConfigError(f"{args.out} already exists; remove it or pass --overwrite")
     started_here = D.launched_by_torchrun() and not D.is_distributed()
     device = D.init_distributed() if D.launched_by_torchrun() else torch.device(
         args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -50,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
             name = f"fashion_mnist/{args.split}" + (f"[:{args.limit}]" if args.limit else "")
         else:
             if args.data_root is None:
-                raise SystemExit("--dataset image_folder needs --data-root DIR (one sub-folder per class)")
+                raise ConfigError("--dataset image_folder needs --data-root DIR (one sub-folder per class)")
             if args.limit is not None:
-                raise SystemExit("--limit applies to fashion_mnist only")
+                raise ConfigError("--limit applies to fashion_mnist only")
             size = args.image_size or 256
             # LlamaGen ten-crop: centre-crop (PIL) to the larger size first, then crop tensors.
             load_size = int(size * args.crop_range) if args.augment == "tencrop" else size
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                                   verify=args.verify)
             name = f"image_folder:{args.data_root}"
         if vq.config.in_channels != dataset[0][0].shape[0]:
-            raise SystemExit(f"the tokenizer takes {vq.config.in_channels}-channel images but the dataset "
+            raise ConfigError(f"the tokenizer takes {vq.config.in_channels}-channel images but the dataset "
                              f"yields {dataset[0][0].shape[0]}")
         out = extract_codes(vq, dataset, args.out, augment=args.augment, batch_size=args.batch_size,
                             device=device, num_workers=args.num_workers, image_size=size,

@@ -6,6 +6,8 @@ and reports how much each changes the decoded images (paper Fig. 1b).
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
 import json
 from pathlib import Path
@@ -47,13 +49,13 @@ def _load_images(args, n: int, channels: int):
 
         ds = ImageFolder(args.data, image_size=args.image_size or 256, channels=channels)
     if n > len(ds):
-        raise SystemExit(f"--images {n} but the data set has only {len(ds)} images")
+        raise ConfigError(f"--images {n} but the data set has only {len(ds)} images")
     idx = np.sort(rng.choice(len(ds), size=n, replace=False))
     x = torch.stack([ds[int(i)][0] for i in idx])
     if x.shape[1] == 1 and channels == 3:
         x = x.repeat(1, 3, 1, 1)
     if x.shape[1] != channels:
-        raise SystemExit(f"the images have {x.shape[1]} channels but the tokenizer expects {channels}")
+        raise ConfigError(f"the images have {x.shape[1]} channels but the tokenizer expects {channels}")
     return x
 
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         pipe = load_pipeline(args.model)
         if pipe.tokenizer is None:
-            raise SystemExit(f"{args.model} has no tokenizer/ directory")
+            raise ConfigError(f"{args.model} has no tokenizer/ directory")
         vq = pipe.tokenizer
         if isinstance(pipe, CTFPipeline) and args.coarse_map is None and args.num_coarse is None:
             cmap = pipe.coarse_map
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coarse_map:
         cmap = CoarseMap.load(args.coarse_map)
         if args.num_coarse is not None and args.num_coarse != cmap.num_coarse:
-            raise SystemExit(f"--num-coarse {args.num_coarse} disagrees with {args.coarse_map} ({cmap.num_coarse} clusters)")
+            raise ConfigError(f"--num-coarse {args.num_coarse} disagrees with {args.coarse_map} ({cmap.num_coarse} clusters)")
     if cmap is None:
         k = args.num_coarse or min(512, vq.config.codebook_size)
         cmap = CoarseMap.fit(vq, k, seed=args.seed)
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cmap.check_codebook(vq)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise ConfigError(str(e)) from None
 
     images = _load_images(args, args.images, vq.config.in_channels)
     result = measure_redundancy(vq, cmap, images, seed=args.seed, return_images=True)

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from ctfgen.commands._common import collect_trailing_overrides
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("settings", nargs="?", default=None,
                         help="YAML of reproduce settings (e.g. configs/fashion_mnist_ablations.yaml); default: built-in")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override settings (e.g. steps=100)")
     parser.add_argument("--run", required=True, help="the finished `ctfgen pipeline` directory")
     parser.add_argument("--independent-only", action="store_true",
                         help="only train the ablations that need no main-run model (they can run beside "
                              "the main run once its codes exist), then stop")
+    collect_trailing_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ctfgen.reproduce import reproduce
 
-    try:
-        reproduce(args.run, args.settings, independent_only=args.independent_only)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    reproduce(args.run, args.settings, independent_only=args.independent_only, overrides=args.overrides)
     return 0

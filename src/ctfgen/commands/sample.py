@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfgen.images import save_grid, save_images
 
     if args.n < 1:
-        raise SystemExit("--n must be at least 1")
+        raise ConfigError("--n must be at least 1")
     t0 = time.perf_counter()
     pipeline = load_model(args.model, args.device)
     load_s = time.perf_counter() - t0

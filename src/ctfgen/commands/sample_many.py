@@ -6,8 +6,9 @@ produced it, and a killed run redoes at most the batches that were in flight.
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    from ctfgen.fileio import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def sample_many(pipeline, labels: np.ndarray, out: Path, batch_size: int, seed: int, sampling: dict,
@@ -75,37 +77,25 @@ def merge_parts(out: Path, num_batches: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = args.device
-    if world_size > 1:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    from ctfgen.train import distributed as D
 
     out = Path(args.out)
     if out.suffix != ".npz":
-        raise SystemExit(f"--out must end in .npz (the ADM evaluator's format), got {out}")
+        raise ConfigError(f"--out must end in .npz (the ADM evaluator's format), got {out}")
     if out.exists():
         print(f"{out} already exists; delete it to sample again")
         return 0
+    device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
     pipeline = load_model(args.model, device)
     classes = args.classes if args.classes else list(range(pipeline.num_classes))
     bad = [c for c in classes if not 0 <= c < pipeline.num_classes]
     if bad:
-        raise SystemExit(f"class ids {bad} are out of range for a model with {pipeline.num_classes} classes")
+        raise ConfigError(f"class ids {bad} are out of range for a model with {pipeline.num_classes} classes")
     labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
     sample_many(pipeline, labels, out, args.batch_size, args.seed, sampling_kwargs(args, pipeline),
-                rank, world_size, Path(args.png_dir) if args.png_dir else None)
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
+                D.get_rank(), D.get_world_size(), Path(args.png_dir) if args.png_dir else None)
+    D.barrier()
+    if D.is_main():
         merge_parts(out, (len(labels) + args.batch_size - 1) // args.batch_size)
         print(f"wrote {out}: {len(labels)} images, {len(classes)} classes x {args.per_class}")
-    if world_size > 1:
-        dist.destroy_process_group()
     return 0

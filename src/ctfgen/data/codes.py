@@ -7,6 +7,8 @@ directory beside it and rename it into place at the end.
 
 from __future__ import annotations
 
+from ctfgen.errors import MismatchError
+
 import json
 import os
 import shutil
@@ -73,7 +75,7 @@ class CodeWriter:
             raise FileExistsError(f"{self.out_dir} already exists; remove it or pass overwrite=True "
                                   "(--overwrite)")
         if "codebook_size" not in header:
-            raise ValueError("header needs 'codebook_size' to choose the code dtype")
+            raise MismatchError("header needs 'codebook_size' to choose the code dtype")
         self.num_images, self.num_augmentations, self.image_tokens = num_images, num_augmentations, image_tokens
         self.overwrite = overwrite
         self.header = dict(header)
@@ -96,12 +98,12 @@ class CodeWriter:
         n = codes.shape[0]
         expected = (n, self.num_augmentations, self.image_tokens)
         if codes.shape != expected or labels.shape != (n,):
-            raise ValueError(f"append got codes {codes.shape} and labels {labels.shape}; expected codes "
+            raise MismatchError(f"append got codes {codes.shape} and labels {labels.shape}; expected codes "
                              f"{expected} and labels ({n},)")
         if self.count + n > self.num_images:
-            raise ValueError(f"append of {n} rows overflows the {self.num_images} images declared")
+            raise MismatchError(f"append of {n} rows overflows the {self.num_images} images declared")
         if n and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes outside [0, {self.codebook_size}) (min {codes.min()}, max {codes.max()}): "
+            raise MismatchError(f"codes outside [0, {self.codebook_size}) (min {codes.min()}, max {codes.max()}): "
                              "the encoder's codebook does not match header codebook_size")
         self._codes[self.count:self.count + n] = codes
         self._labels[self.count:self.count + n] = labels
@@ -178,7 +180,7 @@ def write_codes(out_dir: str | os.PathLike, codes, labels, header: dict[str, Any
     if codes.ndim == 2:
         codes = codes[:, None, :]
     if codes.ndim != 3:
-        raise ValueError(f"codes must be (N, A, L) (or (N, L)), got shape {codes.shape}")
+        raise MismatchError(f"codes must be (N, A, L) (or (N, L)), got shape {codes.shape}")
     with CodeWriter(out_dir, codes.shape[0], codes.shape[1], codes.shape[2], header, overwrite) as w:
         w.append(codes, labels)
     return Path(out_dir)
@@ -192,11 +194,11 @@ def read_header(code_dir: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
         header = json.load(f)
     if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: code format version {header.get('format_version')} is not supported "
+        raise MismatchError(f"{path}: code format version {header.get('format_version')} is not supported "
                          f"(this ctfgen reads version {FORMAT_VERSION}); {_REDO}")
     missing = [k for k in HEADER_KEYS if k not in header]
     if missing:
-        raise ValueError(f"{path}: header lacks {missing}; {_REDO}")
+        raise MismatchError(f"{path}: header lacks {missing}; {_REDO}")
     return header
 
 
@@ -227,7 +229,7 @@ class CodeDataset(Dataset):
         self.num_augmentations = int(self.header["num_augmentations"])
         if augmentation != "random":
             if not isinstance(augmentation, (int, np.integer)) or not 0 <= augmentation < self.num_augmentations:
-                raise ValueError(f"augmentation must be 'random' or an int in [0, {self.num_augmentations}), "
+                raise MismatchError(f"augmentation must be 'random' or an int in [0, {self.num_augmentations}), "
                                  f"got {augmentation!r}")
             augmentation = int(augmentation)
         self.augmentation, self.seed, self.epoch = augmentation, int(seed), 0
@@ -240,7 +242,7 @@ class CodeDataset(Dataset):
         h = self.header
         expected = (h["num_images"], h["num_augmentations"], h["image_tokens"])
         if codes.shape != expected or labels.shape != (h["num_images"],):
-            raise ValueError(f"{self.dir}: arrays do not match header.json (codes {codes.shape}, labels "
+            raise MismatchError(f"{self.dir}: arrays do not match header.json (codes {codes.shape}, labels "
                              f"{labels.shape}, header says {expected}); the directory is damaged, {_REDO}")
         self._codes, self._labels = codes, labels
 
@@ -346,4 +348,4 @@ def check_codes(header, vq_or_fingerprint=None, codebook_size: int | None = None
         if want is not None and header.get(name) != want:
             problems.append(f"{name} {header.get(name)} in the codes, {want} expected")
     if problems:
-        raise ValueError(f"{where} do not match: " + "; ".join(problems) + f". {_REDO}")
+        raise MismatchError(f"{where} do not match: " + "; ".join(problems) + f". {_REDO}")

@@ -3,6 +3,8 @@ extract_codes_c2i.py does, but streaming to disk and sharded across torchrun ran
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import logging
 import math
 import os
@@ -27,7 +29,7 @@ def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     bottom-left, bottom-right, centre, then the same five of the horizontally flipped image."""
     H, W = x.shape[-2:]
     if H < size or W < size:
-        raise ValueError(f"ten_crop of {size} needs an image at least that large, got {H}x{W}")
+        raise ConfigError(f"ten_crop of {size} needs an image at least that large, got {H}x{W}")
     top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
 
     def five(img):
@@ -45,11 +47,11 @@ def augment_views(x: torch.Tensor, augment: str, image_size: int, crop_range: fl
     is cropped directly; one yielding image_size (e.g. 28x28 Fashion-MNIST) is first resized up.
     """
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
+        raise ConfigError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
     H, W = x.shape[-2:]
     if augment != "tencrop":
         if (H, W) != (image_size, image_size):
-            raise ValueError(f"dataset yields {H}x{W} images but image_size is {image_size}")
+            raise ConfigError(f"dataset yields {H}x{W} images but image_size is {image_size}")
         return x[:, None] if augment == "none" else torch.stack([x, x.flip(-1)], dim=1)
     if (H, W) == (image_size, image_size):
         big = int(image_size * crop_range)
@@ -107,13 +109,13 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
     all ranks return `out_dir` once it exists. Corrupt images (ImageFolder) are dropped and counted.
     """
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
+        raise ConfigError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
     out_dir = Path(out_dir)
     rank, world = _dist_info()
     device = torch.device(device)
     n = len(dataset)
     if n == 0:
-        raise ValueError("the dataset is empty; nothing to extract")
+        raise ConfigError("the dataset is empty; nothing to extract")
     if rank == 0 and out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
     codebook_size = int(vq.config.codebook_size)
@@ -147,7 +149,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
                     B = views.shape[0]
                     codes = vq.encode(views.flatten(0, 1))
                     if codes.dim() != 3:
-                        raise ValueError(f"vq.encode must return (B, h, w) codes, got shape {tuple(codes.shape)}")
+                        raise ConfigError(f"vq.encode must return (B, h, w) codes, got shape {tuple(codes.shape)}")
                     grid = (codes.shape[1], codes.shape[2], size)
                     codes = codes.reshape(B, num_aug, -1).cpu().numpy()
                     payload = (codes, y.numpy(), bad, grid)
@@ -165,7 +167,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
                     continue
                 if writer is None:
                     if grid[0] != grid[1]:
-                        raise ValueError(f"the tokenizer produced a non-square {grid[0]}x{grid[1]} grid; "
+                        raise ConfigError(f"the tokenizer produced a non-square {grid[0]}x{grid[1]} grid; "
                                          "use square images")
                     header = {"tokenizer_fingerprint": _fingerprint(vq), "grid_size": grid[0],
                               "image_tokens": grid[0] * grid[1], "codebook_size": codebook_size,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import functools
 import gzip
 import os
@@ -30,7 +32,7 @@ _ALIASES = {
     "ankle-boot": 9, "ankle_boot": 9, "ankle boot": 9, "ankleboot": 9, "boot": 9, "boots": 9,
 }
 
-DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist; the one place it is named
 ENV_VAR = "CTFGEN_FASHION_MNIST"
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _HOW_TO_GET = ("run `make data` (or `apt-get install dataset-fashion-mnist`), "
@@ -50,11 +52,11 @@ def class_index(name_or_id: int | str) -> int:
             official = {n.lower(): i for i, n in enumerate(CLASS_NAMES)}
             idx = official.get(lowered, _ALIASES.get(lowered, _ALIASES.get(lowered.replace(" ", "-"))))
             if idx is None:
-                raise ValueError(f"unknown Fashion-MNIST class {name_or_id!r}; use an id 0-9 or one of: "
+                raise ConfigError(f"unknown Fashion-MNIST class {name_or_id!r}; use an id 0-9 or one of: "
                                  + ", ".join(f"{i}={n!r}" for i, n in enumerate(CLASS_NAMES))
                                  + " (aliases such as 'tshirt', 'sneaker', 'ankle-boot' also work)")
     if not 0 <= idx < len(CLASS_NAMES):
-        raise ValueError(f"Fashion-MNIST class id {idx} out of range 0-{len(CLASS_NAMES) - 1}")
+        raise ConfigError(f"Fashion-MNIST class id {idx} out of range 0-{len(CLASS_NAMES) - 1}")
     return idx
 
 
@@ -73,7 +75,7 @@ def _split_files(directory: Path, split: str) -> tuple[Path, Path] | None:
 
 def _check_split(split: str) -> str:
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
+        raise ConfigError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
     return split
 
 
@@ -81,7 +83,7 @@ def find_fashion_mnist(root: str | os.PathLike | None = None, split: str | None 
     """Directory holding the IDX files (plain or .gz) for `split` (both splits when None).
 
     An explicit `root` is the only place looked at, so a typo never silently falls back to another copy;
-    otherwise $CTFGEN_FASHION_MNIST, then the Debian package's /usr/share/datasets/fashion-mnist.
+    otherwise $CTFGEN_FASHION_MNIST, then DEFAULT_DIR (where the Debian package installs it).
     """
     splits = [_check_split(split)] if split else list(_SPLIT_PREFIX)
     if root is not None:
@@ -110,19 +112,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: cannot read IDX file ({e}); the file is corrupt or truncated, "
+        raise ConfigError(f"{path}: cannot read IDX file ({e}); the file is corrupt or truncated, "
                          f"re-download it ({_HOW_TO_GET})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); "
+        raise ConfigError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); "
                          f"the file is corrupt, re-download it ({_HOW_TO_GET})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header; re-download it ({_HOW_TO_GET})")
+        raise ConfigError(f"{path}: truncated IDX header; re-download it ({_HOW_TO_GET})")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: IDX size mismatch, header says shape {shape} ({expected} bytes) but the "
+        raise ConfigError(f"{path}: IDX size mismatch, header says shape {shape} ({expected} bytes) but the "
                          f"file has {len(raw)} bytes; it is truncated or corrupt, re-download it ({_HOW_TO_GET})")
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -131,14 +133,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def _load_cached(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 images of shape (N, 28, 28), got "
+        raise ConfigError(f"{images_path}: expected uint8 images of shape (N, 28, 28), got "
                          f"{images.dtype} {images.shape}; is this really Fashion-MNIST?")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{labels_path}: expected {images.shape[0]} labels (one per image in "
+        raise ConfigError(f"{labels_path}: expected {images.shape[0]} labels (one per image in "
                          f"{images_path.name}), got shape {labels.shape}")
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
-        raise ValueError(f"{labels_path}: labels outside 0-{len(CLASS_NAMES) - 1}; the file is corrupt")
+        raise ConfigError(f"{labels_path}: labels outside 0-{len(CLASS_NAMES) - 1}; the file is corrupt")
     # Shared by every caller through the cache, so nobody may write into them.
     images.setflags(write=False)
     labels.setflags(write=False)
@@ -157,13 +159,13 @@ def balanced_subset(labels: np.ndarray, limit: int, num_classes: int = len(CLASS
     """Indices (ascending) of the first `limit // num_classes` images of each class; the remainder goes
     one each to the lowest classes. Deterministic, so a limited run always sees the same images."""
     if limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
+        raise ConfigError(f"limit must be positive, got {limit}")
     per_class = [limit // num_classes + (1 if c < limit % num_classes else 0) for c in range(num_classes)]
     chosen = []
     for c, k in enumerate(per_class):
         idx = np.flatnonzero(labels == c)[:k]
         if len(idx) < k:
-            raise ValueError(f"limit {limit} asks for {k} images of class {c} but only {len(idx)} exist")
+            raise ConfigError(f"limit {limit} asks for {k} images of class {c} but only {len(idx)} exist")
         chosen.append(idx)
     return np.sort(np.concatenate(chosen))
 

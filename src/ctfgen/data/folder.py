@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import logging
 import os
 from pathlib import Path
@@ -58,7 +60,7 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"image folder {self.root} does not exist; pass the directory that "
                                     "holds one sub-folder per class")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+            raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.image_size, self.channels = int(image_size), channels
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.classes:

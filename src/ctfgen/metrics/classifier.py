@@ -7,6 +7,8 @@ Fashion-MNIST garments look like and needs no download. This one is trained by t
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import json
 import math
 import time
@@ -78,7 +80,7 @@ class FMNISTClassifier(nn.Module, HubMixin):
         elif x.dim() == 4 and x.shape[1] != 1 and x.shape[-1] == 1:
             x = x.permute(0, 3, 1, 2)
         if x.dim() != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != (28, 28):
-            raise ValueError(
+            raise ConfigError(
                 f"the Fashion-MNIST classifier expects grayscale 28x28 images as (N,28,28), (N,28,28,1) "
                 f"or (N,1,28,28); got shape {tuple(x.shape)}"
             )
@@ -86,7 +88,7 @@ class FMNISTClassifier(nn.Module, HubMixin):
             return x.float() / 127.5 - 1.0
         x = x.float()
         if len(x) and (x.min() < -1.01 or x.max() > 1.01):
-            raise ValueError(
+            raise ConfigError(
                 f"float images must lie in [-1, 1] (got values in [{x.min():.3g}, {x.max():.3g}]); "
                 "pass uint8 images in [0, 255] or rescale"
             )
@@ -116,7 +118,7 @@ class FMNISTClassifier(nn.Module, HubMixin):
             probs.append(F.softmax(self.head(f), dim=-1).double().cpu())
         self.train(was_training)
         if not feats:
-            raise ValueError("no images to embed")
+            raise ConfigError("no images to embed")
         return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
+from ctfgen.errors import CorruptFileError
+from ctfgen.fileio import atomic_write_text
 from ctfgen.metrics.evaluate import METRIC_INFO
 
 
@@ -30,9 +33,9 @@ def load_records(run: str | Path) -> list[dict]:
         try:
             rec = json.loads(f.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{f} is not valid JSON: {err}") from err
+            raise CorruptFileError(f"{f} is not valid JSON: {err}") from err
         if not isinstance(rec, dict) or not isinstance(rec.get("metrics"), dict):
-            raise ValueError(f"{f} is not an evaluation record (needs a 'metrics' object; see `ctfgen eval --out`)")
+            raise CorruptFileError(f"{f} is not an evaluation record (needs a 'metrics' object; see `ctfgen eval --out`)")
         rec.setdefault("name", run.stem if run.is_file() else run.name)
         rec.setdefault("epoch", None)
         rec["_source"] = str(f)
@@ -55,51 +58,74 @@ def _sort_key(r: dict):
     return (str(r["name"]), r["epoch"] is None, r["epoch"] if r["epoch"] is not None else 0)
 
 
-def markdown_table(records: list[dict]) -> str:
-    keys = _metric_keys(records)
-    lines = ["| run | epoch | metric set | samples | " + " | ".join(_header(k) for k in keys) + " |",
-             "|---|---:|---|---:|" + "---:|" * len(keys)]
+def _cell(metrics: dict, key: str) -> str:
+    v = metrics.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "–"
+    bound = key == "bits_per_token" and metrics.get("bits_per_token_exact") is False
+    return f"{v:.4f}" + (" (bound)" if bound else "")  # a bound, not the exact likelihood
+
+
+def markdown_table(records: list[dict], label: Callable[[dict], str] | None = None,
+                   keys: list[str] | None = None) -> str:
+    """One row per record. By default the rows are sorted and say run, epoch, metric set and
+    samples; with `label` they keep their order under one `model` column made by label(record).
+    `keys` chooses the metric columns (default: every metric present)."""
+    keys = keys or _metric_keys(records)
+    metric_head = " | ".join(_header(k) for k in keys)
+    if label is not None:
+        lines = [f"| model | {metric_head} |", "|---|" + "---:|" * len(keys)]
+        lines += [f"| {label(r)} | " + " | ".join(_cell(r["metrics"], k) for k in keys) + " |" for r in records]
+        return "\n".join(lines) + "\n"
+    lines = [f"| run | epoch | metric set | samples | {metric_head} |", "|---|---:|---|---:|" + "---:|" * len(keys)]
     for r in sorted(records, key=_sort_key):
-        cells = [f"{r['metrics'][k]:.4f}" if isinstance(r["metrics"].get(k), (int, float)) else "–" for k in keys]
         epoch = "–" if r["epoch"] is None else str(r["epoch"])
         lines.append(f"| {r['name']} | {epoch} | {r.get('metric_set', '–')} | {r.get('num_samples', '–')} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(_cell(r["metrics"], k) for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
-    """One PNG per metric (the paper's Fig. 2 style: metric vs training epoch, a line per run)."""
+def _draw(ax, records: list[dict], key: str) -> None:
+    """Metric `key` against epoch, one line per record name (the paper's Fig. 2 style)."""
+    for name in sorted({r["name"] for r in records}):
+        pts = sorted((r["epoch"], r["metrics"][key], r["metrics"].get("is_std")) for r in records
+                     if r["name"] == name and isinstance(r["metrics"].get(key), (int, float)))
+        if not pts:
+            continue
+        xs, ys, err = zip(*pts)
+        if key == "is" and all(e is not None for e in err):
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("training epoch")
+    ax.set_title(_header(key), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_metrics(records: list[dict], out: str | Path, keys: list[str] | None = None,
+                 one_figure: bool = False) -> list[Path]:
+    """Metrics against training epoch: one PNG per metric in the directory `out`, or with
+    `one_figure` all `keys` side by side in the single PNG file `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
+    out = Path(out)
     with_epoch = [r for r in records if r["epoch"] is not None]
+    keys = [k for k in (keys or _metric_keys(with_epoch)) if k != "is_std"]  # is_std: the IS error bars
+    figures = [(keys, out)] if one_figure else [([k], out / f"{k}.png") for k in keys]
     paths = []
-    for key in _metric_keys(with_epoch):
-        if key == "is_std":  # drawn as the IS error bars
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-        for name in sorted({r["name"] for r in with_epoch}):
-            pts = sorted((r["epoch"], r["metrics"][key], r["metrics"].get("is_std")) for r in with_epoch
-                         if r["name"] == name and isinstance(r["metrics"].get(key), (int, float)))
-            if not pts:
-                continue
-            xs, ys, err = zip(*pts)
-            if key == "is" and all(e is not None for e in err):
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-            else:
-                ax.plot(xs, ys, marker="o", label=name)
-        ax.set_xlabel("training epoch")
-        ax.set_ylabel(_header(key))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for panel_keys, path in figures:
+        fig, axes = plt.subplots(1, len(panel_keys), figsize=(4.5 * len(panel_keys), 3.5), dpi=120, squeeze=False)
+        for ax, key in zip(axes[0], panel_keys):
+            _draw(ax, with_epoch, key)
         fig.tight_layout()
-        paths.append(out_dir / f"{key}.png")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(paths[-1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
         plt.close(fig)
+        paths.append(path)
     return paths
 
 
@@ -112,6 +138,6 @@ def compare(runs: list[str | Path], out_dir: str | Path | None = None) -> tuple[
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "compare.md").write_text(table)
+        atomic_write_text(out_dir / "compare.md", table)
         pngs = plot_metrics(records, out_dir)
     return table, pngs

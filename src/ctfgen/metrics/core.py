@@ -7,6 +7,8 @@ Everything that is summed or inverted is done in float64.
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import warnings
 
 import numpy as np
@@ -19,7 +21,7 @@ def _as_float64(x, name: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     x = np.asarray(x, dtype=np.float64)
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise ConfigError(f"{name} contains NaN or infinite values")
     return x
 
 
@@ -27,9 +29,9 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and unbiased covariance (D,D) of (N,D) features, in float64 (as pytorch-fid and ADM)."""
     f = _as_float64(features, "features")
     if f.ndim != 2:
-        raise ValueError(f"features must be (N, D), got shape {f.shape}")
+        raise ConfigError(f"features must be (N, D), got shape {f.shape}")
     if len(f) < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(f)}")
+        raise ConfigError(f"need at least 2 feature vectors for a covariance, got {len(f)}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -46,10 +48,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(_as_float64(mu1, "mu1")), np.atleast_1d(_as_float64(mu2, "mu2"))
     sigma1, sigma2 = np.atleast_2d(_as_float64(sigma1, "sigma1")), np.atleast_2d(_as_float64(sigma2, "sigma2"))
     if mu1.shape != mu2.shape:
-        raise ValueError(f"mean vectors have different shapes: {mu1.shape} vs {mu2.shape}")
+        raise ConfigError(f"mean vectors have different shapes: {mu1.shape} vs {mu2.shape}")
     d = mu1.shape[0]
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"covariances must be ({d}, {d}); got {sigma1.shape} and {sigma2.shape}")
+        raise ConfigError(f"covariances must be ({d}, {d}); got {sigma1.shape} and {sigma2.shape}")
 
     diff = mu1 - mu2
     with warnings.catch_warnings():
@@ -64,7 +66,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             worst = np.max(np.abs(covmean.imag))
-            raise ValueError(
+            raise ConfigError(
                 f"Fréchet distance: matrix square root has an imaginary component of {worst:.3g}; "
                 "the covariances are not symmetric positive semi-definite (check the feature statistics)"
             )
@@ -83,7 +85,7 @@ def knn_radii(features, k: int = 3, batch_size: int = 1000, device: str | torch.
     """
     x = torch.as_tensor(_as_float64(features, "features"), device=device)
     if len(x) <= k:
-        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {len(x)}")
+        raise ConfigError(f"k-NN radii with k={k} need more than {k} points, got {len(x)}")
     radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
     for i in range(0, len(x), batch_size):
         d = torch.cdist(x[i : i + batch_size], x)
@@ -114,15 +116,15 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     real = torch.as_tensor(_as_float64(real_features, "real_features"), device=device)
     fake = torch.as_tensor(_as_float64(fake_features, "fake_features"), device=device)
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D; got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ConfigError(f"features must be (N, D) with the same D; got {tuple(real.shape)} and {tuple(fake.shape)}")
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} real and fake samples; "
+        raise ConfigError(f"precision/recall with k={k} needs more than {k} real and fake samples; "
                          f"got {len(real)} and {len(fake)}")
     if real_radii is None:
         real_radii = knn_radii(real, k, batch_size)
     real_radii = torch.as_tensor(real_radii, dtype=torch.float64, device=real.device)
     if real_radii.shape != (len(real),):
-        raise ValueError(f"real_radii must be ({len(real)},), got {tuple(real_radii.shape)}")
+        raise ConfigError(f"real_radii must be ({len(real)},), got {tuple(real_radii.shape)}")
     fake_radii = knn_radii(fake, k, batch_size)
     precision = _fraction_inside(fake, real, real_radii, batch_size)
     recall = _fraction_inside(real, fake, fake_radii, batch_size)
@@ -139,11 +141,11 @@ def inception_score(probs, splits: int = 10, shuffle_seed: int | None = None) ->
     """
     p = _as_float64(probs, "probs")
     if p.ndim != 2:
-        raise ValueError(f"probs must be (N, C), got shape {p.shape}")
+        raise ConfigError(f"probs must be (N, C), got shape {p.shape}")
     if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
-        raise ValueError("probs must be non-negative rows summing to 1 (apply softmax to logits first)")
+        raise ConfigError("probs must be non-negative rows summing to 1 (apply softmax to logits first)")
     if not 1 <= splits <= len(p):
-        raise ValueError(f"splits must be between 1 and the number of samples ({len(p)}), got {splits}")
+        raise ConfigError(f"splits must be between 1 and the number of samples ({len(p)}), got {splits}")
     if shuffle_seed is not None:
         p = p[np.random.default_rng(shuffle_seed).permutation(len(p))]
     scores = []

@@ -14,8 +14,9 @@ A run directory for `ctfgen compare` holds such records as RUN/eval/*.json, one 
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +39,8 @@ METRIC_INFO = {
     "precision": ("Precision", True),
     "recall": ("Recall", True),
     "class_consistency": ("Class consistency", True),
+    "bits_per_token": ("bits/token", False),
+    "sample_seconds_per_image": ("s/img", False),
 }
 
 
@@ -57,10 +60,10 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected an .npz sample/reference batch or an image folder)")
     if path.suffix != ".npz":
-        raise ValueError(f"{path}: expected an .npz file (ADM format, images under arr_0) or a folder of images")
+        raise ConfigError(f"{path}: expected an .npz file (ADM format, images under arr_0) or a folder of images")
     with np.load(path) as data:
         if "arr_0" not in data.files:
-            raise ValueError(f"{path} has no `arr_0` array (keys: {data.files}); ADM-style files keep uint8 "
+            raise ConfigError(f"{path} has no `arr_0` array (keys: {data.files}); ADM-style files keep uint8 "
                              "images (N,H,W,C) under arr_0")
         images = data["arr_0"]
         labels = data["labels"] if "labels" in data.files else data["arr_1"] if "arr_1" in data.files else None
@@ -72,7 +75,7 @@ def _load_folder(folder: Path) -> np.ndarray:
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise ValueError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ConfigError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     arrays = []
     for f in files:
         with Image.open(f) as img:
@@ -80,7 +83,7 @@ def _load_folder(folder: Path) -> np.ndarray:
         arrays.append(a[..., None] if a.ndim == 2 else a)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"images in {folder} have different shapes {sorted(shapes)[:5]}; resize them to one size first")
+        raise ConfigError(f"images in {folder} have different shapes {sorted(shapes)[:5]}; resize them to one size first")
     return _check_images(np.stack(arrays), str(folder))
 
 
@@ -88,11 +91,11 @@ def _check_images(images: np.ndarray, source: str) -> np.ndarray:
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{source}: expected images (N,H,W,C) with C in (1,3), got shape {images.shape}")
+        raise ConfigError(f"{source}: expected images (N,H,W,C) with C in (1,3), got shape {images.shape}")
     if images.dtype != np.uint8:
-        raise ValueError(f"{source}: expected uint8 images, got {images.dtype}")
+        raise ConfigError(f"{source}: expected uint8 images, got {images.dtype}")
     if len(images) == 0:
-        raise ValueError(f"{source}: no images")
+        raise ConfigError(f"{source}: no images")
     return images
 
 
@@ -165,7 +168,7 @@ def evaluate_fmnist(images, labels=None, ref="test", classifier=None, k: int = 3
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64)
         if labels.shape != (len(probs),):
-            raise ValueError(f"labels must be ({len(probs)},) to match the images, got {labels.shape}")
+            raise ConfigError(f"labels must be ({len(probs)},) to match the images, got {labels.shape}")
         metrics["class_consistency"] = float((probs.argmax(1) == labels).mean())
     return metrics
 
@@ -235,11 +238,11 @@ def evaluate(samples: str | Path, ref: str, metric_set: str = "inception", name:
         n_ref = len(_fmnist_split_embedding(FMNIST_REFS[ref])[0]) if ref in FMNIST_REFS else len(ref_arg)
     elif metric_set == "inception":
         if ref in FMNIST_REFS:
-            raise ValueError(f"--ref {ref} is a Fashion-MNIST split; it goes with --metric-set fmnist")
+            raise ConfigError(f"--ref {ref} is a Fashion-MNIST split; it goes with --metric-set fmnist")
         metrics, n_ref = evaluate_inception(images, ref, weights=inception_weights, k=k, splits=splits,
                                             batch_size=batch_size, device=device, sfid=sfid)
     else:
-        raise ValueError(f"unknown metric set {metric_set!r}; choose 'inception' or 'fmnist'")
+        raise ConfigError(f"unknown metric set {metric_set!r}; choose 'inception' or 'fmnist'")
     return {
         "name": name or Path(samples).stem,
         "epoch": epoch,
@@ -255,12 +258,9 @@ def evaluate(samples: str | Path, ref: str, metric_set: str = "inception", name:
 def write_record(record: dict, path: str | Path) -> Path:
     """Write an evaluation record as JSON, atomically (the reproduction writes RUN/eval/*.json while
     `ctfgen compare` may be reading them)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from ctfgen.fileio import atomic_write_json
+
+    return atomic_write_json(path, record)
 
 
 def format_table(record: dict) -> str:

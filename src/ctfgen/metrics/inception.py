@@ -8,6 +8,8 @@ this project must run on machines without internet.
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import hashlib
 import importlib
 import importlib.util
@@ -81,7 +83,7 @@ def _check_hash(path: Path) -> None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     if not h.hexdigest().startswith(m.group(1)):
-        raise ValueError(
+        raise ConfigError(
             f"{path} is corrupt or not the expected file: its sha256 starts with {h.hexdigest()[:8]}, "
             f"the name says {m.group(1)}. Download `{WEIGHTS_FILE}` again."
         )
@@ -136,7 +138,7 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
         try:
             net = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
         except RuntimeError as err:
-            raise ValueError(f"{path} is not a torch-fidelity Inception-v3 state dict:\n{err}") from err
+            raise ConfigError(f"{path} is not a torch-fidelity Inception-v3 state dict:\n{err}") from err
         finally:
             module.load_state_dict_from_url = original
     return net.to(device).eval()
@@ -145,11 +147,11 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
 def _to_nchw_uint8(images) -> torch.Tensor:
     x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else torch.as_tensor(images)
     if x.dtype != torch.uint8:
-        raise ValueError(f"Inception features take uint8 images (N,H,W,C) in [0,255]; got dtype {x.dtype}")
+        raise ConfigError(f"Inception features take uint8 images (N,H,W,C) in [0,255]; got dtype {x.dtype}")
     if x.dim() == 3:  # (N,H,W) grayscale
         x = x.unsqueeze(-1)
     if x.dim() != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"expected images of shape (N,H,W,C) with C in (1,3); got {tuple(x.shape)}")
+        raise ConfigError(f"expected images of shape (N,H,W,C) with C in (1,3); got {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2)
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
 
@@ -190,7 +192,7 @@ def inception_features(images, net=None, weights: str | Path | None = None, batc
         if hook is not None:
             hook.remove()
     if not pools:
-        raise ValueError("no images given")
+        raise ConfigError("no images given")
     out = {"pool": torch.cat(pools).numpy(), "logits": torch.cat(logits).numpy()}
     if spatial:
         out["spatial"] = torch.cat(spatials).numpy()

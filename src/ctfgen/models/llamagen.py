@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import math
 import re
 from pathlib import Path
@@ -30,7 +32,7 @@ def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> dict[str, t
     state = {}
     for name, value in ckpt.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: entry {name!r} is a {type(value).__name__}, not a tensor; expected tensors under "
                 f"one of {_WRAPPER_KEYS} or a bare state dict"
             )
@@ -55,12 +57,12 @@ def load_llamagen_gpt(path, preset: str = "GPT-B", image_tokens: int = 256, num_
         raise KeyError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
     side = math.isqrt(image_tokens)
     if side * side != image_tokens:
-        raise ValueError(f"image_tokens={image_tokens} is not a square grid (256 for 256px, 576 for 384px with VQ-16)")
+        raise ConfigError(f"image_tokens={image_tokens} is not a square grid (256 for 256px, 576 for 384px with VQ-16)")
     source = str(path)
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     state = extract_state_dict(ckpt, source)
     if "tok_embeddings.weight" not in state:
-        raise ValueError(f"{source} has no tok_embeddings.weight: not a LlamaGen GPT checkpoint")
+        raise ConfigError(f"{source} has no tok_embeddings.weight: not a LlamaGen GPT checkpoint")
     vocab_size = state["tok_embeddings.weight"].shape[0]
     config = GPTConfig.from_preset(preset, vocab_size=vocab_size, image_tokens=image_tokens, num_classes=num_classes, **overrides)
     with torch.device("meta"):

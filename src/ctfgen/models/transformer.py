@@ -4,7 +4,8 @@ Read top to bottom: configs and presets, the building blocks (RMSNorm, SwiGLU fe
 2-D rotary embedding, attention with an optional KV cache, the pre-norm block), then `GPT`
 (LlamaGen c2i, parameter names identical to its checkpoints) and `AuxModel` (CTF stage 2).
 
-Numerics follow LlamaGen exactly (see /work/shared/llamagen/README.md): RMSNorm in float32,
+Numerics follow LlamaGen exactly (see llamagen/README.md in the shared reference folder beside the
+checkout, ../shared, or $CTFGEN_SHARED): RMSNorm in float32,
 RoPE computed in float32 on adjacent pairs with row angles in the first half of the pairs and
 column angles in the second, and the class-token position's cos/sin both 0, so its query and key
 are multiplied by zero. This module deliberately has no `from __future__ import annotations`:
@@ -12,6 +13,7 @@ huggingface_hub's mixin reads the `config` annotation of `__init__` as a real cl
 config.json back into a `GPTConfig` / `AuxConfig`.
 """
 
+from ctfgen.errors import ConfigError
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -57,14 +59,14 @@ class _TransformerConfig:
 
     def __post_init__(self):
         if self.dim % self.n_head:
-            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+            raise ConfigError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
         head_dim = self.dim // self.n_head
         if head_dim % 4:
             # 2-D RoPE splits the head's d/2 pairs in two halves (rows, columns).
-            raise ValueError(f"head_dim {head_dim} (dim/n_head) must be a multiple of 4 for 2-D RoPE")
+            raise ConfigError(f"head_dim {head_dim} (dim/n_head) must be a multiple of 4 for 2-D RoPE")
         grid = math.isqrt(self.image_tokens)
         if grid * grid != self.image_tokens:
-            raise ValueError(f"image_tokens={self.image_tokens} is not a square grid (e.g. 256 = 16x16, 49 = 7x7)")
+            raise ConfigError(f"image_tokens={self.image_tokens} is not a square grid (e.g. 256 = 16x16, 49 = 7x7)")
 
     @property
     def grid_size(self) -> int:
@@ -136,7 +138,7 @@ class AuxConfig(_TransformerConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.num_coarse <= self.vocab_size:
-            raise ValueError(f"num_coarse={self.num_coarse} must be in 1..vocab_size ({self.vocab_size})")
+            raise ConfigError(f"num_coarse={self.num_coarse} must be in 1..vocab_size ({self.vocab_size})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +302,7 @@ def _labels_tensor(labels, batch: int, num_classes: int, device) -> torch.Tensor
         return torch.full((batch,), num_classes, dtype=torch.long, device=device)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if labels.shape[0] != batch:
-        raise ValueError(f"got {labels.shape[0]} labels for a batch of {batch}")
+        raise ConfigError(f"got {labels.shape[0]} labels for a batch of {batch}")
     return labels
 
 
@@ -376,7 +378,7 @@ class GPT(_Backbone, HubMixin):
         Returns (B, L+1, vocab) float32; class dropout applies in training mode."""
         B, L = tokens.shape
         if L > self.config.image_tokens:
-            raise ValueError(f"got {L} tokens, the model's grid holds {self.config.image_tokens}")
+            raise ConfigError(f"got {L} tokens, the model's grid holds {self.config.image_tokens}")
         labels = _labels_tensor(labels, B, self.config.num_classes, tokens.device)
         cls = self.cls_embedding(labels)[:, None]
         h = self.tok_dropout(torch.cat([cls, self.tok_embeddings(tokens)], dim=1))
@@ -492,7 +494,7 @@ class AuxModel(_Backbone, HubMixin):
         if f2c.numel() != cfg.vocab_size or int(f2c.min()) < 0 or int(f2c.max()) >= cfg.num_coarse:
             problems.append(f"fine_to_coarse must be ({cfg.vocab_size},) with values in 0..{cfg.num_coarse - 1}")
         if problems:
-            raise ValueError(
+            raise ConfigError(
                 "coarse map does not belong to this AuxModel:\n  " + "\n  ".join(problems)
                 + "\nUse the coarse map the model was trained with (the pipeline directory's coarse_map.safetensors)."
             )
@@ -526,7 +528,7 @@ class AuxModel(_Backbone, HubMixin):
         B, L = coarse.shape
         cfg = self.config
         if L > cfg.image_tokens:
-            raise ValueError(f"got {L} coarse labels, the model's grid holds {cfg.image_tokens}")
+            raise ConfigError(f"got {L} coarse labels, the model's grid holds {cfg.image_tokens}")
         h = self.tok_embeddings(coarse)
         if cfg.class_prefix:
             labels = _labels_tensor(labels, B, cfg.num_classes, coarse.device)

@@ -10,6 +10,8 @@ inferred configuration, and any missing, unexpected or mis-shaped tensor is an e
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import argparse
 import os
 import re
@@ -44,7 +46,7 @@ def read_llamagen_vq_state(path_or_checkpoint, use_ema: bool = False) -> dict[st
     else:
         ckpt = path_or_checkpoint
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{source} holds a {type(ckpt).__name__}, not a LlamaGen checkpoint dict")
+        raise ConfigError(f"{source} holds a {type(ckpt).__name__}, not a LlamaGen checkpoint dict")
     key = "ema" if use_ema else "model"
     if key in ckpt:
         sd = ckpt[key]
@@ -54,7 +56,7 @@ def read_llamagen_vq_state(path_or_checkpoint, use_ema: bool = False) -> dict[st
         hint = " Load without use_ema to get the training weights." if use_ema and "model" in ckpt else ""
         raise KeyError(f"{source} has no {key!r} entry (it has: {', '.join(map(str, ckpt.keys()))}).{hint}")
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{source}[{key!r}] is a {type(sd).__name__}, expected a state dict")
+        raise ConfigError(f"{source}[{key!r}] is a {type(sd).__name__}, expected a state dict")
     # Checkpoints saved from a DDP-wrapped model prefix every name with "module.".
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}

@@ -20,6 +20,8 @@ where VGG16.pth is torchvision's `vgg16-397923af.pth` and LPIPS_VGG.pth is `lpip
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 import os
 import re
 import sys
@@ -41,7 +43,7 @@ def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "l2") -> t
         return F.l1_loss(x, y)
     if kind == "l2":
         return F.mse_loss(x, y)
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
+    raise ConfigError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
 
 
 # --- LPIPS ------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def _read_tensors(path) -> dict[str, torch.Tensor]:
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict of tensors.\n{_HOW_TO}")
+        raise ConfigError(f"{path} does not hold a state dict of tensors.\n{_HOW_TO}")
     return dict(sd)
 
 
@@ -157,7 +159,7 @@ def _canonical_lpips_names(sd: dict[str, torch.Tensor], source: str) -> dict[str
         else:
             unknown.append(k)
     if unknown:
-        raise ValueError(f"unexpected tensors in LPIPS weights {source}: {', '.join(unknown[:10])}.\n{_HOW_TO}")
+        raise ConfigError(f"unexpected tensors in LPIPS weights {source}: {', '.join(unknown[:10])}.\n{_HOW_TO}")
     return out
 
 
@@ -175,7 +177,7 @@ def load_lpips(path, vgg_path=None, device="cpu") -> LPIPS:
     try:
         load_state_dict_strict(model, {k: v.float() for k, v in sd.items()}, source=source)
     except ValueError as e:
-        raise ValueError(f"{e}\n{_HOW_TO}") from e
+        raise ConfigError(f"{e}\n{_HOW_TO}") from e
     return model.to(device)
 
 

@@ -21,6 +21,8 @@ ours back for LlamaGen's own code.
 
 from __future__ import annotations
 
+from ctfgen.errors import ConfigError
+
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -65,20 +67,20 @@ class VQConfig:
         self.encoder_ch_mult = tuple(int(m) for m in self.encoder_ch_mult)
         self.decoder_ch_mult = tuple(int(m) for m in self.decoder_ch_mult)
         if len(self.encoder_ch_mult) != len(self.decoder_ch_mult):
-            raise ValueError(
+            raise ConfigError(
                 f"encoder_ch_mult {self.encoder_ch_mult} and decoder_ch_mult {self.decoder_ch_mult} must have "
                 "the same length: it sets the number of down- and up-sampling steps, which must agree"
             )
         if not self.encoder_ch_mult or min(self.encoder_ch_mult + self.decoder_ch_mult) < 1:
-            raise ValueError(f"channel multipliers must be positive integers, got {self.encoder_ch_mult} / {self.decoder_ch_mult}")
+            raise ConfigError(f"channel multipliers must be positive integers, got {self.encoder_ch_mult} / {self.decoder_ch_mult}")
         for name in ("codebook_size", "codebook_embed_dim", "z_channels", "base_ch", "num_res_blocks",
                      "in_channels", "norm_groups", "usage_window"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"VQConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"VQConfig.{name} must be >= 1, got {getattr(self, name)}")
         widths = sorted({self.base_ch * m for m in self.encoder_ch_mult + self.decoder_ch_mult})
         bad = [w for w in widths if w % self.norm_groups]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"GroupNorm with norm_groups={self.norm_groups} needs every channel width divisible by it, but "
                 f"base_ch={self.base_ch} with multipliers {self.encoder_ch_mult}/{self.decoder_ch_mult} gives {bad}. "
                 "Use a base_ch that is a multiple of norm_groups (LlamaGen: 32), or lower norm_groups."
@@ -333,7 +335,7 @@ class VectorQuantizer(nn.Module):
         if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_e):
-            raise ValueError(f"codes must lie in [0, {self.n_e}), got values in [{int(codes.min())}, {int(codes.max())}]")
+            raise ConfigError(f"codes must lie in [0, {self.n_e}), got values in [{int(codes.min())}, {int(codes.max())}]")
         return F.embedding(codes.long(), self.codebook()).permute(0, 3, 1, 2).contiguous()
 
 
@@ -367,7 +369,7 @@ class VQModel(nn.Module, HubMixin):
     def grid_size(self, image_size: int) -> int:
         """Side of the code grid for square images of side `image_size`."""
         if image_size % self.downsample:
-            raise ValueError(
+            raise ConfigError(
                 f"image size {image_size} is not divisible by the tokenizer's downsampling factor {self.downsample}: "
                 "the decoder could not reproduce the input size. Resize or crop the images first."
             )
@@ -388,7 +390,7 @@ class VQModel(nn.Module, HubMixin):
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
             )
 
@@ -415,7 +417,7 @@ class VQModel(nn.Module, HubMixin):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int codes -> (B, C, H, W) images (roughly in [-1, 1]; not clamped)."""
         if codes.dim() != 3:
-            raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}; reshape flat token "
+            raise ConfigError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}; reshape flat token "
                              "sequences (B, h*w) to the grid first")
         z_q = self.quantize.lookup(codes.to(self.quant_conv.weight.device))
         return self.decode_latent(z_q.to(self.post_quant_conv.weight.dtype))

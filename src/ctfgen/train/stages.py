@@ -13,7 +13,6 @@ Every model records where its vocabulary came from (`codebook_fingerprint`, and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,16 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctfgen.config import TrainConfig, from_dict
+from ctfgen.fileio import atomic_write_json
+from ctfgen.errors import ConfigError
+from ctfgen.errors import MismatchError as StageMismatchError
+from ctfgen.rundir import MODEL_DIR
+
 from . import distributed as D
-from .loop import TrainConfig, TrainResult, train
+from .loop import TrainResult, train
 
 STAGES = ("ar", "aux", "baseline")
 DEFAULT_PRESETS = {"ar": "GPT-B", "aux": "Aux-B", "baseline": "GPT-B"}
-MODEL_DIR = "model"  # out_dir/model: the finished model in save_pretrained form
-
-
-class StageMismatchError(ValueError):
-    """Codes, coarse map and model do not belong together."""
 
 
 @dataclass
@@ -96,16 +96,16 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
     from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
 
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     dataset = _code_dataset(codes)
     header = dataset.header
     cmap = _load_map(coarse_map)
     if stage in ("ar", "aux"):
         if cmap is None:
-            raise ValueError(f"stage {stage!r} needs a coarse map (--coarse-map FILE from `ctfgen cluster`)")
+            raise ConfigError(f"stage {stage!r} needs a coarse map (--coarse-map FILE from `ctfgen cluster`)")
         check_map_for_codes(cmap, header, str(dataset.dir))
     elif cmap is not None:
-        raise ValueError("the baseline trains on fine tokens and takes no coarse map; drop --coarse-map")
+        raise ConfigError("the baseline trains on fine tokens and takes no coarse map; drop --coarse-map")
 
     codebook = int(header["codebook_size"])
     vocab = cmap.num_coarse if stage == "ar" else codebook
@@ -156,7 +156,7 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
                 run_config: dict | None = None, desc: str | None = None) -> tuple[nn.Module, TrainResult]:
     """Train one stage on a code directory; the finished model (EMA weights when EMA is on) is
     written to `out_dir/model` (save_pretrained) by rank 0 and returned on every rank (CPU)."""
-    tcfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.from_dict(train_config)
+    tcfg = train_config if isinstance(train_config, TrainConfig) else from_dict(TrainConfig, train_config, "train")
     dataset = _code_dataset(codes)
     # The initial weights are a function of the seed alone (and identical on every rank).
     torch.manual_seed(tcfg.seed)
@@ -165,10 +165,11 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
     if D.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in st.model.parameters())
-        (out_dir / "stage.json").write_text(json.dumps(
+        atomic_write_json(out_dir / "stage.json", (
             {"stage": stage, "preset": preset or DEFAULT_PRESETS[stage], "params": n_params,
-             "codes": str(dataset.dir), "model_config": _jsonable(st.model.config)}, indent=2) + "\n")
-    config_record = {"stage": stage, "preset": preset, "model": model or {}, **(run_config or {})}
+             "codes": str(dataset.dir), "model_config": _jsonable(st.model.config)}))
+    config_record = {"stage": stage, "preset": preset, "model": model or {}, "model_config": _jsonable(st.model.config),
+                     **(run_config or {})}
     result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume,
                    tokens_per_item=st.tokens_per_item, on_epoch_end=on_epoch_end,
                    run_config=config_record, desc=desc or stage)
@@ -187,6 +188,13 @@ def finished_model(stage: Stage, result: TrainResult) -> nn.Module:
     net = stage.model_class(cfg)
     load_state_dict_strict(net, result.best_state_dict(), source=f"{stage.name} training result")
     return net.eval()
+
+
+def load_stage_model(stage: str, path) -> nn.Module:
+    """A trained stage's model (`RUN/runs/<stage>/model`), eval mode."""
+    from ctfgen.models.transformer import GPT, AuxModel
+
+    return (AuxModel if stage == "aux" else GPT).from_pretrained(str(path)).eval()
 
 
 def _jsonable(cfg) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""The one place a dataset is built from settings: `make_dataset(DataConfig, split)`."""
+
+from __future__ import annotations
+
+from ctfgen.config import DataConfig
+from ctfgen.errors import ConfigError
+
+TENCROP_RANGE = 1.1  # LlamaGen: ten crops of image_size from a centre crop this much larger
+
+
+def image_size(data: DataConfig) -> int:
+    return data.image_size or (28 if data.dataset == "fashion_mnist" else 256)
+
+
+def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_codes: bool = False, verify=False):
+    """Train or test images of `data` (items: (C, H, W) in [-1, 1], label), or None for an image
+    folder without a test root. `for_codes` loads ten-crop train images at the larger size."""
+    limit = data.train_limit if split == "train" else data.test_limit
+    if data.dataset == "fashion_mnist":
+        from ctfgen.data.fashion_mnist import FashionMNIST
+
+        return FashionMNIST(split, root=data.root, limit=limit, image_size=image_size(data))
+    from ctfgen.data.folder import ImageFolder
+
+    root = data.root if split == "train" else data.test_root
+    if root is None:
+        if split == "train":
+            raise ConfigError("data.root is required for dataset: image_folder (a folder of class sub-folders)")
+        return None
+    size = image_size(data)
+    if split == "train" and data.augment == "tencrop" and for_codes:
+        size = int(size * TENCROP_RANGE)
+    ds = ImageFolder(root, image_size=size, channels=data.channels or channels or 3, verify=verify)
+    if limit is not None and limit < len(ds):
+        import torch
+        from torch.utils.data import Subset
+
+        # Folders are sorted by class: a seeded random subset rather than the first classes.
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:int(limit)]
+        ds = Subset(ds, sorted(idx.tolist()))
+    return ds
