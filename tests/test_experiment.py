@@ -17,7 +17,11 @@ import torch
 from ctfgen.cli import main as cli
 from ctfgen.clustering import CoarseMap
 from ctfgen.data.codes import CodeDataset, write_codes
-from ctfgen.experiment import ExperimentError, resolve_config, run_experiment
+import yaml
+
+from ctfgen.config import ExperimentConfig, load_config
+from ctfgen.errors import ConfigError
+from ctfgen.experiment import run_experiment
 from ctfgen.fingerprint import codebook_fingerprint
 from ctfgen.train.stages import StageMismatchError, build_stage, train_stage
 
@@ -58,24 +62,47 @@ def synthetic(tmp_path_factory):
 
 # --- config ----------------------------------------------------------------------------------
 
+def resolve(raw, overrides=()):
+    return load_config(ExperimentConfig, raw, list(overrides))
+
+
 def test_config_overrides_are_typed_and_baseline_inherits_stage1():
-    cfg = resolve_config({"stage1": {"preset": "GPT-mini", "train": {"lr": 3e-4}}, "train": {"steps": 5}},
-                         ["train.batch_size=64", "aux.model.restrict_to_cluster=false", "data.train_limit=null",
-                          "seed=7"])
-    assert cfg["stage1"]["train"] == {"seed": 7, "steps": 5, "batch_size": 64, "lr": 3e-4}
-    assert cfg["aux"]["train"] == {"seed": 7, "steps": 5, "batch_size": 64}  # TrainConfig's lr default
-    assert cfg["aux"]["model"]["restrict_to_cluster"] is False
-    assert cfg["baseline"]["preset"] == "GPT-mini" and cfg["baseline"]["train"] == cfg["stage1"]["train"]
-    assert cfg["clustering"]["seed"] == 7 and cfg["data"]["train_limit"] is None
+    cfg = resolve({"stage1": {"preset": "GPT-mini", "train": {"lr": 3e-4}}, "train": {"steps": 5}},
+                  ["train.batch_size=64", "aux.model.restrict_to_cluster=false", "data.train_limit=null", "seed=7"])
+    s1, aux = cfg.stage1.train, cfg.aux.train
+    assert (s1.seed, s1.steps, s1.batch_size, s1.lr) == (7, 5, 64, 3e-4)
+    assert (aux.seed, aux.steps, aux.batch_size, aux.lr) == (7, 5, 64, 1e-4)  # TrainConfig's lr default
+    assert cfg.aux.model["restrict_to_cluster"] is False
+    assert cfg.baseline.preset == "GPT-mini" and cfg.baseline.train == cfg.stage1.train
+    assert cfg.clustering.seed == 7 and cfg.data.train_limit is None and cfg.tokenizer.train.seed == 7
 
 
-def test_config_typos_are_refused():
-    with pytest.raises(ExperimentError, match="unknown config key 'data.trian_limit'"):
-        resolve_config({"data": {"trian_limit": 5}})
-    with pytest.raises(ExperimentError, match="stage1.train: unknown train settings: lrr"):
-        resolve_config({"train": {"steps": 1}, "stage1": {"train": {"lrr": 1}}})
-    with pytest.raises(ExperimentError, match="not key.sub=value"):
-        resolve_config({}, ["train.steps"])
+def test_config_typos_are_refused_with_path_and_closest_key():
+    with pytest.raises(ConfigError, match="unknown config key data.trian_limit; did you mean data.train_limit"):
+        resolve({"data": {"trian_limit": 5}})
+    with pytest.raises(ConfigError, match="unknown config key stage1.train.lrr; did you mean stage1.train.lr"):
+        resolve({"train": {"steps": 1}, "stage1": {"train": {"lrr": 1}}})
+    with pytest.raises(ConfigError, match="unknown config key aux.model.dimm; did you mean aux.model.dim"):
+        resolve({}, ["aux.model.dimm=3"])
+    with pytest.raises(ConfigError, match="not key.sub=value"):
+        resolve({}, ["train.steps"])
+    with pytest.raises(ConfigError, match="train.schedule must be one of constant, cosine"):
+        resolve({}, ["train.schedule=linear"])
+
+
+def test_old_spellings_still_load():
+    """Runs started before one spelling per setting resume with their own input.yaml."""
+    cfg = resolve({"train": {"ckpt_every": 7}, "tokenizer": {"train": {"steps": 3, "disc_weight": 0.5}}})
+    assert cfg.stage1.train.checkpoint_every == 7 and cfg.tokenizer.loss.disc_weight == 0.5
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    assert cli(["pipeline", TINY, "--print-config", "stage1.train.lr=0.002"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["stage1"]["train"]["lr"] == 0.002 and shown["baseline"]["train"]["lr"] == 0.002
+    assert shown["stage1"]["train"]["checkpoint_every"] == 50 and shown["aux"]["preset"] == "Aux-tiny"
+    assert cli(["pipeline", TINY, "--print-config", "stage1.train.lrr=1"]) == 2
+    assert "error: unknown config key stage1.train.lrr; did you mean stage1.train.lr?" in capsys.readouterr().err
 
 
 # --- stages ----------------------------------------------------------------------------------
@@ -90,7 +117,7 @@ def test_mismatched_coarse_map_is_refused(synthetic, tmp_path):
     # The command says the same and exits with an error, without training anything.
     rc = cli(["train", "--stage", "ar", "--codes", str(d / "codes"), "--coarse-map", str(d / "other_map.safetensors"),
               "--preset", "GPT-tiny", "--out", str(tmp_path / "run"), "train.steps=2"])
-    assert rc == 1 and not (tmp_path / "run" / "checkpoints").exists()
+    assert rc == 2 and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_vocabulary_that_does_not_fit_is_refused(synthetic, tmp_path):
@@ -165,7 +192,7 @@ def test_cluster_and_train_commands(tmp_path):
     aux = AuxModel.from_pretrained(str(out / "model"))
     assert aux.config.multiple_of == 32 and torch.equal(aux.fine_to_coarse, cmap.fine_to_coarse)
     assert json.loads((out / "stage.json").read_text())["stage"] == "aux"
-    assert cli(args) == 1  # an existing run is not overwritten without --resume
+    assert cli(args) == 2  # an existing run is not overwritten without --resume
     assert cli(args + ["--resume", "train.steps=5"]) == 0
     assert (out / "checkpoints" / "ckpt-00000005.pt").is_file()
 
@@ -199,10 +226,10 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
     # Not empty and no --resume: refused, nothing touched.
-    assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 1
+    assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 2
     assert "is not empty" in capsys.readouterr().err
     # A finished step run with other settings: refused on resume.
-    assert cli(["pipeline", TINY, "--out", str(out), "--resume", "--no-progress", *SMALL, "clustering.num_coarse=8"]) == 1
+    assert cli(["pipeline", TINY, "--out", str(out), "--resume", "--no-progress", *SMALL, "clustering.num_coarse=8"]) == 2
     assert "clustering.num_coarse: 16 then, 8 now" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 

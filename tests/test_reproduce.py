@@ -67,6 +67,6 @@ def test_rerun_redoes_nothing(finished):
     assert {p: p.stat().st_mtime_ns for p in (out / "eval").rglob("*.json")} == before
 
 
-def test_reproduce_needs_a_main_run(tmp_path):
-    with pytest.raises(SystemExit, match="run .*the main experiment first"):
-        cli(["reproduce", "--run", str(tmp_path)])
+def test_reproduce_needs_a_main_run(tmp_path, capsys):
+    assert cli(["reproduce", "--run", str(tmp_path)]) == 2
+    assert "run (or --resume) the experiment first" in capsys.readouterr().err

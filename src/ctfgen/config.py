@@ -49,11 +49,13 @@ def from_dict(cls, data: dict | None, where: str = ""):
         sub = hints.get(key)
         if is_dataclass(sub) and (value is None or isinstance(value, dict)):
             value = from_dict(sub, value, path)
+        elif key == "model" and hasattr(cls, "model_config_class") and isinstance(value, dict):
+            check_keys(value, cls.model_config_class(), path)  # overrides of the model's own config
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}.{e}" if where and not str(e).startswith(where) else str(e)) from None
+    except ConfigError as e:  # raised by __post_init__, naming the field relative to `where`
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
 
@@ -144,7 +146,7 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _number(obj, names, where: str) -> None:
+def _number(obj, names) -> None:
     # YAML 1.1 reads `3e-4` as a string; accept it, and say so when a value is not a number.
     for name in names:
         value = getattr(obj, name)
@@ -153,12 +155,12 @@ def _number(obj, names, where: str) -> None:
         try:
             setattr(obj, name, float(value))
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}.{name} must be a number, got {value!r}") from None
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
-def _choice(obj, name: str, choices, where: str) -> None:
+def _choice(obj, name: str, choices) -> None:
     if getattr(obj, name) not in choices:
-        raise ConfigError(f"{where}.{name} must be one of {', '.join(map(str, choices))}, got {getattr(obj, name)!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(obj, name)!r}")
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -193,15 +195,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        _number(self, ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "ema_decay"), "train")
+        _number(self, ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "ema_decay"))
         self.betas = tuple(float(b) for b in self.betas)
-        _choice(self, "schedule", ("constant", "cosine"), "train")
-        _choice(self, "mixed_precision", ("bf16", "none"), "train")
+        _choice(self, "schedule", ("constant", "cosine"))
+        _choice(self, "mixed_precision", ("bf16", "none"))
         if self.fsdp not in (True, False, "auto"):
-            raise ConfigError(f"train.fsdp must be true, false or auto, got {self.fsdp!r}")
+            raise ConfigError(f"fsdp must be true, false or auto, got {self.fsdp!r}")
         for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def length_given(self) -> bool:
@@ -242,12 +244,12 @@ class VQLossConfig:
     disc_lr: float | None = None        # default: train.lr
 
     def __post_init__(self):
-        _number(self, ("reconstruction_weight", "perceptual_weight", "disc_weight", "disc_lr"), "tokenizer.loss")
-        _choice(self, "reconstruction", ("l1", "l2"), "tokenizer.loss")
-        _choice(self, "disc_loss", ("hinge", "vanilla"), "tokenizer.loss")
+        _number(self, ("reconstruction_weight", "perceptual_weight", "disc_weight", "disc_lr"))
+        _choice(self, "reconstruction", ("l1", "l2"))
+        _choice(self, "disc_loss", ("hinge", "vanilla"))
         if self.perceptual_weight > 0 and not self.lpips_weights:
             raise ConfigError(
-                "tokenizer.loss.perceptual_weight > 0 needs tokenizer.loss.lpips_weights: a local LPIPS-VGG16 "
+                "perceptual_weight > 0 needs lpips_weights: a local LPIPS-VGG16 "
                 "weights file (see `python -m ctfgen.tokenizer.losses`), or set perceptual_weight: 0")
 
 
@@ -267,8 +269,8 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
-        _choice(self, "dataset", ("fashion_mnist", "image_folder"), "data")
-        _choice(self, "augment", ("none", "flip", "tencrop"), "data")
+        _choice(self, "dataset", ("fashion_mnist", "image_folder"))
+        _choice(self, "augment", ("none", "flip", "tencrop"))
 
 
 @dataclass
@@ -279,10 +281,13 @@ class TokenizerConfig:
     loss: VQLossConfig = field(default_factory=VQLossConfig)
 
     def __post_init__(self):
+        self.model = dict(self.model or {})
+
+    @staticmethod
+    def model_config_class():
         from ctfgen.tokenizer.vq import VQConfig
 
-        self.model = dict(self.model or {})
-        check_keys(self.model, VQConfig, "tokenizer.model")
+        return VQConfig
 
 
 @dataclass
@@ -292,7 +297,7 @@ class ClusteringConfig:
     seed: int | None = None             # default: the top-level seed
 
     def __post_init__(self):
-        _choice(self, "method", ("kmeans", "random"), "clustering")
+        _choice(self, "method", ("kmeans", "random"))
 
 
 @dataclass
@@ -303,19 +308,25 @@ class StageConfig:
     model: dict = field(default_factory=dict)  # GPTConfig / AuxConfig fields over the preset
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    model_class = "GPTConfig"
-
     def __post_init__(self):
-        from ctfgen.models import transformer
-
         self.model = dict(self.model or {})
-        check_keys(self.model, getattr(transformer, self.model_class), "model")
+
+    @staticmethod
+    def model_config_class():
+        from ctfgen.models.transformer import GPTConfig
+
+        return GPTConfig
 
 
 @dataclass
 class AuxStageConfig(StageConfig):
     preset: str | None = "Aux-B"
-    model_class = "AuxConfig"
+
+    @staticmethod
+    def model_config_class():
+        from ctfgen.models.transformer import AuxConfig
+
+        return AuxConfig
 
 
 @dataclass
