@@ -307,6 +307,7 @@ class StageConfig:
     preset: str | None = None
     model: dict = field(default_factory=dict)  # GPTConfig / AuxConfig fields over the preset
     train: TrainConfig = field(default_factory=TrainConfig)
+    enabled: bool = True                # CTF needs stage1 and aux; the baseline is optional
 
     def __post_init__(self):
         self.model = dict(self.model or {})
@@ -327,11 +328,6 @@ class AuxStageConfig(StageConfig):
         from ctfgen.models.transformer import AuxConfig
 
         return AuxConfig
-
-
-@dataclass
-class BaselineConfig(StageConfig):
-    enabled: bool = True
 
 
 @dataclass
@@ -365,7 +361,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(preset="GPT-B"))
     aux: AuxStageConfig = field(default_factory=AuxStageConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    baseline: StageConfig = field(default_factory=StageConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -379,6 +375,10 @@ class ExperimentConfig:
 
     def stage(self, stage: str) -> StageConfig:
         return getattr(self, STAGE_SECTIONS[stage])
+
+    @property
+    def ctf_enabled(self) -> bool:
+        return self.stage1.enabled and self.aux.enabled
 
 
 def inherit(raw: dict) -> dict:
@@ -395,7 +395,7 @@ def inherit(raw: dict) -> dict:
         clustering["seed"] = seed
     s1 = raw.get("stage1") or {}
     base = dict(raw.get("baseline") or {})
-    for key in ("preset", "model", "train"):
+    for key in ("preset", "model", "train"):  # `enabled` is the baseline's own
         if base.get(key) is None:
             base[key] = copy.deepcopy(s1.get(key))
     raw["baseline"] = base
@@ -430,8 +430,12 @@ def migrate_legacy(raw: dict) -> dict:
 
 def check_experiment(cfg: ExperimentConfig) -> None:
     """What the dataclasses cannot see alone."""
+    if cfg.stage1.enabled != cfg.aux.enabled:
+        raise ConfigError("stage1 and aux make CTF together: enable both or neither")
+    if not (cfg.ctf_enabled or cfg.baseline.enabled):
+        raise ConfigError("nothing to train: stage1 and aux, or the baseline, must be enabled")
     for stage, section in STAGE_SECTIONS.items():
-        if stage == "baseline" and not cfg.baseline.enabled:
+        if not cfg.stage(stage).enabled:
             continue
         if not cfg.stage(stage).train.length_given:
             raise ConfigError(f"{section}.train needs steps or epochs (e.g. train.steps=1000)")
@@ -451,7 +455,7 @@ def dry_run_overrides() -> list[str]:
         "tokenizer.train.steps=2", "tokenizer.train.batch_size=4", "tokenizer.train.progress=false",
         "stage1.preset=GPT-tiny", "aux.preset=Aux-tiny", "baseline.preset=GPT-tiny",
         "stage1.model.multiple_of=32", "aux.model.multiple_of=32", "baseline.model.multiple_of=32",
-        "clustering.num_coarse=4", "data.image_size=32", "data.extract_batch_size=4",
+        "clustering.num_coarse=4", "data.image_size=32", "data.extract_batch_size=4", "data.num_workers=0",
         "heldout.limit=4", "heldout.batch_size=4"]
 
 

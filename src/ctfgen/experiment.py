@@ -213,6 +213,8 @@ def step_train(x: Experiment, stage: str, cmap):
     from ctfgen.train.stages import load_stage_model, train_stage
 
     s = x.cfg.stage(stage)
+    if not s.enabled:
+        return None
 
     def work():
         say(f"training {stage} ({s.preset})")
@@ -233,13 +235,16 @@ def step_assemble(x: Experiment, vq, cmap, ar, aux, base) -> None:
     def work():
         with D.main_first() as first:
             if first:
-                say(f"assembling {x.run.ctf} and {x.run.baseline}")
                 sampling = x.cfg.sampling
-                publish_dir(CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf).save_pretrained, x.run.ctf)
+                if ar is not None:
+                    say(f"assembling {x.run.ctf}")
+                    publish_dir(CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf).save_pretrained,
+                                x.run.ctf)
                 if base is not None:
+                    say(f"assembling {x.run.baseline}")
                     publish_dir(ARPipeline(base, vq, sampling_defaults=sampling.baseline).save_pretrained,
                                 x.run.baseline)
-                _link_top_level(x.run.root, "ctf")
+                _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
     x.once("assemble", work)
@@ -253,7 +258,7 @@ def step_heldout(x: Experiment) -> None:
         return
 
     def work():
-        pipes = {"ctf": CTFPipeline.from_pretrained(x.run.ctf)}
+        pipes = {"ctf": CTFPipeline.from_pretrained(x.run.ctf)} if x.cfg.ctf_enabled else {}
         if x.cfg.baseline.enabled:
             pipes["baseline"] = ARPipeline.from_pretrained(x.run.baseline)
         results = {}
@@ -347,14 +352,13 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     vq = step_tokenizer(x)
     cmap = step_cluster(x, vq)
     step_extract(x, vq)
-    ar, aux = step_train(x, "ar", cmap), step_train(x, "aux", cmap)
-    base = step_train(x, "baseline", None) if cfg.baseline.enabled else None
+    ar, aux, base = step_train(x, "ar", cmap), step_train(x, "aux", cmap), step_train(x, "baseline", None)
     step_assemble(x, vq, cmap, ar, aux, base)
     step_heldout(x)
     if D.is_main():
         atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),
                                           "step_seconds": {s: (x.done(s) or {}).get("seconds") for s in STEPS}})
-        say(f"done in {time.time() - t_all:.1f}s: CTFPipeline.from_pretrained({str(x.run.root)!r}); "
-            f"baseline in {x.run.baseline}")
+        say(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
+            + (f"; baseline in {x.run.baseline}" if base is not None and ar is not None else ""))
     D.barrier()
     return x.run.root
