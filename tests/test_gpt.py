@@ -52,7 +52,7 @@ def test_presets_and_config_checks():
         assert (cfg.n_layer, cfg.n_head, cfg.dim) == (L, H, D)
     with pytest.raises(ValueError, match="square"):
         GPTConfig.from_preset("GPT-tiny", vocab_size=4, image_tokens=15)
-    with pytest.raises(KeyError, match="GPT-B"):
+    with pytest.raises(ValueError, match="GPT-B"):
         GPTConfig.from_preset("GPT-Q", vocab_size=4, image_tokens=16)
 
 

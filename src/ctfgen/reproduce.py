@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from ctfgen.config import ExperimentConfig, ReproduceConfig, load_config
+from ctfgen.config import ExperimentConfig, ReproduceConfig, load_config, read_yaml
 from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.rundir import RunDir
 
@@ -40,7 +39,7 @@ class MainRun(RunDir):
         super().__init__(root)
         self.require(self.config, self.tokenizer / "config.json", self.codes("train") / "header.json",
                      self.codes("test") / "header.json")
-        self.settings = ExperimentConfig.from_raw(yaml.safe_load(self.config.read_text()))
+        self.settings = ExperimentConfig.from_raw(read_yaml(self.config))
 
     def load_tokenizer(self):
         from ctfgen.tokenizer.vq import VQModel

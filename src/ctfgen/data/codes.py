@@ -7,7 +7,7 @@ directory beside it and rename it into place at the end.
 
 from __future__ import annotations
 
-from ctfgen.errors import MismatchError
+from ctfgen.errors import CorruptFileError, MismatchError
 
 import json
 import os
@@ -191,9 +191,11 @@ def read_header(code_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{code_dir} is not a code directory (no header.json); "
                                 "make one with `ctfgen extract-codes`")
-    with open(path) as f:
-        header = json.load(f)
-    if header.get("format_version") != FORMAT_VERSION:
+    try:
+        header = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); {_REDO}") from None
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
         raise MismatchError(f"{path}: code format version {header.get('format_version')} is not supported "
                          f"(this ctfgen reads version {FORMAT_VERSION}); {_REDO}")
     missing = [k for k in HEADER_KEYS if k not in header]

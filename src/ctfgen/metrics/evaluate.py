@@ -14,9 +14,10 @@ A run directory for `ctfgen compare` holds such records as RUN/eval/*.json, one 
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, CorruptFileError
 
 import json
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,12 +62,17 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise FileNotFoundError(f"{path} does not exist (expected an .npz sample/reference batch or an image folder)")
     if path.suffix != ".npz":
         raise ConfigError(f"{path}: expected an .npz file (ADM format, images under arr_0) or a folder of images")
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
-            raise ConfigError(f"{path} has no `arr_0` array (keys: {data.files}); ADM-style files keep uint8 "
-                             "images (N,H,W,C) under arr_0")
-        images = data["arr_0"]
-        labels = data["labels"] if "labels" in data.files else data["arr_1"] if "arr_1" in data.files else None
+    try:
+        with np.load(path) as data:
+            if "arr_0" not in data.files:
+                raise ConfigError(f"{path} has no `arr_0` array (keys: {data.files}); ADM-style files keep uint8 "
+                                  "images (N,H,W,C) under arr_0")
+            images = data["arr_0"]
+            labels = data["labels"] if "labels" in data.files else data["arr_1"] if "arr_1" in data.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise CorruptFileError(f"{path} cannot be read as an .npz file ({e})") from None
     return _check_images(images, str(path)), (None if labels is None else np.asarray(labels).astype(np.int64))
 
 

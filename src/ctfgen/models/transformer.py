@@ -44,7 +44,7 @@ AUX_PRESETS = {"Aux" + name[3:]: shape for name, shape in GPT_PRESETS.items()}
 
 def _preset(table, kind, name):
     if name not in table:
-        raise KeyError(f"unknown {kind} preset {name!r}; choose one of {', '.join(table)}")
+        raise ConfigError(f"unknown {kind} preset {name!r}; choose one of {', '.join(table)}")
     return dict(table[name])
 
 
