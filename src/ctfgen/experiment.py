@@ -6,10 +6,10 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
 
     tokenizer   train a VQ tokenizer (or take `tokenizer.pretrained`)   DIR/runs/tokenizer/
     cluster     fit the CoarseMap on its codebook                       DIR/runs/coarse_map.safetensors
-    extract     tokenize the train split (and the test split)           DIR/codes/{train,test}/
+    extract     tokenize the train split (and the val and test splits)  DIR/codes/{train,val,test}/
     ar          CTF stage 1: GPT over coarse labels                     DIR/runs/ar/
-    aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     baseline    the vanilla GPT over fine tokens (stage 1's size)       DIR/runs/baseline/
+    aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/
     heldout     exact held-out bits per token of both                   DIR/heldout.json
 
@@ -41,7 +41,7 @@ import yaml
 from ctfgen.train import distributed as D
 
 INPUT_CONFIG = "input.yaml"
-STEPS = ("tokenizer", "cluster", "extract", "ar", "aux", "baseline", "assemble", "heldout")
+STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "assemble", "heldout")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
         "channels": None,             # image_folder: 1 or 3 (default 3)
         "train_limit": None,          # class-balanced subset sizes (fashion_mnist)
         "test_limit": None,
+        "validation_images": 0,       # fashion_mnist: class-balanced training images held out as DIR/codes/val
         "augment": "none",            # none | flip | tencrop, for the train codes
         "extract_batch_size": 256,
         "num_workers": 0,
@@ -307,8 +308,13 @@ class Experiment:
         if d["dataset"] == "fashion_mnist":
             from ctfgen.data.fashion_mnist import FashionMNIST
 
-            limit = d["train_limit"] if split == "train" else d["test_limit"]
-            return FashionMNIST(split, root=d["root"], limit=limit, image_size=d["image_size"] or 28)
+            if split == "val" and not d["validation_images"]:
+                return None
+            limit = {"train": d["train_limit"], "test": d["test_limit"]}.get(split)
+            return FashionMNIST(split, root=d["root"], limit=limit, image_size=d["image_size"] or 28,
+                                validation=int(d["validation_images"] or 0))
+        if split == "val":
+            return None
         from ctfgen.data.folder import ImageFolder
 
         root = d["root"] if split == "train" else d["test_root"]
@@ -339,7 +345,16 @@ class Experiment:
                             resume=True, device=self.device, progress=self.progress)
             self.times["tokenizer"] = time.time() - t0
             vq = VQModel.from_pretrained(str(final))
-            self.mark("tokenizer", path=str(final), fingerprint=vq.fingerprint, codebook_usage=vq.codebook_usage())
+            quality = None
+            test = self.datasets("test")
+            if test is not None and D.is_main():
+                from ctfgen.tokenizer.codebook import evaluate_tokenizer
+
+                quality = evaluate_tokenizer(vq, test, batch_size=int(self.cfg["data"]["extract_batch_size"]))
+                _say(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
+                     f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), PSNR {quality['psnr']:.2f} dB")
+            self.mark("tokenizer", path=str(final), fingerprint=vq.fingerprint, codebook_usage=vq.codebook_usage(),
+                      test_split=quality)
         return VQModel.from_pretrained(str(final)).eval()
 
     def step_cluster(self, vq):
@@ -366,7 +381,7 @@ class Experiment:
         from ctfgen.data.extract import extract_codes
 
         d = self.cfg["data"]
-        splits = {"train": d["augment"], "test": "none"}
+        splits = {"train": d["augment"], "val": "none", "test": "none"}
         if self.done("extract") is None:
             t0 = time.time()
             for split, augment in splits.items():
@@ -501,8 +516,10 @@ class Experiment:
         cmap = self.step_cluster(vq)
         self.step_extract(vq)
         ar = self.step_train("ar", "stage1", cmap)
-        aux = self.step_train("aux", "aux", cmap)
+        # The baseline before the auxiliary model: stage 1 and the baseline are the like-for-like pair,
+        # and the auxiliary model (the largest) is the step most worth resuming in a later session.
         base = self.step_train("baseline", "baseline", None) if self.cfg["baseline"]["enabled"] else None
+        aux = self.step_train("aux", "aux", cmap)
         self.step_assemble(vq, cmap, ar, aux, base)
         self.step_heldout(self.dir / "ctf", self.dir / "baseline" if base is not None else None)
         if D.is_main():
