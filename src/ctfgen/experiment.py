@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ctfgen.fileio import atomic_write_text
 from ctfgen.train import distributed as D
 
 INPUT_CONFIG = "input.yaml"
@@ -197,16 +198,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 # --- small file helpers --------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _say(msg: str) -> None:
     if D.is_main():
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
@@ -264,7 +255,7 @@ class Experiment:
         if D.is_main():
             record = {"step": step, "config": self._sections(step), "seconds": round(self.times.get(step, 0.0), 2),
                       "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-            _atomic_write_text(self.marker(step), json.dumps(record, indent=2, default=str) + "\n")
+            atomic_write_text(self.marker(step), json.dumps(record, indent=2, default=str) + "\n")
         D.barrier()
 
     def prepare(self) -> None:
@@ -277,8 +268,8 @@ class Experiment:
                 # config.yaml: everything resolved, for the record. input.yaml: what was asked for
                 # (file + overrides), which `--resume` without a CONFIG starts from, so that a
                 # top-level override such as train.steps=N still reaches every stage.
-                _atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
-                _atomic_write_text(self.dir / INPUT_CONFIG, yaml.safe_dump(self.raw, sort_keys=False))
+                atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
+                atomic_write_text(self.dir / INPUT_CONFIG, yaml.safe_dump(self.raw, sort_keys=False))
         error = D.broadcast_object(error)  # every rank stops, not only rank 0
         if error:
             raise ExperimentError(error)
@@ -451,39 +442,26 @@ class Experiment:
         self.mark("assemble")
 
     def step_heldout(self, ctf_dir: Path, base_dir: Path | None):
-        import torch
-
         h = self.cfg["heldout"]
         if not h["enabled"] or not self.codes_dir("test").is_dir() or self.done("heldout") is not None:
             return
         from ctfgen.data.codes import CodeDataset
-        from ctfgen.pipeline import ARPipeline, CTFPipeline, bits_per_token
+        from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 
         t0 = time.time()
         codes = CodeDataset(self.codes_dir("test"), augmentation=0)
-        n = len(codes) if h["limit"] is None else min(len(codes), int(h["limit"]))
-        mine = list(range(D.get_rank(), n, D.get_world_size()))
-        results = {}
         pipes = {"ctf": CTFPipeline.from_pretrained(ctf_dir)}
         if base_dir is not None:
             pipes["baseline"] = ARPipeline.from_pretrained(base_dir)
+        results = {}
         for name, pipe in pipes.items():
-            pipe.to(self.device)
-            total = torch.zeros(2, dtype=torch.float64, device=self.device)
-            bs = int(h["batch_size"])
-            for i in range(0, len(mine), bs):
-                x, y = codes.get_batch(mine[i:i + bs])
-                lp = pipe.log_prob(x.to(self.device), y.to(self.device))
-                total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=self.device)])
-            D.all_reduce_sum(total)
-            nats = (total[0] / total[1]).item()
-            results[name] = {"nats_per_image": nats,
-                             "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
-                             "exact": bool(pipe.log_prob_is_exact)}
+            held = heldout_bits_per_token(pipe.to(self.device), codes, h["limit"], int(h["batch_size"]))
+            n = held.pop("images")
+            results[name] = held
         results["images"] = n
         results["image_tokens"] = codes.image_tokens
         if D.is_main():
-            _atomic_write_text(self.dir / "heldout.json", json.dumps(results, indent=2) + "\n")
+            atomic_write_text(self.dir / "heldout.json", json.dumps(results, indent=2) + "\n")
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             _say(f"held-out bits per token on {n} test images: {line}")
         self.times["heldout"] = time.time() - t0
@@ -505,7 +483,7 @@ class Experiment:
         w = csv.DictWriter(out, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
-        _atomic_write_text(self.dir / "metrics.csv", out.getvalue())
+        atomic_write_text(self.dir / "metrics.csv", out.getvalue())
 
     # --- driver ------------------------------------------------------------------------------
 
@@ -524,7 +502,7 @@ class Experiment:
         self.step_heldout(self.dir / "ctf", self.dir / "baseline" if base is not None else None)
         if D.is_main():
             summary = {s: (self.done(s) or {}).get("seconds") for s in STEPS}
-            _atomic_write_text(self.dir / "summary.json", json.dumps(
+            atomic_write_text(self.dir / "summary.json", json.dumps(
                 {"seconds_this_run": round(time.time() - t_all, 2), "step_seconds": summary,
                  "world_size": D.get_world_size()}, indent=2) + "\n")
             _say(f"done in {time.time() - t_all:.1f}s: CTFPipeline.from_pretrained({str(self.dir)!r}); "
