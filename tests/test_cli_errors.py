@@ -26,7 +26,8 @@ def corrupt(tmp_path_factory):
         (d / "fmnist" / f).write_bytes(b"garbage")
     # a run directory whose resolved config is unreadable
     (d / "run" / "config.yaml").write_text("stage1: [unclosed\n")
-    for f in ("runs/tokenizer/tokenizer/config.json", "codes/train/header.json", "codes/test/header.json"):
+    for f in ("runs/tokenizer/tokenizer/config.json", "codes/train/header.json", "codes/test/header.json",
+              "codes/val/header.json", "ctf/pipeline.json", "baseline/pipeline.json"):
         (d / "run" / f).parent.mkdir(parents=True, exist_ok=True)
         (d / "run" / f).write_text("{}")
     return d
@@ -53,6 +54,7 @@ CASES = {
     "compare": (["--bogus"], [MISSING], ["{c}/bad.json"]),
     "redundancy": (["--images", "x"], ["--tokenizer", MISSING], ["--tokenizer", "{c}/tokenizer"]),
     "reproduce": (["--bogus"], ["--run", MISSING], ["--run", "{c}/run"]),
+    "study": (["--records"], [MISSING, "--records", "{t}/r"], ["{c}/run", "--records", "{t}/r"]),
     "bench": (["--batch-sizes", "x"], ["--models", MISSING], None),  # bench reads no file of its own
     "train-classifier": (["--epochs", "x"], ["--out", "{t}/o", "--data-root", MISSING],
                          ["--out", "{t}/o", "--data-root", "{c}/fmnist"]),

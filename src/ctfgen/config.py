@@ -223,6 +223,16 @@ class TokenizerTrainConfig(TrainConfig):
     checkpoint_every: int = 500
     log_every: int = 20
     fsdp: Any = False
+    # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
+    codebook_init: str = "random"       # random (LlamaGen) | kmeans: k-means centroids of the initial encoder's outputs
+    codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
+    dead_code_steps: int = 0            # > 0: move codes no batch chose for this many steps onto recent encoder outputs
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice(self, "codebook_init", ("random", "kmeans"))
+        if int(self.dead_code_steps) < 0:
+            raise ConfigError(f"dead_code_steps must be >= 0 (0 disables restarts), got {self.dead_code_steps}")
 
 
 @dataclass
@@ -264,6 +274,7 @@ class DataConfig:
     channels: int | None = None         # image_folder: 1 or 3 (default: the tokenizer's)
     train_limit: int | None = None      # class-balanced subset sizes (fashion_mnist)
     test_limit: int | None = None
+    validation_images: int = 0          # fashion_mnist: class-balanced training images held out as RUN/codes/val
     augment: str = "none"               # none | flip | tencrop, for the train codes
     extract_batch_size: int = 256
     num_workers: int = 0

@@ -6,10 +6,10 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
 
     tokenizer   train a VQ tokenizer (or take `tokenizer.pretrained`)   DIR/runs/tokenizer/
     cluster     fit the CoarseMap on its codebook                       DIR/runs/coarse_map.safetensors
-    extract     tokenize the train split (and the test split)           DIR/codes/{train,test}/
+    extract     tokenize the train split (and the val and test splits)  DIR/codes/{train,val,test}/
     ar          CTF stage 1: GPT over coarse labels                     DIR/runs/ar/
-    aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     baseline    the vanilla GPT over fine tokens (stage 1's size)       DIR/runs/baseline/
+    aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/
     heldout     exact held-out bits per token of both                   DIR/heldout.json
 
@@ -40,7 +40,7 @@ from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.rundir import RunDir
 from ctfgen.train import distributed as D
 
-STEPS = ("tokenizer", "cluster", "extract", "ar", "aux", "baseline", "assemble", "heldout")
+STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "assemble", "heldout")
 
 # The config sections each step depends on: a finished step whose sections changed is refused on
 # --resume instead of being silently kept.
@@ -140,7 +140,15 @@ def step_tokenizer(x: Experiment):
         say("training the tokenizer")
         dataset = make_dataset(x.cfg.data, "train", channels=t.model.get("in_channels", 3))
         vq = train_tokenizer(t, dataset, x.run.tokenizer_run, resume=True, device=x.device, progress=x.progress)
-        return {"path": str(x.run.tokenizer), "fingerprint": vq.fingerprint, "codebook_usage": vq.codebook_usage()}
+        quality, test = None, make_dataset(x.cfg.data, "test", channels=vq.config.in_channels)
+        if test is not None and D.is_main():  # usage and PSNR over the whole test split, not a recent window
+            from ctfgen.tokenizer.codebook import evaluate_tokenizer
+
+            quality = evaluate_tokenizer(vq, test, batch_size=int(x.cfg.data.extract_batch_size))
+            say(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
+                f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), PSNR {quality['psnr']:.2f} dB")
+        return {"path": str(x.run.tokenizer), "fingerprint": vq.fingerprint, "codebook_usage": vq.codebook_usage(),
+                "test_split": quality}
 
     x.once("tokenizer", work)
     return load_tokenizer(x.run.tokenizer).eval()
@@ -170,7 +178,7 @@ def step_extract(x: Experiment, vq) -> None:
     from ctfgen.data.factory import TENCROP_RANGE, image_size
 
     d = x.cfg.data
-    splits = {"train": d.augment, "test": "none"}
+    splits = {"train": d.augment, "val": "none", "test": "none"}
 
     def work():
         for split, augment in splits.items():
@@ -281,7 +289,7 @@ def _write_metrics(run: RunDir) -> None:
     tok_log = run.tokenizer_run / "metrics.csv"
     if not tok_log.is_file():
         tok_log = run.tokenizer_run / "log.csv"  # runs made before the one training loop
-    for stage, path in [("tokenizer", tok_log)] + [(s, run.stage(s) / "metrics.csv") for s in STAGE_SECTIONS]:
+    for stage, path in [("tokenizer", tok_log)] + [(s, run.stage(s) / "metrics.csv") for s in ("ar", "aux", "baseline")]:
         if path.is_file():
             with open(path, newline="") as f:
                 for r in csv.DictReader(f):
@@ -352,7 +360,9 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     vq = step_tokenizer(x)
     cmap = step_cluster(x, vq)
     step_extract(x, vq)
-    ar, aux, base = step_train(x, "ar", cmap), step_train(x, "aux", cmap), step_train(x, "baseline", None)
+    # The baseline before the auxiliary model: stage 1 and the baseline are the like-for-like pair, and
+    # the auxiliary model (the largest) is the step most worth resuming in a later session.
+    ar, base, aux = step_train(x, "ar", cmap), step_train(x, "baseline", None), step_train(x, "aux", cmap)
     step_assemble(x, vq, cmap, ar, aux, base)
     step_heldout(x)
     if D.is_main():

@@ -47,7 +47,7 @@ def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
     return -torch.as_tensor(log_prob, dtype=torch.float64) / (image_tokens * math.log(2.0))
 
 
-def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size: int = 64) -> dict:
+def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size: int = 500) -> dict:
     """Exact held-out bits per token of `pipeline` on the first `limit` images of a code directory
     (or CodeDataset), on the pipeline's device; under torchrun the images are shared out and the
     sums all-reduced. Returns nats_per_image, bits_per_token, exact (False: an upper bound), images."""

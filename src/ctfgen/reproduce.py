@@ -17,11 +17,7 @@ reference for them (same data order, same initialisation).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from ctfgen.config import ExperimentConfig, ReproduceConfig, load_config, read_yaml
 from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
@@ -118,22 +114,14 @@ def evaluate_pipeline(pipeline, settings: ReproduceConfig, sampling: dict | None
                       run: MainRun | None = None) -> dict:
     """Offline Fashion-MNIST metrics of `per_class` samples per class, exact held-out bits per
     token, and the sampling time."""
-    from ctfgen.images import to_uint8
-    from ctfgen.metrics.evaluate import evaluate_fmnist
+    from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
     from ctfgen.pipeline import heldout_bits_per_token
 
     e = settings.evaluation
-    labels = torch.arange(pipeline.num_classes).repeat_interleave(int(e.per_class))
-    images, seconds = [], 0.0
-    for i, start in enumerate(range(0, len(labels), int(e.batch_size))):
-        generator = torch.Generator().manual_seed(int(e.seed) * 1_000_003 + i)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            batch = pipeline.sample(labels[start : start + int(e.batch_size)], generator=generator, **(sampling or {}))
-        seconds += time.perf_counter() - t0
-        images.append(to_uint8(batch))
-    metrics = evaluate_fmnist(np.concatenate(images), labels.numpy())
-    metrics["sample_seconds_per_image"] = seconds / len(labels)
+    images, labels, seconds_per_image = sample_per_class(pipeline, int(e.per_class), int(e.seed), int(e.batch_size),
+                                                         sampling)
+    metrics = evaluate_fmnist(images, labels)
+    metrics["sample_seconds_per_image"] = seconds_per_image
     if heldout and run is not None:
         h = heldout_bits_per_token(pipeline, run.codes("test"), int(e.heldout_images), batch_size=500)
         metrics["bits_per_token"], metrics["bits_per_token_exact"] = h["bits_per_token"], h["exact"]

@@ -13,13 +13,17 @@ def image_size(data: DataConfig) -> int:
 
 
 def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_codes: bool = False, verify=False):
-    """Train or test images of `data` (items: (C, H, W) in [-1, 1], label), or None for an image
-    folder without a test root. `for_codes` loads ten-crop train images at the larger size."""
-    limit = data.train_limit if split == "train" else data.test_limit
+    """Train, val or test images of `data` (items: (C, H, W) in [-1, 1], label), or None where the
+    split does not exist (no validation images, an image folder without a test root). `for_codes`
+    loads ten-crop train images at the larger size."""
+    limit = {"train": data.train_limit, "test": data.test_limit}.get(split)
+    if split == "val" and (data.dataset != "fashion_mnist" or not data.validation_images):
+        return None
     if data.dataset == "fashion_mnist":
         from ctfgen.data.fashion_mnist import FashionMNIST
 
-        return FashionMNIST(split, root=data.root, limit=limit, image_size=image_size(data))
+        return FashionMNIST(split, root=data.root, limit=limit, image_size=image_size(data),
+                            validation=int(data.validation_images or 0))
     from ctfgen.data.folder import ImageFolder
 
     root = data.root if split == "train" else data.test_root

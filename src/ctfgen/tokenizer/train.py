@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from ctfgen.config import TokenizerConfig, from_dict, migrate_legacy
-from ctfgen.errors import CheckpointError
+from ctfgen.errors import CheckpointError, OutputExistsError
 from ctfgen.fileio import publish_dir
+from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
 from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
@@ -30,6 +31,7 @@ from ctfgen.train.loop import say, train
 __all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
 
 MODEL_DIR = "tokenizer"   # out_dir/tokenizer: the finished VQModel
+LEGACY_CHECKPOINT = "last.pt"  # the tokenizer's own checkpoint before the one training loop
 
 
 class _DiscriminatorPair(nn.Module):
@@ -60,11 +62,14 @@ class VQTraining:
     """The tokenizer's part of the loop: `loss(model, batch)` and the discriminator's step."""
 
     log_columns = ["reconstruction", "perceptual", "codebook", "commitment", "entropy", "generator_adv", "disc",
-                   "usage"]
+                   "usage", "codes_restarted"]
+    log_sums = ("codes_restarted",)  # per log row, not averaged
 
-    def __init__(self, cfg: TokenizerConfig, vq_config: VQConfig):
+    def __init__(self, cfg: TokenizerConfig, model: VQModel):
         self.cfg, self.loss_cfg = cfg, cfg.loss
-        L = cfg.loss
+        L, vq_config = cfg.loss, model.config
+        self.restarter = (DeadCodeRestarter(model.quantize, int(cfg.train.dead_code_steps), seed=cfg.train.seed)
+                          if cfg.train.dead_code_steps > 0 else None)
         self.disc = NLayerDiscriminator(vq_config.in_channels, L.disc_dim, L.disc_layers) if L.disc_weight > 0 else None
         self.lpips = load_lpips(L.lpips_weights, vgg_path=L.lpips_vgg_weights) if L.perceptual_weight > 0 else None
         self.d_loss_fn = hinge_d_loss if L.disc_loss == "hinge" else vanilla_d_loss
@@ -120,12 +125,15 @@ class VQTraining:
                 torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.grad_clip)
             self.d_opt.step()
         self.step, self._last = step + 1, None
-        return {"disc": d_loss.detach()}
+        restarted = self.restarter.step(self.step) if self.restarter is not None else 0
+        return {"disc": d_loss.detach(), "codes_restarted": restarted}
 
     def state_dict(self) -> dict:
         state = {"step": self.step}
         if self.disc is not None:
             state.update(disc=self.disc.state_dict(), disc_optimizer=self.d_opt.state_dict())
+        if self.restarter is not None:
+            state["dead_codes"] = self.restarter.state_dict()
         return state
 
     def load_state_dict(self, state: dict | None, source: str) -> None:
@@ -137,6 +145,11 @@ class VQTraining:
                                       "resume with disc_weight: 0 or start a new run")
             self.disc.load_state_dict(state["disc"])
             self.d_opt.load_state_dict(state["disc_optimizer"])
+        if self.restarter is not None:
+            if "dead_codes" not in state:
+                raise CheckpointError(f"{source} has no dead-code restart state but tokenizer.train.dead_code_steps > 0 "
+                                      "now; resume with the settings the run started with")
+            self.restarter.load_state_dict(state["dead_codes"])
 
 
 def tokenizer_config(config: TokenizerConfig | dict) -> TokenizerConfig:
@@ -156,18 +169,22 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
     device = torch.device(device) if device is not None else own_device
     out_dir = Path(out_dir)
-    if (out_dir / "checkpoints" / "last.pt").is_file():
-        raise CheckpointError(
-            f"{out_dir / 'checkpoints' / 'last.pt'} is a tokenizer checkpoint from ctfgen before the unified training "
-            "loop; this version cannot continue it. Finish that run with the older ctfgen, or delete "
-            f"{out_dir / 'checkpoints'} to train the tokenizer again.")
-    from ctfgen.train.checkpoint import seed_everything
+    from ctfgen.train.checkpoint import list_checkpoints, seed_everything
 
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone
     model = VQModel(vq_config)
     first = dataset[0]
     model.grid_size((first[0] if isinstance(first, (list, tuple)) else first).shape[-1])  # unfit sizes fail now
-    task = VQTraining(cfg, vq_config)
+    task = VQTraining(cfg, model)
+    if (out_dir / "checkpoints" / LEGACY_CHECKPOINT).is_file():
+        if not resume:
+            raise OutputExistsError(f"{out_dir} already holds a tokenizer run; pass --resume to continue it, or "
+                                    "choose another output directory; nothing was overwritten.")
+        convert_legacy_checkpoint(out_dir, model, cfg, len(dataset))
+    if cfg.train.codebook_init == "kmeans" and not (resume and list_checkpoints(out_dir / "checkpoints")):
+        info = kmeans_init_codebook(model.to(device), dataset, num_images=int(cfg.train.codebook_init_images),
+                                    seed=cfg.train.seed, device=device)
+        say(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
     train_cfg = from_dict(type(cfg.train), {**cfg.train.to_dict(), "progress": progress and cfg.train.progress})
     result = train(model, task.loss, dataset, train_cfg, out_dir, resume=resume, device=device, desc="tokenizer",
                    extra=task, run_config={"model_config": _plain(asdict(vq_config)),
@@ -201,3 +218,43 @@ def train_tokenizer_from_config(config, out_dir, overrides=None, resume: bool = 
     if D.is_main() and (resume or not list_checkpoints(Path(out_dir) / "checkpoints")):
         atomic_write_text(Path(out_dir) / "config.yaml", dump(cfg))
     return train_tokenizer(cfg.tokenizer, dataset, out_dir, resume=resume, device=device, progress=progress)
+
+
+def convert_legacy_checkpoint(out_dir: Path, model: VQModel, cfg: TokenizerConfig, num_items: int) -> Path:
+    """Turn `checkpoints/last.pt` of the tokenizer's former private loop into the loop's
+    `ckpt-<step>.pt`, so a run started before the one training loop resumes where it stopped. The
+    old file is kept as `last.pt.converted`."""
+    import json
+
+    from ctfgen.train.checkpoint import CHECKPOINT_FORMAT, get_rng_state, load_checkpoint, save_checkpoint
+
+    path = out_dir / "checkpoints" / LEGACY_CHECKPOINT
+    old = load_checkpoint(path)
+    if old.get("format") != "ctfgen.tokenizer-train/1":
+        raise CheckpointError(f"{path} is not a ctfgen tokenizer checkpoint (format {old.get('format')!r})")
+    # The old optimizer had one group in parameter order; the loop's has >=2-D tensors, then the rest.
+    params = list(model.parameters())
+    order = [i for i, p in enumerate(params) if p.dim() >= 2] + [i for i, p in enumerate(params) if p.dim() < 2]
+    new_id = {old_i: new_i for new_i, old_i in enumerate(order)}
+    group = {k: v for k, v in old["optimizer"]["param_groups"][0].items() if k != "params"}
+    n_decay = sum(p.dim() >= 2 for p in params)
+    optimizer = {"state": {new_id[int(i)]: st for i, st in old["optimizer"]["state"].items()},
+                 "param_groups": [{**group, "weight_decay": cfg.train.weight_decay, "params": list(range(n_decay))},
+                                  {**group, "weight_decay": 0.0, "params": list(range(n_decay, len(params)))}]}
+    per_epoch = num_items // cfg.train.batch_size  # the old batch size was per process; one process here
+    step = int(old["step"])
+    epoch, batch = divmod(step, per_epoch)
+    rng = get_rng_state()
+    rng["torch"] = old["rng"]["torch"]
+    if "cuda" in old["rng"]:
+        rng["cuda"] = old["rng"]["cuda"]
+    extra = {"step": step, **{k: old[k] for k in ("disc", "disc_optimizer", "dead_codes") if k in old}}
+    state = {"format": CHECKPOINT_FORMAT, "model": old["model"], "optimizer": optimizer, "ema": None, "extra": extra,
+             "scheduler": {"step": step}, "step": step, "epoch": epoch, "batch_in_epoch": batch,
+             "epochs_done": epoch, "dataset_len": old["dataset_len"], "rng": [rng] * int(old["world_size"]),
+             "world_size": int(old["world_size"]), "train_config": {},
+             "run_config": {"model_config": json.loads(old["model_config"]), "converted_from": str(path)}}
+    written = save_checkpoint(state, out_dir / "checkpoints", step)
+    path.rename(path.with_name(LEGACY_CHECKPOINT + ".converted"))
+    say(f"converted {path} (step {step}) to {written}")
+    return written

@@ -233,8 +233,9 @@ class Log:
     COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "elapsed_s"]
 
     def __init__(self, path: Path, cfg: TrainConfig, total: int, start: int, resumed: bool, desc: str,
-                 extra_columns=(), tokens_per_item: int | None = None):
+                 extra_columns=(), tokens_per_item: int | None = None, sums=()):
         self.path, self.columns, self.enabled = path, self.COLUMNS + list(extra_columns), D.is_main()
+        self.sum_columns = set(sums)  # counts per row (e.g. codes restarted), not window averages
         self.cfg, self.total, self.tokens_per_item, self.t_start = cfg, total, tokens_per_item, time.time()
         self.history: list[dict] = []
         self._reset()
@@ -259,13 +260,14 @@ class Log:
     def add(self, step: int, loss: float, metrics: dict, lr: float, grad_norm, position: Position):
         self.sums["loss"] = self.sums.get("loss", 0.0) + loss
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.sums[k] = self.sums.get(k, 0) + (v if isinstance(v, int) else float(v))
         self.n += 1
         self.bar.update(1)
         if step % self.cfg.log_every and step != self.total:
             return
         ips = self.n * self.cfg.batch_size / max(time.time() - self.t0, 1e-9)
-        row = {"step": step, "epoch": position.fraction(), **{k: round(v / self.n, 6) for k, v in self.sums.items()},
+        row = {"step": step, "epoch": position.fraction(),
+               **{k: v if k in self.sum_columns else round(v / self.n, 6) for k, v in self.sums.items()},
                "lr": lr, "grad_norm": round(grad_norm.item(), 6), "items_per_s": round(ips, 2),
                "tokens_per_s": round(ips * self.tokens_per_item, 1) if self.tokens_per_item else "",
                "elapsed_s": round(time.time() - self.t_start, 2)}
@@ -322,7 +324,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     step = found[0]["step"] if found else 0
     last_ckpt = found[1] if found else None
     log = Log(out_dir / "metrics.csv", cfg, total, step, found is not None, desc,
-              getattr(extra, "log_columns", ()), tokens_per_item)
+              getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and cfg.mixed_precision == "bf16" else nullcontext())
     params = [p for p in wrapped.parameters() if p.requires_grad]
