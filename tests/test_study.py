@@ -75,13 +75,13 @@ def test_rerun_redoes_nothing(study, capsys):
     assert {p: p.stat().st_mtime_ns for p in records.rglob("*.json")} == before
 
 
-def test_study_needs_a_finished_run_with_a_validation_split(finished, tmp_path, capsys):
+def test_study_needs_a_finished_run_with_a_validation_split(study, tmp_path, capsys):
     assert cli(["study", str(tmp_path), "--records", str(tmp_path / "r")]) == 2
     assert "run (or --resume) the experiment first" in capsys.readouterr().err
     import shutil
 
     run = tmp_path / "no-val"
-    shutil.copytree(finished[0], run, symlinks=True)
+    shutil.copytree(study[0], run, symlinks=True)
     shutil.rmtree(run / "codes" / "val")
     assert cli(["study", str(run), "--records", str(tmp_path / "r")]) == 2
     assert "validation split" in capsys.readouterr().err
