@@ -17,8 +17,6 @@ their configs, so mismatched parts are refused instead of silently producing gar
 
 from __future__ import annotations
 
-from ctfgen.errors import MismatchError
-
 import hashlib
 import json
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctfgen.errors import MismatchError
 from ctfgen.fingerprint import codebook_fingerprint
 
 __all__ = ["CoarseMap", "codebook_fingerprint", "fingerprint_of"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ctfgen.errors import ConfigError
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

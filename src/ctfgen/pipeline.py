@@ -17,8 +17,6 @@ dropout off), which `log_prob` and sampling rely on.
 
 from __future__ import annotations
 
-from ctfgen.errors import CorruptFileError, MismatchError
-
 import json
 import math
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ctfgen.clustering import CoarseMap
+from ctfgen.errors import CorruptFileError, MismatchError
 
 __all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
 

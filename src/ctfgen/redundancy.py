@@ -12,14 +12,13 @@ controls destroy it: that redundancy is what lets CTF predict the coarse label f
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ctfgen.clustering import CoarseMap
+from ctfgen.errors import ConfigError
 
 __all__ = ["psnr", "ssim", "ssim_map", "gaussian_window", "swap_within_clusters", "measure_redundancy",
            "format_table", "SWAPS"]

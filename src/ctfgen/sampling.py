@@ -14,13 +14,13 @@ from the same weights. Differences, all deliberate:
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import contextlib
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from ctfgen.errors import ConfigError
 
 GeneratorLike = Union[torch.Generator, int, None]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import argparse
+
+from ctfgen.errors import ConfigError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

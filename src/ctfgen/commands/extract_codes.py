@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import argparse
-import logging
+
+from ctfgen.errors import ConfigError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,49 +30,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import logging
 
-    from ctfgen.data import FashionMNIST, ImageFolder, extract_codes
-    from ctfgen.tokenizer import VQModel
+    from ctfgen.config import DataConfig
+    from ctfgen.data.extract import extract_dataset
     from ctfgen.train import distributed as D
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from pathlib import Path
-    if Path(args.out).exists() and not args.overwrite:
-        raise ConfigError(f"{args.out} already exists; remove it or pass --overwrite")
-    started_here = D.launched_by_torchrun() and not D.is_distributed()
-    device = D.init_distributed() if D.launched_by_torchrun() else torch.device(
-        args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        vq = VQModel.from_pretrained(args.tokenizer).to(device).eval()
-        if args.dataset == "fashion_mnist":
-            size = args.image_size or 28
-            dataset = FashionMNIST(args.split, root=args.data_root, limit=args.limit, image_size=size)
-            name = f"fashion_mnist/{args.split}" + (f"[:{args.limit}]" if args.limit else "")
-        else:
-            if args.data_root is None:
-                raise ConfigError("--dataset image_folder needs --data-root DIR (one sub-folder per class)")
-            if args.limit is not None:
-                raise ConfigError("--limit applies to fashion_mnist only")
-            size = args.image_size or 256
-            # LlamaGen ten-crop: centre-crop (PIL) to the larger size first, then crop tensors.
-            load_size = int(size * args.crop_range) if args.augment == "tencrop" else size
-            dataset = ImageFolder(args.data_root, image_size=load_size, channels=vq.config.in_channels,
-                                  verify=args.verify)
-            name = f"image_folder:{args.data_root}"
-        if vq.config.in_channels != dataset[0][0].shape[0]:
-            raise ConfigError(f"the tokenizer takes {vq.config.in_channels}-channel images but the dataset "
-                             f"yields {dataset[0][0].shape[0]}")
-        out = extract_codes(vq, dataset, args.out, augment=args.augment, batch_size=args.batch_size,
-                            device=device, num_workers=args.num_workers, image_size=size,
-                            crop_range=args.crop_range, dataset_name=name, overwrite=args.overwrite)
-        if D.is_main():
-            from ctfgen.data import read_header
-            h = read_header(out)
-            skipped = h.get("num_skipped", 0)
-            print(f"wrote {h['num_images']} x {h['num_augmentations']} x {h['image_tokens']} codes "
-                  f"({h['code_dtype']}) to {out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
-    finally:
-        if started_here:
-            D.cleanup()
+    if args.dataset == "image_folder" and args.limit is not None:
+        raise ConfigError("--limit applies to fashion_mnist only")
+    root = args.data_root
+    data = DataConfig(dataset=args.dataset, root=root, test_root=root, image_size=args.image_size,
+                      train_limit=args.limit, test_limit=args.limit, augment=args.augment, num_workers=args.num_workers)
+    split = args.split if args.dataset == "fashion_mnist" else "train"
+    h = extract_dataset(args.tokenizer, data, split, args.out, batch_size=args.batch_size, crop_range=args.crop_range,
+                        device=args.device, verify=args.verify, overwrite=args.overwrite)
+    if D.is_main():
+        skipped = h.get("num_skipped", 0)
+        print(f"wrote {h['num_images']} x {h['num_augmentations']} x {h['image_tokens']} codes "
+              f"({h['code_dtype']}) to {args.out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
     return 0

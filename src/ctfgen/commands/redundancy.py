@@ -6,11 +6,11 @@ and reports how much each changes the decoded images (paper Fig. 1b).
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import argparse
 import json
 from pathlib import Path
+
+from ctfgen.errors import ConfigError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import argparse
 import time
 from pathlib import Path
 
 from ctfgen.commands._common import add_model_arguments, add_sampling_arguments, load_model, resolve_classes, sampling_kwargs
+from ctfgen.errors import ConfigError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

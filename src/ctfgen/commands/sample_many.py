@@ -6,14 +6,13 @@ produced it, and a killed run redoes at most the batches that were in flight.
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import argparse
 from pathlib import Path
 
 import numpy as np
 
 from ctfgen.commands._common import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
+from ctfgen.errors import ConfigError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

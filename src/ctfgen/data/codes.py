@@ -7,8 +7,6 @@ directory beside it and rename it into place at the end.
 
 from __future__ import annotations
 
-from ctfgen.errors import CorruptFileError, MismatchError
-
 import json
 import os
 import shutil
@@ -22,6 +20,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
 
+from ctfgen.errors import CorruptFileError, MismatchError
 from ctfgen.fileio import fsync_dir
 
 FORMAT_VERSION = 1

@@ -3,8 +3,6 @@ extract_codes_c2i.py does, but streaming to disk and sharded across torchrun ran
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import logging
 import math
 import os
@@ -18,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .codes import CodeWriter
 from .folder import CorruptImageError
+
+from ctfgen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,34 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
         else:
             dist.barrier()
     return out_dir
+
+
+def extract_dataset(tokenizer, data, split: str, out_dir, batch_size: int = 256, crop_range: float = 1.1,
+                    device=None, verify: bool = False, overwrite: bool = False) -> dict:
+    """`ctfgen extract-codes`: the codes of split `split` of `data` (a DataConfig, whose `augment`
+    applies) by the tokenizer saved at `tokenizer`; returns the written header (on every rank)."""
+    from ctfgen.data.codes import read_header
+    from ctfgen.data.factory import image_size, make_dataset
+    from ctfgen.errors import OutputExistsError
+    from ctfgen.tokenizer import load_tokenizer
+    from ctfgen.train import distributed as D
+
+    if Path(out_dir).exists() and not overwrite:
+        raise OutputExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
+    dev = D.init_distributed()
+    device = torch.device(device) if device is not None and not D.is_distributed() else dev
+    vq = load_tokenizer(tokenizer).to(device).eval()
+    dataset = make_dataset(data, split, channels=vq.config.in_channels, for_codes=True, verify=verify,
+                           crop_range=crop_range)
+    if dataset is None:
+        raise ConfigError(f"there is no {split} split in this data (set its root)")
+    if vq.config.in_channels != dataset[0][0].shape[0]:
+        raise ConfigError(f"the tokenizer takes {vq.config.in_channels}-channel images but the dataset "
+                          f"yields {dataset[0][0].shape[0]}")
+    limit = data.train_limit if split == "train" else data.test_limit
+    name = (f"fashion_mnist/{split}" + (f"[:{limit}]" if limit else "") if data.dataset == "fashion_mnist"
+            else f"image_folder:{data.root if split == 'train' else data.test_root}")
+    out = extract_codes(vq, dataset, out_dir, augment=data.augment, batch_size=batch_size, device=device,
+                        num_workers=data.num_workers, image_size=image_size(data), crop_range=crop_range,
+                        dataset_name=name, overwrite=overwrite)
+    return read_header(out)

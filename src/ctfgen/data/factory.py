@@ -12,7 +12,8 @@ def image_size(data: DataConfig) -> int:
     return data.image_size or (28 if data.dataset == "fashion_mnist" else 256)
 
 
-def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_codes: bool = False, verify=False):
+def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_codes: bool = False, verify=False,
+                 crop_range: float = TENCROP_RANGE):
     """Train, val or test images of `data` (items: (C, H, W) in [-1, 1], label), or None where the
     split does not exist (no validation images, an image folder without a test root). `for_codes`
     loads ten-crop train images at the larger size."""
@@ -33,7 +34,7 @@ def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_
         return None
     size = image_size(data)
     if split == "train" and data.augment == "tencrop" and for_codes:
-        size = int(size * TENCROP_RANGE)
+        size = int(size * crop_range)
     ds = ImageFolder(root, image_size=size, channels=data.channels or channels or 3, verify=verify)
     if limit is not None and limit < len(ds):
         import torch

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import functools
 import gzip
 import os
@@ -13,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ctfgen.errors import ConfigError
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

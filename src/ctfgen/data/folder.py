@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import logging
 import os
 from pathlib import Path
@@ -12,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ctfgen.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

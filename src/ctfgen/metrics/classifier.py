@@ -7,8 +7,6 @@ Fashion-MNIST garments look like and needs no download. This one is trained by t
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import json
 import math
 import time
@@ -21,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ctfgen.errors import ConfigError
 from ctfgen.hub import HubMixin
 
 ASSET_PATH = ("assets", "fmnist_classifier")  # inside the ctfgen package (package-data)

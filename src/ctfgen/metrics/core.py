@@ -7,13 +7,13 @@ Everything that is summed or inverted is done in float64.
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import warnings
 
 import numpy as np
 import torch
 from scipy import linalg
+
+from ctfgen.errors import ConfigError
 
 
 def _as_float64(x, name: str) -> np.ndarray:

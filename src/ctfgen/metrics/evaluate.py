@@ -14,8 +14,6 @@ A run directory for `ctfgen compare` holds such records as RUN/eval/*.json, one 
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError, CorruptFileError
-
 import json
 import zipfile
 from functools import lru_cache
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfgen.errors import ConfigError, CorruptFileError
 from ctfgen.metrics.core import feature_statistics, frechet_distance, inception_score, knn_radii, precision_recall
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}

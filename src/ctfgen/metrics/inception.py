@@ -8,8 +8,6 @@ this project must run on machines without internet.
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import hashlib
 import importlib
 import importlib.util
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ctfgen.errors import ConfigError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"

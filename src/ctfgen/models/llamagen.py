@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import math
 import re
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Mapping
 
 import torch
 
+from ctfgen.errors import ConfigError
 from ctfgen.hub import check_state_dict, load_state_dict_strict
 from ctfgen.models.transformer import GPT, GPT_PRESETS, GPTConfig
 

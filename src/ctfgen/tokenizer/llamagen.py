@@ -10,8 +10,6 @@ inferred configuration, and any missing, unexpected or mis-shaped tensor is an e
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import argparse
 import os
 import re
@@ -19,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ctfgen.errors import ConfigError
 from ctfgen.hub import StateDictMismatch, check_state_dict
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 

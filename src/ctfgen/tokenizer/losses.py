@@ -20,8 +20,6 @@ where VGG16.pth is torchvision's `vgg16-397923af.pth` and LPIPS_VGG.pth is `lpip
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 import os
 import re
 import sys
@@ -30,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ctfgen.errors import ConfigError
 
 __all__ = [
     "reconstruction_loss", "VGG16Features", "LPIPS", "load_lpips", "merge_lpips_weights",

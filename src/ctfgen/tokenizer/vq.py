@@ -21,14 +21,13 @@ ours back for LlamaGen's own code.
 
 from __future__ import annotations
 
-from ctfgen.errors import ConfigError
-
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ctfgen.errors import ConfigError
 from ctfgen.fingerprint import codebook_fingerprint
 from ctfgen.hub import HubMixin
 
