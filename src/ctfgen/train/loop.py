@@ -287,6 +287,57 @@ def say(msg: str):
 
 # --- the loop ------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """One training run's moving parts, for the loop below and its checkpoints."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    wrapped: nn.Module                  # the model as trained (DDP, FSDP or itself)
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    extra: Any                          # a second optimiser's part (the tokenizer's discriminator), or None
+    pos: Position
+    total: int                          # steps
+    num_items: int
+    run_config: dict
+    step: int = 0
+    last_checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+    @property
+    def raw(self) -> nn.Module:
+        return D.unwrap(self.wrapped)
+
+    def save(self) -> None:
+        state = _state(self)  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
+        if D.is_main():
+            self.last_checkpoint = C.save_checkpoint(state, self.out_dir / "checkpoints", self.step,
+                                                     keep=self.cfg.keep_checkpoints)
+        D.barrier()
+
+    def snapshot(self, path: Path, on_epoch_end: Callable | None = None, epoch: int | None = None) -> None:
+        """save_pretrained the weights a run ships (EMA when on) to `path` (if given) and run the epoch
+        hook with them in place, in eval mode."""
+        fsdp = D.is_fsdp(self.wrapped)
+
+        def work():
+            if path is not None:
+                _snapshot(self.wrapped, path, self.ema if fsdp else None)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, self.raw)
+
+        _with_shipped_weights(self.raw, None if fsdp else self.ema, work)
+
+    def end_epochs(self, upto: int, on_epoch_end: Callable | None) -> None:
+        while self.pos.epochs_done < upto:
+            e = self.pos.epochs_done
+            if self.cfg.snapshot_every_epoch or on_epoch_end is not None:
+                path = self.out_dir / "epochs" / f"epoch-{e:03d}" if self.cfg.snapshot_every_epoch else None
+                self.snapshot(path, on_epoch_end, e)
+            self.pos.epochs_done += 1
+
+
 def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainConfig | dict, out_dir: str | Path, *,
           resume: bool = False, tokens_per_item: int | None = None, on_epoch_end: Callable | None = None,
           run_config: dict | None = None, device: torch.device | str | None = None,
@@ -299,65 +350,25 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     existing checkpoints are refused rather than overwritten. Every rank must call it (torchrun).
     `on_epoch_end(epoch, model)` runs on every rank with the EMA weights in place (not under
     FSDP), in eval mode. `extra` (optional) has `setup(device)`, `after_step(step) -> metrics`,
-    `state_dict()`, `load_state_dict(sd)` and `log_columns`: a second optimiser's part of the run.
+    `state_dict()`, `load_state_dict(sd, source)` and `log_columns`: a second optimiser's part.
     """
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, config, "train")
-    out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
     device = torch.device(device) if device is not None else D.default_device()
-    if not resume and C.list_checkpoints(ckpt_dir):
-        raise OutputExistsError(f"{ckpt_dir} already holds checkpoints of an earlier run. Pass --resume (resume=True) "
-                              "to continue it, or choose another output directory; nothing was overwritten.")
-    batches, total = _plan(cfg, len(dataset))
-    seed_all = C.seed_everything
-    seed_all(cfg.seed)  # the same init on every rank (DDP would broadcast anyway; FSDP needs it)
-    wrapped = D.wrap_model(model.to(device).train(), device, cfg.fsdp)
-    raw, fsdp = D.unwrap(wrapped), D.is_fsdp(wrapped)
-    optimizer = make_optimizer(wrapped, cfg, device)
-    ema = EMA(raw, cfg.ema_decay) if cfg.ema else None  # names without DDP's "module." prefix
-    if extra is not None:
-        extra.setup(device)
-    seed_all(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
-    pos = Position(dataset, batches, cfg, device, collate_fn)
-    found = C.load_latest_checkpoint(ckpt_dir) if resume else None
-    if found is not None:
-        _restore(found, wrapped, optimizer, ema, extra, pos, cfg, len(dataset), total, desc, run_config or {})
-    step = found[0]["step"] if found else 0
-    last_ckpt = found[1] if found else None
-    log = Log(out_dir / "metrics.csv", cfg, total, step, found is not None, desc,
+    run = _start(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
+    log = Log(run.out_dir / "metrics.csv", cfg, run.total, run.step, run.resumed_from is not None, desc,
               getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
+    wrapped, optimizer, pos = run.wrapped, run.optimizer, run.pos
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and cfg.mixed_precision == "bf16" else nullcontext())
     params = [p for p in wrapped.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-
-    def save():
-        nonlocal last_ckpt
-        state = _state(wrapped, optimizer, ema, extra, pos, step, cfg, total, len(dataset), run_config)
-        if D.is_main():
-            last_ckpt = C.save_checkpoint(state, ckpt_dir, step, keep=cfg.keep_checkpoints)
-        D.barrier()
-
-    def shipped(fn):  # fn run with the weights a snapshot ships (EMA when on) in place, eval mode
-        return lambda *a: _with_shipped_weights(raw, ema if not fsdp else None, lambda: fn(*a))
-
-    @shipped
-    def snapshot(path: Path):
-        _snapshot(wrapped, path, ema if fsdp else None)
-
-    @shipped
-    def epoch_end(e: int):
-        if cfg.snapshot_every_epoch:
-            _snapshot(wrapped, out_dir / "epochs" / f"epoch-{e:03d}", ema if fsdp else None)
-        if on_epoch_end is not None:
-            on_epoch_end(e, raw)
-
     flag: dict = {}
     try:
         with _stop_on_signals(flag):
-            while step < total:
+            while run.step < run.total:
                 optimizer.zero_grad(set_to_none=True)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr_at(step, cfg, total)
+                    g["lr"] = lr_at(run.step, cfg, run.total)
                 loss_sum, bad, metrics = torch.zeros((), device=device), torch.zeros((), device=device), {}
                 for micro in range(cfg.grad_accum):
                     batch = pos.next()
@@ -375,39 +386,34 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                                      torch.tensor(float(bool(flag.get("stop"))), device=device)])
                 D.all_reduce_sum(stats)  # every rank takes the same decision to stop
                 if stats[1] > 0 or stats[2] > 0:
-                    raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm",
-                                                          step, pos.epoch, ckpt_dir, cfg))
+                    raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm", run))
                 optimizer.step()
-                if ema is not None:
-                    ema.update()
+                if run.ema is not None:
+                    run.ema.update()
                 if extra is not None:
-                    metrics = {**metrics, **extra.after_step(step)}
-                step += 1
-                if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                    metrics = {**metrics, **extra.after_step(run.step)}
+                run.step += 1
+                if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
                     # With constant lr a snapshot at step N equals an N-step run (ablations use it).
-                    snapshot(out_dir / "snapshots" / f"step-{step:06d}")
-                while pos.epochs_done < pos.epochs_completed:
-                    if cfg.snapshot_every_epoch or on_epoch_end is not None:
-                        epoch_end(pos.epochs_done)
-                    pos.epochs_done += 1
-                log.add(step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
+                    run.snapshot(run.out_dir / "snapshots" / f"step-{run.step:06d}")
+                run.end_epochs(pos.epochs_completed, on_epoch_end)
+                log.add(run.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
                         grad_norm, pos)
                 if stats[3] > 0:
-                    save()
+                    run.save()
                     raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
-                                              f"at step {step}; checkpoint {last_ckpt} written, continue with --resume")
-                if step % cfg.checkpoint_every == 0 or step == total:
-                    save()
-        while cfg.epochs is not None and pos.epochs_done < cfg.epochs:  # a last tail shorter than a step
-            if cfg.snapshot_every_epoch or on_epoch_end is not None:
-                epoch_end(pos.epochs_done)
-            pos.epochs_done += 1
+                                              f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
+                                              "continue with --resume")
+                if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
+                    run.save()
+        if cfg.epochs is not None:
+            run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
     finally:
         log.bar.close()
     final = C.model_state(wrapped)
-    return TrainResult(state_dict=final, ema_state_dict=ema.full_model_state(final) if ema is not None else None,
-                       step=step, epoch=pos.epoch, checkpoint=last_ckpt, metrics_path=log.path,
-                       resumed_from=found[1] if found else None, seconds=time.time() - log.t_start,
+    return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
+                       step=run.step, epoch=pos.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
+                       resumed_from=run.resumed_from, seconds=time.time() - log.t_start,
                        history=log.history)
 
 
@@ -426,51 +432,74 @@ def _plan(cfg: TrainConfig, num_items: int) -> tuple[ShardedBatches, int]:
     return batches, total
 
 
-def _state(wrapped, optimizer, ema, extra, pos: Position, step: int, cfg: TrainConfig, total: int,
-           num_items: int, run_config) -> dict:
-    # Collective under FSDP and for the RNG gather: every rank calls it, rank 0 writes.
+def _start(model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, collate_fn, extra,
+           run_config: dict, desc: str) -> Run:
+    """Model on its device and wrapped, optimizer, EMA, data position; restored from the newest
+    checkpoint when resuming."""
+    ckpt_dir = out_dir / "checkpoints"
+    if not resume and C.list_checkpoints(ckpt_dir):
+        raise OutputExistsError(f"{ckpt_dir} already holds checkpoints of an earlier run. Pass --resume (resume=True) "
+                                "to continue it, or choose another output directory; nothing was overwritten.")
+    batches, total = _plan(cfg, len(dataset))
+    C.seed_everything(cfg.seed)  # the same init on every rank (DDP would broadcast anyway; FSDP needs it)
+    wrapped = D.wrap_model(model.to(device).train(), device, cfg.fsdp)
+    optimizer = make_optimizer(wrapped, cfg, device)
+    ema = EMA(D.unwrap(wrapped), cfg.ema_decay) if cfg.ema else None  # names without DDP's "module." prefix
+    if extra is not None:
+        extra.setup(device)
+    C.seed_everything(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
+    run = Run(cfg, out_dir, wrapped, optimizer, ema, extra, Position(dataset, batches, cfg, device, collate_fn),
+              total, len(dataset), run_config)
+    found = C.load_latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        _restore(run, *found, desc)
+    return run
+
+
+def _state(run: Run) -> dict:
+    pos = run.pos
     return {
         "format": C.CHECKPOINT_FORMAT,
-        "model": C.model_state(wrapped, every_rank=False),
-        "optimizer": C.optimizer_state(wrapped, optimizer),
+        "model": C.model_state(run.wrapped, every_rank=False),
+        "optimizer": C.optimizer_state(run.wrapped, run.optimizer),
         # The schedule is a pure function of the step (a resumed run may change it, e.g. a lower lr
         # after a NaN); recorded for the reader.
-        "scheduler": {"step": step, "lr": lr_at(max(step - 1, 0), cfg, total)},
-        "ema": ema.state_dict() if ema is not None else None,
-        "extra": extra.state_dict() if extra is not None else None,
-        "step": step, "epoch": pos.epoch, "batch_in_epoch": pos.batch, "epochs_done": pos.epochs_done,
-        "dataset_len": num_items,
+        "scheduler": {"step": run.step, "lr": lr_at(max(run.step - 1, 0), run.cfg, run.total)},
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "extra": run.extra.state_dict() if run.extra is not None else None,
+        "step": run.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch, "epochs_done": pos.epochs_done,
+        "dataset_len": run.num_items,
         "rng": C.gather_rng(),
         "world_size": D.get_world_size(),
-        "train_config": cfg.to_dict(),
-        "run_config": run_config or {},
+        "train_config": run.cfg.to_dict(),
+        "run_config": run.run_config,
     }
 
 
-def _restore(found, wrapped, optimizer, ema, extra, pos: Position, cfg: TrainConfig, num_items: int, total: int,
-             desc: str, run_config: dict) -> None:
-    ck, path = found
+def _restore(run: Run, ck: dict, path: Path, desc: str) -> None:
     if ck.get("format") != C.CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
-    if ck.get("dataset_len", num_items) != num_items:
-        raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has {num_items}: "
-                              "the data position cannot be restored. Resume with the same data (root, limit).")
-    C.load_model_state(wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
-    then, now = ck.get("run_config", {}).get("model_config"), run_config.get("model_config")
+    if ck.get("dataset_len", run.num_items) != run.num_items:
+        raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
+                              f"{run.num_items}: the data position cannot be restored. Resume with the same data.")
+    C.load_model_state(run.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
+    then, now = ck.get("run_config", {}).get("model_config"), run.run_config.get("model_config")
     if then is not None and now is not None and then != now:
         diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
         raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
                               "resume with the same model settings or start a new run")
-    C.load_optimizer_state(wrapped, optimizer, ck["optimizer"])
-    if ema is not None:
+    C.load_optimizer_state(run.wrapped, run.optimizer, ck["optimizer"])
+    if run.ema is not None:
         if ck.get("ema") is None:
             raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")
-        ema.load_state_dict(ck["ema"])
-    if extra is not None:
-        extra.load_state_dict(ck.get("extra"), source=str(path))
+        run.ema.load_state_dict(ck["ema"])
+    if run.extra is not None:
+        run.extra.load_state_dict(ck.get("extra"), source=str(path))
+    pos = run.pos
     pos.epoch, pos.batch, pos.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
+    run.step, run.last_checkpoint, run.resumed_from = ck["step"], path, path
     old = {("checkpoint_every" if k == "ckpt_every" else k): v for k, v in ck.get("train_config", {}).items()}
-    changed = {k: (old.get(k), v) for k, v in cfg.to_dict().items() if old.get(k) != v}
+    changed = {k: (old.get(k), v) for k, v in run.cfg.to_dict().items() if old and old.get(k) != v}
     if changed:
         say(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
     rank, world = D.get_rank(), D.get_world_size()
@@ -479,17 +508,17 @@ def _restore(found, wrapped, optimizer, ema, extra, pos: Position, cfg: TrainCon
     else:
         say(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
             "RNG streams are reseeded, so the run continues but not bit-for-bit")
-        C.seed_everything(cfg.seed + 1_000_003 * rank + ck["step"])
-    say(f"[{desc}] resumed from {path} at step {ck['step']}/{total} (epoch {pos.epoch}, batch {pos.batch})")
+        C.seed_everything(run.cfg.seed + 1_000_003 * rank + ck["step"])
+    say(f"[{desc}] resumed from {path} at step {ck['step']}/{run.total} (epoch {pos.epoch}, batch {pos.batch})")
 
 
-def _nan_message(desc: str, what: str, step: int, epoch: int, ckpt_dir: Path, cfg: TrainConfig) -> str:
-    kept = C.list_checkpoints(ckpt_dir)
+def _nan_message(desc: str, what: str, run: Run) -> str:
+    kept = C.list_checkpoints(run.out_dir / "checkpoints")
     where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
              if kept else "no checkpoint was written yet")
-    return (f"[{desc}] the {what} became NaN/inf at step {step + 1} (epoch {epoch}); this step's update was not "
-            f"applied and training stopped. {where}. Try a lower learning rate (train.lr={cfg.lr:g} now), more "
-            "warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
+    return (f"[{desc}] the {what} became NaN/inf at step {run.step + 1} (epoch {run.pos.epoch}); this step's update "
+            f"was not applied and training stopped. {where}. Try a lower learning rate (train.lr={run.cfg.lr:g} now), "
+            "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
 
 
 def _with_shipped_weights(raw: nn.Module, ema: EMA | None, fn):
