@@ -7,7 +7,7 @@ from PIL import Image
 
 from _tiny_ctf import tiny_baseline, tiny_ctf
 from ctfgen.cli import main
-from ctfgen.pipeline import ARPipeline, CTFPipeline
+from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path):
     assert fresh["labels"].tolist() == [0, 0, 0, 4, 4, 4]
 
     # A run killed after its first batch leaves one part file; resuming redoes only the rest.
-    from ctfgen.commands import sample_many as sm
+    from ctfgen import sample_sets as sm
 
-    pipeline = sm.load_model(str(pipelines / "ctf"), "cpu")
+    pipeline = load_pipeline(pipelines / "ctf")
     out = tmp_path / "resumed.npz"
     labels = np.repeat(np.array([0, 4]), 3)
     parts = sm.sample_many(pipeline, labels[:4], out, 4, seed=1, sampling={})
@@ -73,9 +73,9 @@ def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path):
 
 
 def test_sample_many_shards_across_ranks(pipelines, tmp_path):
-    from ctfgen.commands import sample_many as sm
+    from ctfgen import sample_sets as sm
 
-    pipeline = sm.load_model(str(pipelines / "baseline"), "cpu")
+    pipeline = load_pipeline(pipelines / "baseline")
     labels = np.arange(10) % 3
     single = tmp_path / "single.npz"
     sm.sample_many(pipeline, labels, single, 3, seed=2, sampling={})
@@ -88,7 +88,7 @@ def test_sample_many_shards_across_ranks(pipelines, tmp_path):
 
 
 def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
-    from ctfgen.commands import bench
+    from ctfgen import bench
 
     monkeypatch.setattr(bench, "paper_shape_pipelines", lambda *a, **k: (
         ARPipeline.from_pretrained(pipelines / "baseline"), CTFPipeline.from_pretrained(pipelines / "ctf")))
@@ -104,7 +104,7 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
 
 
 def test_bench_without_tokenizer_times_the_token_stages(pipelines):
-    from ctfgen.commands.bench import time_pipeline
+    from ctfgen.bench import time_pipeline
 
     ctf = CTFPipeline.from_pretrained(pipelines / "ctf")
     ctf.tokenizer = None  # as with `ctfgen bench --no-decode`

@@ -1,0 +1,88 @@
+"""N images per class into an ADM-evaluator `.npz` (`ctfgen sample-many`), resumable and torchrun-aware.
+
+Each batch has its own seed and its own part file, so the result does not depend on how many ranks
+produced it, and a killed run redoes at most the batches that were in flight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ctfgen.errors import ConfigError
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    from ctfgen.fileio import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def sample_many(pipeline, labels: np.ndarray, out: Path, batch_size: int, seed: int, sampling: dict,
+                rank: int = 0, world_size: int = 1, png_dir: Path | None = None) -> list[Path]:
+    """Sample `labels` in batches into part files under `out.parts/`; returns this rank's parts."""
+    import torch
+    from tqdm import tqdm
+
+    from ctfgen.images import save_images, to_uint8
+
+    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    batches = [(i, labels[s : s + batch_size]) for i, s in enumerate(range(0, len(labels), batch_size))]
+    mine = [b for b in batches if b[0] % world_size == rank]
+    todo = [b for b in mine if not (parts_dir / f"batch{b[0]:06d}.npz").exists()]
+    device = pipeline.device
+    bar = tqdm(total=sum(len(b[1]) for b in mine), initial=sum(len(b[1]) for b in mine) - sum(len(b[1]) for b in todo),
+               unit="img", desc=f"sampling (rank {rank})", disable=rank != 0)
+    for index, batch_labels in todo:
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+        with torch.inference_mode():
+            images = pipeline.sample(torch.as_tensor(batch_labels, device=device), generator=generator, **sampling)
+        array = to_uint8(images)
+        if png_dir is not None:
+            start = index * batch_size
+            save_images(array, png_dir, [f"{start + j:06d}_class{int(c)}" for j, c in enumerate(batch_labels)])
+        _atomic_savez(parts_dir / f"batch{index:06d}.npz", images=array, labels=np.asarray(batch_labels, np.int64))
+        bar.update(len(batch_labels))
+    bar.close()
+    return [parts_dir / f"batch{i:06d}.npz" for i, _ in mine]
+
+
+def merge_parts(out: Path, num_batches: int) -> None:
+    parts_dir = out.with_name(out.name + ".parts")
+    images, labels = [], []
+    for i in range(num_batches):
+        with np.load(parts_dir / f"batch{i:06d}.npz") as part:
+            images.append(part["images"])
+            labels.append(part["labels"])
+    _atomic_savez(out, arr_0=np.concatenate(images), labels=np.concatenate(labels))
+    for i in range(num_batches):
+        (parts_dir / f"batch{i:06d}.npz").unlink()
+    parts_dir.rmdir()
+
+
+def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, batch_size: int = 64, seed: int = 0,
+               sampling: dict | None = None, png_dir=None) -> Path | None:
+    """`per_class` images of each class (default: all) into `out` (.npz); under torchrun the batches
+    are shared out and rank 0 merges them. Returns `out`, or None when it already existed."""
+    from ctfgen.train import distributed as D
+
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out must end in .npz (the ADM evaluator's format), got {out}")
+    if out.exists():
+        return None
+    classes = classes if classes else list(range(pipeline.num_classes))
+    bad = [c for c in classes if not 0 <= c < pipeline.num_classes]
+    if bad:
+        raise ConfigError(f"class ids {bad} are out of range for a model with {pipeline.num_classes} classes")
+    labels = np.repeat(np.asarray(classes, np.int64), per_class)
+    sample_many(pipeline, labels, out, batch_size, seed, sampling or {}, D.get_rank(), D.get_world_size(),
+                Path(png_dir) if png_dir else None)
+    D.barrier()
+    if D.is_main():
+        merge_parts(out, (len(labels) + batch_size - 1) // batch_size)
+    D.barrier()
+    return out
