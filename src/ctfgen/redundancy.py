@@ -21,7 +21,7 @@ from ctfgen.clustering import CoarseMap
 from ctfgen.errors import ConfigError
 
 __all__ = ["psnr", "ssim", "ssim_map", "gaussian_window", "swap_within_clusters", "measure_redundancy",
-           "format_table", "SWAPS"]
+           "format_table", "SWAPS", "load_images", "redundancy_report"]
 
 SWAPS = ("in_cluster", "random_map", "whole_codebook")
 
@@ -153,3 +153,77 @@ def format_table(result: dict) -> str:
         p = r["psnr"]
         lines.append(f"{label[name]:38s} {p if math.isfinite(p) else float('inf'):8.2f} {r['ssim']:7.4f} {r['changed']:8.1%}")
     return "\n".join(lines)
+
+
+def load_images(data: str, n: int, channels: int, split: str = "test", image_size: int | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """`n` random images (seeded) of Fashion-MNIST's `split` (data="fashion_mnist") or of an image
+    folder, as (n, channels, H, W) in [-1, 1]."""
+    import numpy as np
+
+    from ctfgen.config import DataConfig
+    from ctfgen.data.factory import make_dataset
+
+    fmnist = data == "fashion_mnist"
+    cfg = DataConfig(dataset="fashion_mnist" if fmnist else "image_folder", root=None if fmnist else data,
+                     test_root=None if fmnist else data, image_size=image_size, channels=None if fmnist else channels)
+    ds = make_dataset(cfg, split if fmnist else "train", channels=channels)
+    if n > len(ds):
+        raise ConfigError(f"--images {n} but the data set has only {len(ds)} images")
+    idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=n, replace=False))
+    x = torch.stack([ds[int(i)][0] for i in idx])
+    if x.shape[1] == 1 and channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    if x.shape[1] != channels:
+        raise ConfigError(f"the images have {x.shape[1]} channels but the tokenizer expects {channels}")
+    return x
+
+
+def redundancy_report(tokenizer=None, model=None, coarse_map=None, num_coarse: int | None = None, images: int = 16,
+                      data: str = "fashion_mnist", split: str = "test", image_size: int | None = None,
+                      out="redundancy.png", json_path=None, scale: int = 4, grid_columns: int = 16, seed: int = 0,
+                      device=None) -> dict:
+    """`ctfgen redundancy`: measure the three swaps on `images` images with the tokenizer (of a
+    pipeline directory `model`, or a saved VQModel `tokenizer`) and a coarse map (given, the CTF
+    pipeline's, or k-means with `num_coarse` fitted now); write the image grid (rows: original,
+    reconstruction, in-cluster, random-map, whole-codebook swap) and, with `json_path`, the numbers."""
+    from pathlib import Path
+
+    from ctfgen.images import save_grid
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cmap = None
+    if model:
+        from ctfgen.pipeline import CTFPipeline, load_pipeline
+
+        pipe = load_pipeline(model)
+        if pipe.tokenizer is None:
+            raise ConfigError(f"{model} has no tokenizer/ directory")
+        vq = pipe.tokenizer
+        if isinstance(pipe, CTFPipeline) and coarse_map is None and num_coarse is None:
+            cmap = pipe.coarse_map
+    else:
+        from ctfgen.tokenizer import load_tokenizer
+
+        vq = load_tokenizer(tokenizer)
+    vq = vq.to(device).eval()
+    if coarse_map:
+        cmap = CoarseMap.load(coarse_map)
+        if num_coarse is not None and num_coarse != cmap.num_coarse:
+            raise ConfigError(f"--num-coarse {num_coarse} disagrees with {coarse_map} ({cmap.num_coarse} clusters)")
+    if cmap is None:
+        k = num_coarse or min(512, vq.config.codebook_size)
+        cmap = CoarseMap.fit(vq, k, seed=seed)
+        print(f"fitted k-means with {k} clusters in {cmap.fit_seconds:.1f} s")
+    cmap.check_codebook(vq)
+    x = load_images(data, images, vq.config.in_channels, split, image_size, seed)
+    result = measure_redundancy(vq, cmap, x, seed=seed, return_images=True)
+    rows = result.pop("images")
+    shown = min(images, grid_columns)
+    grid = torch.cat([rows[k][:shown].cpu() for k in ("original", "reconstruction", *SWAPS)])
+    result["grid"] = str(save_grid(grid, out, nrow=shown, scale=scale))
+    if json_path:
+        from ctfgen.fileio import atomic_write_json
+
+        atomic_write_json(Path(json_path), {k: v for k, v in result.items() if k != "grid"})
+    return result
