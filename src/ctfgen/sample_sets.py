@@ -1,4 +1,5 @@
-"""N images per class into an ADM-evaluator `.npz` (`ctfgen sample-many`), resumable and torchrun-aware.
+"""Sample sets on disk: a grid of images (`ctfgen sample`), and N images per class into an ADM-evaluator
+`.npz` (`ctfgen sample-many`), resumable and torchrun-aware.
 
 Each batch has its own seed and its own part file, so the result does not depend on how many ranks
 produced it, and a killed run redoes at most the batches that were in flight.
@@ -86,3 +87,30 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
         merge_parts(out, (len(labels) + batch_size - 1) // batch_size)
     D.barrier()
     return out
+
+
+def sample_grid(pipeline, classes: list[int], n: int, out, seed: int = 0, nrow: int = 8, scale: int = 4,
+                singles: bool = True, sampling: dict | None = None) -> dict:
+    """`ctfgen sample`: `n` images cycling through `classes`, as a PNG grid at `out` and (with
+    `singles`) one PNG each in the folder of the same stem. Returns paths, size and timings."""
+    import time
+
+    import torch
+
+    from ctfgen.images import save_grid, save_images
+
+    if n < 1:
+        raise ConfigError("--n must be at least 1")
+    device = pipeline.device
+    labels = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        images = pipeline.sample(labels, generator=generator, **(sampling or {}))
+    seconds = time.perf_counter() - t0
+    out = Path(out)
+    save_grid(images, out, nrow=nrow, scale=scale)
+    if singles:
+        save_images(images, out.with_suffix(""), [f"{i:04d}_class{int(c)}" for i, c in enumerate(labels.tolist())])
+    return {"grid": out, "singles": out.with_suffix("") if singles else None, "size": tuple(images.shape[-2:]),
+            "seconds": seconds, "timings": dict(getattr(pipeline, "last_timings", {}) or {})}

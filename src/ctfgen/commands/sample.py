@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 from ctfgen.commands._common import add_model_arguments, add_sampling_arguments, load_model, resolve_classes, sampling_kwargs
-from ctfgen.errors import ConfigError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,33 +20,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import time
 
-    from ctfgen.images import save_grid, save_images
+    from ctfgen.sample_sets import sample_grid
 
-    if args.n < 1:
-        raise ConfigError("--n must be at least 1")
     t0 = time.perf_counter()
     pipeline = load_model(args.model, args.device)
     load_s = time.perf_counter() - t0
     classes = resolve_classes(args.classes, pipeline.num_classes, getattr(pipeline, "class_names", None))
-    labels = torch.tensor([classes[i % len(classes)] for i in range(args.n)], device=args.device)
-
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        images = pipeline.sample(labels, generator=generator, **sampling_kwargs(args, pipeline))
-    total_s = time.perf_counter() - t0
-
-    out = Path(args.out)
-    save_grid(images, out, nrow=args.nrow, scale=args.scale)
-    print(f"wrote {out} ({args.n} images of {images.shape[-2]}x{images.shape[-1]})")
-    if not args.no_singles:
-        names = [f"{i:04d}_class{int(c)}" for i, c in enumerate(labels.tolist())]
-        save_images(images, out.with_suffix(""), names)
-        print(f"wrote {args.n} single images to {out.with_suffix('')}/")
-
-    timings = dict(getattr(pipeline, "last_timings", {}) or {})
-    stages = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items())
-    print(f"timings: load {load_s:.2f} s  sampling {total_s * 1000:.0f} ms ({args.n / total_s:.1f} images/s)  {stages}")
+    r = sample_grid(pipeline, classes, args.n, args.out, args.seed, args.nrow, args.scale, not args.no_singles,
+                    sampling_kwargs(args, pipeline))
+    print(f"wrote {r['grid']} ({args.n} images of {r['size'][0]}x{r['size'][1]})")
+    if r["singles"] is not None:
+        print(f"wrote {args.n} single images to {r['singles']}/")
+    stages = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in r["timings"].items())
+    print(f"timings: load {load_s:.2f} s  sampling {r['seconds'] * 1000:.0f} ms ({args.n / r['seconds']:.1f} "
+          f"images/s)  {stages}")
     return 0
