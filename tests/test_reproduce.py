@@ -54,7 +54,7 @@ def test_ablation_reuses_the_main_stage1_snapshot(finished):
     out, _ = finished
     run = MainRun(out)
     unrestricted = load_pipeline(out / "ablations" / "unrestricted-k8" / "ctf")
-    snapshot = run.snapshot("ar", 4)
+    snapshot = run.load_snapshot("ar", 4)
     for a, b in zip(unrestricted.ar.state_dict().values(), snapshot.state_dict().values()):
         assert torch.equal(a, b)
     assert unrestricted.aux.config.restrict_to_cluster is False
