@@ -55,7 +55,12 @@ def from_dict(cls, data: dict | None, where: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as e:  # raised by __post_init__, naming the field relative to `where`
-        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+        msg, key = str(e), "unknown config key "
+        if where and msg.startswith(key):
+            msg = msg.replace(key, f"{key}{where}.", 1).replace("did you mean ", f"did you mean {where}.", 1)
+        elif where:
+            msg = f"{where}.{msg}"
+        raise ConfigError(msg) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
 
@@ -354,6 +359,14 @@ class SamplingConfig:
 
     ctf: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from ctfgen.pipeline import BASELINE_DEFAULTS, CTF_DEFAULTS
+
+        for name, given, known in (("ctf", self.ctf, CTF_DEFAULTS), ("baseline", self.baseline, BASELINE_DEFAULTS)):
+            for key in given or {}:
+                if key not in known:
+                    raise ConfigError(unknown_key_message(f"{name}.{key}", key, known))
 
 
 STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline"}
