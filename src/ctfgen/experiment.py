@@ -33,8 +33,7 @@ from typing import Callable
 
 import yaml
 
-from ctfgen.config import (ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides,
-                           dump, read_yaml, to_dict)
+from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml, to_dict
 from ctfgen.errors import RunError
 from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.rundir import RunDir
