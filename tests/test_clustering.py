@@ -173,7 +173,7 @@ def test_refuses_other_codebook():
     cmap.check_codebook(w)
     cmap.check_codebook(codebook_fingerprint(w))
     for bad in (other, _FakeVQ(other), codebook_fingerprint(other)):
-        with pytest.raises(ValueError, match=f"fitted on the codebook with fingerprint {cmap.codebook_fingerprint}"):
+        with pytest.raises(ValueError, match=f"codebook fingerprint: '{cmap.codebook_fingerprint}' in the coarse map"):
             cmap.check_codebook(bad)
     with pytest.raises(TypeError):
         cmap.check_codebook(3)

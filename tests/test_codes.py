@@ -100,8 +100,8 @@ def test_check_codes_names_each_mismatch(tmp_path):
     with pytest.raises(ValueError) as e:
         check_codes(CodeDataset(out), vq, grid_size=4)
     msg = str(e.value)
-    assert "another tokenizer" in msg and "'abc123'" in msg and "'other'" in msg
-    assert "codebook_size 300 in the codes, 512 expected" in msg and "grid_size 2" in msg
+    assert "codebook fingerprint: 'abc123' in the codes, 'other' in the tokenizer" in msg
+    assert "codebook size: 300 in the codes, 512 in the tokenizer" in msg and "grid size: 2 in the codes, 4 in the request" in msg
     assert "extract-codes" in msg
 
 

@@ -110,7 +110,7 @@ def test_print_config_shows_the_resolved_config(capsys):
 def test_mismatched_coarse_map_is_refused(synthetic, tmp_path):
     d, _ = synthetic
     for stage in ("ar", "aux"):
-        with pytest.raises(StageMismatchError, match="fitted on codebook .* made by tokenizer"):
+        with pytest.raises(StageMismatchError, match="codebook fingerprint: .* in the coarse map, .* in the codes"):
             build_stage(stage, d / "codes", d / "other_map.safetensors", preset="GPT-tiny" if stage == "ar" else "Aux-tiny")
     with pytest.raises(ValueError, match="needs a coarse map"):
         build_stage("ar", d / "codes", None)

@@ -96,14 +96,14 @@ def test_baseline_round_trip(tmp_path):
 def test_refuses_map_of_another_codebook(ctf16):
     ar, aux, cmap, vq = ctf16
     other = tiny_vq(codebook_size=32, seed=9)
-    with pytest.raises(ValueError, match=f"tokenizer fingerprint is '{other.fingerprint}'.*'{cmap.codebook_fingerprint}'"):
+    with pytest.raises(ValueError, match=f"codebook fingerprint: '{cmap.codebook_fingerprint}' in the coarse map, '{other.fingerprint}' in the tokenizer"):
         CTFPipeline(ar, aux, cmap, other)
 
 
 def test_refuses_aux_trained_with_another_map(ctf16):
     ar, aux, cmap, vq = ctf16
     other = CoarseMap.fit(vq, 8, method="random", seed=0)  # same codebook and K, other assignment
-    with pytest.raises(ValueError, match="coarse_map_fingerprint"):
+    with pytest.raises(ValueError, match="coarse map fingerprint: .* in the aux model, .* in the coarse map"):
         CTFPipeline(ar, aux, other, vq)
     # even with fingerprints absent from the configs, the aux's own fine_to_coarse gives it away
     ar2 = GPT(GPTConfig(vocab_size=8, image_tokens=16, num_classes=3, **SMALL))
@@ -120,10 +120,10 @@ def test_refuses_aux_trained_with_another_map(ctf16):
 def test_refuses_stage1_vocab_not_k(ctf16):
     ar, aux, cmap, vq = ctf16
     bad = GPT(GPTConfig(vocab_size=16, image_tokens=16, num_classes=3, **SMALL))
-    with pytest.raises(ValueError, match="stage-1 GPT vocab_size is 16 but the coarse map has num_coarse 8"):
+    with pytest.raises(ValueError, match=r"number of coarse labels \(K\): 16 in the stage-1 GPT, 8 in the aux model"):
         CTFPipeline(bad, aux, cmap, vq)
     grid = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=3, **SMALL))
-    with pytest.raises(ValueError, match="image_tokens is 4 but aux image_tokens is 16"):
+    with pytest.raises(ValueError, match="image tokens: 4 in the stage-1 GPT, 16 in the aux model"):
         CTFPipeline(grid, aux, cmap, vq)
 
 
@@ -132,10 +132,10 @@ def test_baseline_refuses_mismatches(ctf16):
     with pytest.raises(ValueError, match="CTF stage-1 model"):
         ARPipeline(ar)
     gpt, _ = tiny_baseline(vocab=32, image_tokens=16, vq=vq)
-    with pytest.raises(ValueError, match="codebook_fingerprint"):
+    with pytest.raises(ValueError, match="codebook fingerprint: .* in the baseline GPT, .* in the tokenizer"):
         ARPipeline(gpt, tiny_vq(codebook_size=32, seed=9))
     small = randomize(GPT(GPTConfig(vocab_size=16, image_tokens=16, num_classes=3, **SMALL)), 0)
-    with pytest.raises(ValueError, match="vocab_size is 16 but the tokenizer codebook_size is 32"):
+    with pytest.raises(ValueError, match="codebook size: 16 in the baseline GPT, 32 in the tokenizer"):
         ARPipeline(small, vq)
 
 
@@ -143,7 +143,7 @@ def test_load_refuses_swapped_coarse_map(ctf16, tmp_path):
     ar, aux, cmap, vq = ctf16
     CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "p")
     CoarseMap.fit(vq, 8, method="random", seed=0).save(tmp_path / "p" / "coarse_map.safetensors")
-    with pytest.raises(ValueError, match="coarse_map_fingerprint"):
+    with pytest.raises(ValueError, match="is inconsistent:\n  coarse map fingerprint: .* in the coarse map, .* in the pipeline.json"):
         load_pipeline(tmp_path / "p")
     with pytest.raises(FileNotFoundError, match="pipeline.json"):
         load_pipeline(tmp_path)

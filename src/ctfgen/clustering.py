@@ -291,18 +291,13 @@ class CoarseMap:
 
     # ---------------------------------------------------------------- checks
     def check_codebook(self, codebook_or_fingerprint, what: str = "tokenizer") -> None:
-        """Raise ValueError unless the VQModel / raw codebook weight / fingerprint is the one this
+        """Raise MismatchError unless the VQModel / raw codebook weight / fingerprint is the one this
         map was fitted on."""
-        fp = fingerprint_of(codebook_or_fingerprint)
-        if fp != self.codebook_fingerprint:
-            raise MismatchError(
-                f"coarse map {self.fingerprint} was fitted on the codebook with fingerprint "
-                f"{self.codebook_fingerprint}, but the {what} has codebook fingerprint {fp}. Use the tokenizer the "
-                "map was fitted on, or fit a new map on this one (`ctfgen cluster`, CoarseMap.fit)."
-            )
-        vocab = getattr(getattr(codebook_or_fingerprint, "config", None), "codebook_size", None)
-        if vocab is not None and vocab != self.vocab_size:
-            raise MismatchError(f"coarse map covers {self.vocab_size} codewords but the {what} has {vocab}")
+        from ctfgen.compat import check_parts
+
+        check_parts(f"coarse map {self.fingerprint} does not fit the {what}", coarse_map=self,
+                    tokenizer=codebook_or_fingerprint,
+                    hint="Use the tokenizer the map was fitted on, or fit a new map on this one (`ctfgen cluster`).")
 
     # ---------------------------------------------------------------- files
     def save(self, path) -> Path:

@@ -503,3 +503,15 @@ class ReproduceConfig:
     random_clusters: bool = True        # k-means vs balanced random groups, at the main run's K
     unrestricted_aux: bool = True       # aux model over the whole codebook vs restricted to the cluster
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> StageConfig:
+    """One stage's settings (`ctfgen train`) from a stage YAML ({preset, model, train}) or an
+    experiment YAML (its stage1 / aux / baseline section, with what it inherits); the overrides
+    apply to the stage's section (`train.steps=5`, `model.dim=256`)."""
+    raw = read_yaml(path) if path is not None else {}
+    cls = AuxStageConfig if stage == "aux" else StageConfig
+    if set(raw) - {"preset", "model", "train"}:
+        exp = ExperimentConfig.from_raw(raw)
+        raw = {k: v for k, v in to_dict(exp.stage(stage)).items() if k in ("preset", "model", "train")}
+    return from_dict(cls, apply_overrides(raw, overrides))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ctfgen.clustering import CoarseMap
+from ctfgen.compat import check_parts
 from ctfgen.errors import CorruptFileError, MismatchError
 
 __all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
@@ -107,31 +108,6 @@ def _grid_size(image_tokens: int) -> int:
     if g * g != image_tokens:
         raise MismatchError(f"image_tokens={image_tokens} is not a square grid")
     return g
-
-
-def _check_fp(problems: list, what: str, have, want, want_what: str) -> None:
-    if have is not None and want is not None and have != want:
-        problems.append(f"{what} is {have!r} but {want_what} is {want!r}")
-
-
-def _check_tokenizer(problems: list, tokenizer, fingerprint, vocab_size: int, fingerprint_problem: str,
-                     size_problem: str) -> None:
-    """Whether `tokenizer` (if any) matches the parts' codebook `fingerprint` and `vocab_size`; the problem
-    texts are formatted with tokenizer=/parts= (fingerprints) and size=/vocab_size= (codebook sizes)."""
-    if tokenizer is None:
-        return
-    have = tokenizer.fingerprint
-    if have is not None and fingerprint is not None and have != fingerprint:
-        problems.append(fingerprint_problem.format(tokenizer=have, parts=fingerprint))
-    size = getattr(tokenizer.config, "codebook_size", None)
-    if size is not None and size != vocab_size:
-        problems.append(size_problem.format(size=size, vocab_size=vocab_size))
-
-
-def _raise(problems: list, title: str) -> None:
-    if problems:
-        raise MismatchError(title + ":\n  " + "\n  ".join(problems)
-                         + "\nUse parts trained together (one pipeline directory, or the same tokenizer and coarse map).")
 
 
 class _Pipeline:
@@ -243,27 +219,9 @@ class CTFPipeline(_Pipeline):
         return [self.ar, self.aux]
 
     def _check_parts(self) -> None:
-        ar, aux, cmap, tok = self.ar.config, self.aux.config, self.coarse_map, self.tokenizer
-        p: list[str] = []
-        if ar.vocab_size != cmap.num_coarse:
-            p.append(f"stage-1 GPT vocab_size is {ar.vocab_size} but the coarse map has num_coarse {cmap.num_coarse}")
-        if aux.vocab_size != cmap.vocab_size:
-            p.append(f"aux vocab_size is {aux.vocab_size} but the coarse map covers {cmap.vocab_size} codewords")
-        if aux.num_coarse != cmap.num_coarse:
-            p.append(f"aux num_coarse is {aux.num_coarse} but the coarse map has num_coarse {cmap.num_coarse}")
-        if ar.image_tokens != aux.image_tokens:
-            p.append(f"stage-1 image_tokens is {ar.image_tokens} but aux image_tokens is {aux.image_tokens}")
-        if ar.num_classes != aux.num_classes:
-            p.append(f"stage-1 num_classes is {ar.num_classes} but aux num_classes is {aux.num_classes}")
-        for name, cfg in (("stage-1 GPT", ar), ("aux", aux)):
-            _check_fp(p, f"{name} config coarse_map_fingerprint", cfg.coarse_map_fingerprint, cmap.fingerprint,
-                      "the coarse map's fingerprint")
-            _check_fp(p, f"{name} config codebook_fingerprint", cfg.codebook_fingerprint, cmap.codebook_fingerprint,
-                      "the coarse map's codebook_fingerprint")
-        _check_tokenizer(p, tok, cmap.codebook_fingerprint, cmap.vocab_size,
-                         "tokenizer fingerprint is {tokenizer!r} but the coarse map's codebook_fingerprint is {parts!r}",
-                         "tokenizer codebook_size is {size} but the coarse map covers {vocab_size} codewords")
-        _raise(p, "CTFPipeline parts do not belong together")
+        check_parts("CTFPipeline parts do not belong together", stage1=self.ar.config, aux=self.aux.config,
+                    coarse_map=self.coarse_map, tokenizer=self.tokenizer)
+        cmap, aux = self.coarse_map, self.aux.config
         f2c = self.aux.fine_to_coarse.detach().cpu()
         if bool((f2c < 0).all()):
             self.aux.set_coarse_map(cmap)  # an aux built without a map adopts (after checking) this one
@@ -368,12 +326,8 @@ class CTFPipeline(_Pipeline):
         directory = Path(directory)
         info = cls._read_json(directory, cls.kind)
         cmap = CoarseMap.load(directory / COARSE_MAP_FILE)
-        p: list[str] = []
-        _check_fp(p, "coarse_map.safetensors fingerprint", cmap.fingerprint, info.get("coarse_map_fingerprint"),
-                  "pipeline.json's coarse_map_fingerprint")
-        _check_fp(p, "coarse_map.safetensors codebook_fingerprint", cmap.codebook_fingerprint,
-                  info.get("codebook_fingerprint"), "pipeline.json's codebook_fingerprint")
-        _raise(p, f"{directory} is inconsistent")
+        check_parts(f"{directory} is inconsistent", coarse_map=cmap, **{"pipeline.json": {
+            "coarse_map_fingerprint": info.get("coarse_map_fingerprint"), "codebook_fingerprint": info.get("codebook_fingerprint")}})
         ar = GPT.from_pretrained(str(directory / "ar"), map_location=map_location)
         aux = AuxModel.from_pretrained(str(directory / "aux"), map_location=map_location)
         tok = cls._load_tokenizer(directory, info, map_location)
@@ -393,14 +347,11 @@ class ARPipeline(_Pipeline):
 
     def __init__(self, gpt, tokenizer=None, sampling_defaults: dict | None = None):
         self.gpt, self.tokenizer = gpt, tokenizer
-        cfg, p = gpt.config, []
+        cfg = gpt.config
         if cfg.coarse_map_fingerprint is not None:
-            p.append(f"the GPT was trained on coarse labels (coarse_map_fingerprint {cfg.coarse_map_fingerprint!r}); "
-                     "it is a CTF stage-1 model, use CTFPipeline")
-        _check_tokenizer(p, tokenizer, cfg.codebook_fingerprint, cfg.vocab_size,
-                         "GPT config codebook_fingerprint is {parts!r} but the tokenizer's fingerprint is {tokenizer!r}",
-                         "GPT vocab_size is {vocab_size} but the tokenizer codebook_size is {size}")
-        _raise(p, "ARPipeline parts do not belong together")
+            raise MismatchError(f"the GPT was trained on coarse labels (coarse_map_fingerprint {cfg.coarse_map_fingerprint!r}); "
+                                "it is a CTF stage-1 model, use CTFPipeline")
+        check_parts("ARPipeline parts do not belong together", baseline=cfg, tokenizer=tokenizer)
         self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
         self._resolve(self.sampling_defaults)
         self.last_timings: dict = {}
@@ -466,11 +417,8 @@ class ARPipeline(_Pipeline):
         info = cls._read_json(directory, cls.kind)
         gpt = GPT.from_pretrained(str(directory / "gpt"), map_location=map_location)
         tok = cls._load_tokenizer(directory, info, map_location)
-        if tok is not None:
-            p: list[str] = []
-            _check_fp(p, "tokenizer fingerprint", tok.fingerprint, info.get("codebook_fingerprint"),
-                      "pipeline.json's codebook_fingerprint")
-            _raise(p, f"{directory} is inconsistent")
+        check_parts(f"{directory} is inconsistent", tokenizer=tok,
+                    **{"pipeline.json": {"codebook_fingerprint": info.get("codebook_fingerprint")}})
         return cls(gpt, tok, sampling_defaults=info.get("sampling_defaults"))
 
     def __repr__(self) -> str:

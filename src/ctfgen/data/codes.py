@@ -313,11 +313,6 @@ class CodeDataset(Dataset):
         return torch.from_numpy(codes), torch.from_numpy(labels)
 
 
-def _fingerprint_of(vq) -> str:
-    fp = getattr(vq, "fingerprint")
-    return fp() if callable(fp) else fp
-
-
 def check_codes(header, vq_or_fingerprint=None, codebook_size: int | None = None,
                 grid_size: int | None = None, image_tokens: int | None = None) -> None:
     """Refuse codes that do not belong to a tokenizer / model, saying exactly what differs.
@@ -331,22 +326,8 @@ def check_codes(header, vq_or_fingerprint=None, codebook_size: int | None = None
         where, header = str(header), read_header(header)
     else:
         where = str(header.get("path", "the code files"))
-    problems = []
-    fingerprint = None
-    if vq_or_fingerprint is not None:
-        if isinstance(vq_or_fingerprint, str):
-            fingerprint = vq_or_fingerprint
-        else:
-            fingerprint = _fingerprint_of(vq_or_fingerprint)
-            cfg = getattr(vq_or_fingerprint, "config", None)
-            if codebook_size is None and cfg is not None and getattr(cfg, "codebook_size", None) is not None:
-                codebook_size = int(cfg.codebook_size)
-    if fingerprint is not None and header.get("tokenizer_fingerprint") != fingerprint:
-        problems.append(f"tokenizer fingerprint {header.get('tokenizer_fingerprint')!r} in the codes, "
-                        f"{fingerprint!r} expected (the codes were made by another tokenizer)")
-    for name, want in (("codebook_size", codebook_size), ("grid_size", grid_size),
-                       ("image_tokens", image_tokens)):
-        if want is not None and header.get(name) != want:
-            problems.append(f"{name} {header.get(name)} in the codes, {want} expected")
-    if problems:
-        raise MismatchError(f"{where} do not match: " + "; ".join(problems) + f". {_REDO}")
+    from ctfgen.compat import check_parts
+
+    expected = {"codebook_size": codebook_size, "grid_size": grid_size, "image_tokens": image_tokens}
+    check_parts(f"{where} do not match", hint=_REDO, codes=header, tokenizer=vq_or_fingerprint,
+                expected={k: v for k, v in expected.items() if v is not None})

@@ -59,21 +59,10 @@ def _load_map(coarse_map):
 
 def check_map_for_codes(coarse_map, header: dict, where: str = "the code files") -> None:
     """Refuse a coarse map fitted on another codebook than the one that made the codes."""
-    fp = header.get("tokenizer_fingerprint")
-    problems = []
-    if fp != coarse_map.codebook_fingerprint:
-        problems.append(
-            f"the coarse map {coarse_map.fingerprint} was fitted on codebook {coarse_map.codebook_fingerprint}, "
-            f"but {where} were made by tokenizer {fp}"
-        )
-    if int(header["codebook_size"]) != coarse_map.vocab_size:
-        problems.append(f"the coarse map covers {coarse_map.vocab_size} codewords, the codes' codebook has "
-                        f"{header['codebook_size']}")
-    if problems:
-        raise StageMismatchError(
-            "coarse map and codes do not belong together: " + "; ".join(problems)
-            + ". Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer."
-        )
+    from ctfgen.compat import check_parts
+
+    check_parts(f"coarse map and codes ({where}) do not belong together", coarse_map=coarse_map, codes=header,
+                hint="Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer.")
 
 
 def _num_classes(dataset, requested: int | None) -> int:
