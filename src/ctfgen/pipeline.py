@@ -340,10 +340,12 @@ class CTFPipeline(_Pipeline):
         was_training = self.aux.training
         self.aux.eval()  # dropout or class dropout would make the value random
         try:
-            logits = self.aux(coarse, labels)
+            # the restricted model scores each token among its cluster's members only
+            logits = self.aux(coarse, labels, in_cluster=self.log_prob_is_exact)
         finally:
             self.aux.train(was_training)
-        lp_fine = token_log_probs(logits, tokens).sum(-1)
+        targets = self.aux.cluster_table().position[tokens] if self.log_prob_is_exact else tokens
+        lp_fine = token_log_probs(logits, targets).sum(-1)
         return lp_coarse + lp_fine
 
     def save_pretrained(self, directory) -> Path:
