@@ -4,6 +4,7 @@
     >>> images = pipe.sample([3, 7], generator=0)           # (2, C, H, W) in [-1, 1]
     >>> tokens = pipe.sample_tokens([3, 7], generator=0)    # (2, image_tokens) fine tokens
     >>> nats = pipe.log_prob(tokens, [3, 7])                # (2,) float64, exact with an in-cluster aux
+    >>> out = pipe([3, 7], generator=0)                     # PipelineOutput: images, coarse_preview, tokens, ...
     >>> pipe.save_pretrained("run/ctf"); load_pipeline("run/ctf")
 
 Both pipelines share one interface (`sample_tokens`, `sample`, `log_prob`, `save_pretrained`,
@@ -21,6 +22,7 @@ import json
 import math
 import time
 import warnings
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -174,6 +176,14 @@ class _Pipeline:
         self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
         return images
 
+    def __call__(self, labels, generator=None, **kwargs):
+        """Sample and decode, keeping every stage: a `ctfgen.stages.PipelineOutput` with the images,
+        the tokens and the timings, and for CTF the sampled coarse labels and the coarse preview.
+        Same options and same draws as `sample` for a given generator."""
+        from ctfgen.stages import run_pipeline
+
+        return run_pipeline(self, labels, generator=generator, **kwargs)
+
     def _write_json(self, directory: Path, extra: dict) -> None:
         info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,
                 "num_classes": self.num_classes, "has_tokenizer": self.tokenizer is not None,
@@ -262,6 +272,25 @@ class CTFPipeline(_Pipeline):
         """True when `log_prob` is the exact log-likelihood (in-cluster aux); otherwise it is a lower bound."""
         return bool(self.aux.config.restrict_to_cluster)
 
+    @cached_property
+    def representatives(self) -> torch.Tensor:
+        """(num_coarse,) int64 codeword standing for each coarse label in the coarse preview: the member
+        nearest its cluster's k-means centroid (`CoarseMap.representatives`), on the CPU."""
+        if self.tokenizer is None:
+            raise ValueError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
+                             "from; pass tokenizer=")
+        return self.coarse_map.representatives(self.tokenizer)
+
+    @torch.no_grad()
+    def coarse_preview(self, coarse: torch.Tensor) -> torch.Tensor:
+        """(B, image_tokens) coarse labels -> (B, C, H, W) images: each label decoded through its
+        cluster's representative codeword, i.e. what stage 1 alone decided."""
+        coarse = _flat_tokens(coarse, self.image_tokens, self.device)
+        if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= self.coarse_map.num_coarse):
+            raise ValueError(f"coarse labels must be in [0, {self.coarse_map.num_coarse}), got range "
+                             f"[{int(coarse.min())}, {int(coarse.max())}]")
+        return self.decode(self.representatives.to(coarse.device)[coarse])
+
     @torch.no_grad()
     def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
                       temperature_fine=None, top_k_fine=None, cfg_scale_fine=None, generator=None,
@@ -293,6 +322,7 @@ class CTFPipeline(_Pipeline):
         _sync(device)
         self.last_timings = {"stage1": t1 - t0, "stage2": time.perf_counter() - t1, "decode": 0.0}
         self.last_timings["total"] = self.last_timings["stage1"] + self.last_timings["stage2"]
+        self.last_coarse = coarse  # the stage-1 draw, for the coarse preview (ctfgen.stages)
         return fine
 
     @torch.no_grad()
