@@ -176,13 +176,13 @@ class _Pipeline:
         self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
         return images
 
-    def __call__(self, labels, generator=None, **kwargs):
+    def __call__(self, labels, generator=None, preview: bool = True, **kwargs):
         """Sample and decode, keeping every stage: a `ctfgen.stages.PipelineOutput` with the images,
-        the tokens and the timings, and for CTF the sampled coarse labels and the coarse preview.
-        Same options and same draws as `sample` for a given generator."""
+        the tokens and the timings, and for CTF the sampled coarse labels and (unless `preview=False`)
+        the coarse preview. Same options and same draws as `sample` for a given generator."""
         from ctfgen.stages import run_pipeline
 
-        return run_pipeline(self, labels, generator=generator, **kwargs)
+        return run_pipeline(self, labels, generator=generator, preview=preview, **kwargs)
 
     def _write_json(self, directory: Path, extra: dict) -> None:
         info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,

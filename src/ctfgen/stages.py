@@ -37,7 +37,7 @@ class PipelineOutput:
     timings: dict = field(default_factory=dict)   # seconds: stage1, stage2, decode, total (+ coarse_preview)
     coarse: torch.Tensor | None = None            # (B, image_tokens) coarse labels stage 1 sampled
     coarse_tokens: torch.Tensor | None = None     # (B, image_tokens) their representative codewords
-    coarse_preview: torch.Tensor | None = None    # (B, C, H, W) coarse_tokens decoded
+    coarse_preview: torch.Tensor | None = None    # (B, C, H, W) coarse_tokens decoded (unless preview=False)
 
     @property
     def grid_size(self) -> int:
@@ -63,8 +63,9 @@ def _timed(fn, device):
 
 
 @torch.no_grad()
-def run_pipeline(pipe, labels, generator=None, **kwargs) -> PipelineOutput:
-    """`pipe(labels, ...)`: sample tokens, decode them, and for CTF decode the coarse preview too.
+def run_pipeline(pipe, labels, generator=None, preview: bool = True, **kwargs) -> PipelineOutput:
+    """`pipe(labels, ...)`: sample tokens, decode them, and for CTF decode the coarse preview too
+    (`preview=False` keeps the coarse labels and their representatives but skips decoding them).
     Same options and draws as `pipe.sample`; timings as `pipe.last_timings`, plus `coarse_preview`
     (not counted in `total`, which stays the cost of the final images)."""
     from ctfgen.pipeline import CTFPipeline, _labels
@@ -82,7 +83,8 @@ def run_pipeline(pipe, labels, generator=None, **kwargs) -> PipelineOutput:
     if isinstance(pipe, CTFPipeline):
         out.coarse = pipe.last_coarse
         out.coarse_tokens = pipe.representatives.to(device)[out.coarse]
-        out.coarse_preview, timings["coarse_preview"] = _timed(lambda: pipe.decode(out.coarse_tokens), device)
+        if preview:
+            out.coarse_preview, timings["coarse_preview"] = _timed(lambda: pipe.decode(out.coarse_tokens), device)
     pipe.last_timings = timings
     return out
 
