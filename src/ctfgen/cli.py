@@ -23,6 +23,7 @@ COMMANDS = {
     "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
     "reproduce": ("reproduce", "ablations, evaluation and the results report on top of a finished pipeline run"),
     "bench": ("bench", "time the baseline and CTF sampling side by side"),
+    "demo": ("demo", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
     "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),
 }
 
