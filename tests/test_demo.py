@@ -112,15 +112,15 @@ def test_browser_generates_images_and_shows_errors(server):
             page.wait_for_selector("#generate")
             page.locator("#class input").click()
             page.get_by_role("option", name="Ankle boot").click()
-            page.locator("#n_images input").fill("3")
+            page.locator("#n_images input").fill("6")
             page.locator("#seed input").fill("5")
             page.locator("#generate").click()
 
             for gallery in ("#final", "#coarse", "#baseline"):
-                page.wait_for_function(f"document.querySelectorAll('{gallery} img').length == 3 && "
+                page.wait_for_function(f"document.querySelectorAll('{gallery} img').length == 6 && "
                                        f"[...document.querySelectorAll('{gallery} img')].every(i => i.complete && i.naturalWidth > 0)")
                 sources = page.eval_on_selector_all(f"{gallery} img", "imgs => imgs.map(i => i.src)")
-                assert len(sources) == 3
+                assert len(sources) == 6
                 from PIL import Image
 
                 for src in sources:

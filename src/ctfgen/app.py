@@ -245,16 +245,15 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
                                       interactive=baseline is not None)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
+                # one row per stage, images in the same columns, as in `ctfgen sample --stages`
+                gallery = dict(columns=8, fit_columns=False, height=250, format="png", preview=False, allow_preview=False)
+                coarse = gr.Gallery(label="Coarse preview: what stage 1 decided", elem_id="coarse", **gallery)
+                final = gr.Gallery(label="CTF: final images after stage 2", elem_id="final", **gallery)
+                base = gr.Gallery(label="Baseline: same class and seed", elem_id="baseline",
+                                  visible=baseline is not None, **gallery)
                 with gr.Row():
-                    coarse = gr.Gallery(label="Coarse preview (stage 1)", columns=4, format="png", elem_id="coarse",
-                                        height="auto", preview=False, allow_preview=False)
-                    final = gr.Gallery(label="CTF: final images (stage 2)", columns=4, format="png", elem_id="final",
-                                       height="auto", preview=False, allow_preview=False)
-                    base = gr.Gallery(label="Baseline (same classes and seed)", columns=4, format="png",
-                                      elem_id="baseline", height="auto", preview=False, allow_preview=False,
-                                      visible=baseline is not None)
-                timings = gr.Markdown(elem_id="timings")
-                download = gr.File(label="Download: PNGs and the stage figure (zip)", elem_id="download")
+                    timings = gr.Markdown(elem_id="timings")
+                    download = gr.File(label="Download: PNGs and the stage figure (zip)", elem_id="download")
         button.click(generate, [class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images,
                                 compare], [coarse, final, base, timings, download], api_name="generate",
                      concurrency_limit=1)
