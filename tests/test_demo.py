@@ -21,7 +21,7 @@ pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'ctfgen
 
 from _tiny_ctf import tiny_baseline, tiny_ctf  # noqa: E402
 
-from ctfgen.app import DISPLAY_SIZE, Generator, Limits, is_loopback  # noqa: E402
+from ctfgen.app import DISPLAY_SIZE, DemoBackend, Limits, is_loopback  # noqa: E402
 from ctfgen.pipeline import ARPipeline, CTFPipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,16 +190,16 @@ def test_fifty_concurrent_requests(server):
 
 # ------------------------------------------------------------------ the app's logic without a server
 @pytest.fixture(scope="module")
-def generator(tmp_path_factory):
+def backend(tmp_path_factory):
     ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
     gpt, _ = tiny_baseline(vocab=8, num_classes=10, vq=vq)
-    return Generator(CTFPipeline(ar, aux, cmap, vq), ARPipeline(gpt, vq), Limits(max_images=4),
+    return DemoBackend(CTFPipeline(ar, aux, cmap, vq), ARPipeline(gpt, vq), Limits(max_images=4),
                      download_dir=tmp_path_factory.mktemp("downloads"))
 
 
-def test_generator_checks_every_option(generator):
+def test_backend_checks_every_option(backend):
     ok = ("Sneaker", 0, 2.0, 1.0, 1.0, 0, 2)
-    assert generator.check(*ok)["label"] == 7
+    assert backend.check(*ok)["label"] == 7
     bad = {0: ("Spaceship", "unknown class"), 1: (-1, "Seed must be between"), 2: (50, "Guidance must be between"),
            3: (0.0, "Stage-1 temperature"), 4: (float("nan"), "Stage-2 temperature"), 5: (99, "Stage-2 top-k"),
            6: (5, "Number of images must be between 1 and 4"), }
@@ -207,15 +207,15 @@ def test_generator_checks_every_option(generator):
         args = list(ok)
         args[i] = value
         with pytest.raises(ValueError, match=message):
-            generator.check(*args)
+            backend.check(*args)
     with pytest.raises(ValueError, match="whole number"):
-        generator.check("Sneaker", 0.5, 2.0, 1.0, 1.0, 0, 2)
+        backend.check("Sneaker", 0.5, 2.0, 1.0, 1.0, 0, 2)
 
 
-def test_generator_output_and_download(generator):
+def test_backend_output_and_download(backend):
     import zipfile
 
-    r = generator("Bag", 3, 2.0, 1.0, 1.0, 0, 3, True)
+    r = backend("Bag", 3, 2.0, 1.0, 1.0, 0, 3, True)
     assert len(r["coarse"]) == len(r["final"]) == len(r["baseline"]) == 3
     assert r["final"][0].shape[:2] == (DISPLAY_SIZE, DISPLAY_SIZE)
     assert set(r["timings"]) == {"CTF", "baseline"} and "coarse_preview" in r["timings"]["CTF"]
@@ -223,7 +223,7 @@ def test_generator_output_and_download(generator):
     assert "stages.png" in names and "ctf/02.png" in names and "coarse_preview/00.png" in names
     assert "baseline/00.png" in names
     # same seed, same pictures: the page is reproducible
-    again = generator("Bag", 3, 2.0, 1.0, 1.0, 0, 3, False)
+    again = backend("Bag", 3, 2.0, 1.0, 1.0, 0, 3, False)
     assert again["baseline"] is None and all((a == b).all() for a, b in zip(r["final"], again["final"]))
 
 
@@ -243,3 +243,23 @@ def test_demo_warns_for_a_public_host(monkeypatch, capsys):
     assert "WARNING" in capsys.readouterr().err and launched["server_name"] == "0.0.0.0"
     app_module.launch(gr.Blocks(), host="127.0.0.1", port=1)
     assert capsys.readouterr().err == ""
+
+
+def test_demo_command_finds_the_baseline_and_refuses_a_baseline_model(tmp_path, monkeypatch, capsys):
+    from ctfgen import app as app_module
+    from ctfgen.cli import main
+
+    ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
+    CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "run" / "ctf")
+    gpt, _ = tiny_baseline(vocab=8, num_classes=10, vq=vq)
+    ARPipeline(gpt, None).save_pretrained(tmp_path / "run" / "baseline")
+    served = []
+    monkeypatch.setattr(app_module, "launch", lambda app, host, port: served.append((app, host, port)))
+    assert main(["demo", "--model", str(tmp_path / "run" / "ctf"), "--port", "1234"]) == 0
+    (app, host, port), = served
+    assert (host, port) == ("127.0.0.1", 1234)
+    assert any(getattr(b, "elem_id", None) == "baseline" and b.visible for b in app.blocks.values())
+    with pytest.raises(SystemExit, match="is a baseline"):
+        main(["demo", "--model", str(tmp_path / "run" / "baseline")])
+    with pytest.raises(SystemExit, match="--port must be"):
+        main(["demo", "--model", str(tmp_path / "run" / "ctf"), "--port", "0"])

@@ -14,8 +14,10 @@ with a message in the page (gr.Error), never a traceback. Needs `pip install ctf
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -82,7 +84,7 @@ def _enlarge(images: torch.Tensor) -> list[np.ndarray]:
     return out
 
 
-class Generator:
+class DemoBackend:
     """The page's one action, kept apart from gradio so it can be called and tested directly."""
 
     def __init__(self, ctf, baseline=None, limits: Limits = Limits(), download_dir: str | Path | None = None):
@@ -95,7 +97,10 @@ class Generator:
         self.ctf, self.baseline, self.limits = ctf, baseline, limits
         self.class_names = _class_names(ctf)
         self.max_top_k = int(ctf.coarse_map.sizes.max())
-        self.download_dir = Path(download_dir or tempfile.mkdtemp(prefix="ctfgen-demo-"))
+        if download_dir is None:
+            download_dir = tempfile.mkdtemp(prefix="ctfgen-demo-")
+            atexit.register(shutil.rmtree, download_dir, ignore_errors=True)
+        self.download_dir = Path(download_dir)
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one generation at a time, whatever the queue's settings
         self._count = 0
@@ -111,9 +116,9 @@ class Generator:
             except (TypeError, ValueError):
                 raise ValueError(f"{name} must be a number, got {value!r}") from None
             if not np.isfinite(v) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
+                raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {v:g}")
             if integer and v != int(v):
-                raise ValueError(f"{name} must be a whole number, got {value:g}")
+                raise ValueError(f"{name} must be a whole number, got {v:g}")
             return int(v) if integer else v
 
         if class_name not in self.class_names:
@@ -209,7 +214,7 @@ def _timings_markdown(timings: dict, n: int, changed: float) -> str:
 def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfgen: coarse-to-fine generation"):
     """A gradio Blocks app around loaded pipelines (CTF, and optionally the baseline)."""
     gr = _import_gradio()
-    gen = Generator(ctf, baseline, limits)
+    gen = DemoBackend(ctf, baseline, limits)
     names = gen.class_names
     default = ctf.sampling_defaults
 
@@ -246,19 +251,19 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 # one row per stage, images in the same columns, as in `ctfgen sample --stages`
-                gallery = dict(columns=8, fit_columns=False, height=250, format="png", preview=False, allow_preview=False)
+                gallery = dict(interactive=False, columns=8, fit_columns=False, height=250, format="png", preview=False, allow_preview=False)
                 coarse = gr.Gallery(label="Coarse preview: what stage 1 decided", elem_id="coarse", **gallery)
                 final = gr.Gallery(label="CTF: final images after stage 2", elem_id="final", **gallery)
                 base = gr.Gallery(label="Baseline: same class and seed", elem_id="baseline",
                                   visible=baseline is not None, **gallery)
                 with gr.Row():
                     timings = gr.Markdown(elem_id="timings")
-                    download = gr.File(label="Download: PNGs and the stage figure (zip)", elem_id="download")
+                    download = gr.File(label="Download: PNGs and the stage figure (zip)", elem_id="download",
+                                       interactive=False)
         button.click(generate, [class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images,
                                 compare], [coarse, final, base, timings, download], api_name="generate",
                      concurrency_limit=1)
     app.queue(max_size=limits.queue_size, default_concurrency_limit=1)
-    app.ctfgen_generator = gen
     return app
 
 
