@@ -47,6 +47,28 @@ def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
     return -torch.as_tensor(log_prob, dtype=torch.float64) / (image_tokens * math.log(2.0))
 
 
+@torch.no_grad()
+def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size: int = 500) -> dict:
+    """Exact held-out likelihood of `pipeline` on the first `limit` images of a CodeDataset.
+
+    Returns {"nats_per_image", "bits_per_token", "exact" (False: a bound, see log_prob_is_exact),
+    "images"}. Under torchrun each rank scores every world_size-th image and the sums are reduced.
+    """
+    from ctfgen.train import distributed as D
+
+    n = len(codes) if limit is None else min(len(codes), int(limit))
+    mine = list(range(D.get_rank(), n, D.get_world_size()))
+    total = torch.zeros(2, dtype=torch.float64, device=pipeline.device)
+    for i in range(0, len(mine), int(batch_size)):
+        x, y = codes.get_batch(mine[i:i + int(batch_size)])
+        lp = pipeline.log_prob(x.to(pipeline.device), y.to(pipeline.device))
+        total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=pipeline.device)])
+    D.all_reduce_sum(total)
+    nats = (total[0] / total[1]).item()
+    return {"nats_per_image": nats, "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
+            "exact": bool(pipeline.log_prob_is_exact), "images": n}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
