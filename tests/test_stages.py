@@ -116,3 +116,16 @@ def test_sample_stages_and_compare_baseline(run_dir, tmp_path, capsys):
         main(["sample", "--model", str(lone), "--compare-baseline", "--out", str(tmp_path / "x.png")])
     assert main(["sample", "--model", str(lone), "--compare-baseline", "--baseline", str(run_dir / "baseline"),
                  "--no-singles", "--out", str(tmp_path / "y.png")]) == 0
+
+
+def test_representatives_can_be_the_most_frequent_members(ctf16):
+    from ctfgen.diagnosis import most_frequent_members
+
+    ar, aux, cmap, vq = ctf16
+    pipe = CTFPipeline(ar, aux, cmap, vq)
+    codes = torch.tensor([[cmap.members(c)[-1] for c in range(cmap.num_coarse)] * 3])  # each cluster's last member
+    pipe.representatives = most_frequent_members(cmap, codes)
+    out = pipe([0, 1], generator=2)
+    assert torch.equal(out.coarse_tokens, torch.stack([cmap.members(c)[-1] for c in range(8)])[out.coarse])
+    with pytest.raises(ValueError, match="the c-th a member of cluster c"):
+        pipe.representatives = torch.arange(8)  # codewords 0..7 are not one per cluster in order

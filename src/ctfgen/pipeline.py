@@ -22,7 +22,6 @@ import json
 import math
 import time
 import warnings
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -294,14 +293,29 @@ class CTFPipeline(_Pipeline):
         """True when `log_prob` is the exact log-likelihood (in-cluster aux); otherwise it is a lower bound."""
         return bool(self.aux.config.restrict_to_cluster)
 
-    @cached_property
+    @property
     def representatives(self) -> torch.Tensor:
-        """(num_coarse,) int64 codeword standing for each coarse label in the coarse preview: the member
-        nearest its cluster's k-means centroid (`CoarseMap.representatives`), on the CPU."""
-        if self.tokenizer is None:
-            raise ValueError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
-                             "from; pass tokenizer=")
-        return self.coarse_map.representatives(self.tokenizer)
+        """(num_coarse,) int64 codeword standing for each coarse label in the coarse preview, on the CPU.
+        By default the member nearest its cluster's k-means centroid (`CoarseMap.representatives`),
+        which needs no data; assign another choice, e.g. the most frequent member in training codes
+        (`ctfgen.diagnosis.most_frequent_members`), and it is checked to hold one member per cluster."""
+        reps = self.__dict__.get("_representatives")
+        if reps is None:
+            if self.tokenizer is None:
+                raise ValueError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
+                                 "from; pass tokenizer=")
+            reps = self._representatives = self.coarse_map.representatives(self.tokenizer)
+        return reps
+
+    @representatives.setter
+    def representatives(self, reps) -> None:
+        reps = torch.as_tensor(reps, dtype=torch.long).cpu().reshape(-1)
+        k = self.coarse_map.num_coarse
+        if reps.numel() != k or int(reps.min()) < 0 or int(reps.max()) >= self.coarse_map.vocab_size \
+                or not torch.equal(self.coarse_map(reps), torch.arange(k)):
+            raise ValueError(f"representatives must be {k} codewords, the c-th a member of cluster c "
+                             "(as CoarseMap.representatives or diagnosis.most_frequent_members return them)")
+        self._representatives = reps
 
     @torch.no_grad()
     def coarse_preview(self, coarse: torch.Tensor) -> torch.Tensor:
