@@ -56,6 +56,7 @@ CASES = {
     "reproduce": (["--bogus"], ["--run", MISSING], ["--run", "{c}/run"]),
     "study": (["--records"], [MISSING, "--records", "{t}/r"], ["{c}/run", "--records", "{t}/r"]),
     "bench": (["--batch-sizes", "x"], ["--models", MISSING], None),  # bench reads no file of its own
+    "demo": (["--port", "x"], ["--model", MISSING], ["--model", "{c}/pipeline"]),
     "train-classifier": (["--epochs", "x"], ["--out", "{t}/o", "--data-root", MISSING],
                          ["--out", "{t}/o", "--data-root", "{c}/fmnist"]),
 }

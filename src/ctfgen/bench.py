@@ -65,7 +65,7 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 2, image
     print(f"device: {device}  threads: {torch.get_num_threads()}  dtype: {dtype}  cfg: {cfg_scale}")
     print(f"{'model':<16}{'method':<10}{'batch':>6}{'img/s':>10}{'stage1 s':>10}{'stage2 s':>10}{'decode s':>10}{'total s':>10}")
     for name in models:
-        with torch.inference_mode():  # building random-weight models needs no autograd either
+        with torch.no_grad():  # no autograd to build them; not inference_mode: their buffers stay ordinary tensors
             pipes = _pipelines(name, device, image_tokens, num_coarse, aux_preset, decode)
         for batch_size in batch_sizes:
             for method, pipe in pipes.items():

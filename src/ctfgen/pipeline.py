@@ -4,6 +4,7 @@
     >>> images = pipe.sample([3, 7], generator=0)           # (2, C, H, W) in [-1, 1]
     >>> tokens = pipe.sample_tokens([3, 7], generator=0)    # (2, image_tokens) fine tokens
     >>> nats = pipe.log_prob(tokens, [3, 7])                # (2,) float64, exact with an in-cluster aux
+    >>> out = pipe([3, 7], generator=0)                     # PipelineOutput: images, coarse_preview, tokens, ...
     >>> pipe.save_pretrained("run/ctf"); load_pipeline("run/ctf")
 
 Both pipelines share one interface (`sample_tokens`, `sample`, `log_prob`, `save_pretrained`,
@@ -174,6 +175,14 @@ class _Pipeline:
         self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
         return images
 
+    def __call__(self, labels, generator=None, preview: bool = True, **kwargs):
+        """Sample and decode, keeping every stage: a `ctfgen.stages.PipelineOutput` with the images,
+        the tokens and the timings, and for CTF the sampled coarse labels and (unless `preview=False`)
+        the coarse preview. Same options and same draws as `sample` for a given generator."""
+        from ctfgen.stages import run_pipeline
+
+        return run_pipeline(self, labels, generator=generator, preview=preview, **kwargs)
+
     def _write_json(self, directory: Path, extra: dict) -> None:
         info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,
                 "num_classes": self.num_classes, "has_tokenizer": self.tokenizer is not None,
@@ -244,6 +253,40 @@ class CTFPipeline(_Pipeline):
         """True when `log_prob` is the exact log-likelihood (in-cluster aux); otherwise it is a lower bound."""
         return bool(self.aux.config.restrict_to_cluster)
 
+    @property
+    def representatives(self) -> torch.Tensor:
+        """(num_coarse,) int64 codeword standing for each coarse label in the coarse preview, on the CPU.
+        By default the member nearest its cluster's k-means centroid (`CoarseMap.representatives`),
+        which needs no data; assign another choice, e.g. the most frequent member in training codes
+        (`ctfgen.diagnosis.most_frequent_members`), and it is checked to hold one member per cluster."""
+        reps = self.__dict__.get("_representatives")
+        if reps is None:
+            if self.tokenizer is None:
+                raise ValueError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
+                                 "from; pass tokenizer=")
+            reps = self._representatives = self.coarse_map.representatives(self.tokenizer)
+        return reps
+
+    @representatives.setter
+    def representatives(self, reps) -> None:
+        reps = torch.as_tensor(reps, dtype=torch.long).cpu().reshape(-1)
+        k = self.coarse_map.num_coarse
+        if reps.numel() != k or int(reps.min()) < 0 or int(reps.max()) >= self.coarse_map.vocab_size \
+                or not torch.equal(self.coarse_map(reps), torch.arange(k)):
+            raise ValueError(f"representatives must be {k} codewords, the c-th a member of cluster c "
+                             "(as CoarseMap.representatives or diagnosis.most_frequent_members return them)")
+        self._representatives = reps
+
+    @torch.no_grad()
+    def coarse_preview(self, coarse: torch.Tensor) -> torch.Tensor:
+        """(B, image_tokens) coarse labels -> (B, C, H, W) images: each label decoded through its
+        cluster's representative codeword, i.e. what stage 1 alone decided."""
+        coarse = _flat_tokens(coarse, self.image_tokens, self.device)
+        if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= self.coarse_map.num_coarse):
+            raise ValueError(f"coarse labels must be in [0, {self.coarse_map.num_coarse}), got range "
+                             f"[{int(coarse.min())}, {int(coarse.max())}]")
+        return self.decode(self.representatives.to(coarse.device)[coarse])
+
     @torch.no_grad()
     def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
                       temperature_fine=None, top_k_fine=None, cfg_scale_fine=None, generator=None,
@@ -275,6 +318,7 @@ class CTFPipeline(_Pipeline):
         _sync(device)
         self.last_timings = {"stage1": t1 - t0, "stage2": time.perf_counter() - t1, "decode": 0.0}
         self.last_timings["total"] = self.last_timings["stage1"] + self.last_timings["stage2"]
+        self.last_coarse = coarse  # the stage-1 draw, for the coarse preview (ctfgen.stages)
         return fine
 
     @torch.no_grad()
@@ -300,10 +344,12 @@ class CTFPipeline(_Pipeline):
         was_training = self.aux.training
         self.aux.eval()  # dropout or class dropout would make the value random
         try:
-            logits = self.aux(coarse, labels)
+            # the restricted model scores each token among its cluster's members only
+            logits = self.aux(coarse, labels, in_cluster=self.log_prob_is_exact)
         finally:
             self.aux.train(was_training)
-        lp_fine = token_log_probs(logits, tokens).sum(-1)
+        targets = self.aux.cluster_table().position[tokens] if self.log_prob_is_exact else tokens
+        lp_fine = token_log_probs(logits, targets).sum(-1)
         return lp_coarse + lp_fine
 
     def save_pretrained(self, directory) -> Path:

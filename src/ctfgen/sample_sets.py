@@ -90,27 +90,62 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
 
 
 def sample_grid(pipeline, classes: list[int], n: int, out, seed: int = 0, nrow: int = 8, scale: int = 4,
-                singles: bool = True, sampling: dict | None = None) -> dict:
+                singles: bool = True, sampling: dict | None = None, stages: bool = False, baseline=None) -> dict:
     """`ctfgen sample`: `n` images cycling through `classes`, as a PNG grid at `out` and (with
-    `singles`) one PNG each in the folder of the same stem. Returns paths, size and timings."""
+    `singles`) one PNG each in the folder of the same stem. CTF only: `stages` draws per sample the
+    coarse preview, the final image and a heat map of stage 2's changes; a `baseline` pipeline samples
+    the same classes from the same seed beside it (a fourth row with `stages`). Returns paths, size,
+    timings and, where they apply, the baseline's timings and the share of changed positions."""
     import time
 
     import torch
 
     from ctfgen.images import save_grid, save_images
+    from ctfgen.pipeline import CTFPipeline
 
     if n < 1:
         raise ConfigError("--n must be at least 1")
+    if (stages or baseline is not None) and not isinstance(pipeline, CTFPipeline):
+        raise ConfigError("--stages and --compare-baseline need a CTF model as --model")
     device = pipeline.device
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        images = pipeline.sample(labels, generator=generator, **(sampling or {}))
-    seconds = time.perf_counter() - t0
-    out = Path(out)
-    save_grid(images, out, nrow=nrow, scale=scale)
+        result = pipeline(labels, generator=torch.Generator(device=device).manual_seed(seed), preview=stages,
+                          **(sampling or {}))
+    info = {"seconds": time.perf_counter() - t0, "timings": dict(result.timings), "grid": Path(out),
+            "size": tuple(result.images.shape[-2:]), "singles": Path(out).with_suffix("") if singles else None}
+    if stages or baseline is not None:
+        info.update(_comparison(pipeline, result, baseline, Path(out), seed, nrow, scale, stages, sampling or {}))
+    else:
+        save_grid(result.images, out, nrow=nrow, scale=scale)
     if singles:
-        save_images(images, out.with_suffix(""), [f"{i:04d}_class{int(c)}" for i, c in enumerate(labels.tolist())])
-    return {"grid": out, "singles": out.with_suffix("") if singles else None, "size": tuple(images.shape[-2:]),
-            "seconds": seconds, "timings": dict(getattr(pipeline, "last_timings", {}) or {})}
+        save_images(result.images, info["singles"], [f"{i:04d}_class{int(c)}" for i, c in enumerate(labels.tolist())])
+    return info
+
+
+def _comparison(pipeline, result, baseline, out: Path, seed: int, nrow: int, scale: int, stages: bool,
+                sampling: dict) -> dict:
+    """--stages and/or --compare-baseline: the baseline samples the same classes from the same seed."""
+    import torch
+
+    from ctfgen.images import to_uint8
+    from ctfgen.stages import side_by_side, stage_figure, stage_rows
+
+    info, base = {}, None
+    if baseline is not None:
+        generator = torch.Generator(device=baseline.device).manual_seed(seed)
+        with torch.inference_mode():
+            shared = {k: v for k, v in sampling.items() if k in baseline.sampling_defaults}
+            base = baseline(result.labels, generator=generator, **shared)
+        info["baseline_timings"] = dict(base.timings)
+    if stages:
+        figure = stage_figure(stage_rows(pipeline, result, None if base is None else base.images), nrow=nrow, scale=scale)
+        info["changed"] = float(result.changed.float().mean())
+    else:
+        rgb = [np.repeat(a, 3, -1) if a.shape[-1] == 1 else a for a in (to_uint8(result.images), to_uint8(base.images))]
+        figure = side_by_side([("CTF", stage_figure([("", rgb[0])], nrow=nrow, scale=scale)),
+                               ("baseline", stage_figure([("", rgb[1])], nrow=nrow, scale=scale))])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(out)
+    return info

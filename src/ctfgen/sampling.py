@@ -222,6 +222,9 @@ def sample_fine(
 
     With `cfg_scale != 1` the [cond; null] batch runs unmasked, is combined, and the cluster mask
     (if the model restricts) is applied after, since combining -inf logits would give nan.
+    A restricted model samples among each position's cluster members (the in-cluster head), which
+    is the masked full softmax's distribution, temperature and top-k/top-p included (top-k counts
+    members); the draws differ from the full softmax's for the same generator.
     """
     device = aux.tok_embeddings.weight.device
     coarse = torch.as_tensor(coarse, dtype=torch.long, device=device)
@@ -229,6 +232,7 @@ def sample_fine(
     if labels is not None:
         labels = _check_labels(labels, aux.config.num_classes, device)
     amp, _ = _autocast(aux, dtype)
+    in_cluster = bool(aux.config.restrict_to_cluster)
     with _eval_mode(aux), amp:
         if cfg_scale != 1.0:
             if not aux.config.class_prefix:
@@ -236,10 +240,13 @@ def sample_fine(
             if labels is None:
                 raise ConfigError("stage-2 guidance needs class labels")
             null = torch.full_like(labels, aux.config.num_classes)
-            both = aux(torch.cat([coarse, coarse]), torch.cat([labels, null]), restrict=False)
+            both = aux(torch.cat([coarse, coarse]), torch.cat([labels, null]), restrict=False, in_cluster=in_cluster)
             logits = cfg_combine(both[:B], both[B:], cfg_scale)
-            if aux.config.restrict_to_cluster:
+            if in_cluster:
+                logits = logits.masked_fill(~aux.cluster_table().valid[coarse], float("-inf"))
+            elif aux.config.restrict_to_cluster:
                 logits = logits.masked_fill(~aux.cluster_mask(coarse), float("-inf"))
         else:
-            logits = aux(coarse, labels)
-    return sample_from_logits(logits, temperature, top_k, top_p, generator)
+            logits = aux(coarse, labels, in_cluster=in_cluster)
+    drawn = sample_from_logits(logits, temperature, top_k, top_p, generator)
+    return aux.cluster_table().members[coarse, drawn] if in_cluster else drawn

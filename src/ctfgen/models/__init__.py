@@ -7,8 +7,10 @@ from ctfgen.models.transformer import (
     GPT_PRESETS,
     AuxConfig,
     AuxModel,
+    ClusterTable,
     GPTConfig,
     apply_rotary_emb,
+    cluster_table,
     precompute_freqs_cis_2d,
 )
 
@@ -18,8 +20,10 @@ __all__ = [
     "GPT_PRESETS",
     "AuxConfig",
     "AuxModel",
+    "ClusterTable",
     "GPTConfig",
     "apply_rotary_emb",
+    "cluster_table",
     "extract_state_dict",
     "load_llamagen_gpt",
     "precompute_freqs_cis_2d",

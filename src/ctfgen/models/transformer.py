@@ -17,7 +17,7 @@ from ctfgen.errors import ConfigError
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -436,6 +436,49 @@ class GPT(_Backbone, HubMixin):
 # AuxModel (CTF stage 2)
 
 
+class ClusterTable(NamedTuple):
+    """Each coarse cluster's members as one padded table, for the in-cluster head.
+
+    members (K, M) int64: row c holds cluster c's fine tokens, ascending, then copies of its
+    first member up to M (the largest cluster, rounded up to a multiple of 8).
+    valid (K, M) bool: False at the padding.
+    position (V,) int64: where each fine token sits in its cluster's row, so
+    members[fine_to_coarse[v], position[v]] == v.
+    """
+
+    members: torch.Tensor
+    valid: torch.Tensor
+    position: torch.Tensor
+
+
+def cluster_table(fine_to_coarse: torch.Tensor, num_coarse: int, multiple_of: int = 8) -> ClusterTable:
+    """Build the `ClusterTable` of a (V,) fine -> coarse map, on the map's device."""
+    f2c = fine_to_coarse.long().reshape(-1)
+    V = f2c.numel()
+    sizes = torch.bincount(f2c, minlength=num_coarse)
+    if sizes.numel() != num_coarse or bool((sizes == 0).any()):
+        raise ValueError(f"fine_to_coarse must give each of the {num_coarse} clusters at least one member")
+    # padded to a multiple of 8: grouped_mm wants 16-byte aligned rows, in bf16 too
+    M = -(-int(sizes.max()) // multiple_of) * multiple_of
+    order = torch.argsort(f2c, stable=True)  # fine tokens by cluster, ascending within each
+    start = torch.cumsum(sizes, 0) - sizes
+    position = torch.empty_like(f2c)
+    position[order] = torch.arange(V, device=f2c.device) - start[f2c[order]]
+    slot = torch.arange(M, device=f2c.device)
+    valid = slot[None, :] < sizes[:, None]
+    members = order[start[:, None] + torch.where(valid, slot[None, :], 0)]
+    return ClusterTable(members, valid, position)
+
+
+# Above this many padded table rows per codeword (K * M / V) the table costs more than the full
+# head (one cluster holding most of the codebook); the in-cluster logits are then gathered from
+# the full logits instead. Measured break-even on the CPU: between 8 (in-cluster 3x faster) and
+# 32 (4x slower), benchmarks/bench_aux_head.py.
+_MAX_TABLE_BLOWUP = 16
+
+
+
+
 class AuxModel(_Backbone, HubMixin):
     """Bidirectional transformer: coarse labels (B, L) -> fine-token logits (B, L, V), one pass.
 
@@ -449,6 +492,10 @@ class AuxModel(_Backbone, HubMixin):
       with the weights; it is -1 until a coarse map is attached.
     - With `restrict_to_cluster`, logits of codes outside the position's coarse cluster are -inf.
       The mask compares `fine_to_coarse[None, None, :] == coarse[..., None]`; no (K, V) table.
+    - `in_cluster=True` computes only the logits of each position's cluster members, (B, L, M)
+      in `cluster_table()` order: the same probabilities as the masked (B, L, V) softmax at a
+      fraction of the head's cost when V >> M. Training, `log_prob` and stage-2 sampling of a
+      restricted model use it. The table is derived from `fine_to_coarse` and never saved.
     - Output head zero-initialised as GPT's, so training starts from uniform (in-cluster) logits.
     """
 
@@ -467,6 +514,7 @@ class AuxModel(_Backbone, HubMixin):
         self.register_buffer("freqs_cis", self._make_freqs(), persistent=False)
         self.register_buffer("fine_to_coarse", torch.full((config.vocab_size,), -1, dtype=torch.long))
         self._map_checked = False
+        self._table_cache = None  # (device, fine_to_coarse version, copy of the map, ClusterTable)
         self.init_weights()
         if coarse_map is not None:
             self.set_coarse_map(coarse_map)
@@ -521,10 +569,29 @@ class AuxModel(_Backbone, HubMixin):
         self._require_map()
         return self.fine_to_coarse[None, None, :] == coarse[..., None]
 
-    def forward(self, coarse, labels=None, restrict: Optional[bool] = None):
+    def cluster_table(self) -> ClusterTable:
+        """The members table of the attached coarse map, on the model's device; rebuilt only when
+        the map changes (set_coarse_map, load_state_dict, DDP's buffer broadcast of the same map
+        keeps it) or the model moves."""
+        self._require_map()
+        f2c = self.fine_to_coarse
+        cache = self._table_cache
+        if cache is not None and cache[0] == f2c.device:
+            if cache[1] == f2c._version:
+                return cache[3]
+            if torch.equal(cache[2], f2c):
+                self._table_cache = (f2c.device, f2c._version, cache[2], cache[3])
+                return cache[3]
+        table = cluster_table(f2c, self.config.num_coarse)
+        self._table_cache = (f2c.device, f2c._version, f2c.clone(), table)
+        return table
+
+    def forward(self, coarse, labels=None, restrict: Optional[bool] = None, in_cluster: bool = False):
         """coarse (B, L) int64 labels, L <= image_tokens; labels (B,) (None = null label).
-        Returns (B, L, vocab) float32. `restrict` overrides config.restrict_to_cluster (guidance
-        combines unrestricted logits and masks after, since -inf - -inf is nan)."""
+        Returns (B, L, vocab) float32; with `in_cluster`, (B, L, M) float32 logits of the members
+        of each position's cluster (`cluster_table().members[coarse]`), padding -inf.
+        `restrict` overrides config.restrict_to_cluster (guidance combines unrestricted logits
+        and masks after, since -inf - -inf is nan; with `in_cluster` it leaves the padding finite)."""
         B, L = coarse.shape
         cfg = self.config
         if L > cfg.image_tokens:
@@ -541,7 +608,51 @@ class AuxModel(_Backbone, HubMixin):
             h = layer(h, freqs, causal=False)
         if cfg.class_prefix:
             h = h[:, 1:]
+        restrict = cfg.restrict_to_cluster if restrict is None else restrict
+        if in_cluster:
+            table = self.cluster_table()
+            logits = self._in_cluster_logits(self.norm(h), coarse, table)
+            return logits.masked_fill(~table.valid[coarse], float("-inf")) if restrict else logits
         logits = self.output(self.norm(h)).float()
-        if cfg.restrict_to_cluster if restrict is None else restrict:
+        if restrict:
             logits = logits.masked_fill(~self.cluster_mask(coarse), float("-inf"))
         return logits
+
+    def _in_cluster_logits(self, h, coarse, table: ClusterTable, method: Optional[str] = None):
+        """h (B, L, D) normed states -> (B, L, M) float32 logits h . W[members[coarse]].
+
+        method (None = pick): "grouped" sorts the positions by cluster and multiplies each group
+        by its cluster's (M, D) block of the gathered (K, M, D) weights in one `grouped_mm`,
+        so the weights are gathered once per cluster, not once per position (the CPU default);
+        "gather" gathers (B, L, M, D) per position and does a batched matvec (other devices,
+        where grouped_mm's dtypes vary); "full" computes the (B, L, V) logits and gathers the
+        members' columns, used when the table is much larger than the codebook.
+        """
+        w = self.output.weight
+        device_type = h.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else w.dtype
+        h, w = h.to(dtype), w.to(dtype)
+        members = table.members
+        K, M = members.shape
+        B, L, D = h.shape
+        if method is None:
+            if K * M > _MAX_TABLE_BLOWUP * w.shape[0]:
+                method = "full"
+            elif device_type == "cpu" and hasattr(F, "grouped_mm") and (D * h.element_size()) % 16 == 0:
+                method = "grouped"
+            else:
+                method = "gather"
+        if method == "full":
+            return F.linear(h, w).float().gather(-1, members[coarse])
+        if method == "gather":
+            return (F.embedding(members[coarse], w) @ h[..., None]).squeeze(-1).float()
+        if method != "grouped":
+            raise ValueError(f"unknown in-cluster head method {method!r}")
+        flat = coarse.reshape(-1)
+        order = torch.argsort(flat)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        ends = torch.cumsum(torch.bincount(flat, minlength=K), 0).to(torch.int32)
+        blocks = F.embedding(members, w).transpose(1, 2)  # (K, D, M)
+        out = F.grouped_mm(h.reshape(-1, D)[order], blocks, offs=ends)
+        return out[inverse].view(B, L, M).float()

@@ -4,8 +4,8 @@
 `logits = gpt(x[:, :-1], labels)` -> (B, L, V) against `x`, where `x` is the coarse labels of
 the codes (ar, V = num_coarse) or the codes themselves (baseline, V = codebook size).
 `aux` is an `AuxModel` fed the ground-truth coarse labels, trained with cross entropy on the
-fine tokens; with `restrict_to_cluster` its logits outside each position's cluster are -inf, so
-the loss is the exact -log p(fine | coarse, class) the likelihood uses.
+fine tokens; with `restrict_to_cluster` the loss is over each position's cluster members only
+(the in-cluster head), so it is the exact -log p(fine | coarse, class) the likelihood uses.
 
 Every model records where its vocabulary came from (`codebook_fingerprint`, and for ar/aux
 `coarse_map_fingerprint`), and parts that do not belong together are refused before training.
@@ -82,7 +82,7 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
     and fingerprints come from the codes and the map; giving them in `model` with other values
     is an error rather than a silently mis-sized model.
     """
-    from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
+    from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig, cluster_table
 
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -118,11 +118,16 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
     if stage == "aux":
         net = AuxModel(AuxConfig.from_preset(preset, **fields), coarse_map=cmap)
         f2c = cmap.fine_to_coarse
+        # The restricted model's loss is over each position's cluster members only (the same
+        # value as the masked full softmax); the target is the token's place in its cluster.
+        in_cluster = net.config.restrict_to_cluster
+        target_of = cluster_table(f2c, cmap.num_coarse).position if in_cluster else torch.arange(codebook)
 
         def loss_fn(m, batch):
             x, y = batch
-            logits = m(f2c.to(x.device)[x], y)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+            logits = m(f2c.to(x.device)[x], y, in_cluster=in_cluster)
+            target = target_of.to(x.device)[x]
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
         return Stage(stage, net, loss_fn, derived["image_tokens"], AuxModel)
 
