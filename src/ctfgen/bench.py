@@ -42,8 +42,7 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
         with torch.inference_mode():
             # Without a tokenizer (--no-decode) only the two token stages are timed.
             sample = pipeline.sample if pipeline.tokenizer is not None else pipeline.sample_tokens
-            sample(labels, cfg_scale=cfg_scale, generator=generator,
-                                **({} if dtype is None or dtype == torch.float32 else {"dtype": dtype}))
+            sample(labels, cfg_scale=cfg_scale, generator=generator, dtype=dtype)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
@@ -56,27 +55,36 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
 
 def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 2, image_tokens: int = 256,
               num_coarse: int = 512, aux_preset: str = "Aux-L", decode: bool = True, cfg_scale: float = 2.0,
-              device: str = "cpu", dtype: str = "float32", json_path=None) -> list[dict]:
-    """`ctfgen bench`: time both methods for every model and batch size, printing a table as it goes."""
+              device: str = "cpu", dtypes=("float32", "bfloat16"), json_path=None) -> list[dict]:
+    """`ctfgen bench`: time both methods for every model, precision and batch size, printing a table
+    as it goes (with CTF's speed relative to the baseline at the same shape, batch and precision)."""
     import torch
 
-    torch_dtype = getattr(torch, dtype)
+    from ctfgen.precision import dtype_name, resolve_dtype
+
+    dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
     results = []
-    print(f"device: {device}  threads: {torch.get_num_threads()}  dtype: {dtype}  cfg: {cfg_scale}")
-    print(f"{'model':<16}{'method':<10}{'batch':>6}{'img/s':>10}{'stage1 s':>10}{'stage2 s':>10}{'decode s':>10}{'total s':>10}")
+    print(f"device: {device}  threads: {torch.get_num_threads()}  dtypes: {' '.join(dtypes)}  cfg: {cfg_scale}")
+    print(f"{'model':<16}{'dtype':<10}{'method':<10}{'batch':>6}{'img/s':>10}{'stage1 s':>10}{'stage2 s':>10}"
+          f"{'decode s':>10}{'total s':>10}{'ctf/base':>10}")
     for name in models:
         with torch.no_grad():  # no autograd to build them; not inference_mode: their buffers stay ordinary tensors
             pipes = _pipelines(name, device, image_tokens, num_coarse, aux_preset, decode)
-        for batch_size in batch_sizes:
-            for method, pipe in pipes.items():
-                t = time_pipeline(pipe, batch_size, repeats, cfg_scale, device, torch_dtype)
-                results.append({"model": name, "method": method, "batch_size": batch_size, **t})
-                print(f"{name:<16}{method:<10}{batch_size:>6}{t['images_per_s']:>10.2f}{t.get('stage1', 0):>10.3f}"
-                      f"{t.get('stage2', 0):>10.3f}{t.get('decode', 0):>10.3f}{t['total']:>10.3f}", flush=True)
+        for dtype in dtypes:
+            for batch_size in batch_sizes:
+                for method, pipe in pipes.items():
+                    t = time_pipeline(pipe, batch_size, repeats, cfg_scale, device, dtype)
+                    results.append({"model": name, "dtype": dtype, "method": method, "batch_size": batch_size, **t})
+                    base = next((r for r in results if r["method"] == "baseline" and r["model"] == name
+                                 and r["dtype"] == dtype and r["batch_size"] == batch_size), None)
+                    ratio = f"{t['images_per_s'] / base['images_per_s']:>10.2f}" if method == "ctf" and base else ""
+                    print(f"{name:<16}{dtype:<10}{method:<10}{batch_size:>6}{t['images_per_s']:>10.2f}"
+                          f"{t.get('stage1', 0):>10.3f}{t.get('stage2', 0):>10.3f}{t.get('decode', 0):>10.3f}"
+                          f"{t['total']:>10.3f}{ratio}", flush=True)
     if json_path:
         from ctfgen.fileio import atomic_write_json
 
-        atomic_write_json(json_path, {"device": device, "threads": torch.get_num_threads(), "dtype": dtype,
+        atomic_write_json(json_path, {"device": device, "threads": torch.get_num_threads(), "dtypes": dtypes,
                                       "cfg_scale": cfg_scale, "results": results})
     return results
 

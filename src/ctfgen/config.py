@@ -188,7 +188,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
     ema: bool = False
     ema_decay: float = 0.9999
-    mixed_precision: str = "bf16"       # "bf16" or "none"; only used on CUDA
+    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 matmul, float32 elsewhere;
+    # "bf16": bf16 autocast on any device; "none": float32. Loss, optimiser state and master
+    # weights stay float32 in every case.
+    mixed_precision: str = "auto"
     seed: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -203,7 +206,7 @@ class TrainConfig:
         _number(self, ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "ema_decay"))
         self.betas = tuple(float(b) for b in self.betas)
         _choice(self, "schedule", ("constant", "cosine"))
-        _choice(self, "mixed_precision", ("bf16", "none"))
+        _choice(self, "mixed_precision", ("auto", "bf16", "none"))
         if self.fsdp not in (True, False, "auto"):
             raise ConfigError(f"fsdp must be true, false or auto, got {self.fsdp!r}")
         for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):

@@ -297,7 +297,9 @@ class CTFPipeline(_Pipeline):
         top_k 0 (all), top_p 1.0, cfg_steps None (guide every step), temperature_fine 1.1,
         top_k_fine 0 (all; 1 = argmax), cfg_scale_fine 1.0 (no stage-2 guidance)).
         `generator`: an int seed or a torch.Generator on the pipeline's device; one stream feeds
-        both stages, so a seed reproduces the whole sample. `dtype`: "bf16"/"fp16" autocast on a GPU.
+        both stages, so a seed reproduces the whole sample. `dtype`: "auto", "float32", "bfloat16" or
+        "float16" for both stages (None = the weights' dtype, float32 as loaded); weights are cast
+        once per dtype and cached (`ctfgen.precision.cast_weights`), `log_prob` stays float32.
         """
         from ctfgen.sampling import generate, sample_fine
 
@@ -420,7 +422,8 @@ class ARPipeline(_Pipeline):
     def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
                       generator=None, dtype=None) -> torch.Tensor:
         """(B, image_tokens) int64 tokens; options left as None take `sampling_defaults`
-        (cfg_scale 2.0, temperature 1.0, top_k 0, top_p 1.0, guidance on every step)."""
+        (cfg_scale 2.0, temperature 1.0, top_k 0, top_p 1.0, guidance on every step).
+        `dtype` as in `CTFPipeline.sample_tokens`."""
         from ctfgen.sampling import generate
 
         o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,

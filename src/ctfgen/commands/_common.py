@@ -28,6 +28,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k-fine", type=int, default=None, help="stage-2 top-k, 0 = all, 1 = argmax (CTF only)")
     g.add_argument("--cfg-scale-fine", type=float, default=None, help="stage-2 guidance, off (1.0) by default (CTF only)")
     g.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(g)
+
+
+def add_dtype_argument(parser, default: str = "auto") -> None:
+    from ctfgen.precision import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
+                        help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
+                             "float32 elsewhere (default: %(default)s)")
 
 
 def load_model(spec: str, device: str):
@@ -85,6 +94,7 @@ def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
         ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
         if ignored:
             raise ConfigError(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
+    names.append("dtype")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

@@ -16,7 +16,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-decode", action="store_true", help="skip the tokenizer decode for the paper shapes")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    from ctfgen.precision import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=DTYPE_CHOICES,
+                        help="precisions to time, each in turn (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results here")
 
 

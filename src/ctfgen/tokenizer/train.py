@@ -11,7 +11,7 @@ checkpoints. `out_dir` receives what every training run does (checkpoints/, metr
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train import distributed as D
-from ctfgen.train.loop import say, train
+from ctfgen.train.loop import say, train, training_autocast
 
 __all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
 
@@ -77,8 +77,7 @@ class VQTraining:
 
     def setup(self, device: torch.device) -> None:
         t = self.cfg.train
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if device.type == "cuda" and t.mixed_precision == "bf16" else nullcontext())
+        self.autocast = training_autocast(t.mixed_precision, device)
         if self.lpips is not None:
             self.lpips.to(device)
         if self.disc is not None:

@@ -64,6 +64,17 @@ class TrainResult:
 
 # --- pieces -------------------------------------------------------------------------------
 
+def training_autocast(mixed_precision: str, device: torch.device):
+    """bf16 autocast for `train.mixed_precision` ("auto" | "bf16" | "none") on `device`."""
+    from ctfgen.precision import resolve_dtype
+
+    use_bf16 = mixed_precision == "bf16" or (
+        mixed_precision == "auto" and resolve_dtype("auto", device) == torch.bfloat16)
+    if use_bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
@@ -358,8 +369,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     log = Log(run.out_dir / "metrics.csv", cfg, run.total, run.step, run.resumed_from is not None, desc,
               getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
     wrapped, optimizer, pos = run.wrapped, run.optimizer, run.pos
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and cfg.mixed_precision == "bf16" else nullcontext())
+    autocast = training_autocast(cfg.mixed_precision, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     flag: dict = {}
