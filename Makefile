@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install test data demo reproduce ship bench clean
+.PHONY: install test data browser demo serve reproduce ship bench clean
 
 install: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
 data:
@@ -24,11 +24,22 @@ data:
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-test: install data
+# The demo's browser test drives Debian's Chromium through Playwright; without it that test skips.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing Chromium for the demo's browser test (Debian package chromium)"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) || echo "could not install chromium: the browser test will skip"; \
+	fi
+
+test: install data browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 demo: install
 	$(VENV)/bin/ctfgen sample --class sneaker --n 16 --out samples.png
+
+# The web demo on http://127.0.0.1:7860 (SERVE_ARGS="--host 0.0.0.0 --port 8080" to change).
+serve: install
+	$(VENV)/bin/ctfgen demo $(SERVE_ARGS)
 
 reproduce: install data
 	$(VENV)/bin/ctfgen pipeline configs/fashion_mnist.yaml --out runs/fashion_mnist --resume

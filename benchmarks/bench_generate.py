@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0], help="guidance scales to time")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bf16 / fp16 autocast (GPU)")
+    ap.add_argument("--dtype", default=None, help="auto / float32 / bfloat16 / float16 (default: the weights', float32)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warmup-steps", type=int, default=4)

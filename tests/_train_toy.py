@@ -68,7 +68,7 @@ def main(argv=None):
             time.sleep(a.sleep)
         return toy_loss(model, batch)
 
-    cfg = dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=3e-3,
+    cfg = dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=3e-3, mixed_precision="none",
                ckpt_every=a.ckpt_every, log_every=1, ema=a.ema, ema_decay=0.9, fsdp=a.fsdp,
                schedule=a.schedule, warmup_steps=3, progress=False)
     torch.manual_seed(0)  # the same initial weights in every run of this script

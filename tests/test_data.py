@@ -109,6 +109,26 @@ def test_dataset_range_limit_and_resize(tiny_idx):
         FashionMNIST("train", root=d, limit=50)
 
 
+def test_validation_split_is_carved_from_train(tiny_idx):
+    d, _, labels = tiny_idx
+    val = FashionMNIST("val", root=d, validation=10)
+    train = FashionMNIST("train", root=d, validation=10)
+    assert len(val) == 10 and len(train) == 20
+    assert np.bincount(val.targets, minlength=10).tolist() == [1] * 10  # class-balanced
+    assert not set(val.indices.tolist()) & set(train.indices.tolist())
+    assert sorted(val.indices.tolist() + train.indices.tolist()) == list(range(30))
+    assert val.indices.tolist() == list(range(20, 30))  # the last image of each class
+    limited = FashionMNIST("train", root=d, validation=10, limit=10)  # a limit applies to what is left
+    assert set(limited.indices.tolist()) <= set(train.indices.tolist()) and len(limited) == 10
+    assert len(FashionMNIST("test", root=d, validation=10)) == 10  # the test split is never touched
+    with pytest.raises(ValueError, match="multiple of 10"):
+        FashionMNIST("val", root=d, validation=15)
+    with pytest.raises(ValueError, match="validation > 0"):
+        FashionMNIST("val", root=d)
+    with pytest.raises(ValueError, match="has only 3"):
+        FashionMNIST("val", root=d, validation=30)
+
+
 def test_real_fashion_mnist():
     try:
         find_fashion_mnist()

@@ -34,7 +34,7 @@ def single_process(tmp_path, steps, dropout, schedule="cosine", **kw):
     from ctfgen.train.loop import train
 
     torch.manual_seed(0)
-    cfg = dict(steps=steps, batch_size=16, lr=3e-3, ckpt_every=5, log_every=1, ema=True, ema_decay=0.9,
+    cfg = dict(steps=steps, batch_size=16, lr=3e-3, ckpt_every=5, log_every=1, ema=True, ema_decay=0.9, mixed_precision="none",
                schedule=schedule, warmup_steps=3, progress=False, **kw)
     return train(Toy(dropout), toy_loss, toy_dataset(), cfg, tmp_path)
 

@@ -137,8 +137,8 @@ def test_in_process_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1), tmp_path / "a")
-    b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4), tmp_path / "b")
+    a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1, mixed_precision="none"), tmp_path / "a")
+    b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4, mixed_precision="none"), tmp_path / "b")
     for k in a.state_dict:
         torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=1e-4, atol=1e-5)
 

@@ -255,6 +255,22 @@ class CoarseMap:
         mask[torch.from_numpy(self._f2c), torch.arange(self.vocab_size)] = True
         return mask if device is None else mask.to(device)
 
+    def representatives(self, codebook) -> torch.Tensor:
+        """(K,) int64: for every coarse label, the member codeword nearest its cluster's centroid.
+
+        `codebook` is the VQModel (or raw embedding weight) the map was fitted on; distances are taken
+        in the space the map was fitted in (l2-normalised when `normalize`), ties go to the smallest
+        index. The centroid's nearest member needs no training data and is the codeword k-means itself
+        considers most typical of the cluster; CTF's coarse preview decodes through it.
+        """
+        self.check_codebook(codebook, "codebook")
+        x, _, _ = _codewords(codebook, self.normalize)
+        centroids, _, _ = _cluster_stats(x, self._f2c, self.num_coarse)
+        dist = ((x - centroids[self._f2c]) ** 2).sum(1)
+        order = np.lexsort((np.arange(self.vocab_size), dist, self._f2c))  # by cluster, then distance, then index
+        first = np.searchsorted(self._f2c[order], np.arange(self.num_coarse))
+        return torch.from_numpy(order[first].astype(np.int64))
+
     def __call__(self, fine: torch.Tensor) -> torch.Tensor:
         """Coarse labels of fine tokens, any shape, on the tokens' device."""
         fine = torch.as_tensor(fine)

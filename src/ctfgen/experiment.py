@@ -6,10 +6,10 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
 
     tokenizer   train a VQ tokenizer (or take `tokenizer.pretrained`)   DIR/runs/tokenizer/
     cluster     fit the CoarseMap on its codebook                       DIR/runs/coarse_map.safetensors
-    extract     tokenize the train split (and the test split)           DIR/codes/{train,test}/
+    extract     tokenize the train split (and the val and test splits)  DIR/codes/{train,val,test}/
     ar          CTF stage 1: GPT over coarse labels                     DIR/runs/ar/
-    aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     baseline    the vanilla GPT over fine tokens (stage 1's size)       DIR/runs/baseline/
+    aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/
     heldout     exact held-out bits per token of both                   DIR/heldout.json
 
@@ -38,10 +38,11 @@ from typing import Any, Callable
 
 import yaml
 
+from ctfgen.fileio import atomic_write_text
 from ctfgen.train import distributed as D
 
 INPUT_CONFIG = "input.yaml"
-STEPS = ("tokenizer", "cluster", "extract", "ar", "aux", "baseline", "assemble", "heldout")
+STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "assemble", "heldout")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -54,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "channels": None,             # image_folder: 1 or 3 (default 3)
         "train_limit": None,          # class-balanced subset sizes (fashion_mnist)
         "test_limit": None,
+        "validation_images": 0,       # fashion_mnist: class-balanced training images held out as DIR/codes/val
         "augment": "none",            # none | flip | tencrop, for the train codes
         "extract_batch_size": 256,
         "num_workers": 0,
@@ -196,16 +198,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 # --- small file helpers --------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _say(msg: str) -> None:
     if D.is_main():
         print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
@@ -263,7 +255,7 @@ class Experiment:
         if D.is_main():
             record = {"step": step, "config": self._sections(step), "seconds": round(self.times.get(step, 0.0), 2),
                       "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-            _atomic_write_text(self.marker(step), json.dumps(record, indent=2, default=str) + "\n")
+            atomic_write_text(self.marker(step), json.dumps(record, indent=2, default=str) + "\n")
         D.barrier()
 
     def prepare(self) -> None:
@@ -276,8 +268,8 @@ class Experiment:
                 # config.yaml: everything resolved, for the record. input.yaml: what was asked for
                 # (file + overrides), which `--resume` without a CONFIG starts from, so that a
                 # top-level override such as train.steps=N still reaches every stage.
-                _atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
-                _atomic_write_text(self.dir / INPUT_CONFIG, yaml.safe_dump(self.raw, sort_keys=False))
+                atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
+                atomic_write_text(self.dir / INPUT_CONFIG, yaml.safe_dump(self.raw, sort_keys=False))
         error = D.broadcast_object(error)  # every rank stops, not only rank 0
         if error:
             raise ExperimentError(error)
@@ -307,8 +299,13 @@ class Experiment:
         if d["dataset"] == "fashion_mnist":
             from ctfgen.data.fashion_mnist import FashionMNIST
 
-            limit = d["train_limit"] if split == "train" else d["test_limit"]
-            return FashionMNIST(split, root=d["root"], limit=limit, image_size=d["image_size"] or 28)
+            if split == "val" and not d["validation_images"]:
+                return None
+            limit = {"train": d["train_limit"], "test": d["test_limit"]}.get(split)
+            return FashionMNIST(split, root=d["root"], limit=limit, image_size=d["image_size"] or 28,
+                                validation=int(d["validation_images"] or 0))
+        if split == "val":
+            return None
         from ctfgen.data.folder import ImageFolder
 
         root = d["root"] if split == "train" else d["test_root"]
@@ -339,7 +336,16 @@ class Experiment:
                             resume=True, device=self.device, progress=self.progress)
             self.times["tokenizer"] = time.time() - t0
             vq = VQModel.from_pretrained(str(final))
-            self.mark("tokenizer", path=str(final), fingerprint=vq.fingerprint, codebook_usage=vq.codebook_usage())
+            quality = None
+            test = self.datasets("test")
+            if test is not None and D.is_main():
+                from ctfgen.tokenizer.codebook import evaluate_tokenizer
+
+                quality = evaluate_tokenizer(vq, test, batch_size=int(self.cfg["data"]["extract_batch_size"]))
+                _say(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
+                     f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), PSNR {quality['psnr']:.2f} dB")
+            self.mark("tokenizer", path=str(final), fingerprint=vq.fingerprint, codebook_usage=vq.codebook_usage(),
+                      test_split=quality)
         return VQModel.from_pretrained(str(final)).eval()
 
     def step_cluster(self, vq):
@@ -366,7 +372,7 @@ class Experiment:
         from ctfgen.data.extract import extract_codes
 
         d = self.cfg["data"]
-        splits = {"train": d["augment"], "test": "none"}
+        splits = {"train": d["augment"], "val": "none", "test": "none"}
         if self.done("extract") is None:
             t0 = time.time()
             for split, augment in splits.items():
@@ -436,39 +442,26 @@ class Experiment:
         self.mark("assemble")
 
     def step_heldout(self, ctf_dir: Path, base_dir: Path | None):
-        import torch
-
         h = self.cfg["heldout"]
         if not h["enabled"] or not self.codes_dir("test").is_dir() or self.done("heldout") is not None:
             return
         from ctfgen.data.codes import CodeDataset
-        from ctfgen.pipeline import ARPipeline, CTFPipeline, bits_per_token
+        from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 
         t0 = time.time()
         codes = CodeDataset(self.codes_dir("test"), augmentation=0)
-        n = len(codes) if h["limit"] is None else min(len(codes), int(h["limit"]))
-        mine = list(range(D.get_rank(), n, D.get_world_size()))
-        results = {}
         pipes = {"ctf": CTFPipeline.from_pretrained(ctf_dir)}
         if base_dir is not None:
             pipes["baseline"] = ARPipeline.from_pretrained(base_dir)
+        results = {}
         for name, pipe in pipes.items():
-            pipe.to(self.device)
-            total = torch.zeros(2, dtype=torch.float64, device=self.device)
-            bs = int(h["batch_size"])
-            for i in range(0, len(mine), bs):
-                x, y = codes.get_batch(mine[i:i + bs])
-                lp = pipe.log_prob(x.to(self.device), y.to(self.device))
-                total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=self.device)])
-            D.all_reduce_sum(total)
-            nats = (total[0] / total[1]).item()
-            results[name] = {"nats_per_image": nats,
-                             "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
-                             "exact": bool(pipe.log_prob_is_exact)}
+            held = heldout_bits_per_token(pipe.to(self.device), codes, h["limit"], int(h["batch_size"]))
+            n = held.pop("images")
+            results[name] = held
         results["images"] = n
         results["image_tokens"] = codes.image_tokens
         if D.is_main():
-            _atomic_write_text(self.dir / "heldout.json", json.dumps(results, indent=2) + "\n")
+            atomic_write_text(self.dir / "heldout.json", json.dumps(results, indent=2) + "\n")
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             _say(f"held-out bits per token on {n} test images: {line}")
         self.times["heldout"] = time.time() - t0
@@ -490,7 +483,7 @@ class Experiment:
         w = csv.DictWriter(out, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
-        _atomic_write_text(self.dir / "metrics.csv", out.getvalue())
+        atomic_write_text(self.dir / "metrics.csv", out.getvalue())
 
     # --- driver ------------------------------------------------------------------------------
 
@@ -501,13 +494,15 @@ class Experiment:
         cmap = self.step_cluster(vq)
         self.step_extract(vq)
         ar = self.step_train("ar", "stage1", cmap)
-        aux = self.step_train("aux", "aux", cmap)
+        # The baseline before the auxiliary model: stage 1 and the baseline are the like-for-like pair,
+        # and the auxiliary model (the largest) is the step most worth resuming in a later session.
         base = self.step_train("baseline", "baseline", None) if self.cfg["baseline"]["enabled"] else None
+        aux = self.step_train("aux", "aux", cmap)
         self.step_assemble(vq, cmap, ar, aux, base)
         self.step_heldout(self.dir / "ctf", self.dir / "baseline" if base is not None else None)
         if D.is_main():
             summary = {s: (self.done(s) or {}).get("seconds") for s in STEPS}
-            _atomic_write_text(self.dir / "summary.json", json.dumps(
+            atomic_write_text(self.dir / "summary.json", json.dumps(
                 {"seconds_this_run": round(time.time() - t_all, 2), "step_seconds": summary,
                  "world_size": D.get_world_size()}, indent=2) + "\n")
             _say(f"done in {time.time() - t_all:.1f}s: CTFPipeline.from_pretrained({str(self.dir)!r}); "

@@ -4,6 +4,7 @@
     >>> images = pipe.sample([3, 7], generator=0)           # (2, C, H, W) in [-1, 1]
     >>> tokens = pipe.sample_tokens([3, 7], generator=0)    # (2, image_tokens) fine tokens
     >>> nats = pipe.log_prob(tokens, [3, 7])                # (2,) float64, exact with an in-cluster aux
+    >>> out = pipe([3, 7], generator=0)                     # PipelineOutput: images, coarse_preview, tokens, ...
     >>> pipe.save_pretrained("run/ctf"); load_pipeline("run/ctf")
 
 Both pipelines share one interface (`sample_tokens`, `sample`, `log_prob`, `save_pretrained`,
@@ -43,6 +44,28 @@ BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg
 def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
     """Per-image log-probabilities in nats -> bits per token (lower is better)."""
     return -torch.as_tensor(log_prob, dtype=torch.float64) / (image_tokens * math.log(2.0))
+
+
+@torch.no_grad()
+def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size: int = 500) -> dict:
+    """Exact held-out likelihood of `pipeline` on the first `limit` images of a CodeDataset.
+
+    Returns {"nats_per_image", "bits_per_token", "exact" (False: a bound, see log_prob_is_exact),
+    "images"}. Under torchrun each rank scores every world_size-th image and the sums are reduced.
+    """
+    from ctfgen.train import distributed as D
+
+    n = len(codes) if limit is None else min(len(codes), int(limit))
+    mine = list(range(D.get_rank(), n, D.get_world_size()))
+    total = torch.zeros(2, dtype=torch.float64, device=pipeline.device)
+    for i in range(0, len(mine), int(batch_size)):
+        x, y = codes.get_batch(mine[i:i + int(batch_size)])
+        lp = pipeline.log_prob(x.to(pipeline.device), y.to(pipeline.device))
+        total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=pipeline.device)])
+    D.all_reduce_sum(total)
+    nats = (total[0] / total[1]).item()
+    return {"nats_per_image": nats, "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
+            "exact": bool(pipeline.log_prob_is_exact), "images": n}
 
 
 def _sync(device: torch.device) -> None:
@@ -174,6 +197,14 @@ class _Pipeline:
         self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
         return images
 
+    def __call__(self, labels, generator=None, preview: bool = True, **kwargs):
+        """Sample and decode, keeping every stage: a `ctfgen.stages.PipelineOutput` with the images,
+        the tokens and the timings, and for CTF the sampled coarse labels and (unless `preview=False`)
+        the coarse preview. Same options and same draws as `sample` for a given generator."""
+        from ctfgen.stages import run_pipeline
+
+        return run_pipeline(self, labels, generator=generator, preview=preview, **kwargs)
+
     def _write_json(self, directory: Path, extra: dict) -> None:
         info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,
                 "num_classes": self.num_classes, "has_tokenizer": self.tokenizer is not None,
@@ -262,6 +293,40 @@ class CTFPipeline(_Pipeline):
         """True when `log_prob` is the exact log-likelihood (in-cluster aux); otherwise it is a lower bound."""
         return bool(self.aux.config.restrict_to_cluster)
 
+    @property
+    def representatives(self) -> torch.Tensor:
+        """(num_coarse,) int64 codeword standing for each coarse label in the coarse preview, on the CPU.
+        By default the member nearest its cluster's k-means centroid (`CoarseMap.representatives`),
+        which needs no data; assign another choice, e.g. the most frequent member in training codes
+        (`ctfgen.diagnosis.most_frequent_members`), and it is checked to hold one member per cluster."""
+        reps = self.__dict__.get("_representatives")
+        if reps is None:
+            if self.tokenizer is None:
+                raise ValueError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
+                                 "from; pass tokenizer=")
+            reps = self._representatives = self.coarse_map.representatives(self.tokenizer)
+        return reps
+
+    @representatives.setter
+    def representatives(self, reps) -> None:
+        reps = torch.as_tensor(reps, dtype=torch.long).cpu().reshape(-1)
+        k = self.coarse_map.num_coarse
+        if reps.numel() != k or int(reps.min()) < 0 or int(reps.max()) >= self.coarse_map.vocab_size \
+                or not torch.equal(self.coarse_map(reps), torch.arange(k)):
+            raise ValueError(f"representatives must be {k} codewords, the c-th a member of cluster c "
+                             "(as CoarseMap.representatives or diagnosis.most_frequent_members return them)")
+        self._representatives = reps
+
+    @torch.no_grad()
+    def coarse_preview(self, coarse: torch.Tensor) -> torch.Tensor:
+        """(B, image_tokens) coarse labels -> (B, C, H, W) images: each label decoded through its
+        cluster's representative codeword, i.e. what stage 1 alone decided."""
+        coarse = _flat_tokens(coarse, self.image_tokens, self.device)
+        if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= self.coarse_map.num_coarse):
+            raise ValueError(f"coarse labels must be in [0, {self.coarse_map.num_coarse}), got range "
+                             f"[{int(coarse.min())}, {int(coarse.max())}]")
+        return self.decode(self.representatives.to(coarse.device)[coarse])
+
     @torch.no_grad()
     def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
                       temperature_fine=None, top_k_fine=None, cfg_scale_fine=None, generator=None,
@@ -272,7 +337,9 @@ class CTFPipeline(_Pipeline):
         top_k 0 (all), top_p 1.0, cfg_steps None (guide every step), temperature_fine 1.1,
         top_k_fine 0 (all; 1 = argmax), cfg_scale_fine 1.0 (no stage-2 guidance)).
         `generator`: an int seed or a torch.Generator on the pipeline's device; one stream feeds
-        both stages, so a seed reproduces the whole sample. `dtype`: "bf16"/"fp16" autocast on a GPU.
+        both stages, so a seed reproduces the whole sample. `dtype`: "auto", "float32", "bfloat16" or
+        "float16" for both stages (None = the weights' dtype, float32 as loaded); weights are cast
+        once per dtype and cached (`ctfgen.precision.cast_weights`), `log_prob` stays float32.
         """
         from ctfgen.sampling import generate, sample_fine
 
@@ -293,6 +360,7 @@ class CTFPipeline(_Pipeline):
         _sync(device)
         self.last_timings = {"stage1": t1 - t0, "stage2": time.perf_counter() - t1, "decode": 0.0}
         self.last_timings["total"] = self.last_timings["stage1"] + self.last_timings["stage2"]
+        self.last_coarse = coarse  # the stage-1 draw, for the coarse preview (ctfgen.stages)
         return fine
 
     @torch.no_grad()
@@ -401,7 +469,8 @@ class ARPipeline(_Pipeline):
     def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
                       generator=None, dtype=None) -> torch.Tensor:
         """(B, image_tokens) int64 tokens; options left as None take `sampling_defaults`
-        (cfg_scale 2.0, temperature 1.0, top_k 0, top_p 1.0, guidance on every step)."""
+        (cfg_scale 2.0, temperature 1.0, top_k 0, top_p 1.0, guidance on every step).
+        `dtype` as in `CTFPipeline.sample_tokens`."""
         from ctfgen.sampling import generate
 
         o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -166,33 +166,18 @@ def evaluate_pipeline(pipeline, settings: dict, sampling: dict | None = None, he
     """Offline Fashion-MNIST metrics of `per_class` samples per class, exact held-out bits per
     token, and the sampling time."""
     from ctfgen.data.codes import CodeDataset
-    from ctfgen.images import to_uint8
-    from ctfgen.metrics.evaluate import evaluate_fmnist
-    from ctfgen.pipeline import bits_per_token
+    from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
+    from ctfgen.pipeline import heldout_bits_per_token
 
     e = settings["evaluation"]
-    labels = torch.arange(pipeline.num_classes).repeat_interleave(int(e["per_class"]))
-    images, seconds = [], 0.0
-    for i, start in enumerate(range(0, len(labels), int(e["batch_size"]))):
-        generator = torch.Generator().manual_seed(int(e["seed"]) * 1_000_003 + i)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            batch = pipeline.sample(labels[start : start + int(e["batch_size"])], generator=generator, **(sampling or {}))
-        seconds += time.perf_counter() - t0
-        images.append(to_uint8(batch))
-    images = np.concatenate(images)
-    metrics = evaluate_fmnist(images, labels.numpy())
-    metrics["sample_seconds_per_image"] = seconds / len(labels)
+    images, labels, seconds_per_image = sample_per_class(pipeline, int(e["per_class"]), int(e["seed"]),
+                                                         int(e["batch_size"]), sampling)
+    metrics = evaluate_fmnist(images, labels)
+    metrics["sample_seconds_per_image"] = seconds_per_image
     if heldout and run is not None:
-        codes = CodeDataset(run.dir / "codes" / "test", augmentation=0)
-        n = min(len(codes), int(e["heldout_images"]))
-        total = 0.0
-        with torch.inference_mode():
-            for s in range(0, n, 500):
-                x, y = codes.get_batch(list(range(s, min(n, s + 500))))
-                total += pipeline.log_prob(x, y).sum().item()
-        metrics["bits_per_token"] = bits_per_token(torch.tensor([total / n]), codes.image_tokens).item()
-        metrics["bits_per_token_exact"] = bool(pipeline.log_prob_is_exact)
+        held = heldout_bits_per_token(pipeline, CodeDataset(run.dir / "codes" / "test", augmentation=0),
+                                      int(e["heldout_images"]))
+        metrics["bits_per_token"], metrics["bits_per_token_exact"] = held["bits_per_token"], held["exact"]
     return metrics
 
 

@@ -20,6 +20,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ctfgen.precision import cast_weights
+
 GeneratorLike = Union[torch.Generator, int, None]
 
 
@@ -77,24 +79,6 @@ def sample_from_logits(
     return idx.view(probs.shape[:-1])
 
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
-
-
-def _autocast(module: torch.nn.Module, dtype):
-    """Autocast to `dtype` unless the weights already are in it (LlamaGen casts the model; we
-    leave the caller's weights alone)."""
-    if dtype is None:
-        return contextlib.nullcontext(), None
-    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype")
-    param = next(module.parameters())
-    if param.dtype == dtype or dtype == torch.float32:
-        return contextlib.nullcontext(), param.dtype
-    return torch.autocast(param.device.type, dtype=dtype), dtype
-
-
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module):
     was_training = module.training
@@ -132,20 +116,22 @@ def generate(
     KV-cached: the class token is prefilled, then one token per step; the cache and causal mask
     are allocated once. `cfg_scale != 1` runs [cond; null] in one batch and samples from
     uncond + (cond - uncond) * cfg_scale; `cfg_steps` limits guidance to the first N tokens.
-    `generator`: a torch.Generator or an int seed, for reproducible draws. `dtype`: "bf16"/"fp16"
-    autocast (weights untouched). `compile`: torch.compile the decode step (keeps the caches
+    `generator`: a torch.Generator or an int seed, for reproducible draws. `dtype`: "auto",
+    "float32", "bfloat16" or "float16" (None = the weights' dtype): runs a copy of the weights cast
+    once per dtype (`ctfgen.precision.cast_weights`), KV cache in that dtype; logits, guidance and
+    the draw stay float32. `compile`: torch.compile the decode step (keeps the caches
     allocated afterwards so the compiled graph is reused; `gpt.clear_caches()` frees them).
     """
+    gpt = cast_weights(gpt, dtype)
     device = gpt.tok_embeddings.weight.device
     labels = _check_labels(labels, gpt.config.num_classes, device)
     B, L = labels.shape[0], gpt.config.image_tokens
     n_guided = L if cfg_steps is None else max(0, min(int(cfg_steps), L))
     guided = cfg_scale != 1.0 and n_guided > 0
     gen = as_generator(generator, device)
-    amp, cache_dtype = _autocast(gpt, dtype)
 
-    with _eval_mode(gpt), amp:
-        gpt.setup_caches(2 * B if guided else B, dtype=cache_dtype)
+    with _eval_mode(gpt):
+        gpt.setup_caches(2 * B if guided else B)
         step = _compiled_step(gpt) if compile else gpt.forward_step
         positions = torch.arange(1, L + 1, device=device)  # tok_k sits at sequence position k+1
         out = torch.empty(B, L, dtype=torch.long, device=device)
@@ -216,7 +202,8 @@ def sample_fine(
     dtype=None,
 ) -> torch.Tensor:
     """CTF stage 2: one `AuxModel` pass over coarse labels (B, L), sample every position's fine
-    token -> (B, L) int64. `top_k=1` is argmax (the paper found sampling better).
+    token -> (B, L) int64. `top_k=1` is argmax (the paper found sampling better). `dtype` as in
+    `generate`: the pass runs on weights cast once per dtype; logits and the draw are float32.
 
     With `cfg_scale != 1` the [cond; null] batch runs unmasked, is combined, and the cluster mask
     (if the model restricts) is applied after, since combining -inf logits would give nan.
@@ -224,14 +211,14 @@ def sample_fine(
     is the masked full softmax's distribution, temperature and top-k/top-p included (top-k counts
     members); the draws differ from the full softmax's for the same generator.
     """
+    aux = cast_weights(aux, dtype)
     device = aux.tok_embeddings.weight.device
     coarse = torch.as_tensor(coarse, dtype=torch.long, device=device)
     B = coarse.shape[0]
     if labels is not None:
         labels = _check_labels(labels, aux.config.num_classes, device)
-    amp, _ = _autocast(aux, dtype)
     in_cluster = bool(aux.config.restrict_to_cluster)
-    with _eval_mode(aux), amp:
+    with _eval_mode(aux):
         if cfg_scale != 1.0:
             if not aux.config.class_prefix:
                 raise ValueError("stage-2 guidance needs an AuxModel with class_prefix=True; use cfg_scale=1.0")

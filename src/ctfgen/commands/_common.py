@@ -26,6 +26,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k-fine", type=int, default=None, help="stage-2 top-k, 0 = all, 1 = argmax (CTF only)")
     g.add_argument("--cfg-scale-fine", type=float, default=None, help="stage-2 guidance, off (1.0) by default (CTF only)")
     g.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(g)
+
+
+def add_dtype_argument(parser, default: str = "auto") -> None:
+    from ctfgen.precision import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
+                        help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
+                             "float32 elsewhere (default: %(default)s)")
 
 
 def load_model(spec: str, device: str):
@@ -41,6 +50,36 @@ def load_model(spec: str, device: str):
     return load_pipeline(spec).to(device).eval()
 
 
+def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer=None):
+    """The baseline to compare a CTF model with: `baseline_spec` when given, else the shipped baseline
+    for the shipped model, else the `baseline` directory beside a pipeline run's `ctf`. A baseline
+    saved without its tokenizer borrows `tokenizer` (checked against its codebook fingerprint)."""
+    from pathlib import Path
+
+    from ctfgen.pipeline import ARPipeline
+    from ctfgen.shipped import PRETRAINED
+
+    if baseline_spec is None:
+        if model_spec in PRETRAINED and not Path(model_spec).exists():
+            baseline_spec = "fashion-mnist-baseline"
+        elif (Path(model_spec).parent / "baseline" / "pipeline.json").is_file():
+            baseline_spec = str(Path(model_spec).parent / "baseline")
+        else:
+            raise SystemExit(f"no baseline beside {model_spec!r} (looked for {Path(model_spec).parent / 'baseline'}); "
+                             "pass --baseline DIR")
+    baseline = load_model(baseline_spec, device)
+    if not isinstance(baseline, ARPipeline):
+        raise SystemExit(f"--baseline {baseline_spec!r} is a {baseline.kind} pipeline, not a baseline")
+    if baseline.tokenizer is None:
+        if tokenizer is None:
+            raise SystemExit(f"the baseline {baseline_spec!r} was saved without a tokenizer and none is at hand")
+        try:
+            baseline = ARPipeline(baseline.gpt, tokenizer, sampling_defaults=baseline.sampling_defaults)
+        except ValueError as e:
+            raise SystemExit(f"the baseline {baseline_spec!r} does not fit the CTF model's tokenizer: {e}") from None
+    return baseline.to(device).eval()
+
+
 def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
     """The options the user set; the rest fall back to the pipeline's stored defaults."""
     from ctfgen.pipeline import CTFPipeline
@@ -53,6 +92,7 @@ def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
         ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
         if ignored:
             raise SystemExit(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
+    names.append("dtype")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

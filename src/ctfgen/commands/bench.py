@@ -23,7 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-decode", action="store_true", help="skip the tokenizer decode for the paper shapes")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    from ctfgen.precision import DTYPE_CHOICES
+
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=DTYPE_CHOICES,
+                        help="precisions to time, each in turn (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -59,8 +62,7 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
         with torch.inference_mode():
             # Without a tokenizer (--no-decode) only the two token stages are timed.
             sample = pipeline.sample if pipeline.tokenizer is not None else pipeline.sample_tokens
-            sample(labels, cfg_scale=cfg_scale, generator=generator,
-                                **({} if dtype is None or dtype == torch.float32 else {"dtype": dtype}))
+            sample(labels, cfg_scale=cfg_scale, generator=generator, dtype=dtype)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
@@ -74,23 +76,32 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    dtype = getattr(torch, args.dtype)
+    from ctfgen.precision import dtype_name, resolve_dtype
+
+    dtypes = [dtype_name(resolve_dtype(d, args.device)) for d in dict.fromkeys(args.dtype)]
     results = []
-    print(f"device: {args.device}  threads: {torch.get_num_threads()}  dtype: {args.dtype}  cfg: {args.cfg_scale}")
-    header = f"{'model':<16}{'method':<10}{'batch':>6}{'img/s':>10}{'stage1 s':>10}{'stage2 s':>10}{'decode s':>10}{'total s':>10}"
+    print(f"device: {args.device}  threads: {torch.get_num_threads()}  dtypes: {' '.join(dtypes)}  cfg: {args.cfg_scale}")
+    header = (f"{'model':<16}{'dtype':<10}{'method':<10}{'batch':>6}{'img/s':>10}{'stage1 s':>10}{'stage2 s':>10}"
+              f"{'decode s':>10}{'total s':>10}{'ctf/base':>10}")
     print(header)
     for name in args.models:
         with torch.inference_mode():  # building random-weight models needs no autograd either
             pipes = _pipelines(name, args)
-        for batch_size in args.batch_sizes:
-            for method, pipe in pipes.items():
-                t = time_pipeline(pipe, batch_size, args.repeats, args.cfg_scale, args.device, dtype)
-                results.append({"model": name, "method": method, "batch_size": batch_size, **t})
-                print(f"{name:<16}{method:<10}{batch_size:>6}{t['images_per_s']:>10.2f}{t.get('stage1', 0):>10.3f}"
-                      f"{t.get('stage2', 0):>10.3f}{t.get('decode', 0):>10.3f}{t['total']:>10.3f}", flush=True)
+        for dtype in dtypes:
+            for batch_size in args.batch_sizes:
+                for method, pipe in pipes.items():
+                    t = time_pipeline(pipe, batch_size, args.repeats, args.cfg_scale, args.device, dtype)
+                    results.append({"model": name, "dtype": dtype, "method": method, "batch_size": batch_size, **t})
+                    # CTF's speed relative to the baseline at the same shape, batch and precision
+                    base = next((r for r in results if r["method"] == "baseline" and r["model"] == name
+                                 and r["dtype"] == dtype and r["batch_size"] == batch_size), None)
+                    ratio = f"{t['images_per_s'] / base['images_per_s']:>10.2f}" if method == "ctf" and base else ""
+                    print(f"{name:<16}{dtype:<10}{method:<10}{batch_size:>6}{t['images_per_s']:>10.2f}"
+                          f"{t.get('stage1', 0):>10.3f}{t.get('stage2', 0):>10.3f}{t.get('decode', 0):>10.3f}"
+                          f"{t['total']:>10.3f}{ratio}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "threads": torch.get_num_threads(), "dtype": args.dtype,
+            json.dump({"device": args.device, "threads": torch.get_num_threads(), "dtypes": dtypes,
                        "cfg_scale": args.cfg_scale, "results": results}, f, indent=2)
     return 0
 

@@ -168,14 +168,44 @@ def balanced_subset(labels: np.ndarray, limit: int, num_classes: int = len(CLASS
     return np.sort(np.concatenate(chosen))
 
 
+def validation_indices(labels: np.ndarray, count: int, num_classes: int = len(CLASS_NAMES)) -> np.ndarray:
+    """Indices (ascending) of the validation images carved from a split: the *last* `count // num_classes`
+    images of each class, so they never overlap `balanced_subset`'s first images of each class."""
+    if count % num_classes:
+        raise ValueError(f"validation_images must be a multiple of {num_classes} (class-balanced), got {count}")
+    per_class = count // num_classes
+    chosen = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= per_class:
+            raise ValueError(f"validation_images={count} takes {per_class} images of class {c}, which has only {len(idx)}")
+        chosen.append(idx[len(idx) - per_class:])
+    return np.sort(np.concatenate(chosen))
+
+
 class FashionMNIST(Dataset):
-    """Items are (float32 (1, H, W) in [-1, 1], int label); `limit` keeps a class-balanced subset."""
+    """Items are (float32 (1, H, W) in [-1, 1], int label); `limit` keeps a class-balanced subset.
+
+    `validation` > 0 carves that many class-balanced images out of the training images: split "train"
+    then leaves them out, and split "val" is exactly them (for choosing sampling settings without
+    touching the test split).
+    """
 
     def __init__(self, split: str = "train", root: str | os.PathLike | None = None,
-                 limit: int | None = None, image_size: int = 28):
+                 limit: int | None = None, image_size: int = 28, validation: int = 0):
         self.split = split
-        images, labels = load_fashion_mnist(split, root)
-        self.indices = np.arange(len(labels)) if limit is None else balanced_subset(labels, limit)
+        if split == "val" and validation <= 0:
+            raise ValueError("the val split needs validation > 0: the number of training images to carve out")
+        images, labels = load_fashion_mnist("train" if split == "val" else split, root)
+        if validation > 0 and split in ("train", "val"):
+            held = validation_indices(labels, int(validation))
+            if split == "val":
+                pool = held
+            else:
+                pool = np.setdiff1d(np.arange(len(labels)), held)
+        else:
+            pool = np.arange(len(labels))
+        self.indices = pool if limit is None else pool[balanced_subset(labels[pool], limit)]
         self.images, self.labels = images, labels
         self.image_size = int(image_size)
         self.classes = list(CLASS_NAMES)

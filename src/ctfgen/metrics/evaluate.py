@@ -170,6 +170,31 @@ def evaluate_fmnist(images, labels=None, ref="test", classifier=None, k: int = 3
     return metrics
 
 
+def sample_per_class(pipeline, per_class: int, seed: int = 0, batch_size: int = 500, sampling: dict | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
+    """`per_class` samples of every class, sorted by class: (uint8 (N,H,W,C), labels (N,), seconds per image).
+
+    Batch i draws from seed `seed * 1_000_003 + i`, as `ctfgen sample-many` does, so a sample set is
+    reproducible from (seed, batch size) alone.
+    """
+    import time
+
+    import torch
+
+    from ctfgen.images import to_uint8
+
+    labels = torch.arange(pipeline.num_classes).repeat_interleave(int(per_class))
+    images, seconds = [], 0.0
+    for i, start in enumerate(range(0, len(labels), int(batch_size))):
+        generator = torch.Generator(device=pipeline.device).manual_seed(int(seed) * 1_000_003 + i)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            batch = pipeline.sample(labels[start:start + int(batch_size)], generator=generator, **(sampling or {}))
+        seconds += time.perf_counter() - t0
+        images.append(to_uint8(batch))
+    return np.concatenate(images), labels.numpy(), seconds / max(len(labels), 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Inception metrics
 

@@ -573,15 +573,17 @@ class AuxModel(_Backbone, HubMixin):
         keeps it) or the model moves."""
         self._require_map()
         f2c = self.fine_to_coarse
+        # Tensors made under inference_mode carry no version counter; they are then compared by value.
+        version = None if f2c.is_inference() else f2c._version
         cache = self._table_cache
         if cache is not None and cache[0] == f2c.device:
-            if cache[1] == f2c._version:
+            if version is not None and cache[1] == version:
                 return cache[3]
             if torch.equal(cache[2], f2c):
-                self._table_cache = (f2c.device, f2c._version, cache[2], cache[3])
+                self._table_cache = (f2c.device, version, cache[2], cache[3])
                 return cache[3]
         table = cluster_table(f2c, self.config.num_coarse)
-        self._table_cache = (f2c.device, f2c._version, f2c.clone(), table)
+        self._table_cache = (f2c.device, version, f2c.clone(), table)
         return table
 
     def forward(self, coarse, labels=None, restrict: Optional[bool] = None, in_cluster: bool = False):

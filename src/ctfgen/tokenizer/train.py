@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
 from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
@@ -59,6 +60,10 @@ DEFAULT_TRAIN = dict(
     disc_layers=3,
     disc_lr=None,           # defaults to lr
     mixed_precision="bf16", # bf16 | none; autocast on CUDA only (the quantizer always runs in float32)
+    # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
+    codebook_init="random", # random (LlamaGen) | kmeans: k-means centroids of the initial encoder's outputs
+    codebook_init_images=4096,  # training images whose encoder outputs the k-means initialisation clusters
+    dead_code_steps=0,      # > 0: move codes no batch chose for this many steps onto recent encoder outputs
     checkpoint_every=500,
     log_every=20,
     seed=0,
@@ -88,6 +93,10 @@ def resolve_config(config: dict) -> tuple[VQConfig, dict]:
         raise ValueError(f"train.reconstruction must be l1 or l2, got {t['reconstruction']!r}")
     if t["disc_loss"] not in ("hinge", "vanilla"):
         raise ValueError(f"train.disc_loss must be hinge or vanilla, got {t['disc_loss']!r}")
+    if t["codebook_init"] not in ("random", "kmeans"):
+        raise ValueError(f"train.codebook_init must be random or kmeans, got {t['codebook_init']!r}")
+    if int(t["dead_code_steps"]) < 0:
+        raise ValueError(f"train.dead_code_steps must be >= 0 (0 disables restarts), got {t['dead_code_steps']}")
     if t["mixed_precision"] not in ("bf16", "none"):
         raise ValueError(f"train.mixed_precision must be bf16 or none, got {t['mixed_precision']!r}")
     if t["perceptual_weight"] > 0 and not t["lpips_weights"]:
@@ -184,7 +193,7 @@ def _images(batch):
 
 
 LOG_FIELDS = ["step", "loss", "reconstruction", "perceptual", "codebook", "commitment", "entropy", "generator_adv",
-              "disc", "usage", "lr", "img_per_s"]
+              "disc", "usage", "codes_restarted", "lr", "img_per_s"]
 
 
 def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device=None, progress: bool = True) -> VQModel:
@@ -266,6 +275,18 @@ def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device
         if state["world_size"] != world:
             say(f"note: checkpoint was written with {state['world_size']} processes, now {world}; data order changes")
         say(f"resumed from {ckpt_path} at step {start}")
+    elif t["codebook_init"] == "kmeans":
+        info = kmeans_init_codebook(model, dataset, num_images=int(t["codebook_init_images"]), seed=t["seed"],
+                                    device=device)
+        say(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
+    restarter = None
+    if int(t["dead_code_steps"]) > 0:
+        restarter = DeadCodeRestarter(model.quantize, int(t["dead_code_steps"]), seed=t["seed"])
+        if state is not None:
+            if "dead_codes" not in state:
+                raise ValueError(f"{ckpt_path} has no dead-code restart state but train.dead_code_steps > 0 now; "
+                                 "resume with the settings the run started with")
+            restarter.load_state_dict(state["dead_codes"])
 
     steps = int(t["steps"])
     def ddp(m: nn.Module) -> nn.Module:
@@ -301,6 +322,8 @@ def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device
             ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(device)
         if disc is not None:
             ckpt["disc"], ckpt["disc_optimizer"] = disc.state_dict(), d_opt.state_dict()
+        if restarter is not None:
+            ckpt["dead_codes"] = restarter.state_dict()
         atomic_torch_save(ckpt, ckpt_path)
 
     bar = None
@@ -311,6 +334,7 @@ def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device
     step = start
     last_saved = start if state is not None else None
     tick, tick_step = time.perf_counter(), start
+    restarted = 0  # codes restarted since the last log row
     global_batch = t["batch_size"] * world
     model.train()
     try:
@@ -363,6 +387,8 @@ def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device
                     torch.nn.utils.clip_grad_norm_(disc.parameters(), t["grad_clip"])
                 d_opt.step()
             step += 1
+            if restarter is not None:
+                restarted += restarter.step(step)
 
             if step % t["log_every"] == 0 or step == steps:
                 now = time.perf_counter()
@@ -371,7 +397,8 @@ def train_tokenizer(config: dict, dataset, out_dir, resume: bool = False, device
                 row = dict(step=step, loss=_num(loss), reconstruction=_num(rec), perceptual=_num(p_loss),
                            codebook=_num(q["codebook"]), commitment=_num(q["commitment"]),
                            entropy=_num(q["entropy"]), generator_adv=_num(g_loss), disc=_num(d_loss),
-                           usage=q["usage"], lr=lr, img_per_s=ips)
+                           usage=q["usage"], codes_restarted=restarted, lr=lr, img_per_s=ips)
+                restarted = 0
                 if main:
                     _append_log(log_path, row)
                     if bar is not None:

@@ -53,6 +53,17 @@ class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was written."""
 
 
+def training_autocast(mixed_precision: str, device: torch.device):
+    """bf16 autocast for `train.mixed_precision` ("auto" | "bf16" | "none") on `device`."""
+    from ctfgen.precision import resolve_dtype
+
+    use_bf16 = mixed_precision == "bf16" or (
+        mixed_precision == "auto" and resolve_dtype("auto", device) == torch.bfloat16)
+    if use_bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (the `train:` section of a config). Sizes are global, not per rank."""
@@ -70,7 +81,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
     ema: bool = False
     ema_decay: float = 0.9999
-    mixed_precision: str = "bf16"       # "bf16" or "none"; only used on CUDA
+    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 matmul, float32 elsewhere;
+    # "bf16": bf16 autocast on any device; "none": float32. Loss, optimiser state and master
+    # weights stay float32 in every case.
+    mixed_precision: str = "auto"
     seed: int = 0
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
@@ -91,8 +105,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.mixed_precision not in ("bf16", "none"):
-            raise ValueError(f"train.mixed_precision must be 'bf16' or 'none', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "bf16", "none"):
+            raise ValueError(f"train.mixed_precision must be 'auto', 'bf16' or 'none', got {self.mixed_precision!r}")
         if self.steps is None and self.epochs is None:
             raise ValueError("train needs `steps` or `epochs` (e.g. train.steps=1000)")
         if self.grad_accum < 1 or self.batch_size < 1:
@@ -506,10 +520,7 @@ def train(
 
         with_shipped_weights(work)
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.mixed_precision == "bf16" else nullcontext()
-    )
+    autocast = training_autocast(cfg.mixed_precision, device)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     items_per_step = cfg.batch_size
     epoch_iter: Iterator | None = None

@@ -1,0 +1,44 @@
+"""`ctfgen study RUN... --records DIR [--report FILE]`: evaluate the codebook-size study's runs.
+
+Each RUN is a finished `ctfgen pipeline` run of configs/study/fmnist_v<V>.yaml. Every measurement is
+one JSON record under DIR/<run>/, computed once (a killed study continues where it stopped); the
+report's tables and figures are made from the records alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="*", help="finished pipeline run directories (none: only --report)")
+    parser.add_argument("--records", required=True, help="directory of the study's JSON records")
+    parser.add_argument("--report", default=None, help="write the markdown tables here (figures beside it)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0],
+                        help="guidance scales tried on the validation split (default: %(default)s)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.9, 1.0, 1.1],
+                        help="stage-1 (baseline: the only) temperatures tried on the validation split (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds of the test cells")
+    parser.add_argument("--test-per-class", type=int, default=500)
+    parser.add_argument("--select-per-class", type=int, default=100)
+    parser.add_argument("--heldout-images", type=int, default=10000)
+    parser.add_argument("--tokenizer-images", type=int, default=None,
+                        help="test images for codebook usage and PSNR (default: the whole test split)")
+    parser.add_argument("--batch-size", type=int, default=250)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctfgen.study import StudySettings, study_run, write_report
+
+    settings = StudySettings(guidance=tuple(args.guidance), temperatures=tuple(args.temperatures), seeds=tuple(args.seeds), test_per_class=args.test_per_class,
+                             select_per_class=args.select_per_class, heldout_images=args.heldout_images,
+                             tokenizer_images=args.tokenizer_images,
+                             batch_size=args.batch_size)
+    for run_dir in args.runs:
+        study_run(run_dir, args.records, settings)
+    if args.report:
+        report = Path(args.report)
+        report.write_text(write_report(args.records, figure_dir=report.parent) + "\n")
+        print(f"wrote {report} and its figures")
+    return 0

@@ -1,0 +1,96 @@
+"""Keeping the codebook in use: k-means initialisation, dead-code restarts, whole-split usage."""
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctfgen.tokenizer import VQModel
+from ctfgen.tokenizer.codebook import DeadCodeRestarter, evaluate_tokenizer, kmeans_init_codebook
+from ctfgen.tokenizer.train import train_tokenizer
+from test_tokenizer_train import TINY_MODEL, Blobs, config, read_log, state
+
+
+def tiny_vq(**over):
+    torch.manual_seed(0)
+    return VQModel({**TINY_MODEL, **over})
+
+
+def test_kmeans_init_puts_codewords_on_encoder_outputs():
+    data = Blobs(n=16)
+    vq = tiny_vq()
+    before = evaluate_tokenizer(vq, data)["codes_used"]
+    info = kmeans_init_codebook(vq, data, num_images=16, seed=0)
+    assert info["vectors"] == 16 * 8 * 8
+    w = vq.quantize.embedding.weight
+    assert torch.allclose(w.norm(dim=-1), torch.ones(32), atol=1e-5)  # l2-normalised codebook
+    after = evaluate_tokenizer(vq, data)["codes_used"]
+    # LlamaGen's uniform(-1/V, 1/V) start leaves most codes out of reach; centroids are all chosen.
+    assert after == 32 > before
+
+
+def test_kmeans_init_needs_enough_vectors():
+    with pytest.raises(ValueError, match="codebook_init_images"):
+        kmeans_init_codebook(tiny_vq(codebook_size=512), Blobs(n=4), num_images=4)
+
+
+def test_dead_codes_move_onto_recent_encoder_outputs():
+    vq = tiny_vq().train()
+    restarter = DeadCodeRestarter(vq.quantize, unused_steps=2, pool_size=1000, seed=0)
+    images = Blobs(n=4).x
+    used = set()
+    for step in (1, 2):
+        _, codes, _ = vq.quantize(vq.encode_latent(images))
+        used |= set(codes.unique().tolist())
+        assert restarter.step(step) == (0 if step == 1 else 32 - len(used))
+    dead = sorted(set(range(32)) - used)
+    assert dead, "the uniform start should leave some codes unused"
+    w = vq.quantize.embedding.weight.detach()
+    pool = restarter.pool
+    assert pool.shape == (2 * 4 * 8 * 8, 8)
+    for code in dead:  # each restarted code is exactly one of the recent (normalised) encoder outputs
+        assert (pool - w[code]).abs().sum(-1).min() == 0
+    assert restarter.total_restarted == len(dead)
+    # state round trip
+    other = DeadCodeRestarter(tiny_vq().quantize, unused_steps=2)
+    other.load_state_dict(restarter.state_dict())
+    assert torch.equal(other.last_used, restarter.last_used) and torch.equal(other.pool, pool)
+    with pytest.raises(ValueError, match="codes"):
+        DeadCodeRestarter(tiny_vq(codebook_size=64).quantize, 2).load_state_dict(restarter.state_dict())
+    restarter.remove()
+    with pytest.raises(ValueError, match="unused_steps"):
+        DeadCodeRestarter(vq.quantize, unused_steps=0)
+
+
+def test_evaluate_tokenizer_counts_every_code_of_the_split():
+    vq = tiny_vq().eval()
+    data = Blobs(n=10)
+    r = evaluate_tokenizer(vq, data, batch_size=3)
+    codes = vq.encode(data.x)
+    assert r["codes_used"] == codes.unique().numel() and r["usage"] == r["codes_used"] / 32
+    assert r["images"] == 10 and r["psnr"] > 0 and -1 <= r["ssim"] <= 1
+
+
+def test_training_with_remedies_logs_and_resumes_exactly(tmp_path):
+    remedies = dict(codebook_init="kmeans", codebook_init_images=16, dead_code_steps=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_tokenizer(config(steps=6, **remedies), Blobs(), straight, progress=False)
+    train_tokenizer(config(steps=4, **remedies), Blobs(), split, progress=False)
+    train_tokenizer(config(steps=6, **remedies), Blobs(), split, resume=True, progress=False)
+    a, b = state(straight), state(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_log(straight)
+    assert "codes_restarted" in rows[0] and all(int(r["codes_restarted"]) >= 0 for r in rows)
+    # resuming with restarts switched on, into a run that had none, is refused rather than guessed
+    plain = tmp_path / "plain"
+    train_tokenizer(config(steps=3), Blobs(), plain, progress=False)
+    with pytest.raises(ValueError, match="dead-code"):
+        train_tokenizer(config(steps=6, dead_code_steps=2), Blobs(), plain, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [({"codebook_init": "pca"}, "codebook_init"),
+                                        ({"dead_code_steps": -1}, "dead_code_steps")])
+def test_remedy_config_errors(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train_tokenizer(config(**bad), Blobs(), tmp_path, progress=False)

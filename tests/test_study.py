@@ -1,0 +1,80 @@
+"""`ctfgen study` on a seconds-long tiny pipeline run with a validation split: every record, the
+selection on the validation split, and a report from the records alone; a rerun redoes nothing."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_fmnist
+from ctfgen.cli import main as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+SMALL = ["data.train_limit=100", "data.test_limit=40", "data.validation_images=30", "data.extract_batch_size=50",
+         "tokenizer.train.steps=6", "tokenizer.train.batch_size=16", "tokenizer.train.codebook_init=kmeans",
+         "tokenizer.train.codebook_init_images=60", "tokenizer.train.dead_code_steps=2", "clustering.num_coarse=8",
+         "train.steps=8", "train.batch_size=20", "train.warmup_steps=2", "train.schedule=constant",
+         "train.snapshot_every=5", "heldout.limit=40"]
+
+pytestmark = needs_fmnist
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    base = tmp_path_factory.mktemp("study")
+    out = base / "v256"
+    assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 0
+    records = base / "records"
+    args = ["study", str(out), "--records", str(records), "--seeds", "0", "1", "--test-per-class", "3",
+            "--select-per-class", "2", "--heldout-images", "20", "--tokenizer-images", "50", "--batch-size", "30",
+            "--guidance", "2", "3", "--temperatures", "1.0", "--report", str(base / "report.md")]
+    assert cli(args) == 0
+    return out, records, base, args
+
+
+def test_records(study):
+    out, records, _, _ = study
+    names = sorted(p.stem for p in (records / "v256").glob("*.json"))
+    assert names == ["diagnosis", "epoch-1.00", "select-baseline", "select-ctf", "test-baseline-chosen-seed0",
+                     "test-baseline-chosen-seed1", "test-baseline-default-seed0", "test-baseline-default-seed1",
+                     "test-ctf-chosen-seed0", "test-ctf-chosen-seed1", "test-ctf-default-seed0", "test-ctf-default-seed1",
+                     "tokenizer"]
+    rec = lambda n: json.loads((records / "v256" / f"{n}.json").read_text())  # noqa: E731
+    tok = rec("tokenizer")
+    assert tok["images"] == 50 and 0 < tok["usage"] <= 1 and tok["codebook_size"] == 256
+    epoch = rec("epoch-1.00")  # step 5 = one epoch (the 100 training images left after the validation split, batch 20)
+    assert epoch["step"] == 5 and epoch["heldout"]["ctf"]["exact"] and epoch["heldout"]["ctf"]["images"] == 20
+    assert "gap_bits" in epoch["coarse_prediction"]
+    select = rec("select-ctf")
+    assert len(select["grid"]) == 2 and select["chosen"] in [g["sampling"] for g in select["grid"]]
+    assert select["chosen"]["cfg_scale"] == min(select["grid"], key=lambda g: g["fd"])["sampling"]["cfg_scale"]
+    assert "validation split (30 training images" in select["reference"]
+    chosen = rec("test-ctf-chosen-seed1")
+    assert chosen["sampling"]["cfg_scale"] == select["chosen"]["cfg_scale"] and chosen["per_class"] == 3
+    assert rec("test-ctf-default-seed0")["sampling"]["temperature"] == 1.1  # the paper's default
+    d = rec("diagnosis")
+    assert set(d["sets"]) == {"reconstruction", "real_coarse_aux", "stage1_representative", "ctf", "baseline",
+                              "baseline_coarse_aux"}
+    assert d["images"] == 40
+
+
+def test_report_from_records(study):
+    _, _, base, _ = study
+    md = (base / "report.md").read_text()
+    assert "| 256 | 8 |" in md and "±" in md  # two seeds give a spread
+    assert "Stage-wise diagnosis" in md and "teacher-forced" in md
+    assert (base / "study_vs_codebook.png").stat().st_size > 1000
+    assert (base / "study_vs_epoch.png").stat().st_size > 1000
+
+
+def test_rerun_redoes_nothing(study, capsys):
+    _, records, _, args = study
+    before = {p: p.stat().st_mtime_ns for p in records.rglob("*.json")}
+    assert cli(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in records.rglob("*.json")} == before
+
+
+def test_study_needs_a_validation_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match="validation"):
+        cli(["study", str(tmp_path), "--records", str(tmp_path / "r")])
