@@ -240,3 +240,15 @@ def test_sampled_frequencies_match_the_masked_softmax():
     freq = torch.bincount(fine, minlength=V).double() / fine.numel()
     assert 0.5 * (freq - p).abs().sum().item() < 0.02
     assert torch.all(freq[p == 0] == 0)
+
+
+def test_bf16_weights_sample_in_cluster():
+    """`dtype="bfloat16"` casts the weights once; the head then multiplies in bf16 (grouped_mm on the CPU)."""
+    cmap = uneven_map()
+    model = random_aux(cmap)
+    coarse = torch.randint(0, K, (3, L), generator=torch.Generator().manual_seed(9))
+    fine = sample_fine(model, coarse, torch.tensor([0, 1, 2]), generator=1, dtype="bfloat16")
+    assert torch.equal(cmap(fine), coarse)
+    greedy = sample_fine(model, coarse, torch.tensor([0, 1, 2]), top_k=1, dtype="bfloat16")
+    agree = (greedy == model(coarse, torch.tensor([0, 1, 2])).argmax(-1)).float().mean()
+    assert agree > 0.8  # bf16 rounding may flip near-ties only
