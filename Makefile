@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; any other spec may pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test data browser demo serve reproduce ship bench clean
+.PHONY: install test data browser demo serve reproduce ship bench clean pin
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,22 @@ ship: install
 
 bench: install
 	$(VENV)/bin/ctfgen bench --models fashion-mnist GPT-B --batch-sizes 1 8 64
+
+# A pinned install for long experiments: one commit, non-editable, in its own venv outside the
+# checkout, so code changed meanwhile never reaches a running experiment and every record names
+# the commit (ctfgen.fingerprint.code_commit reads the stamp written here).
+#   make pin [COMMIT=HEAD] [PIN_DIR=~/pinned]   ->   ~/pinned/<sha>/venv/bin/ctfgen
+COMMIT ?= HEAD
+PIN_DIR ?= $(HOME)/pinned
+pin:
+	@sha=$$(git rev-parse --verify "$(COMMIT)^{commit}") && dir="$(PIN_DIR)/$$sha" && \
+	rm -rf "$$dir/src" && mkdir -p "$$dir/src" && git archive "$$sha" | tar -x -C "$$dir/src" && \
+	echo "$$sha" > "$$dir/src/src/ctfgen/COMMIT" && \
+	$(PYTHON) -m venv "$$dir/venv" && "$$dir/venv/bin/pip" install -q --upgrade pip && \
+	"$$dir/venv/bin/pip" install -q "$(TORCH_SPEC)" && \
+	"$$dir/venv/bin/pip" install -q --no-deps "torch-fidelity==0.4.0" && \
+	"$$dir/venv/bin/pip" install -q "$$dir/src" && rm -rf "$$dir/src" && \
+	echo "pinned $$sha: $$dir/venv/bin/ctfgen ($$("$$dir/venv/bin/python" -c 'from ctfgen.fingerprint import code_commit; print(code_commit())'))"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

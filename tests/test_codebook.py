@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ctfgen.errors import CheckpointError
 from ctfgen.tokenizer import VQModel
-from ctfgen.tokenizer.codebook import DeadCodeRestarter, evaluate_tokenizer, kmeans_init_codebook
+from ctfgen.tokenizer.codebook import DeadCodeRestarter, code_perplexity, evaluate_tokenizer, kmeans_init_codebook
 from ctfgen.tokenizer.train import train_tokenizer
 from test_tokenizer_train import TINY_MODEL, Blobs, config, read_log, state
 
@@ -71,10 +71,33 @@ def test_evaluate_tokenizer_counts_every_code_of_the_split():
     codes = vq.encode(data.x)
     assert r["codes_used"] == codes.unique().numel() and r["usage"] == r["codes_used"] / 32
     assert r["images"] == 10 and r["psnr"] > 0 and -1 <= r["ssim"] <= 1
+    counts = torch.bincount(codes.reshape(-1), minlength=32).double()
+    p = counts[counts > 0] / counts.sum()
+    assert r["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+    assert 1 <= r["perplexity"] <= r["codes_used"]
+
+
+def test_code_perplexity_counts_evenly_used_codes():
+    assert code_perplexity(torch.tensor([5.0, 5, 5, 5, 0, 0])) == pytest.approx(4.0)
+    assert code_perplexity(torch.tensor([100.0, 0, 0])) == pytest.approx(1.0)
+    # one code used 97 times and three used once: usage says 4 codes, perplexity barely above 1
+    assert 1 < code_perplexity(torch.tensor([97.0, 1, 1, 1])) < 1.2
+
+
+def test_restarts_stop_after_last_step():
+    vq = tiny_vq().train()
+    restarter = DeadCodeRestarter(vq.quantize, unused_steps=1, pool_size=1000, seed=0, last_step=2)
+    images = Blobs(n=1).x
+    restarted = []
+    for step in range(1, 6):
+        vq.quantize(vq.encode_latent(images))
+        restarted.append(restarter.step(step))
+    assert sum(restarted[:2]) > 0 and restarted[2:] == [0, 0, 0]
 
 
 def test_training_with_remedies_logs_and_resumes_exactly(tmp_path):
-    remedies = dict(codebook_init="kmeans", codebook_init_images=16, dead_code_steps=2)
+    # restarts to the end: the split run's first leg is a 4-step run, whose 80 % cut-off would differ
+    remedies = dict(codebook_init="kmeans", codebook_init_images=16, dead_code_steps=2, dead_code_until=1.0)
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_tokenizer(config(steps=6, **remedies), Blobs(), straight, progress=False)
     train_tokenizer(config(steps=4, **remedies), Blobs(), split, progress=False)
@@ -90,8 +113,27 @@ def test_training_with_remedies_logs_and_resumes_exactly(tmp_path):
         train_tokenizer(config(steps=6, dead_code_steps=2), Blobs(), plain, resume=True, progress=False)
 
 
+def test_training_stops_restarts_at_dead_code_until(tmp_path):
+    train_tokenizer(config(steps=10, dead_code_steps=1, dead_code_until=0.5), Blobs(n=4), tmp_path, progress=False)
+    restarted = [int(r["codes_restarted"]) for r in read_log(tmp_path)]
+    assert sum(restarted[:5]) > 0 and restarted[5:] == [0] * 5
+
+
 @pytest.mark.parametrize("bad, match", [({"codebook_init": "pca"}, "codebook_init"),
-                                        ({"dead_code_steps": -1}, "dead_code_steps")])
+                                        ({"dead_code_steps": -1}, "dead_code_steps"),
+                                        ({"dead_code_until": 0}, "dead_code_until"),
+                                        ({"dead_code_until": 1.5}, "dead_code_until")])
 def test_remedy_config_errors(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         train_tokenizer(config(**bad), Blobs(), tmp_path, progress=False)
+
+
+def test_code_commit_names_the_running_code(tmp_path, monkeypatch):
+    import ctfgen.fingerprint as fp
+
+    commit = fp.code_commit()
+    assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 40
+    stamp = tmp_path / "COMMIT"
+    stamp.write_text("0123abcd\n")
+    monkeypatch.setattr(fp, "COMMIT_STAMP", stamp)  # a pinned install (make pin) carries its stamp
+    assert fp.code_commit() == "0123abcd"

@@ -85,3 +85,14 @@ def test_study_needs_a_finished_run_with_a_validation_split(study, tmp_path, cap
     shutil.rmtree(run / "codes" / "val")
     assert cli(["study", str(run), "--records", str(tmp_path / "r")]) == 2
     assert "validation split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [1024, 4096, 16384])
+def test_study_configs_pin_precision_and_stop_restarts_early(size):
+    from ctfgen.config import ExperimentConfig, read_yaml
+
+    cfg = ExperimentConfig.from_raw(read_yaml(ROOT / "configs" / "study" / f"fmnist_v{size}.yaml"))
+    # `auto` would pick bf16 on CPUs with native bf16 and float32 elsewhere: a rerun must not depend on the machine
+    assert cfg.tokenizer.train.mixed_precision == "none" and cfg.train.mixed_precision == "none"
+    assert cfg.tokenizer.train.dead_code_until <= 0.8
+    assert cfg.tokenizer.model["codebook_size"] == size and cfg.clustering.num_coarse == size // 32

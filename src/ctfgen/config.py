@@ -235,12 +235,17 @@ class TokenizerTrainConfig(TrainConfig):
     codebook_init: str = "random"       # random (LlamaGen) | kmeans: k-means centroids of the initial encoder's outputs
     codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
     dead_code_steps: int = 0            # > 0: move codes no batch chose for this many steps onto recent encoder outputs
+    dead_code_until: float = 0.8        # restarts stop after this fraction of the steps, so that usage is not
+                                        # measured on codes that were just moved onto recent encoder outputs
 
     def __post_init__(self):
         super().__post_init__()
         _choice(self, "codebook_init", ("random", "kmeans"))
         if int(self.dead_code_steps) < 0:
             raise ConfigError(f"dead_code_steps must be >= 0 (0 disables restarts), got {self.dead_code_steps}")
+        _number(self, ("dead_code_until",))
+        if not 0 < self.dead_code_until <= 1:
+            raise ConfigError(f"dead_code_until must be a fraction of the steps in (0, 1], got {self.dead_code_until}")
 
 
 @dataclass

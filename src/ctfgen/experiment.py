@@ -35,6 +35,7 @@ import yaml
 
 from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml, to_dict
 from ctfgen.errors import RunError
+from ctfgen.fingerprint import code_commit
 from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.rundir import RunDir
 from ctfgen.train import distributed as D
@@ -82,7 +83,8 @@ class Experiment:
         info = work() or {}
         if D.is_main():
             atomic_write_json(self.run.marker(step), {
-                "step": step, "config": sections(self.cfg, step), "seconds": round(time.time() - t0, 2),
+                "step": step, "config": sections(self.cfg, step), "commit": code_commit(),
+                "seconds": round(time.time() - t0, 2),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
         D.barrier()
 
@@ -145,7 +147,8 @@ def step_tokenizer(x: Experiment):
 
             quality = evaluate_tokenizer(vq, test, batch_size=int(x.cfg.data.extract_batch_size))
             say(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
-                f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), PSNR {quality['psnr']:.2f} dB")
+                f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), perplexity {quality['perplexity']:.0f}, "
+                f"PSNR {quality['psnr']:.2f} dB")
         return {"path": str(x.run.tokenizer), "fingerprint": vq.fingerprint, "codebook_usage": vq.codebook_usage(),
                 "test_split": quality}
 

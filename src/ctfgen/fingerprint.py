@@ -1,9 +1,11 @@
-"""Identity of a codebook, so that token files, coarse maps and models trained on one tokenizer are
-refused by another."""
+"""Identities: of a codebook, so that token files, coarse maps and models trained on one tokenizer
+are refused by another; and of the running code, so that every experiment record names its commit."""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -19,3 +21,26 @@ def codebook_fingerprint(weight: torch.Tensor) -> str:
     h.update(repr(tuple(w.shape)).encode())
     h.update(w.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+COMMIT_STAMP = Path(__file__).with_name("COMMIT")  # written by `make pin` into a pinned install
+
+
+def code_commit() -> str:
+    """The git commit of the ctfgen code that is running.
+
+    A pinned install (`make pin`) carries its commit in ctfgen/COMMIT. A source checkout answers
+    `git rev-parse HEAD`, with "-dirty" when tracked files have changed since. Anything else: "unknown".
+    """
+    if COMMIT_STAMP.is_file():
+        return COMMIT_STAMP.read_text().strip()
+    src = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=src,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")

@@ -6,9 +6,14 @@ remedies (SoundStream / vector-quantize-pytorch's `kmeans_init`, Jukebox's and V
 restarts) and one measurement live here; LlamaGen's entropy loss is `VQConfig.entropy_loss_ratio`.
 
     >>> kmeans_init_codebook(vq, train_images, num_images=4096, seed=0)   # before the first step
-    >>> restarter = DeadCodeRestarter(vq.quantize, unused_steps=200, seed=0)
+    >>> restarter = DeadCodeRestarter(vq.quantize, unused_steps=200, last_step=2400, seed=0)
     >>> ...; opt.step(); restarted = restarter.step(step)                # after every optimiser step
-    >>> evaluate_tokenizer(vq, test_images)                               # {"usage": 0.93, "psnr": 24.1, ...}
+    >>> evaluate_tokenizer(vq, test_images)                  # {"usage": 0.93, "perplexity": 3500.0, "psnr": 24.1, ...}
+
+Restarts stop at `last_step` (by default 80 % of training): a code restarted in the last steps sits on
+a recent encoder output and is all but sure to count as used, so usage measured after a late
+restart flatters the codebook. Code perplexity, exp(entropy of the code frequencies over a split),
+counts how evenly the codes are used, which a handful of late restarts cannot inflate.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer"]
+__all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer", "code_perplexity"]
 
 
 def _images(batch):
@@ -82,11 +87,13 @@ class DeadCodeRestarter:
     Its state (last-use steps, pool, RNG) goes into the training checkpoint for exact resumes.
     """
 
-    def __init__(self, quantize, unused_steps: int, pool_size: int = 32768, seed: int = 0):
+    def __init__(self, quantize, unused_steps: int, pool_size: int = 32768, seed: int = 0,
+                 last_step: int | None = None):
         if unused_steps < 1:
             raise ValueError(f"dead-code restarts need unused_steps >= 1, got {unused_steps}")
         self.quantize = quantize
         self.unused_steps = int(unused_steps)
+        self.last_step = last_step  # no restart after this optimiser step (None: until the end)
         self.pool_size = int(pool_size)
         self.last_used = torch.zeros(quantize.n_e, dtype=torch.int64)
         self.pool = torch.empty(0, quantize.e_dim)
@@ -116,6 +123,8 @@ class DeadCodeRestarter:
             last = self.last_used.to(self.quantize.embedding.weight.device)
             dist.all_reduce(last, op=dist.ReduceOp.MAX)
             self.last_used = last.cpu()
+        if self.last_step is not None and step > self.last_step:
+            return 0
         dead = (step - self.last_used >= self.unused_steps).nonzero().squeeze(1)
         if dead.numel() == 0 or self.pool.shape[0] == 0:
             return 0
@@ -143,29 +152,40 @@ class DeadCodeRestarter:
         self.total_restarted = int(state["total_restarted"])
 
 
+def code_perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of the code frequencies `counts` (one entry per code): the number of equally
+    used codes that would give the same entropy."""
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 @torch.no_grad()
 def evaluate_tokenizer(vq, dataset, batch_size: int = 500, device=None) -> dict:
     """Codebook usage and reconstruction quality over a whole split (every image, not a recent window).
 
-    Returns {"images", "codebook_size", "codes_used", "usage", "psnr", "ssim"}: usage = distinct codes
-    over all tokens of the split / codebook size; PSNR/SSIM are means over images in [0, 1].
+    Returns {"images", "codebook_size", "codes_used", "usage", "perplexity", "psnr", "ssim"}: usage =
+    distinct codes over all tokens of the split / codebook size; perplexity = exp(entropy of the
+    code frequencies over all tokens of the split), between 1 and codes_used; PSNR/SSIM are means
+    over images in [0, 1].
     """
     from ctfgen.redundancy import psnr, ssim
 
     device = device or vq.quant_conv.weight.device
     was_training = vq.training
     vq.eval()
-    seen = torch.zeros(vq.config.codebook_size, dtype=torch.bool)
+    counts = torch.zeros(vq.config.codebook_size, dtype=torch.float64)
     psnrs, ssims = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         images = _images(batch).to(device).float()
         codes = vq.encode(images)
-        seen[codes.reshape(-1).cpu()] = True
+        counts += torch.bincount(codes.reshape(-1).cpu(), minlength=vq.config.codebook_size).double()
         recon, images = (vq.decode(codes).double().clamp(-1, 1) + 1) / 2, (images.double() + 1) / 2
         psnrs.append(psnr(recon, images).cpu())
         ssims.append(ssim(recon, images).cpu())
     vq.train(was_training)
-    used = int(seen.sum())
+    used = int((counts > 0).sum())
     return {"images": len(dataset), "codebook_size": vq.config.codebook_size, "codes_used": used,
-            "usage": used / vq.config.codebook_size, "psnr": float(torch.cat(psnrs).mean()),
+            "usage": used / vq.config.codebook_size, "perplexity": code_perplexity(counts),
+            "psnr": float(torch.cat(psnrs).mean()),
             "ssim": float(torch.cat(ssims).mean())}

@@ -75,8 +75,10 @@ class VQTraining:
         self.d_loss_fn = hinge_d_loss if L.disc_loss == "hinge" else vanilla_d_loss
         self.step, self.disc_on, self._last = 0, False, None
 
-    def setup(self, device: torch.device) -> None:
+    def setup(self, device: torch.device, total_steps: int) -> None:
         t = self.cfg.train
+        if self.restarter is not None:
+            self.restarter.last_step = int(t.dead_code_until * total_steps)
         self.autocast = training_autocast(t.mixed_precision, device)
         if self.lpips is not None:
             self.lpips.to(device)

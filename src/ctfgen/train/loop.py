@@ -360,7 +360,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     newest checkpoint in `out_dir` is continued (a fresh start when there is none); without it,
     existing checkpoints are refused rather than overwritten. Every rank must call it (torchrun).
     `on_epoch_end(epoch, model)` runs on every rank with the EMA weights in place (not under
-    FSDP), in eval mode. `extra` (optional) has `setup(device)`, `after_step(step) -> metrics`,
+    FSDP), in eval mode. `extra` (optional) has `setup(device, total_steps)`, `after_step(step) -> metrics`,
     `state_dict()`, `load_state_dict(sd, source)` and `log_columns`: a second optimiser's part.
     """
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, config, "train")
@@ -456,7 +456,7 @@ def _start(model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device
     optimizer = make_optimizer(wrapped, cfg, device)
     ema = EMA(D.unwrap(wrapped), cfg.ema_decay) if cfg.ema else None  # names without DDP's "module." prefix
     if extra is not None:
-        extra.setup(device)
+        extra.setup(device, total)
     C.seed_everything(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
     run = Run(cfg, out_dir, wrapped, optimizer, ema, extra, Position(dataset, batches, cfg, device, collate_fn),
               total, len(dataset), run_config)
