@@ -1,13 +1,12 @@
-import os
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # the shared helpers (_tiny_ctf.py, _train_toy.py)
 
-# LlamaGen's tensor manifests live in shared/ beside the checkout (CI clones main next to it), or
-# wherever $CTFGEN_SHARED points.
-LLAMAGEN_MANIFESTS = Path(os.environ.get("CTFGEN_SHARED", TESTS.parents[1] / "shared")) / "llamagen"
+# Every tensor name and shape of LlamaGen's released VQ-16, VQ-8 and GPT-B checkpoints, read off
+# the published files; kept in the repository so a bare clone tests against them.
+LLAMAGEN_MANIFESTS = TESTS / "data" / "llamagen"
 
 
 def _have_fashion_mnist() -> bool:

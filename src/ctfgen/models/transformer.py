@@ -4,8 +4,8 @@ Read top to bottom: configs and presets, the building blocks (RMSNorm, SwiGLU fe
 2-D rotary embedding, attention with an optional KV cache, the pre-norm block), then `GPT`
 (LlamaGen c2i, parameter names identical to its checkpoints) and `AuxModel` (CTF stage 2).
 
-Numerics follow LlamaGen exactly (see llamagen/README.md in the shared reference folder beside the
-checkout, ../shared, or $CTFGEN_SHARED): RMSNorm in float32,
+Numerics follow LlamaGen exactly (tests/data/llamagen/README.md, beside the tensor manifests the
+tests check our names against): RMSNorm in float32,
 RoPE computed in float32 on adjacent pairs with row angles in the first half of the pairs and
 column angles in the second, and the class-token position's cos/sin both 0, so its query and key
 are multiplied by zero. This module deliberately has no `from __future__ import annotations`:
