@@ -23,6 +23,7 @@ from ctfgen.config import ExperimentConfig, load_config
 from ctfgen.errors import ConfigError
 from ctfgen.experiment import run_experiment
 from ctfgen.fingerprint import codebook_fingerprint
+from ctfgen.rundir import is_lock_file
 from ctfgen.train.stages import StageMismatchError, build_stage, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,9 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 0
     _check_run(out)
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # Every data file, not the writer locks (a refused run held the lock while it looked).
+    files = lambda: {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not is_lock_file(p)}  # noqa: E731
+    before = files()
 
     # Not empty and no --resume: refused, nothing touched.
     assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 2
@@ -231,13 +234,13 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
     # A finished step run with other settings: refused on resume.
     assert cli(["pipeline", TINY, "--out", str(out), "--resume", "--no-progress", *SMALL, "clustering.num_coarse=8"]) == 2
     assert "clustering.num_coarse: 16 then, 8 now" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert files() == before
 
     # Resuming a finished run redoes nothing (its own input.yaml when no CONFIG is given).
     t0 = time.time()
     assert cli(["pipeline", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert time.time() - t0 < 30
-    changed = [p for p in out.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns]
+    changed = [p for p, t in files().items() if before.get(p) != t]
     assert {p.name for p in changed} <= {"config.yaml", "input.yaml", "summary.json"}
 
 

@@ -37,7 +37,7 @@ from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, d
 from ctfgen.errors import RunError
 from ctfgen.fingerprint import code_commit
 from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
-from ctfgen.rundir import RunDir
+from ctfgen.rundir import RunDir, WriterLock, is_lock_file
 from ctfgen.train import distributed as D
 
 STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "assemble", "heldout")
@@ -70,6 +70,7 @@ class Experiment:
         self.raw = raw if raw is not None else to_dict(cfg)
         self.hooks, self.progress = on_epoch_end or {}, progress
         self.device = D.init_distributed()
+        self.lock = WriterLock(self.run.root, "pipeline", hold=D.is_main())
 
     def done(self, step: str) -> dict | None:
         p = self.run.marker(step)
@@ -89,8 +90,15 @@ class Experiment:
         D.barrier()
 
     def prepare(self) -> None:
-        """Refuse a non-empty DIR without --resume, and on resume finished steps whose config changed."""
-        error = self._check_dir() if D.is_main() else None
+        """Take DIR's writer lock (rank 0), refuse a non-empty DIR without --resume, and on resume
+        finished steps whose config changed."""
+        error = None
+        if D.is_main():
+            try:
+                self.lock.acquire()
+                error = self._check_dir()
+            except RunError as e:
+                error = str(e)
         error = D.broadcast_object(error)  # every rank stops, not only rank 0
         if error:
             raise RunError(error)
@@ -103,7 +111,7 @@ class Experiment:
 
     def _check_dir(self) -> str | None:
         root = self.run.root
-        existing = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        existing = sorted(p.name for p in root.iterdir() if not is_lock_file(p)) if root.is_dir() else []
         if existing and not self.resume:
             return (f"{root} is not empty (it holds {', '.join(existing[:6])}{' ...' if len(existing) > 6 else ''}). "
                     "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
@@ -358,7 +366,21 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     cfg, raw = load_experiment_config(config, out_dir, resume, overrides, dry_run)
     x = Experiment(cfg, out_dir, resume=resume, raw=raw, on_epoch_end=on_epoch_end, progress=progress)
     t_all = time.time()
-    x.prepare()
+    try:
+        x.prepare()
+        _run_steps(x)
+        if D.is_main():
+            atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),
+                                              "step_seconds": {s: (x.done(s) or {}).get("seconds") for s in STEPS}})
+            say(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
+                + (f"; baseline in {x.run.baseline}" if x.cfg.baseline.enabled and x.cfg.ctf_enabled else ""))
+        D.barrier()
+    finally:
+        x.lock.release()
+    return x.run.root
+
+
+def _run_steps(x: Experiment) -> None:
     vq = step_tokenizer(x)
     cmap = step_cluster(x, vq)
     step_extract(x, vq)
@@ -367,10 +389,3 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     ar, base, aux = step_train(x, "ar", cmap), step_train(x, "baseline", None), step_train(x, "aux", cmap)
     step_assemble(x, vq, cmap, ar, aux, base)
     step_heldout(x)
-    if D.is_main():
-        atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),
-                                          "step_seconds": {s: (x.done(s) or {}).get("seconds") for s in STEPS}})
-        say(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
-            + (f"; baseline in {x.run.baseline}" if base is not None and ar is not None else ""))
-    D.barrier()
-    return x.run.root

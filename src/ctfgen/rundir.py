@@ -9,16 +9,86 @@
     RUN/ctf/, RUN/baseline/          the finished pipelines (RUN itself links to ctf/)
     RUN/heldout.json, summary.json, metrics.csv
     RUN/ablations/<name>/, RUN/eval/<group>/<name>.json, RUN/results.{md,json}   (`ctfgen reproduce`)
+    RUN/.<writer>.lock               who is writing (see `WriterLock`)
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import socket
+import time
 from pathlib import Path
 
 from ctfgen.errors import RunError
 
 MODEL_DIR = "model"          # a trained stage's finished model, in save_pretrained form
+
+
+class WriterLock:
+    """One writer per directory: `DIR/.<writer>.lock` holds the PID and host of the process writing.
+
+    The lock is an flock on that file, which the kernel drops the moment its holder exits or is
+    killed, so a lock left by a killed run is stale by construction and the next writer simply takes
+    it (no PID guessing, no race between two newcomers). A second live writer stops with a RunError
+    naming the first one's PID and host. `writer` names what writes ("pipeline", "train", ...), so
+    writers of disjoint parts of one directory (the reproduction's ablations beside a running
+    pipeline) do not exclude each other.
+
+        with WriterLock(run_dir, "pipeline"):
+            ...
+    """
+
+    def __init__(self, directory: str | os.PathLike, writer: str = "run", hold: bool = True):
+        self.directory, self.writer, self.hold = Path(directory), writer, hold  # hold=False: a no-op (other ranks)
+        self.path = self.directory / f".{writer}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "WriterLock":
+        if not self.hold:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"{self.directory} is in use: process {self.holder()} is writing into it ({self.writer}). "
+                           "Wait for it to finish or stop it; nothing was changed. (A lock left by a killed "
+                           "process is taken over by the next run on its own.)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return self
+
+    def holder(self) -> str:
+        """"PID on HOST (since ...)" of the process holding the lock, as its file says."""
+        for _ in range(20):  # the holder writes its name just after taking the lock
+            try:
+                info = json.loads(self.path.read_text())
+                return f"{info['pid']} on {info['host']} (since {info['since']})"
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        return f"(unknown PID; see {self.path})"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock; the file stays, naming the last writer
+            self.fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    __del__ = release
+
+
+def is_lock_file(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".lock")
 
 
 class RunDir:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ctfgen.config import TrainConfig, from_dict
 from ctfgen.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputExistsError, TrainingInterrupted
+from ctfgen.rundir import WriterLock
 
 from . import checkpoint as C
 from . import distributed as D
@@ -365,66 +366,67 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     """
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, config, "train")
     device = torch.device(device) if device is not None else D.default_device()
-    run = _start(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
-    log = Log(run.out_dir / "metrics.csv", cfg, run.total, run.step, run.resumed_from is not None, desc,
-              getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
-    wrapped, optimizer, pos = run.wrapped, run.optimizer, run.pos
-    autocast = training_autocast(cfg.mixed_precision, device)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    flag: dict = {}
-    try:
-        with _stop_on_signals(flag):
-            while run.step < run.total:
-                optimizer.zero_grad(set_to_none=True)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_at(run.step, cfg, run.total)
-                loss_sum, bad, metrics = torch.zeros((), device=device), torch.zeros((), device=device), {}
-                for micro in range(cfg.grad_accum):
-                    batch = pos.next()
-                    with _sync_context(wrapped, micro == cfg.grad_accum - 1):
-                        with autocast:
-                            loss = loss_fn(wrapped, batch)
-                        if isinstance(loss, tuple):
-                            loss, metrics = loss
-                        (loss / cfg.grad_accum).backward()
-                    loss = loss.detach().float()
-                    bad += (~torch.isfinite(loss)).float()
-                    loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / cfg.grad_accum
-                grad_norm = C.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)).float()
-                stats = torch.stack([loss_sum, bad, (~torch.isfinite(grad_norm)).float(),
-                                     torch.tensor(float(bool(flag.get("stop"))), device=device)])
-                D.all_reduce_sum(stats)  # every rank takes the same decision to stop
-                if stats[1] > 0 or stats[2] > 0:
-                    raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm", run))
-                optimizer.step()
-                if run.ema is not None:
-                    run.ema.update()
-                if extra is not None:
-                    metrics = {**metrics, **extra.after_step(run.step)}
-                run.step += 1
-                if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
-                    # With constant lr a snapshot at step N equals an N-step run (ablations use it).
-                    run.snapshot(run.out_dir / "snapshots" / f"step-{run.step:06d}")
-                run.end_epochs(pos.epochs_completed, on_epoch_end)
-                log.add(run.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
-                        grad_norm, pos)
-                if stats[3] > 0:
-                    run.save()
-                    raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
-                                              f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
-                                              "continue with --resume")
-                if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
-                    run.save()
-        if cfg.epochs is not None:
-            run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
-    finally:
-        log.bar.close()
-    final = C.model_state(wrapped)
-    return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
-                       step=run.step, epoch=pos.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
-                       resumed_from=run.resumed_from, seconds=time.time() - log.t_start,
-                       history=log.history)
+    with WriterLock(out_dir, "train", hold=D.is_main()):  # one process writes a run directory
+        run = _start(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
+        log = Log(run.out_dir / "metrics.csv", cfg, run.total, run.step, run.resumed_from is not None, desc,
+                  getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
+        wrapped, optimizer, pos = run.wrapped, run.optimizer, run.pos
+        autocast = training_autocast(cfg.mixed_precision, device)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        flag: dict = {}
+        try:
+            with _stop_on_signals(flag):
+                while run.step < run.total:
+                    optimizer.zero_grad(set_to_none=True)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(run.step, cfg, run.total)
+                    loss_sum, bad, metrics = torch.zeros((), device=device), torch.zeros((), device=device), {}
+                    for micro in range(cfg.grad_accum):
+                        batch = pos.next()
+                        with _sync_context(wrapped, micro == cfg.grad_accum - 1):
+                            with autocast:
+                                loss = loss_fn(wrapped, batch)
+                            if isinstance(loss, tuple):
+                                loss, metrics = loss
+                            (loss / cfg.grad_accum).backward()
+                        loss = loss.detach().float()
+                        bad += (~torch.isfinite(loss)).float()
+                        loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / cfg.grad_accum
+                    grad_norm = C.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)).float()
+                    stats = torch.stack([loss_sum, bad, (~torch.isfinite(grad_norm)).float(),
+                                         torch.tensor(float(bool(flag.get("stop"))), device=device)])
+                    D.all_reduce_sum(stats)  # every rank takes the same decision to stop
+                    if stats[1] > 0 or stats[2] > 0:
+                        raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm", run))
+                    optimizer.step()
+                    if run.ema is not None:
+                        run.ema.update()
+                    if extra is not None:
+                        metrics = {**metrics, **extra.after_step(run.step)}
+                    run.step += 1
+                    if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
+                        # With constant lr a snapshot at step N equals an N-step run (ablations use it).
+                        run.snapshot(run.out_dir / "snapshots" / f"step-{run.step:06d}")
+                    run.end_epochs(pos.epochs_completed, on_epoch_end)
+                    log.add(run.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
+                            grad_norm, pos)
+                    if stats[3] > 0:
+                        run.save()
+                        raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
+                                                  f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
+                                                  "continue with --resume")
+                    if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
+                        run.save()
+            if cfg.epochs is not None:
+                run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
+        finally:
+            log.bar.close()
+        final = C.model_state(wrapped)
+        return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
+                           step=run.step, epoch=pos.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
+                           resumed_from=run.resumed_from, seconds=time.time() - log.t_start,
+                           history=log.history)
 
 
 # --- set-up and saved state ------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The run directory's writer lock: a second writer is refused naming the first one's PID, and the
+lock of a killed writer is taken over. Real processes, a few seconds in all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctfgen.errors import RunError
+from ctfgen.rundir import WriterLock
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+
+HOLDER = """
+import sys, time
+from ctfgen.rundir import WriterLock
+lock = WriterLock(sys.argv[1], sys.argv[2]).acquire()
+print("locked", flush=True)
+sys.stdin.read()  # hold until the test closes stdin (or kills us)
+"""
+
+
+def hold_lock(directory: Path, writer: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), writer], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_writer_is_refused_naming_the_first_pid(tmp_path):
+    holder = hold_lock(tmp_path, "pipeline")
+    try:
+        with pytest.raises(RunError, match=rf"process {holder.pid} on .* is writing into it \(pipeline\)"):
+            WriterLock(tmp_path, "pipeline").acquire()
+        with WriterLock(tmp_path, "reproduce"):  # another writer's lock on the same directory is its own
+            pass
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    with WriterLock(tmp_path, "pipeline"):  # released when the holder exits
+        pass
+
+
+def test_lock_of_a_killed_writer_is_taken_over(tmp_path):
+    holder = hold_lock(tmp_path, "train")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    stale = json.loads((tmp_path / ".train.lock").read_text())
+    assert stale["pid"] == holder.pid  # the file still names the dead writer ...
+    with WriterLock(tmp_path, "train"):  # ... but its lock went with it
+        assert json.loads((tmp_path / ".train.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(RunError, match=f"process {os.getpid()} "):
+            WriterLock(tmp_path, "train").acquire()  # held: even this process cannot take it twice
+
+
+def test_pipeline_refuses_a_directory_another_pipeline_writes(tmp_path):
+    from ctfgen.experiment import run_experiment
+
+    out = tmp_path / "run"
+    holder = hold_lock(out, "pipeline")
+    try:
+        with pytest.raises(RunError, match=f"process {holder.pid} "):
+            run_experiment(str(ROOT / "configs" / "tiny.yaml"), out, dry_run=True)
+        assert [p.name for p in out.iterdir()] == [".pipeline.lock"]  # nothing was written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_training_refuses_a_directory_another_training_writes(tmp_path):
+    import torch
+
+    from ctfgen.train.loop import train
+
+    holder = hold_lock(tmp_path, "train")
+    try:
+        model = torch.nn.Linear(2, 1)
+        with pytest.raises(RunError, match=f"process {holder.pid} "):
+            train(model, lambda m, b: m(b).sum(), torch.zeros(8, 2), {"steps": 1, "batch_size": 4, "progress": False},
+                  tmp_path)
+        assert not (tmp_path / "metrics.csv").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
