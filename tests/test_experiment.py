@@ -91,10 +91,12 @@ def test_config_typos_are_refused_with_path_and_closest_key():
         resolve({}, ["train.schedule=linear"])
 
 
-def test_old_spellings_still_load():
-    """Runs started before one spelling per setting resume with their own input.yaml."""
-    cfg = resolve({"train": {"ckpt_every": 7}, "tokenizer": {"train": {"steps": 3, "disc_weight": 0.5}}})
-    assert cfg.stage1.train.checkpoint_every == 7 and cfg.tokenizer.loss.disc_weight == 0.5
+def test_one_spelling_per_setting():
+    """No aliases: a setting under a former name or in a former section is an unknown key."""
+    with pytest.raises(ConfigError, match="unknown config key train.ckpt_every; did you mean train.checkpoint_every"):
+        resolve({"train": {"ckpt_every": 7}})
+    with pytest.raises(ConfigError, match="unknown config key tokenizer.train.disc_weight"):
+        resolve({"tokenizer": {"train": {"disc_weight": 0.5}}})
 
 
 def test_print_config_shows_the_resolved_config(capsys):

@@ -38,10 +38,16 @@ class Blobs(torch.utils.data.Dataset):
         return self.x[i], i % 3
 
 
-def config(**train):
+def config(**settings):
+    """The tokenizer section: `settings` go to `train`, or to `loss` where they are VQLossConfig's."""
+    from dataclasses import fields
+
+    from ctfgen.config import VQLossConfig
+
+    loss_keys = {f.name for f in fields(VQLossConfig)}
     t = dict(steps=6, batch_size=4, lr=2e-3, log_every=1, checkpoint_every=3, seed=0)
-    t.update(train)
-    return {"model": dict(TINY_MODEL), "train": t}
+    t.update({k: v for k, v in settings.items() if k not in loss_keys})
+    return {"model": dict(TINY_MODEL), "train": t, "loss": {k: v for k, v in settings.items() if k in loss_keys}}
 
 
 def read_log(out):
@@ -240,33 +246,3 @@ def test_ddp_two_ranks_keep_identical_weights(tmp_path):
     start = VQModel(VQModel.from_pretrained(tmp_path / "tokenizer").config).state_dict()
     assert not torch.equal(a["encoder.conv_in.weight"], start["encoder.conv_in.weight"])
     assert [int(r["step"]) for r in read_log(tmp_path)] == [1, 2]  # only rank 0 logs
-
-
-def test_a_run_from_the_former_tokenizer_loop_resumes(tmp_path):
-    """checkpoints/last.pt of the tokenizer's former private loop (one optimizer group in parameter
-    order, torch RNG only) is converted on --resume and ends where an uninterrupted run does."""
-    import json
-
-    from ctfgen.tokenizer.vq import VQConfig
-
-    straight, old = tmp_path / "straight", tmp_path / "old"
-    train_tokenizer(config(steps=6), Blobs(), straight, progress=False)
-    train_tokenizer(config(steps=3), Blobs(), old, progress=False)
-    path = old / "checkpoints" / "ckpt-00000003.pt"
-    ck = torch.load(path, weights_only=True)
-    params = list(VQModel(VQConfig(**TINY_MODEL)).parameters())
-    order = [i for i, p in enumerate(params) if p.dim() >= 2] + [i for i, p in enumerate(params) if p.dim() < 2]
-    group = {k: v for k, v in ck["optimizer"]["param_groups"][0].items() if k != "params"}
-    legacy = {"format": "ctfgen.tokenizer-train/1", "step": 3, "model": ck["model"],
-              "optimizer": {"state": {order[int(i)]: s for i, s in ck["optimizer"]["state"].items()},
-                            "param_groups": [{**group, "params": list(range(len(params)))}]},
-              "model_config": json.dumps(ck["run_config"]["model_config"]), "train_config": "{}",
-              "dataset_len": 16, "world_size": 1, "rng": {"torch": ck["rng"][0]["torch"]}}
-    path.unlink()
-    torch.save(legacy, old / "checkpoints" / "last.pt")
-    with pytest.raises(FileExistsError, match="--resume"):
-        train_tokenizer(config(steps=6), Blobs(), old, progress=False)
-    train_tokenizer(config(steps=6), Blobs(), old, resume=True, progress=False)
-    assert (old / "checkpoints" / "last.pt.converted").is_file()
-    a, b = state(straight), state(old)
-    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -24,7 +24,7 @@ COMMANDS = {
     "compare": ("compare", "render several evaluated runs into one markdown table and figure"),
     "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
     "reproduce": ("reproduce", "ablations, evaluation and the results report on top of a finished pipeline run"),
-    "study": ("study", "evaluate the codebook-size study's runs: records, tables and figures (issue 9)"),
+    "study": ("study", "evaluate the codebook-size study's runs: records, tables and figures"),
     "bench": ("bench", "time the baseline and CTF sampling side by side"),
     "demo": ("demo", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
     "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),

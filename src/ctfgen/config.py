@@ -379,9 +379,6 @@ class SamplingConfig:
 
 STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline"}
 
-# Renamed settings: configs (and finished runs' records) written before the rename still load.
-LEGACY_TOKENIZER_LOSS_KEYS = {f.name for f in fields(VQLossConfig)}
-
 
 @dataclass
 class ExperimentConfig:
@@ -401,7 +398,6 @@ class ExperimentConfig:
     def from_raw(cls, raw: dict) -> "ExperimentConfig":
         """Validate `raw` as written (errors name the keys the user wrote), then fill in what the
         sections inherit and validate again."""
-        raw = migrate_legacy(raw)
         from_dict(cls, raw)
         return from_dict(cls, inherit(raw))
 
@@ -440,23 +436,6 @@ def inherit(raw: dict) -> dict:
         raw["stage1"]["preset"] = "GPT-B"
         if raw["baseline"].get("preset") is None:
             raw["baseline"]["preset"] = "GPT-B"
-    return raw
-
-
-def migrate_legacy(raw: dict) -> dict:
-    """Configs from before one spelling per setting: `ckpt_every` is `checkpoint_every`, and the
-    tokenizer's loss settings moved from tokenizer.train to tokenizer.loss."""
-    raw = copy.deepcopy(raw or {})
-    for section in (raw, *(raw.get(s) for s in ("stage1", "aux", "baseline", "tokenizer"))):
-        train = section.get("train") if isinstance(section, dict) else None
-        if isinstance(train, dict) and "ckpt_every" in train:
-            train.setdefault("checkpoint_every", train.pop("ckpt_every"))
-            train.pop("ckpt_every", None)
-    tok = raw.get("tokenizer")
-    if isinstance(tok, dict) and isinstance(tok.get("train"), dict):
-        moved = {k: tok["train"].pop(k) for k in list(tok["train"]) if k in LEGACY_TOKENIZER_LOSS_KEYS}
-        if moved:
-            tok["loss"] = {**moved, **(tok.get("loss") or {})}
     return raw
 
 

@@ -296,10 +296,7 @@ def step_heldout(x: Experiment) -> None:
 def _write_metrics(run: RunDir) -> None:
     """RUN/metrics.csv: every training log in one table, with the stage it came from."""
     rows, columns = [], ["stage"]
-    tok_log = run.tokenizer_run / "metrics.csv"
-    if not tok_log.is_file():
-        tok_log = run.tokenizer_run / "log.csv"  # runs made before the one training loop
-    for stage, path in [("tokenizer", tok_log)] + [(s, run.stage(s) / "metrics.csv") for s in ("ar", "aux", "baseline")]:
+    for stage, path in [("tokenizer", run.tokenizer_run / "metrics.csv")] + [(s, run.stage(s) / "metrics.csv") for s in ("ar", "aux", "baseline")]:
         if path.is_file():
             with open(path, newline="") as f:
                 for r in csv.DictReader(f):

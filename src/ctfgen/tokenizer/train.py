@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ctfgen.config import TokenizerConfig, from_dict, migrate_legacy
-from ctfgen.errors import CheckpointError, OutputExistsError
+from ctfgen.config import TokenizerConfig, from_dict
+from ctfgen.errors import CheckpointError
 from ctfgen.fileio import publish_dir
 from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
 from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
@@ -31,7 +31,6 @@ from ctfgen.train.loop import say, train, training_autocast
 __all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
 
 MODEL_DIR = "tokenizer"   # out_dir/tokenizer: the finished VQModel
-LEGACY_CHECKPOINT = "last.pt"  # the tokenizer's own checkpoint before the one training loop
 
 
 class _DiscriminatorPair(nn.Module):
@@ -157,7 +156,7 @@ def tokenizer_config(config: TokenizerConfig | dict) -> TokenizerConfig:
     """A TokenizerConfig from itself or a dict of the `tokenizer:` section's shape."""
     if isinstance(config, TokenizerConfig):
         return config
-    return from_dict(TokenizerConfig, migrate_legacy({"tokenizer": dict(config)})["tokenizer"], "tokenizer")
+    return from_dict(TokenizerConfig, config, "tokenizer")
 
 
 def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bool = False, device=None,
@@ -177,11 +176,6 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     first = dataset[0]
     model.grid_size((first[0] if isinstance(first, (list, tuple)) else first).shape[-1])  # unfit sizes fail now
     task = VQTraining(cfg, model)
-    if (out_dir / "checkpoints" / LEGACY_CHECKPOINT).is_file():
-        if not resume:
-            raise OutputExistsError(f"{out_dir} already holds a tokenizer run; pass --resume to continue it, or "
-                                    "choose another output directory; nothing was overwritten.")
-        convert_legacy_checkpoint(out_dir, model, cfg, len(dataset))
     if cfg.train.codebook_init == "kmeans" and not (resume and list_checkpoints(out_dir / "checkpoints")):
         info = kmeans_init_codebook(model.to(device), dataset, num_images=int(cfg.train.codebook_init_images),
                                     seed=cfg.train.seed, device=device)
@@ -219,43 +213,3 @@ def train_tokenizer_from_config(config, out_dir, overrides=None, resume: bool = 
     if D.is_main() and (resume or not list_checkpoints(Path(out_dir) / "checkpoints")):
         atomic_write_text(Path(out_dir) / "config.yaml", dump(cfg))
     return train_tokenizer(cfg.tokenizer, dataset, out_dir, resume=resume, device=device, progress=progress)
-
-
-def convert_legacy_checkpoint(out_dir: Path, model: VQModel, cfg: TokenizerConfig, num_items: int) -> Path:
-    """Turn `checkpoints/last.pt` of the tokenizer's former private loop into the loop's
-    `ckpt-<step>.pt`, so a run started before the one training loop resumes where it stopped. The
-    old file is kept as `last.pt.converted`."""
-    import json
-
-    from ctfgen.train.checkpoint import CHECKPOINT_FORMAT, get_rng_state, load_checkpoint, save_checkpoint
-
-    path = out_dir / "checkpoints" / LEGACY_CHECKPOINT
-    old = load_checkpoint(path)
-    if old.get("format") != "ctfgen.tokenizer-train/1":
-        raise CheckpointError(f"{path} is not a ctfgen tokenizer checkpoint (format {old.get('format')!r})")
-    # The old optimizer had one group in parameter order; the loop's has >=2-D tensors, then the rest.
-    params = list(model.parameters())
-    order = [i for i, p in enumerate(params) if p.dim() >= 2] + [i for i, p in enumerate(params) if p.dim() < 2]
-    new_id = {old_i: new_i for new_i, old_i in enumerate(order)}
-    group = {k: v for k, v in old["optimizer"]["param_groups"][0].items() if k != "params"}
-    n_decay = sum(p.dim() >= 2 for p in params)
-    optimizer = {"state": {new_id[int(i)]: st for i, st in old["optimizer"]["state"].items()},
-                 "param_groups": [{**group, "weight_decay": cfg.train.weight_decay, "params": list(range(n_decay))},
-                                  {**group, "weight_decay": 0.0, "params": list(range(n_decay, len(params)))}]}
-    per_epoch = num_items // cfg.train.batch_size  # the old batch size was per process; one process here
-    step = int(old["step"])
-    epoch, batch = divmod(step, per_epoch)
-    rng = get_rng_state()
-    rng["torch"] = old["rng"]["torch"]
-    if "cuda" in old["rng"]:
-        rng["cuda"] = old["rng"]["cuda"]
-    extra = {"step": step, **{k: old[k] for k in ("disc", "disc_optimizer", "dead_codes") if k in old}}
-    state = {"format": CHECKPOINT_FORMAT, "model": old["model"], "optimizer": optimizer, "ema": None, "extra": extra,
-             "scheduler": {"step": step}, "step": step, "epoch": epoch, "batch_in_epoch": batch,
-             "epochs_done": epoch, "dataset_len": old["dataset_len"], "rng": [rng] * int(old["world_size"]),
-             "world_size": int(old["world_size"]), "train_config": {},
-             "run_config": {"model_config": json.loads(old["model_config"]), "converted_from": str(path)}}
-    written = save_checkpoint(state, out_dir / "checkpoints", step)
-    path.rename(path.with_name(LEGACY_CHECKPOINT + ".converted"))
-    say(f"converted {path} (step {step}) to {written}")
-    return written

@@ -88,13 +88,13 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, lr: float | None = None):
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     # As LlamaGen: every >=2-D tensor (matmul weights, embeddings) decays; biases and norms do not.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr if lr is None else lr, betas=cfg.betas, **extra)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **extra)
 
 
 class ShardedBatches:
@@ -453,7 +453,6 @@ def _start(model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device
         raise OutputExistsError(f"{ckpt_dir} already holds checkpoints of an earlier run. Pass --resume (resume=True) "
                                 "to continue it, or choose another output directory; nothing was overwritten.")
     batches, total = _plan(cfg, len(dataset))
-    C.seed_everything(cfg.seed)  # the same init on every rank (DDP would broadcast anyway; FSDP needs it)
     wrapped = D.wrap_model(model.to(device).train(), device, cfg.fsdp)
     optimizer = make_optimizer(wrapped, cfg, device)
     ema = EMA(D.unwrap(wrapped), cfg.ema_decay) if cfg.ema else None  # names without DDP's "module." prefix
@@ -510,7 +509,7 @@ def _restore(run: Run, ck: dict, path: Path, desc: str) -> None:
     pos = run.pos
     pos.epoch, pos.batch, pos.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
     run.step, run.last_checkpoint, run.resumed_from = ck["step"], path, path
-    old = {("checkpoint_every" if k == "ckpt_every" else k): v for k, v in ck.get("train_config", {}).items()}
+    old = ck.get("train_config", {})
     changed = {k: (old.get(k), v) for k, v in run.cfg.to_dict().items() if old and old.get(k) != v}
     if changed:
         say(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
