@@ -35,3 +35,25 @@ def test_shipped_weights_are_small():
     assert total < 30 * 2**20, f"shipped models take {total / 2**20:.1f} MiB"
     assert not (ASSETS / "fashion_mnist" / "baseline" / "tokenizer").exists()
     assert (ASSETS / SHIPPED_CTF / "tokenizer" / "model.safetensors").is_file()
+
+
+def test_ship_replaces_the_assets_with_a_runs_models(tmp_path):
+    """`make ship`: a finished run's ctf/ and baseline/ become the assets, the baseline without its tokenizer."""
+    import json
+    import shutil
+
+    from ctfgen.pipeline import load_pipeline
+    from ctfgen.shipped import SHIPPED_BASELINE, ship
+
+    run = tmp_path / "run"
+    shutil.copytree(ASSETS / SHIPPED_CTF, run / "ctf")
+    ctf = load_pipeline(run / "ctf")
+    ARPipeline(ctfgen.pretrained("fashion-mnist-baseline").gpt, ctf.tokenizer).save_pretrained(run / "baseline")
+    (tmp_path / "assets" / SHIPPED_BASELINE).mkdir(parents=True)
+    (tmp_path / "assets" / SHIPPED_BASELINE / "stale.txt").write_text("from an earlier ship")
+    sizes = ship(run, assets=tmp_path / "assets")
+    assert set(sizes) == {"ctf", "baseline"} and all(v > 0 for v in sizes.values())
+    shipped = tmp_path / "assets" / SHIPPED_BASELINE
+    assert not (shipped / "tokenizer").exists() and not (shipped / "stale.txt").exists()
+    assert json.loads((shipped / "pipeline.json").read_text())["has_tokenizer"] is False
+    assert isinstance(load_pipeline(tmp_path / "assets" / SHIPPED_CTF), CTFPipeline)

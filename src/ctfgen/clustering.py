@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ctfgen.errors import MismatchError
+from ctfgen.fileio import atomic_save
 from ctfgen.fingerprint import codebook_fingerprint
 
 __all__ = ["CoarseMap", "codebook_fingerprint", "fingerprint_of"]
@@ -320,8 +321,6 @@ class CoarseMap:
         """A small .safetensors file: fine_to_coarse (+ centroids and spread when known) and metadata."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"fine_to_coarse": torch.from_numpy(self._f2c.copy())}
         if self.centroids is not None:
             tensors["centroids"] = self.centroids.contiguous()
@@ -333,10 +332,7 @@ class CoarseMap:
             "normalize": json.dumps(self.normalize), "codebook_fingerprint": self.codebook_fingerprint,
             "fingerprint": self.fingerprint, "inertia": json.dumps(self.inertia),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return atomic_save(lambda tmp: save_file(tensors, str(tmp), metadata=meta), path)
 
     @classmethod
     def load(cls, path) -> "CoarseMap":

@@ -22,7 +22,6 @@ barriers around the rank-0-only steps.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ import yaml
 from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml, to_dict
 from ctfgen.errors import RunError
 from ctfgen.fingerprint import code_commit
-from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
+from ctfgen.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.rundir import RunDir, WriterLock, is_lock_file
 from ctfgen.train import distributed as D
 
@@ -302,11 +301,7 @@ def _write_metrics(run: RunDir) -> None:
                 for r in csv.DictReader(f):
                     rows.append({"stage": stage, **r})
                     columns += [k for k in r if k not in columns]
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=columns)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(run.metrics, out.getvalue())
+    atomic_write_csv(run.metrics, columns, rows)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -6,13 +6,21 @@ Each writes to a temporary name in the same directory, fsyncs, and renames over 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -40,8 +48,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -63,12 +70,49 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def atomic_save(save: Callable[[Path], Any], path: str | os.PathLike) -> Path:
+    """`save(tmp)` for a writer that takes a path (torch.save, safetensors, PIL, matplotlib, np.savez),
+    made atomic. The temporary name keeps `path`'s suffix, from which such writers pick the format."""
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix or ".tmp") as tmp:
+        save(tmp)
+    return path
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
+    return atomic_save(lambda tmp: torch.save(obj, tmp), path)
+
+
+def atomic_write_csv(path: str | os.PathLike, columns: list[str], rows: Iterable[dict]) -> Path:
+    """A CSV table with a header; keys missing from a row are left empty."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=columns, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, out.getvalue())
+
+
+def append_csv_row(path: str | os.PathLike, columns: list[str], row: dict) -> None:
+    """One more row of a CSV table written by `atomic_write_csv` (a log growing line by line; a
+    reader sees whole lines, and a killed writer loses at most the row being written)."""
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=columns, restval="").writerow(row)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename the finished directory `tmp` to `final`. A `final` already there is first moved
+    aside and removed afterwards, so at every moment one whole version is in place."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}") if final.exists() else None
+    if old is not None:
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def publish_dir(write: Callable[[Path], Any], final: str | os.PathLike) -> Path:
@@ -80,8 +124,4 @@ def publish_dir(write: Callable[[Path], Any], final: str | os.PathLike) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    return final
+    return replace_dir(tmp, final)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from ctfgen.errors import ConfigError
+from ctfgen.fileio import atomic_save
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -42,10 +43,7 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 8
     img = _pil(make_grid(array, nrow))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_save(img.save, path)
 
 
 def save_images(images: torch.Tensor | np.ndarray, directory: str | Path, names: list[str]) -> list[Path]:
@@ -54,6 +52,5 @@ def save_images(images: torch.Tensor | np.ndarray, directory: str | Path, names:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for img, name in zip(array, names):
-        paths.append(directory / f"{name}.png")
-        _pil(img).save(paths[-1])
+        paths.append(atomic_save(_pil(img).save, directory / f"{name}.png"))
     return paths

@@ -29,6 +29,7 @@ import torch
 from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
 from ctfgen.errors import CorruptFileError, MismatchError
+from ctfgen.fileio import atomic_write_json
 
 __all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
 
@@ -187,7 +188,7 @@ class _Pipeline:
         info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,
                 "num_classes": self.num_classes, "has_tokenizer": self.tokenizer is not None,
                 "sampling_defaults": self.sampling_defaults, **extra}
-        (directory / PIPELINE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_json(directory / PIPELINE_FILE, info)
 
     @staticmethod
     def _read_json(directory: Path, kind: str) -> dict:

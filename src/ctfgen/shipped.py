@@ -11,6 +11,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from ctfgen.fileio import atomic_write_json, publish_dir
+
 ASSETS = Path(str(resources.files("ctfgen") / "assets"))
 SHIPPED_CTF = "fashion_mnist/ctf"
 SHIPPED_BASELINE = "fashion_mnist/baseline"
@@ -52,17 +54,18 @@ def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
     run = RunDir(run_dir)
     sizes = {}
     for src, sub in ((run.ctf, SHIPPED_CTF), (run.baseline, SHIPPED_BASELINE)):
-        name, dest = src.name, assets / sub
         run.require(src / "pipeline.json")
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("tokenizer") if name == "baseline" else None)
-        if name == "baseline":
-            info = json.loads((dest / "pipeline.json").read_text())
-            info["has_tokenizer"] = False
-            info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
-            (dest / "pipeline.json").write_text(json.dumps(info, indent=2) + "\n")
-        sizes[name] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+
+        def copy(tmp: Path, src=src):
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("tokenizer") if src.name == "baseline" else None)
+            if src.name == "baseline":
+                info = json.loads((tmp / "pipeline.json").read_text())
+                info["has_tokenizer"] = False
+                info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
+                atomic_write_json(tmp / "pipeline.json", info)
+
+        dest = publish_dir(copy, assets / sub)
+        sizes[src.name] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return sizes
 
 

@@ -21,7 +21,7 @@ from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
 
 from ctfgen.errors import CorruptFileError, MismatchError
-from ctfgen.fileio import fsync_dir
+from ctfgen.fileio import atomic_write_json, fsync_file, replace_dir
 
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",
@@ -136,23 +136,12 @@ class CodeWriter:
                       num_augmentations=self.num_augmentations, image_tokens=self.image_tokens,
                       codebook_size=self.codebook_size, code_dtype=self.dtype.name)
         header.setdefault("created_by", _created_by())
-        with open(self.tmp_dir / "header.json", "w") as f:
-            json.dump(header, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_json(self.tmp_dir / "header.json", dict(sorted(header.items())))
         for name in ("codes.npy", "labels.npy"):
-            with open(self.tmp_dir / name, "rb+") as f:
-                os.fsync(f.fileno())
-        old = None
-        if self.out_dir.exists():
-            if not self.overwrite:
-                raise FileExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp_dir, self.out_dir)
-        fsync_dir(self.out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            fsync_file(self.tmp_dir / name)
+        if self.out_dir.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
+        replace_dir(self.tmp_dir, self.out_dir)
         self.closed = True
         return self.out_dir
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,6 +17,7 @@ from .codes import CodeWriter
 from .folder import CorruptImageError
 
 from ctfgen.errors import ConfigError
+from ctfgen.train import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,6 @@ def _collate(items):
     return torch.stack([it[1] for it in good]), torch.tensor([it[2] for it in good], dtype=torch.int64), bad
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _fingerprint(vq) -> str:
     fp = getattr(vq, "fingerprint")
     return fp() if callable(fp) else fp
@@ -111,7 +105,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
     if augment not in AUGMENTATIONS:
         raise ConfigError(f"augment must be one of {list(AUGMENTATIONS)}, got {augment!r}")
     out_dir = Path(out_dir)
-    rank, world = _dist_info()
+    rank, world = D.get_rank(), D.get_world_size()
     device = torch.device(device)
     n = len(dataset)
     if n == 0:
@@ -155,10 +149,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
                     payload = (codes, y.numpy(), bad, grid)
                 else:
                     payload = (payload[0], payload[1], bad, None)
-            parts = [payload]
-            if world > 1:
-                parts = [None] * world if rank == 0 else None
-                dist.gather_object(payload, parts, dst=0)
+            parts = D.gather_object(payload)
             if rank != 0:
                 continue
             for codes, labels, bad, grid in parts:  # rank order == dataset order within a step
@@ -206,11 +197,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
             bar.close()
         if isinstance(vq, torch.nn.Module) and was_training:
             vq.train()
-    if world > 1:  # other ranks return only once the directory exists
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+    D.barrier()  # other ranks return only once the directory exists
     return out_dir
 
 
@@ -222,7 +209,6 @@ def extract_dataset(tokenizer, data, split: str, out_dir, batch_size: int = 256,
     from ctfgen.data.factory import image_size, make_dataset
     from ctfgen.errors import OutputExistsError
     from ctfgen.tokenizer import load_tokenizer
-    from ctfgen.train import distributed as D
 
     if Path(out_dir).exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; remove it or pass --overwrite")

@@ -7,7 +7,6 @@ Fashion-MNIST garments look like and needs no download. This one is trained by t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctfgen.errors import ConfigError
+from ctfgen.fileio import atomic_write_json
 from ctfgen.hub import HubMixin
 
 ASSET_PATH = ("assets", "fmnist_classifier")  # inside the ctfgen package (package-data)
@@ -208,5 +208,5 @@ def train_classifier(
     }
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_json(out_dir / "train_info.json", info)
     return model, info

@@ -14,7 +14,6 @@ A run directory for `ctfgen compare` holds such records as RUN/eval/*.json, one 
 
 from __future__ import annotations
 
-import json
 import zipfile
 from functools import lru_cache
 from pathlib import Path

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
+
+from ctfgen.train import distributed as D
 
 __all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer", "code_perplexity"]
 
@@ -118,11 +119,8 @@ class DeadCodeRestarter:
         if self._batch_codes:
             self.last_used[torch.cat(self._batch_codes).unique()] = step
             self._batch_codes.clear()
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            last = self.last_used.to(self.quantize.embedding.weight.device)
-            dist.all_reduce(last, op=dist.ReduceOp.MAX)
-            self.last_used = last.cpu()
+        if D.is_distributed():
+            self.last_used = D.all_reduce_max(self.last_used.to(self.quantize.embedding.weight.device)).cpu()
         if self.last_step is not None and step > self.last_step:
             return 0
         dead = (step - self.last_used >= self.unused_steps).nonzero().squeeze(1)
@@ -131,8 +129,7 @@ class DeadCodeRestarter:
         weight = self.quantize.embedding.weight
         pick = torch.randint(self.pool.shape[0], (dead.numel(),), generator=self.generator)
         weight[dead.to(weight.device)] = self.pool[pick].to(weight)
-        if distributed:
-            dist.broadcast(weight.data, src=0)
+        D.broadcast(weight.data)
         # A restarted code gets the same grace period as a new one before it can be declared dead again.
         self.last_used[dead] = step
         self.total_restarted += int(dead.numel())

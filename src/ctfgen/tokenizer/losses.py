@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctfgen.errors import ConfigError
+from ctfgen.fileio import atomic_save
 
 __all__ = [
     "reconstruction_loss", "VGG16Features", "LPIPS", "load_lpips", "merge_lpips_weights",
@@ -189,9 +190,7 @@ def merge_lpips_weights(vgg_path, lin_path, out_path) -> Path:
     sd = {}
     for k, v in model.state_dict().items():
         sd[k[len("net."):] if k.startswith("net.") else k] = v.contiguous()
-    out_path = Path(out_path)
-    save_file(sd, str(out_path), metadata={"format": "ctfgen.lpips_vgg16"})
-    return out_path
+    return atomic_save(lambda tmp: save_file(sd, str(tmp), metadata={"format": "ctfgen.lpips_vgg16"}), out_path)
 
 
 # --- PatchGAN discriminator -------------------------------------------------------------------

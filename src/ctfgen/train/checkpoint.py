@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ctfgen.errors import CheckpointError
 from ctfgen.fileio import atomic_torch_save
@@ -144,64 +143,4 @@ def seed_everything(seed: int) -> None:
 
 def gather_rng() -> list:
     """Every rank's RNG state, on every rank (collective)."""
-    state = get_rng_state()
-    if not D.is_distributed():
-        return [state]
-    out = [None] * D.get_world_size()
-    torch.distributed.all_gather_object(out, state)
-    return out
-
-
-# --- model and optimizer state (plain, DDP and FSDP alike) --------------------------------
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """`full` laid out as `ref` (sharded the same way when `ref` is an FSDP DTensor)."""
-    if hasattr(ref, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
-    return full.to(ref.device, ref.dtype)
-
-
-def model_state(model: nn.Module, every_rank: bool = True) -> dict:
-    """Full (unsharded) CPU state dict. Collective under FSDP; with `every_rank=False` only rank 0
-    receives it (the others get {}), which is all a checkpoint needs."""
-    if D.is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
-        return {k: v.detach().cpu() for k, v in sd.items()}
-    return {k: v.detach().cpu().clone() for k, v in D.unwrap(model).state_dict().items()}
-
-
-def load_model_state(model: nn.Module, sd: dict, source: str) -> None:
-    from ctfgen.hub import check_state_dict, load_state_dict_strict
-
-    if D.is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        check_state_dict(model_state(model), sd, source=source)
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        load_state_dict_strict(D.unwrap(model), sd, source=source)
-
-
-def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    if D.is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
-
-
-def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
-    if D.is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(sd)
+    return D.all_gather_object(get_rng_state())

@@ -86,6 +86,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values of `t`, in place on every rank."""
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj, dst: int = 0) -> list | None:
+    """Every rank's `obj`, in rank order, on rank `dst` (None elsewhere)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s value of a picklable object, on every rank."""
     if not is_distributed():
@@ -164,8 +195,70 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def unsharded_class(model: nn.Module) -> type:
+    """The user's class of a model that fully_shard turned into its subclass FSDP<Cls>."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DDP (FSDP2 shards in place, so it is the module itself)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return model.module if isinstance(model, DDP) else model
+
+
+# --- model and optimizer state (plain, DDP and FSDP alike) --------------------------------
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `ref` (sharded the same way when `ref` is an FSDP DTensor)."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+    return full.to(ref.device, ref.dtype)
+
+
+def model_state(model: nn.Module, every_rank: bool = True) -> dict:
+    """Full (unsharded) CPU state dict. Collective under FSDP; with `every_rank=False` only rank 0
+    receives it (the others get {}), which is all a checkpoint needs."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
+        return {k: v.detach().cpu() for k, v in sd.items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_model_state(model: nn.Module, sd: dict, source: str) -> None:
+    from ctfgen.hub import check_state_dict, load_state_dict_strict
+
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        check_state_dict(model_state(model), sd, source=source)
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_state_dict_strict(unwrap(model), sd, source=source)
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(sd)

@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ctfgen.config import TrainConfig, from_dict
 from ctfgen.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputExistsError, TrainingInterrupted
+from ctfgen.fileio import append_csv_row, atomic_write_csv, publish_dir
+from ctfgen.hub import load_state_dict_strict
 from ctfgen.rundir import WriterLock
 
 from . import checkpoint as C
@@ -182,19 +184,19 @@ class EMA:
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     def state_dict(self) -> dict:
-        return {n: C.full_tensor(s).cpu() for n, s in zip(self.names, self.shadow)}
+        return {n: D.full_tensor(s).cpu() for n, s in zip(self.names, self.shadow)}
 
     def load_state_dict(self, sd: dict):
         missing = [n for n in self.names if n not in sd]
         if missing or len(sd) != len(self.names):
             raise CheckpointError(f"EMA state does not match the model (missing: {missing[:10]})")
-        self.shadow = [C.like(sd[n], s) for n, s in zip(self.names, self.shadow)]
+        self.shadow = [D.like(sd[n], s) for n, s in zip(self.names, self.shadow)]
 
     def full_model_state(self, model_sd: dict) -> dict:
         """The model state dict with EMA parameters in place of the raw ones (buffers as they are)."""
         out = dict(model_sd)
         for n, s in zip(self.names, self.shadow):
-            out[n] = C.full_tensor(s).detach().to("cpu", model_sd[n].dtype)
+            out[n] = D.full_tensor(s).detach().to("cpu", model_sd[n].dtype)
         return out
 
 
@@ -257,10 +259,7 @@ class Log:
             if resumed and path.is_file():
                 with open(path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.columns)
-                w.writeheader()
-                w.writerows({k: r.get(k, "") for k in self.columns} for r in rows)
+            atomic_write_csv(path, self.columns, ({k: r.get(k, "") for k in self.columns} for r in rows))
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (cfg.progress and self.enabled),
@@ -284,8 +283,7 @@ class Log:
                "tokens_per_s": round(ips * self.tokens_per_item, 1) if self.tokens_per_item else "",
                "elapsed_s": round(time.time() - self.t_start, 2)}
         if self.enabled:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+            append_csv_row(self.path, self.columns, row)
         self.history.append(row)
         speed = f"{row['tokens_per_s']:.0f} tok/s" if self.tokens_per_item else f"{ips:.1f} items/s"
         self.bar.set_postfix_str(f"loss {row['loss']:.4f} lr {lr:.2e} {speed}", refresh=False)
@@ -393,7 +391,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                         loss = loss.detach().float()
                         bad += (~torch.isfinite(loss)).float()
                         loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / cfg.grad_accum
-                    grad_norm = C.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)).float()
+                    grad_norm = D.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)).float()
                     stats = torch.stack([loss_sum, bad, (~torch.isfinite(grad_norm)).float(),
                                          torch.tensor(float(bool(flag.get("stop"))), device=device)])
                     D.all_reduce_sum(stats)  # every rank takes the same decision to stop
@@ -422,7 +420,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                 run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
         finally:
             log.bar.close()
-        final = C.model_state(wrapped)
+        final = D.model_state(wrapped)
         return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
                            step=run.step, epoch=pos.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
                            resumed_from=run.resumed_from, seconds=time.time() - log.t_start,
@@ -471,8 +469,8 @@ def _state(run: Run) -> dict:
     pos = run.pos
     return {
         "format": C.CHECKPOINT_FORMAT,
-        "model": C.model_state(run.wrapped, every_rank=False),
-        "optimizer": C.optimizer_state(run.wrapped, run.optimizer),
+        "model": D.model_state(run.wrapped, every_rank=False),
+        "optimizer": D.optimizer_state(run.wrapped, run.optimizer),
         # The schedule is a pure function of the step (a resumed run may change it, e.g. a lower lr
         # after a NaN); recorded for the reader.
         "scheduler": {"step": run.step, "lr": lr_at(max(run.step - 1, 0), run.cfg, run.total)},
@@ -493,13 +491,13 @@ def _restore(run: Run, ck: dict, path: Path, desc: str) -> None:
     if ck.get("dataset_len", run.num_items) != run.num_items:
         raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
                               f"{run.num_items}: the data position cannot be restored. Resume with the same data.")
-    C.load_model_state(run.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
+    D.load_model_state(run.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
     then, now = ck.get("run_config", {}).get("model_config"), run.run_config.get("model_config")
     if then is not None and now is not None and then != now:
         diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
         raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
                               "resume with the same model settings or start a new run")
-    C.load_optimizer_state(run.wrapped, run.optimizer, ck["optimizer"])
+    D.load_optimizer_state(run.wrapped, run.optimizer, ck["optimizer"])
     if run.ema is not None:
         if ck.get("ema") is None:
             raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")
@@ -553,20 +551,14 @@ def _snapshot(wrapped: nn.Module, path: Path, fsdp_ema: EMA | None) -> None:
     if not D.is_fsdp(wrapped):
         raw = D.unwrap(wrapped)
         if D.is_main() and hasattr(raw, "save_pretrained"):
-            raw.save_pretrained(path)
+            publish_dir(raw.save_pretrained, path)
         D.barrier()
         return
-    sd = C.model_state(wrapped)
+    sd = D.model_state(wrapped)
     if fsdp_ema is not None:
         sd = fsdp_ema.full_model_state(sd)
     if D.is_main():
-        from torch.distributed.fsdp import FSDPModule
-
-        from ctfgen.hub import load_state_dict_strict
-
-        # fully_shard swaps in a subclass FSDP<Cls>; rebuild the user's class, unsharded, on CPU.
-        cls = next(c for c in type(wrapped).__mro__[1:] if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
-        model = cls(wrapped.config)
+        model = D.unsharded_class(wrapped)(wrapped.config)
         load_state_dict_strict(model, sd, source="FSDP snapshot")
-        model.save_pretrained(path)
+        publish_dir(model.save_pretrained, path)
     D.barrier()

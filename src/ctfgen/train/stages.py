@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctfgen.config import TrainConfig, from_dict
-from ctfgen.fileio import atomic_write_json
+from ctfgen.fileio import atomic_write_json, publish_dir
 from ctfgen.errors import ConfigError
 from ctfgen.errors import MismatchError as StageMismatchError
 from ctfgen.rundir import MODEL_DIR
@@ -169,7 +169,7 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
                    run_config=config_record, desc=desc or stage)
     final = finished_model(st, result)
     if D.is_main():
-        final.save_pretrained(str(out_dir / MODEL_DIR))
+        publish_dir(final.save_pretrained, out_dir / MODEL_DIR)
     D.barrier()
     return final, result
 
