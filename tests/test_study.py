@@ -15,7 +15,7 @@ SMALL = ["data.train_limit=100", "data.test_limit=40", "data.validation_images=3
          "tokenizer.train.steps=6", "tokenizer.train.batch_size=16", "tokenizer.train.codebook_init=kmeans",
          "tokenizer.train.codebook_init_images=60", "tokenizer.train.dead_code_steps=2", "clustering.num_coarse=8",
          "train.steps=8", "train.batch_size=20", "train.warmup_steps=2", "train.schedule=constant",
-         "train.snapshot_every=5", "heldout.limit=40"]
+         "train.snapshot_every=5", "heldout.limit=40", "matched.enabled=true"]
 
 pytestmark = needs_fmnist
 
@@ -31,6 +31,15 @@ def study(tmp_path_factory):
             "--guidance", "2", "3", "--temperatures", "1.0", "--report", str(base / "report.md")]
     assert cli(args) == 0
     return out, records, base, args
+
+
+def test_pipeline_trains_the_matched_baseline(study):
+    out = study[0]
+    match = json.loads((out / "steps" / "matched.json").read_text())["match"]
+    assert abs(match["ratio"] - 1) <= 0.10 and match["n_layer"] > 1
+    config = json.loads((out / "matched" / "gpt" / "config.json").read_text())
+    assert config["n_layer"] == match["n_layer"]
+    assert set(json.loads((out / "heldout.json").read_text())) >= {"ctf", "baseline", "matched"}
 
 
 def test_records(study):
