@@ -123,7 +123,7 @@ def test_eval_cli_fmnist_on_tiny_npz(tmp_path, test_split, train_split, capsys):
     record = json.loads(out.read_text())
     assert record["name"] == "tiny" and record["epoch"] == 3 and record["metric_set"] == "fmnist"
     assert record["num_samples"] == 200 and record["num_reference"] == 300
-    assert set(record["metrics"]) == {"fd", "is", "is_std", "precision", "recall", "class_consistency"}
+    assert set(record["metrics"]) == {"fd", "kid", "kid_std", "is", "is_std", "precision", "recall", "class_consistency"}
     assert "FD (classifier)" in capsys.readouterr().out
     # the npz and the folder load to the same arrays
     loaded, lab = load_images(npz)
