@@ -310,3 +310,15 @@ def test_matched_baseline_inherits_the_baseline_and_needs_both_methods():
 
     with pytest.raises(ConfigError, match="matched.enabled needs"):
         check_experiment(resolve({"baseline": {"enabled": False}, "matched": {"enabled": True}, "train": {"steps": 3}}))
+
+
+def test_matched_baseline_is_off_unless_enabled():
+    assert not resolve({"stage1": {"preset": "GPT-tiny"}}).matched.enabled
+    assert resolve({"stage1": {"preset": "GPT-tiny"}, "matched": {"enabled": True}}).matched.enabled
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    from ctfgen.config import ReproduceConfig
+
+    load_config(ReproduceConfig if "ablations" in path.name else ExperimentConfig, path)

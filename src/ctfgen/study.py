@@ -4,7 +4,7 @@ Each codebook size is one finished `ctfgen pipeline` run of `configs/study/fmnis
 module evaluates it and writes one small JSON record per measurement, so a killed study continues
 where it stopped and every number in docs/results.md has its record:
 
-    ctfgen study ~/study/v16384 ~/study/v4096 ~/study/v1024 --records docs/results/study
+    ctfgen study runs/study/v16384 runs/study/v4096 runs/study/v1024 --records docs/results/study
 
 RECORDS/<run>/
     tokenizer.json            codebook usage, code perplexity and PSNR over the whole test split
