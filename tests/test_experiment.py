@@ -206,7 +206,7 @@ def _check_run(out: Path, world_size: int = 1):
     from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
 
     for step in ("tokenizer", "cluster", "extract", "ar", "aux", "baseline", "assemble", "heldout"):
-        assert (out / "steps" / f"{step}.json").is_file(), step
+        assert (out / "phases" / f"{step}.json").is_file(), step
     ctf = CTFPipeline.from_pretrained(out)
     assert isinstance(load_pipeline(out / "ctf"), CTFPipeline)
     base = ARPipeline.from_pretrained(out / "baseline")
@@ -245,6 +245,16 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
     changed = [p for p, t in files().items() if before.get(p) != t]
     assert {p.name for p in changed} <= {"config.yaml", "input.yaml", "summary.json"}
 
+    # A run directory written before phases had their name (steps/<step>.json holding "config") resumes too.
+    (out / "phases").rename(out / "steps")
+    for marker in (out / "steps").glob("*.json"):
+        record = json.loads(marker.read_text())
+        marker.write_text(json.dumps({"step": record.pop("name"), "config": record.pop("inputs"), **record}))
+    assert cli(["pipeline", TINY, "--out", str(out), "--resume", "--no-progress", *SMALL, "clustering.num_coarse=8"]) == 2
+    assert "clustering.num_coarse: 16 then, 8 now" in capsys.readouterr().err
+    assert cli(["pipeline", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert not (out / "phases").exists()  # nothing was redone
+
 
 @needs_fmnist
 def test_pipeline_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
@@ -259,13 +269,13 @@ def test_pipeline_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "steps" / "ar.json").exists(), "stage 1 finished before it could be killed"
-    assert (out / "steps" / "extract.json").is_file()
+    assert not (out / "phases" / "ar.json").exists(), "stage 1 finished before it could be killed"
+    assert (out / "phases" / "extract.json").is_file()
 
     res = subprocess.run(args + ["--resume"], env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "[ar] resumed from" in res.stderr and "training the tokenizer" not in res.stderr
-    assert json.loads((out / "steps" / "ar.json").read_text())["steps"] == 300
+    assert json.loads((out / "phases" / "ar.json").read_text())["steps"] == 300
     _check_run(out)
 
 

@@ -69,4 +69,4 @@ def test_recipe_dry_run_on_tiny_images(recipe, tiny_imagenet, tmp_path):
     method = "ctf" if recipe.stem.startswith("ctf") else "baseline"
     assert set(held) == {method, "images", "image_tokens"} and held["image_tokens"] == 4
     assert json.loads((out / "codes" / "train" / "header.json").read_text())["num_augmentations"] == 10
-    assert json.loads((out / "steps" / f"{'ar' if method == 'ctf' else 'baseline'}.json").read_text())["steps"] == 2
+    assert json.loads((out / "phases" / f"{'ar' if method == 'ctf' else 'baseline'}.json").read_text())["steps"] == 2

@@ -49,12 +49,12 @@ def test_report_and_records(finished):
 
 def test_ablation_reuses_the_main_stage1_snapshot(finished):
     from ctfgen.pipeline import load_pipeline
-    from ctfgen.reproduce import MainRun
+    from ctfgen.experiment import FinishedRun
 
     out, _ = finished
-    run = MainRun(out)
+    run = FinishedRun(out)
     unrestricted = load_pipeline(out / "ablations" / "unrestricted-k8" / "ctf")
-    snapshot = run.load_snapshot("ar", 4)
+    snapshot = run.snapshot_model("ar", 4)
     for a, b in zip(unrestricted.ar.state_dict().values(), snapshot.state_dict().values()):
         assert torch.equal(a, b)
     assert unrestricted.aux.config.restrict_to_cluster is False
@@ -70,3 +70,16 @@ def test_rerun_redoes_nothing(finished):
 def test_reproduce_needs_a_main_run(tmp_path, capsys):
     assert cli(["reproduce", "--run", str(tmp_path)]) == 2
     assert "run (or --resume) the experiment first" in capsys.readouterr().err
+
+
+def test_records_of_other_settings_are_refused_unless_forced(finished, tmp_path, capsys):
+    out, settings = finished
+    other = tmp_path / "other.yaml"
+    other.write_text(settings.read_text().replace("per_class: 2", "per_class: 1"))
+    assert cli(["reproduce", str(other), "--run", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "was computed from other inputs than today's" in err and "inputs.per_class: 2 then, 1 now" in err
+    record = out / "eval" / "main" / "ctf.json"
+    assert json.loads(record.read_text())["inputs"]["per_class"] == 2  # refused: nothing was replaced
+    assert cli(["reproduce", str(other), "--run", str(out), "--force"]) == 0
+    assert json.loads(record.read_text())["inputs"]["per_class"] == 1

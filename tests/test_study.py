@@ -36,7 +36,7 @@ def study(tmp_path_factory):
 
 def test_pipeline_trains_the_matched_baseline(study):
     out = study[0]
-    match = json.loads((out / "steps" / "matched.json").read_text())["match"]
+    match = json.loads((out / "phases" / "matched.json").read_text())["match"]
     assert abs(match["ratio"] - 1) <= 0.10 and match["n_layer"] > 1
     config = json.loads((out / "matched" / "gpt" / "config.json").read_text())
     assert config["n_layer"] == match["n_layer"]
@@ -100,10 +100,18 @@ def test_records_of_other_inputs_are_refused(study, tmp_path, capsys, monkeypatc
     # another sample count: the tokenizer and epoch records still hold, the first test cell does not
     assert cli([*rerun, "--test-per-class", "4"]) == 2
     assert "test_per_class" not in (err := capsys.readouterr().err) and "per_class: 3 then, 4 now" in err
+    assert json.loads((copy / "v256" / "test-ctf-default-seed0.json").read_text())["per_class"] == 3  # kept
+    # --force recomputes what changed and keeps the rest
+    tokenizer = (copy / "v256" / "tokenizer.json").stat().st_mtime_ns
+    assert cli([*rerun, "--test-per-class", "4", "--force"]) == 0
+    assert json.loads((copy / "v256" / "test-ctf-default-seed0.json").read_text())["per_class"] == 4
+    assert (copy / "v256" / "tokenizer.json").stat().st_mtime_ns == tokenizer
+    shutil.rmtree(copy)
+    shutil.copytree(records, copy)
     # another commit of the code
-    import ctfgen.study
+    import ctfgen.rundir
 
-    monkeypatch.setattr(ctfgen.study, "code_commit", lambda: "0" * 40)
+    monkeypatch.setattr(ctfgen.rundir, "code_commit", lambda: "0" * 40)
     assert cli(rerun) == 2
     assert "commit:" in capsys.readouterr().err
     monkeypatch.undo()

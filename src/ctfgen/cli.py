@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 COMMANDS = {
@@ -50,9 +52,26 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test may swap it between commands)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def log_progress() -> None:
+    """The library's progress lines (loggers under "ctfgen") on stderr, from rank 0 only (torchrun sets RANK)."""
+    logger = logging.getLogger("ctfgen")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ctfgen.errors import CtfgenError
 
+    log_progress()
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     try:

@@ -507,6 +507,43 @@ class ReproduceConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
+# --- the codebook-size study --------------------------------------------------------------------
+
+@dataclass
+class StudySettings:
+    """`ctfgen study` settings (see ctfgen.study): the sampling grid, the sample counts and the seeds."""
+
+    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
+    temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
+    select_per_class: int = 200         # validation samples per class for each grid point (2000 in all)
+    select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
+    test_per_class: int = 500           # test samples per class for each reported cell (5000 in all)
+    seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
+    tokenizer_images: int | None = None  # test images for codebook usage and PSNR (None: the whole split)
+    heldout_images: int = 10000         # test images for bits/token at every epoch
+    coarse_images: int = 2000           # test images for the teacher-forced coarse prediction
+    diagnosis_per_class: int = 500      # test images per class whose codes make the diagnosis sets; the
+                                        # other test images of each class are their reference
+    diagnosis_seed: int = 2000          # the diagnosis' sampling stream
+    batch_size: int = 250
+
+    def __post_init__(self):
+        for name in ("select_per_class", "test_per_class", "heldout_images", "coarse_images", "diagnosis_per_class",
+                     "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"study setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.tokenizer_images is not None and int(self.tokenizer_images) < 1:
+            raise ConfigError(f"study setting tokenizer_images must be >= 1, got {self.tokenizer_images}")
+        self.guidance, self.temperatures = tuple(map(float, self.guidance)), tuple(map(float, self.temperatures))
+        self.seeds = tuple(map(int, self.seeds))
+        if not (self.guidance and self.temperatures and self.seeds):
+            raise ConfigError("the study needs at least one guidance scale, temperature and seed")
+        shared = {self.select_seed, self.diagnosis_seed} & set(self.seeds)
+        if shared or self.select_seed == self.diagnosis_seed:
+            raise ConfigError(f"the test seeds {list(self.seeds)}, select_seed {self.select_seed} and diagnosis_seed "
+                              f"{self.diagnosis_seed} must all differ: each sample set gets its own stream")
+
+
 def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> StageConfig:
     """One stage's settings (`ctfgen train`) from a stage YAML ({preset, model, train}) or an
     experiment YAML (its stage1 / aux / baseline section, with what it inherits); the overrides

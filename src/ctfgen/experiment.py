@@ -1,7 +1,8 @@
-"""`ctfgen pipeline CONFIG --out DIR`: a whole experiment, from images to trained CTF and baseline.
+"""`ctfgen pipeline CONFIG --out DIR`: a whole experiment, from images to trained CTF and baseline;
+and `FinishedRun`, the one reader of such a directory once it is done.
 
-Steps, in order (each leaves `DIR/steps/<step>.json` when finished, so `--resume` skips it; an
-interrupted training step continues from its last checkpoint, and every file a step publishes
+Phases, in order (each leaves `DIR/phases/<phase>.json` when finished, so `--resume` skips it; an
+interrupted training phase continues from its last checkpoint, and every file a phase publishes
 appears atomically, so a SIGKILL at any moment never leaves a half-written result behind):
 
     tokenizer   train a VQ tokenizer (or take `tokenizer.pretrained`)   DIR/runs/tokenizer/
@@ -12,39 +13,51 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
     aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
     matched     the baseline made as large as CTF (`matched.enabled`)   DIR/runs/matched/
     assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/, DIR/matched/
-    heldout     exact held-out bits per token of both                   DIR/heldout.json
+    heldout     exact held-out bits per token of each                   DIR/heldout.json
 
 `DIR` itself is also a loadable CTF pipeline (`CTFPipeline.from_pretrained(DIR)`). The layout is
 `ctfgen.rundir.RunDir`; the config is `ctfgen.config.ExperimentConfig`. Under torchrun every rank
-runs this; training and extraction are sharded, rank 0 alone writes, and the others wait at
-barriers around the rank-0-only steps.
+runs this; training and extraction are sharded, rank 0 alone writes (holding DIR's writer lock),
+and the others wait at barriers around the rank-0-only phases.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
+from ctfgen.clustering import CoarseMap
 from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml, to_dict
-from ctfgen.errors import RunError
-from ctfgen.fingerprint import code_commit
+from ctfgen.data import CodeDataset, check_codes, extract_codes, make_dataset, read_header
+from ctfgen.data.factory import TENCROP_RANGE, image_size
+from ctfgen.errors import CorruptFileError, MismatchError, RunError
 from ctfgen.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
-from ctfgen.rundir import RunDir, WriterLock, is_lock_file
+from ctfgen.fingerprint import directory_fingerprint
+from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
+from ctfgen.rundir import Records, RunDir, WriterLock, diff_lines, is_lock_file, plain
+from ctfgen.tokenizer import load_tokenizer
+from ctfgen.tokenizer.codebook import evaluate_tokenizer
+from ctfgen.tokenizer.train import train_tokenizer
 from ctfgen.train import distributed as D
+from ctfgen.train.stages import load_stage_model, matched_depth, parameter_count, train_stage
 
-STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched", "assemble", "heldout")
+logger = logging.getLogger("ctfgen.pipeline")
 
-# The config sections each step depends on: a finished step whose sections changed is refused on
+PHASES = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched", "assemble", "heldout")
+
+# The config sections each phase depends on: a finished phase whose sections changed is refused on
 # --resume instead of being silently kept.
-STEP_SECTIONS = {
+PHASE_SECTIONS = {
     "tokenizer": ("seed", "data", "tokenizer"), "cluster": ("seed", "clustering"), "extract": ("data",),
     "ar": ("seed", "train", "stage1"), "aux": ("seed", "train", "aux"),
     "baseline": ("seed", "train", "stage1", "baseline"),
@@ -52,18 +65,13 @@ STEP_SECTIONS = {
 }
 
 
-def say(msg: str) -> None:
-    if D.is_main():
-        print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
-
-
-def sections(cfg: ExperimentConfig, step: str) -> dict:
+def sections(cfg: ExperimentConfig, phase: str) -> dict:
     d = to_dict(cfg)
-    return json.loads(json.dumps({k: d[k] for k in STEP_SECTIONS[step]}, default=str))
+    return plain({k: d[k] for k in PHASE_SECTIONS[phase]})
 
 
 class Experiment:
-    """A run directory being filled: its config, its layout and which steps are finished."""
+    """A run directory being filled: its config, its layout and which phases are finished."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir, resume: bool = False, raw: dict | None = None,
                  on_epoch_end: dict[str, Callable] | None = None, progress: bool = True):
@@ -72,27 +80,26 @@ class Experiment:
         self.hooks, self.progress = on_epoch_end or {}, progress
         self.device = D.init_distributed()
         self.lock = WriterLock(self.run.root, "pipeline", hold=D.is_main())
+        # Settings are compared once, for every phase, in prepare(); the commit may change between sessions.
+        self.records = Records(self.run.phases, check=False, write=D.is_main())
 
-    def done(self, step: str) -> dict | None:
-        p = self.run.marker(step)
-        return json.loads(p.read_text()) if p.is_file() else None
+    def done(self, phase: str) -> dict | None:
+        record = self.records.read(phase)
+        old = self.run.root / "steps" / f"{phase}.json"  # run directories written before phases had that name
+        if record is None and old.is_file():
+            record = json.loads(old.read_text())
+            record["inputs"] = record.pop("config", None)
+        return record
 
-    def once(self, step: str, work: Callable[[], dict | None]) -> None:
-        """Run `work` unless `step` is finished, then record it (its info, time and config)."""
-        if self.done(step) is not None:
-            return
-        t0 = time.time()
-        info = work() or {}
-        if D.is_main():
-            atomic_write_json(self.run.marker(step), {
-                "step": step, "config": sections(self.cfg, step), "commit": code_commit(),
-                "seconds": round(time.time() - t0, 2),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
-        D.barrier()
+    def once(self, phase: str, work: Callable[[], dict | None]) -> None:
+        """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit)."""
+        if self.done(phase) is None:
+            self.records.once(phase, sections(self.cfg, phase), lambda: work() or {})
+            D.barrier()
 
     def prepare(self) -> None:
         """Take DIR's writer lock (rank 0), refuse a non-empty DIR without --resume, and on resume
-        finished steps whose config changed."""
+        finished phases whose config changed."""
         error = None
         if D.is_main():
             try:
@@ -117,47 +124,40 @@ class Experiment:
             return (f"{root} is not empty (it holds {', '.join(existing[:6])}{' ...' if len(existing) > 6 else ''}). "
                     "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
         changed = []
-        for step in STEPS:
-            rec = self.done(step)
-            if rec is None:
+        for phase in PHASES:
+            record = self.done(phase)
+            if record is None:
                 continue
             # Records are re-read through today's loader, so runs written before a setting was
-            # renamed or added compare by the values they resolve to.
-            then = sections(ExperimentConfig.from_raw(rec.get("config") or {}), step)
-            now = sections(self.cfg, step)
-            if then != now:
-                changed.append(f"  {step}: " + "; ".join(_diff(then, now)))
+            # added compare by the values they resolve to.
+            then = sections(ExperimentConfig.from_raw(record.get("inputs") or {}), phase)
+            lines = diff_lines(then, sections(self.cfg, phase))
+            if lines:
+                changed.append(f"  {phase}: " + "; ".join(lines))
         if changed:
-            return (f"{root} was run with another config for steps that already finished:\n" + "\n".join(changed)
+            return (f"{root} was run with another config for phases that already finished:\n" + "\n".join(changed)
                     + "\nRevert those settings to continue this run, or start a new one with another --out.")
         return None
 
 
-# --- the steps -----------------------------------------------------------------------------------
+# --- the phases -----------------------------------------------------------------------------------
 
-def step_tokenizer(x: Experiment):
-    from ctfgen.tokenizer import load_tokenizer
-
+def tokenizer_phase(x: Experiment):
     t = x.cfg.tokenizer
     if t.pretrained:
         x.once("tokenizer", lambda: {"path": str(t.pretrained), "fingerprint": load_tokenizer(t.pretrained).fingerprint})
         return load_tokenizer(t.pretrained).eval()
 
     def work():
-        from ctfgen.data import make_dataset
-        from ctfgen.tokenizer.train import train_tokenizer
-
-        say("training the tokenizer")
+        logger.info("training the tokenizer")
         dataset = make_dataset(x.cfg.data, "train", channels=t.model.get("in_channels", 3))
         vq = train_tokenizer(t, dataset, x.run.tokenizer_run, resume=True, device=x.device, progress=x.progress)
         quality, test = None, make_dataset(x.cfg.data, "test", channels=vq.config.in_channels)
         if test is not None and D.is_main():  # usage and PSNR over the whole test split, not a recent window
-            from ctfgen.tokenizer.codebook import evaluate_tokenizer
-
             quality = evaluate_tokenizer(vq, test, batch_size=int(x.cfg.data.extract_batch_size))
-            say(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
-                f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), perplexity {quality['perplexity']:.0f}, "
-                f"PSNR {quality['psnr']:.2f} dB")
+            logger.info(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
+                     f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), perplexity "
+                     f"{quality['perplexity']:.0f}, PSNR {quality['psnr']:.2f} dB")
         return {"path": str(x.run.tokenizer), "fingerprint": vq.fingerprint, "codebook_usage": vq.codebook_usage(),
                 "test_split": quality}
 
@@ -165,15 +165,13 @@ def step_tokenizer(x: Experiment):
     return load_tokenizer(x.run.tokenizer).eval()
 
 
-def step_cluster(x: Experiment, vq):
-    from ctfgen.clustering import CoarseMap
-
+def cluster_phase(x: Experiment, vq):
     c = x.cfg.clustering
 
     def work():
         with D.main_first() as first:
             if first:
-                say(f"clustering {vq.config.codebook_size} codewords into {c.num_coarse} ({c.method})")
+                logger.info(f"clustering {vq.config.codebook_size} codewords into {c.num_coarse} ({c.method})")
                 CoarseMap.fit(vq, int(c.num_coarse), method=c.method, seed=int(c.seed)).save(x.run.coarse_map)
         cmap = CoarseMap.load(x.run.coarse_map)
         return {"fingerprint": cmap.fingerprint, **{k: v for k, v in cmap.stats().items() if k != "fingerprint"}}
@@ -184,10 +182,7 @@ def step_cluster(x: Experiment, vq):
     return cmap
 
 
-def step_extract(x: Experiment, vq) -> None:
-    from ctfgen.data import check_codes, extract_codes, make_dataset, read_header
-    from ctfgen.data.factory import TENCROP_RANGE, image_size
-
+def extract_phase(x: Experiment, vq) -> None:
     d = x.cfg.data
     splits = {"train": d.augment, "val": "none", "test": "none"}
 
@@ -197,7 +192,7 @@ def step_extract(x: Experiment, vq) -> None:
             dataset = make_dataset(d, split, channels=vq.config.in_channels, for_codes=True)
             if dataset is None or _valid_codes(out, vq):  # finished before the marker was written
                 continue
-            say(f"extracting {split} codes ({len(dataset)} images, augment={augment})")
+            logger.info(f"extracting {split} codes ({len(dataset)} images, augment={augment})")
             extract_codes(vq.to(x.device), dataset, out, augment=augment, batch_size=int(d.extract_batch_size),
                           device=x.device, num_workers=int(d.num_workers), dataset_name=f"{d.dataset}:{split}",
                           image_size=image_size(d) if d.dataset == "image_folder" else None,
@@ -213,13 +208,11 @@ def step_extract(x: Experiment, vq) -> None:
 
 def _valid_codes(out: Path, vq) -> bool:
     """Whether `out` holds codes of this tokenizer; a stale directory is removed."""
-    from ctfgen.data import check_codes
-
     ok = True
     if out.is_dir():
         try:
             check_codes(out, vq)
-        except ValueError:
+        except (MismatchError, CorruptFileError):
             ok = False
             D.barrier()
             if D.is_main():
@@ -228,9 +221,7 @@ def _valid_codes(out: Path, vq) -> bool:
     return ok and out.is_dir()
 
 
-def step_train(x: Experiment, stage: str, cmap):
-    from ctfgen.train.stages import load_stage_model, train_stage
-
+def train_phase(x: Experiment, stage: str, cmap):
     s = x.cfg.stage(stage)
     if not s.enabled:
         return None
@@ -239,11 +230,11 @@ def step_train(x: Experiment, stage: str, cmap):
         model_config, info = s.model, {}
         if stage == "matched":
             model_config, info = _matched_model(x, cmap)
-        say(f"training {stage} ({s.preset}{', %d layers' % model_config['n_layer'] if stage == 'matched' else ''})")
+        logger.info(f"training {stage} ({s.preset}{', %d layers' % model_config['n_layer'] if stage == 'matched' else ''})")
         model, result = train_stage(
             "baseline" if stage == "matched" else stage, x.run.codes("train"), x.run.stage(stage),
             coarse_map=cmap if stage in ("ar", "aux") else None, preset=s.preset, model=model_config,
-            train_config={**s.train.to_dict(), "progress": x.progress and s.train.progress},
+            train_config=dataclasses.replace(s.train, progress=x.progress and s.train.progress),
             resume=True, on_epoch_end=x.hooks.get(stage), run_config={"experiment": str(x.run.root)}, desc=stage)
         last = result.history[-1] if result.history else {}
         return {"steps": result.step, "final_loss": last.get("loss"), "params": sum(p.numel() for p in model.parameters()),
@@ -256,39 +247,33 @@ def step_train(x: Experiment, stage: str, cmap):
 def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
     """The matched baseline's model settings: the baseline's, with the depth that gives CTF's
     parameter count (or the depth the config fixes), and the counts for the record."""
-    from ctfgen.train.stages import matched_depth
-
     c = x.cfg
     match = matched_depth(x.run.codes("train"), cmap, (c.stage1.preset, c.stage1.model), (c.aux.preset, c.aux.model),
                           (c.matched.preset, c.matched.model))
     fixed = ((x.raw.get("matched") or {}).get("model") or {}).get("n_layer")
     if fixed is not None:
-        from ctfgen.train.stages import parameter_count
-
         params = parameter_count("baseline", x.run.codes("train"), None, c.matched.preset, {**c.matched.model})
         match = {**match, "n_layer": int(fixed), "params": params, "ratio": round(params / match["ctf_params"], 4)}
-    say(f"matched baseline: {match['n_layer']} layers, {match['params']:,} parameters, "
-        f"{match['ratio']:.3f}x CTF's {match['ctf_params']:,}")
+    logger.info(f"matched baseline: {match['n_layer']} layers, {match['params']:,} parameters, "
+             f"{match['ratio']:.3f}x CTF's {match['ctf_params']:,}")
     return {**c.matched.model, "n_layer": match["n_layer"]}, {"match": match}
 
 
-def step_assemble(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
-    from ctfgen.pipeline import ARPipeline, CTFPipeline
-
+def assemble_phase(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
     def work():
         with D.main_first() as first:
             if first:
                 sampling = x.cfg.sampling
                 if ar is not None:
-                    say(f"assembling {x.run.ctf}")
+                    logger.info(f"assembling {x.run.ctf}")
                     publish_dir(CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf).save_pretrained,
                                 x.run.ctf)
                 if base is not None:
-                    say(f"assembling {x.run.baseline}")
+                    logger.info(f"assembling {x.run.baseline}")
                     publish_dir(ARPipeline(base, vq, sampling_defaults=sampling.baseline).save_pretrained,
                                 x.run.baseline)
                 if matched is not None:
-                    say(f"assembling {x.run.matched}")
+                    logger.info(f"assembling {x.run.matched}")
                     publish_dir(ARPipeline(matched, vq, sampling_defaults=sampling.baseline).save_pretrained,
                                 x.run.matched)
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
@@ -297,9 +282,7 @@ def step_assemble(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
     x.once("assemble", work)
 
 
-def step_heldout(x: Experiment) -> None:
-    from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
-
+def heldout_phase(x: Experiment) -> None:
     h = x.cfg.heldout
     if not h.enabled or not x.run.codes("test").is_dir():
         return
@@ -318,7 +301,7 @@ def step_heldout(x: Experiment) -> None:
         if D.is_main():
             atomic_write_json(x.run.heldout, results)
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
-            say(f"held-out bits per token on {results['images']} test images: {line}")
+            logger.info(f"held-out bits per token on {results['images']} test images: {line}")
         return results
 
     x.once("heldout", work)
@@ -335,17 +318,6 @@ def _write_metrics(run: RunDir) -> None:
                     rows.append({"stage": stage, **r})
                     columns += [k for k in r if k not in columns]
     atomic_write_csv(run.metrics, columns, rows)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} then, {b!r} now")
-    return out
 
 
 def _link_top_level(root: Path, sub: str) -> None:
@@ -387,31 +359,137 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
                    on_epoch_end: dict[str, Callable] | None = None, progress: bool = True,
                    dry_run: bool = False) -> Path:
     """Python entry point of `ctfgen pipeline`. `on_epoch_end` maps a stage ("ar", "aux",
-    "baseline") to a hook(epoch, model) run after each of its epochs."""
+    "baseline", "matched") to a hook(epoch, model) run after each of its epochs."""
     cfg, raw = load_experiment_config(config, out_dir, resume, overrides, dry_run)
     x = Experiment(cfg, out_dir, resume=resume, raw=raw, on_epoch_end=on_epoch_end, progress=progress)
     t_all = time.time()
     try:
         x.prepare()
-        _run_steps(x)
+        vq = tokenizer_phase(x)
+        cmap = cluster_phase(x, vq)
+        extract_phase(x, vq)
+        # The baseline before the auxiliary model: stage 1 and the baseline are the like-for-like pair, and
+        # the auxiliary model (the largest) is the phase most worth resuming in a later session.
+        ar, base, aux = train_phase(x, "ar", cmap), train_phase(x, "baseline", None), train_phase(x, "aux", cmap)
+        matched = train_phase(x, "matched", cmap)
+        assemble_phase(x, vq, cmap, ar, aux, base, matched)
+        heldout_phase(x)
         if D.is_main():
-            atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),
-                                              "step_seconds": {s: (x.done(s) or {}).get("seconds") for s in STEPS}})
-            say(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
-                + (f"; baseline in {x.run.baseline}" if x.cfg.baseline.enabled and x.cfg.ctf_enabled else ""))
+            atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2),
+                                              "world_size": D.get_world_size(),
+                                              "phase_seconds": {p: (x.done(p) or {}).get("seconds") for p in PHASES}})
+            logger.info(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
+                     + (f"; baseline in {x.run.baseline}" if base is not None and ar is not None else ""))
         D.barrier()
     finally:
         x.lock.release()
     return x.run.root
 
 
-def _run_steps(x: Experiment) -> None:
-    vq = step_tokenizer(x)
-    cmap = step_cluster(x, vq)
-    step_extract(x, vq)
-    # The baseline before the auxiliary model: stage 1 and the baseline are the like-for-like pair, and
-    # the auxiliary model (the largest) is the step most worth resuming in a later session.
-    ar, base, aux = step_train(x, "ar", cmap), step_train(x, "baseline", None), step_train(x, "aux", cmap)
-    matched = step_train(x, "matched", cmap)
-    step_assemble(x, vq, cmap, ar, aux, base, matched)
-    step_heldout(x)
+# --- reading a finished run ------------------------------------------------------------------------
+
+METHODS = ("ctf", "baseline", "matched")   # the pipelines a finished run can hold
+STAGES_OF = {"ctf": ("ar", "aux"), "baseline": ("baseline",), "matched": ("matched",)}
+
+
+class FinishedRun(RunDir):
+    """A finished `ctfgen pipeline` run, read-only: the one reader that the reproduction and the
+    study build on. `settings` is its resolved config; `needs` names the parts the caller cannot
+    do without ("tokenizer", "ctf", "baseline", "matched", or a code split "train" / "val" / "test"),
+    and a run lacking one is refused, saying how to make it.
+
+        run = FinishedRun("runs/fashion_mnist", "ctf", "test")
+        run.pipeline("ctf"), run.snapshot_pipeline("baseline", 940), run.steps_per_epoch("ar")
+    """
+
+    def __init__(self, root, *needs: str):
+        super().__init__(Path(root).expanduser())
+        self.require(self.config, *(self.part(n) for n in needs if n != "val"))
+        if "val" in needs and not self.part("val").is_file():
+            raise RunError(f"{self.codes('val')} is missing: this needs the run's validation split "
+                           "(data.validation_images > 0 in its config)")
+        self.settings = ExperimentConfig.from_raw(read_yaml(self.config))
+        self.name = self.root.name
+        self._cache: dict = {}
+
+    def part(self, name: str) -> Path:
+        if name == "tokenizer":
+            return self.tokenizer / "config.json"
+        if name in METHODS:
+            return self.pipeline_dir(name) / "pipeline.json"
+        return self.codes(name) / "header.json"
+
+    def pipeline_dir(self, method: str) -> Path:
+        return {"ctf": self.ctf, "baseline": self.baseline, "matched": self.matched}[method]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods whose finished pipeline the run holds."""
+        return tuple(m for m in METHODS if self.part(m).is_file())
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def load_tokenizer(self):
+        return self._cached("tokenizer", lambda: load_tokenizer(self.tokenizer).eval())
+
+    def load_coarse_map(self) -> CoarseMap:
+        return self._cached("coarse_map", lambda: CoarseMap.load(self.coarse_map))
+
+    def pipeline(self, method: str):
+        """The finished pipeline of `method` (RUN/ctf, RUN/baseline or RUN/matched)."""
+        self.require(self.part(method))
+        cls = CTFPipeline if method == "ctf" else ARPipeline
+        return self._cached(method, lambda: cls.from_pretrained(self.pipeline_dir(method)))
+
+    def snapshot_model(self, stage: str, step: int):
+        """`stage`'s model as it was after optimizer step `step` (saved by train.snapshot_every)."""
+        path = self.snapshot(stage, step)
+        if not path.is_dir():
+            raise RunError(f"{path} is missing; the run's {stage} train.snapshot_every must divide {step}")
+        return load_stage_model(stage, path)
+
+    def snapshot_pipeline(self, method: str, step: int):
+        """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`,
+        with the run's tokenizer and coarse map."""
+        if method == "ctf":
+            return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step), self.load_coarse_map(),
+                               self.load_tokenizer())
+        return ARPipeline(self.snapshot_model(method, step), self.load_tokenizer())
+
+    def snapshot_steps_of(self, *methods: str) -> list[int]:
+        """The steps at which every stage of `methods` saved a snapshot."""
+        steps = [set(self.snapshot_steps(s)) for m in methods for s in STAGES_OF[m]]
+        return sorted(set.intersection(*steps)) if steps else []
+
+    def fingerprints(self, *methods: str, step: int | None = None) -> dict:
+        """Fingerprints of the model files of `methods` (finished, or their snapshots at `step`)."""
+        if step is None:
+            return {m: directory_fingerprint(self.pipeline_dir(m)) for m in methods}
+        return {s: directory_fingerprint(self.snapshot(s, step)) for m in methods for s in STAGES_OF[m]}
+
+    def steps_per_epoch(self, stage: str) -> float:
+        """Optimizer steps in one pass of `stage` over the training codes, as the training loop counts
+        them: global micro-batches of batch_size / grad_accum, the incomplete last one dropped."""
+        t = self.settings.stage(stage).train
+        micro_batches = read_header(self.codes("train"))["num_images"] // (t.batch_size // t.grad_accum)
+        return micro_batches / t.grad_accum
+
+    def code_dataset(self, split: str) -> CodeDataset:
+        return CodeDataset(self.codes(split), augmentation=0)
+
+    def image_dataset(self, split: str):
+        """The images of a split, from the dataset factory with the run's data settings."""
+        ds = make_dataset(self.settings.data, split, channels=self.load_tokenizer().config.in_channels)
+        if ds is None:
+            raise RunError(f"{self.root}'s data settings have no {split} split")
+        return ds
+
+    def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W) images and labels of a Fashion-MNIST split, in the order its codes were extracted."""
+        ds = self.image_dataset(split)
+        if not hasattr(ds, "indices"):
+            raise RunError(f"{self.root} holds image-folder data; these need Fashion-MNIST images")
+        return ds.images[ds.indices], ds.labels[ds.indices]

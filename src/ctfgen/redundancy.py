@@ -12,6 +12,7 @@ controls destroy it: that redundancy is what lets CTF predict the coarse label f
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from ctfgen.clustering import CoarseMap
 from ctfgen.errors import ConfigError
+from ctfgen.metrics.compare import text_table
 
 __all__ = ["psnr", "ssim", "ssim_map", "gaussian_window", "swap_within_clusters", "measure_redundancy",
            "format_table", "SWAPS", "load_images", "redundancy_report"]
@@ -145,14 +147,12 @@ def format_table(result: dict) -> str:
     k = result["num_coarse"]
     label = {"in_cluster": f"in-cluster swap ({result.get('coarse_map_method', 'kmeans')}, K={k})",
              "random_map": f"random-map swap (balanced, K={k})", "whole_codebook": "whole-codebook swap"}
-    lines = [f"{result['num_images']} images, vocab {result['vocab_size']}; swaps compared with the plain reconstruction",
-             f"{'':38s} {'PSNR dB':>8s} {'SSIM':>7s} {'changed':>8s}",
-             f"{'reconstruction vs original':38s} {result['reconstruction']['psnr']:8.2f} {result['reconstruction']['ssim']:7.4f}"]
-    for name in SWAPS:
-        r = result[name]
-        p = r["psnr"]
-        lines.append(f"{label[name]:38s} {p if math.isfinite(p) else float('inf'):8.2f} {r['ssim']:7.4f} {r['changed']:8.1%}")
-    return "\n".join(lines)
+    rec = result["reconstruction"]
+    rows = [["reconstruction vs original", f"{rec['psnr']:.2f}", f"{rec['ssim']:.4f}", ""]]
+    finite = lambda p: p if math.isfinite(p) else float("inf")  # noqa: E731 - identical images: infinite PSNR
+    rows += [[label[n], f"{finite(result[n]['psnr']):.2f}", f"{result[n]['ssim']:.4f}", f"{result[n]['changed']:.1%}"] for n in SWAPS]
+    return (f"{result['num_images']} images, vocab {result['vocab_size']}; swaps compared with the plain reconstruction\n"
+            + text_table(["", "PSNR dB", "SSIM", "changed"], rows))
 
 
 def load_images(data: str, n: int, channels: int, split: str = "test", image_size: int | None = None,
@@ -214,7 +214,7 @@ def redundancy_report(tokenizer=None, model=None, coarse_map=None, num_coarse: i
     if cmap is None:
         k = num_coarse or min(512, vq.config.codebook_size)
         cmap = CoarseMap.fit(vq, k, seed=seed)
-        print(f"fitted k-means with {k} clusters in {cmap.fit_seconds:.1f} s")
+        logging.getLogger("ctfgen.redundancy").info(f"fitted k-means with {k} clusters in {cmap.fit_seconds:.1f} s")
     cmap.check_codebook(vq)
     x = load_images(data, images, vq.config.in_channels, split, image_size, seed)
     result = measure_redundancy(vq, cmap, x, seed=seed, return_images=True)

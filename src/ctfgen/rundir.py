@@ -1,7 +1,8 @@
-"""The layout of a `ctfgen pipeline` run directory, in one place.
+"""Run directories: their layout (`RunDir`), their writer lock (`WriterLock`) and the JSON records
+computed once in them (`Records`).
 
     RUN/config.yaml                  the resolved config; RUN/input.yaml what was asked for
-    RUN/steps/<step>.json            a finished step (what `--resume` skips)
+    RUN/phases/<phase>.json          a finished pipeline phase (what `--resume` skips)
     RUN/runs/tokenizer/              tokenizer training: checkpoints/, metrics.csv, tokenizer/ (the model)
     RUN/runs/coarse_map.safetensors  the CoarseMap
     RUN/codes/{train,test}/          extracted codes
@@ -21,8 +22,11 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from ctfgen.errors import RunError
+from ctfgen.fileio import atomic_write_json
+from ctfgen.fingerprint import code_commit
 
 MODEL_DIR = "model"          # a trained stage's finished model, in save_pretrained form
 
@@ -105,7 +109,7 @@ class RunDir:
     # the experiment
     config = property(lambda self: self.root / "config.yaml")
     input_config = property(lambda self: self.root / "input.yaml")
-    steps = property(lambda self: self.root / "steps")
+    phases = property(lambda self: self.root / "phases")
     tokenizer_run = property(lambda self: self.root / "runs" / "tokenizer")
     tokenizer = property(lambda self: self.root / "runs" / "tokenizer" / "tokenizer")
     coarse_map = property(lambda self: self.root / "runs" / "coarse_map.safetensors")
@@ -115,9 +119,6 @@ class RunDir:
     heldout = property(lambda self: self.root / "heldout.json")
     summary = property(lambda self: self.root / "summary.json")
     metrics = property(lambda self: self.root / "metrics.csv")
-
-    def marker(self, step: str) -> Path:
-        return self.steps / f"{step}.json"
 
     def codes(self, split: str) -> Path:
         return self.root / "codes" / split
@@ -151,3 +152,68 @@ class RunDir:
             if not Path(p).exists():
                 raise RunError(f"{p} is missing: run (or --resume) the experiment first "
                                f"(ctfgen pipeline CONFIG --out {self.root})")
+
+
+def diff_lines(old, new, prefix: str = "") -> list[str]:
+    """"key.sub: OLD then, NEW now" for every leaf on which two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new)) for line in diff_lines(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"]
+
+
+def plain(obj):
+    """`obj` as it reads back from JSON (tuples become lists, other values strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class Records:
+    """DIR/<name>.json, each computed once from named inputs: the one record-once helper.
+
+    A record stores what shaped it (`inputs`: settings, model fingerprints) and the code's commit.
+    Asked for again it is reused only when both are unchanged; otherwise `once` refuses with a
+    RunError naming every difference, so an old answer never stands in for a new question.
+    `force=True` recomputes such records instead. `check=False` reuses whatever is there (the
+    pipeline checks its phases' settings itself, before it starts).
+
+        records = Records(out / "eval")
+        record = records.once("ctf", {"seed": 0, "models": fingerprints}, lambda: {"metrics": ...})
+    """
+
+    def __init__(self, directory: str | os.PathLike, check: bool = True, force: bool = False, write: bool = True,
+                 say: Callable[[str], None] | None = None):
+        self.dir, self.check, self.force, self.write, self.say = Path(directory), check, force, write, say
+        self.commit = code_commit()
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def read(self, name: str) -> dict | None:
+        path = self.path(name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def differences(self, name: str, inputs: dict) -> list[str]:
+        """What differs between the stored record's inputs and commit and today's (empty: reusable)."""
+        record = self.read(name) or {}
+        return diff_lines({"inputs": record.get("inputs"), "commit": record.get("commit")},
+                          {"inputs": plain(inputs), "commit": self.commit})
+
+    def once(self, name: str, inputs: dict, compute: Callable[[], dict]) -> dict:
+        """The record `name`: the stored one when it was computed from `inputs` by this code, else
+        `compute()` (a dict of results) stored with them. `write=False` (other ranks) only computes."""
+        record = self.read(name)
+        if record is not None:
+            changed = self.differences(name, inputs) if self.check else []
+            if not changed:
+                return record
+            if not self.force:
+                raise RunError(f"{self.path(name)} was computed from other inputs than today's:\n  " + "\n  ".join(changed)
+                               + "\nRun it with what made it (the same settings and models, that commit's pinned install), "
+                                 "or pass --force to compute it again.")
+        if self.say is not None:
+            self.say(f"{self.dir.name}/{name}")
+        t0 = time.perf_counter()
+        record = {"name": name, "inputs": plain(inputs), "commit": self.commit, **compute(),
+                  "seconds": round(time.perf_counter() - t0, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.write:
+            atomic_write_json(self.path(name), record)
+        return record

@@ -28,13 +28,15 @@ def configure(parser):
 
 
 def run(args):
-    from ctfgen.metrics.evaluate import evaluate, format_table, write_record
+    from ctfgen.metrics.compare import record_summary
+    from ctfgen.metrics.evaluate import evaluate, write_record
+
     record = evaluate(
         args.samples, args.ref, metric_set=args.metric_set, name=args.name, epoch=args.epoch,
         inception_weights=args.inception_weights, k=args.k, splits=args.splits,
         batch_size=args.batch_size, device=args.device, sfid=not args.no_sfid,
     )
-    print(format_table(record))
+    print(record_summary(record))
     if args.out:
         print(f"wrote {write_record(record, args.out)}")
     return 0

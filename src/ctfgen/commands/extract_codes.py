@@ -30,13 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     from ctfgen.config import DataConfig
     from ctfgen.data.extract import extract_dataset
     from ctfgen.train import distributed as D
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.dataset == "image_folder" and args.limit is not None:
         raise ConfigError("--limit applies to fashion_mnist only")
     root = args.data_root

@@ -15,11 +15,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--independent-only", action="store_true",
                         help="only train the ablations that need no main-run model (they can run beside "
                              "the main run once its codes exist), then stop")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute evaluation records made from other settings, models or code (refused otherwise)")
     collect_trailing_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ctfgen.reproduce import reproduce
 
-    reproduce(args.run, args.settings, independent_only=args.independent_only, overrides=args.overrides)
+    reproduce(args.run, args.settings, independent_only=args.independent_only, overrides=args.overrides,
+              force=args.force)
     return 0

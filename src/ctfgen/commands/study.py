@@ -33,10 +33,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-images", type=int, default=None,
                         help="test images for codebook usage and PSNR (default: the whole test split)")
     parser.add_argument("--batch-size", type=int, default=250, help="sampling batch size (it shapes the streams)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute records made from other settings, models or code (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.study import StudySettings, study_run, write_report
+    from ctfgen.config import StudySettings
+    from ctfgen.fileio import atomic_write_text
+    from ctfgen.study import study_run, write_report
 
     settings = StudySettings(guidance=tuple(args.guidance), temperatures=tuple(args.temperatures), seeds=tuple(args.seeds),
                              test_per_class=args.test_per_class, select_per_class=args.select_per_class,
@@ -44,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
                              diagnosis_seed=args.diagnosis_seed, heldout_images=args.heldout_images,
                              tokenizer_images=args.tokenizer_images, batch_size=args.batch_size)
     for run_dir in args.runs:
-        study_run(run_dir, args.records, settings)
+        study_run(run_dir, args.records, settings, force=args.force)
     if args.report:
         report = Path(args.report)
-        report.write_text(write_report(args.records, figure_dir=report.parent) + "\n")
+        atomic_write_text(report, write_report(args.records, figure_dir=report.parent) + "\n")
         print(f"wrote {report} and its figures")
     return 0

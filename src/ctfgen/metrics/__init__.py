@@ -5,7 +5,7 @@ See docs/evaluation.md. Classifier-space numbers are not comparable to ImageNet 
 """
 
 from ctfgen.metrics.classifier import ClassifierConfig, FMNISTClassifier, load_default_classifier, train_classifier
-from ctfgen.metrics.compare import compare, load_records, markdown_table, plot_metrics
+from ctfgen.metrics.compare import compare, load_records, markdown, markdown_table, plot_metrics, plot_panels, text_table
 from ctfgen.metrics.core import (
     feature_statistics,
     frechet_distance,
@@ -25,7 +25,7 @@ from ctfgen.metrics.inception import (
 
 __all__ = [
     "ClassifierConfig", "FMNISTClassifier", "load_default_classifier", "train_classifier",
-    "compare", "load_records", "markdown_table", "plot_metrics",
+    "compare", "load_records", "markdown", "markdown_table", "plot_metrics", "plot_panels", "text_table",
     "feature_statistics", "frechet_distance", "frechet_distance_from_features", "inception_score",
     "knn_radii", "precision_recall",
     "evaluate", "evaluate_fmnist", "evaluate_inception", "load_images", "write_record",

@@ -7,6 +7,7 @@ Fashion-MNIST garments look like and needs no download. This one is trained by t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -166,7 +167,7 @@ def train_classifier(
     limit: int | None = None,
     eval_limit: int | None = None,
     validation_images: int = VALIDATION_IMAGES,
-    log=lambda msg: print(msg, flush=True),
+    log=logging.getLogger("ctfgen.metrics").info,
 ) -> tuple[FMNISTClassifier, dict]:
     """Train on the training split less its `validation_images` validation images (random horizontal
     flips), evaluate on the test split, save to `out_dir` (config.json, model.safetensors,

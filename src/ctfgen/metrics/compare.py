@@ -1,8 +1,11 @@
-"""Several evaluated runs -> one markdown table and one figure per metric against training epoch.
+"""Tables and figures: the one place results are rendered (`ctfgen eval`, `compare`, `reproduce`,
+`study`, `redundancy`).
 
-Inputs are evaluation records (see ctfgen.metrics.evaluate): single JSON files, or run directories
-holding RUN/eval/*.json (one record per evaluated epoch). Lines in the figures are grouped by the
-record's `name`, so every record of one run should carry the same name and its own `epoch`.
+`markdown` and `text_table` render rows; `plot_panels` draws line panels into one PNG. On top of
+them, evaluation records (see ctfgen.metrics.evaluate), single JSON files or run directories holding
+RUN/eval/*.json, become one markdown table (`markdown_table`) and figures of each metric against
+training epoch (`plot_metrics`); lines are grouped by the record's `name`, so every record of one run
+should carry the same name and its own `epoch`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,78 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import matplotlib
+
 from ctfgen.errors import CorruptFileError
-from ctfgen.fileio import atomic_write_text
-from ctfgen.metrics.evaluate import METRIC_INFO
+from ctfgen.fileio import atomic_save, atomic_write_text
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Display names and whether higher is better.
+METRIC_INFO = {
+    "fid": ("FID", False),
+    "sfid": ("sFID", False),
+    "fd": ("FD (classifier)", False),
+    "kid": ("KID (classifier)", False),
+    "is": ("IS", True),
+    "is_std": ("IS std", None),
+    "precision": ("Precision", True),
+    "recall": ("Recall", True),
+    "class_consistency": ("Class consistency", True),
+    "bits_per_token": ("bits/token", False),
+    "sample_seconds_per_image": ("s/img", False),
+}
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+def markdown(header: list[str], rows: list[list], align: str = "") -> str:
+    """A markdown table; `align` holds one "l" or "r" per column (default: all left)."""
+    rule = ["---:" if a == "r" else "---" for a in (align or "l" * len(header))]
+    lines = [header, rule] + [[str(c) for c in row] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+
+
+def text_table(header: list[str], rows: list[list]) -> str:
+    """Plain aligned columns for a terminal: the first left, the others right."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def plot_panels(panels: list[dict], path: str | Path, width: float = 4.5, height: float = 3.5) -> Path:
+    """Panels side by side in one PNG. Each panel: {"title", "xlabel", "lines": [(label, xs, ys[, yerr])],
+    optional "log2_x": True}."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), dpi=120, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, xs, ys, *err in panel["lines"]:
+            if err and err[0] is not None:
+                ax.errorbar(xs, ys, yerr=err[0], marker="o", capsize=3, label=label)
+            else:
+                ax.plot(xs, ys, marker="o", label=label)
+        if panel.get("log2_x"):
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_title(panel["title"], fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_save(fig.savefig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+def record_summary(record: dict) -> str:
+    """One evaluation record for the terminal: what was compared, then one metric per line."""
+    head = (f"{record['name']} ({record['metric_set']}): {record['num_samples']} samples vs "
+            f"{record['num_reference']} reference ({record['reference']})")
+    rows = [[METRIC_INFO.get(k, (k,))[0], f"{v:.4f}"] for k, v in record["metrics"].items()]
+    return head + "\n" + "\n".join("  " + line for line in text_table(["metric", "value"], rows).splitlines()[1:])
+
+
+# --- evaluation records -----------------------------------------------------------------------------
 
 
 def load_records(run: str | Path) -> list[dict]:
@@ -72,61 +144,38 @@ def markdown_table(records: list[dict], label: Callable[[dict], str] | None = No
     samples; with `label` they keep their order under one `model` column made by label(record).
     `keys` chooses the metric columns (default: every metric present)."""
     keys = keys or _metric_keys(records)
-    metric_head = " | ".join(_header(k) for k in keys)
+    metrics = [_header(k) for k in keys]
+    cells = lambda r: [_cell(r["metrics"], k) for k in keys]  # noqa: E731
     if label is not None:
-        lines = [f"| model | {metric_head} |", "|---|" + "---:|" * len(keys)]
-        lines += [f"| {label(r)} | " + " | ".join(_cell(r["metrics"], k) for k in keys) + " |" for r in records]
-        return "\n".join(lines) + "\n"
-    lines = [f"| run | epoch | metric set | samples | {metric_head} |", "|---|---:|---|---:|" + "---:|" * len(keys)]
-    for r in sorted(records, key=_sort_key):
-        epoch = "–" if r["epoch"] is None else str(r["epoch"])
-        lines.append(f"| {r['name']} | {epoch} | {r.get('metric_set', '–')} | {r.get('num_samples', '–')} | "
-                     + " | ".join(_cell(r["metrics"], k) for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+        return markdown(["model", *metrics], [[label(r), *cells(r)] for r in records], "l" + "r" * len(keys))
+    rows = [[r["name"], "–" if r["epoch"] is None else r["epoch"], r.get("metric_set", "–"), r.get("num_samples", "–"),
+             *cells(r)] for r in sorted(records, key=_sort_key)]
+    return markdown(["run", "epoch", "metric set", "samples", *metrics], rows, "lrlr" + "r" * len(keys))
 
 
-def _draw(ax, records: list[dict], key: str) -> None:
+def _epoch_lines(records: list[dict], key: str) -> list[tuple]:
     """Metric `key` against epoch, one line per record name (the paper's Fig. 2 style)."""
+    lines = []
     for name in sorted({r["name"] for r in records}):
         pts = sorted((r["epoch"], r["metrics"][key], r["metrics"].get("is_std")) for r in records
                      if r["name"] == name and isinstance(r["metrics"].get(key), (int, float)))
-        if not pts:
-            continue
-        xs, ys, err = zip(*pts)
-        if key == "is" and all(e is not None for e in err):
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-        else:
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel("training epoch")
-    ax.set_title(_header(key), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        if pts:
+            xs, ys, err = zip(*pts)
+            lines.append((name, xs, ys, err if key == "is" and all(e is not None for e in err) else None))
+    return lines
 
 
 def plot_metrics(records: list[dict], out: str | Path, keys: list[str] | None = None,
                  one_figure: bool = False) -> list[Path]:
     """Metrics against training epoch: one PNG per metric in the directory `out`, or with
     `one_figure` all `keys` side by side in the single PNG file `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     with_epoch = [r for r in records if r["epoch"] is not None]
     keys = [k for k in (keys or _metric_keys(with_epoch)) if k != "is_std"]  # is_std: the IS error bars
-    figures = [(keys, out)] if one_figure else [([k], out / f"{k}.png") for k in keys]
-    paths = []
-    for panel_keys, path in figures:
-        fig, axes = plt.subplots(1, len(panel_keys), figsize=(4.5 * len(panel_keys), 3.5), dpi=120, squeeze=False)
-        for ax, key in zip(axes[0], panel_keys):
-            _draw(ax, with_epoch, key)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    panel = lambda k: {"title": _header(k), "xlabel": "training epoch", "lines": _epoch_lines(with_epoch, k)}  # noqa: E731
+    if one_figure:
+        return [plot_panels([panel(k) for k in keys], out)]
+    return [plot_panels([panel(k)], out / f"{k}.png") for k in keys]
 
 
 def compare(runs: list[str | Path], out_dir: str | Path | None = None) -> tuple[str, list[Path]]:

@@ -29,21 +29,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 IS_SHUFFLE_SEED = 0
 FMNIST_REFS = {"test": "test", "fashion-mnist-test": "test", "train": "train", "fashion-mnist-train": "train"}
 
-# Display names and whether higher is better; used for the printed table and by `ctfgen compare`.
-METRIC_INFO = {
-    "fid": ("FID", False),
-    "sfid": ("sFID", False),
-    "fd": ("FD (classifier)", False),
-    "is": ("IS", True),
-    "is_std": ("IS std", None),
-    "precision": ("Precision", True),
-    "recall": ("Recall", True),
-    "class_consistency": ("Class consistency", True),
-    "bits_per_token": ("bits/token", False),
-    "sample_seconds_per_image": ("s/img", False),
-}
-
-
 # ------------------------------------------------------------------------------------------------
 # loading
 
@@ -293,11 +278,3 @@ def write_record(record: dict, path: str | Path) -> Path:
     from ctfgen.fileio import atomic_write_json
 
     return atomic_write_json(path, record)
-
-
-def format_table(record: dict) -> str:
-    rows = [(METRIC_INFO.get(k, (k,))[0], f"{v:.4f}") for k, v in record["metrics"].items()]
-    width = max(len(r[0]) for r in rows)
-    head = (f"{record['name']} ({record['metric_set']}): {record['num_samples']} samples vs "
-            f"{record['num_reference']} reference ({record['reference']})")
-    return "\n".join([head] + [f"  {n:<{width}}  {v:>10}" for n, v in rows])

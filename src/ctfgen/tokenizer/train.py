@@ -11,6 +11,7 @@ checkpoints. `out_dir` receives what every training run does (checkpoints/, metr
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -26,9 +27,11 @@ from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train import distributed as D
-from ctfgen.train.loop import say, train, training_autocast
+from ctfgen.train.loop import train, training_autocast
 
 __all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
+
+logger = logging.getLogger("ctfgen.train")
 
 MODEL_DIR = "tokenizer"   # out_dir/tokenizer: the finished VQModel
 
@@ -179,7 +182,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     if cfg.train.codebook_init == "kmeans" and not (resume and list_checkpoints(out_dir / "checkpoints")):
         info = kmeans_init_codebook(model.to(device), dataset, num_images=int(cfg.train.codebook_init_images),
                                     seed=cfg.train.seed, device=device)
-        say(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
+        logger.info(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
     train_cfg = from_dict(type(cfg.train), {**cfg.train.to_dict(), "progress": progress and cfg.train.progress})
     result = train(model, task.loss, dataset, train_cfg, out_dir, resume=resume, device=device, desc="tokenizer",
                    extra=task, run_config={"model_config": _plain(asdict(vq_config)),
@@ -189,7 +192,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     final.eval()
     if D.is_main():
         publish_dir(final.save_pretrained, out_dir / MODEL_DIR)
-        say(f"tokenizer saved to {out_dir / MODEL_DIR} after {result.step} steps; codebook usage "
+        logger.info(f"tokenizer saved to {out_dir / MODEL_DIR} after {result.step} steps; codebook usage "
             f"{final.codebook_usage():.1%} of {vq_config.codebook_size} codes over the last {vq_config.usage_window} indices")
     D.barrier()
     return final

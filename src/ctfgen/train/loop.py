@@ -22,9 +22,9 @@ on GPU, optional EMA) and adds what long runs on shared machines need:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import signal
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +43,8 @@ from ctfgen.rundir import WriterLock
 
 from . import checkpoint as C
 from . import distributed as D
+
+logger = logging.getLogger("ctfgen.train")
 
 __all__ = ["train", "TrainConfig", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "lr_at",
            "make_optimizer", "ShardedBatches", "EMA"]
@@ -290,11 +292,6 @@ class Log:
         self._reset()
 
 
-def say(msg: str):
-    if D.is_main():
-        print(msg, file=sys.stderr, flush=True)
-
-
 # --- the loop ------------------------------------------------------------------------------
 
 @dataclass
@@ -510,15 +507,15 @@ def _restore(run: Run, ck: dict, path: Path, desc: str) -> None:
     old = ck.get("train_config", {})
     changed = {k: (old.get(k), v) for k, v in run.cfg.to_dict().items() if old and old.get(k) != v}
     if changed:
-        say(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+        logger.info(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
     rank, world = D.get_rank(), D.get_world_size()
     if ck.get("world_size") == world:
         C.set_rng_state(ck["rng"][rank])
     else:
-        say(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
+        logger.info(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
             "RNG streams are reseeded, so the run continues but not bit-for-bit")
         C.seed_everything(run.cfg.seed + 1_000_003 * rank + ck["step"])
-    say(f"[{desc}] resumed from {path} at step {ck['step']}/{run.total} (epoch {pos.epoch}, batch {pos.batch})")
+    logger.info(f"[{desc}] resumed from {path} at step {ck['step']}/{run.total} (epoch {pos.epoch}, batch {pos.batch})")
 
 
 def _nan_message(desc: str, what: str, run: Run) -> str:
