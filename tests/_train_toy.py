@@ -43,8 +43,11 @@ def toy_loss(model, batch):
 
 def main(argv=None):
     sys.path.insert(0, str(SRC))
+    from ctfgen.cli import log_progress
     from ctfgen.train import distributed as D
     from ctfgen.train.loop import train
+
+    log_progress()  # the loop's progress lines ("resumed from ...") on stderr, as the CLI shows them
 
     p = argparse.ArgumentParser()
     p.add_argument("out")

@@ -138,7 +138,7 @@ class DemoBackend:
     @torch.inference_mode()
     def __call__(self, class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images,
                  compare: bool) -> dict:
-        from ctfgen.stages import change_heat
+        from ctfgen.figures import change_heat
 
         o = self.check(class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images)
         if compare and self.baseline is None:
@@ -166,7 +166,7 @@ class DemoBackend:
         from PIL import Image
 
         from ctfgen.images import to_uint8
-        from ctfgen.stages import stage_figure, stage_rows
+        from ctfgen.figures import stage_figure, stage_rows
 
         stem = f"ctfgen_{self.class_names[o['label']]}_seed{o['seed']}".replace("/", "-").replace(" ", "-")
         buf = io.BytesIO()

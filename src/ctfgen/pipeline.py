@@ -22,6 +22,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from ctfgen.compat import check_parts
 from ctfgen.errors import CorruptFileError, MismatchError
 from ctfgen.fileio import atomic_write_json
 
-__all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
+__all__ = ["CTFPipeline", "ARPipeline", "PipelineOutput", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
 
 PIPELINE_FILE = "pipeline.json"
 COARSE_MAP_FILE = "coarse_map.safetensors"
@@ -75,6 +76,40 @@ def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device):
+    """(fn(), its seconds), the device's queued work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+@dataclass
+class PipelineOutput:
+    """One pipeline call (`pipe(labels)`). The CTF-only fields are None for the baseline."""
+
+    images: torch.Tensor                          # (B, C, H, W) in [-1, 1]
+    tokens: torch.Tensor                          # (B, image_tokens) fine tokens
+    labels: torch.Tensor                          # (B,) class ids
+    timings: dict = field(default_factory=dict)   # seconds: stage1, stage2, decode, total (+ coarse_preview)
+    coarse: torch.Tensor | None = None            # (B, image_tokens) coarse labels stage 1 sampled
+    coarse_tokens: torch.Tensor | None = None     # (B, image_tokens) their representative codewords
+    coarse_preview: torch.Tensor | None = None    # (B, C, H, W) coarse_tokens decoded (unless preview=False)
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.tokens.shape[1])
+
+    @property
+    def changed(self) -> torch.Tensor | None:
+        """(B, h, w) bool: where stage 2 chose a codeword other than its cluster's representative."""
+        if self.coarse_tokens is None:
+            return None
+        g = self.grid_size
+        return (self.tokens != self.coarse_tokens).reshape(-1, g, g)
 
 
 def _generator(generator, device: torch.device):
@@ -160,29 +195,38 @@ class _Pipeline:
         g = self.grid_size
         return self.tokenizer.decode(tokens.reshape(-1, g, g)).clamp(-1, 1)
 
+    def _sample_and_decode(self, labels, generator, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise MismatchError(f"this {type(self).__name__} has no tokenizer, so it cannot decode images; "
+                                "pass tokenizer= or use sample_tokens")
+        tokens = self.sample_tokens(labels, generator=generator, **kwargs)
+        images, self.last_timings["decode"] = _timed(lambda: self.decode(tokens), tokens.device)
+        self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
+        return tokens, images
+
     def sample(self, labels, generator=None, **kwargs) -> torch.Tensor:
         """Sample tokens for `labels` (see `sample_tokens` for the options) and decode them to
         (B, C, H, W) images in [-1, 1]. `last_timings` gets stage1/stage2/decode seconds."""
-        if self.tokenizer is None:
-            raise MismatchError(f"this {type(self).__name__} has no tokenizer, so it cannot decode images; "
-                             "pass tokenizer= or use sample_tokens")
-        tokens = self.sample_tokens(labels, generator=generator, **kwargs)
-        device = self.device
-        _sync(device)
-        t0 = time.perf_counter()
-        images = self.decode(tokens)
-        _sync(device)
-        self.last_timings["decode"] = time.perf_counter() - t0
-        self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
-        return images
+        return self._sample_and_decode(labels, generator, kwargs)[1]
 
-    def __call__(self, labels, generator=None, preview: bool = True, **kwargs):
-        """Sample and decode, keeping every stage: a `ctfgen.stages.PipelineOutput` with the images,
-        the tokens and the timings, and for CTF the sampled coarse labels and (unless `preview=False`)
-        the coarse preview. Same options and same draws as `sample` for a given generator."""
-        from ctfgen.stages import run_pipeline
-
-        return run_pipeline(self, labels, generator=generator, preview=preview, **kwargs)
+    @torch.no_grad()
+    def __call__(self, labels, generator=None, preview: bool = True, **kwargs) -> "PipelineOutput":
+        """Sample and decode, keeping every stage: a `PipelineOutput` with the images, the tokens and
+        the timings, and for CTF the sampled coarse labels, their representative codewords and (unless
+        `preview=False`) the coarse preview decoded from them. Same options and draws as `sample`;
+        timings as `last_timings`, plus `coarse_preview` (not counted in `total`, which stays the cost
+        of the final images)."""
+        tokens, images = self._sample_and_decode(labels, generator, kwargs)
+        device = tokens.device
+        out = PipelineOutput(images=images, tokens=tokens, labels=_labels(labels, self.num_classes, device),
+                             timings=self.last_timings)
+        if self.kind == "ctf":
+            out.coarse = self.last_coarse
+            out.coarse_tokens = self.representatives.to(device)[out.coarse]
+            if preview:
+                out.coarse_preview, out.timings["coarse_preview"] = _timed(lambda: self.decode(out.coarse_tokens),
+                                                                           device)
+        return out
 
     def _write_json(self, directory: Path, extra: dict) -> None:
         info = {"type": self.kind, "format_version": FORMAT_VERSION, "image_tokens": self.image_tokens,
@@ -321,7 +365,7 @@ class CTFPipeline(_Pipeline):
         _sync(device)
         self.last_timings = {"stage1": t1 - t0, "stage2": time.perf_counter() - t1, "decode": 0.0}
         self.last_timings["total"] = self.last_timings["stage1"] + self.last_timings["stage2"]
-        self.last_coarse = coarse  # the stage-1 draw, for the coarse preview (ctfgen.stages)
+        self.last_coarse = coarse  # the stage-1 draw, for the coarse preview (PipelineOutput)
         return fine
 
     @torch.no_grad()

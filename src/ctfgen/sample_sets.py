@@ -130,7 +130,7 @@ def _comparison(pipeline, result, baseline, out: Path, seed: int, nrow: int, sca
     import torch
 
     from ctfgen.images import to_uint8
-    from ctfgen.stages import side_by_side, stage_figure, stage_rows
+    from ctfgen.figures import side_by_side, stage_figure, stage_rows
 
     info, base = {}, None
     if baseline is not None:

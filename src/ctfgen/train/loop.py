@@ -295,7 +295,7 @@ class Log:
 # --- the loop ------------------------------------------------------------------------------
 
 @dataclass
-class Run:
+class TrainState:
     """One training run's moving parts, for the loop below and its checkpoints."""
 
     cfg: TrainConfig
@@ -317,9 +317,9 @@ class Run:
         return D.unwrap(self.wrapped)
 
     def save(self) -> None:
-        state = _state(self)  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
+        ckpt = _checkpoint_state(self)  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
         if D.is_main():
-            self.last_checkpoint = C.save_checkpoint(state, self.out_dir / "checkpoints", self.step,
+            self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
                                                      keep=self.cfg.keep_checkpoints)
         D.barrier()
 
@@ -362,20 +362,20 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, config, "train")
     device = torch.device(device) if device is not None else D.default_device()
     with WriterLock(out_dir, "train", hold=D.is_main()):  # one process writes a run directory
-        run = _start(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
-        log = Log(run.out_dir / "metrics.csv", cfg, run.total, run.step, run.resumed_from is not None, desc,
+        state = _start(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
+        log = Log(state.out_dir / "metrics.csv", cfg, state.total, state.step, state.resumed_from is not None, desc,
                   getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
-        wrapped, optimizer, pos = run.wrapped, run.optimizer, run.pos
+        wrapped, optimizer, pos = state.wrapped, state.optimizer, state.pos
         autocast = training_autocast(cfg.mixed_precision, device)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         flag: dict = {}
         try:
             with _stop_on_signals(flag):
-                while run.step < run.total:
+                while state.step < state.total:
                     optimizer.zero_grad(set_to_none=True)
                     for g in optimizer.param_groups:
-                        g["lr"] = lr_at(run.step, cfg, run.total)
+                        g["lr"] = lr_at(state.step, cfg, state.total)
                     loss_sum, bad, metrics = torch.zeros((), device=device), torch.zeros((), device=device), {}
                     for micro in range(cfg.grad_accum):
                         batch = pos.next()
@@ -393,34 +393,34 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                                          torch.tensor(float(bool(flag.get("stop"))), device=device)])
                     D.all_reduce_sum(stats)  # every rank takes the same decision to stop
                     if stats[1] > 0 or stats[2] > 0:
-                        raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm", run))
+                        raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm", state))
                     optimizer.step()
-                    if run.ema is not None:
-                        run.ema.update()
+                    if state.ema is not None:
+                        state.ema.update()
                     if extra is not None:
-                        metrics = {**metrics, **extra.after_step(run.step)}
-                    run.step += 1
-                    if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
+                        metrics = {**metrics, **extra.after_step(state.step)}
+                    state.step += 1
+                    if cfg.snapshot_every and state.step % cfg.snapshot_every == 0:
                         # With constant lr a snapshot at step N equals an N-step run (ablations use it).
-                        run.snapshot(run.out_dir / "snapshots" / f"step-{run.step:06d}")
-                    run.end_epochs(pos.epochs_completed, on_epoch_end)
-                    log.add(run.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
+                        state.snapshot(state.out_dir / "snapshots" / f"step-{state.step:06d}")
+                    state.end_epochs(pos.epochs_completed, on_epoch_end)
+                    log.add(state.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
                             grad_norm, pos)
                     if stats[3] > 0:
-                        run.save()
+                        state.save()
                         raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
-                                                  f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
+                                                  f"at step {state.step}; checkpoint {state.last_checkpoint} written, "
                                                   "continue with --resume")
-                    if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
-                        run.save()
+                    if state.step % cfg.checkpoint_every == 0 or state.step == state.total:
+                        state.save()
             if cfg.epochs is not None:
-                run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
+                state.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
         finally:
             log.bar.close()
         final = D.model_state(wrapped)
-        return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
-                           step=run.step, epoch=pos.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
-                           resumed_from=run.resumed_from, seconds=time.time() - log.t_start,
+        return TrainResult(state_dict=final, ema_state_dict=state.ema.full_model_state(final) if state.ema else None,
+                           step=state.step, epoch=pos.epoch, checkpoint=state.last_checkpoint, metrics_path=log.path,
+                           resumed_from=state.resumed_from, seconds=time.time() - log.t_start,
                            history=log.history)
 
 
@@ -440,7 +440,7 @@ def _plan(cfg: TrainConfig, num_items: int) -> tuple[ShardedBatches, int]:
 
 
 def _start(model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, collate_fn, extra,
-           run_config: dict, desc: str) -> Run:
+           run_config: dict, desc: str) -> TrainState:
     """Model on its device and wrapped, optimizer, EMA, data position; restored from the newest
     checkpoint when resuming."""
     ckpt_dir = out_dir / "checkpoints"
@@ -454,58 +454,58 @@ def _start(model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device
     if extra is not None:
         extra.setup(device, total)
     C.seed_everything(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
-    run = Run(cfg, out_dir, wrapped, optimizer, ema, extra, Position(dataset, batches, cfg, device, collate_fn),
+    state = TrainState(cfg, out_dir, wrapped, optimizer, ema, extra, Position(dataset, batches, cfg, device, collate_fn),
               total, len(dataset), run_config)
     found = C.load_latest_checkpoint(ckpt_dir) if resume else None
     if found is not None:
-        _restore(run, *found, desc)
-    return run
+        _restore(state, *found, desc)
+    return state
 
 
-def _state(run: Run) -> dict:
-    pos = run.pos
+def _checkpoint_state(state: TrainState) -> dict:
+    pos = state.pos
     return {
         "format": C.CHECKPOINT_FORMAT,
-        "model": D.model_state(run.wrapped, every_rank=False),
-        "optimizer": D.optimizer_state(run.wrapped, run.optimizer),
+        "model": D.model_state(state.wrapped, every_rank=False),
+        "optimizer": D.optimizer_state(state.wrapped, state.optimizer),
         # The schedule is a pure function of the step (a resumed run may change it, e.g. a lower lr
         # after a NaN); recorded for the reader.
-        "scheduler": {"step": run.step, "lr": lr_at(max(run.step - 1, 0), run.cfg, run.total)},
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "extra": run.extra.state_dict() if run.extra is not None else None,
-        "step": run.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch, "epochs_done": pos.epochs_done,
-        "dataset_len": run.num_items,
+        "scheduler": {"step": state.step, "lr": lr_at(max(state.step - 1, 0), state.cfg, state.total)},
+        "ema": state.ema.state_dict() if state.ema is not None else None,
+        "extra": state.extra.state_dict() if state.extra is not None else None,
+        "step": state.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch, "epochs_done": pos.epochs_done,
+        "dataset_len": state.num_items,
         "rng": C.gather_rng(),
         "world_size": D.get_world_size(),
-        "train_config": run.cfg.to_dict(),
-        "run_config": run.run_config,
+        "train_config": state.cfg.to_dict(),
+        "run_config": state.run_config,
     }
 
 
-def _restore(run: Run, ck: dict, path: Path, desc: str) -> None:
+def _restore(state: TrainState, ck: dict, path: Path, desc: str) -> None:
     if ck.get("format") != C.CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
-    if ck.get("dataset_len", run.num_items) != run.num_items:
+    if ck.get("dataset_len", state.num_items) != state.num_items:
         raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
-                              f"{run.num_items}: the data position cannot be restored. Resume with the same data.")
-    D.load_model_state(run.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
-    then, now = ck.get("run_config", {}).get("model_config"), run.run_config.get("model_config")
+                              f"{state.num_items}: the data position cannot be restored. Resume with the same data.")
+    D.load_model_state(state.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
+    then, now = ck.get("run_config", {}).get("model_config"), state.run_config.get("model_config")
     if then is not None and now is not None and then != now:
         diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
         raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
                               "resume with the same model settings or start a new run")
-    D.load_optimizer_state(run.wrapped, run.optimizer, ck["optimizer"])
-    if run.ema is not None:
+    D.load_optimizer_state(state.wrapped, state.optimizer, ck["optimizer"])
+    if state.ema is not None:
         if ck.get("ema") is None:
             raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")
-        run.ema.load_state_dict(ck["ema"])
-    if run.extra is not None:
-        run.extra.load_state_dict(ck.get("extra"), source=str(path))
-    pos = run.pos
+        state.ema.load_state_dict(ck["ema"])
+    if state.extra is not None:
+        state.extra.load_state_dict(ck.get("extra"), source=str(path))
+    pos = state.pos
     pos.epoch, pos.batch, pos.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
-    run.step, run.last_checkpoint, run.resumed_from = ck["step"], path, path
+    state.step, state.last_checkpoint, state.resumed_from = ck["step"], path, path
     old = ck.get("train_config", {})
-    changed = {k: (old.get(k), v) for k, v in run.cfg.to_dict().items() if old and old.get(k) != v}
+    changed = {k: (old.get(k), v) for k, v in state.cfg.to_dict().items() if old and old.get(k) != v}
     if changed:
         logger.info(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
     rank, world = D.get_rank(), D.get_world_size()
@@ -514,16 +514,16 @@ def _restore(run: Run, ck: dict, path: Path, desc: str) -> None:
     else:
         logger.info(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
             "RNG streams are reseeded, so the run continues but not bit-for-bit")
-        C.seed_everything(run.cfg.seed + 1_000_003 * rank + ck["step"])
-    logger.info(f"[{desc}] resumed from {path} at step {ck['step']}/{run.total} (epoch {pos.epoch}, batch {pos.batch})")
+        C.seed_everything(state.cfg.seed + 1_000_003 * rank + ck["step"])
+    logger.info(f"[{desc}] resumed from {path} at step {ck['step']}/{state.total} (epoch {pos.epoch}, batch {pos.batch})")
 
 
-def _nan_message(desc: str, what: str, run: Run) -> str:
-    kept = C.list_checkpoints(run.out_dir / "checkpoints")
+def _nan_message(desc: str, what: str, state: TrainState) -> str:
+    kept = C.list_checkpoints(state.out_dir / "checkpoints")
     where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
              if kept else "no checkpoint was written yet")
-    return (f"[{desc}] the {what} became NaN/inf at step {run.step + 1} (epoch {run.pos.epoch}); this step's update "
-            f"was not applied and training stopped. {where}. Try a lower learning rate (train.lr={run.cfg.lr:g} now), "
+    return (f"[{desc}] the {what} became NaN/inf at step {state.step + 1} (epoch {state.pos.epoch}); this step's update "
+            f"was not applied and training stopped. {where}. Try a lower learning rate (train.lr={state.cfg.lr:g} now), "
             "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
 
 

@@ -1,8 +1,7 @@
-"""Coarse-to-fine at work: what stage 1 decided, what stage 2 changed, as tensors and as pictures.
+"""Figures of coarse-to-fine at work: what stage 1 decided and what stage 2 changed, as pictures.
 
-    >>> out = pipe([7, 7, 3], generator=0)       # a pipeline call keeps every stage
-    >>> out.images, out.coarse_preview           # (B, C, H, W) final images and stage 1's picture
-    >>> out.changed                              # (B, h, w) True where stage 2 left the representative
+    >>> out = pipe([7, 7, 3], generator=0)       # a pipeline call keeps every stage (ctfgen.pipeline.PipelineOutput)
+    >>> change_heat(pipe, out)                   # (B, h, w) how far stage 2 moved from the representative
     >>> stage_figure(stage_rows(pipe, out)).save("stages.png")
 
 The *coarse preview* decodes every coarse label through one codeword of its cluster, its
@@ -13,80 +12,15 @@ the frequency-based alternative would need code counts that a shipped coarse map
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from ctfgen.images import to_uint8
+from ctfgen.pipeline import PipelineOutput
 
-__all__ = ["PipelineOutput", "run_pipeline", "change_heat", "stage_rows", "stage_figure", "side_by_side"]
-
-
-@dataclass
-class PipelineOutput:
-    """One pipeline call. The CTF-only fields are None for the baseline."""
-
-    images: torch.Tensor                          # (B, C, H, W) in [-1, 1]
-    tokens: torch.Tensor                          # (B, image_tokens) fine tokens
-    labels: torch.Tensor                          # (B,) class ids
-    timings: dict = field(default_factory=dict)   # seconds: stage1, stage2, decode, total (+ coarse_preview)
-    coarse: torch.Tensor | None = None            # (B, image_tokens) coarse labels stage 1 sampled
-    coarse_tokens: torch.Tensor | None = None     # (B, image_tokens) their representative codewords
-    coarse_preview: torch.Tensor | None = None    # (B, C, H, W) coarse_tokens decoded (unless preview=False)
-
-    @property
-    def grid_size(self) -> int:
-        return math.isqrt(self.tokens.shape[1])
-
-    @property
-    def changed(self) -> torch.Tensor | None:
-        """(B, h, w) bool: where stage 2 chose a codeword other than its cluster's representative."""
-        if self.coarse_tokens is None:
-            return None
-        g = self.grid_size
-        return (self.tokens != self.coarse_tokens).reshape(-1, g, g)
-
-
-def _timed(fn, device):
-    from ctfgen.pipeline import _sync
-
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t0
-
-
-@torch.no_grad()
-def run_pipeline(pipe, labels, generator=None, preview: bool = True, **kwargs) -> PipelineOutput:
-    """`pipe(labels, ...)`: sample tokens, decode them, and for CTF decode the coarse preview too
-    (`preview=False` keeps the coarse labels and their representatives but skips decoding them).
-    Same options and draws as `pipe.sample`; timings as `pipe.last_timings`, plus `coarse_preview`
-    (not counted in `total`, which stays the cost of the final images)."""
-    from ctfgen.pipeline import CTFPipeline, _labels
-
-    if pipe.tokenizer is None:
-        raise ValueError(f"this {type(pipe).__name__} has no tokenizer, so it cannot decode images; "
-                         "pass tokenizer= or use sample_tokens")
-    tokens = pipe.sample_tokens(labels, generator=generator, **kwargs)
-    timings = dict(pipe.last_timings)
-    device = tokens.device
-    images, timings["decode"] = _timed(lambda: pipe.decode(tokens), device)
-    timings["total"] = timings["stage1"] + timings["stage2"] + timings["decode"]
-    out = PipelineOutput(images=images, tokens=tokens, labels=_labels(labels, pipe.num_classes, device),
-                         timings=timings)
-    if isinstance(pipe, CTFPipeline):
-        out.coarse = pipe.last_coarse
-        out.coarse_tokens = pipe.representatives.to(device)[out.coarse]
-        if preview:
-            out.coarse_preview, timings["coarse_preview"] = _timed(lambda: pipe.decode(out.coarse_tokens), device)
-    pipe.last_timings = timings
-    return out
+__all__ = ["change_heat", "stage_rows", "stage_figure", "side_by_side"]
 
 
 def _fitted_codewords(pipe) -> torch.Tensor:

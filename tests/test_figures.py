@@ -10,7 +10,7 @@ from _tiny_ctf import tiny_baseline, tiny_ctf, tiny_vq
 from ctfgen.cli import main
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.sampling import generate
-from ctfgen.stages import change_heat, stage_figure, stage_rows
+from ctfgen.figures import change_heat, stage_figure, stage_rows
 
 
 @pytest.fixture(scope="module")
