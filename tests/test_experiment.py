@@ -332,3 +332,16 @@ def test_every_shipped_config_loads(path):
     from ctfgen.config import ReproduceConfig
 
     load_config(ReproduceConfig if "ablations" in path.name else ExperimentConfig, path)
+
+
+def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_path):
+    from ctfgen.config import load_stage_config
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"stage1": {"preset": "GPT-tiny", "model": {"resid_dropout": 0.0},
+                                               "train": {"lr": 3e-4}}, "train": {"steps": 5, "batch_size": 8}}))
+    cfg = load_stage_config(path, "baseline", ["model.dim=64", "train.steps=7"])
+    assert cfg.preset == "GPT-tiny" and cfg.model == {"resid_dropout": 0.0, "dim": 64}
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.batch_size) == (3e-4, 7, 8)
+    with pytest.raises(ConfigError, match="unknown config key baseline.train.lrr"):
+        load_stage_config(path, "baseline", ["train.lrr=1"])

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfgen.errors import MismatchError
+from ctfgen.errors import MismatchError, MissingFileError, WrongTypeError
 from ctfgen.fileio import atomic_save
 from ctfgen.fingerprint import codebook_fingerprint
 
@@ -48,7 +48,7 @@ def fingerprint_of(obj) -> str:
     fp = getattr(obj, "fingerprint", None)
     if isinstance(fp, str):
         return fp
-    raise TypeError(
+    raise WrongTypeError(
         f"cannot tell which codebook {type(obj).__name__} is: pass a VQModel, its raw embedding weight "
         "(V, D) tensor, or a codebook fingerprint string"
     )
@@ -74,7 +74,7 @@ def _codewords(codebook, normalize: bool | None) -> tuple[np.ndarray, str, bool]
         if normalize is None:
             normalize = bool(getattr(getattr(codebook, "config", None), "codebook_l2_norm", True))
     else:
-        raise TypeError(f"expected a VQModel or a (V, D) codebook tensor, got {type(codebook).__name__}")
+        raise WrongTypeError(f"expected a VQModel or a (V, D) codebook tensor, got {type(codebook).__name__}")
     if normalize:
         data = torch.nn.functional.normalize(data, p=2, dim=-1)
     if not torch.isfinite(data).all():
@@ -277,7 +277,7 @@ class CoarseMap:
         """Coarse labels of fine tokens, any shape, on the tokens' device."""
         fine = torch.as_tensor(fine)
         if fine.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"fine tokens must be an integer tensor, got {fine.dtype}")
+            raise WrongTypeError(f"fine tokens must be an integer tensor, got {fine.dtype}")
         if fine.numel() and (int(fine.min()) < 0 or int(fine.max()) >= self.vocab_size):
             raise MismatchError(f"fine tokens must be in [0, {self.vocab_size}), got range "
                              f"[{int(fine.min())}, {int(fine.max())}]; are these tokens from another tokenizer?")
@@ -341,7 +341,7 @@ class CoarseMap:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"coarse map file {path} not found (write one with `ctfgen cluster`)")
+            raise MissingFileError(f"coarse map file {path} not found (write one with `ctfgen cluster`)")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}

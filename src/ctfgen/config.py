@@ -546,11 +546,11 @@ class StudySettings:
 
 def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> StageConfig:
     """One stage's settings (`ctfgen train`) from a stage YAML ({preset, model, train}) or an
-    experiment YAML (its stage1 / aux / baseline section, with what it inherits); the overrides
-    apply to the stage's section (`train.steps=5`, `model.dim=256`)."""
+    experiment YAML (its stage1 / aux / baseline / matched section, with what it inherits); the
+    overrides apply to the stage's section (`train.steps=5`, `model.dim=256`)."""
     raw = read_yaml(path) if path is not None else {}
-    cls = AuxStageConfig if stage == "aux" else StageConfig
-    if set(raw) - {"preset", "model", "train"}:
-        exp = ExperimentConfig.from_raw(raw)
-        raw = {k: v for k, v in to_dict(exp.stage(stage)).items() if k in ("preset", "model", "train")}
-    return from_dict(cls, apply_overrides(raw, overrides))
+    if set(raw) <= {"preset", "model", "train"}:
+        return from_dict(AuxStageConfig if stage == "aux" else StageConfig, apply_overrides(raw, overrides))
+    ExperimentConfig.from_raw(raw)  # errors name the keys as written
+    section = STAGE_SECTIONS[stage]  # the overrides apply after the section has inherited its settings
+    return from_dict(ExperimentConfig, apply_overrides(inherit(raw), [f"{section}.{o}" for o in overrides or []])).stage(stage)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.clustering import CoarseMap
+from ctfgen.errors import ConfigError, MismatchError
 
 __all__ = ["coarse_prediction", "most_frequent_members", "stagewise_sets", "STAGEWISE_SETS"]
 
@@ -52,9 +53,9 @@ def coarse_prediction(stage1, baseline, coarse_map: CoarseMap, tokens, labels, b
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     labels = torch.as_tensor(labels, dtype=torch.long)
     if tokens.dim() != 2 or labels.shape != (tokens.shape[0],):
-        raise ValueError(f"tokens must be (N, L) and labels (N,), got {tuple(tokens.shape)} and {tuple(labels.shape)}")
+        raise MismatchError(f"tokens must be (N, L) and labels (N,), got {tuple(tokens.shape)} and {tuple(labels.shape)}")
     if stage1.config.vocab_size != coarse_map.num_coarse or baseline.config.vocab_size != coarse_map.vocab_size:
-        raise ValueError(
+        raise MismatchError(
             f"stage 1 predicts {stage1.config.vocab_size} labels and the baseline {baseline.config.vocab_size} tokens, "
             f"but the coarse map maps {coarse_map.vocab_size} tokens to {coarse_map.num_coarse} labels: pass the "
             "stage 1, baseline and coarse map of one run"
@@ -122,7 +123,7 @@ def stagewise_sets(ctf, baseline, tokens, labels, representatives: torch.Tensor,
     labels = torch.as_tensor(labels, dtype=torch.long)
     unknown = set(sets) - set(STAGEWISE_SETS)
     if unknown:
-        raise ValueError(f"unknown stage-wise sets {sorted(unknown)}; choose from {STAGEWISE_SETS}")
+        raise ConfigError(f"unknown stage-wise sets {sorted(unknown)}; choose from {STAGEWISE_SETS}")
     ctf_o = ctf._resolve(ctf_sampling or {})
     fine_o = dict(temperature=ctf_o["temperature_fine"], top_k=ctf_o["top_k_fine"], cfg_scale=ctf_o["cfg_scale_fine"])
     cmap = ctf.coarse_map

@@ -12,6 +12,14 @@ class ConfigError(CtfgenError, ValueError):
     """A config file, override or option is wrong (unknown key, bad value)."""
 
 
+class MissingFileError(CtfgenError, FileNotFoundError):
+    """A file or directory that was named (or that a step needs) does not exist."""
+
+
+class WrongTypeError(CtfgenError, TypeError):
+    """A function got an argument of a kind it cannot use (e.g. a path where a model was expected)."""
+
+
 class CorruptFileError(CtfgenError, ValueError):
     """A file exists but cannot be read as what it should be."""
 

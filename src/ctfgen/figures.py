@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ctfgen.images import to_uint8
 from ctfgen.pipeline import PipelineOutput
+from ctfgen.errors import ConfigError
 
 __all__ = ["change_heat", "stage_rows", "stage_figure", "side_by_side"]
 
@@ -35,7 +36,7 @@ def change_heat(pipe, out: PipelineOutput) -> torch.Tensor:
     units of the model's largest member-to-representative distance. Exactly 0 where stage 2 kept
     the representative, so the non-zero cells are `out.changed`."""
     if out.coarse_tokens is None:
-        raise ValueError("a heat map of stage 2's changes needs a CTF pipeline's output")
+        raise ConfigError("a heat map of stage 2's changes needs a CTF pipeline's output")
     e = _fitted_codewords(pipe)
     rep_of = pipe.representatives[pipe.coarse_map.fine_to_coarse]
     scale = (e - e[rep_of]).norm(dim=-1).max().clamp_min(1e-12)

@@ -20,7 +20,7 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
 
-from ctfgen.errors import CorruptFileError, MismatchError
+from ctfgen.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
 from ctfgen.fileio import atomic_write_json, fsync_file, replace_dir
 
 FORMAT_VERSION = 1
@@ -71,7 +71,7 @@ class CodeWriter:
                  image_tokens: int, header: dict[str, Any], overwrite: bool = False):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"{self.out_dir} already exists; remove it or pass overwrite=True "
+            raise OutputExistsError(f"{self.out_dir} already exists; remove it or pass overwrite=True "
                                   "(--overwrite)")
         if "codebook_size" not in header:
             raise MismatchError("header needs 'codebook_size' to choose the code dtype")
@@ -125,7 +125,7 @@ class CodeWriter:
     def commit(self) -> Path:
         """Finish: write the header and rename the temporary directory to `out_dir`."""
         if self.closed:
-            raise RuntimeError("CodeWriter already closed")
+            raise RunError("CodeWriter already closed")
         self._codes.flush()
         self._labels.flush()
         if self.count < self.num_images:
@@ -140,7 +140,7 @@ class CodeWriter:
         for name in ("codes.npy", "labels.npy"):
             fsync_file(self.tmp_dir / name)
         if self.out_dir.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
+            raise OutputExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
         replace_dir(self.tmp_dir, self.out_dir)
         self.closed = True
         return self.out_dir
@@ -177,7 +177,7 @@ def write_codes(out_dir: str | os.PathLike, codes, labels, header: dict[str, Any
 def read_header(code_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(code_dir) / "header.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{code_dir} is not a code directory (no header.json); "
+        raise MissingFileError(f"{code_dir} is not a code directory (no header.json); "
                                 "make one with `ctfgen extract-codes`")
     try:
         header = json.loads(path.read_text())

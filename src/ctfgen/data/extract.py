@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from .codes import CodeWriter
 from .folder import CorruptImageError
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, CorruptFileError, OutputExistsError
 from ctfgen.train import distributed as D
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
     if n == 0:
         raise ConfigError("the dataset is empty; nothing to extract")
     if rank == 0 and out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
+        raise OutputExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
     codebook_size = int(vq.config.codebook_size)
     num_aug = AUGMENTATIONS[augment]
 
@@ -177,7 +177,7 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
                 bar.update(sum(len(p[1]) + len(p[2]) for p in parts))
         if rank == 0:
             if writer is None:
-                raise RuntimeError(f"none of the {n} images could be read; nothing was written")
+                raise CorruptFileError(f"none of the {n} images could be read; nothing was written")
             if skipped:
                 writer.header["num_skipped"] = len(skipped)
                 samples = getattr(dataset, "samples", None)

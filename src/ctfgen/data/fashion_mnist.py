@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, MissingFileError
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -94,7 +94,7 @@ def find_fashion_mnist(root: str | os.PathLike | None = None, split: str | None 
         if all(_split_files(directory, s) for s in splits):
             return directory
     names = ", ".join(f"{_SPLIT_PREFIX[s]}-{{images-idx3,labels-idx1}}-ubyte[.gz]" for s in splits)
-    raise FileNotFoundError(f"Fashion-MNIST not found: looked for {names} in "
+    raise MissingFileError(f"Fashion-MNIST not found: looked for {names} in "
                             + ", ".join(str(c) for c in candidates) + f"; {_HOW_TO_GET}")
 
 
@@ -174,13 +174,13 @@ def validation_indices(labels: np.ndarray, count: int, num_classes: int = len(CL
     """Indices (ascending) of the validation images carved from a split: the *last* `count // num_classes`
     images of each class, so they never overlap `balanced_subset`'s first images of each class."""
     if count % num_classes:
-        raise ValueError(f"validation_images must be a multiple of {num_classes} (class-balanced), got {count}")
+        raise ConfigError(f"validation_images must be a multiple of {num_classes} (class-balanced), got {count}")
     per_class = count // num_classes
     chosen = []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         if len(idx) <= per_class:
-            raise ValueError(f"validation_images={count} takes {per_class} images of class {c}, which has only {len(idx)}")
+            raise ConfigError(f"validation_images={count} takes {per_class} images of class {c}, which has only {len(idx)}")
         chosen.append(idx[len(idx) - per_class:])
     return np.sort(np.concatenate(chosen))
 
@@ -197,7 +197,7 @@ class FashionMNIST(Dataset):
                  limit: int | None = None, image_size: int = 28, validation: int = 0):
         self.split = split
         if split == "val" and validation <= 0:
-            raise ValueError("the val split needs validation > 0: the number of training images to carve out")
+            raise ConfigError("the val split needs validation > 0: the number of training images to carve out")
         images, labels = load_fashion_mnist("train" if split == "val" else split, root)
         if validation > 0 and split in ("train", "val"):
             held = validation_indices(labels, int(validation))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, CorruptFileError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,14 @@ class ImageFolder(Dataset):
                  verify: bool = False, extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist; pass the directory that "
+            raise MissingFileError(f"image folder {self.root} does not exist; pass the directory that "
                                     "holds one sub-folder per class")
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         self.image_size, self.channels = int(image_size), channels
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
         if not self.classes:
-            raise FileNotFoundError(f"{self.root} has no class sub-folders; expected root/<class>/<image>")
+            raise MissingFileError(f"{self.root} has no class sub-folders; expected root/<class>/<image>")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         exts = tuple(e.lower() for e in extensions)
         self.samples: list[tuple[str, int]] = []
@@ -85,7 +85,7 @@ class ImageFolder(Dataset):
                     self._record(path, e)
             self.samples = good
         if not self.samples:
-            raise FileNotFoundError(f"no readable images with extensions {exts} under {self.root}")
+            raise MissingFileError(f"no readable images with extensions {exts} under {self.root}")
         self.targets = [label for _, label in self.samples]
 
     @property
@@ -122,7 +122,7 @@ class ImageFolder(Dataset):
                 return self.load((i + k) % n)
             except CorruptImageError:
                 continue
-        raise RuntimeError(f"none of the {n} images under {self.root} can be decoded")
+        raise CorruptFileError(f"none of the {n} images under {self.root} can be decoded")
 
     def report(self) -> str:
         """One line for logs: how many files were skipped and the first few names."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, MissingFileError
 from ctfgen.fileio import atomic_write_json
 from ctfgen.fingerprint import code_commit
 from ctfgen.hub import HubMixin
@@ -131,7 +131,7 @@ def load_default_classifier(device: str | torch.device = "cpu") -> FMNISTClassif
     root = resources.files("ctfgen").joinpath(*ASSET_PATH)
     with resources.as_file(root) as path:
         if not (Path(path) / "model.safetensors").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"the shipped Fashion-MNIST classifier is missing from {path}; reinstall ctfgen, or train one "
                 f"with `ctfgen train-classifier --out DIR` and load it with FMNISTClassifier.from_pretrained(DIR)"
             )

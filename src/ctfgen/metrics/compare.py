@@ -16,7 +16,7 @@ from typing import Callable
 
 import matplotlib
 
-from ctfgen.errors import CorruptFileError
+from ctfgen.errors import CorruptFileError, MissingFileError
 from ctfgen.fileio import atomic_save, atomic_write_text
 
 matplotlib.use("Agg")  # files only, never a window
@@ -96,10 +96,10 @@ def load_records(run: str | Path) -> list[dict]:
         folder = run / "eval" if (run / "eval").is_dir() else run
         files = sorted(folder.glob("*.json"))
         if not files:
-            raise FileNotFoundError(f"{run} holds no evaluation records (expected {run}/eval/*.json, as "
+            raise MissingFileError(f"{run} holds no evaluation records (expected {run}/eval/*.json, as "
                                     "written by `ctfgen eval --out`)")
     else:
-        raise FileNotFoundError(f"{run} does not exist (expected an evaluation JSON or a run directory)")
+        raise MissingFileError(f"{run} does not exist (expected an evaluation JSON or a run directory)")
     records = []
     for f in files:
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfgen.errors import ConfigError, CorruptFileError
+from ctfgen.errors import ConfigError, CorruptFileError, MissingFileError
 from ctfgen.metrics.core import (feature_statistics, frechet_distance, inception_score, kernel_distance, knn_radii,
                                  precision_recall)
 
@@ -43,7 +43,7 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.is_dir():
         return _load_folder(path), None
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (expected an .npz sample/reference batch or an image folder)")
+        raise MissingFileError(f"{path} does not exist (expected an .npz sample/reference batch or an image folder)")
     if path.suffix != ".npz":
         raise ConfigError(f"{path}: expected an .npz file (ADM format, images under arr_0) or a folder of images")
     try:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ctfgen.train import distributed as D
+from ctfgen.errors import ConfigError, MismatchError
 
 __all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer", "code_perplexity"]
 
@@ -64,7 +65,7 @@ def kmeans_init_codebook(vq, dataset, num_images: int = 4096, seed: int = 0, bat
                          for b in loader])
     vq.train(was_training)
     if vectors.shape[0] < n_codes:
-        raise ValueError(
+        raise ConfigError(
             f"k-means codebook initialisation needs at least {n_codes} encoder outputs (one per code), but "
             f"{len(take)} images give {vectors.shape[0]}: raise codebook_init_images (or use codebook_init: random)"
         )
@@ -91,7 +92,7 @@ class DeadCodeRestarter:
     def __init__(self, quantize, unused_steps: int, pool_size: int = 32768, seed: int = 0,
                  last_step: int | None = None):
         if unused_steps < 1:
-            raise ValueError(f"dead-code restarts need unused_steps >= 1, got {unused_steps}")
+            raise ConfigError(f"dead-code restarts need unused_steps >= 1, got {unused_steps}")
         self.quantize = quantize
         self.unused_steps = int(unused_steps)
         self.last_step = last_step  # no restart after this optimiser step (None: until the end)
@@ -141,7 +142,7 @@ class DeadCodeRestarter:
 
     def load_state_dict(self, state: dict) -> None:
         if state["last_used"].shape != self.last_used.shape:
-            raise ValueError(f"dead-code state is for {state['last_used'].numel()} codes, the codebook has "
+            raise MismatchError(f"dead-code state is for {state['last_used'].numel()} codes, the codebook has "
                              f"{self.last_used.numel()}")
         self.last_used = state["last_used"].clone()
         self.pool = state["pool"].clone()

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, MissingFileError
 from ctfgen.fileio import atomic_save
 
 __all__ = [
@@ -131,7 +131,7 @@ _HOW_TO = (
 def _read_tensors(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS weights file {path} does not exist.\n{_HOW_TO}")
+        raise MissingFileError(f"LPIPS weights file {path} does not exist.\n{_HOW_TO}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(path))

@@ -11,6 +11,7 @@ checkpoints. `out_dir` receives what every training run does (checkpoints/, metr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -183,7 +184,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
         info = kmeans_init_codebook(model.to(device), dataset, num_images=int(cfg.train.codebook_init_images),
                                     seed=cfg.train.seed, device=device)
         logger.info(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
-    train_cfg = from_dict(type(cfg.train), {**cfg.train.to_dict(), "progress": progress and cfg.train.progress})
+    train_cfg = dataclasses.replace(cfg.train, progress=progress and cfg.train.progress)
     result = train(model, task.loss, dataset, train_cfg, out_dir, resume=resume, device=device, desc="tokenizer",
                    extra=task, run_config={"model_config": _plain(asdict(vq_config)),
                                            "loss_config": _plain(asdict(cfg.loss))})

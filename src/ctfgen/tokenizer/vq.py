@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, WrongTypeError
 from ctfgen.fingerprint import codebook_fingerprint
 from ctfgen.hub import HubMixin
 
@@ -332,7 +332,7 @@ class VectorQuantizer(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int codes -> (B, D, h, w) codewords."""
         if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+            raise WrongTypeError(f"codes must be an integer tensor, got {codes.dtype}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_e):
             raise ConfigError(f"codes must lie in [0, {self.n_e}), got values in [{int(codes.min())}, {int(codes.max())}]")
         return F.embedding(codes.long(), self.codebook()).permute(0, 3, 1, 2).contiguous()

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+from ctfgen.errors import ConfigError, RunError
 
 # GPT-L (24 x 1024, ~343M) and larger are sharded; LlamaGen trains those with FSDP too.
 FSDP_MIN_PARAMS = 300_000_000
@@ -145,7 +146,7 @@ def main_first():
     else:
         ok = broadcast_object(None)
         if not ok:
-            raise RuntimeError("rank 0 failed in a rank-0-only step; see its error above")
+            raise RunError("rank 0 failed in a rank-0-only step; see its error above")
         yield False
 
 
@@ -153,7 +154,7 @@ def use_fsdp(model: nn.Module, fsdp: bool | str = "auto") -> bool:
     """Whether to shard: `fsdp=True/False` forces it; "auto" shards models of GPT-L size and up."""
     if isinstance(fsdp, str):
         if fsdp != "auto":
-            raise ValueError(f"train.fsdp must be true, false or 'auto', got {fsdp!r}")
+            raise ConfigError(f"train.fsdp must be true, false or 'auto', got {fsdp!r}")
         n = sum(p.numel() for p in model.parameters())
         return is_distributed() and n >= FSDP_MIN_PARAMS
     return bool(fsdp) and is_distributed()
