@@ -1,5 +1,7 @@
 """The sampling commands end to end on tiny random pipelines saved to disk."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,13 @@ def test_sample_writes_grid_and_singles(pipelines, tmp_path, kind, capsys):
     assert [p.name for p in singles][:2] == ["0000_class7.png", "0001_class3.png"]
     assert len(singles) == 5
     printed = capsys.readouterr().out
-    assert "stage1" in printed and "decode" in printed
+    # one total, and the parts add up to it (each rounded to the millisecond); the baseline has no stage 2
+    line = next(line for line in printed.splitlines() if line.startswith("timings:"))
+    parts = {name: float(ms.replace(",", "")) for name, ms in re.findall(r"([a-z][a-z 12]*?) ([\d,.]+) ms", line)}
+    assert line.count("total") == 1 and "stage 1" in parts and "decode" in parts
+    assert ("stage 2" in parts) == (kind == "ctf")
+    total = parts.pop("total")
+    assert abs(sum(parts.values()) - total) <= len(parts), line
 
 
 def test_sample_rejects_unknown_class_and_fine_options_on_baseline(pipelines, tmp_path, capsys):
@@ -48,7 +56,7 @@ def test_sample_is_reproducible(pipelines, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
-def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path):
+def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path, monkeypatch):
     args = ["sample-many", "--model", str(pipelines / "ctf"), "--per-class", "3", "--classes", "0", "4",
             "--batch-size", "4", "--seed", "1"]
     main(args + ["--out", str(tmp_path / "fresh.npz")])
@@ -56,20 +64,67 @@ def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path):
     assert fresh["arr_0"].dtype == np.uint8 and fresh["arr_0"].shape == (6, 4, 4, 1)
     assert fresh["labels"].tolist() == [0, 0, 0, 4, 4, 4]
 
-    # A run killed after its first batch leaves one part file; resuming redoes only the rest.
+    # A run killed after its first batch keeps that batch (whole) and nothing else; running the same
+    # command again samples only the rest and gives the same set.
+    calls = []
+    real = CTFPipeline.sample
+
+    def killed_after_one_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    out = tmp_path / "resumed.npz"
+    parts = out.with_name(out.name + ".parts")
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", killed_after_one_batch)
+        assert main(args + ["--out", str(out)]) == 130  # as Ctrl-C ends it
+    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["batch000000.npz", "request.json"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", killed_after_one_batch)
+        assert main(args + ["--out", str(out)]) == 0
+    assert len(calls) == 1  # only the missing batch
+    resumed = np.load(out)
+    assert np.array_equal(resumed["arr_0"], fresh["arr_0"]) and np.array_equal(resumed["labels"], fresh["labels"])
+    assert not parts.exists()
+
+
+def test_sample_many_refuses_to_mix_requests_and_leaves_nothing_when_empty(pipelines, tmp_path, monkeypatch, capsys):
+    args = ["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--batch-size", "2"]
+    out = tmp_path / "x.npz"
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args + ["--per-class", "4", "--out", str(out)]) == 130
+    assert not tmp_path.joinpath("x.npz.parts").exists() and list(tmp_path.iterdir()) == []  # no batch, no folder
+    real = CTFPipeline.sample
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", lambda self, *a, **k: real(self, *a, **k) if not calls.append(1) and
+                  len(calls) < 2 else (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args + ["--per-class", "4", "--out", str(out)]) == 130
+    capsys.readouterr()
+    assert main(args + ["--per-class", "4", "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "another request" in err and "seed: 0 then, 1 now" in err
+
+
+def test_sample_many_streams_the_merge(pipelines, tmp_path):
+    """The final .npz is written part by part: it equals np.savez of the whole set."""
     from ctfgen import sample_sets as sm
 
     pipeline = load_pipeline(pipelines / "ctf")
-    out = tmp_path / "resumed.npz"
-    labels = np.repeat(np.array([0, 4]), 3)
-    parts = sm.sample_many(pipeline, labels[:4], out, 4, seed=1, sampling={})
-    assert len(parts) == 1 and parts[0].exists()
-    stamp = parts[0].stat().st_mtime_ns
-    main(args + ["--out", str(out)])
-    resumed = np.load(out)
-    assert np.array_equal(resumed["arr_0"], fresh["arr_0"])
-    assert not out.with_name(out.name + ".parts").exists()
-    assert stamp  # the first part was reused, not resampled (same bytes either way: seeds are per batch)
+    labels = np.arange(7) % 3
+    out = tmp_path / "set.npz"
+    sm.sample_many(pipeline, labels, out, 3, seed=0, sampling={}, progress=False)
+    parts = [np.load(p) for p in sorted(out.with_name("set.npz.parts").glob("batch*.npz"))]
+    whole = np.concatenate([p["images"] for p in parts])
+    sm.merge_parts(out, 3)
+    merged = np.load(out)
+    assert sorted(merged.files) == ["arr_0", "labels"]
+    assert np.array_equal(merged["arr_0"], whole) and merged["labels"].tolist() == labels.tolist()
 
 
 def test_sample_many_shards_across_ranks(pipelines, tmp_path):
