@@ -197,12 +197,19 @@ def backend(tmp_path_factory):
                      download_dir=tmp_path_factory.mktemp("downloads"))
 
 
-def test_backend_checks_every_option(backend):
+def test_backend_checks_every_option_with_the_shared_rules(backend):
+    """The page's numbers go through ctfgen.options, as the command line's do: same ranges, same words,
+    numbers written for people, nothing moved into range."""
+    from ctfgen.cli import main
+
     ok = ("Sneaker", 0, 2.0, 1.0, 1.0, 0, 2)
     assert backend.check(*ok)["label"] == 7
-    bad = {0: ("Spaceship", "unknown class"), 1: (-1, "Seed must be between"), 2: (50, "Guidance must be between"),
-           3: (0.0, "Stage-1 temperature"), 4: (float("nan"), "Stage-2 temperature"), 5: (99, "Stage-2 top-k"),
-           6: (5, "Number of images must be between 1 and 4"), }
+    assert backend.check("Sneaker", 0, 2.0, 0.0, 3.5, 0, 2)["temperature"] == 0.0  # 0 = greedy, 3.5 allowed: no own range
+    bad = {0: ("Spaceship", "unknown class"), 1: (-1, "Seed must be between 0 and 4,294,967,295, got -1"),
+           2: (50, r"Guidance must be between 0 and 20 \(1 = no guidance, 0 = unconditional\), got 50"),
+           3: (-0.5, "Stage-1 temperature must be between 0 and 10"), 4: (float("nan"), "Stage-2 temperature"),
+           5: (99, f"Stage-2 top-k must be between 0 and {backend.max_top_k} "), 6: (5, "Number of images must be between 1 and 4, got 5"),
+           }
     for i, (value, message) in bad.items():
         args = list(ok)
         args[i] = value
@@ -210,13 +217,22 @@ def test_backend_checks_every_option(backend):
             backend.check(*args)
     with pytest.raises(ValueError, match="whole number"):
         backend.check("Sneaker", 0.5, 2.0, 1.0, 1.0, 0, 2)
+    with pytest.raises(ValueError, match="Guidance must be a number, got nothing"):
+        backend.check("Sneaker", 0, None, 1.0, 1.0, 0, 2)
+    # the command line answers the same values with the same rule, named by its flag
+    for flag, value, message in (("--cfg-scale", "50", "--cfg-scale must be between 0 and 20"),
+                                 ("--temperature", "-0.5", "--temperature must be between 0 and 10"),
+                                 ("--seed", "-1", "--seed must be between 0 and 4,294,967,295")):
+        assert main(["sample", flag, value, "--out", "never-written.png"]) == 2
+    assert not Path("never-written.png").exists()
 
 
 def test_backend_output_and_download(backend):
     import zipfile
 
     r = backend("Bag", 3, 2.0, 1.0, 1.0, 0, 3, True)
-    assert len(r["coarse"]) == len(r["final"]) == len(r["baseline"]) == 3
+    assert len(r["coarse"]) == len(r["final"]) == len(r["heat"]) == len(r["baseline"]) == 3
+    assert r["heat"][0].shape == (DISPLAY_SIZE, DISPLAY_SIZE, 3)
     assert r["final"][0].shape[:2] == (DISPLAY_SIZE, DISPLAY_SIZE)
     assert set(r["timings"]) == {"CTF", "baseline"} and "coarse_preview" in r["timings"]["CTF"]
     names = zipfile.ZipFile(r["download"]).namelist()
@@ -225,6 +241,16 @@ def test_backend_output_and_download(backend):
     # same seed, same pictures: the page is reproducible
     again = backend("Bag", 3, 2.0, 1.0, 1.0, 0, 3, False)
     assert again["baseline"] is None and all((a == b).all() for a, b in zip(r["final"], again["final"]))
+
+
+def test_timings_table_is_for_people():
+    from ctfgen.app import _timings_markdown
+
+    table = _timings_markdown({"CTF": {"stage1": 1.234, "stage2": 0.05, "decode": 0.01, "total": 1.294, "coarse_preview": 0.01},
+                               "baseline": {"stage1": 12.5, "decode": 0.01, "total": 12.51}}, 8, 0.25)
+    stage2 = next(line for line in table.splitlines() if line.startswith("| stage 2"))
+    assert stage2.endswith("| 50 ms | – |")  # the baseline has no stage 2: a dash, not 0
+    assert "| 1,234 ms |" in table and "| 12.5 s |" in table and "**25%**" in table
 
 
 def test_loopback_hosts():

@@ -279,8 +279,9 @@ def read_llamagen_checkpoint(path, kind: str, example: str):
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file that is not a checkpoint
         text = str(e).strip()
-        if "weights_only" in text or "Unsupported global" in text:
+        if "Unsupported global" in text:
             reason = "it holds Python objects other than tensors, which ctfgen never unpickles"
-        else:
-            reason = f"torch.load failed: {text.splitlines()[0][:200] if text else type(e).__name__}"
+        else:  # torch's own detail, without its advice to unpickle untrusted code
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip() if text else type(e).__name__
+            reason = f"torch.load failed: {detail.splitlines()[0][:200]}"
         raise llamagen_file_error(source, kind, example, reason) from None

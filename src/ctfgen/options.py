@@ -33,11 +33,12 @@ MAX_GRID_PIXELS = 64 * 2**20   # the grid PNG, after --scale
 
 
 def fmt(value) -> str:
-    """A number as people read it: 4,294,967,295 and 0.05, not 4.29497e+09 and 0.05000000."""
+    """A number as people read it: 4,294,967,295 and 0.05, not 4.29497e+09 and 0.05000000 (thousands
+    separated from 100,000 on, so a port stays 65535)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return repr(value)
     if isinstance(value, numbers.Integral) or (math.isfinite(value) and value == int(value) and abs(value) >= 1e4):
-        return f"{int(value):,}"
+        return f"{int(value):,}" if abs(value) >= 100_000 else str(int(value))
     return f"{float(value):g}"
 
 
@@ -115,6 +116,9 @@ COUNTS = {o.name: o for o in (
     Option("nrow", 1, integer=True, help="images per row of the grid"),
     Option("scale", 1, 64, integer=True, help="enlarge the grid by this factor (nearest)"),
     Option("images", 1, integer=True, help="number of images"),
+    Option("max_images", 1, integer=True, help="images per request at most"),
+    Option("queue_size", 1, integer=True, help="requests waiting at most"),
+    Option("port", 1, 65535, integer=True, help="TCP port"),
 )}
 
 
@@ -177,13 +181,16 @@ def default_device() -> str:
 
 
 def check_device(device, label: str = "device") -> str | None:
-    """`device` (a name or torch.device; None = let ctfgen choose) if this machine has it, else one
-    ConfigError line that lists the devices it has."""
+    """`device` (a name or torch.device; "auto": cuda when available, else cpu; None stays None, for
+    callers that choose later) if this machine has it, else one ConfigError line that lists the
+    devices it has."""
     import torch
 
     if device is None:
         return None
     text = str(device).strip()
+    if text == "auto":
+        return default_device()
     available = available_devices()
     hint = f"available here: {', '.join(available)}"
     try:

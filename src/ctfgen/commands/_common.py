@@ -38,10 +38,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def device(args: argparse.Namespace) -> str | None:
     """args.device checked against this machine ("auto": cuda when available, else cpu; None stays None)."""
-    from ctfgen.options import check_device, default_device
+    from ctfgen.options import check_device
 
-    if args.device == "auto":
-        return default_device()
     return check_device(args.device, "--device")
 
 

@@ -20,12 +20,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.9, 1.0, 1.1],
                         help="stage-1 (baseline: the only) temperatures tried on the validation split (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds of the test cells")
-    parser.add_argument("--test-per-class", type=int, default=500)
-    parser.add_argument("--select-per-class", type=int, default=100)
-    parser.add_argument("--heldout-images", type=int, default=10000)
+    parser.add_argument("--test-per-class", type=int, default=500,
+                        help="test samples per class for each reported cell (default: %(default)s)")
+    parser.add_argument("--select-per-class", type=int, default=100,
+                        help="validation samples per class for each guidance/temperature pair tried (default: %(default)s)")
+    parser.add_argument("--heldout-images", type=int, default=10000,
+                        help="test images for the held-out bits per token at every epoch (default: %(default)s)")
     parser.add_argument("--tokenizer-images", type=int, default=None,
                         help="test images for codebook usage and PSNR (default: the whole test split)")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=250, help="images sampled or scored at once (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
