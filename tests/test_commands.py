@@ -42,6 +42,30 @@ def test_sample_writes_grid_and_singles(pipelines, tmp_path, kind, capsys):
     assert abs(sum(parts.values()) - total) <= len(parts), line
 
 
+def test_sample_works_in_batches_and_writes_images_as_they_are_made(pipelines, tmp_path, monkeypatch, capsys):
+    """The models see at most --batch-size images at once, each batch's single images are on disk before
+    the next batch is sampled, and a progress bar counts the images."""
+    out = tmp_path / "grid.png"
+    seen = []
+    real = CTFPipeline.__call__
+
+    def spy(self, labels, *a, **k):
+        seen.append((len(labels), len(list((tmp_path / "grid").glob("*.png"))) if (tmp_path / "grid").exists() else 0))
+        return real(self, labels, *a, **k)
+
+    monkeypatch.setattr(CTFPipeline, "__call__", spy)
+    assert main(["sample", "--model", str(pipelines / "ctf"), "--n", "7", "--batch-size", "3", "--out", str(out)]) == 0
+    assert seen == [(3, 0), (3, 3), (1, 6)]
+    assert len(list((tmp_path / "grid").glob("*.png"))) == 7 and out.is_file()
+    assert "7/7" in capsys.readouterr().err  # the progress bar
+    # batching does not change what one call would draw, up to the batch size
+    monkeypatch.setattr(CTFPipeline, "__call__", real)
+    for name, batch in (("one", "64"), ("same", "3")):
+        main(["sample", "--model", str(pipelines / "ctf"), "--n", "3", "--batch-size", batch, "--no-singles",
+              "--no-progress", "--out", str(tmp_path / f"{name}.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "same.png")))
+
+
 def test_sample_rejects_unknown_class_and_fine_options_on_baseline(pipelines, tmp_path, capsys):
     assert main(["sample", "--model", str(pipelines / "ctf"), "--class", "spaceship", "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.startswith("error: unknown Fashion-MNIST class 'spaceship'")
@@ -155,6 +179,10 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     assert {(r["method"], r["batch_size"]) for r in results} == {("baseline", 1), ("ctf", 1), ("baseline", 2), ("ctf", 2)}
     assert all(r["images_per_s"] > 0 and r["stage1"] > 0 for r in results)
     assert all(r["stage2"] > 0 for r in results if r["method"] == "ctf")
+    assert all("stage2" not in r for r in results if r["method"] == "baseline")  # one stage: no stage 2
+    table = capsys.readouterr().out
+    rows = [line.split() for line in table.splitlines() if " baseline " in line]
+    assert rows and all(row[6] == "–" for row in rows)  # model dtype method batch img/s stage1 stage2
     assert torch.is_grad_enabled()  # the command must not leave autograd switched off for its caller
 
 

@@ -116,7 +116,7 @@ def test_browser_generates_images_and_shows_errors(server):
             page.locator("#seed input").fill("5")
             page.locator("#generate").click()
 
-            for gallery in ("#final", "#coarse", "#baseline"):
+            for gallery in ("#final", "#coarse", "#heat", "#baseline"):
                 page.wait_for_function(f"document.querySelectorAll('{gallery} img').length == 6 && "
                                        f"[...document.querySelectorAll('{gallery} img')].every(i => i.complete && i.naturalWidth > 0)")
                 sources = page.eval_on_selector_all(f"{gallery} img", "imgs => imgs.map(i => i.src)")
@@ -131,6 +131,8 @@ def test_browser_generates_images_and_shows_errors(server):
             page.wait_for_selector("#timings table")
             timing_text = page.locator("#timings").inner_text()
             assert "stage 1" in timing_text and "stage 2" in timing_text and "baseline" in timing_text
+            assert "–" in timing_text  # the baseline's stage 2: it has none
+            assert page.locator("#heat_scale img").count() == 1, "the heat map has no colour scale"
             assert page.locator("#download a").count() >= 1, "no download link"
             shot = tmp / "demo_app.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -142,9 +144,22 @@ def test_browser_generates_images_and_shows_errors(server):
             message = page.get_by_text(f"Number of images must be between 1 and {MAX_IMAGES}, got 99")
             message.first.wait_for(state="visible", timeout=30_000)
             assert "Traceback" not in page.content()
+            # the error cleared the previous results: no stale images or timings stay on the page
+            for gallery in ("#final", "#coarse", "#heat", "#baseline"):
+                assert page.locator(f"{gallery} img").count() == 0, gallery
+            assert page.locator("#timings table").count() == 0
+
+            # a typed guidance of 50 is refused with the shared range, not moved to the edge of a slider
+            page.locator("#n_images input").fill("2")
+            page.locator("#cfg_scale input").fill("50")
+            page.locator("#generate").click()
+            page.get_by_text("Guidance must be between 0 and 20").first.wait_for(state="visible", timeout=30_000)
+            assert page.locator("#cfg_scale input").input_value() == "50"
         finally:
             ctx.close()
     assert proc.poll() is None
+    log = (tmp / "server.log").read_text()
+    assert "Traceback" not in log, log  # users' mistakes are not the server's errors
 
 
 def test_fifty_concurrent_requests(server):
@@ -186,6 +201,24 @@ def test_fifty_concurrent_requests(server):
     print(f"server RSS {rss_before / 2**20:.0f} MiB before, {rss / 2**20:.0f} MiB after")
     assert rss <= 1.2 * rss_before, (rss_before, rss)
     client.close()
+
+
+def test_rejected_input_is_a_message_and_no_traceback_on_the_console(server):
+    """Out-of-range values through the API (no browser needed): the caller gets the shared rule's
+    message, the server's console stays free of tracebacks."""
+    from gradio_client import Client
+
+    url, proc, tmp = server
+    client = Client(url, verbose=False, download_files=False)
+    for args, message in ((("Sneaker", 0, 50, 1.1, 1.1, 0, 2, True), "Guidance must be between 0 and 20"),
+                          (("Sneaker", -1, 2.0, 1.1, 1.1, 0, 2, True), "Seed must be between 0 and 4,294,967,295"),
+                          (("Sneaker", 0, 2.0, 1.1, 1.1, 0, 99, True), f"Number of images must be between 1 and {MAX_IMAGES}")):
+        with pytest.raises(Exception, match=message):
+            client.predict(*args, api_name="/generate")
+    client.close()
+    assert proc.poll() is None
+    log = (tmp / "server.log").read_text()
+    assert "Traceback" not in log, log
 
 
 # ------------------------------------------------------------------ the app's logic without a server

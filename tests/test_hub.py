@@ -111,6 +111,11 @@ def test_save_pretrained_writes_a_model_card(hub_cache):
     assert recorded["training_config"] == {"train": {"steps": 3}} and recorded["metrics"] == {"ar": {"steps": 3}}
     assert "coarse-to-fine token prediction" in card.text and "| ar.steps | 3 |" in card.text
     assert "steps: 3" in card.text  # the training config, in the card's body too
+    # a loaded pipeline saved again keeps what its card recorded
+    from ctfgen.pipeline import load_pipeline
+
+    again = load_pipeline(REPO).save_pretrained(cache.parent / "again")
+    assert ModelCard.load(again / "README.md").data.to_dict()["ctfgen"]["metrics"] == {"ar": {"steps": 3}}
 
 
 # --- LlamaGen's checkpoints: both loaders, one message -----------------------------------------------

@@ -254,6 +254,27 @@ def write_model_card(directory, training_config: dict | None = None, metrics: di
     return atomic_write_text(directory / MODEL_CARD_FILE, str(card))
 
 
+def read_model_card(directory) -> dict:
+    """The training config and metrics a saved pipeline's model card records ({} when it has none), so
+    a pipeline saved again keeps them."""
+    import yaml
+
+    path = Path(directory) / MODEL_CARD_FILE
+    if not path.is_file():
+        return {}
+    text = path.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return {}
+    recorded = meta.get("ctfgen") if isinstance(meta, dict) else None
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: recorded[k] for k in ("training_config", "metrics") if isinstance(recorded.get(k), dict)}
+
+
 # --- LlamaGen checkpoints --------------------------------------------------------------------------
 
 def llamagen_file_error(path, kind: str, example: str, reason: str | None = None) -> ConfigError:

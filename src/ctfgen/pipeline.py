@@ -29,7 +29,7 @@ import torch
 from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
 from ctfgen.errors import CorruptFileError, MismatchError
-from ctfgen.hub import download_snapshot, is_repo_id, write_model_card
+from ctfgen.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
 from ctfgen.options import check_sampling
 from ctfgen.sampling import as_generator
 
@@ -223,6 +223,7 @@ class CTFPipeline(_Pipeline):
         self.sampling_defaults = {**CTF_DEFAULTS, **(sampling_defaults or {})}
         self._resolve(self.sampling_defaults)
         self.last_timings: dict = {}
+        self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
 
     def _models(self):
@@ -363,7 +364,8 @@ class CTFPipeline(_Pipeline):
 
     def save_pretrained(self, directory, training_config: dict | None = None, metrics: dict | None = None) -> Path:
         """Write the pipeline (ar/, aux/, tokenizer/, the coarse map, pipeline.json) and its model card
-        (README.md: Hub metadata, and `training_config` and `metrics` when the run recorded them)."""
+        (README.md: Hub metadata, and `training_config` and `metrics` when the run recorded them; a
+        loaded pipeline keeps those of the card it was loaded with)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.ar.save_pretrained(str(directory / "ar"))
@@ -374,7 +376,8 @@ class CTFPipeline(_Pipeline):
         self._write_json(directory, {"coarse_map_fingerprint": self.coarse_map.fingerprint,
                                      "codebook_fingerprint": self.coarse_map.codebook_fingerprint,
                                      "num_coarse": self.coarse_map.num_coarse, "vocab_size": self.coarse_map.vocab_size})
-        write_model_card(directory, training_config, metrics)
+        card = self.model_card
+        write_model_card(directory, training_config or card.get("training_config"), metrics or card.get("metrics"))
         return directory
 
     @classmethod
@@ -391,7 +394,9 @@ class CTFPipeline(_Pipeline):
         ar = GPT.from_pretrained(str(directory / "ar"), map_location=map_location)
         aux = AuxModel.from_pretrained(str(directory / "aux"), map_location=map_location)
         tok = cls._load_tokenizer(directory, info, map_location)
-        return cls(ar, aux, cmap, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe = cls(ar, aux, cmap, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe.model_card = read_model_card(directory)
+        return pipe
 
     def __repr__(self) -> str:
         return (f"CTFPipeline(classes={self.num_classes}, image_tokens={self.image_tokens}, "
@@ -415,6 +420,7 @@ class ARPipeline(_Pipeline):
         self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
         self._resolve(self.sampling_defaults)
         self.last_timings: dict = {}
+        self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
 
     def _models(self):
@@ -473,7 +479,8 @@ class ARPipeline(_Pipeline):
         self._write_json(directory, {"codebook_fingerprint": self.gpt.config.codebook_fingerprint
                                      or (self.tokenizer.fingerprint if self.tokenizer is not None else None),
                                      "vocab_size": self.gpt.config.vocab_size})
-        write_model_card(directory, training_config, metrics)
+        card = self.model_card
+        write_model_card(directory, training_config or card.get("training_config"), metrics or card.get("metrics"))
         return directory
 
     @classmethod
@@ -487,7 +494,9 @@ class ARPipeline(_Pipeline):
         tok = cls._load_tokenizer(directory, info, map_location)
         check_parts(f"{directory} is inconsistent", tokenizer=tok,
                     **{"pipeline.json": {"codebook_fingerprint": info.get("codebook_fingerprint")}})
-        return cls(gpt, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe = cls(gpt, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe.model_card = read_model_card(directory)
+        return pipe
 
     def __repr__(self) -> str:
         return (f"ARPipeline(classes={self.num_classes}, image_tokens={self.image_tokens}, "

@@ -32,7 +32,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfgen.options import check
     from ctfgen.study import StudySettings, study_run, write_report
+
+    args.guidance = [check("cfg_scale", g, "--guidance") for g in args.guidance]
+    args.temperatures = [check("temperature", t, "--temperatures") for t in args.temperatures]
+    args.seeds = [check("seed", s, "--seeds") for s in args.seeds]
+    for name in ("test_per_class", "select_per_class", "heldout_images", "batch_size"):
+        setattr(args, name, check("per_class" if name != "batch_size" else "batch_size", getattr(args, name),
+                                  "--" + name.replace("_", "-")))
 
     settings = StudySettings(guidance=tuple(args.guidance), temperatures=tuple(args.temperatures), seeds=tuple(args.seeds), test_per_class=args.test_per_class,
                              select_per_class=args.select_per_class, heldout_images=args.heldout_images,
