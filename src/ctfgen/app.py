@@ -124,7 +124,7 @@ class DemoBackend:
         for name, value in given.items():
             if value is None:  # an emptied field is not "the default"
                 raise ConfigError(f"{LABELS[name]} must be a number, got nothing")
-        sampling = self.ctf._resolve(given, labels=LABELS)
+        sampling = self.ctf.resolve_sampling(given, labels=LABELS)
         return dict(label=self.class_names.index(class_name), n=n, seed=seed,
                     **{k: sampling[k] for k in ("cfg_scale", "temperature", "temperature_fine", "top_k_fine")})
 

@@ -140,7 +140,7 @@ class _Pipeline:
         """The model's bounds on its sampling options (ctfgen.options checks the rest)."""
         raise NotImplementedError
 
-    def _resolve(self, kwargs: dict, labels: dict | None = None) -> dict:
+    def resolve_sampling(self, kwargs: dict, labels: dict | None = None) -> dict:
         """The options a call samples with: `kwargs` (None = unset) over `sampling_defaults`, each
         checked against its range (ctfgen.options); `labels` names them in messages."""
         unknown = set(kwargs) - set(self._defaults)
@@ -221,7 +221,7 @@ class CTFPipeline(_Pipeline):
         self.ar, self.aux, self.coarse_map, self.tokenizer = ar, aux, coarse_map, tokenizer
         self._check_parts()
         self.sampling_defaults = {**CTF_DEFAULTS, **(sampling_defaults or {})}
-        self._resolve(self.sampling_defaults)
+        self.resolve_sampling(self.sampling_defaults)
         self.last_timings: dict = {}
         self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
@@ -311,7 +311,7 @@ class CTFPipeline(_Pipeline):
         """
         from ctfgen.sampling import generate, sample_fine
 
-        o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+        o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps, temperature_fine=temperature_fine, top_k_fine=top_k_fine,
                                cfg_scale_fine=cfg_scale_fine))
         device = self.device
@@ -418,7 +418,7 @@ class ARPipeline(_Pipeline):
                                 "it is a CTF stage-1 model, use CTFPipeline")
         check_parts("ARPipeline parts do not belong together", baseline=cfg, tokenizer=tokenizer)
         self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
-        self._resolve(self.sampling_defaults)
+        self.resolve_sampling(self.sampling_defaults)
         self.last_timings: dict = {}
         self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
@@ -448,7 +448,7 @@ class ARPipeline(_Pipeline):
         `dtype` as in `CTFPipeline.sample_tokens`."""
         from ctfgen.sampling import generate
 
-        o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+        o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps))
         device = self.device
         labels = _labels(labels, self.num_classes, device)

@@ -173,7 +173,7 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
     if bad:
         raise ConfigError(f"class ids {bad} are out of range for a model with {pipeline.num_classes} classes")
     sampling = sampling or {}
-    pipeline._resolve({k: v for k, v in sampling.items() if k != "dtype"})  # every option checked before work
+    pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})  # every option checked before work
     labels = np.repeat(np.asarray(classes, np.int64), per_class)
     num_batches = (len(labels) + batch_size - 1) // batch_size
     parts_dir = _parts_dir(out)
@@ -250,7 +250,7 @@ def sample_grid(pipeline, classes: list[int], n: int, out, seed: int = 0, nrow: 
     rows = (3 if stages else 1) + (baseline is not None)
     out = check_picture(pipeline, n, out, nrow, scale, singles, rows, batch_size)
     sampling = sampling or {}
-    pipeline._resolve({k: v for k, v in sampling.items() if k != "dtype"})  # every option checked before work
+    pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})  # every option checked before work
     device = pipeline.device
     labels = [classes[i % len(classes)] for i in range(n)]
     generator = torch.Generator(device=device).manual_seed(seed)

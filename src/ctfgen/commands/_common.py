@@ -36,21 +36,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(g)
 
 
-def device(args: argparse.Namespace) -> str | None:
-    """args.device checked against this machine ("auto": cuda when available, else cpu; None stays None)."""
-    from ctfgen.options import check_device
-
-    return check_device(args.device, "--device")
-
-
 def check_args(args: argparse.Namespace, counts: tuple[str, ...] = ()) -> None:
     """Every number the user gave, checked before any work: the device, the seed, the sampling
     options (their model-free ranges; the model's own bounds are checked once it is loaded) and
     the `counts` named (n, per_class, batch_size, nrow, scale)."""
-    from ctfgen.options import SAMPLING, check, check_sampling
+    from ctfgen.options import SAMPLING, check, check_device, check_sampling
 
-    if hasattr(args, "device"):
-        args.device = device(args)
+    if hasattr(args, "device"):  # "auto": cuda when available, else cpu; None stays None
+        args.device = check_device(args.device, "--device")
     if hasattr(args, "seed"):
         args.seed = check("seed", args.seed, "--seed")
     given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
@@ -123,7 +116,7 @@ def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    checked = pipeline._resolve(given, labels={n: SAMPLING[n].flag for n in SAMPLING})
+    checked = pipeline.resolve_sampling(given, labels={n: SAMPLING[n].flag for n in SAMPLING})
     out = {n: checked[n] for n in given}
     if getattr(args, "dtype", None) is not None:
         out["dtype"] = args.dtype
