@@ -21,14 +21,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="stage-1 (baseline: the only) temperatures tried on the validation split (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds of the test cells")
     parser.add_argument("--test-per-class", type=int, default=500,
-                        help="test samples per class for each reported cell (default: %(default)s)")
-    parser.add_argument("--select-per-class", type=int, default=100,
-                        help="validation samples per class for each guidance/temperature pair tried (default: %(default)s)")
+                        help="test samples per class per cell (default: %(default)s)")
+    parser.add_argument("--select-per-class", type=int, default=200,
+                        help="validation samples per class per grid point (default: %(default)s, 2000 in all)")
+    parser.add_argument("--select-seed", type=int, default=1000,
+                        help="the selection's sampling seed, apart from the test seeds (default: %(default)s)")
+    parser.add_argument("--diagnosis-per-class", type=int, default=500,
+                        help="test images per class that the diagnosis sets are made from; the rest are their "
+                             "reference (default: %(default)s)")
+    parser.add_argument("--diagnosis-seed", type=int, default=2000,
+                        help="the diagnosis' sampling seed (default: %(default)s)")
     parser.add_argument("--heldout-images", type=int, default=10000,
                         help="test images for the held-out bits per token at every epoch (default: %(default)s)")
     parser.add_argument("--tokenizer-images", type=int, default=None,
                         help="test images for codebook usage and PSNR (default: the whole test split)")
-    parser.add_argument("--batch-size", type=int, default=250, help="images sampled or scored at once (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=250,
+                        help="sampling batch size; it shapes the random streams (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,14 +46,17 @@ def run(args: argparse.Namespace) -> int:
     args.guidance = [check("cfg_scale", g, "--guidance") for g in args.guidance]
     args.temperatures = [check("temperature", t, "--temperatures") for t in args.temperatures]
     args.seeds = [check("seed", s, "--seeds") for s in args.seeds]
-    for name in ("test_per_class", "select_per_class", "heldout_images", "batch_size"):
+    for name in ("select_seed", "diagnosis_seed"):
+        setattr(args, name, check("seed", getattr(args, name), "--" + name.replace("_", "-")))
+    for name in ("test_per_class", "select_per_class", "diagnosis_per_class", "heldout_images", "batch_size"):
         setattr(args, name, check("per_class" if name != "batch_size" else "batch_size", getattr(args, name),
                                   "--" + name.replace("_", "-")))
 
-    settings = StudySettings(guidance=tuple(args.guidance), temperatures=tuple(args.temperatures), seeds=tuple(args.seeds), test_per_class=args.test_per_class,
-                             select_per_class=args.select_per_class, heldout_images=args.heldout_images,
-                             tokenizer_images=args.tokenizer_images,
-                             batch_size=args.batch_size)
+    settings = StudySettings(guidance=tuple(args.guidance), temperatures=tuple(args.temperatures), seeds=tuple(args.seeds),
+                             test_per_class=args.test_per_class, select_per_class=args.select_per_class,
+                             select_seed=args.select_seed, diagnosis_per_class=args.diagnosis_per_class,
+                             diagnosis_seed=args.diagnosis_seed, heldout_images=args.heldout_images,
+                             tokenizer_images=args.tokenizer_images, batch_size=args.batch_size)
     for run_dir in args.runs:
         study_run(run_dir, args.records, settings)
     if args.report:
