@@ -79,7 +79,7 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 2, image
                                  and r["dtype"] == dtype and r["batch_size"] == batch_size), None)
                     ratio = f"{t['images_per_s'] / base['images_per_s']:>10.2f}" if method == "ctf" and base else ""
                     print(f"{name:<16}{dtype:<10}{method:<10}{batch_size:>6}{t['images_per_s']:>10.2f}"
-                          f"{t.get('stage1', 0):>10.3f}{t.get('stage2', 0):>10.3f}{t.get('decode', 0):>10.3f}"
+                          f"{t.get('stage1', 0):>10.3f}{_seconds(t.get('stage2'))}{t.get('decode', 0):>10.3f}"
                           f"{t['total']:>10.3f}{ratio}", flush=True)
     if json_path:
         from ctfgen.fileio import atomic_write_json
@@ -87,6 +87,11 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 2, image
         atomic_write_json(json_path, {"device": device, "threads": torch.get_num_threads(), "dtypes": dtypes,
                                       "cfg_scale": cfg_scale, "results": results})
     return results
+
+
+def _seconds(value) -> str:
+    """A table cell; "–" for a stage the method does not have (the baseline's stage 2), not 0."""
+    return f"{'–':>10}" if value is None else f"{value:>10.3f}"
 
 
 def _pipelines(name: str, device: str, image_tokens: int, num_coarse: int, aux_preset: str, decode: bool) -> dict:

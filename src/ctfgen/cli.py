@@ -41,9 +41,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from ctfgen import __version__
+
     parser = ArgumentParser(
         prog="ctfgen", description=__doc__.splitlines()[0],
         epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
+    parser.add_argument("--version", action="version", version=f"ctfgen {__version__}",
+                        help="print ctfgen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

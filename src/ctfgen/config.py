@@ -431,7 +431,8 @@ def inherit(raw: dict) -> dict:
         if base.get(key) is None:
             base[key] = copy.deepcopy(s1.get(key))
     raw["baseline"] = base
-    matched = {"enabled": False, **(raw.get("matched") or {})}  # off unless asked for
+    matched = dict(raw.get("matched") or {})
+    matched.setdefault("enabled", False)  # off unless asked for, as when the section is absent
     if matched.get("preset") is None:
         matched["preset"] = copy.deepcopy(base.get("preset"))
     matched["model"] = {**(copy.deepcopy(base.get("model")) or {}), **(matched.get("model") or {})}

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from ctfgen.data.factory import TENCROP_RANGE, image_size
 from ctfgen.errors import CorruptFileError, MismatchError, RunError
 from ctfgen.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.fingerprint import directory_fingerprint
+from ctfgen.hub import write_model_card
 from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 from ctfgen.rundir import Records, RunDir, WriterLock, diff_lines, is_lock_file, plain
 from ctfgen.tokenizer import load_tokenizer
@@ -244,6 +246,20 @@ def train_phase(x: Experiment, stage: str, cmap):
     return load_stage_model(stage, x.run.model(stage))
 
 
+def card_inputs(x: Experiment, kind: str, heldout: dict | None = None) -> dict:
+    """What a pipeline's model card records (ctfgen.hub.write_model_card): the resolved config and
+    the metrics the run's phases recorded (tokenizer quality, each model's training, held-out bits)."""
+    metrics = {}
+    tok = (x.done("tokenizer") or {}).get("test_split")
+    if tok:
+        metrics["tokenizer"] = {k: tok[k] for k in ("usage", "perplexity", "psnr") if k in tok}
+    for stage in (("ar", "aux") if kind == "ctf" else (kind,)):  # baseline, matched
+        rec = x.done(stage) or {}
+        metrics[stage] = {k: rec[k] for k in ("steps", "final_loss", "params", "seconds") if rec.get(k) is not None}
+    if heldout:
+        metrics["heldout"] = {k: heldout[k] for k in ("bits_per_token", "nats_per_image", "exact") if k in heldout}
+    return {"training_config": to_dict(x.cfg), "metrics": {k: v for k, v in metrics.items() if v}}
+
 def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
     """The matched baseline's model settings: the baseline's, with the depth that gives CTF's
     parameter count (or the depth the config fixes), and the counts for the record."""
@@ -266,16 +282,16 @@ def assemble_phase(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None
                 sampling = x.cfg.sampling
                 if ar is not None:
                     logger.info(f"assembling {x.run.ctf}")
-                    publish_dir(CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf).save_pretrained,
-                                x.run.ctf)
+                    ctf = CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf)
+                    publish_dir(lambda d: ctf.save_pretrained(d, **card_inputs(x, "ctf")), x.run.ctf)
                 if base is not None:
                     logger.info(f"assembling {x.run.baseline}")
-                    publish_dir(ARPipeline(base, vq, sampling_defaults=sampling.baseline).save_pretrained,
-                                x.run.baseline)
+                    baseline = ARPipeline(base, vq, sampling_defaults=sampling.baseline)
+                    publish_dir(lambda d: baseline.save_pretrained(d, **card_inputs(x, "baseline")), x.run.baseline)
                 if matched is not None:
                     logger.info(f"assembling {x.run.matched}")
-                    publish_dir(ARPipeline(matched, vq, sampling_defaults=sampling.baseline).save_pretrained,
-                                x.run.matched)
+                    matched_pipe = ARPipeline(matched, vq, sampling_defaults=sampling.baseline)
+                    publish_dir(lambda d: matched_pipe.save_pretrained(d, **card_inputs(x, "matched")), x.run.matched)
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
@@ -302,6 +318,8 @@ def heldout_phase(x: Experiment) -> None:
             atomic_write_json(x.run.heldout, results)
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             logger.info(f"held-out bits per token on {results['images']} test images: {line}")
+            for name in pipes:  # the model cards gain the held-out numbers
+                write_model_card(getattr(x.run, name), **card_inputs(x, name, results[name]))
         return results
 
     x.once("heldout", work)
@@ -318,6 +336,19 @@ def _write_metrics(run: RunDir) -> None:
                     rows.append({"stage": stage, **r})
                     columns += [k for k in r if k not in columns]
     atomic_write_csv(run.metrics, columns, rows)
+
+
+def next_steps(root, ctf: bool = True, baseline: bool = True) -> list[str]:
+    """Commands that work on a finished run, as the pipeline prints them at its end."""
+    run = RunDir(root)
+    model = run.ctf if ctf else run.baseline
+    out = shlex.quote(str(run / "samples.png"))
+    sample = f"ctfgen sample --model {shlex.quote(str(model))} --class 0 --n 16 --out {out}"
+    lines = [sample + (" --compare-baseline --stages" if ctf and baseline else " --stages" if ctf else "")]
+    if ctf:
+        lines.append(f"ctfgen demo --model {shlex.quote(str(model))}")
+    lines.append(f"in Python: ctfgen.load_pipeline({json.dumps(str(model))})")
+    return lines
 
 
 def _link_top_level(root: Path, sub: str) -> None:
@@ -378,8 +409,8 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
             atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2),
                                               "world_size": D.get_world_size(),
                                               "phase_seconds": {p: (x.done(p) or {}).get("seconds") for p in PHASES}})
-            logger.info(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
-                     + (f"; baseline in {x.run.baseline}" if base is not None and ar is not None else ""))
+            logger.info(f"done in {time.time() - t_all:.1f}s. Next:\n" + "\n".join(
+                "  " + line for line in next_steps(x.run.root, ctf=ar is not None, baseline=base is not None)))
         D.barrier()
     finally:
         x.lock.release()

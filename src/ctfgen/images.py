@@ -47,6 +47,8 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 8
 
 
 def save_images(images: torch.Tensor | np.ndarray, directory: str | Path, names: list[str]) -> list[Path]:
+    """One PNG per image, each written under a temporary name and renamed, so a killed run leaves
+    whole files only."""
     array = to_uint8(images) if isinstance(images, torch.Tensor) else images
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

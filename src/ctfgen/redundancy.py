@@ -23,7 +23,7 @@ from ctfgen.errors import ConfigError
 from ctfgen.metrics.compare import text_table
 
 __all__ = ["psnr", "ssim", "ssim_map", "gaussian_window", "swap_within_clusters", "measure_redundancy",
-           "format_table", "SWAPS", "load_images", "redundancy_report"]
+           "redundancy_table", "SWAPS", "load_images", "redundancy_report"]
 
 SWAPS = ("in_cluster", "random_map", "whole_codebook")
 
@@ -143,7 +143,7 @@ def measure_redundancy(vq, coarse_map: CoarseMap, images: torch.Tensor, seed: in
     return result
 
 
-def format_table(result: dict) -> str:
+def redundancy_table(result: dict) -> str:
     k = result["num_coarse"]
     label = {"in_cluster": f"in-cluster swap ({result.get('coarse_map_method', 'kmeans')}, K={k})",
              "random_map": f"random-map swap (balanced, K={k})", "whole_codebook": "whole-codebook swap"}
