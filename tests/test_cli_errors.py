@@ -236,3 +236,57 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"ctfgen {ctfgen.__version__}"
+
+
+# --- every numeric option of every command, at 0 and below -----------------------------------------
+
+# Arguments that get each command past argparse and then fail cleanly on a missing file, so a number
+# that passes its checks ends in that error, and one that does not ends in its own (never in work).
+PAST_ARGPARSE = {
+    "sample": ["--model", MISSING, "--out", "{t}/x.png"],
+    "sample-many": ["--model", MISSING, "--per-class", "1", "--out", "{t}/x.npz"],
+    "train-tokenizer": [MISSING + ".yaml", "--out", "{t}/o"],
+    "extract-codes": ["--tokenizer", MISSING, "--out", "{t}/o"],
+    "cluster": ["--tokenizer", MISSING, "--out", "{t}/m.safetensors"],
+    "train": ["--stage", "baseline", "--codes", MISSING, "--out", "{t}/o", "train.steps=1"],
+    "pipeline": [MISSING + ".yaml", "--out", "{t}/o"],
+    "eval": [MISSING + ".npz", "--ref", "test", "--metric-set", "fmnist"],
+    "compare": [MISSING],
+    "redundancy": ["--tokenizer", MISSING],
+    "reproduce": ["--run", MISSING],
+    "study": [MISSING, "--records", "{t}/r"],
+    "bench": ["--models", MISSING],
+    "demo": ["--model", MISSING],
+    "train-classifier": ["--out", "{t}/o", "--data-root", MISSING],
+}
+# Options whose range starts at 0 (0 is a value with a meaning; below 0 is refused).
+ZERO_ALLOWED = {"--seed", "--select-seed", "--diagnosis-seed", "--temperature", "--temperature-fine", "--cfg-scale",
+                "--cfg-scale-fine", "--top-k", "--top-k-fine", "--cfg-steps", "--guidance", "--temperatures", "--seeds",
+                "--num-workers", "--epoch", "--classes", "--validation-images"}
+
+
+def numeric_options():
+    from ctfgen.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for command, parser in sorted(sub.choices.items()):
+        for action in parser._actions:
+            if action.type in (int, float) and action.option_strings:
+                yield command, action.option_strings[-1]
+
+
+def test_every_numeric_option_is_covered():
+    assert {c for c, _ in numeric_options()} <= set(PAST_ARGPARSE)
+    assert set(PAST_ARGPARSE) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("command,flag", sorted(numeric_options()))
+def test_every_numeric_option_at_zero_and_below(command, flag, value, tmp_path, capsys):
+    argv = [command] + [a.format(t=tmp_path) for a in PAST_ARGPARSE[command]] + [flag, value]
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    if value == "-1" or flag not in ZERO_ALLOWED:
+        assert flag in err, f"{argv}: the bad value was not named, it met: {err}"
+    assert list(tmp_path.iterdir()) == [], "something was written"

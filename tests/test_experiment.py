@@ -364,3 +364,26 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
     assert (cfg.train.lr, cfg.train.steps, cfg.train.batch_size) == (3e-4, 7, 8)
     with pytest.raises(ConfigError, match="unknown config key baseline.train.lrr"):
         load_stage_config(path, "baseline", ["train.lrr=1"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=0", "train.steps must be >= 1, got 0"), ("stage1.train.epochs=-1", "stage1.train.epochs must be >= 1"),
+    ("train.lr=0", "train.lr must be > 0"), ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+    ("data.train_limit=0", "data.train_limit must be >= 1"), ("clustering.num_coarse=0", "num_coarse must be >= 1"),
+    ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1")])
+def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys):
+    assert cli(["pipeline", TINY, "--print-config", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv,shows", [
+    (["train-tokenizer", TINY, "tokenizer.train.steps=7"], lambda c: c["train"]["steps"] == 7 and "loss" in c),
+    (["train", "--stage", "baseline", "--config", TINY, "train.steps=9"],
+     lambda c: c["preset"] == "GPT-tiny" and c["train"]["steps"] == 9 and c["train"]["batch_size"] == 50),
+    (["reproduce", "steps=12"], lambda c: c["steps"] == 12 and c["evaluation"]["per_class"] == 100),
+    (["study", "--test-per-class", "3"], lambda c: c["test_per_class"] == 3 and c["select_seed"] == 1000),
+])
+def test_every_command_that_takes_settings_prints_them(argv, shows, capsys):
+    assert cli([*argv, "--print-config"]) == 0, capsys.readouterr().err
+    assert shows(yaml.safe_load(capsys.readouterr().out))

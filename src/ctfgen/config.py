@@ -163,6 +163,14 @@ def _number(obj, names) -> None:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
+def _at_least(obj, **bounds) -> None:
+    """Refuse a setting below its bound (unset optional settings pass)."""
+    for name, lo in bounds.items():
+        value = getattr(obj, name)
+        if value is not None and not value >= lo:  # `not >=` also refuses NaN
+            raise ConfigError(f"{name} must be >= {lo}, got {value}")
+
+
 def _choice(obj, name: str, choices) -> None:
     if getattr(obj, name) not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(obj, name)!r}")
@@ -209,9 +217,13 @@ class TrainConfig:
         _choice(self, "mixed_precision", ("auto", "bf16", "none"))
         if self.fsdp not in (True, False, "auto"):
             raise ConfigError(f"fsdp must be true, false or auto, got {self.fsdp!r}")
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(self, steps=1, epochs=1, batch_size=1, grad_accum=1, checkpoint_every=1, log_every=1, warmup_steps=0,
+                  keep_checkpoints=0, snapshot_every=0, num_workers=0, weight_decay=0, grad_clip=0, min_lr_ratio=0,
+                  ema_decay=0)
+        for name, ok, want in (("lr", self.lr > 0, "> 0"), ("min_lr_ratio", self.min_lr_ratio <= 1, "<= 1"),
+                               ("ema_decay", self.ema_decay < 1, "< 1")):
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)}")
 
     @property
     def length_given(self) -> bool:
@@ -293,6 +305,8 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        _at_least(self, image_size=1, channels=1, train_limit=1, test_limit=1, validation_images=0, extract_batch_size=1,
+                  num_workers=0)
         _choice(self, "dataset", ("fashion_mnist", "image_folder"))
         _choice(self, "augment", ("none", "flip", "tencrop"))
 
@@ -321,6 +335,7 @@ class ClusteringConfig:
     seed: int | None = None             # default: the top-level seed
 
     def __post_init__(self):
+        _at_least(self, num_coarse=1)
         _choice(self, "method", ("kmeans", "random"))
 
 
@@ -359,6 +374,9 @@ class HeldoutConfig:
     enabled: bool = True
     limit: int | None = None            # the first N test images (all by default)
     batch_size: int = 64
+
+    def __post_init__(self):
+        _at_least(self, limit=1, batch_size=1)
 
 
 @dataclass
@@ -496,6 +514,9 @@ class EvaluationConfig:
     heldout_images: int = 2000          # test images for the exact bits per token
     temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
 
+    def __post_init__(self):
+        _at_least(self, per_class=1, batch_size=1, seed=0, heldout_images=1)
+
 
 @dataclass
 class ReproduceConfig:
@@ -506,6 +527,11 @@ class ReproduceConfig:
     random_clusters: bool = True        # k-means vs balanced random groups, at the main run's K
     unrestricted_aux: bool = True       # aux model over the whole codebook vs restricted to the cluster
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self):
+        _at_least(self, steps=1)
+        if any(not int(k) >= 1 for k in self.clusters):
+            raise ConfigError(f"clusters must be numbers of coarse labels >= 1, got {self.clusters}")
 
 
 # --- the codebook-size study --------------------------------------------------------------------

@@ -106,6 +106,7 @@ SAMPLING = {o.name: o for o in (
     Option("cfg_scale_fine", 0.0, 20.0, meaning="1 = off, the default", help="stage-2 guidance (CTF only)"),
 )}
 
+CLASS_ID = Option("class", 0, integer=True, help="class id")
 SEED = Option("seed", 0, 2**32 - 1, integer=True, help="random seed: the same seed gives the same images")
 
 COUNTS = {o.name: o for o in (
@@ -119,6 +120,23 @@ COUNTS = {o.name: o for o in (
     Option("max_images", 1, integer=True, help="images per request at most"),
     Option("queue_size", 1, integer=True, help="requests waiting at most"),
     Option("port", 1, 65535, integer=True, help="TCP port"),
+    # the other numbers commands take, by the name of their flag (--num-coarse: num_coarse)
+    Option("num_coarse", 1, integer=True, help="number of coarse labels K"),
+    Option("n_init", 1, integer=True, help="k-means restarts"),
+    Option("repeats", 1, integer=True, help="timed runs per setting"),
+    Option("image_tokens", 1, integer=True, help="tokens per image"),
+    Option("image_size", 1, integer=True, help="image side in pixels"),
+    Option("crop_range", 1.0, help="ten-crop's centre crop, as a multiple of the image size"),
+    Option("limit", 1, integer=True, help="the first N images only"),
+    Option("num_workers", 0, integer=True, meaning="0 = load in the main process", help="data-loading processes"),
+    Option("k", 1, integer=True, help="nearest neighbour for the precision/recall radii"),
+    Option("splits", 1, integer=True, help="splits of the Inception Score"),
+    Option("epoch", 0, integer=True, help="training epoch of the evaluated model"),
+    Option("epochs", 1, integer=True, help="passes over the training images"),
+    Option("lr", 0.0, lo_open=True, help="learning rate"),
+    Option("validation_images", 0, integer=True, meaning="0 = none held out", help="training images held out"),
+    Option("grid_columns", 1, integer=True, help="images shown in the grid"),
+    Option("tokenizer_images", 1, integer=True, help="test images for codebook usage and PSNR"),
 )}
 
 

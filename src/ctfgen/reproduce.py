@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.config import ReproduceConfig, load_config
+from ctfgen.config import ReproduceConfig
 from ctfgen.experiment import FinishedRun
 from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.fingerprint import directory_fingerprint
@@ -180,11 +180,11 @@ def write_report(run: FinishedRun, results: dict, settings: ReproduceConfig) -> 
     return run.results_md
 
 
-def reproduce(run_dir, settings_path=None, independent_only: bool = False, overrides=None,
+def reproduce(run_dir, settings: ReproduceConfig | None = None, independent_only: bool = False,
               force: bool = False) -> Path | None:
     """`ctfgen reproduce`: the ablations, their evaluation and RUN/results.md. `force` recomputes
     evaluation records made from other settings, models or code instead of refusing them."""
-    settings = load_config(ReproduceConfig, settings_path, overrides)
+    settings = settings or ReproduceConfig()
     run = FinishedRun(run_dir, "tokenizer", "train", "test")
     with WriterLock(run.root, "reproduce"):
         if independent_only:

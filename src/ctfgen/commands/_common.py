@@ -36,11 +36,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(g)
 
 
-def check_args(args: argparse.Namespace, counts: tuple[str, ...] = ()) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Every number the user gave, checked before any work: the device, the seed, the sampling
-    options (their model-free ranges; the model's own bounds are checked once it is loaded) and
-    the `counts` named (n, per_class, batch_size, nrow, scale)."""
-    from ctfgen.options import SAMPLING, check, check_device, check_sampling
+    options (their model-free ranges; the model's own bounds are checked once it is loaded) and every
+    other number ctfgen.options knows by its flag's name (counts, sizes, rates), a list value by value."""
+    from ctfgen.options import COUNTS, SAMPLING, check, check_device, check_sampling
 
     if hasattr(args, "device"):  # "auto": cuda when available, else cpu; None stays None
         args.device = check_device(args.device, "--device")
@@ -49,8 +49,10 @@ def check_args(args: argparse.Namespace, counts: tuple[str, ...] = ()) -> None:
     given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
     for name, value in check_sampling(given, labels={n: SAMPLING[n].flag for n in given}).items():
         setattr(args, name, value)
-    for name in counts:
-        setattr(args, name, check(name, getattr(args, name), "--" + name.replace("_", "-")))
+    for name, value in vars(args).items():
+        if name in COUNTS and value is not None:
+            flag = COUNTS[name].flag
+            setattr(args, name, [check(name, v, flag) for v in value] if isinstance(value, list) else check(name, value, flag))
 
 
 def add_dtype_argument(parser, default: str = "auto") -> None:
@@ -147,15 +149,43 @@ def resolve_classes(values: list[str], num_classes: int, class_names: list[str] 
     return ids
 
 
-def collect_trailing_overrides(parser: argparse.ArgumentParser) -> None:
+def collect_trailing_overrides(parser: argparse.ArgumentParser, config: str | None = None) -> None:
     """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
-    argparse fills positionals only once, so leftovers that look like overrides are added here."""
+    argparse fills positionals only once, so leftovers that look like overrides are added here.
+    An optional CONFIG positional (named `config`) that is an override, not a file, joins them."""
+    from pathlib import Path
+
     parse = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):
         ns, rest = parse(args, namespace)
         extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        first = getattr(ns, config, None) if config else None
+        if first is not None and "=" in first and not Path(first).exists():  # `--resume --out DIR train.steps=5`
+            setattr(ns, config, None)
+            extra.insert(0, first)
         ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
         return ns, [a for a in rest if a not in extra]
 
     parser.parse_known_args = parse_known_args
+
+
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (config file, overrides and defaults) and exit")
+
+
+def print_config(cfg) -> int:
+    """`--print-config`: the settings as YAML, every default filled in."""
+    from ctfgen.config import dump
+
+    print(dump(cfg), end="")
+    return 0
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    """Options needed for a run (not for --print-config)."""
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                          "(see --help)")

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfgen.errors import ConfigError
     from ctfgen.pipeline import CTFPipeline
 
-    check_args(args, counts=("max_images", "queue_size", "port"))
+    check_args(args)
     ctf = load_model(args.model, args.device)
     if not isinstance(ctf, CTFPipeline):
         raise ConfigError(f"--model {args.model!r} is a baseline; the demo shows a CTF model (pass the baseline as --baseline)")

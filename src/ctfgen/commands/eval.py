@@ -36,7 +36,7 @@ def run(args):
     from ctfgen.metrics.evaluate import evaluate, write_record
     from ctfgen.options import check_output_file
 
-    check_args(args, counts=("batch_size",))
+    check_args(args)
     if args.out:
         check_output_file(args.out, ".json", "--out")
     record = evaluate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ctfgen.commands._common import collect_trailing_overrides
+from ctfgen.commands._common import add_print_config, collect_trailing_overrides, print_config, require
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,28 +22,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out: finished steps are skipped, an interrupted one resumes "
                              "from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_print_config(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="shrink the config to two steps of everything with tiny models (checks a recipe on a CPU)")
-    collect_trailing_overrides(parser)
+    collect_trailing_overrides(parser, config="config")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ctfgen.config import dump
-    from ctfgen.errors import ConfigError
     from ctfgen.experiment import load_experiment_config, run_experiment
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)  # `ctfgen pipeline --resume --out DIR train.steps=5`
-        config = None
+    config, overrides = args.config, args.overrides
     if args.print_config:
-        print(dump(load_experiment_config(config, args.out, args.resume, overrides, args.dry_run)[0]), end="")
-        return 0
-    if args.out is None:
-        raise ConfigError("ctfgen pipeline: --out DIR is required (see `ctfgen pipeline --help`)")
+        return print_config(load_experiment_config(config, args.out, args.resume, overrides, args.dry_run)[0])
+    require(args, "out")
     run_experiment(config, args.out, resume=args.resume, overrides=overrides, progress=not args.no_progress,
                    dry_run=args.dry_run)
     return 0

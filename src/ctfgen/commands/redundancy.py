@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfgen.options import check_output_file
     from ctfgen.redundancy import redundancy_table, redundancy_report
 
-    check_args(args, counts=("images", "scale"))
+    check_args(args)
     check_output_file(args.out, "image", "--out")
     if args.json:
         check_output_file(args.json, ".json", "--json")

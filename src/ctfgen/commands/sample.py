@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfgen.pipeline import CTFPipeline
     from ctfgen.sample_sets import check_picture, sample_grid
 
-    check_args(args, counts=("n", "nrow", "scale", "batch_size"))
+    check_args(args)
     check_output_file(args.out, "image", "--out")
     t0 = time.perf_counter()
     pipeline = load_model(args.model, args.device)

@@ -23,10 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfgen.options import CLASS_ID
     from ctfgen.sample_sets import check_sample_set, sample_set
     from ctfgen.train import distributed as D
 
-    check_args(args, counts=("per_class", "batch_size"))
+    check_args(args)
+    args.classes = [CLASS_ID.check(c, "--classes") for c in args.classes] if args.classes else None
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
     device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
     pipeline = load_model(args.model, device)

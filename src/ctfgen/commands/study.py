@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ctfgen.commands._common import add_print_config, print_config, require
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", help="finished pipeline run directories (none: only --report)")
-    parser.add_argument("--records", required=True, help="directory of the study's JSON records")
+    parser.add_argument("--records", default=None,
+                        help="directory of the study's JSON records (required unless --print-config)")
     parser.add_argument("--report", default=None, help="write the markdown tables here (figures beside it)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0],
                         help="guidance scales tried on the validation split (default: %(default)s)")
@@ -39,14 +42,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="sampling batch size; it shapes the random streams (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="recompute records made from other settings, models or code (refused otherwise)")
+    add_print_config(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfgen.commands._common import check_args
     from ctfgen.options import check
     from ctfgen.config import StudySettings
     from ctfgen.fileio import atomic_write_text
     from ctfgen.study import study_run, write_report
 
+    check_args(args)
     args.guidance = [check("cfg_scale", g, "--guidance") for g in args.guidance]
     args.temperatures = [check("temperature", t, "--temperatures") for t in args.temperatures]
     args.seeds = [check("seed", s, "--seeds") for s in args.seeds]
@@ -61,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
                              select_seed=args.select_seed, diagnosis_per_class=args.diagnosis_per_class,
                              diagnosis_seed=args.diagnosis_seed, heldout_images=args.heldout_images,
                              tokenizer_images=args.tokenizer_images, batch_size=args.batch_size)
+    if args.print_config:
+        return print_config(settings)
+    require(args, "records")
     for run_dir in args.runs:
         study_run(run_dir, args.records, settings, force=args.force)
     if args.report:

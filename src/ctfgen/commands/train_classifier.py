@@ -17,8 +17,10 @@ def configure(parser):
 
 
 def run(args):
+    from ctfgen.commands._common import check_args
     from ctfgen.metrics.classifier import train_classifier
 
+    check_args(args)
     _, info = train_classifier(
         args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
         data_root=args.data_root, limit=args.limit, validation_images=args.validation_images,

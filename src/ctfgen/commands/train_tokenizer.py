@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import argparse
 
-from ctfgen.commands._common import add_device_argument, check_args, collect_trailing_overrides
+from ctfgen.commands._common import (add_device_argument, add_print_config, check_args, collect_trailing_overrides,
+                                     print_config, require)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (its data and tokenizer sections are used)")
-    parser.add_argument("--out", required=True, help="output directory (checkpoints, metrics.csv, tokenizer/)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (checkpoints, metrics.csv, tokenizer/); required unless --print-config")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
     add_device_argument(parser, None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.csv is still written)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    add_print_config(parser)
     collect_trailing_overrides(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfgen.config import ExperimentConfig, load_config
     from ctfgen.tokenizer.train import train_tokenizer_from_config
 
     check_args(args)
-
-    train_tokenizer_from_config(args.config, args.out, args.overrides, resume=args.resume, device=args.device,
-                                progress=not args.no_progress)
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    if args.print_config:
+        return print_config(cfg.tokenizer)
+    require(args, "out")
+    train_tokenizer_from_config(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
     return 0

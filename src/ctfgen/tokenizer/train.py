@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ctfgen.config import TokenizerConfig, from_dict
+from ctfgen.config import ExperimentConfig, TokenizerConfig, dump, from_dict
+from ctfgen.data import make_dataset
 from ctfgen.errors import CheckpointError
-from ctfgen.fileio import publish_dir
+from ctfgen.fileio import atomic_write_text, publish_dir
 from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
 from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train import distributed as D
+from ctfgen.train.checkpoint import list_checkpoints, seed_everything
 from ctfgen.train.loop import train, training_autocast
 
 __all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
@@ -173,8 +175,6 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
     device = torch.device(device) if device is not None else own_device
     out_dir = Path(out_dir)
-    from ctfgen.train.checkpoint import list_checkpoints, seed_everything
-
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone
     model = VQModel(vq_config)
     first = dataset[0]
@@ -203,17 +203,11 @@ def _plain(d):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def train_tokenizer_from_config(config, out_dir, overrides=None, resume: bool = False, device=None,
+def train_tokenizer_from_config(cfg: ExperimentConfig, out_dir, resume: bool = False, device=None,
                                 progress: bool = True) -> VQModel:
-    """`ctfgen train-tokenizer`: the `data` and `tokenizer` sections of an experiment config."""
-    from ctfgen.config import ExperimentConfig, dump, load_config
-    from ctfgen.data import make_dataset
-    from ctfgen.fileio import atomic_write_text
-
-    cfg = load_config(ExperimentConfig, config, overrides)
+    """`ctfgen train-tokenizer`: the `data` and `tokenizer` sections of an experiment config; the
+    resolved config is kept as out_dir/config.yaml."""
     dataset = make_dataset(cfg.data, "train", channels=cfg.tokenizer.model.get("in_channels", 3))
-    from ctfgen.train.checkpoint import list_checkpoints
-
     if D.is_main() and (resume or not list_checkpoints(Path(out_dir) / "checkpoints")):
         atomic_write_text(Path(out_dir) / "config.yaml", dump(cfg))
     return train_tokenizer(cfg.tokenizer, dataset, out_dir, resume=resume, device=device, progress=progress)
