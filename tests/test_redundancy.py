@@ -7,7 +7,8 @@ import torch
 from _tiny_ctf import tiny_vq
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.redundancy import gaussian_window, measure_redundancy, psnr, ssim, ssim_map, swap_within_clusters
+from ctfgen.images import gaussian_window, psnr, ssim, ssim_map
+from ctfgen.redundancy import measure_redundancy, swap_within_clusters
 
 
 def _imgs(seed, shape=(2, 3, 20, 24)):

@@ -28,30 +28,13 @@ import torch
 
 from ctfgen.errors import MismatchError, MissingFileError, WrongTypeError
 from ctfgen.fileio import atomic_save
-from ctfgen.fingerprint import codebook_fingerprint
+from ctfgen.fingerprint import codebook_fingerprint, fingerprint_of
 
 __all__ = ["CoarseMap", "codebook_fingerprint", "fingerprint_of"]
 
 FORMAT = "ctfgen.CoarseMap"
 FORMAT_VERSION = 1
 METHODS = ("kmeans", "random")
-
-
-def fingerprint_of(obj) -> str:
-    """The codebook fingerprint of a VQModel, a raw codebook weight (V, D) or a fingerprint string."""
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return codebook_fingerprint(obj)
-    if isinstance(obj, np.ndarray):
-        return codebook_fingerprint(torch.from_numpy(obj))
-    fp = getattr(obj, "fingerprint", None)
-    if isinstance(fp, str):
-        return fp
-    raise WrongTypeError(
-        f"cannot tell which codebook {type(obj).__name__} is: pass a VQModel, its raw embedding weight "
-        "(V, D) tensor, or a codebook fingerprint string"
-    )
 
 
 def _codewords(codebook, normalize: bool | None) -> tuple[np.ndarray, str, bool]:

@@ -11,6 +11,7 @@ two given parts disagree and raises one `MismatchError` with all of them:
 from __future__ import annotations
 
 from ctfgen.errors import MismatchError
+from ctfgen.fingerprint import fingerprint_of
 
 FACTS = {  # fact -> how it reads in a message
     "codebook_fingerprint": "codebook fingerprint",
@@ -30,8 +31,6 @@ def claims(kind: str, part) -> dict:
     string), a CoarseMap, a code header, a stage-1 / aux / baseline model config, or (any other
     kind) a dict of facts as they are."""
     if kind == "tokenizer":
-        from ctfgen.clustering import fingerprint_of
-
         size = getattr(getattr(part, "config", None), "codebook_size", None)
         if size is None and hasattr(part, "shape"):
             size = int(part.shape[0])

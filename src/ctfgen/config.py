@@ -379,6 +379,13 @@ class HeldoutConfig:
         _at_least(self, limit=1, batch_size=1)
 
 
+# The paper's defaults: guidance 2.0, both temperatures 1.1, stage-2 top-k = all, no stage-2 guidance.
+CTF_DEFAULTS = dict(cfg_scale=2.0, temperature=1.1, top_k=0, top_p=1.0, cfg_steps=None,
+                    temperature_fine=1.1, top_k_fine=0, cfg_scale_fine=1.0)
+# LlamaGen's sampler defaults apart from guidance, which matches CTF's so the two compare like for like.
+BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg_steps=None)
+
+
 @dataclass
 class SamplingConfig:
     """Sampling defaults stored in the finished pipelines (unset: the paper's, see pipeline.py)."""
@@ -387,8 +394,6 @@ class SamplingConfig:
     baseline: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from ctfgen.pipeline import BASELINE_DEFAULTS, CTF_DEFAULTS
-
         for name, given, known in (("ctf", self.ctf, CTF_DEFAULTS), ("baseline", self.baseline, BASELINE_DEFAULTS)):
             for key in given or {}:
                 if key not in known:

@@ -7,7 +7,10 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from ctfgen.errors import WrongTypeError
 
 
 def codebook_fingerprint(weight: torch.Tensor) -> str:
@@ -21,6 +24,23 @@ def codebook_fingerprint(weight: torch.Tensor) -> str:
     h.update(repr(tuple(w.shape)).encode())
     h.update(w.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_of(obj) -> str:
+    """The codebook fingerprint of a VQModel, a raw codebook weight (V, D) or a fingerprint string."""
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return codebook_fingerprint(obj)
+    if isinstance(obj, np.ndarray):
+        return codebook_fingerprint(torch.from_numpy(obj))
+    fp = getattr(obj, "fingerprint", None)
+    if isinstance(fp, str):
+        return fp
+    raise WrongTypeError(
+        f"cannot tell which codebook {type(obj).__name__} is: pass a VQModel, its raw embedding weight "
+        "(V, D) tensor, or a codebook fingerprint string"
+    )
 
 
 def directory_fingerprint(path) -> str:

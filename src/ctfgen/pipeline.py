@@ -29,11 +29,12 @@ import torch
 
 from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
+from ctfgen.config import BASELINE_DEFAULTS, CTF_DEFAULTS
 from ctfgen.errors import CorruptFileError, MismatchError
 from ctfgen.fileio import atomic_write_json
 from ctfgen.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
 from ctfgen.options import check_sampling
-from ctfgen.sampling import as_generator
+from ctfgen.sampling import as_generator, check_labels
 
 __all__ = ["CTFPipeline", "ARPipeline", "PipelineOutput", "load_pipeline", "pipeline_dir", "bits_per_token",
            "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
@@ -42,11 +43,6 @@ PIPELINE_FILE = "pipeline.json"
 COARSE_MAP_FILE = "coarse_map.safetensors"
 FORMAT_VERSION = 1
 
-# The paper's defaults: guidance 2.0, both temperatures 1.1, stage-2 top-k = all, no stage-2 guidance.
-CTF_DEFAULTS = dict(cfg_scale=2.0, temperature=1.1, top_k=0, top_p=1.0, cfg_steps=None,
-                    temperature_fine=1.1, top_k_fine=0, cfg_scale_fine=1.0)
-# LlamaGen's sampler defaults apart from guidance, which matches CTF's so the two compare like for like.
-BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg_steps=None)
 
 
 def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
@@ -114,16 +110,6 @@ class PipelineOutput:
             return None
         g = self.grid_size
         return (self.tokens != self.coarse_tokens).reshape(-1, g, g)
-
-
-def _labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
-    if labels.numel() == 0:
-        raise MismatchError("labels is empty: pass one class id per image")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise MismatchError(f"class labels must be in [0, {num_classes}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    return labels
 
 
 def _flat_tokens(tokens, image_tokens: int, device: torch.device) -> torch.Tensor:
@@ -220,7 +206,7 @@ class _Pipeline:
         of the final images)."""
         tokens, images = self._sample_and_decode(labels, generator, kwargs)
         device = tokens.device
-        out = PipelineOutput(images=images, tokens=tokens, labels=_labels(labels, self.num_classes, device),
+        out = PipelineOutput(images=images, tokens=tokens, labels=check_labels(labels, self.num_classes, device),
                              timings=self.last_timings)
         if self.kind == "ctf":
             out.coarse = self.last_coarse
@@ -361,7 +347,7 @@ class CTFPipeline(_Pipeline):
                                cfg_steps=cfg_steps, temperature_fine=temperature_fine, top_k_fine=top_k_fine,
                                cfg_scale_fine=cfg_scale_fine))
         device = self.device
-        labels = _labels(labels, self.num_classes, device)
+        labels = check_labels(labels, self.num_classes, device)
         gen = as_generator(generator, device)
         _sync(device)
         t0 = time.perf_counter()
@@ -394,7 +380,7 @@ class CTFPipeline(_Pipeline):
                           "log-likelihood, not the exact value", stacklevel=2)
         device = self.device
         tokens = _flat_tokens(tokens, self.image_tokens, device)
-        labels = _labels(labels, self.num_classes, device)
+        labels = check_labels(labels, self.num_classes, device)
         coarse = self.coarse_map(tokens)
         lp_coarse = ar_log_prob(self.ar, coarse, labels).to(torch.float64)
         was_training = self.aux.training
@@ -497,7 +483,7 @@ class ARPipeline(_Pipeline):
         o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps))
         device = self.device
-        labels = _labels(labels, self.num_classes, device)
+        labels = check_labels(labels, self.num_classes, device)
         _sync(device)
         t0 = time.perf_counter()
         tokens = generate(self.gpt, labels, generator=as_generator(generator, device), dtype=dtype, **o)
@@ -513,7 +499,7 @@ class ARPipeline(_Pipeline):
 
         device = self.device
         tokens = _flat_tokens(tokens, self.image_tokens, device)
-        return ar_log_prob(self.gpt, tokens, _labels(labels, self.num_classes, device)).to(torch.float64)
+        return ar_log_prob(self.gpt, tokens, check_labels(labels, self.num_classes, device)).to(torch.float64)
 
     def save_pretrained(self, directory, training_config: dict | None = None, metrics: dict | None = None) -> Path:
         """Write the pipeline (gpt/, tokenizer/, pipeline.json) and its model card, as CTFPipeline does."""

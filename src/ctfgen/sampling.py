@@ -91,12 +91,14 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
-def _check_labels(labels, num_classes: int, device) -> torch.Tensor:
+def check_labels(labels, num_classes: int, device, allow_null: bool = False) -> torch.Tensor:
+    """(B,) int64 class ids on `device`; `allow_null` also takes `num_classes`, the unconditional label."""
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() == 0:
-        raise ConfigError("no labels given: pass one class index per image")
-    if int(labels.min()) < 0 or int(labels.max()) > num_classes:
-        raise ConfigError(f"labels must be class indices in 0..{num_classes - 1} (or {num_classes}, the null label)")
+        raise ConfigError("no labels given: pass one class id per image")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes + allow_null:
+        raise ConfigError(f"class labels must be in [0, {num_classes})" + (f" or {num_classes}, the null label"
+                          if allow_null else "") + f"; got range [{int(labels.min())}, {int(labels.max())}]")
     return labels.to(device)
 
 
@@ -129,7 +131,7 @@ def generate(
     cfg_scale, temperature, top_k, top_p, cfg_steps = (o[k] for k in ("cfg_scale", "temperature", "top_k", "top_p", "cfg_steps"))
     gpt = cast_weights(gpt, dtype)
     device = gpt.tok_embeddings.weight.device
-    labels = _check_labels(labels, gpt.config.num_classes, device)
+    labels = check_labels(labels, gpt.config.num_classes, device, allow_null=True)
     B, L = labels.shape[0], gpt.config.image_tokens
     n_guided = L if cfg_steps is None else max(0, min(int(cfg_steps), L))
     guided = cfg_scale != 1.0 and n_guided > 0
@@ -221,7 +223,7 @@ def sample_fine(
     coarse = torch.as_tensor(coarse, dtype=torch.long, device=device)
     B = coarse.shape[0]
     if labels is not None:
-        labels = _check_labels(labels, aux.config.num_classes, device)
+        labels = check_labels(labels, aux.config.num_classes, device, allow_null=True)
     in_cluster = bool(aux.config.restrict_to_cluster)
     with _eval_mode(aux):
         if cfg_scale != 1.0:

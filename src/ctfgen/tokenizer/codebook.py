@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ctfgen.train import distributed as D
 from ctfgen.errors import ConfigError, MismatchError
+from ctfgen.images import psnr, ssim
 
 __all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer", "code_perplexity"]
 
@@ -167,8 +168,6 @@ def evaluate_tokenizer(vq, dataset, batch_size: int = 500, device=None) -> dict:
     code frequencies over all tokens of the split), between 1 and codes_used; PSNR/SSIM are means
     over images in [0, 1].
     """
-    from ctfgen.redundancy import psnr, ssim
-
     device = device or vq.quant_conv.weight.device
     was_training = vq.training
     vq.eval()
