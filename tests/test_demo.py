@@ -305,15 +305,15 @@ def test_demo_warns_for_a_public_host(monkeypatch, capsys):
 
 
 def test_demo_command_finds_the_baseline_and_refuses_a_baseline_model(tmp_path, monkeypatch, capsys):
-    from ctfgen import app as app_module
     from ctfgen.cli import main
+    from ctfgen.commands import demo as demo_command
 
     ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
     CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "run" / "ctf")
     gpt, _ = tiny_baseline(vocab=8, num_classes=10, vq=vq)
     ARPipeline(gpt, None).save_pretrained(tmp_path / "run" / "baseline")
     served = []
-    monkeypatch.setattr(app_module, "launch", lambda app, host, port: served.append((app, host, port)))
+    monkeypatch.setattr(demo_command, "launch", lambda app, host, port: served.append((app, host, port)))
     assert main(["demo", "--model", str(tmp_path / "run" / "ctf"), "--port", "1234"]) == 0
     (app, host, port), = served
     assert (host, port) == ("127.0.0.1", 1234)

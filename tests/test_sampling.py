@@ -135,7 +135,7 @@ def test_generate_restores_mode_frees_caches_and_checks_labels():
     gpt = tiny_gpt().train()
     generate(gpt, [0], generator=0)
     assert gpt.training and all(layer.attention.kv_cache is None for layer in gpt.layers)
-    with pytest.raises(ValueError, match="class indices"):
+    with pytest.raises(ValueError, match="class labels must be in"):
         generate(gpt, [4])
     null = generate(gpt, [3], top_k=1)  # the null label = unconditional
     assert null.shape == (1, 16)

@@ -21,6 +21,7 @@ import atexit
 import io
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import zipfile
@@ -29,9 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ctfgen.data.fashion_mnist import CLASS_NAMES
 from ctfgen.errors import ConfigError, CtfgenError
+from ctfgen.figures import change_heat, heat_legend, heat_rgb, stage_figure, stage_rows
+from ctfgen.images import to_uint8
 from ctfgen.options import COUNTS, SAMPLING, SEED, fmt
+from ctfgen.pipeline import CTFPipeline
 
 __all__ = ["Limits", "build_app", "launch", "is_loopback"]
 
@@ -72,18 +78,12 @@ def _class_names(pipe) -> list[str]:
     if names:
         return list(names)
     if pipe.num_classes == 10:
-        from ctfgen.data.fashion_mnist import CLASS_NAMES
-
         return list(CLASS_NAMES)
     return [f"class {i}" for i in range(pipe.num_classes)]
 
 
 def _enlarge(images: torch.Tensor) -> list[np.ndarray]:
     """(B, C, H, W) in [-1, 1] -> list of (S, S) or (S, S, 3) uint8 arrays, S = DISPLAY_SIZE."""
-    from PIL import Image
-
-    from ctfgen.images import to_uint8
-
     out = []
     for a in to_uint8(images):
         img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
@@ -95,8 +95,6 @@ class DemoBackend:
     """The page's one action, kept apart from gradio so it can be called and tested directly."""
 
     def __init__(self, ctf, baseline=None, limits: Limits = Limits(), download_dir: str | Path | None = None):
-        from ctfgen.pipeline import CTFPipeline
-
         if not isinstance(ctf, CTFPipeline):
             raise TypeError(f"the demo shows a CTF pipeline's stages; got {type(ctf).__name__}")
         if ctf.tokenizer is None or (baseline is not None and baseline.tokenizer is None):
@@ -131,8 +129,6 @@ class DemoBackend:
     @torch.inference_mode()
     def __call__(self, class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images,
                  compare: bool) -> dict:
-        from ctfgen.figures import change_heat, heat_rgb
-
         o = self.check(class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images)
         if compare and self.baseline is None:
             raise ConfigError("no baseline model is loaded: start the demo with --baseline DIR to compare")
@@ -157,11 +153,6 @@ class DemoBackend:
     def _archive(self, o: dict, out, base) -> Path:
         """A zip of the images as PNGs (28x28, as sampled) and the stage figure, under our own
         temporary directory; only the newest KEEP_DOWNLOADS archives are kept."""
-        from PIL import Image
-
-        from ctfgen.images import to_uint8
-        from ctfgen.figures import stage_figure, stage_rows
-
         stem = f"ctfgen_{self.class_names[o['label']]}_seed{o['seed']}".replace("/", "-").replace(" ", "-")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -223,8 +214,6 @@ def _label(name: str, hi=None) -> str:
 
 def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfgen: coarse-to-fine generation"):
     """A gradio Blocks app around loaded pipelines (CTF, and optionally the baseline)."""
-    from ctfgen.figures import heat_legend
-
     gr = _import_gradio()
     gen = DemoBackend(ctf, baseline, limits)
     names = gen.class_names
@@ -290,8 +279,6 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
 
 def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Serve `app`; a host other than loopback prints a warning, since anyone who can reach it can use it."""
-    import sys
-
     if not is_loopback(host):
         print(f"WARNING: serving on {host}: anyone who can reach this address can use the demo and its CPU/GPU. "
               "Use the default 127.0.0.1 unless you mean to share it.", file=sys.stderr)

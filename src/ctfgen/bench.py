@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from ctfgen.clustering import CoarseMap
+from ctfgen.fileio import atomic_write_json
+from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
+from ctfgen.pipeline import ARPipeline, CTFPipeline
+from ctfgen.precision import dtype_name, resolve_dtype
+from ctfgen.shipped import pretrained
+from ctfgen.tokenizer.vq import VQConfig, VQModel
+
 
 def paper_shape_pipelines(preset: str, image_tokens: int, num_coarse: int, aux_preset: str, decode: bool):
     """Random-weight baseline and CTF pipelines with the paper's ImageNet shapes."""
-    import torch
-
-    from ctfgen.clustering import CoarseMap
-    from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
-    from ctfgen.pipeline import ARPipeline, CTFPipeline
-    from ctfgen.tokenizer.vq import VQConfig, VQModel
-
     torch.manual_seed(0)
     tokenizer = VQModel(VQConfig()) if decode else None
     codebook = tokenizer.quantize.embedding.weight if decode else torch.randn(16384, 8)
@@ -32,8 +35,6 @@ def paper_shape_pipelines(preset: str, image_tokens: int, num_coarse: int, aux_p
 
 
 def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, device: str, dtype=None) -> dict:
-    import torch
-
     labels = torch.arange(batch_size, device=device) % pipeline.num_classes
     runs = []
     for r in range(repeats + 1):  # the first run warms up caches and allocators
@@ -58,10 +59,6 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 2, image
               device: str = "cpu", dtypes=("float32", "bfloat16"), json_path=None) -> list[dict]:
     """`ctfgen bench`: time both methods for every model, precision and batch size, printing a table
     as it goes (with CTF's speed relative to the baseline at the same shape, batch and precision)."""
-    import torch
-
-    from ctfgen.precision import dtype_name, resolve_dtype
-
     dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
     results = []
     print(f"device: {device}  threads: {torch.get_num_threads()}  dtypes: {' '.join(dtypes)}  cfg: {cfg_scale}")
@@ -82,8 +79,6 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 2, image
                           f"{t.get('stage1', 0):>10.3f}{_seconds(t.get('stage2'))}{t.get('decode', 0):>10.3f}"
                           f"{t['total']:>10.3f}{ratio}", flush=True)
     if json_path:
-        from ctfgen.fileio import atomic_write_json
-
         atomic_write_json(json_path, {"device": device, "threads": torch.get_num_threads(), "dtypes": dtypes,
                                       "cfg_scale": cfg_scale, "results": results})
     return results
@@ -95,8 +90,6 @@ def _seconds(value) -> str:
 
 
 def _pipelines(name: str, device: str, image_tokens: int, num_coarse: int, aux_preset: str, decode: bool) -> dict:
-    from ctfgen.shipped import pretrained
-
     if name == "fashion-mnist":
         return {"baseline": pretrained("fashion-mnist-baseline", device), "ctf": pretrained("fashion-mnist", device)}
     base, ctf = paper_shape_pipelines(name, image_tokens, num_coarse, aux_preset, decode)

@@ -13,6 +13,9 @@ import logging
 import os
 import sys
 
+from ctfgen import __version__
+from ctfgen.errors import ConfigError, CtfgenError
+
 COMMANDS = {
     # name: (module, one-line help)
     "sample": ("sample", "sample a class-conditional image grid from a trained or shipped model"),
@@ -35,14 +38,10 @@ COMMANDS = {
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # argparse's usage + message, as our one error line
-        from ctfgen.errors import ConfigError
-
         raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    from ctfgen import __version__
-
     parser = ArgumentParser(
         prog="ctfgen", description=__doc__.splitlines()[0],
         epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
@@ -73,8 +72,6 @@ def log_progress() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ctfgen.errors import CtfgenError
-
     log_progress()
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -93,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
     finally:
-        if "torch" in sys.modules:
-            from ctfgen.train import distributed as D
-
-            D.cleanup()
+        distributed = sys.modules.get("ctfgen.train.distributed")  # loaded only if a command used torch
+        if distributed is not None:
+            distributed.cleanup()
 
 
 if __name__ == "__main__":

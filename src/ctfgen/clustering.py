@@ -25,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ctfgen.compat import check_parts
 from ctfgen.errors import MismatchError, MissingFileError, WrongTypeError
 from ctfgen.fileio import atomic_save
 from ctfgen.fingerprint import codebook_fingerprint, fingerprint_of
@@ -293,8 +296,6 @@ class CoarseMap:
     def check_codebook(self, codebook_or_fingerprint, what: str = "tokenizer") -> None:
         """Raise MismatchError unless the VQModel / raw codebook weight / fingerprint is the one this
         map was fitted on."""
-        from ctfgen.compat import check_parts
-
         check_parts(f"coarse map {self.fingerprint} does not fit the {what}", coarse_map=self,
                     tokenizer=codebook_or_fingerprint,
                     hint="Use the tokenizer the map was fitted on, or fit a new map on this one (`ctfgen cluster`).")
@@ -302,8 +303,6 @@ class CoarseMap:
     # ---------------------------------------------------------------- files
     def save(self, path) -> Path:
         """A small .safetensors file: fine_to_coarse (+ centroids and spread when known) and metadata."""
-        from safetensors.torch import save_file
-
         tensors = {"fine_to_coarse": torch.from_numpy(self._f2c.copy())}
         if self.centroids is not None:
             tensors["centroids"] = self.centroids.contiguous()
@@ -320,8 +319,6 @@ class CoarseMap:
     @classmethod
     def load(cls, path) -> "CoarseMap":
         """Load a map written by `save`, checking that the file is whole and consistent."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"coarse map file {path} not found (write one with `ctfgen cluster`)")

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 
 from ctfgen.errors import ConfigError
+from ctfgen.models.transformer import AuxConfig, GPTConfig
+from ctfgen.tokenizer.vq import VQConfig
 
 # --- the loader ------------------------------------------------------------------------------------
 
@@ -323,8 +325,6 @@ class TokenizerConfig:
 
     @staticmethod
     def model_config_class():
-        from ctfgen.tokenizer.vq import VQConfig
-
         return VQConfig
 
 
@@ -353,8 +353,6 @@ class StageConfig:
 
     @staticmethod
     def model_config_class():
-        from ctfgen.models.transformer import GPTConfig
-
         return GPTConfig
 
 
@@ -364,8 +362,6 @@ class AuxStageConfig(StageConfig):
 
     @staticmethod
     def model_config_class():
-        from ctfgen.models.transformer import AuxConfig
-
         return AuxConfig
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ctfgen.clustering import CoarseMap
 from ctfgen.errors import ConfigError, MismatchError
+from ctfgen.sampling import generate, sample_fine
 
 __all__ = ["coarse_prediction", "most_frequent_members", "stagewise_sets", "STAGEWISE_SETS"]
 
@@ -117,8 +118,6 @@ def stagewise_sets(ctf, baseline, tokens, labels, representatives: torch.Tensor,
     (K,) decodes coarse labels without stage 2 (see `most_frequent_members`). Sampling options default to each
     pipeline's own defaults; stage 2 always uses `ctf`'s stage-2 options.
     """
-    from ctfgen.sampling import sample_fine
-
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     labels = torch.as_tensor(labels, dtype=torch.long)
     unknown = set(sets) - set(STAGEWISE_SETS)
@@ -138,8 +137,6 @@ def stagewise_sets(ctf, baseline, tokens, labels, representatives: torch.Tensor,
             elif name == "real_coarse_representative":
                 out = representatives[cmap(fine)]
             elif name == "stage1_representative":
-                from ctfgen.sampling import generate
-
                 coarse = generate(ctf.ar, y.to(ctf.device), cfg_scale=ctf_o["cfg_scale"], temperature=ctf_o["temperature"],
                                   top_k=ctf_o["top_k"], top_p=ctf_o["top_p"], cfg_steps=ctf_o["cfg_steps"], generator=gen)
                 out = representatives.to(coarse.device)[coarse]

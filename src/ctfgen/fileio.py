@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import torch
+
 
 def fsync_file(path: str | os.PathLike) -> None:
     with open(path, "rb+") as f:
@@ -80,8 +82,6 @@ def atomic_save(save: Callable[[Path], Any], path: str | os.PathLike) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    import torch
-
     return atomic_save(lambda tmp: torch.save(obj, tmp), path)
 
 

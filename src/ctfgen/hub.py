@@ -21,10 +21,29 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+import yaml
+from huggingface_hub import (
+    ModelCard,
+    ModelCardData,
+    PyTorchModelHubMixin,
+    constants,
+    hf_hub_download,
+    snapshot_download,
+)
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
 
+from ctfgen import __version__
 from ctfgen.errors import ConfigError, CorruptFileError, MismatchError
+from ctfgen.fileio import atomic_write_text
 
 SAFETENSORS_FILE = "model.safetensors"
 MODEL_CARD_FILE = "README.md"
@@ -140,9 +159,6 @@ class HubMixin(PyTorchModelHubMixin):
 
 def is_repo_id(spec) -> bool:
     """`org/name` as the Hub spells repo ids; paths (./x, /x, a/b/c, ~/x) are not."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     text = str(spec)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) or ".." in text:
         return False
@@ -156,12 +172,6 @@ def is_repo_id(spec) -> bool:
 def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local folder of a Hub repo's safetensors, JSON and model card, through huggingface_hub
     (its cache, HF_HUB_OFFLINE and token apply). Errors are one line that says what to do."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    from ctfgen import __version__
-
     where = f"{repo_id!r} is not a local directory"
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"],
@@ -211,8 +221,6 @@ def _card_body(info: dict, training_config: dict | None, metrics: dict | None) -
         lines += ["", "## Metrics recorded by the run", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flatten(metrics).items()]
     if training_config:
-        import yaml
-
         lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(training_config, sort_keys=False).rstrip(), "```"]
     lines += ["", "## Citation", "", f"Coarse-to-fine token prediction: [arXiv {PAPER}](https://arxiv.org/abs/{PAPER}). "
               "LlamaGen: [arXiv 2406.06525](https://arxiv.org/abs/2406.06525).", ""]
@@ -232,10 +240,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def write_model_card(directory, training_config: dict | None = None, metrics: dict | None = None) -> Path:
     """README.md beside a saved pipeline: Hub metadata (library, tags, the paper, the training config
     and the run's metrics) and a human-readable card. Reads the directory's pipeline.json."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from ctfgen.fileio import atomic_write_text
-
     directory = Path(directory)
     info = json.loads((directory / "pipeline.json").read_text())
     kind = info.get("type")
@@ -257,8 +261,6 @@ def write_model_card(directory, training_config: dict | None = None, metrics: di
 def read_model_card(directory) -> dict:
     """The training config and metrics a saved pipeline's model card records ({} when it has none), so
     a pipeline saved again keeps them."""
-    import yaml
-
     path = Path(directory) / MODEL_CARD_FILE
     if not path.is_file():
         return {}

@@ -21,6 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from PIL import Image
+
 from ctfgen.errors import ConfigError
 
 __all__ = ["Option", "SAMPLING", "COUNTS", "SEED", "MAX_SAMPLE_IMAGES", "MAX_GRID_PIXELS", "check", "check_sampling",
@@ -178,8 +181,6 @@ def cli_help(option: Option) -> str:
 
 def available_devices() -> list[str]:
     """The devices this torch build and machine have: cpu, and cuda / cuda:N, mps, xpu where present."""
-    import torch
-
     out = ["cpu"]
     if torch.cuda.is_available():
         out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -193,8 +194,6 @@ def available_devices() -> list[str]:
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -202,8 +201,6 @@ def check_device(device, label: str = "device") -> str | None:
     """`device` (a name or torch.device; "auto": cuda when available, else cpu; None stays None, for
     callers that choose later) if this machine has it, else one ConfigError line that lists the
     devices it has."""
-    import torch
-
     if device is None:
         return None
     text = str(device).strip()
@@ -237,8 +234,6 @@ COMMON_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif
 @functools.lru_cache(maxsize=None)
 def image_suffixes() -> tuple[str, ...]:
     """The common image extensions this Pillow can write."""
-    from PIL import Image
-
     Image.init()
     writable = {ext for ext, format in Image.registered_extensions().items() if format in Image.SAVE}
     return tuple(s for s in COMMON_IMAGE_SUFFIXES if s in writable)

@@ -30,11 +30,15 @@ import torch
 from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
 from ctfgen.config import BASELINE_DEFAULTS, CTF_DEFAULTS
+from ctfgen.data.codes import CodeDataset
 from ctfgen.errors import CorruptFileError, MismatchError
 from ctfgen.fileio import atomic_write_json
 from ctfgen.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
+from ctfgen.models.transformer import GPT, AuxModel
 from ctfgen.options import check_sampling
-from ctfgen.sampling import as_generator, check_labels
+from ctfgen.sampling import as_generator, check_labels, generate, log_prob as ar_log_prob, sample_fine, token_log_probs
+from ctfgen.tokenizer.vq import VQModel
+from ctfgen.train import distributed as D
 
 __all__ = ["CTFPipeline", "ARPipeline", "PipelineOutput", "load_pipeline", "pipeline_dir", "bits_per_token",
            "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
@@ -54,9 +58,6 @@ def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size
     """Exact held-out bits per token of `pipeline` on the first `limit` images of a code directory
     (or CodeDataset), on the pipeline's device; under torchrun the images are shared out and the
     sums all-reduced. Returns nats_per_image, bits_per_token, exact (False: an upper bound), images."""
-    from ctfgen.data.codes import CodeDataset
-    from ctfgen.train import distributed as D
-
     codes = codes if isinstance(codes, CodeDataset) else CodeDataset(codes, augmentation=0)
     n = len(codes) if limit is None else min(len(codes), int(limit))
     mine = list(range(D.get_rank(), n, D.get_world_size()))
@@ -235,7 +236,6 @@ class _Pipeline:
             if info.get("has_tokenizer"):
                 raise FileNotFoundError(f"{directory}/tokenizer is missing but pipeline.json says it was saved")
             return None
-        from ctfgen.tokenizer.vq import VQModel
 
         return VQModel.from_pretrained(str(directory / "tokenizer"), map_location=map_location)
 
@@ -341,8 +341,6 @@ class CTFPipeline(_Pipeline):
         "float16" for both stages (None = the weights' dtype, float32 as loaded); weights are cast
         once per dtype and cached (`ctfgen.precision.cast_weights`), `log_prob` stays float32.
         """
-        from ctfgen.sampling import generate, sample_fine
-
         o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps, temperature_fine=temperature_fine, top_k_fine=top_k_fine,
                                cfg_scale_fine=cfg_scale_fine))
@@ -373,8 +371,6 @@ class CTFPipeline(_Pipeline):
         the aux also spends mass on fine grids with other coarse sequences, so this is only a LOWER
         BOUND on log p(fine), and a warning says so.
         """
-        from ctfgen.sampling import log_prob as ar_log_prob, token_log_probs
-
         if not self.log_prob_is_exact:
             warnings.warn("aux model is not restricted to clusters: CTFPipeline.log_prob is a lower bound on the "
                           "log-likelihood, not the exact value", stacklevel=2)
@@ -416,8 +412,6 @@ class CTFPipeline(_Pipeline):
     def from_pretrained(cls, directory, map_location="cpu", revision: str | None = None) -> "CTFPipeline":
         """Load a saved CTF pipeline: a directory, a `ctfgen pipeline` run's root, or a Hub repo id
         (`org/name`, fetched through huggingface_hub's cache; `revision` picks a branch, tag or commit)."""
-        from ctfgen.models.transformer import GPT, AuxModel
-
         directory = pipeline_dir(directory, cls.kind, revision)
         info = cls._read_json(directory, cls.kind)
         cmap = CoarseMap.load(directory / COARSE_MAP_FILE)
@@ -478,8 +472,6 @@ class ARPipeline(_Pipeline):
         """(B, image_tokens) int64 tokens; options left as None take `sampling_defaults`
         (cfg_scale 2.0, temperature 1.0, top_k 0, top_p 1.0, guidance on every step).
         `dtype` as in `CTFPipeline.sample_tokens`."""
-        from ctfgen.sampling import generate
-
         o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps))
         device = self.device
@@ -495,8 +487,6 @@ class ARPipeline(_Pipeline):
     @torch.no_grad()
     def log_prob(self, tokens, labels) -> torch.Tensor:
         """(B,) float64 exact log p(tokens | label) in nats per image."""
-        from ctfgen.sampling import log_prob as ar_log_prob
-
         device = self.device
         tokens = _flat_tokens(tokens, self.image_tokens, device)
         return ar_log_prob(self.gpt, tokens, check_labels(labels, self.num_classes, device)).to(torch.float64)
@@ -518,8 +508,6 @@ class ARPipeline(_Pipeline):
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu", revision: str | None = None) -> "ARPipeline":
         """Load a saved baseline: a directory, a run's root (its baseline/), or a Hub repo id."""
-        from ctfgen.models.transformer import GPT
-
         directory = pipeline_dir(directory, cls.kind, revision)
         info = cls._read_json(directory, cls.kind)
         gpt = GPT.from_pretrained(str(directory / "gpt"), map_location=map_location)

@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ctfgen.clustering import CoarseMap
+from ctfgen.config import DataConfig
+from ctfgen.data.factory import make_dataset
 from ctfgen.errors import ConfigError
-from ctfgen.images import psnr, ssim
+from ctfgen.fileio import atomic_write_json
+from ctfgen.images import psnr, save_grid, ssim
 from ctfgen.metrics.compare import text_table
+from ctfgen.pipeline import CTFPipeline, load_pipeline
+from ctfgen.tokenizer import load_tokenizer
 
 __all__ = ["swap_within_clusters", "measure_redundancy",
            "redundancy_table", "SWAPS", "load_images", "redundancy_report"]
@@ -114,11 +121,6 @@ def load_images(data: str, n: int, channels: int, split: str = "test", image_siz
                 seed: int = 0) -> torch.Tensor:
     """`n` random images (seeded) of Fashion-MNIST's `split` (data="fashion_mnist") or of an image
     folder, as (n, channels, H, W) in [-1, 1]."""
-    import numpy as np
-
-    from ctfgen.config import DataConfig
-    from ctfgen.data.factory import make_dataset
-
     fmnist = data == "fashion_mnist"
     cfg = DataConfig(dataset="fashion_mnist" if fmnist else "image_folder", root=None if fmnist else data,
                      test_root=None if fmnist else data, image_size=image_size, channels=None if fmnist else channels)
@@ -142,15 +144,9 @@ def redundancy_report(tokenizer=None, model=None, coarse_map=None, num_coarse: i
     pipeline directory `model`, or a saved VQModel `tokenizer`) and a coarse map (given, the CTF
     pipeline's, or k-means with `num_coarse` fitted now); write the image grid (rows: original,
     reconstruction, in-cluster, random-map, whole-codebook swap) and, with `json_path`, the numbers."""
-    from pathlib import Path
-
-    from ctfgen.images import save_grid
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cmap = None
     if model:
-        from ctfgen.pipeline import CTFPipeline, load_pipeline
-
         pipe = load_pipeline(model)
         if pipe.tokenizer is None:
             raise ConfigError(f"{model} has no tokenizer/ directory")
@@ -158,8 +154,6 @@ def redundancy_report(tokenizer=None, model=None, coarse_map=None, num_coarse: i
         if isinstance(pipe, CTFPipeline) and coarse_map is None and num_coarse is None:
             cmap = pipe.coarse_map
     else:
-        from ctfgen.tokenizer import load_tokenizer
-
         vq = load_tokenizer(tokenizer)
     vq = vq.to(device).eval()
     if coarse_map:
@@ -178,7 +172,5 @@ def redundancy_report(tokenizer=None, model=None, coarse_map=None, num_coarse: i
     grid = torch.cat([rows[k][:shown].cpu() for k in ("original", "reconstruction", *SWAPS)])
     result["grid"] = str(save_grid(grid, out, nrow=shown, scale=scale))
     if json_path:
-        from ctfgen.fileio import atomic_write_json
-
         atomic_write_json(Path(json_path), {k: v for k, v in result.items() if k != "grid"})
     return result

@@ -18,9 +18,16 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from ctfgen.errors import ConfigError
+from ctfgen.figures import HEAT_ROW, change_heat, heat_rgb, rgb, rgb_array, side_by_side, stage_figure
+from ctfgen.fileio import atomic_path, atomic_write_json
+from ctfgen.images import save_grid, save_images, to_uint8
 from ctfgen.options import MAX_GRID_PIXELS, check, check_output_dir, check_output_file, fmt
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.train import distributed as D
 
 PARTS_REQUEST = "request.json"
 
@@ -34,8 +41,6 @@ def _part(parts_dir: Path, index: int) -> Path:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    from ctfgen.fileio import atomic_path
-
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
 
@@ -66,12 +71,6 @@ def sample_many(pipeline, labels: np.ndarray, out: Path, batch_size: int, seed: 
                 rank: int = 0, world_size: int = 1, png_dir: Path | None = None, progress: bool = True) -> list[Path]:
     """Sample `labels` in batches into part files under `out.parts/`; returns this rank's parts.
     Finished parts are kept (and skipped when run again); the folder appears with the first part."""
-    import torch
-    from tqdm import tqdm
-
-    from ctfgen.fileio import atomic_write_json
-    from ctfgen.images import save_images, to_uint8
-
     parts_dir = _parts_dir(out)
     request = _request(pipeline, labels, batch_size, seed, sampling)
     _check_request(parts_dir, request)
@@ -129,8 +128,6 @@ def _stream_array(zf: zipfile.ZipFile, name: str, parts: list[Path], key: str) -
 
 def merge_parts(out: Path, num_batches: int) -> None:
     """`out` (.npz: arr_0 images, labels) from the part files, streamed, then the parts removed."""
-    from ctfgen.fileio import atomic_path
-
     parts_dir = _parts_dir(out)
     parts = [_part(parts_dir, i) for i in range(num_batches)]
     missing = [p.name for p in parts if not p.is_file()]
@@ -163,8 +160,6 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
     are shared out and rank 0 merges them. Returns `out`, or None when it already existed. A run
     that stops keeps its finished batches in `out.parts/` (run again to continue); one that made
     no batch leaves nothing behind."""
-    from ctfgen.train import distributed as D
-
     out = check_sample_set(out, per_class, batch_size, png_dir)
     if out.exists():
         return None
@@ -238,13 +233,6 @@ def sample_grid(pipeline, classes: list[int], n: int, out, seed: int = 0, nrow: 
     Returns paths, image size, `timings` (seconds per part, parts adding up to `total`, the wall
     time from the first batch to the written picture), the baseline's own timings and the share of
     positions stage 2 changed, where they apply."""
-    import torch
-    from tqdm import tqdm
-
-    from ctfgen.images import save_images, to_uint8
-    from ctfgen.pipeline import CTFPipeline
-    from ctfgen.figures import HEAT_ROW, change_heat, heat_rgb, rgb
-
     if (stages or baseline is not None) and not isinstance(pipeline, CTFPipeline):
         raise ConfigError("--stages and --compare-baseline need a CTF model as --model")
     rows = (3 if stages else 1) + (baseline is not None)
@@ -319,9 +307,6 @@ def _add(picture: dict, row: str, array: np.ndarray) -> None:
 
 def _save_picture(picture: dict, out: Path, nrow: int, scale: int, stages: bool) -> None:
     """The grid (one row kind), the stage figure (--stages), or CTF beside the baseline."""
-    from ctfgen.images import save_grid
-    from ctfgen.figures import rgb_array, side_by_side, stage_figure
-
     rows = {k: np.concatenate(v) for k, v in picture.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if stages:

@@ -13,6 +13,11 @@ from pathlib import Path
 
 from ctfgen.errors import ConfigError
 from ctfgen.fileio import atomic_write_json, publish_dir
+from ctfgen.hub import is_repo_id
+from ctfgen.options import check_device
+from ctfgen.pipeline import ARPipeline, load_pipeline
+from ctfgen.rundir import RunDir
+from ctfgen.tokenizer.vq import VQModel
 
 ASSETS = Path(str(resources.files("ctfgen") / "assets"))
 SHIPPED_CTF = "fashion_mnist/ctf"
@@ -40,11 +45,6 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
 
     The shipped models sample `(B, 1, 28, 28)` images in [-1, 1] with `pipe.sample(labels, ...)`.
     """
-    from ctfgen.hub import is_repo_id
-    from ctfgen.options import check_device
-    from ctfgen.pipeline import ARPipeline, load_pipeline
-    from ctfgen.tokenizer.vq import VQModel
-
     device = check_device(device) or "cpu"
     if name not in PRETRAINED or Path(name).exists():
         if Path(name).exists() or is_repo_id(name):
@@ -61,8 +61,6 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
 def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
     """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
     own tokenizer copy). Returns the bytes written per model."""
-    from ctfgen.rundir import RunDir
-
     run = RunDir(run_dir)
     sizes = {}
     for src, sub in ((run.ctf, SHIPPED_CTF), (run.baseline, SHIPPED_BASELINE)):

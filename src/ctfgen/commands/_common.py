@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ctfgen.config import dump
+from ctfgen.data.fashion_mnist import class_index
 from ctfgen.errors import ConfigError
-
+from ctfgen.options import COUNTS, SAMPLING, SEED, check, check_device, check_sampling, cli_help
+from ctfgen.pipeline import ARPipeline, CTFPipeline
+from ctfgen.precision import DTYPE_CHOICES
+from ctfgen.shipped import PRETRAINED, pretrained
 
 MODEL_HELP = ("a pipeline directory (from `ctfgen pipeline`: the run's root RUN, RUN/ctf or RUN/baseline), a "
               "Hugging Face Hub repo id (org/name; cached, honours HF_HUB_OFFLINE), or a shipped name: "
@@ -27,8 +33,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    from ctfgen.options import SAMPLING, SEED, cli_help
-
     g = parser.add_argument_group("sampling (unset options take the model's defaults: the paper's for CTF)")
     for option in SAMPLING.values():
         g.add_argument(option.flag, type=int if option.integer else float, default=None, help=cli_help(option))
@@ -40,8 +44,6 @@ def check_args(args: argparse.Namespace) -> None:
     """Every number the user gave, checked before any work: the device, the seed, the sampling
     options (their model-free ranges; the model's own bounds are checked once it is loaded) and every
     other number ctfgen.options knows by its flag's name (counts, sizes, rates), a list value by value."""
-    from ctfgen.options import COUNTS, SAMPLING, check, check_device, check_sampling
-
     if hasattr(args, "device"):  # "auto": cuda when available, else cpu; None stays None
         args.device = check_device(args.device, "--device")
     if hasattr(args, "seed"):
@@ -56,8 +58,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def add_dtype_argument(parser, default: str = "auto") -> None:
-    from ctfgen.precision import DTYPE_CHOICES
-
     parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
                         help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
                              "float32 elsewhere (default: %(default)s)")
@@ -65,8 +65,6 @@ def add_dtype_argument(parser, default: str = "auto") -> None:
 
 def load_model(spec: str, device: str):
     """--model: a shipped name, a directory (a run's root included) or a Hub repo id, on `device`."""
-    from ctfgen.shipped import pretrained
-
     return pretrained(spec, device=device)
 
 
@@ -75,11 +73,6 @@ def load_baseline(model_spec: str, baseline_spec: str | None, device: str, token
     for the shipped model, else a run's `baseline` directory: inside --model when it is the run's
     root, beside it when it is RUN/ctf. A baseline saved without its tokenizer borrows `tokenizer`
     (checked against its codebook fingerprint)."""
-    from pathlib import Path
-
-    from ctfgen.pipeline import ARPipeline
-    from ctfgen.shipped import PRETRAINED
-
     if baseline_spec is None:
         model = Path(model_spec)
         found = [d for d in (model / "baseline", model.parent / "baseline") if (d / "pipeline.json").is_file()]
@@ -106,9 +99,6 @@ def load_baseline(model_spec: str, baseline_spec: str | None, device: str, token
 def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
     """The options the user set, checked against the model's bounds too (top-k against its
     vocabulary, cfg_steps against its length); the rest fall back to the pipeline's stored defaults."""
-    from ctfgen.options import SAMPLING
-    from ctfgen.pipeline import CTFPipeline
-
     names = ["cfg_scale", "cfg_steps", "temperature", "top_k", "top_p"]
     fine = ["temperature_fine", "top_k_fine", "cfg_scale_fine"]
     if isinstance(pipeline, CTFPipeline):
@@ -137,8 +127,6 @@ def resolve_classes(values: list[str], num_classes: int, class_names: list[str] 
                 raise ConfigError(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
             c = lowered.index(v.lower())
         else:
-            from ctfgen.data.fashion_mnist import class_index
-
             try:
                 c = class_index(v)
             except ValueError as e:
@@ -153,8 +141,6 @@ def collect_trailing_overrides(parser: argparse.ArgumentParser, config: str | No
     """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
     argparse fills positionals only once, so leftovers that look like overrides are added here.
     An optional CONFIG positional (named `config`) that is an override, not a file, joins them."""
-    from pathlib import Path
-
     parse = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):
@@ -177,8 +163,6 @@ def add_print_config(parser: argparse.ArgumentParser) -> None:
 
 def print_config(cfg) -> int:
     """`--print-config`: the settings as YAML, every default filled in."""
-    from ctfgen.config import dump
-
     print(dump(cfg), end="")
     return 0
 

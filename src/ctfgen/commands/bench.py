@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ctfgen.bench import run_bench
 from ctfgen.commands._common import add_device_argument, check_args
+from ctfgen.options import check, check_output_file
+from ctfgen.precision import DTYPE_CHOICES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +24,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-scale", type=float, default=2.0,
                         help="classifier-free guidance of stage 1 and the baseline (default: %(default)s)")
     add_device_argument(parser)
-    from ctfgen.precision import DTYPE_CHOICES
 
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=DTYPE_CHOICES,
                         help="precisions to time, each in turn (default: %(default)s)")
@@ -29,9 +31,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.bench import run_bench
-    from ctfgen.options import check, check_output_file
-
     check_args(args)
     args.cfg_scale = check("cfg_scale", args.cfg_scale, "--cfg-scale")
     args.batch_sizes = [check("batch_size", b, "--batch-sizes") for b in args.batch_sizes]

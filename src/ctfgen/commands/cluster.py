@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from ctfgen.clustering import CoarseMap
+from ctfgen.commands._common import check_args
 from ctfgen.errors import ConfigError
+from ctfgen.options import check_output_file
+from ctfgen.tokenizer.vq import VQModel
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +23,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.clustering import CoarseMap
-    from ctfgen.commands._common import check_args
-    from ctfgen.options import check_output_file
-    from ctfgen.tokenizer.vq import VQModel
-
     check_args(args)
     out = check_output_file(args.out, ".safetensors", "--out")
     if out.exists() and not args.overwrite:

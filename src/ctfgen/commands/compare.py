@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ctfgen.metrics.compare import compare
+
 
 def configure(parser):
     parser.add_argument("runs", nargs="+", metavar="RUN",
@@ -11,8 +13,6 @@ def configure(parser):
 
 
 def run(args):
-    from ctfgen.metrics.compare import compare
-
     table, pngs = compare(args.runs, args.out)
     print(table, end="")
     if args.out:

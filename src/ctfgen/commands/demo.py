@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ctfgen.commands._common import add_model_arguments, check_args
+from ctfgen.app import Limits, build_app, launch
+from ctfgen.commands._common import add_model_arguments, check_args, load_baseline, load_model
+from ctfgen.errors import ConfigError
+from ctfgen.pipeline import CTFPipeline
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +24,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.app import Limits, build_app, launch
-    from ctfgen.commands._common import load_baseline, load_model
-    from ctfgen.errors import ConfigError
-    from ctfgen.pipeline import CTFPipeline
-
     check_args(args)
     ctf = load_model(args.model, args.device)
     if not isinstance(ctf, CTFPipeline):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-
-from ctfgen.commands._common import add_device_argument
+from ctfgen.commands._common import add_device_argument, check_args
+from ctfgen.metrics.compare import record_summary
+from ctfgen.metrics.evaluate import evaluate, write_record
+from ctfgen.options import check_output_file
 
 
 def configure(parser):
@@ -31,11 +33,6 @@ def configure(parser):
 
 
 def run(args):
-    from ctfgen.commands._common import check_args
-    from ctfgen.metrics.compare import record_summary
-    from ctfgen.metrics.evaluate import evaluate, write_record
-    from ctfgen.options import check_output_file
-
     check_args(args)
     if args.out:
         check_output_file(args.out, ".json", "--out")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ctfgen.commands._common import add_device_argument, check_args
+from ctfgen.config import DataConfig
+from ctfgen.data.extract import extract_dataset
 from ctfgen.errors import ConfigError
+from ctfgen.train import distributed as D
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +36,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.config import DataConfig
-    from ctfgen.data.extract import extract_dataset
-    from ctfgen.train import distributed as D
-
     check_args(args)
     if args.dataset == "image_folder" and args.limit is not None:
         raise ConfigError("--limit applies to fashion_mnist only")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ctfgen.commands._common import add_print_config, collect_trailing_overrides, print_config, require
+from ctfgen.experiment import load_experiment_config, run_experiment
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +30,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.experiment import load_experiment_config, run_experiment
-
     config, overrides = args.config, args.overrides
     if args.print_config:
         return print_config(load_experiment_config(config, args.out, args.resume, overrides, args.dry_run)[0])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from ctfgen.commands._common import add_device_argument, check_args
+from ctfgen.options import check_output_file
+from ctfgen.redundancy import redundancy_report, redundancy_table
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +36,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.options import check_output_file
-    from ctfgen.redundancy import redundancy_table, redundancy_report
-
     check_args(args)
     check_output_file(args.out, "image", "--out")
     if args.json:

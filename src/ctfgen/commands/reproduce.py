@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ctfgen.commands._common import add_print_config, collect_trailing_overrides, print_config, require
+from ctfgen.config import ReproduceConfig, load_config
+from ctfgen.reproduce import reproduce
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,9 +24,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.config import ReproduceConfig, load_config
-    from ctfgen.reproduce import reproduce
-
     settings = load_config(ReproduceConfig, args.settings, args.overrides)
     if args.print_config:
         return print_config(settings)

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import time
 
-from ctfgen.commands._common import (add_model_arguments, add_sampling_arguments, check_args, load_model,
-                                     resolve_classes, sampling_kwargs)
-from ctfgen.options import COUNTS, cli_help
+from ctfgen.commands._common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    check_args,
+    load_baseline,
+    load_model,
+    resolve_classes,
+    sampling_kwargs,
+)
+from ctfgen.errors import ConfigError
+from ctfgen.options import COUNTS, check_output_file, cli_help
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.sample_sets import check_picture, sample_grid
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +56,6 @@ NAMES = {"stage1": "stage 1", "stage2": "stage 2", "decode": "decode", "coarse_p
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from ctfgen.commands._common import load_baseline
-    from ctfgen.errors import ConfigError
-    from ctfgen.options import check_output_file
-    from ctfgen.pipeline import CTFPipeline
-    from ctfgen.sample_sets import check_picture, sample_grid
-
     check_args(args)
     check_output_file(args.out, "image", "--out")
     t0 = time.perf_counter()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ctfgen.commands._common import add_model_arguments, add_sampling_arguments, check_args, load_model, sampling_kwargs
+from ctfgen.options import CLASS_ID
+from ctfgen.sample_sets import check_sample_set, sample_set
+from ctfgen.train import distributed as D
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +26,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.options import CLASS_ID
-    from ctfgen.sample_sets import check_sample_set, sample_set
-    from ctfgen.train import distributed as D
-
     check_args(args)
     args.classes = [CLASS_ID.check(c, "--classes") for c in args.classes] if args.classes else None
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)

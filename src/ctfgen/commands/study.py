@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ctfgen.commands._common import add_print_config, print_config, require
+from ctfgen.commands._common import add_print_config, check_args, print_config, require
+from ctfgen.config import StudySettings
+from ctfgen.fileio import atomic_write_text
+from ctfgen.options import check
+from ctfgen.study import study_run, write_report
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,12 +50,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.commands._common import check_args
-    from ctfgen.options import check
-    from ctfgen.config import StudySettings
-    from ctfgen.fileio import atomic_write_text
-    from ctfgen.study import study_run, write_report
-
     check_args(args)
     args.guidance = [check("cfg_scale", g, "--guidance") for g in args.guidance]
     args.temperatures = [check("temperature", t, "--temperatures") for t in args.temperatures]

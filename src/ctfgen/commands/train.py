@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ctfgen.commands._common import add_print_config, collect_trailing_overrides, print_config, require
+from ctfgen.config import load_stage_config
+from ctfgen.rundir import MODEL_DIR
+from ctfgen.train import distributed as D
+from ctfgen.train.stages import train_stage
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +31,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from ctfgen.config import load_stage_config
-    from ctfgen.rundir import MODEL_DIR
-    from ctfgen.train import distributed as D
-    from ctfgen.train.stages import train_stage
-
     cfg = load_stage_config(args.config, args.stage, args.overrides)
     if args.preset:
         cfg = dataclasses.replace(cfg, preset=args.preset)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ctfgen.commands._common import check_args
+from ctfgen.metrics.classifier import train_classifier
+
 
 def configure(parser):
     parser.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, train_info.json)")
@@ -17,9 +20,6 @@ def configure(parser):
 
 
 def run(args):
-    from ctfgen.commands._common import check_args
-    from ctfgen.metrics.classifier import train_classifier
-
     check_args(args)
     _, info = train_classifier(
         args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,

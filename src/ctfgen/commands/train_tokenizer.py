@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import argparse
 
-from ctfgen.commands._common import (add_device_argument, add_print_config, check_args, collect_trailing_overrides,
-                                     print_config, require)
+from ctfgen.commands._common import (
+    add_device_argument,
+    add_print_config,
+    check_args,
+    collect_trailing_overrides,
+    print_config,
+    require,
+)
+from ctfgen.config import ExperimentConfig, load_config
+from ctfgen.tokenizer.train import train_tokenizer_from_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +38,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.config import ExperimentConfig, load_config
-    from ctfgen.tokenizer.train import train_tokenizer_from_config
-
     check_args(args)
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if args.print_config:

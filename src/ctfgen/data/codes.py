@@ -20,6 +20,8 @@ import torch
 from numpy.lib.format import open_memmap
 from torch.utils.data import Dataset
 
+from ctfgen import __version__
+from ctfgen.compat import check_parts
 from ctfgen.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
 from ctfgen.fileio import atomic_write_json, fsync_file, replace_dir
 
@@ -35,10 +37,6 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 
 def _created_by() -> str:
-    try:
-        from ctfgen import __version__
-    except Exception:
-        __version__ = "unknown"
     return f"ctfgen {__version__}"
 
 
@@ -315,7 +313,6 @@ def check_codes(header, vq_or_fingerprint=None, codebook_size: int | None = None
         where, header = str(header), read_header(header)
     else:
         where = str(header.get("path", "the code files"))
-    from ctfgen.compat import check_parts
 
     expected = {"codebook_size": codebook_size, "grid_size": grid_size, "image_tokens": image_tokens}
     check_parts(f"{where} do not match", hint=_REDO, codes=header, tokenizer=vq_or_fingerprint,

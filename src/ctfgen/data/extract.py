@@ -12,12 +12,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ctfgen.data.codes import read_header
+from ctfgen.data.factory import image_size, make_dataset
+from ctfgen.errors import ConfigError, CorruptFileError, OutputExistsError
+from ctfgen.tokenizer import load_tokenizer
+from ctfgen.train import distributed as D
 
 from .codes import CodeWriter
 from .folder import CorruptImageError
-
-from ctfgen.errors import ConfigError, CorruptFileError, OutputExistsError
-from ctfgen.train import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +134,6 @@ def extract_codes(vq, dataset, out_dir: str | os.PathLike, augment: str = "none"
     skipped: list[int] = []
     bar = None
     if rank == 0 and progress:
-        from tqdm import tqdm
         bar = tqdm(total=n, desc=f"extract-codes ({augment})", unit="img", dynamic_ncols=True)
     try:
         for s in range(steps):
@@ -205,11 +208,6 @@ def extract_dataset(tokenizer, data, split: str, out_dir, batch_size: int = 256,
                     device=None, verify: bool = False, overwrite: bool = False) -> dict:
     """`ctfgen extract-codes`: the codes of split `split` of `data` (a DataConfig, whose `augment`
     applies) by the tokenizer saved at `tokenizer`; returns the written header (on every rank)."""
-    from ctfgen.data.codes import read_header
-    from ctfgen.data.factory import image_size, make_dataset
-    from ctfgen.errors import OutputExistsError
-    from ctfgen.tokenizer import load_tokenizer
-
     if Path(out_dir).exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
     dev = D.init_distributed()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+from torch.utils.data import Subset
+
 from ctfgen.config import DataConfig
+from ctfgen.data.fashion_mnist import FashionMNIST
+from ctfgen.data.folder import ImageFolder
 from ctfgen.errors import ConfigError
 
 TENCROP_RANGE = 1.1  # LlamaGen: ten crops of image_size from a centre crop this much larger
@@ -21,11 +26,8 @@ def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_
     if split == "val" and (data.dataset != "fashion_mnist" or not data.validation_images):
         return None
     if data.dataset == "fashion_mnist":
-        from ctfgen.data.fashion_mnist import FashionMNIST
-
         return FashionMNIST(split, root=data.root, limit=limit, image_size=image_size(data),
                             validation=int(data.validation_images or 0))
-    from ctfgen.data.folder import ImageFolder
 
     root = data.root if split == "train" else data.test_root
     if root is None:
@@ -37,9 +39,6 @@ def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_
         size = int(size * crop_range)
     ds = ImageFolder(root, image_size=size, channels=data.channels or channels or 3, verify=verify)
     if limit is not None and limit < len(ds):
-        import torch
-        from torch.utils.data import Subset
-
         # Folders are sorted by class: a seeded random subset rather than the first classes.
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:int(limit)]
         ds = Subset(ds, sorted(idx.tolist()))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ctfgen.errors import ConfigError, MissingFileError
@@ -220,7 +221,6 @@ class FashionMNIST(Dataset):
         j = int(self.indices[i])
         img = self.images[j]
         if self.image_size != 28:
-            from PIL import Image
             img = np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BICUBIC))
         x = torch.from_numpy(np.array(img, dtype=np.float32)).div_(255.0).mul_(2.0).sub_(1.0)
         return x.unsqueeze(0), int(self.labels[j])

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ctfgen.data.fashion_mnist import load_fashion_mnist, validation_indices
 from ctfgen.errors import ConfigError, MissingFileError
 from ctfgen.fileio import atomic_write_json
 from ctfgen.fingerprint import code_commit
@@ -145,8 +146,6 @@ def load_default_classifier(device: str | torch.device = "cpu") -> FMNISTClassif
 
 def load_split(split: str, root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST `split` ("train" or "test") as uint8 (N,28,28) images and int64 (N,) labels."""
-    from ctfgen.data.fashion_mnist import load_fashion_mnist
-
     return load_fashion_mnist(split, root=root)
 
 
@@ -176,8 +175,6 @@ def train_classifier(
     The validation images are the ones `data.validation_images` carves out for choosing sampling
     settings (`validation_indices`): a judge that had trained on them would score those choices on
     images it knows."""
-    from ctfgen.data.fashion_mnist import validation_indices
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_x, train_y = load_split("train", data_root)

@@ -14,15 +14,28 @@ A run directory for `ctfgen compare` holds such records as RUN/eval/*.json, one 
 
 from __future__ import annotations
 
+import time
 import zipfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from ctfgen.errors import ConfigError, CorruptFileError, MissingFileError
-from ctfgen.metrics.core import (feature_statistics, frechet_distance, inception_score, kernel_distance, knn_radii,
-                                 precision_recall)
+from ctfgen.fileio import atomic_write_json
+from ctfgen.images import to_uint8
+from ctfgen.metrics.classifier import load_default_classifier, load_split
+from ctfgen.metrics.core import (
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_distance,
+    knn_radii,
+    precision_recall,
+)
+from ctfgen.metrics.inception import inception_features, load_inception
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # Samples are often stored sorted by class (N per class); the IS splits must each see all classes.
@@ -61,8 +74,6 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _load_folder(folder: Path) -> np.ndarray:
-    from PIL import Image
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -95,8 +106,6 @@ def _check_images(images: np.ndarray, source: str) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def _default_classifier():
-    from ctfgen.metrics.classifier import load_default_classifier
-
     return load_default_classifier()
 
 
@@ -104,7 +113,6 @@ def _default_classifier():
 def _fmnist_split_embedding(split: str):
     # The reference features of a split never change for the shipped classifier; the reproduction
     # evaluates many checkpoints against the same split, so compute them once per process.
-    from ctfgen.metrics.classifier import load_split
 
     images, labels = load_split(split)
     feats, probs = _default_classifier().embed(images)
@@ -145,8 +153,6 @@ def evaluate_fmnist(images, labels=None, ref="test", classifier=None, k: int = 3
         ref_radii = _fmnist_split_radii(FMNIST_REFS[ref], k)
     else:
         if isinstance(ref, str) and ref in FMNIST_REFS:
-            from ctfgen.metrics.classifier import load_split
-
             ref_images = load_split(FMNIST_REFS[ref])[0]
         elif isinstance(ref, (str, Path)):
             ref_images = load_images(ref)[0]
@@ -172,12 +178,6 @@ def sample_per_class(pipeline, per_class: int, seed: int = 0, batch_size: int = 
     Batch i draws from seed `seed * 1_000_003 + i`, as `ctfgen sample-many` does, so a sample set is
     reproducible from (seed, batch size) alone.
     """
-    import time
-
-    import torch
-
-    from ctfgen.images import to_uint8
-
     labels = torch.arange(pipeline.num_classes).repeat_interleave(int(per_class))
     images, seconds = [], 0.0
     for i, start in enumerate(range(0, len(labels), int(batch_size))):
@@ -200,8 +200,6 @@ def _reference_inception(ref, net, batch_size, device, need_spatial):
     ADM's reference batches carry precomputed `mu`/`sigma` (and `mu_s`/`sigma_s`); they are used
     for FID/sFID as ADM's evaluator does, while precision/recall still need the images' features.
     """
-    from ctfgen.metrics.inception import inception_features
-
     stats = spatial_stats = None
     path = Path(ref)
     if path.suffix == ".npz" and path.is_file():
@@ -223,10 +221,6 @@ def evaluate_inception(images, ref, weights: str | Path | None = None, k: int = 
                        batch_size: int = 50, device=None, sfid: bool = True) -> tuple[dict[str, float], int]:
     """FID, sFID, IS, precision, recall of uint8 (N,H,W,C) `images` against `ref` (a .npz or folder).
     Returns (metrics, number of reference images)."""
-    from ctfgen.metrics.inception import inception_features, load_inception
-
-    import torch
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = load_inception(weights, device)
     f = inception_features(images, net=net, batch_size=batch_size, spatial=sfid, progress=True)
@@ -275,6 +269,4 @@ def evaluate(samples: str | Path, ref: str, metric_set: str = "inception", name:
 def write_record(record: dict, path: str | Path) -> Path:
     """Write an evaluation record as JSON, atomically (the reproduction writes RUN/eval/*.json while
     `ctfgen compare` may be reading them)."""
-    from ctfgen.fileio import atomic_write_json
-
     return atomic_write_json(path, record)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ctfgen.errors import ConfigError
 
@@ -179,7 +180,6 @@ def inception_features(images, net=None, weights: str | Path | None = None, batc
     try:
         starts = range(0, len(images), batch_size)
         if progress:
-            from tqdm import tqdm
             starts = tqdm(starts, desc="inception", unit="batch")
         for i in starts:
             x = _to_nchw_uint8(images[i : i + batch_size]).to(net_device)

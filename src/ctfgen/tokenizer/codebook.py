@@ -18,14 +18,16 @@ counts how evenly the codes are used, which a handful of late restarts cannot in
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ctfgen.train import distributed as D
 from ctfgen.errors import ConfigError, MismatchError
 from ctfgen.images import psnr, ssim
+from ctfgen.train import distributed as D
 
 __all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer", "code_perplexity"]
 
@@ -50,8 +52,6 @@ def kmeans_init_codebook(vq, dataset, num_images: int = 4096, seed: int = 0, bat
     Under torchrun every rank computes the same centroids from the same images (the same seed).
     Returns {"vectors", "seconds", "inertia"} for the log.
     """
-    import time
-
     from sklearn.cluster import KMeans
 
     quantize = vq.quantize

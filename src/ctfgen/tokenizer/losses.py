@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ctfgen.errors import ConfigError, MissingFileError
 from ctfgen.fileio import atomic_save
+from ctfgen.hub import load_state_dict_strict
 
 __all__ = [
     "reconstruction_loss", "VGG16Features", "LPIPS", "load_lpips", "merge_lpips_weights",
@@ -133,7 +135,6 @@ def _read_tensors(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MissingFileError(f"LPIPS weights file {path} does not exist.\n{_HOW_TO}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         sd = load_file(str(path))
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -167,8 +168,6 @@ def _canonical_lpips_names(sd: dict[str, torch.Tensor], source: str) -> dict[str
 def load_lpips(path, vgg_path=None, device="cpu") -> LPIPS:
     """LPIPS-VGG16 from one merged file, or from the lpips lin weights `path` plus torchvision's
     vgg16 weights `vgg_path`. Strict: every tensor must be present with the right shape."""
-    from ctfgen.hub import load_state_dict_strict
-
     sd = _canonical_lpips_names(_read_tensors(path), str(path))
     source = str(path)
     if vgg_path is not None:
@@ -184,8 +183,6 @@ def load_lpips(path, vgg_path=None, device="cpu") -> LPIPS:
 
 def merge_lpips_weights(vgg_path, lin_path, out_path) -> Path:
     """Write the one-file LPIPS weights (.safetensors) from torchvision's vgg16 and lpips' vgg.pth."""
-    from safetensors.torch import save_file
-
     model = load_lpips(lin_path, vgg_path=vgg_path)
     sd = {}
     for k, v in model.state_dict().items():

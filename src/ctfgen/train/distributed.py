@@ -18,7 +18,19 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 from ctfgen.errors import ConfigError, RunError
+from ctfgen.hub import check_state_dict, load_state_dict_strict
 
 # GPT-L (24 x 1024, ~343M) and larger are sharded; LlamaGen trains those with FSDP too.
 FSDP_MIN_PARAMS = 300_000_000
@@ -175,13 +187,10 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto"
     if not is_distributed():
         return model
     if use_fsdp(model, fsdp):
-        from torch.distributed.fsdp import fully_shard
-
         for block in _block_modules(model):
             fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     if device.type == "cuda":
         return DDP(model, device_ids=[device.index], output_device=device.index)
@@ -189,24 +198,16 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto"
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - older torch
-        return False
     return isinstance(model, FSDPModule)
 
 
 def unsharded_class(model: nn.Module) -> type:
     """The user's class of a model that fully_shard turned into its subclass FSDP<Cls>."""
-    from torch.distributed.fsdp import FSDPModule
-
     return next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DDP (FSDP2 shards in place, so it is the module itself)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return model.module if isinstance(model, DDP) else model
 
 
@@ -219,8 +220,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `ref` (sharded the same way when `ref` is an FSDP DTensor)."""
     if hasattr(ref, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
         return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
     return full.to(ref.device, ref.dtype)
 
@@ -229,19 +228,13 @@ def model_state(model: nn.Module, every_rank: bool = True) -> dict:
     """Full (unsharded) CPU state dict. Collective under FSDP; with `every_rank=False` only rank 0
     receives it (the others get {}), which is all a checkpoint needs."""
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
         return {k: v.detach().cpu() for k, v in sd.items()}
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def load_model_state(model: nn.Module, sd: dict, source: str) -> None:
-    from ctfgen.hub import check_state_dict, load_state_dict_strict
-
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         check_state_dict(model_state(model), sd, source=source)
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
     else:
@@ -250,16 +243,12 @@ def load_model_state(model: nn.Module, sd: dict, source: str) -> None:
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(sd)

@@ -25,6 +25,7 @@ import csv
 import logging
 import math
 import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -34,15 +35,16 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
 
 from ctfgen.config import TrainConfig, from_dict
 from ctfgen.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputExistsError, TrainingInterrupted
 from ctfgen.fileio import append_csv_row, atomic_write_csv, publish_dir
 from ctfgen.hub import load_state_dict_strict
+from ctfgen.precision import resolve_dtype
 from ctfgen.rundir import WriterLock
 
-from . import checkpoint as C
-from . import distributed as D
+from . import checkpoint as C, distributed as D
 
 logger = logging.getLogger("ctfgen.train")
 
@@ -71,8 +73,6 @@ class TrainResult:
 
 def training_autocast(mixed_precision: str, device: torch.device):
     """bf16 autocast for `train.mixed_precision` ("auto" | "bf16" | "none") on `device`."""
-    from ctfgen.precision import resolve_dtype
-
     use_bf16 = mixed_precision == "bf16" or (
         mixed_precision == "auto" and resolve_dtype("auto", device) == torch.bfloat16)
     if use_bf16 and device.type in ("cuda", "cpu"):
@@ -223,8 +223,6 @@ def _sync_context(model: nn.Module, sync: bool):
 @contextmanager
 def _stop_on_signals(flag: dict):
     """SIGINT/SIGTERM set a flag the loop reads at step boundaries; a second SIGINT aborts at once."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -262,7 +260,6 @@ class Log:
                 with open(path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
             atomic_write_csv(path, self.columns, ({k: r.get(k, "") for k in self.columns} for r in rows))
-        from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (cfg.progress and self.enabled),
                         dynamic_ncols=True, leave=True)

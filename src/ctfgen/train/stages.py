@@ -13,7 +13,7 @@ Every model records where its vocabulary came from (`codebook_fingerprint`, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctfgen.clustering import CoarseMap
+from ctfgen.compat import check_parts
 from ctfgen.config import TrainConfig, from_dict
+from ctfgen.data.codes import CodeDataset
+from ctfgen.errors import ConfigError, MismatchError as StageMismatchError
 from ctfgen.fileio import atomic_write_json, publish_dir
-from ctfgen.errors import ConfigError
-from ctfgen.errors import MismatchError as StageMismatchError
+from ctfgen.hub import load_state_dict_strict
+from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig, cluster_table
 from ctfgen.rundir import MODEL_DIR
 
 from . import distributed as D
@@ -44,14 +48,10 @@ class Stage:
 
 
 def _code_dataset(codes):
-    from ctfgen.data.codes import CodeDataset
-
     return codes if isinstance(codes, CodeDataset) else CodeDataset(codes)
 
 
 def _load_map(coarse_map):
-    from ctfgen.clustering import CoarseMap
-
     if coarse_map is None or isinstance(coarse_map, CoarseMap):
         return coarse_map
     return CoarseMap.load(coarse_map)
@@ -59,8 +59,6 @@ def _load_map(coarse_map):
 
 def check_map_for_codes(coarse_map, header: dict, where: str = "the code files") -> None:
     """Refuse a coarse map fitted on another codebook than the one that made the codes."""
-    from ctfgen.compat import check_parts
-
     check_parts(f"coarse map and codes ({where}) do not belong together", coarse_map=coarse_map, codes=header,
                 hint="Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer.")
 
@@ -82,8 +80,6 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
     and fingerprints come from the codes and the map; giving them in `model` with other values
     is an error rather than a silently mis-sized model.
     """
-    from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig, cluster_table
-
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     dataset = _code_dataset(codes)
@@ -207,8 +203,6 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
 
 def finished_model(stage: Stage, result: TrainResult) -> nn.Module:
     """A fresh CPU copy of the stage's model holding the weights to ship, in eval mode."""
-    from ctfgen.hub import load_state_dict_strict
-
     cfg = stage.model.config
     net = stage.model_class(cfg)
     load_state_dict_strict(net, result.best_state_dict(), source=f"{stage.name} training result")
@@ -217,12 +211,8 @@ def finished_model(stage: Stage, result: TrainResult) -> nn.Module:
 
 def load_stage_model(stage: str, path) -> nn.Module:
     """A trained stage's model (`RUN/runs/<stage>/model`), eval mode."""
-    from ctfgen.models.transformer import GPT, AuxModel
-
     return (AuxModel if stage == "aux" else GPT).from_pretrained(str(path)).eval()
 
 
 def _jsonable(cfg) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return asdict(cfg)
