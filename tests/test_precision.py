@@ -5,6 +5,7 @@ import torch
 
 from _tiny_ctf import tiny_baseline, tiny_ctf
 from ctfgen.models import GPT, GPTConfig
+from ctfgen.models.transformer import kv_cache_dtype
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.precision import cast_weights, cpu_has_native_bf16, resolve_dtype
 from ctfgen.sampling import generate, log_prob, sample_fine
@@ -74,6 +75,7 @@ def test_generate_bf16_outputs_and_kv_cache_dtype():
 
     def spy(tokens, pos):
         seen["cache"] = cast.layers[0].attention.kv_cache.k_cache.dtype
+        seen["weights"] = cast.layers[0].attention.wqkv.weight.dtype
         out = orig(tokens, pos)
         seen["logits"] = out.dtype
         return out
@@ -81,7 +83,10 @@ def test_generate_bf16_outputs_and_kv_cache_dtype():
     cast.forward_step = spy
     out = generate(gpt, [0, 1], cfg_scale=2.0, generator=0, dtype="bfloat16")
     assert out.dtype == torch.long and out.shape == (2, 16) and 0 <= out.min() and out.max() < 11
-    assert seen == {"cache": torch.bfloat16, "logits": torch.float32}
+    # bf16 weights; the KV cache and attention stay float32 on the CPU (kv_cache_dtype), the model's dtype elsewhere
+    assert seen == {"cache": torch.float32, "weights": torch.bfloat16, "logits": torch.float32}
+    assert kv_cache_dtype(torch.bfloat16, "cpu") is torch.float32
+    assert kv_cache_dtype(torch.bfloat16, "cuda") is torch.bfloat16
     # float16 runs too (slow on CPU, but valid)
     assert generate(gpt, [2], generator=0, dtype="float16").shape == (1, 16)
 
