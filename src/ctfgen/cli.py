@@ -51,6 +51,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ctfgen.threads import prefer_passive_waiting
+
+    # Before anything loads torch (and OpenMP with it): waiting threads sleep instead of spinning,
+    # so a busy core does not stall sampling (ctfgen.threads, docs/performance.md).
+    prefer_passive_waiting()
     from ctfgen.errors import CtfgenError
 
     argv = sys.argv[1:] if argv is None else argv

@@ -36,7 +36,9 @@ def add_dtype_argument(parser, default: str = "auto") -> None:
 
     parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
                         help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
-                             "float32 elsewhere (default: %(default)s)")
+                             "float32 elsewhere; int8 / int8-weight = dynamic / weight-only int8 linear layers "
+                             "through torchao (pip install 'ctfgen[quant]'), int8-fbgemm = dynamic int8 through "
+                             "PyTorch's x86 kernels (default: %(default)s)")
 
 
 def load_model(spec: str, device: str):
@@ -46,10 +48,17 @@ def load_model(spec: str, device: str):
     from ctfgen.shipped import PRETRAINED, pretrained
 
     if spec in PRETRAINED and not Path(spec).exists():
-        return pretrained(spec, device=device)
-    if not Path(spec).is_dir():
+        pipe = pretrained(spec, device=device)
+    elif not Path(spec).is_dir():
         raise ConfigError(f"--model {spec!r} is neither a directory nor a shipped model ({', '.join(PRETRAINED)})")
-    return load_pipeline(spec).to(device).eval()
+    else:
+        pipe = load_pipeline(spec).to(device).eval()
+    if pipe.device.type == "cpu":
+        # one thread for a small model, no more than the free cores (OMP_NUM_THREADS wins): ctfgen.threads
+        from ctfgen.threads import use_sampling_threads
+
+        use_sampling_threads(pipe)
+    return pipe
 
 
 def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer=None):

@@ -537,6 +537,10 @@ class AuxModel(_Backbone, HubMixin):
     - Output head zero-initialised as GPT's, so training starts from uniform (in-cluster) logits.
     """
 
+    # int8 schemes keep this layer float (ctfgen.precision.quantize_linears): the in-cluster head
+    # gathers rows of output.weight instead of calling the layer.
+    float_linears = ("output",)
+
     def __init__(self, config: AuxConfig, coarse_map=None):
         super().__init__()
         if isinstance(config, dict):
