@@ -1,31 +1,80 @@
-"""`ctfgen bench`: the baseline and CTF, same stage-1 size, same machine, one run (see ctfgen.bench)."""
+"""`ctfgen bench`: the baseline and CTF, same stage-1 size, same machine, one run; with --profile,
+--matmul, --busy or --quality, the other measurements of docs/performance.md (see ctfgen.bench)."""
 
 from __future__ import annotations
 
 import argparse
 
+# What each mode measures when --models / --batch-sizes / --dtype are not given.
+DEFAULTS = {
+    "bench": dict(models=["fashion-mnist", "GPT-B"], batch_sizes=[1, 8, 64], dtype=["float32", "bfloat16"]),
+    "profile": dict(models=["GPT-B"], batch_sizes=[8], dtype=["float32", "bfloat16"]),
+    "matmul": dict(dtype=["float32", "bfloat16", "int8", "int8-weight", "int8-fbgemm"]),
+    "busy": dict(models=["fashion-mnist", "GPT-B"], dtype=["bfloat16"]),
+    "quality": dict(models=["fashion-mnist", "fashion-mnist-baseline"], dtype=["float32", "bfloat16", "int8"]),
+}
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=["fashion-mnist", "GPT-B"],
-                        help="fashion-mnist (shipped models) and/or paper shapes GPT-B, GPT-L, GPT-XL (random weights)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per setting (after one warm-up)")
-    parser.add_argument("--image-tokens", type=int, default=256, help="grid of the paper shapes (256 = 16x16)")
-    parser.add_argument("--num-coarse", type=int, default=512)
-    parser.add_argument("--aux-preset", default="Aux-L", help="the paper's main auxiliary model is 343M (GPT-L size)")
-    parser.add_argument("--no-decode", action="store_true", help="skip the tokenizer decode for the paper shapes")
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     from ctfgen.precision import DTYPE_CHOICES
 
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=DTYPE_CHOICES,
-                        help="precisions to time, each in turn (default: %(default)s)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--profile", action="store_const", dest="mode", const="profile",
+                      help="profile the decode steps of a random-weight GPT (the first of --models, default GPT-B) "
+                           "at the first of --batch-sizes (default 8): ms per step by part")
+    mode.add_argument("--matmul", action="store_const", dest="mode", const="matmul",
+                      help="GFLOP/s of nn.Linear per --dtype: the ceiling for the decode step's linear layers")
+    mode.add_argument("--busy", action="store_const", dest="mode", const="busy",
+                      help="sampling speed on quiet cores and beside a busy loop on one core, per thread setting")
+    mode.add_argument("--quality", action="store_const", dest="mode", const="quality",
+                      help="FD, class consistency and held-out bits/token of the shipped models per --dtype and --seeds")
+    parser.set_defaults(mode="bench")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="fashion-mnist (shipped models) and/or paper shapes GPT-B, GPT-L, GPT-XL (random weights); "
+                             "default per mode: " + "; ".join(f"{m}: {' '.join(d['models'])}" for m, d in DEFAULTS.items() if "models" in d))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (--profile: 8)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting, after the warm-up (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: %(default)s)")
+    parser.add_argument("--llamagen", action="store_true",
+                        help="also time LlamaGen's own sampler beside the baseline (float precisions)")
+    parser.add_argument("--image-tokens", type=int, default=256, help="grid of the paper shapes (256 = 16x16)")
+    parser.add_argument("--num-coarse", type=int, default=512, help="stage-1 vocabulary of the paper shapes (default: %(default)s)")
+    parser.add_argument("--aux-preset", default="Aux-L", help="the paper's main auxiliary model is 343M (GPT-L size)")
+    parser.add_argument("--no-decode", action="store_true", help="skip the tokenizer decode for the paper shapes")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance of stage 1 / the baseline (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
+                        help="precisions to time, each in turn (default per mode: "
+                             + "; ".join(f"{m}: {' '.join(d['dtype'])}" for m, d in DEFAULTS.items()) + ")")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's, one per core; --busy sets its own per setting)")
+    parser.add_argument("--per-class", type=int, default=500, help="--quality: samples per class and seed (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--quality: seeds (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results here")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfgen.bench import run_bench
+    import torch
 
-    run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse, args.aux_preset,
-              not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json)
+    from ctfgen import bench
+
+    for key, value in DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mode == "profile":
+        bench.profile_decode(args.models[0], args.batch_sizes[0], args.cfg_scale, args.dtype, args.image_tokens,
+                             device=args.device, json_path=args.json)
+    elif args.mode == "matmul":
+        bench.matmul_rates(args.dtype, json_path=args.json)
+    elif args.mode == "busy":
+        bench.busy_machine(args.models, dtype=args.dtype[0], json_path=args.json)
+    elif args.mode == "quality":
+        bench.sampling_quality(args.models, args.dtype, args.seeds, args.per_class, json_path=args.json)
+    else:
+        bench.run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse,
+                        args.aux_preset, not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json,
+                        llamagen=args.llamagen, warmup=args.warmup)
     return 0
