@@ -43,7 +43,9 @@ def tiny_pipes():
 
 def test_bench_reports_median_min_max_and_llamagen_beside_the_baseline(tiny_pipes, monkeypatch, capsys):
     monkeypatch.setattr(bench, "paper_shape_pipelines", lambda *a, **k: tiny_pipes)
-    results = bench.run_bench(["GPT-B"], [2], repeats=5, dtypes=("float32", "int8-fbgemm"), llamagen=True, warmup=0)
+    results = bench.run_bench(["GPT-B"], [2], repeats=5, dtypes=("float32", "int8-fbgemm"), llamagen=True, warmup=0,
+                              llamagen_steps=2)
+    assert results[0]["tokens_timed"] == 3  # LlamaGen timed over its first 3 tokens of 4, scaled to the image
     methods = [(r["dtype"], r["method"]) for r in results]
     # LlamaGen has no int8: its sampler runs beside the float baseline only
     assert methods == [("float32", "llamagen"), ("float32", "baseline"), ("float32", "ctf"),

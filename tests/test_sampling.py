@@ -179,6 +179,13 @@ def test_greedy_tokens_equal_llamagen_reference(cfg_scale, cfg_interval):
     assert want.shape == (4, 25) and torch.equal(got, want)
 
 
+def test_llamagen_reference_stopped_early_is_a_prefix():
+    gpt = tiny_gpt(image_tokens=25)
+    full = llamagen_generate(gpt, [0, 1], cfg_scale=2.0, top_k=1)
+    assert torch.equal(llamagen_generate(gpt, [0, 1], cfg_scale=2.0, top_k=1, decode_steps=5), full[:, :6])
+    assert llamagen_generate(gpt, [0, 1], top_k=1, decode_steps=0).shape == (2, 1)
+
+
 def test_sampled_tokens_equal_llamagen_reference_for_a_seed():
     # one torch.multinomial over the (B, V) guided probabilities per token, as LlamaGen
     gpt = tiny_gpt(image_tokens=25)

@@ -7,6 +7,7 @@
   `llamagen=True`, LlamaGen's own sampler (`ctfgen.models.llamagen_generate`) runs beside the
   baseline at the same shape, batch and precision.
 - `profile_decode`: where a decode step's time goes (torch.profiler).
+- `compile_speedup`: `generate` eager and with the decode step compiled.
 - `matmul_rates`: what this machine's matrix multiply reaches per precision, the ceiling the
   decode step's linear layers are judged against.
 - `busy_machine`: the same sampling on quiet cores and beside a busy loop holding one core, for
@@ -110,23 +111,30 @@ def time_pipeline(pipeline, batch_size: int, repeats: int, cfg_scale: float, dev
 
 
 def time_llamagen(gpt, batch_size: int, repeats: int, cfg_scale: float, device: str, dtype=None,
-                  warmup: int = 1) -> dict:
+                  decode_steps: int | None = None) -> dict:
     """`time_pipeline` for LlamaGen's sampler on the baseline's GPT (tokens only, no decode), with
-    the baseline's sampling options (temperature 1, no top-k / top-p) and its weights in `dtype`."""
+    the baseline's sampling options (temperature 1, no top-k / top-p) and its weights in `dtype`.
+
+    No warm-up run: each run is long enough that the first one's allocations are noise in the
+    median. `decode_steps` times only that many decode steps of a full-size run and scales the
+    time to the whole image: each of LlamaGen's steps attends over the whole cache, so they all
+    cost the same (`llamagen_generate`)."""
     model = cast_weights(gpt, dtype)
     labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
+    L = gpt.config.image_tokens
     runs = []
-    for r in range(warmup + repeats):
+    for r in range(repeats):
         torch.manual_seed(r)  # LlamaGen draws from the global generator
         _sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            llamagen_generate(model, labels, cfg_scale=cfg_scale)
+            tokens = llamagen_generate(model, labels, cfg_scale=cfg_scale, decode_steps=decode_steps)
         _sync(device)
-        total = time.perf_counter() - t0
-        if r >= warmup:
-            runs.append({"stage1": total, "stage2": 0.0, "decode": 0.0, "total": total})
-    return _summary(runs, batch_size, gpt.config.image_tokens)
+        total = (time.perf_counter() - t0) * L / tokens.shape[1]
+        runs.append({"stage1": total, "stage2": 0.0, "decode": 0.0, "total": total})
+    out = _summary(runs, batch_size, L)
+    out["tokens_timed"] = tokens.shape[1]
+    return out
 
 
 def _row(name, dtype, method, batch_size, t, ratio="", versus=""):
@@ -140,12 +148,12 @@ def _row(name, dtype, method, batch_size, t, ratio="", versus=""):
 def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image_tokens: int = 256,
               num_coarse: int = 512, aux_preset: str = "Aux-L", decode: bool = True, cfg_scale: float = 2.0,
               device: str = "cpu", dtypes=("float32", "bfloat16"), json_path=None, llamagen: bool = False,
-              warmup: int = 1) -> list[dict]:
+              warmup: int = 1, llamagen_steps: int | None = None) -> list[dict]:
     """`ctfgen bench`: time both methods for every model, precision and batch size, printing a
     markdown table as it goes: images/s as the median [min, max] of `repeats` runs, stage 1's
     tokens/s, the median seconds of each stage, CTF's speed relative to the baseline at the same
     shape, batch and precision, and with `llamagen` the baseline's tokens/s relative to LlamaGen's
-    sampler (float precisions only: LlamaGen has no int8)."""
+    sampler (float precisions only: LlamaGen has no int8; `llamagen_steps`: see `time_llamagen`)."""
     dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
     results = []
     print(_machine_line(device) + f"  cfg: {cfg_scale}  repeats: {repeats} (+{warmup} warm-up)")
@@ -160,7 +168,8 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
                 row = dict(model=name, dtype=dtype, batch_size=batch_size)
                 reference = None
                 if llamagen and not isinstance(resolve_dtype(dtype), Int8):
-                    reference = time_llamagen(pipes["baseline"].gpt, batch_size, repeats, cfg_scale, device, dtype, warmup)
+                    reference = time_llamagen(pipes["baseline"].gpt, batch_size, repeats, cfg_scale, device, dtype,
+                                              llamagen_steps)
                     results.append({**row, "method": "llamagen", **reference})
                     print(_row(name, dtype, "llamagen", batch_size, reference), flush=True)
                 base = None
@@ -378,6 +387,65 @@ def format_profile(results: dict) -> str:
     lines.append("| linear layers + head, GFLOP/s | " + " | ".join(f"{results[n]['linear_gflops']:.0f}" for n in names) + " |")
     lines.append("| tokens/s (no profiler) | " + " | ".join(f"{results[n]['tokens_per_s']:.0f}" for n in names) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile of the decode step
+
+
+def compile_speedup(models=("fashion-mnist", "GPT-B"), batch_sizes=(8,), dtypes=("float32",), cfg_scale: float = 2.0,
+                    repeats: int = 5, device: str = "cpu", json_path=None) -> list[dict]:
+    """Tokens/s of `generate` eager and with `compile=True` (the whole decode step compiled, the
+    fixed-shape full-cache path), median [min, max] of `repeats` runs each; the first compiled
+    call, compilation included, is reported apart. Models: "fashion-mnist" (the shipped
+    baseline's GPT) or a GPT preset with random weights."""
+    results = []
+    print(f"torch.compile of the decode step; {_machine_line(device)}")
+    print("| model | dtype | batch | eager tok/s | compiled tok/s | compiled/eager | first compiled call s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in models:
+        gpt = pretrained("fashion-mnist-baseline", device).gpt if name == "fashion-mnist" else random_gpt(name, device=device)
+        for d in dict.fromkeys(dtypes):
+            dtype = dtype_name(resolve_dtype(d, device))
+            model = cast_weights(gpt, dtype)
+            for batch_size in batch_sizes:
+                labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
+                row = dict(model=name, dtype=dtype, batch_size=batch_size)
+
+                def run(compiled, seed):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        generate(model, labels, cfg_scale=cfg_scale, generator=seed, compile=compiled)
+                    _sync(device)
+                    return time.perf_counter() - t0
+
+                try:
+                    first = run(True, 0)
+                    compiled = [run(True, r) for r in range(1, repeats + 1)]
+                except Exception as e:  # a scheme dynamo cannot trace: say so and go on
+                    first, compiled = None, None
+                    row["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                model.__dict__.pop("_ctfgen_compiled_step", None)
+                model.clear_caches()
+                run(False, 0)  # warm-up
+                eager = [run(False, r) for r in range(1, repeats + 1)]
+                tokens = batch_size * gpt.config.image_tokens
+                row["eager"] = _summary([{"total": t} for t in eager], batch_size, gpt.config.image_tokens)
+                cells = [f"{tokens / statistics.median(eager):.1f} [{tokens / max(eager):.1f}, {tokens / min(eager):.1f}]"]
+                if compiled:
+                    row["compiled"] = _summary([{"total": t} for t in compiled], batch_size, gpt.config.image_tokens)
+                    row["first_compiled_call_s"] = first
+                    cells += [f"{tokens / statistics.median(compiled):.1f} [{tokens / max(compiled):.1f}, {tokens / min(compiled):.1f}]",
+                              f"{statistics.median(eager) / statistics.median(compiled):.2f}x", f"{first:.1f}"]
+                else:
+                    cells += [row["compile_error"], "–", "–"]
+                results.append(row)
+                print(f"| {name} | {dtype} | {batch_size} | " + " | ".join(cells) + " |", flush=True)
+            gpt.__dict__.get("_ctfgen_casts", {}).clear()
+    if json_path:
+        atomic_write_json(json_path, {"threads": torch.get_num_threads(), "cfg_scale": cfg_scale, "results": results})
+    return results
 
 
 # --------------------------------------------------------------------------------------------

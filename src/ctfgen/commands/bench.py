@@ -9,6 +9,7 @@ import argparse
 DEFAULTS = {
     "bench": dict(models=["fashion-mnist", "GPT-B"], batch_sizes=[1, 8, 64], dtype=["float32", "bfloat16"]),
     "profile": dict(models=["GPT-B"], batch_sizes=[8], dtype=["float32", "bfloat16"]),
+    "compile": dict(models=["fashion-mnist", "GPT-B"], batch_sizes=[8], dtype=["float32"]),
     "matmul": dict(dtype=["float32", "bfloat16", "int8", "int8-weight", "int8-fbgemm"]),
     "busy": dict(models=["fashion-mnist", "GPT-B"], dtype=["bfloat16"]),
     "quality": dict(models=["fashion-mnist", "fashion-mnist-baseline"], dtype=["float32", "bfloat16", "int8"]),
@@ -22,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--profile", action="store_const", dest="mode", const="profile",
                       help="profile the decode steps of a random-weight GPT (the first of --models, default GPT-B) "
                            "at the first of --batch-sizes (default 8): ms per step by part")
+    mode.add_argument("--compile", action="store_const", dest="mode", const="compile",
+                      help="tokens/s of generate eager and with torch.compile of the decode step, per --models, "
+                           "--batch-sizes and --dtype (the first compiled call is timed apart)")
     mode.add_argument("--matmul", action="store_const", dest="mode", const="matmul",
                       help="GFLOP/s of nn.Linear per --dtype: the ceiling for the decode step's linear layers")
     mode.add_argument("--busy", action="store_const", dest="mode", const="busy",
@@ -37,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: %(default)s)")
     parser.add_argument("--llamagen", action="store_true",
                         help="also time LlamaGen's own sampler beside the baseline (float precisions)")
+    parser.add_argument("--llamagen-steps", type=int, default=None,
+                        help="time LlamaGen's sampler over this many decode steps of each image and scale to the "
+                             "whole image (its steps all cost the same); default: every step")
     parser.add_argument("--image-tokens", type=int, default=256, help="grid of the paper shapes (256 = 16x16)")
     parser.add_argument("--num-coarse", type=int, default=512, help="stage-1 vocabulary of the paper shapes (default: %(default)s)")
     parser.add_argument("--aux-preset", default="Aux-L", help="the paper's main auxiliary model is 343M (GPT-L size)")
@@ -67,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if args.mode == "profile":
         bench.profile_decode(args.models[0], args.batch_sizes[0], args.cfg_scale, args.dtype, args.image_tokens,
                              device=args.device, json_path=args.json)
+    elif args.mode == "compile":
+        bench.compile_speedup(args.models, args.batch_sizes, args.dtype, args.cfg_scale, args.repeats, args.device,
+                              json_path=args.json)
     elif args.mode == "matmul":
         bench.matmul_rates(args.dtype, json_path=args.json)
     elif args.mode == "busy":
@@ -76,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         bench.run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse,
                         args.aux_preset, not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json,
-                        llamagen=args.llamagen, warmup=args.warmup)
+                        llamagen=args.llamagen, warmup=args.warmup, llamagen_steps=args.llamagen_steps)
     return 0

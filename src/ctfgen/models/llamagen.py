@@ -84,7 +84,7 @@ def load_llamagen_gpt(path, preset: str = "GPT-B", image_tokens: int = 256, num_
 
 @torch.no_grad()
 def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: int = -1, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+                      top_k: int = 0, top_p: float = 1.0, decode_steps: int | None = None) -> torch.Tensor:
     """LlamaGen's `generate` (autoregressive/models/generate.py) with its model's KV-cached forward
     (autoregressive/models/gpt.py), step for step, on a ctfgen `GPT`'s weights -> (B, image_tokens) int64.
 
@@ -98,6 +98,10 @@ def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: in
     (seed it with torch.manual_seed). Its blocks (RMSNorm, RoPE, SwiGLU) are the model's own,
     which follow LlamaGen's numerics exactly. `cfg_interval=I` guides tokens 0..I+1, i.e.
     `ctfgen.generate(cfg_steps=I + 2)`. For benchmarks and tests; `ctfgen.generate` is the sampler.
+
+    `decode_steps` (timing only) stops after that many decode steps, the cache and mask keeping their
+    full size, and returns (B, 1 + decode_steps) tokens: every LlamaGen step attends over the
+    whole cache, so each costs the same wherever it is in the image.
     """
     cfg = gpt.config
     device, dtype = gpt.tok_embeddings.weight.device, gpt.tok_embeddings.weight.dtype
@@ -155,7 +159,8 @@ def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: in
         seq[:, T:T + 1] = next_token
         input_pos = torch.tensor([T], device=device, dtype=torch.int)
         cur_token, new_tokens, cfg_flag = next_token, [], True
-        for i in range(max_new_tokens - 1):
+        n = max_new_tokens - 1 if decode_steps is None else min(int(decode_steps), max_new_tokens - 1)
+        for i in range(n):
             with sdpa_kernel(SDPBackend.MATH):
                 if cfg_interval > -1 and i > cfg_interval:
                     cfg_flag = False
@@ -164,10 +169,11 @@ def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: in
                 input_pos += 1
                 new_tokens.append(next_token.clone())
                 cur_token = next_token.view(-1, 1)
-        seq[:, T + 1:] = torch.cat(new_tokens, dim=1)
+        if new_tokens:
+            seq[:, T + 1:T + 1 + n] = torch.cat(new_tokens, dim=1)
     finally:
         gpt.train(was_training)
-    return seq[:, T:].long()
+    return seq[:, T:T + 1 + n].long()
 
 
 def _llamagen_top_k_top_p_filtering(logits, top_k: int = 0, top_p: float = 1.0, filter_value: float = -float("Inf")):
