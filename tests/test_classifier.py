@@ -101,6 +101,31 @@ def test_train_classifier_smoke(tmp_path):
     clf.FMNISTClassifier.from_pretrained(str(tmp_path))
 
 
+def test_judge_never_trains_on_the_validation_images(tmp_path, monkeypatch):
+    from ctfgen.data.fashion_mnist import validation_indices
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 12)
+    images = rng.integers(0, 256, (120, 28, 28), dtype=np.uint8)
+    seen = []
+    monkeypatch.setattr(clf, "load_split", lambda split, root=None: (images, labels))
+    real_preprocess = clf.FMNISTClassifier.preprocess
+    monkeypatch.setattr(clf.FMNISTClassifier, "preprocess",
+                        staticmethod(lambda x: (seen.append(np.array(x)), real_preprocess(x))[1]))
+    _, info = clf.train_classifier(tmp_path, epochs=1, batch_size=200, validation_images=20, log=lambda s: None)
+    assert info["train_images"] == 100 and info["validation_images_held_out"] == 20
+    trained_on = {bytes(im) for im in seen[0]}
+    held = {bytes(images[i]) for i in validation_indices(labels, 20)}
+    assert len(trained_on) == 100 and not trained_on & held
+
+
+def test_shipped_judge_held_out_the_validation_split():
+    from importlib import resources
+
+    info = json.loads(resources.files("ctfgen").joinpath(*clf.ASSET_PATH, "train_info.json").read_text())
+    assert info["train_images"] == 55000 and info["validation_images_held_out"] == clf.VALIDATION_IMAGES == 5000
+
+
 # ------------------------------------------------------------------------------------------------
 # CLIs
 
@@ -123,7 +148,7 @@ def test_eval_cli_fmnist_on_tiny_npz(tmp_path, test_split, train_split, capsys):
     record = json.loads(out.read_text())
     assert record["name"] == "tiny" and record["epoch"] == 3 and record["metric_set"] == "fmnist"
     assert record["num_samples"] == 200 and record["num_reference"] == 300
-    assert set(record["metrics"]) == {"fd", "is", "is_std", "precision", "recall", "class_consistency"}
+    assert set(record["metrics"]) == {"fd", "kid", "kid_std", "is", "is_std", "precision", "recall", "class_consistency"}
     assert "FD (classifier)" in capsys.readouterr().out
     # the npz and the folder load to the same arrays
     loaded, lab = load_images(npz)

@@ -76,5 +76,7 @@ def test_stagewise_sets(parts):
         assert images.shape == (7, 1, 8, 8) and images.min() >= -1 and images.max() <= 1, name
         assert torch.equal(torch.cat([b[1] for b in batches]), labels)
     assert torch.equal(torch.cat([b[0] for b in got["reconstruction"]]), ctf.decode(tokens))
+    # the control for stage 1's decoding: the real coarse labels through each cluster's representative
+    assert torch.equal(torch.cat([b[0] for b in got["real_coarse_representative"]]), ctf.decode(rep[cmap(tokens)]))
     with pytest.raises(ValueError, match="unknown stage-wise"):
         list(stagewise_sets(ctf, baseline, tokens, labels, rep, sets=("nope",)))

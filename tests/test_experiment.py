@@ -275,3 +275,33 @@ def test_pipeline_under_torchrun_two_ranks(tmp_path):
     # Rank 0 alone wrote: one log line per logged step, no duplicates.
     steps = [line.split(",")[0] for line in (out / "runs" / "ar" / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["2", "4", "6"]
+
+
+def test_matched_depth_gives_ctf_parameter_count(synthetic):
+    from ctfgen.train.stages import MATCH_TOLERANCE, matched_depth, parameter_count
+
+    d, cmap = synthetic
+    aux_model = {"n_layer": 6}  # a large auxiliary model: the baseline must grow to match
+    m = matched_depth(d / "codes", cmap, ("GPT-tiny", {}), ("Aux-tiny", aux_model), ("GPT-tiny", {}))
+    ctf = sum(p.numel() for s, pre, mo in (("ar", "GPT-tiny", {}), ("aux", "Aux-tiny", aux_model))
+              for p in build_stage(s, d / "codes", cmap, pre, mo).model.parameters())
+    built = build_stage("baseline", d / "codes", None, "GPT-tiny", {"n_layer": m["n_layer"]}).model
+    assert m["ctf_params"] == ctf and m["params"] == sum(p.numel() for p in built.parameters())
+    assert abs(m["params"] / ctf - 1) <= MATCH_TOLERANCE and m["n_layer"] > built.config.n_layer - 1 > 0
+    # no depth is closer: one layer more or less is further from CTF's count
+    for n in (m["n_layer"] - 1, m["n_layer"] + 1):
+        assert abs(parameter_count("baseline", d / "codes", None, "GPT-tiny", {"n_layer": n}) - ctf) >= abs(m["params"] - ctf)
+    # a baseline whose single layer already outweighs CTF cannot be matched: refused, not approximated
+    with pytest.raises(ConfigError, match="within 10%"):
+        matched_depth(d / "codes", cmap, ("GPT-tiny", {}), ("Aux-tiny", {}), ("GPT-tiny", {"dim": 512, "n_head": 8}))
+
+
+def test_matched_baseline_inherits_the_baseline_and_needs_both_methods():
+    cfg = resolve({"stage1": {"preset": "GPT-tiny", "model": {"resid_dropout": 0.0}}, "matched": {"enabled": True},
+                   "train": {"steps": 3, "seed": 7}})
+    assert cfg.matched.preset == "GPT-tiny" and cfg.matched.model == {"resid_dropout": 0.0}
+    assert cfg.matched.train == cfg.baseline.train and cfg.matched.train.seed == 7  # same steps, data order, seed
+    from ctfgen.config import check_experiment
+
+    with pytest.raises(ConfigError, match="matched.enabled needs"):
+        check_experiment(resolve({"baseline": {"enabled": False}, "matched": {"enabled": True}, "train": {"steps": 3}}))

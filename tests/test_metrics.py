@@ -130,6 +130,31 @@ def _reference_inception_score(probs, splits):
     return mean, math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
 
 
+def test_kernel_distance_matches_a_loop_over_pairs():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(7, 3)), rng.normal(0.5, 1.0, size=(6, 3))
+    k = lambda a, b: (a @ b / 3 + 1) ** 3  # noqa: E731
+    m = 6  # one subset of all 6 fakes and 6 of the 7 reals, drawn as the function draws them
+    pick = np.random.default_rng(0)
+    x, y = fake[pick.choice(6, m, replace=False)], real[pick.choice(7, m, replace=False)]
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+    mean, std = core.kernel_distance(real, fake, subsets=1, subset_size=10, seed=0)
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-12) and std == 0
+
+
+def test_kernel_distance_is_unbiased_near_zero_and_grows_with_a_shift():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(3000, 16))
+    same = core.kernel_distance(real, rng.normal(size=(500, 16)), subsets=50, subset_size=500)[0]
+    near = core.kernel_distance(real, rng.normal(0.2, 1, size=(500, 16)), subsets=50, subset_size=500)[0]
+    far = core.kernel_distance(real, rng.normal(0.5, 1, size=(500, 16)), subsets=50, subset_size=500)[0]
+    assert abs(same) < 0.2 * near and near < far
+    with pytest.raises(ValueError, match="same D"):
+        core.kernel_distance(real, rng.normal(size=(5, 3)))
+
+
 def test_inception_score_matches_loops():
     rng = np.random.default_rng(5)
     probs = rng.dirichlet(np.full(7, 0.3), size=100)

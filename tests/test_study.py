@@ -15,7 +15,7 @@ SMALL = ["data.train_limit=100", "data.test_limit=40", "data.validation_images=3
          "tokenizer.train.steps=6", "tokenizer.train.batch_size=16", "tokenizer.train.codebook_init=kmeans",
          "tokenizer.train.codebook_init_images=60", "tokenizer.train.dead_code_steps=2", "clustering.num_coarse=8",
          "train.steps=8", "train.batch_size=20", "train.warmup_steps=2", "train.schedule=constant",
-         "train.snapshot_every=5", "heldout.limit=40"]
+         "train.snapshot_every=5", "heldout.limit=40", "matched.enabled=true"]
 
 pytestmark = needs_fmnist
 
@@ -28,41 +28,56 @@ def study(tmp_path_factory):
     records = base / "records"
     args = ["study", str(out), "--records", str(records), "--seeds", "0", "1", "--test-per-class", "3",
             "--select-per-class", "2", "--heldout-images", "20", "--tokenizer-images", "50", "--batch-size", "30",
-            "--guidance", "2", "3", "--temperatures", "1.0", "--report", str(base / "report.md")]
+            "--guidance", "2", "3", "--temperatures", "1.0", "--diagnosis-per-class", "2",
+            "--report", str(base / "report.md")]
     assert cli(args) == 0
     return out, records, base, args
+
+
+def test_pipeline_trains_the_matched_baseline(study):
+    out = study[0]
+    match = json.loads((out / "steps" / "matched.json").read_text())["match"]
+    assert abs(match["ratio"] - 1) <= 0.10 and match["n_layer"] > 1
+    config = json.loads((out / "matched" / "gpt" / "config.json").read_text())
+    assert config["n_layer"] == match["n_layer"]
+    assert set(json.loads((out / "heldout.json").read_text())) >= {"ctf", "baseline", "matched"}
 
 
 def test_records(study):
     out, records, _, _ = study
     names = sorted(p.stem for p in (records / "v256").glob("*.json"))
-    assert names == ["diagnosis", "epoch-1.00", "select-baseline", "select-ctf", "test-baseline-chosen-seed0",
-                     "test-baseline-chosen-seed1", "test-baseline-default-seed0", "test-baseline-default-seed1",
-                     "test-ctf-chosen-seed0", "test-ctf-chosen-seed1", "test-ctf-default-seed0", "test-ctf-default-seed1",
-                     "tokenizer"]
+    cells = [f"test-{m}-{s}-seed{seed}" for m in ("baseline", "ctf", "matched") for s in ("chosen", "default")
+             for seed in (0, 1)]
+    assert names == ["diagnosis", "epoch-1.00", "select-baseline", "select-ctf", "select-matched", *cells, "tokenizer"]
     rec = lambda n: json.loads((records / "v256" / f"{n}.json").read_text())  # noqa: E731
     tok = rec("tokenizer")
-    assert tok["images"] == 50 and 0 < tok["usage"] <= 1 and tok["codebook_size"] == 256
+    assert tok["images"] == 40 and 0 < tok["usage"] <= 1  # the run's own test split (data.test_limit=40) and tok["codebook_size"] == 256
+    assert 1 <= tok["perplexity"] <= tok["codes_used"]
     epoch = rec("epoch-1.00")  # step 5 = one epoch (the 100 training images left after the validation split, batch 20)
     assert epoch["step"] == 5 and epoch["heldout"]["ctf"]["exact"] and epoch["heldout"]["ctf"]["images"] == 20
-    assert "gap_bits" in epoch["coarse_prediction"]
+    assert "gap_bits" in epoch["coarse_prediction"] and set(epoch["heldout"]) == {"ctf", "baseline", "matched"}
     select = rec("select-ctf")
     assert len(select["grid"]) == 2 and select["chosen"] in [g["sampling"] for g in select["grid"]]
+    # its own stream, apart from the test seeds; a two-point grid's choice is always at an edge
+    assert select["seed"] == 1000 and select["at_edge"] == ["cfg_scale"] and "kid" in select["grid"][0]
+    assert select["commit"] and select["inputs"]["models"]["ctf"]
     assert select["chosen"]["cfg_scale"] == min(select["grid"], key=lambda g: g["fd"])["sampling"]["cfg_scale"]
     assert "validation split (30 training images" in select["reference"]
     chosen = rec("test-ctf-chosen-seed1")
     assert chosen["sampling"]["cfg_scale"] == select["chosen"]["cfg_scale"] and chosen["per_class"] == 3
     assert rec("test-ctf-default-seed0")["sampling"]["temperature"] == 1.1  # the paper's default
     d = rec("diagnosis")
-    assert set(d["sets"]) == {"reconstruction", "real_coarse_aux", "stage1_representative", "ctf", "baseline",
-                              "baseline_coarse_aux"}
-    assert d["images"] == 40
+    assert set(d["sets"]) == {"reconstruction", "real_coarse_aux", "real_coarse_representative", "stage1_representative",
+                              "ctf", "baseline", "baseline_coarse_aux"}
+    # made from two test images of each class, scored against the other two, never against themselves
+    assert d["images"] == 20 and d["reference_images"] == 20
 
 
 def test_report_from_records(study):
     _, _, base, _ = study
     md = (base / "report.md").read_text()
     assert "| 256 | 8 |" in md and "±" in md  # two seeds give a spread
+    assert "| matched |" in md and "at the edge of the grid" in md
     assert "Stage-wise diagnosis" in md and "teacher-forced" in md
     assert (base / "study_vs_codebook.png").stat().st_size > 1000
     assert (base / "study_vs_epoch.png").stat().st_size > 1000
@@ -73,6 +88,54 @@ def test_rerun_redoes_nothing(study, capsys):
     before = {p: p.stat().st_mtime_ns for p in records.rglob("*.json")}
     assert cli(args) == 0
     assert {p: p.stat().st_mtime_ns for p in records.rglob("*.json")} == before
+
+
+def test_records_of_other_inputs_are_refused(study, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    out, records, _, args = study
+    copy = tmp_path / "records"
+    shutil.copytree(records, copy)
+    rerun = [a if a != str(records) else str(copy) for a in args]
+    # another sample count: the tokenizer and epoch records still hold, the first test cell does not
+    assert cli([*rerun, "--test-per-class", "4"]) == 2
+    assert "test_per_class" not in (err := capsys.readouterr().err) and "per_class: 3 then, 4 now" in err
+    # another commit of the code
+    import ctfgen.study
+
+    monkeypatch.setattr(ctfgen.study, "code_commit", lambda: "0" * 40)
+    assert cli(rerun) == 2
+    assert "commit:" in capsys.readouterr().err
+    monkeypatch.undo()
+    # another model: the matched baseline's files change, so its records are refused
+    run = tmp_path / out.name
+    shutil.copytree(out, run, symlinks=True)
+    (run / "matched" / "pipeline.json").write_text((run / "matched" / "pipeline.json").read_text() + "\n")
+    assert cli([*[a if a != str(out) else str(run) for a in rerun]]) == 2
+    assert "models.matched" in capsys.readouterr().err
+
+
+def test_split_halves_are_class_balanced_and_disjoint():
+    import numpy as np
+
+    from ctfgen.errors import ConfigError
+    from ctfgen.study import split_halves
+
+    labels = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    source, reference = split_halves(labels, 2)
+    assert source.tolist() == [0, 1, 2, 3] and reference.tolist() == [4, 5, 6, 7]
+    with pytest.raises(ConfigError, match="diagnosis_per_class"):
+        split_halves(labels, 4)
+
+
+def test_study_settings_keep_streams_apart():
+    from ctfgen.errors import ConfigError
+    from ctfgen.study import StudySettings
+
+    with pytest.raises(ConfigError, match="must all differ"):
+        StudySettings(seeds=(0, 1000))
+    with pytest.raises(ConfigError, match="test_per_class"):
+        StudySettings(test_per_class=0)
 
 
 def test_study_needs_a_finished_run_with_a_validation_split(study, tmp_path, capsys):

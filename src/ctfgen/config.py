@@ -377,7 +377,7 @@ class SamplingConfig:
                     raise ConfigError(unknown_key_message(f"{name}.{key}", key, known))
 
 
-STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline"}
+STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched": "matched"}
 
 # Renamed settings: configs (and finished runs' records) written before the rename still load.
 LEGACY_TOKENIZER_LOSS_KEYS = {f.name for f in fields(VQLossConfig)}
@@ -394,6 +394,10 @@ class ExperimentConfig:
     stage1: StageConfig = field(default_factory=lambda: StageConfig(preset="GPT-B"))
     aux: AuxStageConfig = field(default_factory=AuxStageConfig)
     baseline: StageConfig = field(default_factory=StageConfig)
+    # The parameter-matched baseline: the baseline's GPT made deeper at the same width until its
+    # parameters are within 10 % of CTF's (stage 1 + auxiliary model); trained with the baseline's
+    # steps, data order and seed. `matched.model.n_layer` fixes the depth instead.
+    matched: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -431,15 +435,23 @@ def inherit(raw: dict) -> dict:
         if base.get(key) is None:
             base[key] = copy.deepcopy(s1.get(key))
     raw["baseline"] = base
+    matched = dict(raw.get("matched") or {})
+    if matched.get("preset") is None:
+        matched["preset"] = copy.deepcopy(base.get("preset"))
+    matched["model"] = {**(copy.deepcopy(base.get("model")) or {}), **(matched.get("model") or {})}
+    if matched.get("train") is None:
+        matched["train"] = copy.deepcopy(base.get("train"))
+    raw["matched"] = matched
     shared = raw.get("train") or {}
-    for section in ("stage1", "aux", "baseline"):
+    for section in ("stage1", "aux", "baseline", "matched"):
         st = dict(raw.get(section) or {})
         st["train"] = {"seed": seed, **shared, **(st.get("train") or {})}
         raw[section] = st
     if raw["stage1"].get("preset") is None:
         raw["stage1"]["preset"] = "GPT-B"
-        if raw["baseline"].get("preset") is None:
-            raw["baseline"]["preset"] = "GPT-B"
+        for section in ("baseline", "matched"):
+            if raw[section].get("preset") is None:
+                raw[section]["preset"] = "GPT-B"
     return raw
 
 
@@ -466,6 +478,8 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         raise ConfigError("stage1 and aux make CTF together: enable both or neither")
     if not (cfg.ctf_enabled or cfg.baseline.enabled):
         raise ConfigError("nothing to train: stage1 and aux, or the baseline, must be enabled")
+    if cfg.matched.enabled and not (cfg.ctf_enabled and cfg.baseline.enabled):
+        raise ConfigError("matched.enabled needs CTF (stage1 and aux) and the baseline: it matches the one to the other")
     for stage, section in STAGE_SECTIONS.items():
         if not cfg.stage(stage).enabled:
             continue
@@ -481,12 +495,13 @@ def dry_run_overrides() -> list[str]:
     as given (point them at small local files)."""
     train = ["steps=2", "epochs=null", "batch_size=4", "grad_accum=1", "fsdp=false", "mixed_precision=none",
              "checkpoint_every=1", "log_every=1", "snapshot_every=0", "warmup_steps=0", "progress=false"]
-    out = [f"{section}.train.{t}" for section in ("train", "stage1", "aux", "baseline") for t in train]
+    out = [f"{section}.train.{t}" for section in ("train", "stage1", "aux", "baseline", "matched") for t in train]
     out = [o.replace("train.train.", "train.") for o in out]
     return out + [
         "tokenizer.train.steps=2", "tokenizer.train.batch_size=4", "tokenizer.train.progress=false",
-        "stage1.preset=GPT-tiny", "aux.preset=Aux-tiny", "baseline.preset=GPT-tiny",
+        "stage1.preset=GPT-tiny", "aux.preset=Aux-tiny", "baseline.preset=GPT-tiny", "matched.preset=GPT-tiny",
         "stage1.model.multiple_of=32", "aux.model.multiple_of=32", "baseline.model.multiple_of=32",
+        "matched.model.multiple_of=32",
         "clustering.num_coarse=4", "data.image_size=32", "data.extract_batch_size=4", "data.num_workers=0",
         "heldout.limit=4", "heldout.batch_size=4"]
 

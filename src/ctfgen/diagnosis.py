@@ -13,8 +13,9 @@ Two kinds of evidence (issue 9, docs/results.md):
 
 * **Decoded stage-wise sample sets**, each scored like any sample set (Fréchet distance etc.):
   the tokenizer's reconstructions (the floor), real coarse sequences through the auxiliary model
-  (isolates stage 2), stage-1 samples decoded through each cluster's most frequent member (isolates
-  stage 1), the baseline's samples through the auxiliary model, and the two methods' own samples.
+  (isolates stage 2), real coarse sequences decoded through each cluster's most frequent member (what
+  that decoding costs by itself), stage-1 samples decoded the same way (isolates stage 1, against the
+  previous set), the baseline's samples through the auxiliary model, and the two methods' own samples.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def most_frequent_members(coarse_map: CoarseMap, tokens) -> torch.Tensor:
     return torch.from_numpy(order[first]).long()
 
 
-STAGEWISE_SETS = ("reconstruction", "real_coarse_aux", "stage1_representative", "ctf", "baseline", "baseline_coarse_aux")
+STAGEWISE_SETS = ("reconstruction", "real_coarse_aux", "real_coarse_representative", "stage1_representative", "ctf",
+                  "baseline", "baseline_coarse_aux")
 
 
 @torch.no_grad()
@@ -108,9 +110,10 @@ def stagewise_sets(ctf, baseline, tokens, labels, representatives: torch.Tensor,
                    sets=STAGEWISE_SETS):
     """Yield (name, images (B,C,H,W) in [-1,1], labels) batches of each stage-wise sample set.
 
-    tokens/labels: real images' fine tokens and classes (the test split); the sampled sets are drawn
-    for the same labels, so every set has the same class balance. `representatives` (K,) decodes
-    stage-1 samples without stage 2 (see `most_frequent_members`). Sampling options default to each
+    tokens/labels: real images' fine tokens and classes; the sampled sets are drawn for the same
+    labels, so every set has the same class balance. Score the sets against images other than
+    these (the real-code sets would otherwise be compared with their own sources). `representatives`
+    (K,) decodes coarse labels without stage 2 (see `most_frequent_members`). Sampling options default to each
     pipeline's own defaults; stage 2 always uses `ctf`'s stage-2 options.
     """
     from ctfgen.sampling import sample_fine
@@ -131,6 +134,8 @@ def stagewise_sets(ctf, baseline, tokens, labels, representatives: torch.Tensor,
                 out = fine
             elif name == "real_coarse_aux":
                 out = sample_fine(ctf.aux, cmap(fine).to(ctf.device), y.to(ctf.device), generator=gen, **fine_o)
+            elif name == "real_coarse_representative":
+                out = representatives[cmap(fine)]
             elif name == "stage1_representative":
                 from ctfgen.sampling import generate
 

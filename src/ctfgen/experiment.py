@@ -10,7 +10,8 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
     ar          CTF stage 1: GPT over coarse labels                     DIR/runs/ar/
     baseline    the vanilla GPT over fine tokens (stage 1's size)       DIR/runs/baseline/
     aux         CTF stage 2: the auxiliary fine-token model             DIR/runs/aux/
-    assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/
+    matched     the baseline made as large as CTF (`matched.enabled`)   DIR/runs/matched/
+    assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/, DIR/matched/
     heldout     exact held-out bits per token of both                   DIR/heldout.json
 
 `DIR` itself is also a loadable CTF pipeline (`CTFPipeline.from_pretrained(DIR)`). The layout is
@@ -40,14 +41,15 @@ from ctfgen.fileio import atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.rundir import RunDir
 from ctfgen.train import distributed as D
 
-STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "assemble", "heldout")
+STEPS = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched", "assemble", "heldout")
 
 # The config sections each step depends on: a finished step whose sections changed is refused on
 # --resume instead of being silently kept.
 STEP_SECTIONS = {
     "tokenizer": ("seed", "data", "tokenizer"), "cluster": ("seed", "clustering"), "extract": ("data",),
     "ar": ("seed", "train", "stage1"), "aux": ("seed", "train", "aux"),
-    "baseline": ("seed", "train", "stage1", "baseline"), "assemble": (), "heldout": ("heldout",),
+    "baseline": ("seed", "train", "stage1", "baseline"),
+    "matched": ("seed", "train", "stage1", "aux", "baseline", "matched"), "assemble": (), "heldout": ("heldout",),
 }
 
 
@@ -227,19 +229,43 @@ def step_train(x: Experiment, stage: str, cmap):
         return None
 
     def work():
-        say(f"training {stage} ({s.preset})")
+        model_config, info = s.model, {}
+        if stage == "matched":
+            model_config, info = _matched_model(x, cmap)
+        say(f"training {stage} ({s.preset}{', %d layers' % model_config['n_layer'] if stage == 'matched' else ''})")
         model, result = train_stage(
-            stage, x.run.codes("train"), x.run.stage(stage), coarse_map=cmap if stage != "baseline" else None,
-            preset=s.preset, model=s.model, train_config={**s.train.to_dict(), "progress": x.progress and s.train.progress},
+            "baseline" if stage == "matched" else stage, x.run.codes("train"), x.run.stage(stage),
+            coarse_map=cmap if stage in ("ar", "aux") else None, preset=s.preset, model=model_config,
+            train_config={**s.train.to_dict(), "progress": x.progress and s.train.progress},
             resume=True, on_epoch_end=x.hooks.get(stage), run_config={"experiment": str(x.run.root)}, desc=stage)
         last = result.history[-1] if result.history else {}
-        return {"steps": result.step, "final_loss": last.get("loss"), "params": sum(p.numel() for p in model.parameters())}
+        return {"steps": result.step, "final_loss": last.get("loss"), "params": sum(p.numel() for p in model.parameters()),
+                **info}
 
     x.once(stage, work)
     return load_stage_model(stage, x.run.model(stage))
 
 
-def step_assemble(x: Experiment, vq, cmap, ar, aux, base) -> None:
+def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
+    """The matched baseline's model settings: the baseline's, with the depth that gives CTF's
+    parameter count (or the depth the config fixes), and the counts for the record."""
+    from ctfgen.train.stages import matched_depth
+
+    c = x.cfg
+    match = matched_depth(x.run.codes("train"), cmap, (c.stage1.preset, c.stage1.model), (c.aux.preset, c.aux.model),
+                          (c.matched.preset, c.matched.model))
+    fixed = ((x.raw.get("matched") or {}).get("model") or {}).get("n_layer")
+    if fixed is not None:
+        from ctfgen.train.stages import parameter_count
+
+        params = parameter_count("baseline", x.run.codes("train"), None, c.matched.preset, {**c.matched.model})
+        match = {**match, "n_layer": int(fixed), "params": params, "ratio": round(params / match["ctf_params"], 4)}
+    say(f"matched baseline: {match['n_layer']} layers, {match['params']:,} parameters, "
+        f"{match['ratio']:.3f}x CTF's {match['ctf_params']:,}")
+    return {**c.matched.model, "n_layer": match["n_layer"]}, {"match": match}
+
+
+def step_assemble(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
     from ctfgen.pipeline import ARPipeline, CTFPipeline
 
     def work():
@@ -254,6 +280,10 @@ def step_assemble(x: Experiment, vq, cmap, ar, aux, base) -> None:
                     say(f"assembling {x.run.baseline}")
                     publish_dir(ARPipeline(base, vq, sampling_defaults=sampling.baseline).save_pretrained,
                                 x.run.baseline)
+                if matched is not None:
+                    say(f"assembling {x.run.matched}")
+                    publish_dir(ARPipeline(matched, vq, sampling_defaults=sampling.baseline).save_pretrained,
+                                x.run.matched)
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
@@ -271,6 +301,8 @@ def step_heldout(x: Experiment) -> None:
         pipes = {"ctf": CTFPipeline.from_pretrained(x.run.ctf)} if x.cfg.ctf_enabled else {}
         if x.cfg.baseline.enabled:
             pipes["baseline"] = ARPipeline.from_pretrained(x.run.baseline)
+        if x.cfg.matched.enabled:
+            pipes["matched"] = ARPipeline.from_pretrained(x.run.matched)
         results = {}
         for name, pipe in pipes.items():
             r = heldout_bits_per_token(pipe.to(x.device), x.run.codes("test"), h.limit, int(h.batch_size))
@@ -291,7 +323,7 @@ def _write_metrics(run: RunDir) -> None:
     tok_log = run.tokenizer_run / "metrics.csv"
     if not tok_log.is_file():
         tok_log = run.tokenizer_run / "log.csv"  # runs made before the one training loop
-    for stage, path in [("tokenizer", tok_log)] + [(s, run.stage(s) / "metrics.csv") for s in ("ar", "aux", "baseline")]:
+    for stage, path in [("tokenizer", tok_log)] + [(s, run.stage(s) / "metrics.csv") for s in ("ar", "aux", "baseline", "matched")]:
         if path.is_file():
             with open(path, newline="") as f:
                 for r in csv.DictReader(f):
@@ -365,7 +397,8 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     # The baseline before the auxiliary model: stage 1 and the baseline are the like-for-like pair, and
     # the auxiliary model (the largest) is the step most worth resuming in a later session.
     ar, base, aux = step_train(x, "ar", cmap), step_train(x, "baseline", None), step_train(x, "aux", cmap)
-    step_assemble(x, vq, cmap, ar, aux, base)
+    matched = step_train(x, "matched", cmap)
+    step_assemble(x, vq, cmap, ar, aux, base, matched)
     step_heldout(x)
     if D.is_main():
         atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),

@@ -23,6 +23,17 @@ def codebook_fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def directory_fingerprint(path) -> str:
+    """sha256 over the relative names and bytes of every file under `path` (links followed); first
+    16 hex chars. Two model directories with the same fingerprint hold the same model."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 COMMIT_STAMP = Path(__file__).with_name("COMMIT")  # written by `make pin` into a pinned install
 
 

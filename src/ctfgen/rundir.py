@@ -5,8 +5,9 @@
     RUN/runs/tokenizer/              tokenizer training: checkpoints/, metrics.csv, tokenizer/ (the model)
     RUN/runs/coarse_map.safetensors  the CoarseMap
     RUN/codes/{train,test}/          extracted codes
-    RUN/runs/{ar,aux,baseline}/      stage training: checkpoints/, metrics.csv, snapshots/, model/
-    RUN/ctf/, RUN/baseline/          the finished pipelines (RUN itself links to ctf/)
+    RUN/runs/{ar,aux,baseline,matched}/   stage training: checkpoints/, metrics.csv, snapshots/, model/
+    RUN/ctf/, RUN/baseline/, RUN/matched/   the finished pipelines (RUN itself links to ctf/); matched:
+                                     the parameter-matched baseline, when the config enables it
     RUN/heldout.json, summary.json, metrics.csv
     RUN/ablations/<name>/, RUN/eval/<group>/<name>.json, RUN/results.{md,json}   (`ctfgen reproduce`)
 """
@@ -40,6 +41,7 @@ class RunDir:
     coarse_map = property(lambda self: self.root / "runs" / "coarse_map.safetensors")
     ctf = property(lambda self: self.root / "ctf")
     baseline = property(lambda self: self.root / "baseline")
+    matched = property(lambda self: self.root / "matched")
     heldout = property(lambda self: self.root / "heldout.json")
     summary = property(lambda self: self.root / "summary.json")
     metrics = property(lambda self: self.root / "metrics.csv")

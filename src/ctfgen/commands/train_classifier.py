@@ -11,6 +11,9 @@ def configure(parser):
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST *.gz IDX files (default: the usual locations)")
     parser.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke tests)")
+    parser.add_argument("--validation-images", type=int, default=5000,
+                        help="class-balanced training images left out, as data.validation_images leaves them out "
+                             "of the models (default: %(default)s; 0 trains on all 60k)")
 
 
 def run(args):
@@ -18,7 +21,7 @@ def run(args):
 
     _, info = train_classifier(
         args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-        data_root=args.data_root, limit=args.limit,
+        data_root=args.data_root, limit=args.limit, validation_images=args.validation_images,
     )
     print(f"test accuracy {info['test_accuracy']:.4f}; saved to {args.out} "
           "(load with FMNISTClassifier.from_pretrained(DIR); to ship it, copy config.json and "

@@ -20,9 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctfgen.errors import ConfigError
+from ctfgen.fingerprint import code_commit
 from ctfgen.hub import HubMixin
 
 ASSET_PATH = ("assets", "fmnist_classifier")  # inside the ctfgen package (package-data)
+# The validation images the study's configs carve from the training split (data.validation_images):
+# the shipped judge never trains on them.
+VALIDATION_IMAGES = 5000
 
 
 @dataclass
@@ -161,13 +165,24 @@ def train_classifier(
     data_root: str | Path | None = None,
     limit: int | None = None,
     eval_limit: int | None = None,
+    validation_images: int = VALIDATION_IMAGES,
     log=lambda msg: print(msg, flush=True),
 ) -> tuple[FMNISTClassifier, dict]:
-    """Train on the training split (random horizontal flips), evaluate on the test split,
-    save to `out_dir` (config.json, model.safetensors, train_info.json). Returns (model, info)."""
+    """Train on the training split less its `validation_images` validation images (random horizontal
+    flips), evaluate on the test split, save to `out_dir` (config.json, model.safetensors,
+    train_info.json). Returns (model, info).
+
+    The validation images are the ones `data.validation_images` carves out for choosing sampling
+    settings (`validation_indices`): a judge that had trained on them would score those choices on
+    images it knows."""
+    from ctfgen.data.fashion_mnist import validation_indices
+
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_x, train_y = load_split("train", data_root)
+    if validation_images:
+        keep = np.setdiff1d(np.arange(len(train_y)), validation_indices(train_y, int(validation_images)))
+        train_x, train_y = train_x[keep], train_y[keep]
     test_x, test_y = load_split("test", data_root)
     if limit is not None:
         train_x, train_y = train_x[:limit], train_y[:limit]
@@ -202,9 +217,10 @@ def train_classifier(
     model.eval()
     info = {
         "epochs": epochs, "seed": seed, "batch_size": batch_size, "lr": lr,
-        "train_images": int(len(train_x)), "test_images": int(len(test_x)), "test_accuracy": accuracy(model, test_x, test_y),
+        "train_images": int(len(train_x)), "validation_images_held_out": int(validation_images),
+        "test_images": int(len(test_x)), "test_accuracy": accuracy(model, test_x, test_y),
         "seconds": round(time.time() - start, 1), "config": asdict(model.config),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": sum(p.numel() for p in model.parameters()), "commit": code_commit(),
     }
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ctfgen.errors import ConfigError, CorruptFileError
-from ctfgen.metrics.core import feature_statistics, frechet_distance, inception_score, knn_radii, precision_recall
+from ctfgen.metrics.core import (feature_statistics, frechet_distance, inception_score, kernel_distance, knn_radii,
+                                 precision_recall)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # Samples are often stored sorted by class (N per class); the IS splits must each see all classes.
@@ -146,8 +147,9 @@ def evaluate_fmnist(images, labels=None, ref="test", classifier=None, k: int = 3
     images: uint8 in [0,255] or float in [-1,1]; (N,28,28), (N,28,28,1) or (N,1,28,28).
     labels: the classes the images were conditioned on; adds `class_consistency`.
     ref: "test" / "train" (Fashion-MNIST splits), or uint8 images, or a path to an .npz / folder.
-    Returns {"fd", "is", "is_std", "precision", "recall"[, "class_consistency"]}: the Fréchet
-    distance of 128-d classifier features, the IS analogue from classifier probabilities,
+    Returns {"fd", "kid", "kid_std", "is", "is_std", "precision", "recall"[, "class_consistency"]}: the
+    Fréchet distance of 128-d classifier features, their kernel distance (KID, unbiased; see
+    `kernel_distance`), the IS analogue from classifier probabilities,
     improved precision/recall (k-NN) in the same features, and the fraction of samples the
     classifier assigns to their conditioning label.
     """
@@ -168,6 +170,7 @@ def evaluate_fmnist(images, labels=None, ref="test", classifier=None, k: int = 3
             ref_images = ref
         ref_feats = model.embed(fmnist_grayscale(ref_images), batch_size)[0]
     metrics = {"fd": frechet_distance(*feature_statistics(feats), *feature_statistics(ref_feats))}
+    metrics["kid"], metrics["kid_std"] = kernel_distance(ref_feats, feats)
     metrics["is"], metrics["is_std"] = inception_score(probs, splits=min(splits, len(probs)), shuffle_seed=IS_SHUFFLE_SEED)
     metrics["precision"], metrics["recall"] = precision_recall(ref_feats, feats, k=k, real_radii=ref_radii)
     if labels is not None:
