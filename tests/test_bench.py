@@ -81,7 +81,7 @@ def test_busy_machine_starts_and_stops_its_busy_loop(monkeypatch, capsys):
                                  steps=2, warmup_steps=1, timeout=120)
     assert [r["busy"] for r in results] == [False, True]
     assert all(r["seconds"] > 0 and r["threads"] == 1 for r in results), results
-    spinners = [p for p in started if "while True" in p.args[-1]]
+    spinners = [p for p in started if p.args[-1] == bench._SPIN]
     assert len(spinners) == 1 and spinners[0].poll() is not None  # the busy loop was stopped
     assert "| GPT-tiny | one thread | 1 / 1 |" in capsys.readouterr().out
 

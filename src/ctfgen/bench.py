@@ -7,6 +7,7 @@
   `llamagen=True`, LlamaGen's own sampler (`ctfgen.models.llamagen_generate`) runs beside the
   baseline at the same shape, batch and precision.
 - `profile_decode`: where a decode step's time goes (torch.profiler).
+- `decode_speedups`: what each speed-up of the decode step gives, against what it replaced.
 - `compile_speedup`: `generate` eager and with the decode step compiled.
 - `matmul_rates`: what this machine's matrix multiply reaches per precision, the ceiling the
   decode step's linear layers are judged against.
@@ -39,7 +40,7 @@ from ctfgen.fileio import atomic_write_json
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.models import transformer
 from ctfgen.models.llamagen import llamagen_generate
-from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
+from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig, kv_cache_dtype
 from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 from ctfgen.precision import Int8, cast_weights, dtype_name, resolve_dtype
 from ctfgen.sampling import cfg_combine, generate, sample_from_logits
@@ -148,12 +149,14 @@ def _row(name, dtype, method, batch_size, t, ratio="", versus=""):
 def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image_tokens: int = 256,
               num_coarse: int = 512, aux_preset: str = "Aux-L", decode: bool = True, cfg_scale: float = 2.0,
               device: str = "cpu", dtypes=("float32", "bfloat16"), json_path=None, llamagen: bool = False,
-              warmup: int = 1, llamagen_steps: int | None = None) -> list[dict]:
+              warmup: int = 1, llamagen_steps: int | None = None, threads: int | str | None = None) -> list[dict]:
     """`ctfgen bench`: time both methods for every model, precision and batch size, printing a
     markdown table as it goes: images/s as the median [min, max] of `repeats` runs, stage 1's
     tokens/s, the median seconds of each stage, CTF's speed relative to the baseline at the same
     shape, batch and precision, and with `llamagen` the baseline's tokens/s relative to LlamaGen's
-    sampler (float precisions only: LlamaGen has no int8; `llamagen_steps`: see `time_llamagen`)."""
+    sampler (float precisions only: LlamaGen has no int8; `llamagen_steps`: see `time_llamagen`).
+    `threads`: None keeps torch's setting, an int sets it, "auto" gives each model what the ctfgen
+    command would (`ctfgen.threads.use_sampling_threads`: one for the shipped models)."""
     dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
     results = []
     print(_machine_line(device) + f"  cfg: {cfg_scale}  repeats: {repeats} (+{warmup} warm-up)")
@@ -163,9 +166,14 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
     for name in models:
         with torch.no_grad():  # no autograd to build them; not inference_mode: their buffers stay ordinary tensors
             pipes = _pipelines(name, device, image_tokens, num_coarse, aux_preset, decode)
+        if threads == "auto":
+            use_sampling_threads(pipes["ctf"])
+        elif threads is not None:
+            torch.set_num_threads(int(threads))
+        print(f"| {name}: {torch.get_num_threads()} thread(s) | | | | | | | | | | | |", flush=True)
         for dtype in dtypes:
             for batch_size in batch_sizes:
-                row = dict(model=name, dtype=dtype, batch_size=batch_size)
+                row = dict(model=name, dtype=dtype, batch_size=batch_size, threads=torch.get_num_threads())
                 reference = None
                 if llamagen and not isinstance(resolve_dtype(dtype), Int8):
                     reference = time_llamagen(pipes["baseline"].gpt, batch_size, repeats, cfg_scale, device, dtype,
@@ -299,13 +307,17 @@ def _decode_window(model, labels, cfg_scale: float, window: tuple[int, int], pro
             raise _StopDecoding
         return forward_step(tokens, input_pos)
 
+    previous = model.__dict__.get("forward_step")  # a wrapper of the caller's stays in place
     model.forward_step = step
     try:
         generate(model, labels, cfg_scale=cfg_scale, generator=0)
     except _StopDecoding:
         pass
     finally:
-        del model.forward_step
+        if previous is None:
+            del model.forward_step
+        else:
+            model.forward_step = previous
     return marks["end"] - marks["start"]
 
 
@@ -363,6 +375,82 @@ def profile_decode(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float 
         atomic_write_json(json_path, {"preset": preset, "batch_size": batch_size, "cfg_scale": cfg_scale,
                                       "image_tokens": L, "window": window, "threads": torch.get_num_threads(),
                                       "gflop_per_step": rows * (block_flops + head_flops) / 1e9, "results": results})
+    return results
+
+
+def decode_speedups(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float = 2.0,
+                    dtypes=("float32", "bfloat16"), image_tokens: int = 256, vocab_size: int = 16384,
+                    top_k: int = 2000, repeats: int = 20, device: str = "cpu", json_path=None) -> dict:
+    """What each decode-path speed-up gives, each against what it replaced, in one run:
+    - attention over the filled part of the cache, against the whole fixed-shape cache with the
+      causal mask (the previous eager step, and what a compiled step still does): ms per step
+      over `profile_decode`'s window, both through `generate`;
+    - the KV cache in float32 on the CPU, against the cache in the weights' dtype (reduced
+      precisions only), the same way;
+    - RoPE on q and k in one call, against one call each (ms per step at the step's shape);
+    - the top-k draw on the (B, k) top-k logits, against LlamaGen's filter and a draw over all V
+      (ms per step at LlamaGen's default top-k 2000; the default top_k=0 draws over V either way);
+    - guidance combined in place, against LlamaGen's expression (ms per step)."""
+    gpt = random_gpt(preset, vocab_size, image_tokens, device=device)
+    L = image_tokens
+    window = (max(1, 3 * L // 8), max(2, 5 * L // 8))
+    steps = window[1] - window[0]
+    labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
+    rows = 2 * batch_size if cfg_scale != 1.0 else batch_size
+    cfg, head_dim = gpt.config, gpt.config.dim // gpt.config.n_head
+    results = {}
+    for name in dict.fromkeys(dtypes):
+        dtype = dtype_name(resolve_dtype(name, device))
+        model = cast_weights(gpt, dtype)
+        r = results[dtype] = {}
+        with torch.inference_mode():
+            _decode_window(model, labels, cfg_scale, (1, 4))
+            r["filled cache (as shipped)"] = _decode_window(model, labels, cfg_scale, window) * 1e3 / steps
+            forward_step = model.forward_step
+            model.forward_step = lambda tokens, pos: forward_step(tokens, torch.tensor([pos], device=device))
+            try:
+                r["whole cache, masked"] = _decode_window(model, labels, cfg_scale, window) * 1e3 / steps
+            finally:
+                del model.forward_step
+            weights_dtype = model.tok_embeddings.weight.dtype
+            if weights_dtype != kv_cache_dtype(weights_dtype, device):
+                model.setup_caches = functools.partial(type(model).setup_caches, model, dtype=weights_dtype)
+                try:
+                    r[f"KV cache in {dtype_name(weights_dtype)}"] = _decode_window(model, labels, cfg_scale, window) * 1e3 / steps
+                finally:
+                    del model.setup_caches
+            act = weights_dtype if weights_dtype in (torch.bfloat16, torch.float16) else torch.float32
+            qkv = torch.randn(rows, 1, 3 * cfg.dim, dtype=act, device=device)
+            freqs = model.freqs_cis[L // 2 : L // 2 + 1]
+            both = qkv[..., : 2 * cfg.dim].view(rows, 1, 2 * cfg.n_head, head_dim)
+            q, k = (t.view(rows, 1, cfg.n_head, head_dim) for t in qkv[..., : 2 * cfg.dim].split(cfg.dim, -1))
+            per_layer = cfg.n_layer * 1e3
+            r["RoPE, q and k in one call"] = _median_seconds(lambda: transformer.apply_rotary_emb(both, freqs), repeats) * per_layer
+            r["RoPE, one call each"] = _median_seconds(lambda: (transformer.apply_rotary_emb(q, freqs),
+                                                                transformer.apply_rotary_emb(k, freqs)), repeats) * per_layer
+            logits = torch.randn(batch_size, vocab_size, device=device) * 3
+            gen = torch.Generator(device=device).manual_seed(0)
+            r[f"top-{top_k} draw on the top-k"] = _median_seconds(
+                lambda: sample_from_logits(logits, top_k=top_k, generator=gen), repeats) * 1e3
+            r[f"top-{top_k} draw, filter and draw over V"] = _median_seconds(
+                lambda: sampling._draw(sampling.filter_logits(logits, top_k=top_k), gen), repeats) * 1e3
+            both_halves = torch.randn(2 * batch_size, vocab_size, device=device)
+            cond, uncond = both_halves.chunk(2)
+            r["guidance in place"] = _median_seconds(lambda: cfg_combine(cond, uncond, cfg_scale), repeats) * 1e3
+            r["guidance, LlamaGen's expression"] = _median_seconds(
+                lambda: uncond + (cond - uncond) * cfg_scale, repeats) * 1e3
+        if model is not gpt:
+            gpt.__dict__.get("_ctfgen_casts", {}).pop(resolve_dtype(dtype), None)
+    keys = list(max(results.values(), key=len))  # a reduced precision has the extra KV-cache row
+    print(f"{preset}, batch {batch_size}, guidance {cfg_scale}: ms per decode step, steps {window[0]}-{window[1] - 1} "
+          f"(the whole step for the first rows; the part alone for the others); {_machine_line(device)}")
+    print("| ms per decode step | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(f"{results[d][key]:.3f}" if key in results[d] else "–" for d in results) + " |")
+    if json_path:
+        atomic_write_json(json_path, {"preset": preset, "batch_size": batch_size, "cfg_scale": cfg_scale,
+                                      "threads": torch.get_num_threads(), "results": results})
     return results
 
 
@@ -526,12 +614,17 @@ def matmul_rates(dtypes=("float32", "bfloat16", "int8", "int8-weight", "int8-fbg
 
 # (label, threads, OMP_WAIT_POLICY): threads None = torch's default (one per core), "auto" =
 # ctfgen.threads.use_sampling_threads, what the ctfgen command does; policy None = unset.
+# (One thread under either policy is not listed apart: a single thread never waits at a barrier.)
 BUSY_SETTINGS = (
     ("torch default: a thread per core, OpenMP's default waiting", None, None),
     ("a thread per core, passive waiting", None, "PASSIVE"),
-    ("one thread", 1, None),
     ("ctfgen's choice (the ctfgen command)", "auto", "PASSIVE"),
 )
+
+
+# The busy loop: one core's worth of pure spinning, which also ends when this process does (were it
+# killed before it could stop the loop, the loop's parent changes).
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
 
 
 def _busy_worker(spec: dict) -> dict:
@@ -578,7 +671,7 @@ def busy_machine(workloads=("fashion-mnist", "GPT-B"), settings=BUSY_SETTINGS, d
     `dtype`, decode steps of batch 8 with guidance at the start of an image; ms per step)."""
     results = []
     for busy in (False, True):
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        spinner = subprocess.Popen([sys.executable, "-c", _SPIN]) if busy else None
         try:
             if spinner is not None:
                 time.sleep(1.0)  # let the scheduler settle it on a core

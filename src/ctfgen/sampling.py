@@ -6,6 +6,8 @@ with the shift-right keep rule, multinomial), so `top_k=1` reproduces LlamaGen's
 from the same weights. Differences, all deliberate:
 - `top_k=1` takes the argmax directly (LlamaGen draws from the one-hot; identical unless logits tie
   exactly) and consumes no random numbers.
+- `top_k > 1` draws among the top-k logits only: LlamaGen's distribution, fewer random numbers, so
+  other draws than LlamaGen's for the same seed. Without top-k the draw is LlamaGen's.
 - Guidance runs whenever `cfg_scale != 1` (LlamaGen silently ignores scales below 1).
 - `cfg_steps=N` guides tokens 0..N-1; LlamaGen's `cfg_interval=I` guides tokens 0..I+1, so
   `cfg_steps = cfg_interval + 2`. After the last guided token the unconditional half is dropped
@@ -135,10 +137,13 @@ def generate(
     are allocated once. `cfg_scale != 1` runs [cond; null] in one batch and samples from
     uncond + (cond - uncond) * cfg_scale; `cfg_steps` limits guidance to the first N tokens.
     `generator`: a torch.Generator or an int seed, for reproducible draws. `dtype`: "auto",
-    "float32", "bfloat16" or "float16" (None = the weights' dtype): runs a copy of the weights cast
-    once per dtype (`ctfgen.precision.cast_weights`), KV cache in that dtype; logits, guidance and
-    the draw stay float32. `compile`: torch.compile the decode step (keeps the caches
-    allocated afterwards so the compiled graph is reused; `gpt.clear_caches()` frees them).
+    "float32", "bfloat16", "float16", or an int8 scheme ("int8", "int8-weight", "int8-fbgemm")
+    (None = the weights' dtype): runs a copy of the weights cast once per dtype
+    (`ctfgen.precision.cast_weights`); the KV cache is float32 on the CPU and in the weights' dtype
+    elsewhere (`kv_cache_dtype`); logits, guidance and the draw stay float32. Each eager step
+    attends over the filled part of the cache only. `compile`: torch.compile the decode step,
+    which then keeps fixed shapes (the whole cache, masked), and keeps the caches allocated
+    afterwards so the compiled graph is reused (`gpt.clear_caches()` frees them).
     """
     gpt = cast_weights(gpt, dtype)
     device = gpt.tok_embeddings.weight.device

@@ -9,6 +9,7 @@ import argparse
 DEFAULTS = {
     "bench": dict(models=["fashion-mnist", "GPT-B"], batch_sizes=[1, 8, 64], dtype=["float32", "bfloat16"]),
     "profile": dict(models=["GPT-B"], batch_sizes=[8], dtype=["float32", "bfloat16"]),
+    "speedups": dict(models=["GPT-B"], batch_sizes=[8], dtype=["float32", "bfloat16"]),
     "compile": dict(models=["fashion-mnist", "GPT-B"], batch_sizes=[8], dtype=["float32"]),
     "matmul": dict(dtype=["float32", "bfloat16", "int8", "int8-weight", "int8-fbgemm"]),
     "busy": dict(models=["fashion-mnist", "GPT-B"], dtype=["bfloat16"]),
@@ -23,6 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--profile", action="store_const", dest="mode", const="profile",
                       help="profile the decode steps of a random-weight GPT (the first of --models, default GPT-B) "
                            "at the first of --batch-sizes (default 8): ms per step by part")
+    mode.add_argument("--speedups", action="store_const", dest="mode", const="speedups",
+                      help="what each decode-step speed-up gives against what it replaced (GPT preset and batch as --profile)")
     mode.add_argument("--compile", action="store_const", dest="mode", const="compile",
                       help="tokens/s of generate eager and with torch.compile of the decode step, per --models, "
                            "--batch-sizes and --dtype (the first compiled call is timed apart)")
@@ -54,11 +57,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
                         help="precisions to time, each in turn (default per mode: "
                              + "; ".join(f"{m}: {' '.join(d['dtype'])}" for m, d in DEFAULTS.items()) + ")")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's, one per core; --busy sets its own per setting)")
+    parser.add_argument("--threads", type=_threads, default=None,
+                        help="CPU threads: a number, or auto = what the ctfgen command would use for each model "
+                             "(ctfgen.threads); default: torch's, one per core; --busy sets its own per setting")
     parser.add_argument("--per-class", type=int, default=500, help="--quality: samples per class and seed (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--quality: seeds (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the results here")
+
+
+def _threads(value: str):
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of threads or auto, got {value!r}")
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,22 +81,26 @@ def run(args: argparse.Namespace) -> int:
     for key, value in DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.threads:
+    if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
     if args.mode == "profile":
         bench.profile_decode(args.models[0], args.batch_sizes[0], args.cfg_scale, args.dtype, args.image_tokens,
                              device=args.device, json_path=args.json)
+    elif args.mode == "speedups":
+        bench.decode_speedups(args.models[0], args.batch_sizes[0], args.cfg_scale, args.dtype, args.image_tokens,
+                              device=args.device, json_path=args.json)
     elif args.mode == "compile":
         bench.compile_speedup(args.models, args.batch_sizes, args.dtype, args.cfg_scale, args.repeats, args.device,
                               json_path=args.json)
     elif args.mode == "matmul":
         bench.matmul_rates(args.dtype, json_path=args.json)
     elif args.mode == "busy":
-        bench.busy_machine(args.models, dtype=args.dtype[0], json_path=args.json)
+        bench.busy_machine(args.models, dtype=args.dtype[0], repeats=args.repeats, json_path=args.json)
     elif args.mode == "quality":
         bench.sampling_quality(args.models, args.dtype, args.seeds, args.per_class, json_path=args.json)
     else:
         bench.run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse,
                         args.aux_preset, not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json,
-                        llamagen=args.llamagen, warmup=args.warmup, llamagen_steps=args.llamagen_steps)
+                        llamagen=args.llamagen, warmup=args.warmup, llamagen_steps=args.llamagen_steps,
+                        threads=args.threads)
     return 0
