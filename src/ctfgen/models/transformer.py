@@ -458,6 +458,8 @@ class GPT(_Backbone, HubMixin):
         `input_pos` an int, the first of T consecutive positions: attention reads only the filled
         part of the cache (eager decoding). A (T,) int64 tensor: every call has the same shapes,
         the whole cache masked (what a compiled step needs), as LlamaGen and gpt-fast do."""
+        if not isinstance(input_pos, torch.Tensor):
+            input_pos = int(input_pos)  # numpy and other integers take the int path too
         return self._cached(self.tok_embeddings(tokens), input_pos)
 
 
