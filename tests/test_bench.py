@@ -57,6 +57,8 @@ def test_bench_reports_median_min_max_and_llamagen_beside_the_baseline(tiny_pipe
     printed = capsys.readouterr().out
     base_row = next(line for line in printed.splitlines() if "| float32 | baseline |" in line)
     assert base_row.rstrip(" |").endswith("x")  # baseline tokens/s over LlamaGen's
+    only = bench.run_bench(["GPT-B"], [2], repeats=1, dtypes=("float32",), warmup=0, methods=("ctf",))
+    assert [r["method"] for r in only] == ["ctf"]
 
 
 def test_matmul_rates_cover_every_precision(capsys):
@@ -111,6 +113,11 @@ def test_quality_per_precision(monkeypatch):
     assert all(r["images"] == 20 and r["fd"] > 0 and 0 <= r["class_consistency"] <= 1 for r in results)
     assert results[0]["bits_per_token"] == results[1]["bits_per_token"] != results[2]["bits_per_token"]
     assert "| fashion-mnist | int8-fbgemm |" in bench.format_quality(results)
+    only_bits = bench.sampling_quality(models=("fashion-mnist",), dtypes=("float32", "int8-fbgemm"), per_class=2,
+                                       seeds=(0,), sample_dtypes=("float32",), batch_size=20, test_images=20)
+    assert [(r["dtype"], r["seed"]) for r in only_bits] == [("float32", 0), ("int8-fbgemm", None)]
+    assert [r["bits_per_token"] for r in only_bits] == [results[0]["bits_per_token"], results[2]["bits_per_token"]]
+    assert "| fashion-mnist | int8-fbgemm | – | – |" in bench.format_quality(only_bits)
 
 
 # ---- thread choice ----

@@ -149,14 +149,16 @@ def _row(name, dtype, method, batch_size, t, ratio="", versus=""):
 def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image_tokens: int = 256,
               num_coarse: int = 512, aux_preset: str = "Aux-L", decode: bool = True, cfg_scale: float = 2.0,
               device: str = "cpu", dtypes=("float32", "bfloat16"), json_path=None, llamagen: bool = False,
-              warmup: int = 1, llamagen_steps: int | None = None, threads: int | str | None = None) -> list[dict]:
+              warmup: int = 1, llamagen_steps: int | None = None, threads: int | str | None = None,
+              methods=("baseline", "ctf")) -> list[dict]:
     """`ctfgen bench`: time both methods for every model, precision and batch size, printing a
     markdown table as it goes: images/s as the median [min, max] of `repeats` runs, stage 1's
     tokens/s, the median seconds of each stage, CTF's speed relative to the baseline at the same
     shape, batch and precision, and with `llamagen` the baseline's tokens/s relative to LlamaGen's
     sampler (float precisions only: LlamaGen has no int8; `llamagen_steps`: see `time_llamagen`).
     `threads`: None keeps torch's setting, an int sets it, "auto" gives each model what the ctfgen
-    command would (`ctfgen.threads.use_sampling_threads`: one for the shipped models)."""
+    command would (`ctfgen.threads.use_sampling_threads`: one for the shipped models). `methods`:
+    which of "baseline" and "ctf" to time (LlamaGen's sampler runs beside the baseline's GPT either way)."""
     dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
     results = []
     print(_machine_line(device) + f"  cfg: {cfg_scale}  repeats: {repeats} (+{warmup} warm-up)")
@@ -182,6 +184,8 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
                     print(_row(name, dtype, "llamagen", batch_size, reference), flush=True)
                 base = None
                 for method, pipe in pipes.items():
+                    if method not in methods:
+                        continue
                     t = time_pipeline(pipe, batch_size, repeats, cfg_scale, device, dtype, warmup)
                     results.append({**row, "method": method, **t})
                     ratio = versus = ""
@@ -739,12 +743,14 @@ def in_precision(pipeline, dtype):
 
 def sampling_quality(models=("fashion-mnist", "fashion-mnist-baseline"), dtypes=("float32", "bfloat16", "int8"),
                      seeds=(0, 1, 2), per_class: int = 500, batch_size: int = 500, test_images: int | None = None,
-                     json_path=None) -> list[dict]:
+                     sample_dtypes=None, json_path=None) -> list[dict]:
     """Per shipped model and precision: the Fréchet distance and class consistency of
     `per_class` samples of every class on the Fashion-MNIST judge (`evaluate_fmnist`) for each
     seed, and the held-out bits/token of Fashion-MNIST's test images (coded by the shipped
     tokenizer; `heldout_bits_per_token`; the first `test_images`, class-balanced, or all 10000),
-    with its change from float32."""
+    with its change from float32. Samples are drawn for `sample_dtypes` (default: every one of
+    `dtypes`; `per_class=0`: none), the bits/token are scored for all `dtypes`."""
+    sampled = {dtype_name(resolve_dtype(d)) for d in (dtypes if sample_dtypes is None else sample_dtypes)}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         codes = Path(tmp) / "test_codes"
@@ -755,7 +761,11 @@ def sampling_quality(models=("fashion-mnist", "fashion-mnist-baseline"), dtypes=
                 dtype = dtype_name(resolve_dtype(d))
                 scored = in_precision(pipe, dtype)
                 bits = heldout_bits_per_token(scored, codes)["bits_per_token"]
-                for seed in seeds:
+                draw = per_class > 0 and dtype in sampled
+                if not draw or not seeds:  # held-out bits/token only
+                    results.append({"model": name, "dtype": dtype, "seed": None, "bits_per_token": bits})
+                    print(f"  {name} {dtype}: bits/token {bits:.4f}", flush=True)
+                for seed in seeds if draw else ():
                     images, labels, seconds = sample_per_class(pipe, per_class, seed=seed, batch_size=batch_size,
                                                                sampling={"dtype": dtype})
                     metrics = evaluate_fmnist(images, labels)
@@ -776,10 +786,13 @@ def format_quality(results: list[dict]) -> str:
     groups = {}
     for r in results:
         groups.setdefault((r["model"], r["dtype"]), []).append(r)
+    def spread(values, digits):
+        return f"{statistics.mean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]" if values else "–"
+
     for (model, dtype), rs in groups.items():
-        fd, cc = [r["fd"] for r in rs], [r["class_consistency"] for r in rs]
+        fd = [r["fd"] for r in rs if r.get("fd") is not None]
+        cc = [r["class_consistency"] for r in rs if r.get("class_consistency") is not None]
         ref = groups.get((model, "float32"))
         change = f"{rs[0]['bits_per_token'] - ref[0]['bits_per_token']:+.5f}" if ref else "–"
-        lines.append(f"| {model} | {dtype} | {statistics.mean(fd):.3f} [{min(fd):.3f}, {max(fd):.3f}] | "
-                     f"{statistics.mean(cc):.4f} [{min(cc):.4f}, {max(cc):.4f}] | {rs[0]['bits_per_token']:.4f} | {change} |")
+        lines.append(f"| {model} | {dtype} | {spread(fd, 3)} | {spread(cc, 4)} | {rs[0]['bits_per_token']:.4f} | {change} |")
     return "\n".join(lines)

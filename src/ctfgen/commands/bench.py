@@ -60,8 +60,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads: a number, or auto = what the ctfgen command would use for each model "
                              "(ctfgen.threads); default: torch's, one per core; --busy sets its own per setting")
-    parser.add_argument("--per-class", type=int, default=500, help="--quality: samples per class and seed (default: %(default)s)")
+    parser.add_argument("--per-class", type=int, default=500,
+                        help="--quality: samples per class and seed; 0 = held-out bits/token only (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--quality: seeds (default: %(default)s)")
+    parser.add_argument("--sample-dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
+                        help="--quality: draw samples for these precisions only (default: every --dtype); "
+                             "the held-out bits/token are scored for every --dtype")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="--quality: score bits/token on this many Fashion-MNIST test images, class-balanced "
+                             "(default: all 10000)")
+    parser.add_argument("--methods", nargs="+", default=["baseline", "ctf"], choices=["baseline", "ctf"],
+                        help="which methods to time (default: both; --llamagen adds LlamaGen's sampler either way)")
     parser.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -97,10 +106,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.mode == "busy":
         bench.busy_machine(args.models, dtype=args.dtype[0], repeats=args.repeats, json_path=args.json)
     elif args.mode == "quality":
-        bench.sampling_quality(args.models, args.dtype, args.seeds, args.per_class, json_path=args.json)
+        bench.sampling_quality(args.models, args.dtype, args.seeds, args.per_class, test_images=args.test_images,
+                               sample_dtypes=args.sample_dtype, json_path=args.json)
     else:
         bench.run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse,
                         args.aux_preset, not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json,
                         llamagen=args.llamagen, warmup=args.warmup, llamagen_steps=args.llamagen_steps,
-                        threads=args.threads)
+                        threads=args.threads, methods=args.methods)
     return 0
