@@ -1,5 +1,7 @@
 """The sampling commands end to end on tiny random pipelines saved to disk."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,37 @@ def test_sample_writes_grid_and_singles(pipelines, tmp_path, kind, capsys):
     assert [p.name for p in singles][:2] == ["0000_class7.png", "0001_class3.png"]
     assert len(singles) == 5
     printed = capsys.readouterr().out
-    assert "stage1" in printed and "decode" in printed
+    # one total, and the parts add up to it (each rounded to the millisecond); the baseline has no stage 2
+    line = next(line for line in printed.splitlines() if line.startswith("timings:"))
+    parts = {name: float(ms.replace(",", "")) for name, ms in re.findall(r"([a-z][a-z 12]*?) ([\d,.]+) ms", line)}
+    assert line.count("total") == 1 and "stage 1" in parts and "decode" in parts
+    assert ("stage 2" in parts) == (kind == "ctf")
+    total = parts.pop("total")
+    assert abs(sum(parts.values()) - total) <= len(parts), line
+
+
+def test_sample_works_in_batches_and_writes_images_as_they_are_made(pipelines, tmp_path, monkeypatch, capsys):
+    """The models see at most --batch-size images at once, each batch's single images are on disk before
+    the next batch is sampled, and a progress bar counts the images."""
+    out = tmp_path / "grid.png"
+    seen = []
+    real = CTFPipeline.__call__
+
+    def spy(self, labels, *a, **k):
+        seen.append((len(labels), len(list((tmp_path / "grid").glob("*.png"))) if (tmp_path / "grid").exists() else 0))
+        return real(self, labels, *a, **k)
+
+    monkeypatch.setattr(CTFPipeline, "__call__", spy)
+    assert main(["sample", "--model", str(pipelines / "ctf"), "--n", "7", "--batch-size", "3", "--out", str(out)]) == 0
+    assert seen == [(3, 0), (3, 3), (1, 6)]
+    assert len(list((tmp_path / "grid").glob("*.png"))) == 7 and out.is_file()
+    assert "7/7" in capsys.readouterr().err  # the progress bar
+    # batching does not change what one call would draw, up to the batch size
+    monkeypatch.setattr(CTFPipeline, "__call__", real)
+    for name, batch in (("one", "64"), ("same", "3")):
+        main(["sample", "--model", str(pipelines / "ctf"), "--n", "3", "--batch-size", batch, "--no-singles",
+              "--no-progress", "--out", str(tmp_path / f"{name}.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "same.png")))
 
 
 def test_sample_rejects_unknown_class_and_fine_options_on_baseline(pipelines, tmp_path, capsys):
@@ -48,7 +80,7 @@ def test_sample_is_reproducible(pipelines, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
-def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path):
+def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path, monkeypatch):
     args = ["sample-many", "--model", str(pipelines / "ctf"), "--per-class", "3", "--classes", "0", "4",
             "--batch-size", "4", "--seed", "1"]
     main(args + ["--out", str(tmp_path / "fresh.npz")])
@@ -56,20 +88,67 @@ def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path):
     assert fresh["arr_0"].dtype == np.uint8 and fresh["arr_0"].shape == (6, 4, 4, 1)
     assert fresh["labels"].tolist() == [0, 0, 0, 4, 4, 4]
 
-    # A run killed after its first batch leaves one part file; resuming redoes only the rest.
+    # A run killed after its first batch keeps that batch (whole) and nothing else; running the same
+    # command again samples only the rest and gives the same set.
+    calls = []
+    real = CTFPipeline.sample
+
+    def killed_after_one_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    out = tmp_path / "resumed.npz"
+    parts = out.with_name(out.name + ".parts")
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", killed_after_one_batch)
+        assert main(args + ["--out", str(out)]) == 130  # as Ctrl-C ends it
+    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["batch000000.npz", "request.json"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", killed_after_one_batch)
+        assert main(args + ["--out", str(out)]) == 0
+    assert len(calls) == 1  # only the missing batch
+    resumed = np.load(out)
+    assert np.array_equal(resumed["arr_0"], fresh["arr_0"]) and np.array_equal(resumed["labels"], fresh["labels"])
+    assert not parts.exists()
+
+
+def test_sample_many_refuses_to_mix_requests_and_leaves_nothing_when_empty(pipelines, tmp_path, monkeypatch, capsys):
+    args = ["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--batch-size", "2"]
+    out = tmp_path / "x.npz"
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args + ["--per-class", "4", "--out", str(out)]) == 130
+    assert not tmp_path.joinpath("x.npz.parts").exists() and list(tmp_path.iterdir()) == []  # no batch, no folder
+    real = CTFPipeline.sample
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", lambda self, *a, **k: real(self, *a, **k) if not calls.append(1) and
+                  len(calls) < 2 else (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args + ["--per-class", "4", "--out", str(out)]) == 130
+    capsys.readouterr()
+    assert main(args + ["--per-class", "4", "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "another request" in err and "seed: 0 then, 1 now" in err
+
+
+def test_sample_many_streams_the_merge(pipelines, tmp_path):
+    """The final .npz is written part by part: it equals np.savez of the whole set."""
     from ctfgen import sample_sets as sm
 
     pipeline = load_pipeline(pipelines / "ctf")
-    out = tmp_path / "resumed.npz"
-    labels = np.repeat(np.array([0, 4]), 3)
-    parts = sm.sample_many(pipeline, labels[:4], out, 4, seed=1, sampling={})
-    assert len(parts) == 1 and parts[0].exists()
-    stamp = parts[0].stat().st_mtime_ns
-    main(args + ["--out", str(out)])
-    resumed = np.load(out)
-    assert np.array_equal(resumed["arr_0"], fresh["arr_0"])
-    assert not out.with_name(out.name + ".parts").exists()
-    assert stamp  # the first part was reused, not resampled (same bytes either way: seeds are per batch)
+    labels = np.arange(7) % 3
+    out = tmp_path / "set.npz"
+    sm.sample_many(pipeline, labels, out, 3, seed=0, sampling={}, progress=False)
+    parts = [np.load(p) for p in sorted(out.with_name("set.npz.parts").glob("batch*.npz"))]
+    whole = np.concatenate([p["images"] for p in parts])
+    sm.merge_parts(out, 3)
+    merged = np.load(out)
+    assert sorted(merged.files) == ["arr_0", "labels"]
+    assert np.array_equal(merged["arr_0"], whole) and merged["labels"].tolist() == labels.tolist()
 
 
 def test_sample_many_shards_across_ranks(pipelines, tmp_path):
@@ -100,6 +179,10 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     assert {(r["method"], r["batch_size"]) for r in results} == {("baseline", 1), ("ctf", 1), ("baseline", 2), ("ctf", 2)}
     assert all(r["images_per_s"] > 0 and r["stage1"] > 0 for r in results)
     assert all(r["stage2"] > 0 for r in results if r["method"] == "ctf")
+    assert all("stage2" not in r for r in results if r["method"] == "baseline")  # one stage: no stage 2
+    table = capsys.readouterr().out
+    rows = [line.split() for line in table.splitlines() if " baseline " in line]
+    assert rows and all(row[6] == "–" for row in rows)  # model dtype method batch img/s stage1 stage2
     assert torch.is_grad_enabled()  # the command must not leave autograd switched off for its caller
 
 

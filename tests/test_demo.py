@@ -116,7 +116,7 @@ def test_browser_generates_images_and_shows_errors(server):
             page.locator("#seed input").fill("5")
             page.locator("#generate").click()
 
-            for gallery in ("#final", "#coarse", "#baseline"):
+            for gallery in ("#final", "#coarse", "#heat", "#baseline"):
                 page.wait_for_function(f"document.querySelectorAll('{gallery} img').length == 6 && "
                                        f"[...document.querySelectorAll('{gallery} img')].every(i => i.complete && i.naturalWidth > 0)")
                 sources = page.eval_on_selector_all(f"{gallery} img", "imgs => imgs.map(i => i.src)")
@@ -131,6 +131,8 @@ def test_browser_generates_images_and_shows_errors(server):
             page.wait_for_selector("#timings table")
             timing_text = page.locator("#timings").inner_text()
             assert "stage 1" in timing_text and "stage 2" in timing_text and "baseline" in timing_text
+            assert "–" in timing_text  # the baseline's stage 2: it has none
+            assert page.locator("#heat_scale img").count() == 1, "the heat map has no colour scale"
             assert page.locator("#download a").count() >= 1, "no download link"
             shot = tmp / "demo_app.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -142,9 +144,22 @@ def test_browser_generates_images_and_shows_errors(server):
             message = page.get_by_text(f"Number of images must be between 1 and {MAX_IMAGES}, got 99")
             message.first.wait_for(state="visible", timeout=30_000)
             assert "Traceback" not in page.content()
+            # the error cleared the previous results: no stale images or timings stay on the page
+            for gallery in ("#final", "#coarse", "#heat", "#baseline"):
+                assert page.locator(f"{gallery} img").count() == 0, gallery
+            assert page.locator("#timings table").count() == 0
+
+            # a typed guidance of 50 is refused with the shared range, not moved to the edge of a slider
+            page.locator("#n_images input").fill("2")
+            page.locator("#cfg_scale input").fill("50")
+            page.locator("#generate").click()
+            page.get_by_text("Guidance must be between 0 and 20").first.wait_for(state="visible", timeout=30_000)
+            assert page.locator("#cfg_scale input").input_value() == "50"
         finally:
             ctx.close()
     assert proc.poll() is None
+    log = (tmp / "server.log").read_text()
+    assert "Traceback" not in log, log  # users' mistakes are not the server's errors
 
 
 def test_fifty_concurrent_requests(server):
@@ -188,6 +203,24 @@ def test_fifty_concurrent_requests(server):
     client.close()
 
 
+def test_rejected_input_is_a_message_and_no_traceback_on_the_console(server):
+    """Out-of-range values through the API (no browser needed): the caller gets the shared rule's
+    message, the server's console stays free of tracebacks."""
+    from gradio_client import Client
+
+    url, proc, tmp = server
+    client = Client(url, verbose=False, download_files=False)
+    for args, message in ((("Sneaker", 0, 50, 1.1, 1.1, 0, 2, True), "Guidance must be between 0 and 20"),
+                          (("Sneaker", -1, 2.0, 1.1, 1.1, 0, 2, True), "Seed must be between 0 and 4,294,967,295"),
+                          (("Sneaker", 0, 2.0, 1.1, 1.1, 0, 99, True), f"Number of images must be between 1 and {MAX_IMAGES}")):
+        with pytest.raises(Exception, match=message):
+            client.predict(*args, api_name="/generate")
+    client.close()
+    assert proc.poll() is None
+    log = (tmp / "server.log").read_text()
+    assert "Traceback" not in log, log
+
+
 # ------------------------------------------------------------------ the app's logic without a server
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
@@ -197,12 +230,19 @@ def backend(tmp_path_factory):
                      download_dir=tmp_path_factory.mktemp("downloads"))
 
 
-def test_backend_checks_every_option(backend):
+def test_backend_checks_every_option_with_the_shared_rules(backend):
+    """The page's numbers go through ctfgen.options, as the command line's do: same ranges, same words,
+    numbers written for people, nothing moved into range."""
+    from ctfgen.cli import main
+
     ok = ("Sneaker", 0, 2.0, 1.0, 1.0, 0, 2)
     assert backend.check(*ok)["label"] == 7
-    bad = {0: ("Spaceship", "unknown class"), 1: (-1, "Seed must be between"), 2: (50, "Guidance must be between"),
-           3: (0.0, "Stage-1 temperature"), 4: (float("nan"), "Stage-2 temperature"), 5: (99, "Stage-2 top-k"),
-           6: (5, "Number of images must be between 1 and 4"), }
+    assert backend.check("Sneaker", 0, 2.0, 0.0, 3.5, 0, 2)["temperature"] == 0.0  # 0 = greedy, 3.5 allowed: no own range
+    bad = {0: ("Spaceship", "unknown class"), 1: (-1, "Seed must be between 0 and 4,294,967,295, got -1"),
+           2: (50, r"Guidance must be between 0 and 20 \(1 = no guidance, 0 = unconditional\), got 50"),
+           3: (-0.5, "Stage-1 temperature must be between 0 and 10"), 4: (float("nan"), "Stage-2 temperature"),
+           5: (99, f"Stage-2 top-k must be between 0 and {backend.max_top_k} "), 6: (5, "Number of images must be between 1 and 4, got 5"),
+           }
     for i, (value, message) in bad.items():
         args = list(ok)
         args[i] = value
@@ -210,13 +250,22 @@ def test_backend_checks_every_option(backend):
             backend.check(*args)
     with pytest.raises(ValueError, match="whole number"):
         backend.check("Sneaker", 0.5, 2.0, 1.0, 1.0, 0, 2)
+    with pytest.raises(ValueError, match="Guidance must be a number, got nothing"):
+        backend.check("Sneaker", 0, None, 1.0, 1.0, 0, 2)
+    # the command line answers the same values with the same rule, named by its flag
+    for flag, value, message in (("--cfg-scale", "50", "--cfg-scale must be between 0 and 20"),
+                                 ("--temperature", "-0.5", "--temperature must be between 0 and 10"),
+                                 ("--seed", "-1", "--seed must be between 0 and 4,294,967,295")):
+        assert main(["sample", flag, value, "--out", "never-written.png"]) == 2
+    assert not Path("never-written.png").exists()
 
 
 def test_backend_output_and_download(backend):
     import zipfile
 
     r = backend("Bag", 3, 2.0, 1.0, 1.0, 0, 3, True)
-    assert len(r["coarse"]) == len(r["final"]) == len(r["baseline"]) == 3
+    assert len(r["coarse"]) == len(r["final"]) == len(r["heat"]) == len(r["baseline"]) == 3
+    assert r["heat"][0].shape == (DISPLAY_SIZE, DISPLAY_SIZE, 3)
     assert r["final"][0].shape[:2] == (DISPLAY_SIZE, DISPLAY_SIZE)
     assert set(r["timings"]) == {"CTF", "baseline"} and "coarse_preview" in r["timings"]["CTF"]
     names = zipfile.ZipFile(r["download"]).namelist()
@@ -225,6 +274,16 @@ def test_backend_output_and_download(backend):
     # same seed, same pictures: the page is reproducible
     again = backend("Bag", 3, 2.0, 1.0, 1.0, 0, 3, False)
     assert again["baseline"] is None and all((a == b).all() for a, b in zip(r["final"], again["final"]))
+
+
+def test_timings_table_is_for_people():
+    from ctfgen.app import _timings_markdown
+
+    table = _timings_markdown({"CTF": {"stage1": 1.234, "stage2": 0.05, "decode": 0.01, "total": 1.294, "coarse_preview": 0.01},
+                               "baseline": {"stage1": 12.5, "decode": 0.01, "total": 12.51}}, 8, 0.25)
+    stage2 = next(line for line in table.splitlines() if line.startswith("| stage 2"))
+    assert stage2.endswith("| 50 ms | – |")  # the baseline has no stage 2: a dash, not 0
+    assert "| 1,234 ms |" in table and "| 12.5 s |" in table and "**25%**" in table
 
 
 def test_loopback_hosts():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +218,16 @@ def _check_run(out: Path, world_size: int = 1):
     stages = {line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]}
     assert stages == {"tokenizer", "ar", "aux", "baseline"}
     assert (out / "config.yaml").is_file() and (out / "input.yaml").is_file()
+    # each pipeline's model card: Hub metadata with the paper, the resolved config and what the run measured
+    from huggingface_hub import ModelCard
+
+    for kind, stage in (("ctf", "aux"), ("baseline", "baseline")):
+        card = ModelCard.load(out / kind / "README.md")
+        assert card.data.library_name == "ctfgen" and "arxiv:2503.16194" in card.data.tags
+        recorded = card.data.to_dict()["ctfgen"]
+        assert recorded["training_config"]["clustering"]["num_coarse"] == 16
+        assert recorded["metrics"][stage]["steps"] > 0 and recorded["metrics"]["heldout"]["bits_per_token"] > 0
+        assert "## Training config" in card.text and "heldout.bits_per_token" in card.text
 
 
 @needs_fmnist
@@ -223,6 +235,13 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(["pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]) == 0
     _check_run(out)
+    # the run ends by printing commands that work
+    printed = capsys.readouterr().err
+    sample = next(line.strip() for line in printed.splitlines() if line.strip().startswith("ctfgen sample "))
+    assert "--compare-baseline" in sample and f"{out / 'ctf'}" in sample and "ctfgen.load_pipeline(" in printed
+    assert cli(shlex.split(sample)[1:] + ["--no-progress"]) == 0 and (out / "samples.png").is_file()
+    (out / "samples.png").unlink()
+    shutil.rmtree(out / "samples")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
     # Not empty and no --resume: refused, nothing touched.

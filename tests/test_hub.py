@@ -36,3 +36,116 @@ def test_saved_weights_that_do_not_fit_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(StateDictMismatch, match="tok_embeddings.weight"):
         GPT.from_pretrained(str(tmp_path))
+
+
+# --- pipelines by Hub repo id, from a local Hub cache (no network) ----------------------------------
+
+REPO = "ctfgen-test/tiny-ctf"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face Hub cache holding REPO, laid out as huggingface_hub lays it out, in offline mode."""
+    from huggingface_hub import constants
+
+    from _tiny_ctf import tiny_ctf
+    from ctfgen.pipeline import CTFPipeline
+
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{REPO.replace('/', '--')}"
+    pipe = CTFPipeline(*tiny_ctf(vocab=8, num_coarse=3, num_classes=10))
+    pipe.save_pretrained(repo / "snapshots" / COMMIT, training_config={"train": {"steps": 3}}, metrics={"ar": {"steps": 3}})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache, pipe
+
+
+def test_pipelines_load_by_hub_id_through_the_cache(hub_cache):
+    import ctfgen
+    from ctfgen.errors import ConfigError
+    from ctfgen.pipeline import CTFPipeline, load_pipeline
+
+    cache, pipe = hub_cache
+    expected = pipe.sample_tokens([1, 2], generator=5)
+    for loaded in (load_pipeline(REPO), CTFPipeline.from_pretrained(REPO), ctfgen.pretrained(REPO)):
+        assert isinstance(loaded, CTFPipeline)
+        assert torch.equal(loaded.sample_tokens([1, 2], generator=5), expected)
+    with pytest.raises(ConfigError, match=r"not in the cache .* HF_HUB_OFFLINE is set"):
+        load_pipeline("ctfgen-test/absent")
+    with pytest.raises(ConfigError, match="neither a shipped model"):
+        ctfgen.pretrained("no-such-model")
+
+
+def test_cli_takes_a_hub_id_and_honours_the_environment(hub_cache, tmp_path):
+    """A separate process, so huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE as a user's shell sets them."""
+    import os
+    import subprocess
+    import sys
+
+    cache, _ = hub_cache
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "ctfgen.cli", *args], env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=120)
+    ok = run("sample", "--model", REPO, "--n", "2", "--no-singles", "--no-progress", "--out", str(tmp_path / "x.png"))
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "x.png").is_file()
+    missing = run("sample", "--model", "ctfgen-test/absent", "--out", str(tmp_path / "y.png"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+    assert "HF_HUB_OFFLINE" in missing.stderr and not (tmp_path / "y.png").exists()
+
+
+def test_save_pretrained_writes_a_model_card(hub_cache):
+    from huggingface_hub import ModelCard
+
+    cache, _ = hub_cache
+    card = ModelCard.load(cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / "README.md")
+    assert card.data.library_name == "ctfgen"
+    assert {"ctfgen", "coarse-to-fine", "arxiv:2503.16194"} <= set(card.data.tags)
+    recorded = card.data.to_dict()["ctfgen"]
+    assert recorded["pipeline"] == "ctf" and recorded["paper"] == "https://arxiv.org/abs/2503.16194"
+    assert recorded["training_config"] == {"train": {"steps": 3}} and recorded["metrics"] == {"ar": {"steps": 3}}
+    assert "coarse-to-fine token prediction" in card.text and "| ar.steps | 3 |" in card.text
+    assert "steps: 3" in card.text  # the training config, in the card's body too
+    # a loaded pipeline saved again keeps what its card recorded
+    from ctfgen.pipeline import load_pipeline
+
+    again = load_pipeline(REPO).save_pretrained(cache.parent / "again")
+    assert ModelCard.load(again / "README.md").data.to_dict()["ctfgen"]["metrics"] == {"ar": {"steps": 3}}
+
+
+# --- LlamaGen's checkpoints: both loaders, one message -----------------------------------------------
+
+def test_llamagen_loaders_give_one_message_for_a_missing_or_wrong_file(tmp_path):
+    import re
+
+    from ctfgen.errors import ConfigError
+    from ctfgen.models.llamagen import load_llamagen_gpt
+    from ctfgen.tokenizer.llamagen import load_llamagen_vq
+
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    gpt_file = tmp_path / "gpt.pt"
+    torch.save({"model": GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2,
+                                       multiple_of=16)).state_dict()}, gpt_file)
+    loaders = {"GPT": lambda p: load_llamagen_gpt(p, "GPT-tiny", image_tokens=4, num_classes=2),
+               "VQ": lambda p: load_llamagen_vq(p)}
+    messages = {}
+    for kind, load in loaders.items():
+        for case, path in (("missing", tmp_path / "absent.pt"), ("wrong", text)):
+            with pytest.raises(ConfigError) as err:
+                load(path)
+            messages[kind, case] = str(err.value)
+    for case in ("missing", "wrong"):
+        gpt, vq = messages["GPT", case], messages["VQ", case]
+        assert "FoundationVision/LlamaGen" in gpt and "c2i_B_256.pt" in gpt and "vq_ds16_c2i.pt" in vq
+        # the same sentence, only the kind and the example file differ
+        assert re.sub(r"GPT|c2i_B_256\.pt", "X", gpt) == re.sub(r"VQ|vq_ds16_c2i\.pt", "X", vq)
+    assert "absent.pt does not exist" in messages["GPT", "missing"]
+    assert "notes.pt is not a LlamaGen VQ checkpoint (torch.load failed" in messages["VQ", "wrong"]
+    with pytest.raises(ConfigError, match="is not a LlamaGen VQ checkpoint .*looks like a GPT"):
+        load_llamagen_vq(gpt_file)

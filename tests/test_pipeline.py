@@ -84,7 +84,7 @@ def test_baseline_round_trip(tmp_path):
     gpt, vq = tiny_baseline(vocab=32, image_tokens=16, vq=tiny_vq(32, seed=1))
     pipe = ARPipeline(gpt, vq)
     images = pipe.sample([0, 1], generator=0)
-    assert images.shape == (2, 1, 8, 8) and pipe.last_timings["stage2"] == 0.0
+    assert images.shape == (2, 1, 8, 8) and "stage2" not in pipe.last_timings  # one stage, no stage-2 entry
     pipe.save_pretrained(tmp_path / "base")
     back = load_pipeline(tmp_path / "base")
     assert isinstance(back, ARPipeline) and back.log_prob_is_exact

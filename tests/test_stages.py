@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -65,6 +66,16 @@ def test_heat_is_zero_exactly_where_stage_2_kept_the_representative(ctf16):
     assert [name for name, _ in rows] == ["coarse", "final", "changed"]
     fig = stage_figure(rows, nrow=2, scale=3)
     assert fig.mode == "RGB" and fig.height > 2 * 3 * 8 * 3  # two blocks of three rows
+    # the heat map's colour scale: a gradient through the colour map from 0 to 1 below the samples
+    from matplotlib import colormaps
+
+    pixels = np.asarray(fig)
+    bar = max(range(pixels.shape[0]), key=lambda y: len({tuple(p) for p in pixels[y]}))
+    assert bar > 2 * 3 * 8 * 3 and len({tuple(p) for p in pixels[bar]}) > 50
+    ends = [tuple((np.asarray(colormaps["inferno"](v)[:3]) * 255).round().astype(int)) for v in (0.0, 1.0)]
+    row = [tuple(int(c) for c in p) for p in pixels[bar]]
+    assert all(e in row for e in ends)
+    assert stage_figure(rows[:2], nrow=2, scale=3).height < fig.height  # no heat row, no scale
 
 
 def test_preview_needs_a_tokenizer_and_valid_labels(ctf16):
@@ -106,8 +117,9 @@ def test_sample_stages_and_compare_baseline(run_dir, tmp_path, capsys):
     side = tmp_path / "side.png"
     assert main(["sample", "--model", ctf, "--class", "bag", "--n", "2", "--compare-baseline", "--top-k-fine", "1",
                  "--no-singles", "--out", str(side)]) == 0
-    assert "baseline timings" in capsys.readouterr().out
-    assert Image.open(side).width > 2 * Image.open(tmp_path / "stages.png").width / 3
+    assert "the baseline's part: stage 1" in capsys.readouterr().out
+    assert main(["sample", "--model", ctf, "--class", "bag", "--n", "2", "--no-singles", "--out", str(tmp_path / "one.png")]) == 0
+    assert Image.open(side).width > 1.5 * Image.open(tmp_path / "one.png").width
     assert main(["sample", "--model", str(run_dir / "baseline"), "--stages", "--out", str(tmp_path / "x.png")]) == 2
     assert "need a CTF model" in capsys.readouterr().err
     lone = tmp_path / "lone" / "ctf"

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ctfgen.errors import ConfigError
 from ctfgen.fingerprint import codebook_fingerprint
 from ctfgen.hub import StateDictMismatch, check_state_dict
 from ctfgen.tokenizer import VQConfig, VQModel, load_llamagen_vq
@@ -185,7 +186,7 @@ def test_strict_loading_names_the_problem():
     missing = {k: v for k, v in sd.items() if k != "encoder.mid.1.k.bias"}
     with pytest.raises(StateDictMismatch, match=r"missing.*encoder\.mid\.1\.k\.bias"):
         load_llamagen_vq({"model": missing})
-    with pytest.raises(KeyError, match="'ema'"):
+    with pytest.raises(ConfigError, match="'ema'"):
         load_llamagen_vq({"model": sd}, use_ema=True)
     with pytest.raises(StateDictMismatch, match="quantize.embedding.weight"):
         infer_vq_config({k: v for k, v in sd.items() if not k.startswith("quantize.")})
@@ -206,7 +207,7 @@ def test_llamagen_checkpoint_file_roundtrip(tmp_path):
     assert torch.equal(vq.decode(codes), model.decode(codes))
     vq_ema = load_llamagen_vq(path, use_ema=True)
     assert torch.equal(vq_ema.decoder.conv_out.bias, model.decoder.conv_out.bias + 1.0)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="nope.pt does not exist.*FoundationVision/LlamaGen"):
         load_llamagen_vq(tmp_path / "nope.pt")
 
 

@@ -8,8 +8,11 @@ representative codeword, the per-stage timings, and optionally the baseline for 
 and seed. The models are loaded once by the caller; the page only sends numbers and a class name,
 and no path or file name from it is ever opened. Generation runs one request at a time behind a
 bounded queue (`Limits.queue_size`); when it is full the page says "This application is currently busy.
-Please try again." (gradio_client raises QueueError "Queue is full! Please try again."). Bad parameters are answered
-with a message in the page (gr.Error), never a traceback. Needs `pip install ctfgen[demo]`.
+Please try again." (gradio_client raises QueueError "Queue is full! Please try again."). Every number is
+checked by `ctfgen.options`, the same rules as the command line and the library: a bad one is answered
+with a message in the page (gr.Error), never clamped, and never a traceback on the page or on the
+server's console. Each request first clears the previous results, so an error leaves no stale ones.
+Needs `pip install ctfgen[demo]`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfgen.errors import ConfigError
+from ctfgen.errors import ConfigError, CtfgenError
+from ctfgen.options import COUNTS, SAMPLING, SEED, fmt
 
 __all__ = ["Limits", "build_app", "launch", "is_loopback"]
 
@@ -43,14 +46,16 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for. Out-of-range values get a message, not a clamp, so the user
-    knows what ran."""
+    """What one request may ask for, beyond the ranges every ctfgen caller shares (ctfgen.options).
+    Out-of-range values get a message, not a clamp, so the user knows what ran."""
 
     max_images: int = 16
-    max_seed: int = 2**31 - 1
-    cfg_scale: tuple[float, float] = (1.0, 10.0)
-    temperature: tuple[float, float] = (0.05, 3.0)
     queue_size: int = 16
+
+
+# The page's names for the options; the messages use them.
+LABELS = {"cfg_scale": "Guidance", "temperature": "Stage-1 temperature", "temperature_fine": "Stage-2 temperature",
+          "top_k_fine": "Stage-2 top-k", "seed": "Seed", "n": "Number of images"}
 
 
 def _import_gradio():
@@ -98,7 +103,7 @@ class DemoBackend:
             raise ValueError("the demo's pipelines need tokenizers to decode images")
         self.ctf, self.baseline, self.limits = ctf, baseline, limits
         self.class_names = _class_names(ctf)
-        self.max_top_k = int(ctf.coarse_map.sizes.max())
+        self.max_top_k = int(ctf.sampling_limits["top_k_fine"])
         if download_dir is None:
             download_dir = tempfile.mkdtemp(prefix="ctfgen-demo-")
             atexit.register(shutil.rmtree, download_dir, ignore_errors=True)
@@ -109,40 +114,28 @@ class DemoBackend:
         _ = ctf.representatives  # computed once at start, not on the first request
 
     def check(self, class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images) -> dict:
-        """The request's options, or ValueError saying what is out of range."""
-        lim = self.limits
-
-        def number(name, value, lo, hi, integer=False):
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name} must be a number, got {value!r}") from None
-            if not np.isfinite(v) or not lo <= v <= hi:
-                raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {v:g}")
-            if integer and v != int(v):
-                raise ValueError(f"{name} must be a whole number, got {v:g}")
-            return int(v) if integer else v
-
+        """The request's options, or ConfigError (a ValueError) saying what is out of range: the
+        ranges of ctfgen.options, the model's own bounds, and `Limits.max_images`."""
         if class_name not in self.class_names:
-            raise ValueError(f"unknown class {class_name!r}; choose one of: {', '.join(self.class_names)}")
-        return dict(
-            label=self.class_names.index(class_name),
-            n=number("Number of images", n_images, 1, lim.max_images, integer=True),
-            seed=number("Seed", seed, 0, lim.max_seed, integer=True),
-            cfg_scale=number("Guidance", cfg_scale, *lim.cfg_scale),
-            temperature=number("Stage-1 temperature", temperature, *lim.temperature),
-            temperature_fine=number("Stage-2 temperature", temperature_fine, *lim.temperature),
-            top_k_fine=number("Stage-2 top-k", top_k_fine, 0, self.max_top_k, integer=True),
-        )
+            raise ConfigError(f"unknown class {class_name!r}; choose one of: {', '.join(self.class_names)}")
+        n = COUNTS["images"].check(n_images, LABELS["n"], hi=self.limits.max_images)
+        seed = SEED.check(seed, LABELS["seed"])
+        given = dict(cfg_scale=cfg_scale, temperature=temperature, temperature_fine=temperature_fine, top_k_fine=top_k_fine)
+        for name, value in given.items():
+            if value is None:  # an emptied field is not "the default"
+                raise ConfigError(f"{LABELS[name]} must be a number, got nothing")
+        sampling = self.ctf.resolve_sampling(given, labels=LABELS)
+        return dict(label=self.class_names.index(class_name), n=n, seed=seed,
+                    **{k: sampling[k] for k in ("cfg_scale", "temperature", "temperature_fine", "top_k_fine")})
 
     @torch.inference_mode()
     def __call__(self, class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images,
                  compare: bool) -> dict:
-        from ctfgen.stages import change_heat
+        from ctfgen.stages import change_heat, heat_rgb
 
         o = self.check(class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images)
         if compare and self.baseline is None:
-            raise ValueError("no baseline model is loaded: start the demo with --baseline DIR to compare")
+            raise ConfigError("no baseline model is loaded: start the demo with --baseline DIR to compare")
         labels = torch.full((o["n"],), o["label"], dtype=torch.long, device=self.ctf.device)
         stage1 = dict(cfg_scale=o["cfg_scale"], temperature=o["temperature"])
         with self._lock:
@@ -152,6 +145,7 @@ class DemoBackend:
         heat = change_heat(self.ctf, out)  # computed here, outside the lock
         result = dict(
             coarse=_enlarge(out.coarse_preview), final=_enlarge(out.images),
+            heat=list(heat_rgb(heat, (DISPLAY_SIZE, DISPLAY_SIZE))),
             changed_fraction=float((heat > 0).float().mean()),
             baseline=None if base is None else _enlarge(base.images),
             timings={"CTF": out.timings, **({"baseline": base.timings} if base is not None else {})},
@@ -199,22 +193,38 @@ class DemoBackend:
         return path
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
 def _timings_markdown(timings: dict, n: int, changed: float) -> str:
+    """Per-stage times, one column per model; a stage a model does not have (the baseline's stage 2)
+    is "–", not 0."""
     stages = [("stage1", "stage 1 (coarse, autoregressive)"), ("stage2", "stage 2 (fine, one pass)"),
-              ("decode", "decode"), ("coarse_preview", "coarse preview decode"), ("total", "total")]
+              ("decode", "decode"), ("total", "total"), ("coarse_preview", "coarse preview decode (not in the total)")]
     cols = list(timings)
     lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, name in stages:
         if any(key in t for t in timings.values()):
             lines.append(f"| {name} | " + " | ".join(
-                f"{timings[c][key] * 1000:.0f} ms" if key in timings[c] else "" for c in cols) + " |")
-    lines.append("| images/s | " + " | ".join(f"{n / max(timings[c]['total'], 1e-9):.1f}" for c in cols) + " |")
+                _duration(timings[c][key]) if key in timings[c] else "–" for c in cols) + " |")
+    lines.append("| images/s | " + " | ".join(f"{n / max(timings[c]['total'], 1e-9):,.1f}" for c in cols) + " |")
     return ("\n".join(lines) + f"\n\nStage 2 chose a codeword other than its cluster's representative at "
             f"**{changed:.0%}** of positions.")
 
 
+def _label(name: str, hi=None) -> str:
+    """A field's label with its range, from the shared options: "Guidance (0 to 20; 1 = no guidance)"."""
+    option = SAMPLING.get(name) or (SEED if name == "seed" else COUNTS["images"])
+    hi = option.hi if hi is None else hi
+    meaning = f"; {option.meaning}" if option.meaning and option is not COUNTS["images"] else ""
+    return f"{LABELS.get(name, name)} ({fmt(option.lo)} to {fmt(hi)}{meaning})"
+
+
 def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfgen: coarse-to-fine generation"):
     """A gradio Blocks app around loaded pipelines (CTF, and optionally the baseline)."""
+    from ctfgen.stages import heat_legend
+
     gr = _import_gradio()
     gen = DemoBackend(ctf, baseline, limits)
     names = gen.class_names
@@ -223,10 +233,13 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
     def generate(class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images, compare):
         try:
             r = gen(class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images, bool(compare))
-        except ValueError as e:
-            raise gr.Error(str(e), title="Cannot generate") from None
-        return (r["coarse"], r["final"], gr.update(value=r["baseline"], visible=r["baseline"] is not None),
+        except (CtfgenError, ValueError) as e:  # the user's mistake: a message in the page, no traceback anywhere
+            raise gr.Error(str(e), title="Cannot generate", print_exception=False) from None
+        return (r["coarse"], r["final"], r["heat"], gr.update(value=r["baseline"], visible=r["baseline"] is not None),
                 _timings_markdown(r["timings"], r["options"]["n"], r["changed_fraction"]), str(r["download"]))
+
+    def clear():
+        return [], [], [], gr.update(value=[]), "", None
 
     with gr.Blocks(title=title, delete_cache=(600, 1800)) as app:
         gr.Markdown(f"# {title}\nStage 1 samples a grid of *coarse labels* (clusters of codewords) "
@@ -237,17 +250,17 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
             with gr.Column(scale=1, min_width=260):
                 class_name = gr.Dropdown(names, value=names[7] if len(names) > 7 else names[0], label="Class",
                                          elem_id="class")
-                n_images = gr.Number(8, label=f"Number of images (1-{limits.max_images})", precision=0,
-                                     elem_id="n_images")
-                seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
-                cfg_scale = gr.Slider(*limits.cfg_scale, value=default["cfg_scale"], step=0.1, label="Guidance",
-                                      elem_id="cfg_scale")
-                temperature = gr.Slider(*limits.temperature, value=default["temperature"], step=0.05,
-                                        label="Stage-1 temperature (also the baseline's)", elem_id="temperature")
-                temperature_fine = gr.Slider(*limits.temperature, value=default["temperature_fine"], step=0.05,
-                                             label="Stage-2 temperature", elem_id="temperature_fine")
-                top_k_fine = gr.Number(default["top_k_fine"], precision=0, elem_id="top_k_fine",
-                                       label=f"Stage-2 top-k (0 = all, 1 = argmax; at most {gen.max_top_k})")
+                # Plain number fields, not sliders: a slider moves a typed value into its range without a
+                # word; here every value reaches the one check and an out-of-range one gets a message.
+                n_images = gr.Number(min(8, limits.max_images), label=_label("n", limits.max_images), elem_id="n_images")
+                seed = gr.Number(0, label=_label("seed"), elem_id="seed")
+                cfg_scale = gr.Number(default["cfg_scale"], label=_label("cfg_scale"), step=0.1, elem_id="cfg_scale")
+                temperature = gr.Number(default["temperature"], step=0.05, elem_id="temperature",
+                                        label=_label("temperature") + "; also the baseline's")
+                temperature_fine = gr.Number(default["temperature_fine"], step=0.05, elem_id="temperature_fine",
+                                             label=_label("temperature_fine"))
+                top_k_fine = gr.Number(default["top_k_fine"], elem_id="top_k_fine",
+                                       label=f"{LABELS['top_k_fine']} (0 to {fmt(gen.max_top_k)}; 0 = all, 1 = argmax)")
                 compare = gr.Checkbox(baseline is not None, label="Baseline side by side", elem_id="compare",
                                       interactive=baseline is not None)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -256,15 +269,21 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
                 gallery = dict(interactive=False, columns=8, fit_columns=False, height=250, format="png", preview=False, allow_preview=False)
                 coarse = gr.Gallery(label="Coarse preview: what stage 1 decided", elem_id="coarse", **gallery)
                 final = gr.Gallery(label="CTF: final images after stage 2", elem_id="final", **gallery)
+                heat = gr.Gallery(label="Where stage 2 left the representative codeword (colour scale below)",
+                                  elem_id="heat", **gallery)
+                gr.Image(np.asarray(heat_legend(width=720, font_size=14)), label="Colour scale of the map above",
+                         elem_id="heat_scale", interactive=False, show_label=False, container=False, buttons=[],
+                         height=60)
                 base = gr.Gallery(label="Baseline: same class and seed", elem_id="baseline",
                                   visible=baseline is not None, **gallery)
                 with gr.Row():
                     timings = gr.Markdown(elem_id="timings")
                     download = gr.File(label="Download: PNGs and the stage figure (zip)", elem_id="download",
                                        interactive=False)
-        button.click(generate, [class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images,
-                                compare], [coarse, final, base, timings, download], api_name="generate",
-                     concurrency_limit=1)
+        outputs = [coarse, final, heat, base, timings, download]
+        button.click(clear, None, outputs, queue=False, api_visibility="private").then(
+            generate, [class_name, seed, cfg_scale, temperature, temperature_fine, top_k_fine, n_images, compare],
+            outputs, api_name="generate", concurrency_limit=1)
     app.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     return app
 

@@ -24,7 +24,7 @@ COMMANDS = {
     "compare": ("compare", "render several evaluated runs into one markdown table and figure"),
     "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
     "reproduce": ("reproduce", "ablations, evaluation and the results report on top of a finished pipeline run"),
-    "study": ("study", "evaluate the codebook-size study's runs: records, tables and figures (issue 9)"),
+    "study": ("study", "evaluate the codebook-size study's runs: records, tables and figures"),
     "bench": ("bench", "time the baseline and CTF sampling side by side"),
     "demo": ("demo", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
     "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),
@@ -39,9 +39,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from ctfgen import __version__
+
     parser = ArgumentParser(
         prog="ctfgen", description=__doc__.splitlines()[0],
         epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
+    parser.add_argument("--version", action="version", version=f"ctfgen {__version__}",
+                        help="print ctfgen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

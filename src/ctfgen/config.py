@@ -436,6 +436,7 @@ def inherit(raw: dict) -> dict:
             base[key] = copy.deepcopy(s1.get(key))
     raw["baseline"] = base
     matched = dict(raw.get("matched") or {})
+    matched.setdefault("enabled", False)  # off unless asked for, as when the section is absent
     if matched.get("preset") is None:
         matched["preset"] = copy.deepcopy(base.get("preset"))
     matched["model"] = {**(copy.deepcopy(base.get("model")) or {}), **(matched.get("model") or {})}

@@ -123,7 +123,7 @@ def stagewise_sets(ctf, baseline, tokens, labels, representatives: torch.Tensor,
     unknown = set(sets) - set(STAGEWISE_SETS)
     if unknown:
         raise ValueError(f"unknown stage-wise sets {sorted(unknown)}; choose from {STAGEWISE_SETS}")
-    ctf_o = ctf._resolve(ctf_sampling or {})
+    ctf_o = ctf.resolve_sampling(ctf_sampling or {})
     fine_o = dict(temperature=ctf_o["temperature_fine"], top_k=ctf_o["top_k_fine"], cfg_scale=ctf_o["cfg_scale_fine"])
     cmap = ctf.coarse_map
     for name in sets:

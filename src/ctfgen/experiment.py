@@ -246,6 +246,20 @@ def step_train(x: Experiment, stage: str, cmap):
     return load_stage_model(stage, x.run.model(stage))
 
 
+def card_inputs(x: Experiment, kind: str, heldout: dict | None = None) -> dict:
+    """What a pipeline's model card records (ctfgen.hub.write_model_card): the resolved config and
+    the metrics the run's steps recorded (tokenizer quality, each model's training, held-out bits)."""
+    metrics = {}
+    tok = (x.done("tokenizer") or {}).get("test_split")
+    if tok:
+        metrics["tokenizer"] = {k: tok[k] for k in ("usage", "perplexity", "psnr") if k in tok}
+    for stage in (("ar", "aux") if kind == "ctf" else (kind,)):  # baseline, matched
+        rec = x.done(stage) or {}
+        metrics[stage] = {k: rec[k] for k in ("steps", "final_loss", "params", "seconds") if rec.get(k) is not None}
+    if heldout:
+        metrics["heldout"] = {k: heldout[k] for k in ("bits_per_token", "nats_per_image", "exact") if k in heldout}
+    return {"training_config": to_dict(x.cfg), "metrics": {k: v for k, v in metrics.items() if v}}
+
 def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
     """The matched baseline's model settings: the baseline's, with the depth that gives CTF's
     parameter count (or the depth the config fixes), and the counts for the record."""
@@ -274,16 +288,16 @@ def step_assemble(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
                 sampling = x.cfg.sampling
                 if ar is not None:
                     say(f"assembling {x.run.ctf}")
-                    publish_dir(CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf).save_pretrained,
-                                x.run.ctf)
+                    ctf = CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf)
+                    publish_dir(lambda d: ctf.save_pretrained(d, **card_inputs(x, "ctf")), x.run.ctf)
                 if base is not None:
                     say(f"assembling {x.run.baseline}")
-                    publish_dir(ARPipeline(base, vq, sampling_defaults=sampling.baseline).save_pretrained,
-                                x.run.baseline)
+                    baseline = ARPipeline(base, vq, sampling_defaults=sampling.baseline)
+                    publish_dir(lambda d: baseline.save_pretrained(d, **card_inputs(x, "baseline")), x.run.baseline)
                 if matched is not None:
                     say(f"assembling {x.run.matched}")
-                    publish_dir(ARPipeline(matched, vq, sampling_defaults=sampling.baseline).save_pretrained,
-                                x.run.matched)
+                    matched_pipe = ARPipeline(matched, vq, sampling_defaults=sampling.baseline)
+                    publish_dir(lambda d: matched_pipe.save_pretrained(d, **card_inputs(x, "matched")), x.run.matched)
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
@@ -291,6 +305,7 @@ def step_assemble(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
 
 
 def step_heldout(x: Experiment) -> None:
+    from ctfgen.hub import write_model_card
     from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 
     h = x.cfg.heldout
@@ -312,6 +327,8 @@ def step_heldout(x: Experiment) -> None:
             atomic_write_json(x.run.heldout, results)
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             say(f"held-out bits per token on {results['images']} test images: {line}")
+            for name in pipes:  # the model cards gain the held-out numbers
+                write_model_card(getattr(x.run, name), **card_inputs(x, name, results[name]))
         return results
 
     x.once("heldout", work)
@@ -345,6 +362,21 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} then, {b!r} now")
     return out
+
+
+def next_steps(root, ctf: bool = True, baseline: bool = True) -> list[str]:
+    """Commands that work on a finished run, as the pipeline prints them at its end."""
+    import shlex
+
+    run = RunDir(root)
+    model = run.ctf if ctf else run.baseline
+    out = shlex.quote(str(run / "samples.png"))
+    sample = f"ctfgen sample --model {shlex.quote(str(model))} --class 0 --n 16 --out {out}"
+    lines = [sample + (" --compare-baseline --stages" if ctf and baseline else " --stages" if ctf else "")]
+    if ctf:
+        lines.append(f"ctfgen demo --model {shlex.quote(str(model))}")
+    lines.append(f"in Python: ctfgen.load_pipeline({json.dumps(str(model))})")
+    return lines
 
 
 def _link_top_level(root: Path, sub: str) -> None:
@@ -403,7 +435,7 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     if D.is_main():
         atomic_write_json(x.run.summary, {"seconds_this_run": round(time.time() - t_all, 2), "world_size": D.get_world_size(),
                                           "step_seconds": {s: (x.done(s) or {}).get("seconds") for s in STEPS}})
-        say(f"done in {time.time() - t_all:.1f}s: load_pipeline({str(x.run.root)!r})"
-            + (f"; baseline in {x.run.baseline}" if base is not None and ar is not None else ""))
+        say(f"done in {time.time() - t_all:.1f}s. Next:\n" + "\n".join(
+            "  " + line for line in next_steps(x.run.root, ctf=ar is not None, baseline=base is not None)))
     D.barrier()
     return x.run.root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,15 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 8
 
 
 def save_images(images: torch.Tensor | np.ndarray, directory: str | Path, names: list[str]) -> list[Path]:
+    """One PNG per image, each written under a temporary name and renamed, so a killed run leaves
+    whole files only."""
     array = to_uint8(images) if isinstance(images, torch.Tensor) else images
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for img, name in zip(array, names):
         paths.append(directory / f"{name}.png")
-        _pil(img).save(paths[-1])
+        tmp = directory / f".{name}.png.tmp"
+        _pil(img).save(tmp, format="PNG")
+        os.replace(tmp, paths[-1])
     return paths

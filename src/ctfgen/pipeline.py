@@ -29,8 +29,11 @@ import torch
 from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
 from ctfgen.errors import CorruptFileError, MismatchError
+from ctfgen.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
+from ctfgen.options import check_sampling
+from ctfgen.sampling import as_generator
 
-__all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
+__all__ = ["CTFPipeline", "ARPipeline", "load_pipeline", "pipeline_dir", "bits_per_token", "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
 
 PIPELINE_FILE = "pipeline.json"
 COARSE_MAP_FILE = "coarse_map.safetensors"
@@ -74,15 +77,6 @@ def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _generator(generator, device: torch.device):
-    """None, an int seed, or a torch.Generator -> a Generator on `device` (or None)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, int):
-        return torch.Generator(device=device).manual_seed(generator)
-    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
 
 
 def _labels(labels, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -141,14 +135,21 @@ class _Pipeline:
     def grid_size(self) -> int:
         return _grid_size(self.image_tokens)
 
-    def _resolve(self, kwargs: dict) -> dict:
+    @property
+    def sampling_limits(self) -> dict:
+        """The model's bounds on its sampling options (ctfgen.options checks the rest)."""
+        raise NotImplementedError
+
+    def resolve_sampling(self, kwargs: dict, labels: dict | None = None) -> dict:
+        """The options a call samples with: `kwargs` (None = unset) over `sampling_defaults`, each
+        checked against its range (ctfgen.options); `labels` names them in messages."""
         unknown = set(kwargs) - set(self._defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__}.sample_tokens got unknown options {sorted(unknown)}; "
                             f"valid: {sorted(self._defaults)}")
         out = dict(self.sampling_defaults)
         out.update({k: v for k, v in kwargs.items() if v is not None})
-        return out
+        return check_sampling(out, self.sampling_limits, labels)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class _Pipeline:
         images = self.decode(tokens)
         _sync(device)
         self.last_timings["decode"] = time.perf_counter() - t0
-        self.last_timings["total"] = sum(self.last_timings[k] for k in ("stage1", "stage2", "decode"))
+        self.last_timings["total"] = sum(self.last_timings.get(k, 0.0) for k in ("stage1", "stage2", "decode"))
         return images
 
     def __call__(self, labels, generator=None, preview: bool = True, **kwargs):
@@ -220,8 +221,9 @@ class CTFPipeline(_Pipeline):
         self.ar, self.aux, self.coarse_map, self.tokenizer = ar, aux, coarse_map, tokenizer
         self._check_parts()
         self.sampling_defaults = {**CTF_DEFAULTS, **(sampling_defaults or {})}
-        self._resolve(self.sampling_defaults)
+        self.resolve_sampling(self.sampling_defaults)
         self.last_timings: dict = {}
+        self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
 
     def _models(self):
@@ -247,6 +249,12 @@ class CTFPipeline(_Pipeline):
     @property
     def image_tokens(self) -> int:
         return self.ar.config.image_tokens
+
+    @property
+    def sampling_limits(self) -> dict:
+        # Stage-2 top-k counts a cluster's members when the aux model samples within clusters.
+        fine = int(self.coarse_map.sizes.max()) if self.aux.config.restrict_to_cluster else self.coarse_map.vocab_size
+        return {"top_k": self.ar.config.vocab_size, "top_k_fine": fine, "cfg_steps": self.image_tokens}
 
     @property
     def log_prob_is_exact(self) -> bool:
@@ -303,12 +311,12 @@ class CTFPipeline(_Pipeline):
         """
         from ctfgen.sampling import generate, sample_fine
 
-        o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+        o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps, temperature_fine=temperature_fine, top_k_fine=top_k_fine,
                                cfg_scale_fine=cfg_scale_fine))
         device = self.device
         labels = _labels(labels, self.num_classes, device)
-        gen = _generator(generator, device)
+        gen = as_generator(generator, device)
         _sync(device)
         t0 = time.perf_counter()
         coarse = generate(self.ar, labels, cfg_scale=o["cfg_scale"], temperature=o["temperature"], top_k=o["top_k"],
@@ -354,7 +362,10 @@ class CTFPipeline(_Pipeline):
         lp_fine = token_log_probs(logits, targets).sum(-1)
         return lp_coarse + lp_fine
 
-    def save_pretrained(self, directory) -> Path:
+    def save_pretrained(self, directory, training_config: dict | None = None, metrics: dict | None = None) -> Path:
+        """Write the pipeline (ar/, aux/, tokenizer/, the coarse map, pipeline.json) and its model card
+        (README.md: Hub metadata, and `training_config` and `metrics` when the run recorded them; a
+        loaded pipeline keeps those of the card it was loaded with)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.ar.save_pretrained(str(directory / "ar"))
@@ -365,13 +376,17 @@ class CTFPipeline(_Pipeline):
         self._write_json(directory, {"coarse_map_fingerprint": self.coarse_map.fingerprint,
                                      "codebook_fingerprint": self.coarse_map.codebook_fingerprint,
                                      "num_coarse": self.coarse_map.num_coarse, "vocab_size": self.coarse_map.vocab_size})
+        card = self.model_card
+        write_model_card(directory, training_config or card.get("training_config"), metrics or card.get("metrics"))
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu") -> "CTFPipeline":
+    def from_pretrained(cls, directory, map_location="cpu", revision: str | None = None) -> "CTFPipeline":
+        """Load a saved CTF pipeline: a directory, a `ctfgen pipeline` run's root, or a Hub repo id
+        (`org/name`, fetched through huggingface_hub's cache; `revision` picks a branch, tag or commit)."""
         from ctfgen.models.transformer import GPT, AuxModel
 
-        directory = Path(directory)
+        directory = pipeline_dir(directory, cls.kind, revision)
         info = cls._read_json(directory, cls.kind)
         cmap = CoarseMap.load(directory / COARSE_MAP_FILE)
         check_parts(f"{directory} is inconsistent", coarse_map=cmap, **{"pipeline.json": {
@@ -379,7 +394,9 @@ class CTFPipeline(_Pipeline):
         ar = GPT.from_pretrained(str(directory / "ar"), map_location=map_location)
         aux = AuxModel.from_pretrained(str(directory / "aux"), map_location=map_location)
         tok = cls._load_tokenizer(directory, info, map_location)
-        return cls(ar, aux, cmap, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe = cls(ar, aux, cmap, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe.model_card = read_model_card(directory)
+        return pipe
 
     def __repr__(self) -> str:
         return (f"CTFPipeline(classes={self.num_classes}, image_tokens={self.image_tokens}, "
@@ -401,8 +418,9 @@ class ARPipeline(_Pipeline):
                                 "it is a CTF stage-1 model, use CTFPipeline")
         check_parts("ARPipeline parts do not belong together", baseline=cfg, tokenizer=tokenizer)
         self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
-        self._resolve(self.sampling_defaults)
+        self.resolve_sampling(self.sampling_defaults)
         self.last_timings: dict = {}
+        self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
 
     def _models(self):
@@ -418,6 +436,10 @@ class ARPipeline(_Pipeline):
 
     log_prob_is_exact = True
 
+    @property
+    def sampling_limits(self) -> dict:
+        return {"top_k": self.gpt.config.vocab_size, "cfg_steps": self.image_tokens}
+
     @torch.no_grad()
     def sample_tokens(self, labels, cfg_scale=None, temperature=None, top_k=None, top_p=None, cfg_steps=None,
                       generator=None, dtype=None) -> torch.Tensor:
@@ -426,16 +448,16 @@ class ARPipeline(_Pipeline):
         `dtype` as in `CTFPipeline.sample_tokens`."""
         from ctfgen.sampling import generate
 
-        o = self._resolve(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+        o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps))
         device = self.device
         labels = _labels(labels, self.num_classes, device)
         _sync(device)
         t0 = time.perf_counter()
-        tokens = generate(self.gpt, labels, generator=_generator(generator, device), dtype=dtype, **o)
+        tokens = generate(self.gpt, labels, generator=as_generator(generator, device), dtype=dtype, **o)
         _sync(device)
         t = time.perf_counter() - t0
-        self.last_timings = {"stage1": t, "stage2": 0.0, "decode": 0.0, "total": t}
+        self.last_timings = {"stage1": t, "decode": 0.0, "total": t}  # one stage: no stage-2 entry
         return tokens
 
     @torch.no_grad()
@@ -447,7 +469,8 @@ class ARPipeline(_Pipeline):
         tokens = _flat_tokens(tokens, self.image_tokens, device)
         return ar_log_prob(self.gpt, tokens, _labels(labels, self.num_classes, device)).to(torch.float64)
 
-    def save_pretrained(self, directory) -> Path:
+    def save_pretrained(self, directory, training_config: dict | None = None, metrics: dict | None = None) -> Path:
+        """Write the pipeline (gpt/, tokenizer/, pipeline.json) and its model card, as CTFPipeline does."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.gpt.save_pretrained(str(directory / "gpt"))
@@ -456,19 +479,24 @@ class ARPipeline(_Pipeline):
         self._write_json(directory, {"codebook_fingerprint": self.gpt.config.codebook_fingerprint
                                      or (self.tokenizer.fingerprint if self.tokenizer is not None else None),
                                      "vocab_size": self.gpt.config.vocab_size})
+        card = self.model_card
+        write_model_card(directory, training_config or card.get("training_config"), metrics or card.get("metrics"))
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu") -> "ARPipeline":
+    def from_pretrained(cls, directory, map_location="cpu", revision: str | None = None) -> "ARPipeline":
+        """Load a saved baseline: a directory, a run's root (its baseline/), or a Hub repo id."""
         from ctfgen.models.transformer import GPT
 
-        directory = Path(directory)
+        directory = pipeline_dir(directory, cls.kind, revision)
         info = cls._read_json(directory, cls.kind)
         gpt = GPT.from_pretrained(str(directory / "gpt"), map_location=map_location)
         tok = cls._load_tokenizer(directory, info, map_location)
         check_parts(f"{directory} is inconsistent", tokenizer=tok,
                     **{"pipeline.json": {"codebook_fingerprint": info.get("codebook_fingerprint")}})
-        return cls(gpt, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe = cls(gpt, tok, sampling_defaults=info.get("sampling_defaults"))
+        pipe.model_card = read_model_card(directory)
+        return pipe
 
     def __repr__(self) -> str:
         return (f"ARPipeline(classes={self.num_classes}, image_tokens={self.image_tokens}, "
@@ -490,9 +518,28 @@ def _read_pipeline_json(directory: Path) -> dict:
     return info
 
 
-def load_pipeline(directory, map_location="cpu"):
-    """Load whichever pipeline `directory` holds (pipeline.json "type": "ctf" or "baseline")."""
-    info = _read_pipeline_json(Path(directory))
+def pipeline_dir(spec, kind: str | None = None, revision: str | None = None) -> Path:
+    """The local directory of a saved pipeline named by `spec`: a directory; the root of a `ctfgen
+    pipeline` run (itself the CTF pipeline, or its `kind` sub-directory ctf/ or baseline/); or a
+    Hugging Face Hub repo id `org/name`, fetched through huggingface_hub (its cache and HF_HUB_OFFLINE)."""
+    path = Path(spec)
+    if not path.is_dir():
+        return download_snapshot(str(spec), revision) if is_repo_id(spec) else path
+    subs = [kind] if kind else ["ctf", "baseline"]
+    if (path / PIPELINE_FILE).is_file():
+        if kind is None or _read_pipeline_json(path).get("type") == kind:
+            return path
+    for sub in subs:  # a run's root: its pipelines are ctf/ and baseline/
+        if (path / sub / PIPELINE_FILE).is_file():
+            return path / sub
+    return path
+
+
+def load_pipeline(directory, map_location="cpu", revision: str | None = None):
+    """Load whichever pipeline `directory` holds (pipeline.json "type": "ctf" or "baseline"):
+    a directory, a run's root, or a Hub repo id (see `pipeline_dir`)."""
+    directory = pipeline_dir(directory, revision=revision)
+    info = _read_pipeline_json(directory)
     kinds = {"ctf": CTFPipeline, "baseline": ARPipeline}
     if info.get("type") not in kinds:
         raise MismatchError(f"{directory}/{PIPELINE_FILE} has unknown type {info.get('type')!r}; expected one of {list(kinds)}")

@@ -5,7 +5,7 @@ guidance as one [cond; null] batch, the same token fed to both halves, temperatu
 with the shift-right keep rule, multinomial), so `top_k=1` reproduces LlamaGen's greedy tokens
 from the same weights. Differences, all deliberate:
 - `top_k=1` takes the argmax directly (LlamaGen draws from the one-hot; identical unless logits tie
-  exactly) and consumes no random numbers.
+  exactly) and consumes no random numbers; so does `temperature=0`, which means greedy.
 - `top_k > 1` draws among the top-k logits only: LlamaGen's distribution, fewer random numbers, so
   other draws than LlamaGen's for the same seed. Without top-k the draw is LlamaGen's.
 - Guidance runs whenever `cfg_scale != 1` (LlamaGen silently ignores scales below 1).
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.errors import ConfigError
+from ctfgen.options import check_sampling, check_seed
 from ctfgen.precision import cast_weights
 
 GeneratorLike = Union[torch.Generator, int, None]
@@ -60,7 +61,7 @@ def as_generator(generator: GeneratorLike, device) -> Optional[torch.Generator]:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, int):
-        return torch.Generator(device=device).manual_seed(generator)
+        return torch.Generator(device=device).manual_seed(check_seed(generator))
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
 
@@ -71,13 +72,13 @@ def sample_from_logits(
     top_p: float = 1.0,
     generator: GeneratorLike = None,
 ) -> torch.Tensor:
-    """Draw one token per row of (..., V) logits -> (...) int64. `top_k=1` is greedy.
+    """Draw one token per row of (..., V) logits -> (...) int64. `top_k=1` or `temperature=0` is greedy.
 
     With 1 < top_k < V the draw runs on the (..., k) top-k logits, not the (..., V) masked ones:
     the same distribution as LlamaGen's filter-then-softmax, with k random numbers per row instead
     of V (a different stream from the full draw's for the same generator). Ties at the k-th value,
     which LlamaGen's filter keeps all of, take the full path."""
-    if top_k == 1:
+    if top_k == 1 or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)
     if 1 < top_k < logits.shape[-1]:
@@ -145,6 +146,9 @@ def generate(
     which then keeps fixed shapes (the whole cache, masked), and keeps the caches allocated
     afterwards so the compiled graph is reused (`gpt.clear_caches()` frees them).
     """
+    o = check_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, cfg_steps=cfg_steps),
+                       {"top_k": gpt.config.vocab_size, "cfg_steps": gpt.config.image_tokens})
+    cfg_scale, temperature, top_k, top_p, cfg_steps = (o[k] for k in ("cfg_scale", "temperature", "top_k", "top_p", "cfg_steps"))
     gpt = cast_weights(gpt, dtype)
     device = gpt.tok_embeddings.weight.device
     labels = _check_labels(labels, gpt.config.num_classes, device)

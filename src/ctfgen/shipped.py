@@ -11,6 +11,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from ctfgen.errors import ConfigError
+
 ASSETS = Path(str(resources.files("ctfgen") / "assets"))
 SHIPPED_CTF = "fashion_mnist/ctf"
 SHIPPED_BASELINE = "fashion_mnist/baseline"
@@ -19,7 +21,7 @@ PRETRAINED = {"fashion-mnist": SHIPPED_CTF, "fashion-mnist-baseline": SHIPPED_BA
 
 def pretrained_path(name: str) -> Path:
     if name not in PRETRAINED:
-        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
+        raise ConfigError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     path = ASSETS / PRETRAINED[name]
     if not (path / "pipeline.json").is_file():
         raise FileNotFoundError(
@@ -29,14 +31,25 @@ def pretrained_path(name: str) -> Path:
     return path
 
 
-def pretrained(name: str = "fashion-mnist", device: str = "cpu"):
-    """The shipped Fashion-MNIST models: "fashion-mnist" (CTF) or "fashion-mnist-baseline".
+def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str | None = None):
+    """A pipeline by name, on `device`: the shipped Fashion-MNIST models "fashion-mnist" (CTF) and
+    "fashion-mnist-baseline", a saved pipeline directory (or a `ctfgen pipeline` run's root), or a
+    Hugging Face Hub repo id `org/name` (fetched through huggingface_hub: its cache, HF_HUB_OFFLINE
+    and token apply; `revision` picks a branch, tag or commit).
 
-    Both return a pipeline with `sample(labels, ...) -> (B, 1, 28, 28)` images in [-1, 1].
+    The shipped models sample `(B, 1, 28, 28)` images in [-1, 1] with `pipe.sample(labels, ...)`.
     """
+    from ctfgen.hub import is_repo_id
+    from ctfgen.options import check_device
     from ctfgen.pipeline import ARPipeline, load_pipeline
     from ctfgen.tokenizer.vq import VQModel
 
+    device = check_device(device) or "cpu"
+    if name not in PRETRAINED or Path(name).exists():
+        if Path(name).exists() or is_repo_id(name):
+            return load_pipeline(name, revision=revision).to(device).eval()
+        raise ConfigError(f"{name!r} is neither a shipped model ({', '.join(PRETRAINED)}), a directory, nor a "
+                          "Hugging Face Hub repo id (org/name)")
     pipe = load_pipeline(pretrained_path(name))
     if pipe.tokenizer is None:
         tokenizer = VQModel.from_pretrained(str(pretrained_path("fashion-mnist") / "tokenizer"))

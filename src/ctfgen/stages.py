@@ -24,7 +24,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ctfgen.images import to_uint8
 
-__all__ = ["PipelineOutput", "run_pipeline", "change_heat", "stage_rows", "stage_figure", "side_by_side"]
+__all__ = ["PipelineOutput", "run_pipeline", "change_heat", "stage_rows", "stage_figure", "side_by_side", "heat_legend",
+           "rgb", "rgb_array", "heat_rgb"]
+
+HEAT_ROW = "changed"      # the stage-figure row of stage 2's changes, drawn with HEAT_MAP and a colour scale
+HEAT_MAP = "inferno"
 
 
 @dataclass
@@ -77,7 +81,7 @@ def run_pipeline(pipe, labels, generator=None, preview: bool = True, **kwargs) -
     timings = dict(pipe.last_timings)
     device = tokens.device
     images, timings["decode"] = _timed(lambda: pipe.decode(tokens), device)
-    timings["total"] = timings["stage1"] + timings["stage2"] + timings["decode"]
+    timings["total"] = sum(timings.get(k, 0.0) for k in ("stage1", "stage2", "decode"))  # the baseline has no stage 2
     out = PipelineOutput(images=images, tokens=tokens, labels=_labels(labels, pipe.num_classes, device),
                          timings=timings)
     if isinstance(pipe, CTFPipeline):
@@ -111,28 +115,59 @@ def change_heat(pipe, out: PipelineOutput) -> torch.Tensor:
     return dist.reshape(-1, g, g).clamp(0, 1)
 
 
-def _rgb(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = to_uint8(images)
+def rgb_array(x: np.ndarray) -> np.ndarray:
+    """(B, H, W, 1 or 3) uint8 -> (B, H, W, 3) uint8."""
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def _heat_rgb(heat: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(B, h, w) in [0, 1] -> (B, H, W, 3) uint8 with the inferno colour map, cells as blocks."""
+def rgb(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return rgb_array(to_uint8(images))
+
+
+def _colours(values: np.ndarray) -> np.ndarray:
     from matplotlib import colormaps
 
-    up = F.interpolate(heat[:, None].float(), size=size, mode="nearest")[:, 0].numpy()
-    return (colormaps["inferno"](up)[..., :3] * 255).round().astype(np.uint8)
+    return (colormaps[HEAT_MAP](values)[..., :3] * 255).round().astype(np.uint8)
+
+
+def heat_rgb(heat: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(B, h, w) in [0, 1] -> (B, H, W, 3) uint8 in HEAT_MAP's colours, cells as blocks."""
+    return _colours(F.interpolate(heat[:, None].float().cpu(), size=size, mode="nearest")[:, 0].numpy())
+
+
+def heat_legend(width: int = 360, font_size: int = 12, padding: int = 4) -> Image.Image:
+    """The heat map's colour scale: what 0 and 1 mean, as a gradient with ticks (at least `width` wide)."""
+    font = _font(font_size)
+    title = "changed: how far stage 2's codeword lies from its cluster's representative"
+    ticks = [(0.0, "0 = kept the representative", "la"), (0.5, "0.5", "ma"), (1.0, "1 = the cluster's farthest member", "ra")]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda t: probe.textbbox((0, 0), t, font=font)[2]  # noqa: E731
+    text_h = probe.textbbox((0, 0), "Ag", font=font)[3]
+    width = max(width, text_w(title), text_w(ticks[0][1]) + text_w(ticks[2][1]) + text_w(ticks[1][1]) + 6 * padding)
+    bar_h = max(8, font_size)
+    bar_w = width - 2 * padding
+    canvas = Image.new("RGB", (width, 3 * padding + 2 * text_h + bar_h + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((padding, padding), title, fill="black", font=font)
+    y = 2 * padding + text_h
+    gradient = np.repeat(_colours(np.linspace(0.0, 1.0, bar_w))[None], bar_h, axis=0)
+    canvas.paste(Image.fromarray(gradient), (padding, y))
+    for value, label, anchor in ticks:
+        x = padding + round(value * (bar_w - 1))
+        draw.line([(x, y + bar_h), (x, y + bar_h + 3)], fill="black")
+        draw.text((x, y + bar_h + 4), label, fill="black", font=font, anchor=anchor)
+    return canvas
 
 
 def stage_rows(pipe, out: PipelineOutput, baseline_images: torch.Tensor | None = None) -> list[tuple[str, np.ndarray]]:
     """The rows of a stage figure, each (name, (B, H, W, 3) uint8): coarse preview, final image,
     heat map of stage 2's changes, and the baseline's images when given."""
     size = tuple(out.images.shape[-2:])
-    rows = [("coarse", _rgb(out.coarse_preview)), ("final", _rgb(out.images)),
-            ("changed", _heat_rgb(change_heat(pipe, out), size))]
+    rows = [("coarse", rgb(out.coarse_preview)), ("final", rgb(out.images)),
+            (HEAT_ROW, heat_rgb(change_heat(pipe, out), size))]
     if baseline_images is not None:
-        rows.append(("baseline", _rgb(baseline_images)))
+        rows.append(("baseline", rgb(baseline_images)))
     return rows
 
 
@@ -145,7 +180,8 @@ def _font(size: int):
 
 def stage_figure(rows: list[tuple[str, np.ndarray]], nrow: int = 8, scale: int = 4, padding: int = 2) -> Image.Image:
     """Samples in columns (`nrow` per block), one line per row kind, named on the left; blocks of
-    `nrow` samples stack downwards. Images are enlarged `scale` times (nearest)."""
+    `nrow` samples stack downwards. Images are enlarged `scale` times (nearest). A HEAT_ROW row
+    gets its colour scale (`heat_legend`) at the bottom."""
     b, h, w, _ = rows[0][1].shape
     h, w = h * scale, w * scale
     ncol = min(nrow, b)
@@ -154,8 +190,15 @@ def stage_figure(rows: list[tuple[str, np.ndarray]], nrow: int = 8, scale: int =
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin = max(probe.textbbox((0, 0), name, font=font)[2] for name, _ in rows) + 3 * padding
     block_h = len(rows) * (h + padding) + 3 * padding
-    canvas = Image.new("RGB", (margin + ncol * (w + padding) + padding, nblocks * block_h + padding), "white")
+    width, height = margin + ncol * (w + padding) + padding, nblocks * block_h + padding
+    legend = None
+    if any(name == HEAT_ROW for name, _ in rows):
+        legend = heat_legend(width - margin - padding, font_size=max(10, min(h // 5, 16)))
+        width, height = max(width, margin + legend.width + padding), height + legend.height + padding
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
+    if legend is not None:
+        canvas.paste(legend, (margin, nblocks * block_h + padding))
     for blk in range(nblocks):
         for r, (name, arr) in enumerate(rows):
             y = padding + blk * block_h + r * (h + padding)

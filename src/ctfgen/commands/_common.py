@@ -7,28 +7,50 @@ import argparse
 from ctfgen.errors import ConfigError
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    import torch
+MODEL_HELP = ("a pipeline directory (from `ctfgen pipeline`: the run's root RUN, RUN/ctf or RUN/baseline), a "
+              "Hugging Face Hub repo id (org/name; cached, honours HF_HUB_OFFLINE), or a shipped name: "
+              "fashion-mnist, fashion-mnist-baseline (default: %(default)s)")
 
+
+def add_device_argument(parser, default: str | None = "auto") -> None:
+    """--device, checked against this machine's devices (ctfgen.options.check_device)."""
+    parser.add_argument("--device", default=default,
+                        help="cpu, cuda, cuda:N, mps ... (only devices this torch build and machine have; "
+                             + ("default: cuda when available, else cpu)" if default in ("auto", None) else
+                                f"default: {default})"))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="fashion-mnist",
-                   help="a pipeline directory (from `ctfgen pipeline`, e.g. RUN/ctf or RUN/baseline) or a shipped "
-                        "name: fashion-mnist, fashion-mnist-baseline (default: %(default)s)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--model", default="fashion-mnist", help=MODEL_HELP)
+    add_device_argument(g)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    from ctfgen.options import SAMPLING, SEED, cli_help
+
     g = parser.add_argument_group("sampling (unset options take the model's defaults: the paper's for CTF)")
-    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance of stage 1 / the baseline")
-    g.add_argument("--cfg-steps", type=int, default=None, help="guide only the first N tokens")
-    g.add_argument("--temperature", type=float, default=None, help="stage-1 (or baseline) temperature")
-    g.add_argument("--top-k", type=int, default=None, help="stage-1 (or baseline) top-k, 0 = all")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--temperature-fine", type=float, default=None, help="stage-2 temperature (CTF only)")
-    g.add_argument("--top-k-fine", type=int, default=None, help="stage-2 top-k, 0 = all, 1 = argmax (CTF only)")
-    g.add_argument("--cfg-scale-fine", type=float, default=None, help="stage-2 guidance, off (1.0) by default (CTF only)")
-    g.add_argument("--seed", type=int, default=0)
+    for option in SAMPLING.values():
+        g.add_argument(option.flag, type=int if option.integer else float, default=None, help=cli_help(option))
+    g.add_argument("--seed", type=int, default=0, help=cli_help(SEED) + " (default: %(default)s)")
     add_dtype_argument(g)
+
+
+def check_args(args: argparse.Namespace, counts: tuple[str, ...] = ()) -> None:
+    """Every number the user gave, checked before any work: the device, the seed, the sampling
+    options (their model-free ranges; the model's own bounds are checked once it is loaded) and
+    the `counts` named (n, per_class, batch_size, nrow, scale)."""
+    from ctfgen.options import SAMPLING, check, check_device, check_sampling
+
+    if hasattr(args, "device"):  # "auto": cuda when available, else cpu; None stays None
+        args.device = check_device(args.device, "--device")
+    if hasattr(args, "seed"):
+        args.seed = check("seed", args.seed, "--seed")
+    given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
+    for name, value in check_sampling(given, labels={n: SAMPLING[n].flag for n in given}).items():
+        setattr(args, name, value)
+    for name in counts:
+        setattr(args, name, check(name, getattr(args, name), "--" + name.replace("_", "-")))
 
 
 def add_dtype_argument(parser, default: str = "auto") -> None:
@@ -42,17 +64,10 @@ def add_dtype_argument(parser, default: str = "auto") -> None:
 
 
 def load_model(spec: str, device: str):
-    from pathlib import Path
+    """--model: a shipped name, a directory (a run's root included) or a Hub repo id, on `device`."""
+    from ctfgen.shipped import pretrained
 
-    from ctfgen.pipeline import load_pipeline
-    from ctfgen.shipped import PRETRAINED, pretrained
-
-    if spec in PRETRAINED and not Path(spec).exists():
-        pipe = pretrained(spec, device=device)
-    elif not Path(spec).is_dir():
-        raise ConfigError(f"--model {spec!r} is neither a directory nor a shipped model ({', '.join(PRETRAINED)})")
-    else:
-        pipe = load_pipeline(spec).to(device).eval()
+    pipe = pretrained(spec, device=device)
     if pipe.device.type == "cpu":
         # one thread for a small model, no more than the free cores (OMP_NUM_THREADS wins): ctfgen.threads
         from ctfgen.threads import use_sampling_threads
@@ -63,21 +78,24 @@ def load_model(spec: str, device: str):
 
 def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer=None):
     """The baseline to compare a CTF model with: `baseline_spec` when given, else the shipped baseline
-    for the shipped model, else the `baseline` directory beside a pipeline run's `ctf`. A baseline
-    saved without its tokenizer borrows `tokenizer` (checked against its codebook fingerprint)."""
+    for the shipped model, else a run's `baseline` directory: inside --model when it is the run's
+    root, beside it when it is RUN/ctf. A baseline saved without its tokenizer borrows `tokenizer`
+    (checked against its codebook fingerprint)."""
     from pathlib import Path
 
     from ctfgen.pipeline import ARPipeline
     from ctfgen.shipped import PRETRAINED
 
     if baseline_spec is None:
-        if model_spec in PRETRAINED and not Path(model_spec).exists():
+        model = Path(model_spec)
+        found = [d for d in (model / "baseline", model.parent / "baseline") if (d / "pipeline.json").is_file()]
+        if model_spec in PRETRAINED and not model.exists():
             baseline_spec = "fashion-mnist-baseline"
-        elif (Path(model_spec).parent / "baseline" / "pipeline.json").is_file():
-            baseline_spec = str(Path(model_spec).parent / "baseline")
+        elif found:
+            baseline_spec = str(found[0])
         else:
-            raise ConfigError(f"no baseline beside {model_spec!r} (looked for {Path(model_spec).parent / 'baseline'}); "
-                             "pass --baseline DIR")
+            raise ConfigError(f"no baseline found for --model {model_spec!r} (looked for {model / 'baseline'} and "
+                              f"{model.parent / 'baseline'}); pass --baseline DIR_OR_REPO")
     baseline = load_model(baseline_spec, device)
     if not isinstance(baseline, ARPipeline):
         raise ConfigError(f"--baseline {baseline_spec!r} is a {baseline.kind} pipeline, not a baseline")
@@ -92,7 +110,9 @@ def load_baseline(model_spec: str, baseline_spec: str | None, device: str, token
 
 
 def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
-    """The options the user set; the rest fall back to the pipeline's stored defaults."""
+    """The options the user set, checked against the model's bounds too (top-k against its
+    vocabulary, cfg_steps against its length); the rest fall back to the pipeline's stored defaults."""
+    from ctfgen.options import SAMPLING
     from ctfgen.pipeline import CTFPipeline
 
     names = ["cfg_scale", "cfg_steps", "temperature", "top_k", "top_p"]
@@ -103,8 +123,12 @@ def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
         ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
         if ignored:
             raise ConfigError(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
-    names.append("dtype")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    checked = pipeline.resolve_sampling(given, labels={n: SAMPLING[n].flag for n in SAMPLING})
+    out = {n: checked[n] for n in given}
+    if getattr(args, "dtype", None) is not None:
+        out["dtype"] = args.dtype
+    return out
 
 
 def resolve_classes(values: list[str], num_classes: int, class_names: list[str] | None = None) -> list[int]:

@@ -1,9 +1,12 @@
 """`ctfgen bench`: the baseline and CTF, same stage-1 size, same machine, one run; with --profile,
---matmul, --busy or --quality, the other measurements of docs/performance.md (see ctfgen.bench)."""
+--speedups, --matmul, --busy, --quality or --compile, the other measurements of
+docs/performance.md (see ctfgen.bench)."""
 
 from __future__ import annotations
 
 import argparse
+
+from ctfgen.commands._common import add_device_argument, check_args
 
 # What each mode measures when --models / --batch-sizes / --dtype are not given.
 DEFAULTS = {
@@ -39,21 +42,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None,
                         help="fashion-mnist (shipped models) and/or paper shapes GPT-B, GPT-L, GPT-XL (random weights); "
                              "default per mode: " + "; ".join(f"{m}: {' '.join(d['models'])}" for m, d in DEFAULTS.items() if "models" in d))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (--profile: 8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting, after the warm-up (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="batch sizes to time, each in turn (default: 1 8 64; --profile, --speedups, --compile: 8)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per setting, after the warm-up; each figure is their median (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=["baseline", "ctf"], choices=["baseline", "ctf"],
+                        help="which methods to time (default: both; --llamagen adds LlamaGen's sampler either way)")
     parser.add_argument("--llamagen", action="store_true",
                         help="also time LlamaGen's own sampler beside the baseline (float precisions)")
     parser.add_argument("--llamagen-steps", type=int, default=None,
                         help="time LlamaGen's sampler over this many decode steps of each image and scale to the "
                              "whole image (its steps all cost the same); default: every step")
     parser.add_argument("--image-tokens", type=int, default=256, help="grid of the paper shapes (256 = 16x16)")
-    parser.add_argument("--num-coarse", type=int, default=512, help="stage-1 vocabulary of the paper shapes (default: %(default)s)")
+    parser.add_argument("--num-coarse", type=int, default=512,
+                        help="coarse labels (clusters) of the paper shapes' random coarse map (default: %(default)s, the paper's)")
     parser.add_argument("--aux-preset", default="Aux-L", help="the paper's main auxiliary model is 343M (GPT-L size)")
     parser.add_argument("--no-decode", action="store_true", help="skip the tokenizer decode for the paper shapes")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="guidance of stage 1 / the baseline (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--cfg-scale", type=float, default=2.0,
+                        help="classifier-free guidance of stage 1 and the baseline (default: %(default)s)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
                         help="precisions to time, each in turn (default per mode: "
                              + "; ".join(f"{m}: {' '.join(d['dtype'])}" for m, d in DEFAULTS.items()) + ")")
@@ -69,8 +77,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-images", type=int, default=None,
                         help="--quality: score bits/token on this many Fashion-MNIST test images, class-balanced "
                              "(default: all 10000)")
-    parser.add_argument("--methods", nargs="+", default=["baseline", "ctf"], choices=["baseline", "ctf"],
-                        help="which methods to time (default: both; --llamagen adds LlamaGen's sampler either way)")
     parser.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -86,12 +92,26 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ctfgen import bench
+    from ctfgen.errors import ConfigError
+    from ctfgen.options import check, check_output_file
 
+    check_args(args)
     for key, value in DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.cfg_scale = check("cfg_scale", args.cfg_scale, "--cfg-scale")
+    if args.batch_sizes is not None:
+        args.batch_sizes = [check("batch_size", b, "--batch-sizes") for b in args.batch_sizes]
+    for flag, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--per-class", args.per_class, 0),
+                             ("--llamagen-steps", args.llamagen_steps, 0), ("--test-images", args.test_images, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    args.seeds = [check("seed", s, "--seeds") for s in args.seeds]
+    if args.json:
+        check_output_file(args.json, ".json", "--json")
     if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
+
     if args.mode == "profile":
         bench.profile_decode(args.models[0], args.batch_sizes[0], args.cfg_scale, args.dtype, args.image_tokens,
                              device=args.device, json_path=args.json)

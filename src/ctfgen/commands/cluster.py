@@ -12,19 +12,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-coarse", type=int, default=512, help="number of coarse labels K (paper: 512)")
     parser.add_argument("--method", choices=["kmeans", "random"], default="kmeans",
                         help="kmeans on the codewords as the tokenizer uses them, or balanced random groups")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of k-means' starts or of the random groups (default: %(default)s)")
     parser.add_argument("--n-init", type=int, default=4, help="k-means restarts (the lowest inertia is kept)")
     parser.add_argument("--out", required=True, help="output file (.safetensors)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ctfgen.clustering import CoarseMap
+    from ctfgen.commands._common import check_args
+    from ctfgen.options import check_output_file
     from ctfgen.tokenizer.vq import VQModel
 
-    out = Path(args.out)
+    check_args(args)
+    out = check_output_file(args.out, ".safetensors", "--out")
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     vq = VQModel.from_pretrained(args.tokenizer)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ctfgen.commands._common import add_model_arguments
+from ctfgen.commands._common import add_model_arguments, check_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--baseline", default=None, metavar="DIR",
+    parser.add_argument("--baseline", default=None, metavar="DIR_OR_REPO",
                         help="baseline shown side by side (default: the shipped one for the shipped model, else the "
                              "`baseline` directory beside --model; none if there is none)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only; another host prints a warning)")
-    parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="TCP port to serve on, 1 to 65535 (default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=16, help="images per request at most (default: %(default)s)")
     parser.add_argument("--queue-size", type=int, default=16,
                         help="requests waiting at most; more get a 'busy, try again' message (default: %(default)s)")
@@ -26,10 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfgen.errors import ConfigError
     from ctfgen.pipeline import CTFPipeline
 
-    if args.max_images < 1 or args.queue_size < 1:
-        raise ConfigError("--max-images and --queue-size must be at least 1")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    check_args(args, counts=("max_images", "queue_size", "port"))
     ctf = load_model(args.model, args.device)
     if not isinstance(ctf, CTFPipeline):
         raise ConfigError(f"--model {args.model!r} is a baseline; the demo shows a CTF model (pass the baseline as --baseline)")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+from ctfgen.commands._common import add_device_argument
+
+
 def configure(parser):
     parser.add_argument("samples", help="sample set: an ADM-style .npz (uint8 arr_0 (N,H,W,C), labels under "
                                         "'labels' or arr_1) or a folder of images")
@@ -22,13 +25,19 @@ def configure(parser):
                              "then ~/.cache/ctfgen/)")
     parser.add_argument("--k", type=int, default=3, help="nearest neighbour for precision/recall radii")
     parser.add_argument("--splits", type=int, default=10, help="splits for the Inception Score")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per feature-extraction batch (default: %(default)s)")
+    add_device_argument(parser, None)
     parser.add_argument("--no-sfid", action="store_true", help="skip sFID (saves a little time)")
 
 
 def run(args):
+    from ctfgen.commands._common import check_args
     from ctfgen.metrics.evaluate import evaluate, format_table, write_record
+    from ctfgen.options import check_output_file
+
+    check_args(args, counts=("batch_size",))
+    if args.out:
+        check_output_file(args.out, ".json", "--out")
     record = evaluate(
         args.samples, args.ref, metric_set=args.metric_set, name=args.name, epoch=args.epoch,
         inception_weights=args.inception_weights, k=args.k, splits=args.splits,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from ctfgen.commands._common import add_device_argument, check_args
 from ctfgen.errors import ConfigError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="VQModel directory (save_pretrained form)")
-    parser.add_argument("--dataset", choices=["fashion_mnist", "image_folder"], default="fashion_mnist")
+    parser.add_argument("--dataset", choices=["fashion_mnist", "image_folder"], default="fashion_mnist",
+                        help="Fashion-MNIST's IDX files, or a folder of class sub-folders of images (default: %(default)s)")
     parser.add_argument("--data-root", default=None,
                         help="Fashion-MNIST IDX directory (default: $CTFGEN_FASHION_MNIST, then the Debian "
                              "package's directory) or the class-per-folder image root")
@@ -23,9 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output code directory (created atomically)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per rank per step")
     parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST: a class-balanced subset of N images")
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="data-loading worker processes; 0 loads in the main process (default: %(default)s)")
     parser.add_argument("--verify", action="store_true", help="image_folder: PIL-verify every file first")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device_argument(parser, None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
@@ -36,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfgen.data.extract import extract_dataset
     from ctfgen.train import distributed as D
 
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.dataset == "image_folder" and args.limit is not None:
         raise ConfigError("--limit applies to fashion_mnist only")

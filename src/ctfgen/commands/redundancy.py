@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfgen.commands._common import add_device_argument, check_args
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
@@ -27,12 +29,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--scale", type=int, default=4, help="enlarge the grid by this factor (nearest)")
     parser.add_argument("--grid-columns", type=int, default=16, help="images shown in the grid (the numbers use all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the swaps, the images chosen and a random map (default: %(default)s)")
+    add_device_argument(parser, None)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfgen.options import check_output_file
     from ctfgen.redundancy import format_table, redundancy_report
+
+    check_args(args, counts=("images", "scale"))
+    check_output_file(args.out, "image", "--out")
+    if args.json:
+        check_output_file(args.json, ".json", "--json")
 
     result = redundancy_report(args.tokenizer, args.model, args.coarse_map, args.num_coarse, args.images, args.data,
                                args.split, args.image_size, args.out, args.json, args.scale, args.grid_columns,

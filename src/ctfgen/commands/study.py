@@ -20,7 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.9, 1.0, 1.1],
                         help="stage-1 (baseline: the only) temperatures tried on the validation split (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds of the test cells")
-    parser.add_argument("--test-per-class", type=int, default=500, help="test samples per class per cell")
+    parser.add_argument("--test-per-class", type=int, default=500,
+                        help="test samples per class per cell (default: %(default)s)")
     parser.add_argument("--select-per-class", type=int, default=200,
                         help="validation samples per class per grid point (default: %(default)s, 2000 in all)")
     parser.add_argument("--select-seed", type=int, default=1000,
@@ -28,15 +29,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diagnosis-per-class", type=int, default=500,
                         help="test images per class that the diagnosis sets are made from; the rest are their "
                              "reference (default: %(default)s)")
-    parser.add_argument("--diagnosis-seed", type=int, default=2000, help="the diagnosis' sampling seed")
-    parser.add_argument("--heldout-images", type=int, default=10000, help="test images for bits/token per epoch")
+    parser.add_argument("--diagnosis-seed", type=int, default=2000,
+                        help="the diagnosis' sampling seed (default: %(default)s)")
+    parser.add_argument("--heldout-images", type=int, default=10000,
+                        help="test images for the held-out bits per token at every epoch (default: %(default)s)")
     parser.add_argument("--tokenizer-images", type=int, default=None,
                         help="test images for codebook usage and PSNR (default: the whole test split)")
-    parser.add_argument("--batch-size", type=int, default=250, help="sampling batch size (it shapes the streams)")
+    parser.add_argument("--batch-size", type=int, default=250,
+                        help="sampling batch size; it shapes the random streams (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfgen.options import check
     from ctfgen.study import StudySettings, study_run, write_report
+
+    args.guidance = [check("cfg_scale", g, "--guidance") for g in args.guidance]
+    args.temperatures = [check("temperature", t, "--temperatures") for t in args.temperatures]
+    args.seeds = [check("seed", s, "--seeds") for s in args.seeds]
+    for name in ("select_seed", "diagnosis_seed"):
+        setattr(args, name, check("seed", getattr(args, name), "--" + name.replace("_", "-")))
+    for name in ("test_per_class", "select_per_class", "diagnosis_per_class", "heldout_images", "batch_size"):
+        setattr(args, name, check("per_class" if name != "batch_size" else "batch_size", getattr(args, name),
+                                  "--" + name.replace("_", "-")))
 
     settings = StudySettings(guidance=tuple(args.guidance), temperatures=tuple(args.temperatures), seeds=tuple(args.seeds),
                              test_per_class=args.test_per_class, select_per_class=args.select_per_class,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 def configure(parser):
     parser.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, train_info.json)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the training split (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST *.gz IDX files (default: the usual locations)")
     parser.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke tests)")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from ctfgen.commands._common import collect_trailing_overrides
+from ctfgen.commands._common import add_device_argument, check_args, collect_trailing_overrides
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (its data and tokenizer sections are used)")
     parser.add_argument("--out", required=True, help="output directory (checkpoints, metrics.csv, tokenizer/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device_argument(parser, None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.csv is still written)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
     collect_trailing_overrides(parser)
@@ -28,6 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctfgen.tokenizer.train import train_tokenizer_from_config
+
+    check_args(args)
 
     train_tokenizer_from_config(args.config, args.out, args.overrides, resume=args.resume, device=args.device,
                                 progress=not args.no_progress)

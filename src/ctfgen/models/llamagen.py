@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ctfgen.errors import ConfigError
-from ctfgen.hub import check_state_dict, load_state_dict_strict
+from ctfgen.hub import check_state_dict, llamagen_file_error, load_state_dict_strict, read_llamagen_checkpoint
 from ctfgen.models.transformer import GPT, GPT_PRESETS, GPTConfig, apply_rotary_emb, precompute_freqs_cis_2d
 
 # Saved by some LlamaGen versions or training wrappers; they hold no weights.
@@ -21,11 +20,14 @@ _WRAPPER_KEYS = ("model", "module", "state_dict")
 _PREFIXES = ("_orig_mod.", "module.")
 
 
+EXAMPLE = "c2i_B_256.pt"
+
+
 def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensors of a LlamaGen checkpoint: under "model", "module", "state_dict", or bare (FSDP),
     with torch.compile / DDP prefixes stripped and known non-parameter buffers dropped."""
     if not isinstance(ckpt, Mapping):
-        raise TypeError(f"{source}: expected a dict of tensors, got {type(ckpt).__name__}")
+        raise llamagen_file_error(source, "GPT", EXAMPLE, f"it holds a {type(ckpt).__name__}, not a dict of tensors")
     for key in _WRAPPER_KEYS:
         if key in ckpt and isinstance(ckpt[key], Mapping):
             ckpt = ckpt[key]
@@ -33,10 +35,8 @@ def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> dict[str, t
     state = {}
     for name, value in ckpt.items():
         if not isinstance(value, torch.Tensor):
-            raise ConfigError(
-                f"{source}: entry {name!r} is a {type(value).__name__}, not a tensor; expected tensors under "
-                f"one of {_WRAPPER_KEYS} or a bare state dict"
-            )
+            raise llamagen_file_error(source, "GPT", EXAMPLE, f"entry {name!r} is a {type(value).__name__}, not a "
+                                      f"tensor; expected tensors under one of {_WRAPPER_KEYS} or a bare state dict")
         for prefix in _PREFIXES:
             while name.startswith(prefix):
                 name = name[len(prefix):]
@@ -60,10 +60,11 @@ def load_llamagen_gpt(path, preset: str = "GPT-B", image_tokens: int = 256, num_
     if side * side != image_tokens:
         raise ConfigError(f"image_tokens={image_tokens} is not a square grid (256 for 256px, 576 for 384px with VQ-16)")
     source = str(path)
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    state = extract_state_dict(ckpt, source)
+    state = extract_state_dict(read_llamagen_checkpoint(path, "GPT", EXAMPLE), source)
     if "tok_embeddings.weight" not in state:
-        raise ConfigError(f"{source} has no tok_embeddings.weight: not a LlamaGen GPT checkpoint")
+        vq = any(k.startswith(("encoder.", "quantize.")) or k.startswith("model.encoder.") for k in state)
+        raise llamagen_file_error(source, "GPT", EXAMPLE, "it has no tok_embeddings.weight" +
+                                  ("; it looks like a VQ tokenizer, load it with ctfgen.load_llamagen_vq" if vq else ""))
     vocab_size = state["tok_embeddings.weight"].shape[0]
     config = GPTConfig.from_preset(preset, vocab_size=vocab_size, image_tokens=image_tokens, num_classes=num_classes, **overrides)
     with torch.device("meta"):

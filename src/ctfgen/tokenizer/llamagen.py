@@ -10,21 +10,20 @@ inferred configuration, and any missing, unexpected or mis-shaped tensor is an e
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping
 
 import torch
 
-from ctfgen.errors import ConfigError
-from ctfgen.hub import StateDictMismatch, check_state_dict
+from ctfgen.hub import StateDictMismatch, check_state_dict, llamagen_file_error, read_llamagen_checkpoint
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 
 __all__ = ["load_llamagen_vq", "infer_vq_config", "read_llamagen_vq_state"]
 
 # Buffers LlamaGen saves that carry no weights.
 IGNORED = ("quantize.codebook_used",)
+EXAMPLE = "vq_ds16_c2i.pt"
 
 
 def read_llamagen_vq_state(path_or_checkpoint, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -36,29 +35,29 @@ def read_llamagen_vq_state(path_or_checkpoint, use_ema: bool = False) -> dict[st
     source = "checkpoint"
     if isinstance(path_or_checkpoint, (str, os.PathLike)):
         source = os.fspath(path_or_checkpoint)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"LlamaGen VQ checkpoint {source} does not exist")
-        # LlamaGen's training script stores its argparse.Namespace under "args"; it is plain data,
-        # so allow exactly that class and nothing else that could run code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        ckpt = read_llamagen_checkpoint(source, "VQ", EXAMPLE)
     else:
         ckpt = path_or_checkpoint
     if not isinstance(ckpt, Mapping):
-        raise ConfigError(f"{source} holds a {type(ckpt).__name__}, not a LlamaGen checkpoint dict")
+        raise llamagen_file_error(source, "VQ", EXAMPLE, f"it holds a {type(ckpt).__name__}, not a dict of tensors")
     key = "ema" if use_ema else "model"
     if key in ckpt:
         sd = ckpt[key]
     elif not use_ema and "encoder.conv_in.weight" in ckpt:
         sd = ckpt
     else:
-        hint = " Load without use_ema to get the training weights." if use_ema and "model" in ckpt else ""
-        raise KeyError(f"{source} has no {key!r} entry (it has: {', '.join(map(str, ckpt.keys()))}).{hint}")
+        hint = "; load without use_ema to get the training weights" if use_ema and "model" in ckpt else ""
+        raise llamagen_file_error(source, "VQ", EXAMPLE, f"it has no {key!r} entry (it has: "
+                                  f"{', '.join(map(str, list(ckpt.keys())[:10]))}){hint}")
     if not isinstance(sd, Mapping):
-        raise ConfigError(f"{source}[{key!r}] is a {type(sd).__name__}, expected a state dict")
+        raise llamagen_file_error(source, "VQ", EXAMPLE, f"its {key!r} entry is a {type(sd).__name__}, not a state dict")
     # Checkpoints saved from a DDP-wrapped model prefix every name with "module.".
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    if "encoder.conv_in.weight" not in sd:
+        gpt = "tok_embeddings.weight" in sd or any(k.startswith("layers.") for k in sd)
+        raise llamagen_file_error(source, "VQ", EXAMPLE, "it has no encoder.conv_in.weight" +
+                                  ("; it looks like a GPT, load it with ctfgen.load_llamagen_gpt" if gpt else ""))
     return dict(sd)
 
 
