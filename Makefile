@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,quant]"
 	touch $@
 
 # Fashion-MNIST's default place is named once, in ctfgen.data.fashion_mnist.DEFAULT_DIR.

@@ -25,7 +25,7 @@ def warm(gpt, labels, scale, steps):
     gpt.prefill(labels.repeat(batch // labels.shape[0]))
     token = torch.zeros(batch, 1, dtype=torch.long, device=labels.device)
     for k in range(1, min(steps, gpt.config.image_tokens) + 1):
-        gpt.forward_step(token, torch.tensor([k], device=labels.device))
+        gpt.forward_step(token, k)
     gpt.clear_caches()
 
 

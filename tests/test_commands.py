@@ -181,8 +181,8 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     assert all(r["stage2"] > 0 for r in results if r["method"] == "ctf")
     assert all("stage2" not in r for r in results if r["method"] == "baseline")  # one stage: no stage 2
     table = capsys.readouterr().out
-    rows = [line.split() for line in table.splitlines() if " baseline " in line]
-    assert rows and all(row[6] == "–" for row in rows)  # model dtype method batch img/s stage1 stage2
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines() if "| baseline |" in line]
+    assert rows and all(row[7] == "–" for row in rows)  # model dtype method batch img/s tok/s stage1 stage2
     assert torch.is_grad_enabled()  # the command must not leave autograd switched off for its caller
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ctfgen.hub import StateDictMismatch
 from ctfgen.models import GPT, GPTConfig, load_llamagen_gpt
-from ctfgen.models.transformer import apply_rotary_emb, ffn_hidden_dim, precompute_freqs_cis_2d
+from ctfgen.models.transformer import apply_rotary_emb, cached_attention, ffn_hidden_dim, precompute_freqs_cis_2d
 
 from conftest import LLAMAGEN_MANIFESTS
 
@@ -140,6 +140,50 @@ def test_kv_cached_decoding_equals_full_forward():
         torch.testing.assert_close(chunk, full[:, 1:8], atol=1e-5, rtol=1e-5)
     model.clear_caches()
     assert all(layer.attention.kv_cache is None for layer in model.layers)
+
+
+def test_filled_cache_attention_equals_full_masked_attention():
+    torch.manual_seed(0)
+    B, H, S, d = 3, 4, 17, 8
+    k, v = torch.randn(B, H, S, d), torch.randn(B, H, S, d)
+    for filled in (1, 6, 17):
+        q = torch.randn(B, H, 1, d)
+        mask = (torch.arange(S) < filled)[None, None, None]
+        full = cached_attention(q, k, v, mask)
+        torch.testing.assert_close(cached_attention(q, k[:, :, :filled], v[:, :, :filled]), full, atol=1e-5, rtol=1e-5)
+        # unwritten slots hold garbage in a real cache: the slice never reads them
+        junk = k.clone()
+        junk[:, :, filled:] = float("nan")
+        assert torch.isfinite(cached_attention(q, junk[:, :, :filled], v[:, :, :filled])).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_over_the_filled_cache_equals_the_fixed_shape_step(dtype):
+    model = tiny_gpt().to(dtype)
+    tokens = torch.randint(0, 11, (3, 16))
+    labels = torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        model.setup_caches(3)
+        fixed = [model.prefill(labels)]
+        for k in range(1, 16):
+            fixed.append(model.forward_step(tokens[:, k - 1 : k], torch.tensor([k]))[:, -1])
+        model.clear_caches()
+        model.setup_caches(3)
+        filled = [model.prefill(labels)]
+        for k in range(1, 16):
+            filled.append(model.forward_step(tokens[:, k - 1 : k], k)[:, -1])
+        cache = model.layers[0].attention.kv_cache
+        assert cache.k_cache.dtype == torch.float32  # on the CPU the cache is float32 whatever the weights
+        assert torch.count_nonzero(cache.k_cache[:, :, 16:]) == 0 < torch.count_nonzero(cache.k_cache[:, :, 15])
+        torch.testing.assert_close(torch.stack(filled, 1), torch.stack(fixed, 1), atol=1e-5, rtol=1e-5)
+        # a chunk at an int position (T > 1: causal within the chunk) agrees with the full forward
+        model.prefill(labels)
+        chunk = model.forward_step(tokens[:, :7], 1)
+        rest = model.forward_step(tokens[:, 7:12], 8)
+    full = model(tokens, labels)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(chunk, full[:, 1:8], **tol)
+    torch.testing.assert_close(rest, full[:, 8:13], **tol)
 
 
 def test_save_pretrained_round_trip_is_bit_exact(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctfgen.models import GPT, GPTConfig
+from ctfgen.models import GPT, GPTConfig, llamagen_generate
 from ctfgen.sampling import cfg_combine, filter_logits, generate, log_prob, sample_from_logits
 
 NEG = float("-inf")
@@ -167,3 +167,49 @@ def test_baseline_log_prob_sums_to_one_over_all_grids():
         lp = log_prob(gpt, grids, torch.full((len(grids),), label))
         assert abs(lp.exp().sum().item() - 1.0) < 1e-5
         assert lp.max() - lp.min() > 1.0  # not the uniform distribution
+
+
+@pytest.mark.parametrize("cfg_scale, cfg_interval", [(1.0, -1), (2.0, -1), (4.0, 3)])
+def test_greedy_tokens_equal_llamagen_reference(cfg_scale, cfg_interval):
+    gpt = tiny_gpt(image_tokens=25)
+    labels = torch.tensor([0, 2, 1, 0])
+    want = llamagen_generate(gpt, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, top_k=1)
+    cfg_steps = None if cfg_interval < 0 else cfg_interval + 2
+    got = generate(gpt, labels, cfg_scale=cfg_scale, cfg_steps=cfg_steps, top_k=1)
+    assert want.shape == (4, 25) and torch.equal(got, want)
+
+
+def test_llamagen_reference_stopped_early_is_a_prefix():
+    gpt = tiny_gpt(image_tokens=25)
+    full = llamagen_generate(gpt, [0, 1], cfg_scale=2.0, top_k=1)
+    assert torch.equal(llamagen_generate(gpt, [0, 1], cfg_scale=2.0, top_k=1, decode_steps=5), full[:, :6])
+    assert llamagen_generate(gpt, [0, 1], top_k=1, decode_steps=0).shape == (2, 1)
+
+
+def test_sampled_tokens_equal_llamagen_reference_for_a_seed():
+    # one torch.multinomial over the (B, V) guided probabilities per token, as LlamaGen
+    gpt = tiny_gpt(image_tokens=25)
+    labels = torch.tensor([1, 2, 0])
+    torch.manual_seed(11)
+    want = llamagen_generate(gpt, labels, cfg_scale=1.5, temperature=1.2)
+    got = generate(gpt, labels, cfg_scale=1.5, temperature=1.2, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(got, want)
+
+
+def test_top_k_draws_on_the_top_k_only_with_the_masked_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.5, 1.0, -3.0])
+    want = filter_logits(logits[None], top_k=3).softmax(-1)[0].double()
+    draws = sample_from_logits(logits.expand(40000, 6), top_k=3, generator=g)
+    assert set(draws.tolist()) == {1, 3, 4}
+    torch.testing.assert_close(torch.bincount(draws, minlength=6).double() / 40000, want, atol=0.01, rtol=0)
+    # top-p on the top-k keeps what LlamaGen's filter keeps (top-4 probabilities .46 .28 .17 .10)
+    for p, want_kept in ((0.7, {1, 3}), (0.8, {1, 3, 4})):
+        assert kept(filter_logits(logits[None], top_k=4, top_p=p)[0]) == want_kept
+        assert set(sample_from_logits(logits.expand(4000, 6), top_k=4, top_p=p, generator=g).tolist()) == want_kept
+    # a tie at the k-th value keeps every tied token, as LlamaGen's filter does
+    ties = torch.tensor([3.0, 1.0, 1.0, 1.0, -2.0])
+    assert set(sample_from_logits(ties.expand(4000, 5), top_k=2, temperature=0.5, generator=g).tolist()) == {0, 1, 2, 3}
+    # greedy, and top_k >= V, are unchanged
+    assert torch.equal(sample_from_logits(logits[None], top_k=1), torch.tensor([1]))
+    assert set(sample_from_logits(logits.expand(4000, 6), top_k=6, generator=g).tolist()) == set(range(6))

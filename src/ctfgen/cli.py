@@ -15,6 +15,7 @@ import sys
 
 from ctfgen import __version__
 from ctfgen.errors import ConfigError, CtfgenError
+from ctfgen.threads import prefer_passive_waiting
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -72,6 +73,9 @@ def log_progress() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything loads torch (and OpenMP with it): waiting threads sleep instead of spinning,
+    # so a busy core does not stall sampling (ctfgen.threads, docs/performance.md).
+    prefer_passive_waiting()
     log_progress()
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)

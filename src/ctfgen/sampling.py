@@ -6,6 +6,8 @@ with the shift-right keep rule, multinomial), so `top_k=1` reproduces LlamaGen's
 from the same weights. Differences, all deliberate:
 - `top_k=1` takes the argmax directly (LlamaGen draws from the one-hot; identical unless logits tie
   exactly) and consumes no random numbers; so does `temperature=0`, which means greedy.
+- `top_k > 1` draws among the top-k logits only: LlamaGen's distribution, fewer random numbers, so
+  other draws than LlamaGen's for the same seed. Without top-k the draw is LlamaGen's.
 - Guidance runs whenever `cfg_scale != 1` (LlamaGen silently ignores scales below 1).
 - `cfg_steps=N` guides tokens 0..N-1; LlamaGen's `cfg_interval=I` guides tokens 0..I+1, so
   `cfg_steps = cfg_interval + 2`. After the last guided token the unconditional half is dropped
@@ -28,8 +30,9 @@ GeneratorLike = Union[torch.Generator, int, None]
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + (cond - uncond) * scale (LlamaGen's formula)."""
-    return uncond + (cond - uncond) * scale
+    """Classifier-free guidance: uncond + (cond - uncond) * scale (LlamaGen's formula, the same
+    rounding: one new tensor, then in place)."""
+    return (cond - uncond).mul_(scale).add_(uncond)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -69,12 +72,28 @@ def sample_from_logits(
     top_p: float = 1.0,
     generator: GeneratorLike = None,
 ) -> torch.Tensor:
-    """Draw one token per row of (..., V) logits -> (...) int64. `top_k=1` or `temperature=0` is greedy."""
+    """Draw one token per row of (..., V) logits -> (...) int64. `top_k=1` or `temperature=0` is greedy.
+
+    With 1 < top_k < V the draw runs on the (..., k) top-k logits, not the (..., V) masked ones:
+    the same distribution as LlamaGen's filter-then-softmax, with k random numbers per row instead
+    of V (a different stream from the full draw's for the same generator). Ties at the k-th value,
+    which LlamaGen's filter keeps all of, take the full path."""
     if top_k == 1 or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)
+    if 1 < top_k < logits.shape[-1]:
+        values, indices = torch.topk(logits, int(top_k), dim=-1)  # sorted, largest first
+        if not bool(((logits >= values[..., -1:]).sum(-1) > top_k).any()):
+            if top_p < 1.0:
+                values = filter_logits(values, top_p=top_p)
+            return indices.gather(-1, _draw(values, generator)[..., None]).squeeze(-1)
     if top_k > 0 or top_p < 1.0:
         logits = filter_logits(logits, top_k, top_p)
+    return _draw(logits, generator)
+
+
+def _draw(logits: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
+    # softmax and torch.multinomial, as LlamaGen; the draw costs one exponential per logit
     probs = F.softmax(logits, dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
     idx = torch.multinomial(flat, 1, generator=as_generator(generator, flat.device))
@@ -121,10 +140,13 @@ def generate(
     are allocated once. `cfg_scale != 1` runs [cond; null] in one batch and samples from
     uncond + (cond - uncond) * cfg_scale; `cfg_steps` limits guidance to the first N tokens.
     `generator`: a torch.Generator or an int seed, for reproducible draws. `dtype`: "auto",
-    "float32", "bfloat16" or "float16" (None = the weights' dtype): runs a copy of the weights cast
-    once per dtype (`ctfgen.precision.cast_weights`), KV cache in that dtype; logits, guidance and
-    the draw stay float32. `compile`: torch.compile the decode step (keeps the caches
-    allocated afterwards so the compiled graph is reused; `gpt.clear_caches()` frees them).
+    "float32", "bfloat16", "float16", or an int8 scheme ("int8", "int8-weight", "int8-fbgemm")
+    (None = the weights' dtype): runs a copy of the weights cast once per dtype
+    (`ctfgen.precision.cast_weights`); the KV cache is float32 on the CPU and in the weights' dtype
+    elsewhere (`kv_cache_dtype`); logits, guidance and the draw stay float32. Each eager step
+    attends over the filled part of the cache only. `compile`: torch.compile the decode step,
+    which then keeps fixed shapes (the whole cache, masked), and keeps the caches allocated
+    afterwards so the compiled graph is reused (`gpt.clear_caches()` frees them).
     """
     o = check_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, cfg_steps=cfg_steps),
                        {"top_k": gpt.config.vocab_size, "cfg_steps": gpt.config.image_tokens})
@@ -139,8 +161,10 @@ def generate(
 
     with _eval_mode(gpt):
         gpt.setup_caches(2 * B if guided else B)
+        # Eager steps pass the position as an int, so attention reads only the filled part of the
+        # cache; a compiled step gets it as a tensor and keeps fixed shapes (the whole cache, masked).
         step = _compiled_step(gpt) if compile else gpt.forward_step
-        positions = torch.arange(1, L + 1, device=device)  # tok_k sits at sequence position k+1
+        positions = torch.arange(1, L + 1, device=device) if compile else None
         out = torch.empty(B, L, dtype=torch.long, device=device)
         try:
             if guided:
@@ -150,8 +174,8 @@ def generate(
             for k in range(L):
                 use_cfg = guided and k < n_guided
                 if k > 0:
-                    x = out[:, k - 1 : k]
-                    logits = step(torch.cat([x, x]) if use_cfg else x, positions[k - 1 : k])[:, -1]
+                    x = out[:, k - 1 : k]  # tok_{k-1}, at sequence position k
+                    logits = step(torch.cat([x, x]) if use_cfg else x, positions[k - 1 : k] if compile else k)[:, -1]
                 if use_cfg:
                     cond, uncond = logits.chunk(2)
                     logits = cfg_combine(cond, uncond, cfg_scale)

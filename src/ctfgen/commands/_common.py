@@ -12,6 +12,7 @@ from ctfgen.options import COUNTS, SAMPLING, SEED, check, check_device, check_sa
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.precision import DTYPE_CHOICES
 from ctfgen.shipped import PRETRAINED, pretrained
+from ctfgen.threads import use_sampling_threads
 
 MODEL_HELP = ("a pipeline directory (from `ctfgen pipeline`: the run's root RUN, RUN/ctf or RUN/baseline), a "
               "Hugging Face Hub repo id (org/name; cached, honours HF_HUB_OFFLINE), or a shipped name: "
@@ -60,12 +61,17 @@ def check_args(args: argparse.Namespace) -> None:
 def add_dtype_argument(parser, default: str = "auto") -> None:
     parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
                         help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
-                             "float32 elsewhere (default: %(default)s)")
+                             "float32 elsewhere; int8 / int8-weight = dynamic / weight-only int8 linear layers "
+                             "through torchao (pip install 'ctfgen[quant]'), int8-fbgemm = dynamic int8 through "
+                             "PyTorch's x86 kernels (default: %(default)s)")
 
 
 def load_model(spec: str, device: str):
     """--model: a shipped name, a directory (a run's root included) or a Hub repo id, on `device`."""
-    return pretrained(spec, device=device)
+    pipe = pretrained(spec, device=device)
+    if pipe.device.type == "cpu":
+        use_sampling_threads(pipe)  # one thread for a small model, no more than the free cores (OMP_NUM_THREADS wins)
+    return pipe
 
 
 def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer=None):

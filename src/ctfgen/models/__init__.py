@@ -1,6 +1,6 @@
 """Transformers: LlamaGen's class-conditional GPT and CTF's auxiliary fine-token model."""
 
-from ctfgen.models.llamagen import extract_state_dict, load_llamagen_gpt
+from ctfgen.models.llamagen import extract_state_dict, llamagen_generate, load_llamagen_gpt
 from ctfgen.models.transformer import (
     AUX_PRESETS,
     GPT,
@@ -25,6 +25,7 @@ __all__ = [
     "apply_rotary_emb",
     "cluster_table",
     "extract_state_dict",
+    "llamagen_generate",
     "load_llamagen_gpt",
     "precompute_freqs_cis_2d",
 ]

@@ -222,12 +222,39 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        # A batch smaller than max_batch uses the leading rows: generate drops the unconditional
-        # half this way once guidance stops, without touching the conditional half's cache.
+        """Write k, v (b, n_head, T, head_dim) at `input_pos` and return the keys and values to attend over.
+
+        `input_pos` an int: the T positions start there; returns only the filled part, positions
+        0 .. input_pos + T - 1 (a slice, no copy). A (T,) tensor: returns the whole fixed-shape cache,
+        for a compiled step whose shapes must not change (the caller masks the unwritten slots).
+        A batch smaller than max_batch uses the leading rows: generate drops the unconditional half
+        this way once guidance stops, without touching the conditional half's cache."""
         b = k.shape[0]
+        if isinstance(input_pos, int):
+            end = input_pos + k.shape[2]
+            self.k_cache[:b, :, input_pos:end] = k  # a strided copy; casts to the cache's dtype
+            self.v_cache[:b, :, input_pos:end] = v
+            return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
         self.k_cache[:b, :, input_pos] = k.to(self.k_cache.dtype)
         self.v_cache[:b, :, input_pos] = v.to(self.v_cache.dtype)
         return self.k_cache[:b], self.v_cache[:b]
+
+
+def cached_attention(q, k, v, mask=None):
+    """Softmax attention of q (B, H, T, d) over cached k, v (B, H, S, d) -> (B, H, T, d) in v's dtype.
+
+    `mask` (.., T, S) bool, True = may attend; None when every cached slot is visible (one new
+    token over the filled part of the cache). On the CPU this is the plain math, not SDPA:
+    PyTorch's CPU flash kernel is slower for one query, and much slower with a mask (measured:
+    16 ms vs 1 ms per layer for GPT-B, batch 8)."""
+    if q.dtype != k.dtype:
+        q = q.to(k.dtype)
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
 
 
 class Attention(nn.Module):
@@ -243,27 +270,17 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, causal: bool = True, input_pos=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.dim, self.dim, self.dim], dim=-1)
-        q = apply_rotary_emb(q.view(B, T, self.n_head, self.head_dim), freqs_cis)
-        k = apply_rotary_emb(k.view(B, T, self.n_head, self.head_dim), freqs_cis)
-        v = v.view(B, T, self.n_head, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        qkv = self.wqkv(x)
+        # q and k rotated in one call: (B, T, 2 * n_head, head_dim), a view of qkv's first two thirds
+        qk = apply_rotary_emb(qkv[..., : 2 * self.dim].view(B, T, 2 * self.n_head, self.head_dim), freqs_cis)
+        q, k = qk.transpose(1, 2).split(self.n_head, dim=1)
+        v = qkv[..., 2 * self.dim :].view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if input_pos is not None:
-            # cached decoding: attend over the whole preallocated cache, the precomputed causal
-            # mask row hides positions not yet written (fixed shapes, torch.compile friendly)
             k, v = self.kv_cache.update(input_pos, k, v)
-            if q.dtype != k.dtype:
-                q = q.to(k.dtype)
-            if q.is_cuda:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:
-                # PyTorch's CPU flash kernel with a mask is far slower than plain math for the
-                # one-query decode step (measured: 16 ms vs 1 ms per layer for GPT-B, batch 8)
-                scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-                y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+            y = cached_attention(q, k, v, mask).to(x.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.dim)
+        y = y.transpose(1, 2).reshape(B, T, self.dim)
         return self.resid_dropout(self.wo(y))
 
 
@@ -390,9 +407,11 @@ class GPT(_Backbone, HubMixin):
     # ---- KV-cached generation (gpt-fast style) ----
 
     def setup_caches(self, max_batch: int, dtype=None, device=None) -> None:
-        """Preallocate every layer's KV cache for `max_batch` sequences of image_tokens + 1."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        """Preallocate every layer's KV cache for `max_batch` sequences of image_tokens + 1.
+
+        `dtype` None = `kv_cache_dtype` of the weights' dtype and device: float32 on the CPU."""
         device = device or self.tok_embeddings.weight.device
+        dtype = dtype or kv_cache_dtype(self.tok_embeddings.weight.dtype, device)
         cached = self.layers[0].attention.kv_cache if len(self.layers) else None
         if cached is not None and self.max_batch >= max_batch and cached.k_cache.dtype == dtype and cached.k_cache.device == torch.device(device):
             return
@@ -414,8 +433,15 @@ class GPT(_Backbone, HubMixin):
     def _cached(self, h, input_pos):
         if self.max_batch < h.shape[0]:
             raise RuntimeError(f"KV cache holds {self.max_batch} sequences, got {h.shape[0]}: call setup_caches(max_batch) first")
-        freqs = self.freqs_cis[input_pos]
-        mask = self.causal_mask[None, None, input_pos]
+        T = h.shape[1]
+        if isinstance(input_pos, int):
+            # attend over the filled part of the cache only; one new token sees all of it
+            freqs = self.freqs_cis[input_pos : input_pos + T]
+            mask = None if T == 1 else self.causal_mask[input_pos : input_pos + T, : input_pos + T]
+        else:
+            # fixed shapes for torch.compile: the whole cache, the causal mask row hides unwritten slots
+            freqs = self.freqs_cis[input_pos]
+            mask = self.causal_mask[None, None, input_pos]
         for layer in self.layers:
             h = layer(h, freqs, input_pos=input_pos, mask=mask)
         return self.output(self.norm(h)).float()
@@ -423,13 +449,27 @@ class GPT(_Backbone, HubMixin):
     def prefill(self, labels):
         """Write the class token at sequence position 0; returns the logits of tok_0, (B, V)."""
         labels = _labels_tensor(labels, len(labels), self.config.num_classes, self.freqs_cis.device)
-        pos = torch.zeros(1, dtype=torch.long, device=labels.device)
-        return self._cached(self.cls_embedding(labels)[:, None], pos)[:, -1]
+        return self._cached(self.cls_embedding(labels)[:, None], 0)[:, -1]
 
     def forward_step(self, tokens, input_pos):
-        """tokens (B, T) sitting at sequence positions `input_pos` (T,) (tok_k is at k+1).
-        Returns (B, T, V) float32 logits; the last row predicts the next token."""
+        """tokens (B, T) sitting at sequence positions `input_pos` (tok_k is at k+1).
+        Returns (B, T, V) float32 logits; the last row predicts the next token.
+
+        `input_pos` an int, the first of T consecutive positions: attention reads only the filled
+        part of the cache (eager decoding). A (T,) int64 tensor: every call has the same shapes,
+        the whole cache masked (what a compiled step needs), as LlamaGen and gpt-fast do."""
+        if not isinstance(input_pos, torch.Tensor):
+            input_pos = int(input_pos)  # numpy and other integers take the int path too
         return self._cached(self.tok_embeddings(tokens), input_pos)
+
+
+def kv_cache_dtype(weight_dtype: torch.dtype, device) -> torch.dtype:
+    """The KV cache's dtype for weights in `weight_dtype`: float32 on the CPU, where attention over
+    a bf16 cache is slower than over a float32 one (bf16 batched matmul over the cache's strided
+    slices; docs/performance.md) and float32 is also the more exact; the weights' dtype elsewhere."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return weight_dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,6 +538,10 @@ class AuxModel(_Backbone, HubMixin):
       restricted model use it. The table is derived from `fine_to_coarse` and never saved.
     - Output head zero-initialised as GPT's, so training starts from uniform (in-cluster) logits.
     """
+
+    # int8 schemes keep this layer float (ctfgen.precision.quantize_linears): the in-cluster head
+    # gathers rows of output.weight instead of calling the layer.
+    float_linears = ("output",)
 
     def __init__(self, config: AuxConfig, coarse_map=None):
         super().__init__()

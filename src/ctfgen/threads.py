@@ -1,0 +1,115 @@
+"""CPU threads for sampling on a machine that other processes may share.
+
+Decoding is a few hundred small steps, each a chain of small parallel regions (one per matrix
+multiply). With torch's default, one OpenMP thread per core, every region waits for its slowest
+thread; when another process holds a core, that thread runs only when the scheduler lets it, and
+OpenMP's spinning waiters take time from the very process they wait for. docs/performance.md
+measures it: a decode step can slow down tens of times. Two choices keep sampling fast:
+
+- **Passive waiting.** `OMP_WAIT_POLICY=PASSIVE` makes threads that wait at a barrier sleep
+  instead of spinning. It must be in the environment before torch loads OpenMP, so the `ctfgen`
+  command sets it first thing (`prefer_passive_waiting`), unless the user set it.
+- **No more threads than free cores, and one for a small model.** `sampling_threads` counts the
+  cores this process may run on (its CPU affinity), subtracts those that other processes are
+  using right now (from /proc/stat, sampled over 0.1 s), and gives a model under
+  `SMALL_MODEL_PARAMETERS` one thread: its matrices are too small for a second thread to pay
+  for the synchronisation. An explicit `OMP_NUM_THREADS` or `--threads` always wins.
+
+Library users keep full control: nothing here runs on import; call `use_sampling_threads(model)`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+# Below this many parameters a model samples on one thread (the shipped Fashion-MNIST models have
+# about 1M): each matrix multiply takes microseconds, less than waking a second thread costs.
+SMALL_MODEL_PARAMETERS = 30_000_000
+
+# A core counts as busy when other processes used more than this share of it during the sample.
+BUSY_SHARE = 0.5
+
+
+def prefer_passive_waiting(environ=os.environ) -> None:
+    """Set OMP_WAIT_POLICY=PASSIVE unless it is set; effective only before torch is imported."""
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies over all CPUs from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [float(v) for v in fields[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def busy_cores(interval: float = 0.1) -> float:
+    """How many cores other processes keep busy, measured over `interval` seconds (0.0 where
+    /proc/stat is not available). This process's own use during the interval is not counted."""
+    first = _cpu_times()
+    if first is None:
+        return 0.0
+    own0, t0 = _own_cpu_seconds(), time.monotonic()
+    time.sleep(interval)
+    second = _cpu_times()
+    own1, t1 = _own_cpu_seconds(), time.monotonic()
+    if second is None or second[1] <= first[1]:
+        return 0.0
+    cpus = os.cpu_count() or 1
+    share = (second[0] - first[0]) / (second[1] - first[1])  # of all CPUs
+    own = (own1 - own0) / max(t1 - t0, 1e-9)  # cores' worth
+    return max(0.0, share * cpus - own)
+
+
+def sampling_threads(parameters: int, busy: float | None = None, cores: int | None = None) -> int:
+    """Threads for sampling a model of `parameters` parameters: 1 for a small model, else the
+    usable cores minus the busy ones (`busy_cores()` when not given), at least 1."""
+    if parameters < SMALL_MODEL_PARAMETERS:
+        return 1
+    cores = usable_cores() if cores is None else cores
+    busy = busy_cores() if busy is None else busy
+    taken = math.floor(busy + (1.0 - BUSY_SHARE))  # a core is taken when over BUSY_SHARE of it is used
+    return max(1, min(cores, cores - taken))
+
+
+def explicit_threads() -> int | None:
+    """OMP_NUM_THREADS when the user set it to a positive integer, else None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def count_parameters(model) -> int:
+    """Parameters of a module, or of every model of a pipeline (`_models()`)."""
+    models = model._models() if hasattr(model, "_models") else [model]
+    return sum(p.numel() for m in models for p in m.parameters())
+
+
+def use_sampling_threads(model, threads: int | None = None) -> int:
+    """Set torch's intra-op threads for sampling `model` (a module or a pipeline): `threads` when
+    given, else OMP_NUM_THREADS when set, else `sampling_threads`. Returns the number set."""
+    import torch
+
+    n = threads or explicit_threads() or sampling_threads(count_parameters(model))
+    torch.set_num_threads(n)
+    return n

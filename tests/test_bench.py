@@ -1,0 +1,159 @@
+"""The measurements behind docs/performance.md, at tiny sizes: they run, they add up, they clean up."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from _tiny_ctf import tiny_baseline, tiny_ctf
+from ctfgen import bench, threads
+from ctfgen.cli import main
+from ctfgen.models import transformer
+from ctfgen.pipeline import ARPipeline, CTFPipeline
+
+
+def test_profile_decode_parts_add_up_and_the_library_is_restored(tmp_path, capsys):
+    originals = (transformer.apply_rotary_emb, transformer.cached_attention, torch.nn.Linear.forward,
+                 transformer.RMSNorm.forward)
+    out = tmp_path / "profile.json"
+    assert main(["bench", "--profile", "--models", "GPT-tiny", "--batch-sizes", "2", "--image-tokens", "16",
+                 "--dtype", "float32", "int8-fbgemm", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"float32", "int8-fbgemm"}
+    for r in results.values():
+        ms = r["ms_per_step"]
+        for part in ("linear", "head", "attention", "norms", "rope", "guidance", "sampling"):
+            assert ms[part] > 0, part
+        parts = sum(ms[k] for k in (*bench.PARTS, "other"))  # disjoint scopes within the window
+        assert parts <= ms["profiled"] and ms["python"] == pytest.approx(ms["profiled"] - parts)
+        assert r["linear_gflops"] > 0 and r["tokens_per_s"] > 0 and ms["step"] > 0
+    table = capsys.readouterr().out
+    assert "| ms per decode step | float32 | int8-fbgemm |" in table and "| RoPE |" in table
+    assert (transformer.apply_rotary_emb, transformer.cached_attention, torch.nn.Linear.forward,
+            transformer.RMSNorm.forward) == originals
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes():
+    ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
+    gpt, vq = tiny_baseline(vocab=8, num_classes=10, vq=vq)
+    return ARPipeline(gpt, vq), CTFPipeline(ar, aux, cmap, vq)
+
+
+def test_bench_reports_median_min_max_and_llamagen_beside_the_baseline(tiny_pipes, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "paper_shape_pipelines", lambda *a, **k: tiny_pipes)
+    results = bench.run_bench(["GPT-B"], [2], repeats=5, dtypes=("float32", "int8-fbgemm"), llamagen=True, warmup=0,
+                              llamagen_steps=2)
+    assert results[0]["tokens_timed"] == 3  # LlamaGen timed over its first 3 tokens of 4, scaled to the image
+    methods = [(r["dtype"], r["method"]) for r in results]
+    # LlamaGen has no int8: its sampler runs beside the float baseline only
+    assert methods == [("float32", "llamagen"), ("float32", "baseline"), ("float32", "ctf"),
+                       ("int8-fbgemm", "baseline"), ("int8-fbgemm", "ctf")]
+    for r in results:
+        assert r["repeats"] == len(r["runs"]) == 5
+        assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
+        assert r["tokens_per_s"] == pytest.approx(2 * 4 / r["stage1"])
+    printed = capsys.readouterr().out
+    base_row = next(line for line in printed.splitlines() if "| float32 | baseline |" in line)
+    assert base_row.rstrip(" |").endswith("x")  # baseline tokens/s over LlamaGen's
+    only = bench.run_bench(["GPT-B"], [2], repeats=1, dtypes=("float32",), warmup=0, methods=("ctf",))
+    assert [r["method"] for r in only] == ["ctf"]
+
+
+def test_matmul_rates_cover_every_precision(capsys):
+    rates = bench.matmul_rates(("float32", "bfloat16", "int8-fbgemm"), rows=(4,), in_features=32, out_features=64,
+                               repeats=2, preset="GPT-tiny")
+    assert set(rates) == {"float32", "bfloat16", "int8-fbgemm"}
+    assert all(v > 0 for r in rates.values() for v in r.values())
+    assert "GPT-tiny block linears in turn, 16 rows" in rates["float32"]
+    assert "| same, w1 and w3 fused |" in capsys.readouterr().out
+
+
+def test_busy_machine_starts_and_stops_its_busy_loop(monkeypatch, capsys):
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    results = bench.busy_machine(workloads=("GPT-tiny",), settings=(("one thread", 1, None),), dtype="float32",
+                                 steps=2, warmup_steps=1, timeout=120)
+    assert [r["busy"] for r in results] == [False, True]
+    assert all(r["seconds"] > 0 and r["threads"] == 1 for r in results), results
+    spinners = [p for p in started if p.args[-1] == bench._SPIN]
+    assert len(spinners) == 1 and spinners[0].poll() is not None  # the busy loop was stopped
+    assert "| GPT-tiny | one thread | 1 / 1 |" in capsys.readouterr().out
+
+
+def test_busy_worker_applies_ctfgens_thread_choice():
+    before = torch.get_num_threads()
+    try:
+        out = bench._busy_worker(dict(workload="GPT-tiny", threads="auto", dtype="float32", steps=1,
+                                      warmup_steps=0, repeats=1))
+        assert out["threads"] == 1 and out["seconds"] > 0  # a small model samples on one thread
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_quality_per_precision(monkeypatch):
+    pytest.importorskip("scipy")
+    try:
+        from ctfgen.data.fashion_mnist import find_fashion_mnist
+
+        find_fashion_mnist()
+    except Exception:
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    results = bench.sampling_quality(models=("fashion-mnist",), dtypes=("float32", "int8-fbgemm"), seeds=(0, 1),
+                                     per_class=2, batch_size=20, test_images=20)
+    assert [(r["dtype"], r["seed"]) for r in results] == [("float32", 0), ("float32", 1), ("int8-fbgemm", 0),
+                                                          ("int8-fbgemm", 1)]
+    assert all(r["images"] == 20 and r["fd"] > 0 and 0 <= r["class_consistency"] <= 1 for r in results)
+    assert results[0]["bits_per_token"] == results[1]["bits_per_token"] != results[2]["bits_per_token"]
+    assert "| fashion-mnist | int8-fbgemm |" in bench.format_quality(results)
+    only_bits = bench.sampling_quality(models=("fashion-mnist",), dtypes=("float32", "int8-fbgemm"), per_class=2,
+                                       seeds=(0,), sample_dtypes=("float32",), batch_size=20, test_images=20)
+    assert [(r["dtype"], r["seed"]) for r in only_bits] == [("float32", 0), ("int8-fbgemm", None)]
+    assert [r["bits_per_token"] for r in only_bits] == [results[0]["bits_per_token"], results[2]["bits_per_token"]]
+    assert "| fashion-mnist | int8-fbgemm | – | – |" in bench.format_quality(only_bits)
+
+
+# ---- thread choice ----
+
+
+def test_sampling_threads_rule():
+    small, large = threads.SMALL_MODEL_PARAMETERS - 1, threads.SMALL_MODEL_PARAMETERS
+    assert threads.sampling_threads(small, busy=0.0, cores=8) == 1
+    assert threads.sampling_threads(large, busy=0.0, cores=2) == 2
+    assert threads.sampling_threads(large, busy=0.3, cores=2) == 2
+    assert threads.sampling_threads(large, busy=0.7, cores=2) == 1  # a core mostly taken by another process
+    assert threads.sampling_threads(large, busy=1.0, cores=2) == 1
+    assert threads.sampling_threads(large, busy=5.0, cores=2) == 1  # never fewer than one
+    assert threads.sampling_threads(large, busy=1.2, cores=4) == 3
+
+
+def test_explicit_threads_and_passive_waiting(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.explicit_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    assert threads.explicit_threads() is None
+    env = {}
+    threads.prefer_passive_waiting(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.prefer_passive_waiting(env)  # the user's choice stays
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.busy_cores(0.01) >= 0.0
+
+
+def test_use_sampling_threads_on_a_pipeline(tiny_pipes, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert threads.use_sampling_threads(tiny_pipes[1]) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert threads.use_sampling_threads(tiny_pipes[1]) == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
