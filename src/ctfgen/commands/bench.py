@@ -72,7 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads: a number, or auto = what the ctfgen command would use for each model "
                              "(ctfgen.threads); default: torch's, one per core; --busy sets its own per setting")
-    parser.add_argument("--per-class", type=int, default=500,
+    parser.add_argument("--per-class", type=int, default=500, dest="quality_per_class",
                         help="--quality: samples per class and seed; 0 = held-out bits/token only (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--quality: seeds (default: %(default)s)")
     parser.add_argument("--sample-dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     args.cfg_scale = check("cfg_scale", args.cfg_scale, "--cfg-scale")
     if args.batch_sizes is not None:
         args.batch_sizes = [check("batch_size", b, "--batch-sizes") for b in args.batch_sizes]
-    for flag, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--per-class", args.per_class, 0),
+    for flag, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--per-class", args.quality_per_class, 0),
                              ("--llamagen-steps", args.llamagen_steps, 0), ("--test-images", args.test_images, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.mode == "busy":
         bench.busy_machine(args.models, dtype=args.dtype[0], repeats=args.repeats, json_path=args.json)
     elif args.mode == "quality":
-        bench.sampling_quality(args.models, args.dtype, args.seeds, args.per_class, test_images=args.test_images,
+        bench.sampling_quality(args.models, args.dtype, args.seeds, args.quality_per_class, test_images=args.test_images,
                                sample_dtypes=args.sample_dtype, json_path=args.json)
     else:
         bench.run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse,
