@@ -53,7 +53,7 @@ bench: install
 
 # A pinned install for long experiments: one commit, non-editable, in its own venv outside the
 # checkout, so code changed meanwhile never reaches a running experiment and every record names
-# the commit (ctfgen.fingerprint.code_commit reads the stamp written here).
+# the commit (ctfgen.utils.fingerprint.code_commit reads the stamp written here).
 #   make pin [COMMIT=HEAD] [PIN_DIR=~/pinned]   ->   ~/pinned/<sha>/venv/bin/ctfgen
 COMMIT ?= HEAD
 PIN_DIR ?= $(HOME)/pinned
@@ -65,7 +65,7 @@ pin:
 	"$$dir/venv/bin/pip" install -q "$(TORCH_SPEC)" && \
 	"$$dir/venv/bin/pip" install -q --no-deps "torch-fidelity==0.4.0" && \
 	"$$dir/venv/bin/pip" install -q "$$dir/src" && rm -rf "$$dir/src" && \
-	echo "pinned $$sha: $$dir/venv/bin/ctfgen ($$("$$dir/venv/bin/python" -c 'from ctfgen.fingerprint import code_commit; print(code_commit())'))"
+	echo "pinned $$sha: $$dir/venv/bin/ctfgen ($$("$$dir/venv/bin/python" -c 'from ctfgen.utils.fingerprint import code_commit; print(code_commit())'))"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

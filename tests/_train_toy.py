@@ -43,8 +43,8 @@ def toy_loss(model, batch):
 
 def main(argv=None):
     sys.path.insert(0, str(SRC))
-    from ctfgen.cli import log_progress
-    from ctfgen.train import distributed as D
+    from ctfgen.app.cli import log_progress
+    from ctfgen.utils import distributed as D
     from ctfgen.train.loop import train
 
     log_progress()  # the loop's progress lines ("resumed from ...") on stderr, as the CLI shows them

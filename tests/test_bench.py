@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from _tiny_ctf import tiny_baseline, tiny_ctf
-from ctfgen import bench, threads
-from ctfgen.cli import main
+from ctfgen.app import bench
+from ctfgen.utils import threads
+from ctfgen.app.cli import main
 from ctfgen.models import transformer
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 

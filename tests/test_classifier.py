@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctfgen.cli import main
+from ctfgen.app.cli import main
 from ctfgen.metrics import classifier as clf
 from ctfgen.metrics.evaluate import evaluate_fmnist, load_images
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctfgen.cli import COMMANDS, main
+from ctfgen.app.cli import COMMANDS, main
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_user_mistakes_give_one_error_line_and_status_2(command, kind, corrupt, 
 def tiny(tmp_path_factory):
     """A run's root as `ctfgen pipeline` leaves it: RUN/ctf, RUN/baseline, RUN itself loadable."""
     from _tiny_ctf import tiny_baseline, tiny_ctf
-    from ctfgen.experiment import _link_top_level
+    from ctfgen.experiments.run import _link_top_level
     from ctfgen.pipeline import ARPipeline, CTFPipeline
 
     run = tmp_path_factory.mktemp("run")
@@ -187,7 +187,7 @@ def test_temperature_zero_is_greedy_as_documented(tiny, tmp_path):
 
 def test_the_library_checks_with_the_same_rules(tiny):
     import ctfgen
-    from ctfgen.errors import ConfigError
+    from ctfgen.utils.errors import ConfigError
 
     pipe = ctfgen.load_pipeline(tiny)
     for kwargs, message in ((dict(temperature=-1), "temperature must be between 0 and 10"),
@@ -219,7 +219,7 @@ def test_every_option_has_help_and_no_issue_numbers():
     import argparse
     import re
 
-    from ctfgen.cli import build_parser
+    from ctfgen.app.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -267,7 +267,7 @@ ZERO_ALLOWED = {"--seed", "--select-seed", "--diagnosis-seed", "--temperature", 
 
 
 def numeric_options():
-    from ctfgen.cli import build_parser
+    from ctfgen.app.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for command, parser in sorted(sub.choices.items()):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ctfgen.clustering import CoarseMap, _repair_empty, codebook_fingerprint
+from ctfgen.utils.errors import ConfigError
 
 
 def _codebook(v=1024, d=8, seed=0):
@@ -118,7 +119,7 @@ def test_views_are_consistent():
     assert torch.equal(cmap(tokens), f2c[tokens])
     with pytest.raises(ValueError, match="fine tokens must be in"):
         cmap(torch.tensor([300]))
-    with pytest.raises(IndexError):
+    with pytest.raises(ConfigError, match="out of range"):
         cmap.members(12)
 
 
@@ -136,8 +137,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_load_rejects_edited_file(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path = CoarseMap.fit(_codebook(v=64), 4, seed=0).save(tmp_path / "m.safetensors")
     with safe_open(str(path), framework="pt") as f:

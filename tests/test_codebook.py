@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctfgen.errors import CheckpointError
+from ctfgen.utils.errors import CheckpointError
 from ctfgen.tokenizer import VQModel
 from ctfgen.tokenizer.codebook import DeadCodeRestarter, code_perplexity, evaluate_tokenizer, kmeans_init_codebook
-from ctfgen.tokenizer.train import train_tokenizer
+from ctfgen.train.tokenizer import train_tokenizer
 from test_tokenizer_train import TINY_MODEL, Blobs, config, read_log, state
 
 
@@ -129,7 +129,7 @@ def test_remedy_config_errors(tmp_path, bad, match):
 
 
 def test_code_commit_names_the_running_code(tmp_path, monkeypatch):
-    import ctfgen.fingerprint as fp
+    import ctfgen.utils.fingerprint as fp
 
     commit = fp.code_commit()
     assert commit == "unknown" or len(commit.removesuffix("-dirty")) == 40

@@ -206,7 +206,7 @@ def test_extract_two_ranks_matches_single_process(tmp_path):
 
 def test_extract_with_real_vq_and_cli(tmp_path):
     pytest.importorskip("ctfgen.tokenizer.vq")
-    from ctfgen.cli import main
+    from ctfgen.app.cli import main
     from ctfgen.data import FashionMNIST, find_fashion_mnist
     from ctfgen.tokenizer import VQConfig, VQModel
     try:

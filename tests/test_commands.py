@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from _tiny_ctf import tiny_baseline, tiny_ctf
-from ctfgen.cli import main
+from ctfgen.app.cli import main
 from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
 
 
@@ -137,7 +137,7 @@ def test_sample_many_refuses_to_mix_requests_and_leaves_nothing_when_empty(pipel
 
 def test_sample_many_streams_the_merge(pipelines, tmp_path):
     """The final .npz is written part by part: it equals np.savez of the whole set."""
-    from ctfgen import sample_sets as sm
+    from ctfgen.app import sample_sets as sm
 
     pipeline = load_pipeline(pipelines / "ctf")
     labels = np.arange(7) % 3
@@ -152,7 +152,7 @@ def test_sample_many_streams_the_merge(pipelines, tmp_path):
 
 
 def test_sample_many_shards_across_ranks(pipelines, tmp_path):
-    from ctfgen import sample_sets as sm
+    from ctfgen.app import sample_sets as sm
 
     pipeline = load_pipeline(pipelines / "baseline")
     labels = np.arange(10) % 3
@@ -167,7 +167,7 @@ def test_sample_many_shards_across_ranks(pipelines, tmp_path):
 
 
 def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
-    from ctfgen import bench
+    from ctfgen.app import bench
 
     monkeypatch.setattr(bench, "paper_shape_pipelines", lambda *a, **k: (
         ARPipeline.from_pretrained(pipelines / "baseline"), CTFPipeline.from_pretrained(pipelines / "ctf")))
@@ -187,7 +187,7 @@ def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
 
 
 def test_bench_without_tokenizer_times_the_token_stages(pipelines):
-    from ctfgen.bench import time_pipeline
+    from ctfgen.app.bench import time_pipeline
 
     ctf = CTFPipeline.from_pretrained(pipelines / "ctf")
     ctf.tokenizer = None  # as with `ctfgen bench --no-decode`

@@ -21,7 +21,7 @@ pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'ctfgen
 
 from _tiny_ctf import tiny_baseline, tiny_ctf  # noqa: E402
 
-from ctfgen.app import DISPLAY_SIZE, DemoBackend, Limits, is_loopback  # noqa: E402
+from ctfgen.app.demo import DISPLAY_SIZE, DemoBackend, Limits, is_loopback  # noqa: E402
 from ctfgen.pipeline import ARPipeline, CTFPipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def server(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp / "cache"),
                TMPDIR=str(tmp))
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "ctfgen.cli", "demo", "--port", str(port), "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "ctfgen.app.cli", "demo", "--port", str(port), "--device", "cpu",
                              "--max-images", str(MAX_IMAGES), "--queue-size", str(QUEUE_SIZE)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}/"
@@ -231,9 +231,9 @@ def backend(tmp_path_factory):
 
 
 def test_backend_checks_every_option_with_the_shared_rules(backend):
-    """The page's numbers go through ctfgen.options, as the command line's do: same ranges, same words,
+    """The page's numbers go through ctfgen.utils.options, as the command line's do: same ranges, same words,
     numbers written for people, nothing moved into range."""
-    from ctfgen.cli import main
+    from ctfgen.app.cli import main
 
     ok = ("Sneaker", 0, 2.0, 1.0, 1.0, 0, 2)
     assert backend.check(*ok)["label"] == 7
@@ -277,7 +277,7 @@ def test_backend_output_and_download(backend):
 
 
 def test_timings_table_is_for_people():
-    from ctfgen.app import _timings_markdown
+    from ctfgen.app.demo import _timings_markdown
 
     table = _timings_markdown({"CTF": {"stage1": 1.234, "stage2": 0.05, "decode": 0.01, "total": 1.294, "coarse_preview": 0.01},
                                "baseline": {"stage1": 12.5, "decode": 0.01, "total": 12.51}}, 8, 0.25)
@@ -294,7 +294,7 @@ def test_loopback_hosts():
 def test_demo_warns_for_a_public_host(monkeypatch, capsys):
     import gradio as gr
 
-    from ctfgen import app as app_module
+    from ctfgen.app import demo as app_module
 
     launched = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
@@ -305,8 +305,8 @@ def test_demo_warns_for_a_public_host(monkeypatch, capsys):
 
 
 def test_demo_command_finds_the_baseline_and_refuses_a_baseline_model(tmp_path, monkeypatch, capsys):
-    from ctfgen.cli import main
-    from ctfgen.commands import demo as demo_command
+    from ctfgen.app.cli import main
+    from ctfgen.app.commands import demo as demo_command
 
     ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
     CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "run" / "ctf")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny_ctf import tiny_baseline, tiny_ctf, tiny_vq
 
-from ctfgen.diagnosis import STAGEWISE_SETS, coarse_prediction, most_frequent_members, stagewise_sets
+from ctfgen.experiments.diagnosis import STAGEWISE_SETS, coarse_prediction, most_frequent_members, stagewise_sets
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.sampling import log_prob
 

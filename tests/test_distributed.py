@@ -75,7 +75,7 @@ def test_fsdp_two_ranks_resume_matches_one_process(tmp_path):
 
 
 def test_single_process_helpers_without_torchrun(monkeypatch):
-    from ctfgen.train import distributed as D
+    from ctfgen.utils import distributed as D
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctfgen.cli import main as cli
+from ctfgen.app.cli import main as cli
 from ctfgen.clustering import CoarseMap
 from ctfgen.data.codes import CodeDataset, write_codes
 import yaml
 
 from ctfgen.config import ExperimentConfig, load_config
-from ctfgen.errors import ConfigError
-from ctfgen.experiment import run_experiment
-from ctfgen.fingerprint import codebook_fingerprint
-from ctfgen.rundir import is_lock_file
+from ctfgen.utils.errors import ConfigError
+from ctfgen.experiments.run import run_experiment
+from ctfgen.utils.fingerprint import codebook_fingerprint
+from ctfgen.utils.rundir import is_lock_file
 from ctfgen.train.stages import StageMismatchError, build_stage, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_vocabulary_that_does_not_fit_is_refused(synthetic, tmp_path):
         build_stage("baseline", d / "codes", None, preset="GPT-tiny", num_classes=2)
     # A checkpoint of another model size is refused by name and shape on resume.
     train_stage("baseline", d / "codes", tmp_path, preset="GPT-tiny", train_config=TRAIN)
-    from ctfgen.hub import StateDictMismatch
+    from ctfgen.utils.hub import StateDictMismatch
 
     with pytest.raises(StateDictMismatch, match="shape mismatch"):
         train_stage("baseline", d / "codes", tmp_path, preset="GPT-tiny", model={"dim": 128, "n_head": 2},
@@ -278,7 +278,7 @@ def test_tiny_pipeline_end_to_end_resume_and_refusals(tmp_path, capsys):
 @needs_fmnist
 def test_pipeline_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "ctfgen.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL,
+    args = [sys.executable, "-m", "ctfgen.app.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL,
             "stage1.train.steps=300", "stage1.train.checkpoint_every=5", "baseline.train.steps=6"]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpts = out / "runs" / "ar" / "checkpoints"
@@ -302,7 +302,7 @@ def test_pipeline_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
 def test_pipeline_under_torchrun_two_ranks(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ctfgen.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]
+           "-m", "ctfgen.app.cli", "pipeline", TINY, "--out", str(out), "--no-progress", *SMALL]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     _check_run(out, world_size=2)

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from _tiny_ctf import tiny_baseline, tiny_ctf, tiny_vq
-from ctfgen.cli import main
+from ctfgen.app.cli import main
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.sampling import generate
-from ctfgen.figures import change_heat, stage_figure, stage_rows
+from ctfgen.app.figures import change_heat, stage_figure, stage_rows
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_sample_stages_and_compare_baseline(run_dir, tmp_path, capsys):
 
 
 def test_representatives_can_be_the_most_frequent_members(ctf16):
-    from ctfgen.diagnosis import most_frequent_members
+    from ctfgen.experiments.diagnosis import most_frequent_members
 
     ar, aux, cmap, vq = ctf16
     pipe = CTFPipeline(ar, aux, cmap, vq)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctfgen.hub import StateDictMismatch
+from ctfgen.utils.hub import StateDictMismatch
 from ctfgen.models import GPT, GPTConfig, load_llamagen_gpt
 from ctfgen.models.transformer import apply_rotary_emb, cached_attention, ffn_hidden_dim, precompute_freqs_cis_2d
 

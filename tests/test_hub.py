@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ctfgen.hub import StateDictMismatch, load_state_dict_strict
+from ctfgen.utils.hub import StateDictMismatch, load_state_dict_strict
 from ctfgen.models.transformer import GPT, GPTConfig
 
 
@@ -67,7 +67,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 def test_pipelines_load_by_hub_id_through_the_cache(hub_cache):
     import ctfgen
-    from ctfgen.errors import ConfigError
+    from ctfgen.utils.errors import ConfigError
     from ctfgen.pipeline import CTFPipeline, load_pipeline
 
     cache, pipe = hub_cache
@@ -89,7 +89,7 @@ def test_cli_takes_a_hub_id_and_honours_the_environment(hub_cache, tmp_path):
 
     cache, _ = hub_cache
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "ctfgen.cli", *args], env=env, capture_output=True,  # noqa: E731
+    run = lambda *args: subprocess.run([sys.executable, "-m", "ctfgen.app.cli", *args], env=env, capture_output=True,  # noqa: E731
                                        text=True, timeout=120)
     ok = run("sample", "--model", REPO, "--n", "2", "--no-singles", "--no-progress", "--out", str(tmp_path / "x.png"))
     assert ok.returncode == 0, ok.stderr
@@ -123,7 +123,7 @@ def test_save_pretrained_writes_a_model_card(hub_cache):
 def test_llamagen_loaders_give_one_message_for_a_missing_or_wrong_file(tmp_path):
     import re
 
-    from ctfgen.errors import ConfigError
+    from ctfgen.utils.errors import ConfigError
     from ctfgen.models.llamagen import load_llamagen_gpt
     from ctfgen.tokenizer.llamagen import load_llamagen_vq
 

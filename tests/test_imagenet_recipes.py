@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctfgen.cli import main as cli
+from ctfgen.app.cli import main as cli
 from ctfgen.config import ExperimentConfig, load_config
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 

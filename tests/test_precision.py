@@ -9,8 +9,8 @@ from _tiny_ctf import tiny_baseline, tiny_ctf
 from ctfgen.models import GPT, GPTConfig
 from ctfgen.models.transformer import kv_cache_dtype
 from ctfgen.pipeline import ARPipeline, CTFPipeline
-from ctfgen.errors import ConfigError
-from ctfgen.precision import INT8, cast_weights, cpu_has_native_bf16, dtype_name, resolve_dtype
+from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.precision import INT8, cast_weights, cpu_has_native_bf16, dtype_name, resolve_dtype
 from ctfgen.sampling import generate, log_prob, sample_fine
 from ctfgen.train.loop import TrainConfig, training_autocast
 
@@ -30,11 +30,11 @@ def test_resolve_dtype_names_and_auto(monkeypatch):
     assert resolve_dtype(None) is None
     assert resolve_dtype("auto", "cuda") is torch.bfloat16
     assert resolve_dtype("auto", "cpu") is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
-    monkeypatch.setattr("ctfgen.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("ctfgen.utils.precision.cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") is torch.float32
-    monkeypatch.setattr("ctfgen.precision.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("ctfgen.utils.precision.cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") is torch.bfloat16
-    monkeypatch.setattr("ctfgen.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("ctfgen.utils.precision.cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "mps") is torch.float32
 
 
@@ -124,11 +124,11 @@ def test_training_mixed_precision_auto(monkeypatch):
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(steps=1, mixed_precision="fp8")
     cpu = torch.device("cpu")
-    monkeypatch.setattr("ctfgen.precision.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("ctfgen.utils.precision.cpu_has_native_bf16", lambda: True)
     ctx = training_autocast("auto", cpu)
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
     assert not isinstance(training_autocast("none", cpu), torch.autocast)
-    monkeypatch.setattr("ctfgen.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("ctfgen.utils.precision.cpu_has_native_bf16", lambda: False)
     assert not isinstance(training_autocast("auto", cpu), torch.autocast)
     assert isinstance(training_autocast("bf16", cpu), torch.autocast)
 

@@ -7,8 +7,8 @@ import torch
 from _tiny_ctf import tiny_vq
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.images import gaussian_window, psnr, ssim, ssim_map
-from ctfgen.redundancy import measure_redundancy, swap_within_clusters
+from ctfgen.utils.images import gaussian_window, psnr, ssim, ssim_map
+from ctfgen.experiments.redundancy import measure_redundancy, swap_within_clusters
 
 
 def _imgs(seed, shape=(2, 3, 20, 24)):
@@ -111,7 +111,7 @@ def test_cli(tmp_path):
         pytest.skip("Fashion-MNIST not installed")
     from PIL import Image
 
-    from ctfgen.cli import main
+    from ctfgen.app.cli import main
 
     vq = _redundant_vq()
     vq.save_pretrained(tmp_path / "vq")
@@ -135,7 +135,7 @@ def test_cli_with_pipeline_dir(tmp_path, capsys):
         pytest.skip("Fashion-MNIST not installed")
     from _tiny_ctf import tiny_ctf
 
-    from ctfgen.cli import main
+    from ctfgen.app.cli import main
     from ctfgen.pipeline import CTFPipeline
 
     parts = tiny_ctf(vocab=32, num_coarse=8, image_tokens=4, vq=_redundant_vq())

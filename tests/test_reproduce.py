@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctfgen.cli import main as cli
+from ctfgen.app.cli import main as cli
 from conftest import needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_report_and_records(finished):
 
 def test_ablation_reuses_the_main_stage1_snapshot(finished):
     from ctfgen.pipeline import load_pipeline
-    from ctfgen.experiment import FinishedRun
+    from ctfgen.experiments.run import FinishedRun
 
     out, _ = finished
     run = FinishedRun(out)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from ctfgen.errors import RunError
-from ctfgen.rundir import WriterLock
+from ctfgen.utils.errors import RunError
+from ctfgen.utils.rundir import WriterLock
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
 
 HOLDER = """
 import sys, time
-from ctfgen.rundir import WriterLock
+from ctfgen.utils.rundir import WriterLock
 lock = WriterLock(sys.argv[1], sys.argv[2]).acquire()
 print("locked", flush=True)
 sys.stdin.read()  # hold until the test closes stdin (or kills us)
@@ -61,7 +61,7 @@ def test_lock_of_a_killed_writer_is_taken_over(tmp_path):
 
 
 def test_pipeline_refuses_a_directory_another_pipeline_writes(tmp_path):
-    from ctfgen.experiment import run_experiment
+    from ctfgen.experiments.run import run_experiment
 
     out = tmp_path / "run"
     holder = hold_lock(out, "pipeline")

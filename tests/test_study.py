@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fmnist
-from ctfgen.cli import main as cli
+from ctfgen.app.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -109,9 +109,9 @@ def test_records_of_other_inputs_are_refused(study, tmp_path, capsys, monkeypatc
     shutil.rmtree(copy)
     shutil.copytree(records, copy)
     # another commit of the code
-    import ctfgen.rundir
+    import ctfgen.utils.rundir
 
-    monkeypatch.setattr(ctfgen.rundir, "code_commit", lambda: "0" * 40)
+    monkeypatch.setattr(ctfgen.utils.rundir, "code_commit", lambda: "0" * 40)
     assert cli(rerun) == 2
     assert "commit:" in capsys.readouterr().err
     monkeypatch.undo()
@@ -126,8 +126,8 @@ def test_records_of_other_inputs_are_refused(study, tmp_path, capsys, monkeypatc
 def test_split_halves_are_class_balanced_and_disjoint():
     import numpy as np
 
-    from ctfgen.errors import ConfigError
-    from ctfgen.study import split_halves
+    from ctfgen.utils.errors import ConfigError
+    from ctfgen.experiments.study import split_halves
 
     labels = np.array([0, 1, 0, 1, 1, 0, 0, 1])
     source, reference = split_halves(labels, 2)
@@ -137,8 +137,8 @@ def test_split_halves_are_class_balanced_and_disjoint():
 
 
 def test_study_settings_keep_streams_apart():
-    from ctfgen.errors import ConfigError
-    from ctfgen.study import StudySettings
+    from ctfgen.utils.errors import ConfigError
+    from ctfgen.experiments.study import StudySettings
 
     with pytest.raises(ConfigError, match="must all differ"):
         StudySettings(seeds=(0, 1000))

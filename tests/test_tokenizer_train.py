@@ -13,8 +13,8 @@ import yaml
 from ctfgen.tokenizer import VQModel
 from ctfgen.tokenizer.losses import (LPIPS, NLayerDiscriminator, adopt_weight, hinge_d_loss, hinge_g_loss,
                                      load_lpips, merge_lpips_weights, reconstruction_loss)
-from ctfgen.errors import CheckpointError, ConfigError
-from ctfgen.tokenizer.train import train_tokenizer
+from ctfgen.utils.errors import CheckpointError, ConfigError
+from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.train.loop import NonFiniteLossError
 
 TINY_MODEL = dict(in_channels=1, base_ch=16, norm_groups=8, num_res_blocks=1, encoder_ch_mult=[1, 2],
@@ -195,7 +195,7 @@ def test_training_with_perceptual_and_adversarial_losses(tmp_path):
 # --- command ----------------------------------------------------------------------------------
 
 def test_command_with_overrides(tmp_path):
-    from ctfgen.cli import main
+    from ctfgen.app.cli import main
     from ctfgen.data import make_dataset
     from ctfgen.config import DataConfig
 

@@ -84,7 +84,7 @@ def test_weight_decay_only_on_matrices_and_llamagen_defaults():
 
 def test_config_rejects_unknown_keys_and_missing_length(tmp_path):
     from ctfgen.config import from_dict
-    from ctfgen.errors import ConfigError
+    from ctfgen.utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown config key train.lrr; did you mean train.lr?"):
         from_dict(TrainConfig, {"steps": 1, "lrr": 1}, "train")
@@ -173,7 +173,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_epoch_hook_and_snapshots(tmp_path):
-    from ctfgen.hub import HubMixin
+    from ctfgen.utils.hub import HubMixin
 
     class HubToy(_Toy, HubMixin):
         def __init__(self, config: dict):

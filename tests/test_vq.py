@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctfgen.errors import ConfigError
-from ctfgen.fingerprint import codebook_fingerprint
-from ctfgen.hub import StateDictMismatch, check_state_dict
+from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.fingerprint import codebook_fingerprint
+from ctfgen.utils.hub import StateDictMismatch, check_state_dict
 from ctfgen.tokenizer import VQConfig, VQModel, load_llamagen_vq
 from ctfgen.tokenizer.llamagen import infer_vq_config
 from ctfgen.tokenizer.vq import AttnBlock, Downsample

@@ -5,6 +5,20 @@
     >>> images = pipe.sample([7] * 4, generator=0)          # (4, 1, 28, 28) in [-1, 1]
 
 Public names are imported lazily so that `ctfgen --help` and `import ctfgen` stay fast.
+
+The code stands in layers. A module imports only from its own layer and the ones below it, never in
+a cycle; tests/test_layers.py reads this table and checks it against the import graph.
+
+    8  front ends    ctfgen.app                       the `ctfgen` commands, web demo, bench, sample sets, figures
+    7  experiments   ctfgen.experiments               a pipeline run and its reader, reproduction, study, diagnosis
+    6  training      ctfgen.train ctfgen.metrics      the one training loop and what it trains; evaluation
+    5  pipelines     ctfgen.pipeline ctfgen.shipped   CTF and the baseline, ready to sample; the shipped models
+    4  core          ctfgen.data ctfgen.clustering ctfgen.compat ctfgen.sampling
+                                                      datasets and codes, the coarse map, part checks, samplers
+    3  settings      ctfgen.config                    every setting, as dataclasses read from YAML
+    2  networks      ctfgen.models ctfgen.tokenizer   the GPT, the auxiliary model, the VQ tokenizer
+    1  utilities     ctfgen.utils                     errors, atomic files, fingerprints, images, option checks,
+                                                      Hub files, threads, torchrun, run directories and records
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ctfgen.compat import check_parts
-from ctfgen.errors import MismatchError, MissingFileError, WrongTypeError
-from ctfgen.fileio import atomic_save
-from ctfgen.fingerprint import codebook_fingerprint, fingerprint_of
+from ctfgen.utils.errors import ConfigError, MismatchError, MissingFileError, WrongTypeError
+from ctfgen.utils.fileio import atomic_save
+from ctfgen.utils.fingerprint import codebook_fingerprint, fingerprint_of
 
 __all__ = ["CoarseMap", "codebook_fingerprint", "fingerprint_of"]
 
@@ -234,7 +234,7 @@ class CoarseMap:
     def members(self, c: int) -> torch.Tensor:
         """(n_c,) int64 fine tokens with coarse label `c`, ascending."""
         if not 0 <= int(c) < self.num_coarse:
-            raise IndexError(f"coarse label {c} out of range [0, {self.num_coarse})")
+            raise ConfigError(f"coarse label {c} out of range [0, {self.num_coarse})")
         return self._members[int(c)].clone()
 
     def cluster_mask(self, device=None) -> torch.Tensor:

@@ -10,8 +10,8 @@ two given parts disagree and raises one `MismatchError` with all of them:
 
 from __future__ import annotations
 
-from ctfgen.errors import MismatchError
-from ctfgen.fingerprint import fingerprint_of
+from ctfgen.utils.errors import MismatchError
+from ctfgen.utils.fingerprint import fingerprint_of
 
 FACTS = {  # fact -> how it reads in a message
     "codebook_fingerprint": "codebook fingerprint",

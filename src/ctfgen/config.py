@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from ctfgen.errors import ConfigError
 from ctfgen.models.transformer import AuxConfig, GPTConfig
 from ctfgen.tokenizer.vq import VQConfig
+from ctfgen.utils.errors import ConfigError
 
 # --- the loader ------------------------------------------------------------------------------------
 
@@ -539,7 +539,7 @@ class ReproduceConfig:
 
 @dataclass
 class StudySettings:
-    """`ctfgen study` settings (see ctfgen.study): the sampling grid, the sample counts and the seeds."""
+    """`ctfgen study` settings (see ctfgen.experiments.study): the sampling grid, the sample counts and the seeds."""
 
     guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
     temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines

@@ -31,14 +31,14 @@ from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
 from ctfgen.config import BASELINE_DEFAULTS, CTF_DEFAULTS
 from ctfgen.data.codes import CodeDataset
-from ctfgen.errors import CorruptFileError, MismatchError
-from ctfgen.fileio import atomic_write_json
-from ctfgen.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
 from ctfgen.models.transformer import GPT, AuxModel
-from ctfgen.options import check_sampling
 from ctfgen.sampling import as_generator, check_labels, generate, log_prob as ar_log_prob, sample_fine, token_log_probs
 from ctfgen.tokenizer.vq import VQModel
-from ctfgen.train import distributed as D
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
+from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
+from ctfgen.utils.options import check_sampling
 
 __all__ = ["CTFPipeline", "ARPipeline", "PipelineOutput", "load_pipeline", "pipeline_dir", "bits_per_token",
            "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
@@ -161,15 +161,15 @@ class _Pipeline:
 
     @property
     def sampling_limits(self) -> dict:
-        """The model's bounds on its sampling options (ctfgen.options checks the rest)."""
+        """The model's bounds on its sampling options (ctfgen.utils.options checks the rest)."""
         raise NotImplementedError
 
     def resolve_sampling(self, kwargs: dict, labels: dict | None = None) -> dict:
         """The options a call samples with: `kwargs` (None = unset) over `sampling_defaults`, each
-        checked against its range (ctfgen.options); `labels` names them in messages."""
+        checked against its range (ctfgen.utils.options); `labels` names them in messages."""
         unknown = set(kwargs) - set(self._defaults)
         if unknown:
-            raise TypeError(f"{type(self).__name__}.sample_tokens got unknown options {sorted(unknown)}; "
+            raise WrongTypeError(f"{type(self).__name__}.sample_tokens got unknown options {sorted(unknown)}; "
                             f"valid: {sorted(self._defaults)}")
         out = dict(self.sampling_defaults)
         out.update({k: v for k, v in kwargs.items() if v is not None})
@@ -234,7 +234,7 @@ class _Pipeline:
     def _load_tokenizer(directory: Path, info: dict, map_location):
         if not (directory / "tokenizer").is_dir():
             if info.get("has_tokenizer"):
-                raise FileNotFoundError(f"{directory}/tokenizer is missing but pipeline.json says it was saved")
+                raise MissingFileError(f"{directory}/tokenizer is missing but pipeline.json says it was saved")
             return None
 
         return VQModel.from_pretrained(str(directory / "tokenizer"), map_location=map_location)
@@ -249,7 +249,7 @@ class CTFPipeline(_Pipeline):
 
     def __init__(self, ar, aux, coarse_map: CoarseMap, tokenizer=None, sampling_defaults: dict | None = None):
         if not isinstance(coarse_map, CoarseMap):
-            raise TypeError(f"coarse_map must be a ctfgen.CoarseMap, got {type(coarse_map).__name__}")
+            raise WrongTypeError(f"coarse_map must be a ctfgen.CoarseMap, got {type(coarse_map).__name__}")
         self.ar, self.aux, self.coarse_map, self.tokenizer = ar, aux, coarse_map, tokenizer
         self._check_parts()
         self.sampling_defaults = {**CTF_DEFAULTS, **(sampling_defaults or {})}
@@ -298,11 +298,11 @@ class CTFPipeline(_Pipeline):
         """(num_coarse,) int64 codeword standing for each coarse label in the coarse preview, on the CPU.
         By default the member nearest its cluster's k-means centroid (`CoarseMap.representatives`),
         which needs no data; assign another choice, e.g. the most frequent member in training codes
-        (`ctfgen.diagnosis.most_frequent_members`), and it is checked to hold one member per cluster."""
+        (`ctfgen.experiments.diagnosis.most_frequent_members`), and it is checked to hold one member per cluster."""
         reps = self.__dict__.get("_representatives")
         if reps is None:
             if self.tokenizer is None:
-                raise ValueError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
+                raise ConfigError("this CTFPipeline has no tokenizer, so it has no codewords to pick representatives "
                                  "from; pass tokenizer=")
             reps = self._representatives = self.coarse_map.representatives(self.tokenizer)
         return reps
@@ -313,7 +313,7 @@ class CTFPipeline(_Pipeline):
         k = self.coarse_map.num_coarse
         if reps.numel() != k or int(reps.min()) < 0 or int(reps.max()) >= self.coarse_map.vocab_size \
                 or not torch.equal(self.coarse_map(reps), torch.arange(k)):
-            raise ValueError(f"representatives must be {k} codewords, the c-th a member of cluster c "
+            raise ConfigError(f"representatives must be {k} codewords, the c-th a member of cluster c "
                              "(as CoarseMap.representatives or diagnosis.most_frequent_members return them)")
         self._representatives = reps
 
@@ -323,7 +323,7 @@ class CTFPipeline(_Pipeline):
         cluster's representative codeword, i.e. what stage 1 alone decided."""
         coarse = _flat_tokens(coarse, self.image_tokens, self.device)
         if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= self.coarse_map.num_coarse):
-            raise ValueError(f"coarse labels must be in [0, {self.coarse_map.num_coarse}), got range "
+            raise ConfigError(f"coarse labels must be in [0, {self.coarse_map.num_coarse}), got range "
                              f"[{int(coarse.min())}, {int(coarse.max())}]")
         return self.decode(self.representatives.to(coarse.device)[coarse])
 
@@ -339,7 +339,7 @@ class CTFPipeline(_Pipeline):
         `generator`: an int seed or a torch.Generator on the pipeline's device; one stream feeds
         both stages, so a seed reproduces the whole sample. `dtype`: "auto", "float32", "bfloat16" or
         "float16" for both stages (None = the weights' dtype, float32 as loaded); weights are cast
-        once per dtype and cached (`ctfgen.precision.cast_weights`), `log_prob` stays float32.
+        once per dtype and cached (`ctfgen.utils.precision.cast_weights`), `log_prob` stays float32.
         """
         o = self.resolve_sampling(dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                                cfg_steps=cfg_steps, temperature_fine=temperature_fine, top_k_fine=top_k_fine,
@@ -527,7 +527,7 @@ class ARPipeline(_Pipeline):
 def _read_pipeline_json(directory: Path) -> dict:
     path = Path(directory) / PIPELINE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {directory} is not a saved pipeline "
+        raise MissingFileError(f"{path} not found: {directory} is not a saved pipeline "
                                 "(written by CTFPipeline/ARPipeline.save_pretrained or `ctfgen pipeline`)")
     try:
         info = json.loads(path.read_text())

@@ -22,9 +22,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ctfgen.errors import ConfigError
-from ctfgen.options import check_sampling, check_seed
-from ctfgen.precision import cast_weights
+from ctfgen.utils.errors import ConfigError, WrongTypeError
+from ctfgen.utils.options import check_sampling, check_seed
+from ctfgen.utils.precision import cast_weights
 
 GeneratorLike = Union[torch.Generator, int, None]
 
@@ -62,7 +62,7 @@ def as_generator(generator: GeneratorLike, device) -> Optional[torch.Generator]:
         return generator
     if isinstance(generator, int):
         return torch.Generator(device=device).manual_seed(check_seed(generator))
-    raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    raise WrongTypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
 
 def sample_from_logits(
@@ -142,7 +142,7 @@ def generate(
     `generator`: a torch.Generator or an int seed, for reproducible draws. `dtype`: "auto",
     "float32", "bfloat16", "float16", or an int8 scheme ("int8", "int8-weight", "int8-fbgemm")
     (None = the weights' dtype): runs a copy of the weights cast once per dtype
-    (`ctfgen.precision.cast_weights`); the KV cache is float32 on the CPU and in the weights' dtype
+    (`ctfgen.utils.precision.cast_weights`); the KV cache is float32 on the CPU and in the weights' dtype
     elsewhere (`kv_cache_dtype`); logits, guidance and the draw stay float32. Each eager step
     attends over the filled part of the cache only. `compile`: torch.compile the decode step,
     which then keeps fixed shapes (the whole cache, masked), and keeps the caches allocated

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from importlib import resources
 from pathlib import Path
 
-from ctfgen.errors import ConfigError
-from ctfgen.fileio import atomic_write_json, publish_dir
-from ctfgen.hub import is_repo_id
-from ctfgen.options import check_device
 from ctfgen.pipeline import ARPipeline, load_pipeline
-from ctfgen.rundir import RunDir
 from ctfgen.tokenizer.vq import VQModel
+from ctfgen.utils.errors import ConfigError, MissingFileError
+from ctfgen.utils.fileio import atomic_write_json, publish_dir
+from ctfgen.utils.hub import is_repo_id
+from ctfgen.utils.options import check_device
+from ctfgen.utils.rundir import RunDir
 
 ASSETS = Path(str(resources.files("ctfgen") / "assets"))
 SHIPPED_CTF = "fashion_mnist/ctf"
@@ -30,7 +31,7 @@ def pretrained_path(name: str) -> Path:
         raise ConfigError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     path = ASSETS / PRETRAINED[name]
     if not (path / "pipeline.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the shipped model {name!r} is missing from {path}. Reinstall ctfgen from a full checkout, "
             "or train your own with `make reproduce` and load it with ctfgen.load_pipeline(DIR)."
         )
@@ -80,6 +81,4 @@ def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
 
 
 if __name__ == "__main__":  # python -m ctfgen.shipped RUN_DIR
-    import sys
-
     print(ship(sys.argv[1]))

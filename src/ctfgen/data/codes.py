@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 
 from ctfgen import __version__
 from ctfgen.compat import check_parts
-from ctfgen.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
-from ctfgen.fileio import atomic_write_json, fsync_file, replace_dir
+from ctfgen.utils.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
+from ctfgen.utils.fileio import atomic_write_json, fsync_file, replace_dir
 
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from ctfgen.data.codes import read_header
 from ctfgen.data.factory import image_size, make_dataset
-from ctfgen.errors import ConfigError, CorruptFileError, OutputExistsError
 from ctfgen.tokenizer import load_tokenizer
-from ctfgen.train import distributed as D
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import ConfigError, CorruptFileError, OutputExistsError
 
 from .codes import CodeWriter
 from .folder import CorruptImageError

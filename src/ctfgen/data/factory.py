@@ -8,7 +8,7 @@ from torch.utils.data import Subset
 from ctfgen.config import DataConfig
 from ctfgen.data.fashion_mnist import FashionMNIST
 from ctfgen.data.folder import ImageFolder
-from ctfgen.errors import ConfigError
+from ctfgen.utils.errors import ConfigError
 
 TENCROP_RANGE = 1.1  # LlamaGen: ten crops of image_size from a centre crop this much larger
 

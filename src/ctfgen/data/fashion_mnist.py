@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ctfgen.errors import ConfigError, MissingFileError
+from ctfgen.utils.errors import ConfigError, MissingFileError
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

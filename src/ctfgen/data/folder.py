@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ctfgen.errors import ConfigError, CorruptFileError, MissingFileError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MissingFileError
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctfgen.data.fashion_mnist import load_fashion_mnist, validation_indices
-from ctfgen.errors import ConfigError, MissingFileError
-from ctfgen.fileio import atomic_write_json
-from ctfgen.fingerprint import code_commit
-from ctfgen.hub import HubMixin
+from ctfgen.utils.errors import ConfigError, MissingFileError
+from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.fingerprint import code_commit
+from ctfgen.utils.hub import HubMixin
 
 ASSET_PATH = ("assets", "fmnist_classifier")  # inside the ctfgen package (package-data)
 # The validation images the study's configs carve from the training split (data.validation_images):

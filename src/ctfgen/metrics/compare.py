@@ -16,8 +16,8 @@ from typing import Callable
 
 import matplotlib
 
-from ctfgen.errors import CorruptFileError, MissingFileError
-from ctfgen.fileio import atomic_save, atomic_write_text
+from ctfgen.utils.errors import CorruptFileError, MissingFileError
+from ctfgen.utils.fileio import atomic_save, atomic_write_text
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from ctfgen.errors import ConfigError
+from ctfgen.utils.errors import ConfigError
 
 
 def _as_float64(x, name: str) -> np.ndarray:

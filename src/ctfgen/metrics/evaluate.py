@@ -23,9 +23,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ctfgen.errors import ConfigError, CorruptFileError, MissingFileError
-from ctfgen.fileio import atomic_write_json
-from ctfgen.images import to_uint8
 from ctfgen.metrics.classifier import load_default_classifier, load_split
 from ctfgen.metrics.core import (
     feature_statistics,
@@ -36,6 +33,9 @@ from ctfgen.metrics.core import (
     precision_recall,
 )
 from ctfgen.metrics.inception import inception_features, load_inception
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MissingFileError
+from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.images import to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # Samples are often stored sorted by class (N per class); the IS splits must each see all classes.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfgen.errors import ConfigError
+from ctfgen.utils.errors import ConfigError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ctfgen.errors import ConfigError
-from ctfgen.hub import check_state_dict, llamagen_file_error, load_state_dict_strict, read_llamagen_checkpoint
 from ctfgen.models.transformer import GPT, GPT_PRESETS, GPTConfig, apply_rotary_emb, precompute_freqs_cis_2d
+from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.hub import check_state_dict, llamagen_file_error, load_state_dict_strict, read_llamagen_checkpoint
 
 # Saved by some LlamaGen versions or training wrappers; they hold no weights.
 _NON_PARAMETER = re.compile(r"^(freqs_cis|causal_mask|layers\.\d+\.attention\.kv_cache\.(k_cache|v_cache))$")
@@ -55,7 +55,7 @@ def load_llamagen_gpt(path, preset: str = "GPT-B", image_tokens: int = 256, num_
     The model is returned in eval mode, in the checkpoint's dtype.
     """
     if preset not in GPT_PRESETS:
-        raise KeyError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
+        raise ConfigError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
     side = math.isqrt(image_tokens)
     if side * side != image_tokens:
         raise ConfigError(f"image_tokens={image_tokens} is not a square grid (256 for 256px, 576 for 384px with VQ-16)")

@@ -13,7 +13,6 @@ huggingface_hub's mixin reads the `config` annotation of `__init__` as a real cl
 config.json back into a `GPTConfig` / `AuxConfig`.
 """
 
-from ctfgen.errors import ConfigError
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfgen.hub import HubMixin
+from ctfgen.utils.errors import ConfigError, MismatchError, RunError
+from ctfgen.utils.hub import HubMixin
 
 # --------------------------------------------------------------------------------------------
 # Configs and presets
@@ -432,7 +432,7 @@ class GPT(_Backbone, HubMixin):
 
     def _cached(self, h, input_pos):
         if self.max_batch < h.shape[0]:
-            raise RuntimeError(f"KV cache holds {self.max_batch} sequences, got {h.shape[0]}: call setup_caches(max_batch) first")
+            raise RunError(f"KV cache holds {self.max_batch} sequences, got {h.shape[0]}: call setup_caches(max_batch) first")
         T = h.shape[1]
         if isinstance(input_pos, int):
             # attend over the filled part of the cache only; one new token sees all of it
@@ -497,7 +497,7 @@ def cluster_table(fine_to_coarse: torch.Tensor, num_coarse: int, multiple_of: in
     V = f2c.numel()
     sizes = torch.bincount(f2c, minlength=num_coarse)
     if sizes.numel() != num_coarse or bool((sizes == 0).any()):
-        raise ValueError(f"fine_to_coarse must give each of the {num_coarse} clusters at least one member")
+        raise MismatchError(f"fine_to_coarse must give each of the {num_coarse} clusters at least one member")
     # padded to a multiple of 8: grouped_mm wants 16-byte aligned rows, in bf16 too
     M = -(-int(sizes.max()) // multiple_of) * multiple_of
     order = torch.argsort(f2c, stable=True)  # fine tokens by cluster, ascending within each
@@ -539,7 +539,7 @@ class AuxModel(_Backbone, HubMixin):
     - Output head zero-initialised as GPT's, so training starts from uniform (in-cluster) logits.
     """
 
-    # int8 schemes keep this layer float (ctfgen.precision.quantize_linears): the in-cluster head
+    # int8 schemes keep this layer float (ctfgen.utils.precision.quantize_linears): the in-cluster head
     # gathers rows of output.weight instead of calling the layer.
     float_linears = ("output",)
 
@@ -602,7 +602,7 @@ class AuxModel(_Backbone, HubMixin):
     def _require_map(self):
         if not self._map_checked:
             if bool((self.fine_to_coarse < 0).any()):
-                raise RuntimeError(
+                raise RunError(
                     "AuxModel has no coarse map: pass coarse_map= to AuxModel(...) or call "
                     "set_coarse_map(map); from_pretrained restores it from the checkpoint."
                 )
@@ -693,7 +693,7 @@ class AuxModel(_Backbone, HubMixin):
         if method == "gather":
             return (F.embedding(members[coarse], w) @ h[..., None]).squeeze(-1).float()
         if method != "grouped":
-            raise ValueError(f"unknown in-cluster head method {method!r}")
+            raise ConfigError(f"unknown in-cluster head method {method!r}")
         flat = coarse.reshape(-1)
         order = torch.argsort(flat)
         inverse = torch.empty_like(order)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ctfgen.errors import ConfigError, MismatchError
-from ctfgen.images import psnr, ssim
-from ctfgen.train import distributed as D
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import ConfigError, MismatchError
+from ctfgen.utils.images import psnr, ssim
 
 __all__ = ["kmeans_init_codebook", "DeadCodeRestarter", "evaluate_tokenizer", "code_perplexity"]
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ctfgen.hub import StateDictMismatch, check_state_dict, llamagen_file_error, read_llamagen_checkpoint
 from ctfgen.tokenizer.vq import VQConfig, VQModel
+from ctfgen.utils.hub import StateDictMismatch, check_state_dict, llamagen_file_error, read_llamagen_checkpoint
 
 __all__ = ["load_llamagen_vq", "infer_vq_config", "read_llamagen_vq_state"]
 

@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ctfgen.errors import ConfigError, MissingFileError
-from ctfgen.fileio import atomic_save
-from ctfgen.hub import load_state_dict_strict
+from ctfgen.utils.errors import ConfigError, MissingFileError
+from ctfgen.utils.fileio import atomic_save
+from ctfgen.utils.hub import load_state_dict_strict
 
 __all__ = [
     "reconstruction_loss", "VGG16Features", "LPIPS", "load_lpips", "merge_lpips_weights",

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfgen.errors import ConfigError, WrongTypeError
-from ctfgen.fingerprint import codebook_fingerprint
-from ctfgen.hub import HubMixin
+from ctfgen.utils.errors import ConfigError, WrongTypeError
+from ctfgen.utils.fingerprint import codebook_fingerprint
+from ctfgen.utils.hub import HubMixin
 
 __all__ = ["VQConfig", "VQModel", "VectorQuantizer", "Encoder", "Decoder", "compute_entropy_loss"]
 

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfgen.errors import CheckpointError
-from ctfgen.fileio import atomic_torch_save
-
-from . import distributed as D
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import CheckpointError
+from ctfgen.utils.fileio import atomic_torch_save
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 CHECKPOINT_FORMAT = 1

@@ -38,13 +38,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from ctfgen.config import TrainConfig, from_dict
-from ctfgen.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputExistsError, TrainingInterrupted
-from ctfgen.fileio import append_csv_row, atomic_write_csv, publish_dir
-from ctfgen.hub import load_state_dict_strict
-from ctfgen.precision import resolve_dtype
-from ctfgen.rundir import WriterLock
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputExistsError, TrainingInterrupted
+from ctfgen.utils.fileio import append_csv_row, atomic_write_csv, publish_dir
+from ctfgen.utils.hub import load_state_dict_strict
+from ctfgen.utils.precision import resolve_dtype
+from ctfgen.utils.rundir import WriterLock
 
-from . import checkpoint as C, distributed as D
+from . import checkpoint as C
 
 logger = logging.getLogger("ctfgen.train")
 

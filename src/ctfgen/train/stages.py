@@ -25,13 +25,13 @@ from ctfgen.clustering import CoarseMap
 from ctfgen.compat import check_parts
 from ctfgen.config import TrainConfig, from_dict
 from ctfgen.data.codes import CodeDataset
-from ctfgen.errors import ConfigError, MismatchError as StageMismatchError
-from ctfgen.fileio import atomic_write_json, publish_dir
-from ctfgen.hub import load_state_dict_strict
 from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig, cluster_table
-from ctfgen.rundir import MODEL_DIR
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import ConfigError, MismatchError as StageMismatchError
+from ctfgen.utils.fileio import atomic_write_json, publish_dir
+from ctfgen.utils.hub import load_state_dict_strict
+from ctfgen.utils.rundir import MODEL_DIR
 
-from . import distributed as D
 from .loop import TrainResult, train
 
 STAGES = ("ar", "aux", "baseline")

@@ -1,0 +1,103 @@
+"""ctfgen: class-conditional image generation with coarse-to-fine token prediction.
+
+Each subcommand lives in `ctfgen.app.commands.<module>` and defines `configure(parser)` and
+`run(args)`, which parses nothing more and calls the library once; modules are imported only when
+their command runs, so `--help` stays fast. Every mistake a user can fix (a `CtfgenError`, a missing
+file, a bad argument) ends as one `error: ...` line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ctfgen import __version__
+from ctfgen.utils.errors import ConfigError, CtfgenError
+from ctfgen.utils.threads import prefer_passive_waiting
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "sample": ("sample", "sample a class-conditional image grid from a trained or shipped model"),
+    "sample-many": ("sample_many", "generate N images per class into an ADM-style .npz (resumable, torchrun-aware)"),
+    "train-tokenizer": ("train_tokenizer", "train a VQ tokenizer"),
+    "extract-codes": ("extract_codes", "tokenize a dataset into memory-mapped code files"),
+    "cluster": ("cluster", "fit a CoarseMap (k-means or random) on a tokenizer's codebook"),
+    "train": ("train", "train stage 1 (ar), the auxiliary model (aux) or the baseline on extracted codes"),
+    "pipeline": ("pipeline", "run a whole experiment from a YAML config: tokenizer to trained models"),
+    "eval": ("eval", "FID / IS / precision / recall of a sample set against a reference"),
+    "compare": ("compare", "render several evaluated runs into one markdown table and figure"),
+    "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
+    "reproduce": ("reproduce", "ablations, evaluation and the results report on top of a finished pipeline run"),
+    "study": ("study", "evaluate the codebook-size study's runs: records, tables and figures"),
+    "bench": ("bench", "time the baseline and CTF sampling side by side"),
+    "demo": ("demo", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
+    "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage + message, as our one error line
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="ctfgen", description=__doc__.splitlines()[0],
+        epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
+    parser.add_argument("--version", action="version", version=f"ctfgen {__version__}",
+                        help="print ctfgen's version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            importlib.import_module(f"ctfgen.app.commands.{module}").configure(p)
+    return parser
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test may swap it between commands)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def log_progress() -> None:
+    """The library's progress lines (loggers under "ctfgen") on stderr, from rank 0 only (torchrun sets RANK)."""
+    logger = logging.getLogger("ctfgen")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Before anything loads torch (and OpenMP with it): waiting threads sleep instead of spinning,
+    # so a busy core does not stall sampling (ctfgen.utils.threads, docs/performance.md).
+    prefer_passive_waiting()
+    log_progress()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(only=command if command in COMMANDS else "")
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        module = importlib.import_module(f"ctfgen.app.commands.{COMMANDS[args.command][0]}")
+        return int(module.run(args) or 0)
+    except (CtfgenError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where its checkpoint is
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 130
+    finally:
+        distributed = sys.modules.get("ctfgen.utils.distributed")  # loaded only if a command used torch
+        if distributed is not None:
+            distributed.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Options and helpers shared by the commands (sampling options, model loading, trailing overrides)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ctfgen.config import dump
+from ctfgen.data.fashion_mnist import class_index
+from ctfgen.pipeline import ARPipeline, CTFPipeline
+from ctfgen.shipped import PRETRAINED, pretrained
+from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.options import COUNTS, SAMPLING, SEED, check, check_device, check_sampling, cli_help
+from ctfgen.utils.precision import DTYPE_CHOICES
+from ctfgen.utils.threads import use_sampling_threads
+
+MODEL_HELP = ("a pipeline directory (from `ctfgen pipeline`: the run's root RUN, RUN/ctf or RUN/baseline), a "
+              "Hugging Face Hub repo id (org/name; cached, honours HF_HUB_OFFLINE), or a shipped name: "
+              "fashion-mnist, fashion-mnist-baseline (default: %(default)s)")
+
+
+def add_device_argument(parser, default: str | None = "auto") -> None:
+    """--device, checked against this machine's devices (ctfgen.utils.options.check_device)."""
+    parser.add_argument("--device", default=default,
+                        help="cpu, cuda, cuda:N, mps ... (only devices this torch build and machine have; "
+                             + ("default: cuda when available, else cpu)" if default in ("auto", None) else
+                                f"default: {default})"))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="fashion-mnist", help=MODEL_HELP)
+    add_device_argument(g)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling (unset options take the model's defaults: the paper's for CTF)")
+    for option in SAMPLING.values():
+        g.add_argument(option.flag, type=int if option.integer else float, default=None, help=cli_help(option))
+    g.add_argument("--seed", type=int, default=0, help=cli_help(SEED) + " (default: %(default)s)")
+    add_dtype_argument(g)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every number the user gave, checked before any work: the device, the seed, the sampling
+    options (their model-free ranges; the model's own bounds are checked once it is loaded) and every
+    other number ctfgen.utils.options knows by its flag's name (counts, sizes, rates), a list value by value."""
+    if hasattr(args, "device"):  # "auto": cuda when available, else cpu; None stays None
+        args.device = check_device(args.device, "--device")
+    if hasattr(args, "seed"):
+        args.seed = check("seed", args.seed, "--seed")
+    given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
+    for name, value in check_sampling(given, labels={n: SAMPLING[n].flag for n in given}).items():
+        setattr(args, name, value)
+    for name, value in vars(args).items():
+        if name in COUNTS and value is not None:
+            flag = COUNTS[name].flag
+            setattr(args, name, [check(name, v, flag) for v in value] if isinstance(value, list) else check(name, value, flag))
+
+
+def add_dtype_argument(parser, default: str = "auto") -> None:
+    parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
+                        help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
+                             "float32 elsewhere; int8 / int8-weight = dynamic / weight-only int8 linear layers "
+                             "through torchao (pip install 'ctfgen[quant]'), int8-fbgemm = dynamic int8 through "
+                             "PyTorch's x86 kernels (default: %(default)s)")
+
+
+def load_model(spec: str, device: str):
+    """--model: a shipped name, a directory (a run's root included) or a Hub repo id, on `device`."""
+    pipe = pretrained(spec, device=device)
+    if pipe.device.type == "cpu":
+        use_sampling_threads(pipe)  # one thread for a small model, no more than the free cores (OMP_NUM_THREADS wins)
+    return pipe
+
+
+def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer=None):
+    """The baseline to compare a CTF model with: `baseline_spec` when given, else the shipped baseline
+    for the shipped model, else a run's `baseline` directory: inside --model when it is the run's
+    root, beside it when it is RUN/ctf. A baseline saved without its tokenizer borrows `tokenizer`
+    (checked against its codebook fingerprint)."""
+    if baseline_spec is None:
+        model = Path(model_spec)
+        found = [d for d in (model / "baseline", model.parent / "baseline") if (d / "pipeline.json").is_file()]
+        if model_spec in PRETRAINED and not model.exists():
+            baseline_spec = "fashion-mnist-baseline"
+        elif found:
+            baseline_spec = str(found[0])
+        else:
+            raise ConfigError(f"no baseline found for --model {model_spec!r} (looked for {model / 'baseline'} and "
+                              f"{model.parent / 'baseline'}); pass --baseline DIR_OR_REPO")
+    baseline = load_model(baseline_spec, device)
+    if not isinstance(baseline, ARPipeline):
+        raise ConfigError(f"--baseline {baseline_spec!r} is a {baseline.kind} pipeline, not a baseline")
+    if baseline.tokenizer is None:
+        if tokenizer is None:
+            raise ConfigError(f"the baseline {baseline_spec!r} was saved without a tokenizer and none is at hand")
+        try:
+            baseline = ARPipeline(baseline.gpt, tokenizer, sampling_defaults=baseline.sampling_defaults)
+        except ValueError as e:
+            raise ConfigError(f"the baseline {baseline_spec!r} does not fit the CTF model's tokenizer: {e}") from None
+    return baseline.to(device).eval()
+
+
+def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
+    """The options the user set, checked against the model's bounds too (top-k against its
+    vocabulary, cfg_steps against its length); the rest fall back to the pipeline's stored defaults."""
+    names = ["cfg_scale", "cfg_steps", "temperature", "top_k", "top_p"]
+    fine = ["temperature_fine", "top_k_fine", "cfg_scale_fine"]
+    if isinstance(pipeline, CTFPipeline):
+        names += fine
+    else:
+        ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    checked = pipeline.resolve_sampling(given, labels={n: SAMPLING[n].flag for n in SAMPLING})
+    out = {n: checked[n] for n in given}
+    if getattr(args, "dtype", None) is not None:
+        out["dtype"] = args.dtype
+    return out
+
+
+def resolve_classes(values: list[str], num_classes: int, class_names: list[str] | None = None) -> list[int]:
+    """Class ids from ids or names; names follow the model's class list or Fashion-MNIST's."""
+    ids = []
+    for v in values:
+        if v.lstrip("-").isdigit():
+            c = int(v)
+        elif class_names:
+            lowered = [n.lower() for n in class_names]
+            if v.lower() not in lowered:
+                raise ConfigError(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
+            c = lowered.index(v.lower())
+        else:
+            try:
+                c = class_index(v)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if not 0 <= c < num_classes:
+            raise ConfigError(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
+        ids.append(c)
+    return ids
+
+
+def collect_trailing_overrides(parser: argparse.ArgumentParser, config: str | None = None) -> None:
+    """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
+    argparse fills positionals only once, so leftovers that look like overrides are added here.
+    An optional CONFIG positional (named `config`) that is an override, not a file, joins them."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, rest = parse(args, namespace)
+        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        first = getattr(ns, config, None) if config else None
+        if first is not None and "=" in first and not Path(first).exists():  # `--resume --out DIR train.steps=5`
+            setattr(ns, config, None)
+            extra.insert(0, first)
+        ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
+        return ns, [a for a in rest if a not in extra]
+
+    parser.parse_known_args = parse_known_args
+
+
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (config file, overrides and defaults) and exit")
+
+
+def print_config(cfg) -> int:
+    """`--print-config`: the settings as YAML, every default filled in."""
+    print(dump(cfg), end="")
+    return 0
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    """Options needed for a run (not for --print-config)."""
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                          "(see --help)")

@@ -1,0 +1,87 @@
+"""`ctfgen sample --class sneaker --n 16 --out samples.png`"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ctfgen.app.commands._common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    check_args,
+    load_baseline,
+    load_model,
+    resolve_classes,
+    sampling_kwargs,
+)
+from ctfgen.app.sample_sets import check_picture, sample_grid
+from ctfgen.pipeline import CTFPipeline
+from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.options import COUNTS, check_output_file, cli_help
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--class", dest="classes", nargs="+", default=["0"], metavar="CLASS",
+                        help="class names or ids; several are cycled through (default: 0)")
+    parser.add_argument("--n", type=int, default=16, help=cli_help(COUNTS["n"]) + " (default: %(default)s)")
+    parser.add_argument("--out", default="samples.png",
+                        help="the picture (.png, .jpg, ...); single images go to a folder of the same stem "
+                             "(default: %(default)s)")
+    parser.add_argument("--nrow", type=int, default=8, help="images per row of the picture (default: %(default)s)")
+    parser.add_argument("--scale", type=int, default=4, help=cli_help(COUNTS["scale"]) + " (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images sampled at once; memory follows it, not --n (default: %(default)s)")
+    parser.add_argument("--no-singles", action="store_true", help="write only the picture, no single images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stages", action="store_true",
+                        help="CTF: three rows per sample, the coarse preview (stage 1 alone), the final image, and a "
+                             "heat map of where stage 2 chose a codeword other than the cluster's representative, "
+                             "with its colour scale")
+    parser.add_argument("--compare-baseline", action="store_true",
+                        help="also sample the baseline for the same classes and seed and put its images beside CTF's "
+                             "(with --stages: as a fourth row)")
+    parser.add_argument("--baseline", default=None, metavar="DIR_OR_REPO",
+                        help="baseline for --compare-baseline (default: the shipped one for the shipped model, "
+                             "else the run's `baseline` directory: inside --model RUN, beside --model RUN/ctf)")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+NAMES = {"stage1": "stage 1", "stage2": "stage 2", "decode": "decode", "coarse_preview": "coarse preview",
+         "baseline": "baseline", "writing": "writing", "other": "other"}
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    check_output_file(args.out, "image", "--out")
+    t0 = time.perf_counter()
+    pipeline = load_model(args.model, args.device)
+    if (args.stages or args.compare_baseline) and not isinstance(pipeline, CTFPipeline):
+        raise ConfigError("--stages and --compare-baseline need a CTF model as --model")
+    classes = resolve_classes(args.classes, pipeline.num_classes, getattr(pipeline, "class_names", None))
+    sampling = sampling_kwargs(args, pipeline)
+    rows = (3 if args.stages else 1) + args.compare_baseline
+    check_picture(pipeline, args.n, args.out, args.nrow, args.scale, not args.no_singles, rows, args.batch_size)
+    baseline = load_baseline(args.model, args.baseline, args.device, pipeline.tokenizer) if args.compare_baseline else None
+    load_s = time.perf_counter() - t0
+    r = sample_grid(pipeline, classes, args.n, args.out, args.seed, args.nrow, args.scale, not args.no_singles,
+                    sampling, stages=args.stages, baseline=baseline, batch_size=args.batch_size,
+                    progress=not args.no_progress)
+    if "changed" in r:
+        print(f"stage 2 chose a codeword other than the representative at {r['changed']:.0%} of positions")
+    print(f"wrote {r['grid']} ({args.n} images of {r['size'][0]}x{r['size'][1]})")
+    if r["singles"] is not None:
+        print(f"wrote {args.n} single images to {r['singles']}/")
+    t = r["timings"]
+    parts = "  ".join(f"{NAMES[k]} {_ms(v)}" for k, v in t.items() if k != "total")
+    print(f"timings: {parts}  = total {_ms(t['total'])} ({args.n / t['total']:,.1f} images/s); "
+          f"loading the model{'s' if baseline is not None else ''} took {load_s:.2f} s")
+    if "baseline_timings" in r:
+        b = r["baseline_timings"]
+        print("the baseline's part: " + "  ".join(f"{NAMES.get(k, k)} {_ms(v)}" for k, v in b.items() if k != "total")
+              + f"  = {_ms(b['total'])} (one stage: no stage 2)")
+    return 0

@@ -1,0 +1,195 @@
+"""The reproduction's second half: ablations, evaluation and the report, on top of a finished
+`ctfgen pipeline` run (see configs/fashion_mnist.yaml and docs/results.md).
+
+    ctfgen pipeline configs/fashion_mnist.yaml --out runs/fashion_mnist
+    ctfgen reproduce configs/fashion_mnist_ablations.yaml --run runs/fashion_mnist
+
+Everything lands under RUN: ablation models in `ablations/<name>/`, one evaluation record per
+model and sampling setting in `eval/<group>/<name>.json` (the `ctfgen compare` format), and
+`results.md`, `results.json` and `quality_vs_epoch.png`. Each finished piece is kept, so a killed
+run continues where it stopped; a record made from other settings, models or code is refused
+(`--force` recomputes it).
+
+Ablations train for `steps` steps with the main run's settings and seed. The main run's lr is
+constant after warm-up and it saved snapshots, so its snapshot at the same step is an exact
+reference for them (same data order, same initialisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from ctfgen.clustering import CoarseMap
+from ctfgen.config import ReproduceConfig
+from ctfgen.experiments.run import FinishedRun
+from ctfgen.metrics.compare import markdown_table, plot_metrics
+from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
+from ctfgen.pipeline import CTFPipeline, heldout_bits_per_token, load_pipeline
+from ctfgen.train.stages import train_stage
+from ctfgen.utils.fileio import atomic_write_json, atomic_write_text, publish_dir
+from ctfgen.utils.fingerprint import directory_fingerprint
+from ctfgen.utils.rundir import Records, WriterLock
+
+logger = logging.getLogger("ctfgen.experiments.reproduce")
+COLUMNS = ["fd", "is", "precision", "recall", "class_consistency", "bits_per_token", "sample_seconds_per_image"]
+
+
+# --- ablation training ----------------------------------------------------------------------------
+
+def train_ablation(run: FinishedRun, name: str, settings: ReproduceConfig, num_coarse: int, method: str = "kmeans",
+                   restrict: bool = True, reuse_stage1_map: bool = False) -> Path:
+    """Train stage 1 and/or the aux model of one variant; returns its CTF pipeline directory."""
+    out = run.ablation(name)
+    final = out / "ctf"
+    if (final / "pipeline.json").exists():
+        return final
+    cfg = run.settings
+    if reuse_stage1_map:
+        cmap = run.load_coarse_map()
+    else:
+        map_path = out / "coarse_map.safetensors"
+        if not map_path.exists():
+            CoarseMap.fit(run.load_tokenizer(), num_coarse, method=method, seed=int(cfg.clustering.seed)).save(map_path)
+        cmap = CoarseMap.load(map_path)
+
+    def train(stage: str, model_overrides: dict | None = None):
+        s = cfg.stage(stage)
+        logger.info(f"{name}: training {stage} ({s.preset}, {settings.steps} steps)")
+        model, _ = train_stage(stage, run.codes("train"), out / stage, coarse_map=cmap, preset=s.preset,
+                               model={**s.model, **(model_overrides or {})},
+                               train_config=dataclasses.replace(s.train, steps=int(settings.steps), snapshot_every=0),
+                               resume=True, run_config={"ablation": name, "main_run": str(run.root)}, desc=f"{name}/{stage}")
+        return model.eval()
+
+    ar = run.snapshot_model("ar", int(settings.steps)) if reuse_stage1_map else train("ar")
+    aux = train("aux", {"restrict_to_cluster": restrict})
+    return publish_dir(CTFPipeline(ar, aux, cmap, run.load_tokenizer()).save_pretrained, final)
+
+
+def train_independent_ablations(run: FinishedRun, settings: ReproduceConfig) -> None:
+    """The variants that need only the tokenizer and codes, not the main run's models, so they can
+    train beside the main run (`ctfgen reproduce --independent-only`)."""
+    k_main = int(run.settings.clustering.num_coarse)
+    for k in settings.clusters:
+        train_ablation(run, f"kmeans-k{k}", settings, int(k))
+    if settings.random_clusters:
+        train_ablation(run, f"random-k{k_main}", settings, k_main, method="random")
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+class Evaluation:
+    """Evaluation records of one run: RUN/eval/<group>/<name>.json, each made once from its settings
+    and models (`ctfgen.utils.rundir.Records`)."""
+
+    def __init__(self, run: FinishedRun, settings: ReproduceConfig, force: bool = False):
+        self.run, self.e = run, settings.evaluation
+        self.force = force
+
+    def once(self, group: str, name: str, model_dirs: list[Path], make_pipeline, sampling: dict | None = None,
+             epoch: float | None = None, extra: dict | None = None, heldout: bool = True) -> dict:
+        e, run = self.e, self.run
+        inputs = {"per_class": e.per_class, "seed": e.seed, "batch_size": e.batch_size, "sampling": sampling or {},
+                  "heldout_images": e.heldout_images if heldout else None,
+                  "models": {str(d.relative_to(run.root)): directory_fingerprint(d) for d in model_dirs}}
+
+        def compute():
+            pipe = make_pipeline()
+            images, labels, seconds = sample_per_class(pipe, int(e.per_class), int(e.seed), int(e.batch_size), sampling)
+            metrics = {**evaluate_fmnist(images, labels), "sample_seconds_per_image": seconds}
+            if heldout:
+                h = heldout_bits_per_token(pipe, run.codes("test"), int(e.heldout_images), batch_size=500)
+                metrics["bits_per_token"], metrics["bits_per_token_exact"] = h["bits_per_token"], h["exact"]
+            return {"name": group if epoch is not None else name, "epoch": epoch, "metric_set": "fmnist",
+                    "samples": f"{int(e.per_class)} per class, seed {e.seed}", "reference": "fashion-mnist-test",
+                    "metrics": metrics, "sampling": sampling or {}, "variant": name, **(extra or {})}
+
+        records = Records(run.root / "eval" / group, force=self.force, say=lambda what: logger.info(f"evaluating {what}"))
+        return records.once(name, inputs, compute)
+
+
+def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = False) -> dict[str, list[dict]]:
+    run.require(run.part("ctf"), run.part("baseline"))
+    ev = Evaluation(run, settings, force)
+    steps = int(settings.steps)
+    k_main = int(run.settings.clustering.num_coarse)
+    snapshots = lambda method, step: [run.snapshot(s, step) for s in ("ar", "aux") if method == "ctf"] or [  # noqa: E731
+        run.snapshot("baseline", step)]
+    results: dict[str, list[dict]] = {}
+
+    # Quality against training epoch (the paper's Fig. 2): the main run's snapshots.
+    for method in ("ctf", "baseline"):
+        stage = "ar" if method == "ctf" else "baseline"
+        for step in run.snapshot_steps(stage):
+            results.setdefault(f"epochs_{method}", []).append(ev.once(
+                method, f"step-{step:06d}", snapshots(method, step), lambda: run.snapshot_pipeline(method, step),
+                epoch=round(step / run.steps_per_epoch(stage), 3), extra={"step": step}))
+
+    # The final models with their default sampling (the headline comparison).
+    results["main"] = [ev.once("main", m, [run.pipeline_dir(m)], lambda: run.pipeline(m)) for m in ("ctf", "baseline")]
+
+    # Ablations at `steps`, against the main run's snapshot at the same step.
+    group = [ev.once("ablations", f"kmeans-k{k_main}", snapshots("ctf", steps), lambda: run.snapshot_pipeline("ctf", steps),
+                     extra={"num_coarse": k_main})]
+    variants = [(f"kmeans-k{k}", int(k), {}) for k in settings.clusters]
+    if settings.random_clusters:
+        variants.append((f"random-k{k_main}", k_main, {"method": "random"}))
+    if settings.unrestricted_aux:
+        variants.append((f"unrestricted-k{k_main}", k_main, {"restrict": False, "reuse_stage1_map": True}))
+    for name, k, options in variants:
+        path = train_ablation(run, name, settings, k, **options)
+        group.append(ev.once("ablations", name, [path], lambda: load_pipeline(path), extra={"num_coarse": k}))
+    group.append(ev.once("ablations", f"baseline-step{steps}", snapshots("baseline", steps),
+                         lambda: run.snapshot_pipeline("baseline", steps)))
+    results["ablations"] = group
+
+    # Sampling ablations on the final CTF model: stage-2 argmax, and the two temperatures.
+    variants = [("argmax-fine", {"top_k_fine": 1})]
+    for t in settings.evaluation.temperatures:
+        variants += [(f"temperature-{t}", {"temperature": float(t)}), (f"temperature-fine-{t}", {"temperature_fine": float(t)})]
+    results["sampling"] = [ev.once("sampling", name, [run.ctf], lambda: run.pipeline("ctf"), sampling, heldout=False)
+                           for name, sampling in variants]
+    return results
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def write_report(run: FinishedRun, results: dict, settings: ReproduceConfig) -> Path:
+    def table(records, label):
+        return markdown_table(records, label=label, keys=COLUMNS)
+
+    e = settings.evaluation
+    heldout = json.loads(run.heldout.read_text()) if run.heldout.exists() else None
+    parts = [f"# Reproduction results ({run.root})", "",
+             f"Samples: {e.per_class} per class, seed {e.seed}; bits/token on the first {e.heldout_images} test "
+             "images (exact unless marked).", "",
+             "## Final models, default sampling", "", table(results["main"], lambda r: r["variant"])]
+    if heldout:
+        parts += ["Held-out bits per token on all test images (from the pipeline run): "
+                  + ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in heldout.items() if isinstance(v, dict)), ""]
+    epochs = results.get("epochs_ctf", []) + results.get("epochs_baseline", [])
+    parts += ["## Quality against epoch", "", table(epochs, lambda r: f"{r['name']} epoch {r['epoch']}"),
+              f"## Ablations at step {settings.steps}", "", table(results["ablations"], lambda r: r["variant"]),
+              "## Sampling ablations (final CTF model)", "", table(results["sampling"], lambda r: r["variant"])]
+    atomic_write_text(run.results_md, "\n".join(parts))
+    atomic_write_json(run.results_json, results)
+    plot_metrics(epochs, run.quality_plot, keys=["fd", "class_consistency", "bits_per_token"], one_figure=True)
+    return run.results_md
+
+
+def reproduce(run_dir, settings: ReproduceConfig | None = None, independent_only: bool = False,
+              force: bool = False) -> Path | None:
+    """`ctfgen reproduce`: the ablations, their evaluation and RUN/results.md. `force` recomputes
+    evaluation records made from other settings, models or code instead of refusing them."""
+    settings = settings or ReproduceConfig()
+    run = FinishedRun(run_dir, "tokenizer", "train", "test")
+    with WriterLock(run.root, "reproduce"):
+        if independent_only:
+            train_independent_ablations(run, settings)
+            return None
+        path = write_report(run, run_evaluations(run, settings, force), settings)
+    logger.info(f"wrote {path}, {run.results_json} and {run.quality_plot}")
+    return path

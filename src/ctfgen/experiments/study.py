@@ -1,0 +1,288 @@
+"""The codebook-size study: CTF against the same-size and the parameter-matched baseline as the codebook grows.
+
+Each codebook size is one finished `ctfgen pipeline` run of `configs/study/fmnist_v<V>.yaml`; this
+module evaluates it and writes one small JSON record per measurement, so a killed study continues
+where it stopped and every number in docs/results.md has its record:
+
+    ctfgen study runs/study/v16384 runs/study/v4096 runs/study/v1024 --records docs/results/study
+
+RECORDS/<run>/
+    tokenizer.json            codebook usage, code perplexity and PSNR over the whole test split
+    epoch-<n>.json            at every epoch snapshot: held-out bits/token of every method and the
+                              teacher-forced coarse prediction of stage 1 vs the baseline (diagnosis)
+    select-<method>.json      guidance x stage-1 temperature, scored on the validation split with
+                              its own seed (`select_seed`), never the test streams
+    test-<method>-<setting>-seed<s>.json   test-split metrics at the chosen setting and the defaults
+    diagnosis.json            stage-wise sample sets built from one half of the test split (per class)
+                              and scored against the other half, which none of them was made from
+
+Methods: `ctf`, `baseline` (stage 1's size: the paper's comparison) and `matched` (the baseline with
+CTF's parameter count), when the run has it. Every record stores what it was computed from: the
+settings that shape it, the fingerprints of the model files and the code's commit
+(`ctfgen.utils.rundir.Records`). A record whose inputs differ from the current ones is refused, never
+silently reused. RECORDS/summary.md and figures: `write_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Subset
+
+from ctfgen.config import StudySettings
+from ctfgen.experiments.diagnosis import coarse_prediction, most_frequent_members, stagewise_sets
+from ctfgen.experiments.run import METHODS, FinishedRun
+from ctfgen.metrics.compare import markdown, plot_panels
+from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
+from ctfgen.pipeline import heldout_bits_per_token
+from ctfgen.tokenizer.codebook import evaluate_tokenizer
+from ctfgen.utils.errors import ConfigError, RunError
+from ctfgen.utils.fingerprint import directory_fingerprint
+from ctfgen.utils.images import to_uint8
+from ctfgen.utils.rundir import Records, WriterLock
+
+__all__ = ["StudySettings", "study_run", "write_report", "METHODS"]
+
+logger = logging.getLogger("ctfgen.experiments.study")
+
+
+def _sample_and_score(pipe, per_class: int, seed: int, batch_size: int, sampling: dict, ref) -> dict:
+    images, labels, seconds = sample_per_class(pipe, per_class, seed, batch_size, sampling)
+    return {**evaluate_fmnist(images, labels, ref=ref), "sample_seconds_per_image": seconds}
+
+
+def _grid(settings: StudySettings) -> list[dict]:
+    return [{"cfg_scale": g, "temperature": t} for g in settings.guidance for t in settings.temperatures]
+
+
+def _at_edge(chosen: dict, settings: StudySettings) -> list[str]:
+    """The settings whose chosen value is the grid's smallest or largest: the best may lie beyond."""
+    axes = {"cfg_scale": settings.guidance, "temperature": settings.temperatures}
+    return [k for k, values in axes.items() if len(values) > 1 and chosen[k] in (min(values), max(values))]
+
+
+def split_halves(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, reference) indices: the first `per_class` images of each class, and all the others."""
+    labels = np.asarray(labels)
+    source = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= per_class:
+            raise ConfigError(f"diagnosis_per_class={per_class} leaves no reference image of class {c}, which has "
+                              f"{len(idx)} test images; lower it")
+        source.append(idx[:per_class])
+    source = np.sort(np.concatenate(source))
+    return source, np.setdiff1d(np.arange(len(labels)), source)
+
+
+def study_run(run_dir, records_dir, settings: StudySettings | None = None, force: bool = False) -> dict:
+    """Evaluate one finished study run; returns {record name: record}. Idempotent; `force` recomputes
+    records made from other inputs instead of refusing them."""
+    s = settings or StudySettings()
+    run = FinishedRun(run_dir, "ctf", "baseline", "test", "val")
+    rec = Records(Path(records_dir) / run.name, force=force, say=logger.info)
+    with WriterLock(rec.dir, "study"):
+        return _study(run, rec, s)
+
+
+def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
+    out = {}
+    pipes = {m: run.pipeline(m) for m in run.methods}
+    ctf = pipes["ctf"]
+    test = run.code_dataset("test")
+    vocab = ctf.coarse_map.vocab_size
+
+    def tokenizer_record():
+        data = run.image_dataset("test")
+        if s.tokenizer_images is not None and s.tokenizer_images < len(data):
+            data = Subset(data, range(int(s.tokenizer_images)))
+        return {"codebook_size": vocab, "num_coarse": ctf.coarse_map.num_coarse, **evaluate_tokenizer(ctf.tokenizer, data)}
+
+    out["tokenizer"] = rec.once("tokenizer", {"tokenizer_images": s.tokenizer_images,
+                                              "models": {"tokenizer": directory_fingerprint(run.tokenizer)}},
+                                tokenizer_record)
+
+    x_coarse, y_coarse = test.get_batch(list(range(min(len(test), s.coarse_images))))
+    for step in run.snapshot_steps_of(*pipes):
+        epoch = step / run.steps_per_epoch("ar")
+
+        def epoch_record(step=step, epoch=epoch):
+            snaps = {m: run.snapshot_pipeline(m, step) for m in pipes}
+            return {"codebook_size": vocab, "step": step, "epoch": round(epoch, 3),
+                    "heldout": {m: heldout_bits_per_token(p, test, s.heldout_images) for m, p in snaps.items()},
+                    "coarse_prediction": coarse_prediction(snaps["ctf"].ar, snaps["baseline"].gpt, ctf.coarse_map,
+                                                           x_coarse, y_coarse)}
+
+        name = f"epoch-{epoch:.2f}"
+        out[name] = rec.once(name, {"heldout_images": s.heldout_images, "coarse_images": s.coarse_images,
+                                    "models": run.fingerprints(*pipes, step=step)}, epoch_record)
+
+    val = run.images("val")[0]
+    chosen = {}
+    for method, pipe in pipes.items():
+        def select_record(pipe=pipe):
+            rows = [{"sampling": g, **_sample_and_score(pipe, s.select_per_class, s.select_seed, s.batch_size, g, val)}
+                    for g in _grid(s)]
+            best = min(rows, key=lambda r: r["fd"])
+            return {"codebook_size": vocab, "reference": f"validation split ({len(val)} training images held out)",
+                    "per_class": s.select_per_class, "seed": s.select_seed, "grid": rows, "chosen": best["sampling"],
+                    "chosen_by": "fd", "kid_would_choose": min(rows, key=lambda r: r["kid"])["sampling"],
+                    "at_edge": _at_edge(best["sampling"], s)}
+
+        inputs = {"guidance": s.guidance, "temperatures": s.temperatures, "per_class": s.select_per_class,
+                  "seed": s.select_seed, "batch_size": s.batch_size, "models": run.fingerprints(method)}
+        selection = out[f"select-{method}"] = rec.once(f"select-{method}", inputs, select_record)
+        if selection["at_edge"]:
+            logger.info(f"{run.name}: {method}'s chosen {selection['chosen']} is at the edge of the grid in "
+                        f"{', '.join(selection['at_edge'])}: the best setting may lie beyond it")
+        chosen[method] = selection["chosen"]
+        for setting, sampling in (("chosen", chosen[method]), ("default", {})):
+            for seed in s.seeds:
+                name = f"test-{method}-{setting}-seed{seed}"
+                resolved = {**pipe.sampling_defaults, **sampling}
+
+                def test_record(pipe=pipe, sampling=sampling, seed=seed, setting=setting, resolved=resolved,
+                                method=method):
+                    return {"codebook_size": vocab, "method": method, "setting": setting, "seed": seed,
+                            "sampling": resolved, "per_class": s.test_per_class, "reference": "fashion-mnist-test",
+                            "metrics": _sample_and_score(pipe, s.test_per_class, seed, s.batch_size, sampling, "test")}
+
+                out[name] = rec.once(name, {"sampling": resolved, "per_class": s.test_per_class, "seed": seed,
+                                            "batch_size": s.batch_size, "models": run.fingerprints(method)}, test_record)
+
+    def diagnosis_record():
+        train_codes = run.code_dataset("train")
+        reps = most_frequent_members(ctf.coarse_map, train_codes.get_batch(list(range(len(train_codes))))[0])
+        images, labels = run.images("test")
+        if not np.array_equal(labels, np.asarray(test.labels)):
+            raise RunError(f"{run.codes('test')} does not hold the test images in the order the dataset gives them; "
+                           "extract the codes again (ctfgen pipeline --resume after deleting the codes)")
+        source, reference = split_halves(labels, s.diagnosis_per_class)
+        x, y = test.get_batch(source.tolist())
+        sets: dict[str, list] = {}
+        for name, batch, batch_labels in stagewise_sets(ctf, pipes["baseline"], x, y, reps, batch_size=s.batch_size,
+                                                        seed=s.diagnosis_seed, ctf_sampling=chosen["ctf"],
+                                                        baseline_sampling=chosen["baseline"]):
+            sets.setdefault(name, [[], []])
+            sets[name][0].append(to_uint8(batch))
+            sets[name][1].append(batch_labels.numpy())
+        ref = images[reference]
+        return {"codebook_size": vocab, "images": int(len(x)), "reference_images": int(len(ref)),
+                "sampling": {m: chosen[m] for m in ("ctf", "baseline")},
+                "source": f"the first {s.diagnosis_per_class} test images of each class (their codes, and their "
+                          "classes for the sampled sets)",
+                "reference": "the other test images, which no set was made from",
+                "representatives": "most frequent member of each cluster in the training codes",
+                "sets": {name: evaluate_fmnist(np.concatenate(i), np.concatenate(lab), ref=ref)
+                         for name, (i, lab) in sets.items()}}
+
+    out["diagnosis"] = rec.once("diagnosis", {"per_class": s.diagnosis_per_class, "seed": s.diagnosis_seed,
+                                              "batch_size": s.batch_size,
+                                              "sampling": {m: chosen[m] for m in ("ctf", "baseline")},
+                                              "models": run.fingerprints("ctf", "baseline")}, diagnosis_record)
+    return out
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+def _load(records_dir: Path) -> dict[str, dict[str, dict]]:
+    runs = {}
+    for d in sorted(p for p in Path(records_dir).iterdir() if p.is_dir()):
+        runs[d.name] = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+    return runs
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def _epochs(recs: dict) -> list[dict]:
+    return sorted((v for k, v in recs.items() if k.startswith("epoch-")), key=lambda v: v["step"])
+
+
+def write_report(records_dir, figure_dir=None) -> str:
+    """Markdown tables of every study record under `records_dir`, and figures of Fréchet distance and
+    bits/token against codebook size and against epoch (PNG files in `figure_dir`). Returns the markdown."""
+    runs = _load(Path(records_dir)) if Path(records_dir).is_dir() else {}
+    if not runs:
+        raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
+    order = sorted(runs, key=lambda r: runs[r].get("tokenizer", {}).get("codebook_size", 0))
+    rows, edges, by_size = [], [], {m: {} for m in METHODS}
+    for r in order:
+        recs, tok = runs[r], runs[r].get("tokenizer", {})
+        size = tok.get("codebook_size", r)
+        epochs = _epochs(recs)
+        last = epochs[-1]["heldout"] if epochs else {}
+        for method in METHODS:
+            selection = recs.get(f"select-{method}", {})
+            if selection.get("at_edge"):
+                edges.append(f"- V = {size}, {method}: the chosen {selection['chosen']} is at the edge of the grid in "
+                             f"{', '.join(selection['at_edge'])}.")
+            for setting in ("chosen", "default"):
+                tests = [v for k, v in recs.items() if k.startswith(f"test-{method}-{setting}-seed")]
+                if not tests:
+                    continue
+                cells = [t["metrics"] for t in tests]
+                bits = last.get(method, {}).get("bits_per_token")
+                kid = _mean_std([100 * c["kid"] for c in cells]) if all("kid" in c for c in cells) else "–"
+                rows.append([size, tok.get("num_coarse", ""), f"{tok.get('usage', float('nan')):.1%}",
+                             f"{tok.get('perplexity', float('nan')):.0f}", f"{tok.get('psnr', float('nan')):.2f}", method,
+                             f"{setting} (g {tests[0]['sampling']['cfg_scale']}, T {tests[0]['sampling']['temperature']})",
+                             _mean_std([c["fd"] for c in cells]), kid,
+                             *(_mean_std([c[m] for c in cells]) for m in ("precision", "recall", "class_consistency")),
+                             f"{bits:.3f}" if bits is not None else "–"])
+                if setting == "chosen":
+                    by_size[method][size] = ([c["fd"] for c in cells], bits)
+    md = ["## Test-split metrics per codebook size", "",
+          markdown(["codebook", "K", "codes used (test)", "code perplexity", "PSNR dB", "method", "setting", "FD ↓",
+                    "KID×100 ↓", "Prec ↑", "Rec ↑", "Class acc ↑", "bits/token ↓"], rows)]
+    if edges:
+        md += ["Sampling choices at the edge of the validation grid (a better setting may lie beyond):", "", *edges, ""]
+
+    diag = [runs[r]["diagnosis"] for r in order if "diagnosis" in runs[r]]
+    if diag:
+        names = list(diag[0]["sets"])
+        md += ["## Stage-wise diagnosis (Fréchet distance against the test images no set was made from)", "",
+               markdown(["codebook", *names], [[d["codebook_size"], *(f"{d['sets'][n]['fd']:.2f}" for n in names)]
+                                               for d in diag])]
+
+    gaps = [[v["codebook_size"], f"{v['epoch']:.2f}", f"{v['heldout']['ctf']['bits_per_token']:.3f}",
+             f"{v['heldout']['baseline']['bits_per_token']:.3f}", f"{cp['stage1']['bits_per_token']:.3f}",
+             f"{cp['baseline_cluster_summed']['bits_per_token']:.3f}", f"{cp['gap_bits']:+.3f}",
+             f"{cp['stage1']['top1']:.3f} / {cp['baseline_cluster_summed']['top1']:.3f}"]
+            for r in order for v in _epochs(runs[r]) for cp in [v["coarse_prediction"]]]
+    if gaps:
+        md += ["## Against epoch: held-out bits/token and teacher-forced coarse prediction", "",
+               markdown(["codebook", "epoch", "CTF bits/token", "baseline bits/token", "stage-1 coarse bits",
+                         "baseline cluster-summed coarse bits", "gap", "top-1 stage 1 / baseline"], gaps)]
+
+    if figure_dir is not None:
+        def line(method, key):
+            sizes = sorted(v for v in by_size[method] if v)
+            fds = [by_size[method][v][0] for v in sizes]
+            if key == "fd":
+                return (method, sizes, [np.mean(f) for f in fds], [np.std(f, ddof=1) if len(f) > 1 else 0 for f in fds])
+            return (method, sizes, [by_size[method][v][1] for v in sizes])
+
+        methods = [m for m in METHODS if by_size[m]]
+        plot_panels([{"title": "Fréchet distance (test) ↓", "xlabel": "codebook size", "log2_x": True,
+                      "lines": [line(m, "fd") for m in methods]},
+                     {"title": "held-out bits/token ↓", "xlabel": "codebook size", "log2_x": True,
+                      "lines": [line(m, "bits") for m in methods]}], Path(figure_dir) / "study_vs_codebook.png")
+        bits_lines, gap_lines = [], []
+        for r in order:
+            epochs = _epochs(runs[r])
+            if epochs:
+                x, size = [e["epoch"] for e in epochs], epochs[0]["codebook_size"]
+                bits_lines += [(f"{m} V={size}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
+                               for m in METHODS if m in epochs[0]["heldout"]]
+                gap_lines.append((f"V={size}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))
+        plot_panels([{"title": "held-out bits/token ↓", "xlabel": "epoch", "lines": bits_lines},
+                     {"title": "coarse bits: stage 1 − baseline summed", "xlabel": "epoch", "lines": gap_lines}],
+                    Path(figure_dir) / "study_vs_epoch.png")
+    return "\n".join(md)

@@ -1,0 +1,220 @@
+"""Train a VQ tokenizer with LlamaGen's VQ losses, through the one training loop (`ctfgen.train.loop`).
+
+    >>> vq = train_tokenizer({"model": {...}, "train": {"steps": 2000}}, FashionMNIST("train"), "runs/tok")
+
+The generator side (reconstruction, perceptual, codebook, commitment and entropy losses, and the
+adversarial term once `disc_start` is reached) is the loop's loss; the PatchGAN discriminator is a
+second optimiser that steps after each update (`VQTraining.after_step`) and is saved with the
+checkpoints. `out_dir` receives what every training run does (checkpoints/, metrics.csv) and
+`tokenizer/`, the finished model (config.json + model.safetensors; VQModel.from_pretrained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ctfgen.config import ExperimentConfig, TokenizerConfig, dump, from_dict
+from ctfgen.data import make_dataset
+from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
+from ctfgen.tokenizer.losses import (
+    NLayerDiscriminator,
+    adaptive_weight,
+    hinge_d_loss,
+    hinge_g_loss,
+    load_lpips,
+    reconstruction_loss,
+    vanilla_d_loss,
+)
+from ctfgen.tokenizer.vq import VQConfig, VQModel
+from ctfgen.train.checkpoint import list_checkpoints, seed_everything
+from ctfgen.train.loop import train, training_autocast
+from ctfgen.utils import distributed as D
+from ctfgen.utils.errors import CheckpointError
+from ctfgen.utils.fileio import atomic_write_text, publish_dir
+
+__all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
+
+logger = logging.getLogger("ctfgen.train")
+
+MODEL_DIR = "tokenizer"   # out_dir/tokenizer: the finished VQModel
+
+
+class _DiscriminatorPair(nn.Module):
+    """One forward for real and fake batches, so DDP sees a single forward per backward while the
+    BatchNorm statistics stay per batch, as in LlamaGen (which calls the discriminator twice)."""
+
+    def __init__(self, disc):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real, fake):
+        return self.disc(real), self.disc(fake)
+
+
+@contextmanager
+def _frozen(module: nn.Module):
+    """Gradients flow through `module` to its input but not into its weights."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+class VQTraining:
+    """The tokenizer's part of the loop: `loss(model, batch)` and the discriminator's step."""
+
+    log_columns = ["reconstruction", "perceptual", "codebook", "commitment", "entropy", "generator_adv", "disc",
+                   "usage", "codes_restarted"]
+    log_sums = ("codes_restarted",)  # per log row, not averaged
+
+    def __init__(self, cfg: TokenizerConfig, model: VQModel):
+        self.cfg, self.loss_cfg = cfg, cfg.loss
+        L, vq_config = cfg.loss, model.config
+        self.restarter = (DeadCodeRestarter(model.quantize, int(cfg.train.dead_code_steps), seed=cfg.train.seed)
+                          if cfg.train.dead_code_steps > 0 else None)
+        self.disc = NLayerDiscriminator(vq_config.in_channels, L.disc_dim, L.disc_layers) if L.disc_weight > 0 else None
+        self.lpips = load_lpips(L.lpips_weights, vgg_path=L.lpips_vgg_weights) if L.perceptual_weight > 0 else None
+        self.d_loss_fn = hinge_d_loss if L.disc_loss == "hinge" else vanilla_d_loss
+        self.step, self.disc_on, self._last = 0, False, None
+
+    def setup(self, device: torch.device, total_steps: int) -> None:
+        t = self.cfg.train
+        if self.restarter is not None:
+            self.restarter.last_step = int(t.dead_code_until * total_steps)
+        self.autocast = training_autocast(t.mixed_precision, device)
+        if self.lpips is not None:
+            self.lpips.to(device)
+        if self.disc is not None:
+            self.disc.to(device)
+            self.disc_pair = D.wrap_model(_DiscriminatorPair(self.disc), device, fsdp=False)
+            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.loss_cfg.disc_lr or t.lr, betas=t.betas,
+                                           weight_decay=t.weight_decay)
+
+    def loss(self, model, batch):
+        L = self.loss_cfg
+        images = (batch[0] if isinstance(batch, (list, tuple)) else batch).float()
+        recon, q = model(images)
+        recon = recon.float()
+        rec = reconstruction_loss(recon, images, L.reconstruction)
+        nll = L.reconstruction_weight * rec
+        p_loss = torch.zeros((), device=images.device)
+        if self.lpips is not None:
+            p_loss = self.lpips(images, recon).mean()
+            nll = nll + L.perceptual_weight * p_loss
+        loss = nll + q["codebook"] + q["commitment"] + q["entropy"]
+        g_loss = torch.zeros((), device=images.device)
+        self.disc_on = self.disc is not None and self.step >= L.disc_start
+        if self.disc_on:
+            with _frozen(self.disc):
+                g_loss = hinge_g_loss(self.disc(recon))
+            w = adaptive_weight(nll, g_loss, D.unwrap(model).decoder.last_layer) if L.disc_adaptive else 1.0
+            loss = loss + w * L.disc_weight * g_loss
+        self._last = (images, recon.detach())
+        metrics = {"reconstruction": rec, "perceptual": p_loss, "codebook": q["codebook"],
+                   "commitment": q["commitment"], "entropy": q["entropy"], "generator_adv": g_loss, "usage": q["usage"]}
+        return loss, {k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()}
+
+    def after_step(self, step: int) -> dict:
+        """The discriminator's update on the last batch (real images against the reconstructions)."""
+        d_loss = torch.zeros(())
+        if self.disc_on:
+            images, fake = self._last
+            with self.autocast:
+                logits_real, logits_fake = self.disc_pair(images, fake)
+                d_loss = self.d_loss_fn(logits_real.float(), logits_fake.float())
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.grad_clip)
+            self.d_opt.step()
+        self.step, self._last = step + 1, None
+        restarted = self.restarter.step(self.step) if self.restarter is not None else 0
+        return {"disc": d_loss.detach(), "codes_restarted": restarted}
+
+    def state_dict(self) -> dict:
+        state = {"step": self.step}
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), disc_optimizer=self.d_opt.state_dict())
+        if self.restarter is not None:
+            state["dead_codes"] = self.restarter.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict | None, source: str) -> None:
+        state = state or {}
+        self.step = int(state.get("step", 0))
+        if self.disc is not None:
+            if "disc" not in state:
+                raise CheckpointError(f"{source} has no discriminator state but tokenizer.loss.disc_weight > 0 now; "
+                                      "resume with disc_weight: 0 or start a new run")
+            self.disc.load_state_dict(state["disc"])
+            self.d_opt.load_state_dict(state["disc_optimizer"])
+        if self.restarter is not None:
+            if "dead_codes" not in state:
+                raise CheckpointError(f"{source} has no dead-code restart state but tokenizer.train.dead_code_steps > 0 "
+                                      "now; resume with the settings the run started with")
+            self.restarter.load_state_dict(state["dead_codes"])
+
+
+def tokenizer_config(config: TokenizerConfig | dict) -> TokenizerConfig:
+    """A TokenizerConfig from itself or a dict of the `tokenizer:` section's shape."""
+    if isinstance(config, TokenizerConfig):
+        return config
+    return from_dict(TokenizerConfig, config, "tokenizer")
+
+
+def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bool = False, device=None,
+                    progress: bool = True) -> VQModel:
+    """Train a VQModel on `dataset` (items are images (C,H,W) in [-1, 1], or (image, label) pairs)
+    and save it to out_dir/tokenizer; returns it (CPU, eval mode). `config` is the experiment's
+    `tokenizer:` section (model: VQConfig fields; train: TrainConfig; loss: VQLossConfig)."""
+    cfg = tokenizer_config(config)
+    vq_config = from_dict(VQConfig, cfg.model, "tokenizer.model")
+    own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
+    device = torch.device(device) if device is not None else own_device
+    out_dir = Path(out_dir)
+    seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone
+    model = VQModel(vq_config)
+    first = dataset[0]
+    model.grid_size((first[0] if isinstance(first, (list, tuple)) else first).shape[-1])  # unfit sizes fail now
+    task = VQTraining(cfg, model)
+    if cfg.train.codebook_init == "kmeans" and not (resume and list_checkpoints(out_dir / "checkpoints")):
+        info = kmeans_init_codebook(model.to(device), dataset, num_images=int(cfg.train.codebook_init_images),
+                                    seed=cfg.train.seed, device=device)
+        logger.info(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
+    train_cfg = dataclasses.replace(cfg.train, progress=progress and cfg.train.progress)
+    result = train(model, task.loss, dataset, train_cfg, out_dir, resume=resume, device=device, desc="tokenizer",
+                   extra=task, run_config={"model_config": _plain(asdict(vq_config)),
+                                           "loss_config": _plain(asdict(cfg.loss))})
+    final = VQModel(vq_config)
+    final.load_state_dict(result.best_state_dict())
+    final.eval()
+    if D.is_main():
+        publish_dir(final.save_pretrained, out_dir / MODEL_DIR)
+        logger.info(f"tokenizer saved to {out_dir / MODEL_DIR} after {result.step} steps; codebook usage "
+            f"{final.codebook_usage():.1%} of {vq_config.codebook_size} codes over the last {vq_config.usage_window} indices")
+    D.barrier()
+    return final
+
+
+def _plain(d):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def train_tokenizer_from_config(cfg: ExperimentConfig, out_dir, resume: bool = False, device=None,
+                                progress: bool = True) -> VQModel:
+    """`ctfgen train-tokenizer`: the `data` and `tokenizer` sections of an experiment config; the
+    resolved config is kept as out_dir/config.yaml."""
+    dataset = make_dataset(cfg.data, "train", channels=cfg.tokenizer.model.get("in_channels", 3))
+    if D.is_main() and (resume or not list_checkpoints(Path(out_dir) / "checkpoints")):
+        atomic_write_text(Path(out_dir) / "config.yaml", dump(cfg))
+    return train_tokenizer(cfg.tokenizer, dataset, out_dir, resume=resume, device=device, progress=progress)

@@ -1,0 +1,254 @@
+"""One process or many: the same training code runs alone or under `torchrun`.
+
+`init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and starts a process group: NCCL when CUDA is available, gloo on CPU. Without those
+variables it does nothing and every helper answers as a single process (rank 0 of 1), so callers
+never branch on "distributed or not".
+
+`wrap_model` puts a model in DDP, or FSDP (FSDP2 `fully_shard`, one unit per transformer block)
+for the large presets where a full replica per GPU stops making sense.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ctfgen.utils.errors import ConfigError, RunError
+from ctfgen.utils.hub import check_state_dict, load_state_dict_strict
+
+# GPT-L (24 x 1024, ~343M) and larger are sharded; LlamaGen trains those with FSDP too.
+FSDP_MIN_PARAMS = 300_000_000
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
+    """Start the process group if torchrun launched us; return the device this rank should use.
+
+    Safe to call more than once (later calls only return the device).
+    """
+    if launched_by_torchrun() and not is_distributed():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return default_device()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", get_local_rank() if is_distributed() else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values of `t`, in place on every rank."""
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj, dst: int = 0) -> list | None:
+    """Every rank's `obj`, in rank order, on rank `dst` (None elsewhere)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s value of a picklable object, on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. writes a file), the others after it is done.
+
+    An exception on rank 0 is broadcast so that the other ranks fail too instead of waiting
+    in a barrier forever.
+    """
+    error = None
+    if is_main():
+        try:
+            yield True
+        except BaseException as e:  # noqa: BLE001 - re-raised below after telling the others
+            error = e
+        ok = broadcast_object(error is None)
+        if error is not None:
+            raise error
+    else:
+        ok = broadcast_object(None)
+        if not ok:
+            raise RunError("rank 0 failed in a rank-0-only step; see its error above")
+        yield False
+
+
+def use_fsdp(model: nn.Module, fsdp: bool | str = "auto") -> bool:
+    """Whether to shard: `fsdp=True/False` forces it; "auto" shards models of GPT-L size and up."""
+    if isinstance(fsdp, str):
+        if fsdp != "auto":
+            raise ConfigError(f"train.fsdp must be true, false or 'auto', got {fsdp!r}")
+        n = sum(p.numel() for p in model.parameters())
+        return is_distributed() and n >= FSDP_MIN_PARAMS
+    return bool(fsdp) and is_distributed()
+
+
+def _block_modules(model: nn.Module) -> list[nn.Module]:
+    # The transformer blocks are the elements of the model's ModuleLists; one FSDP unit each
+    # keeps the peak memory at one block's full parameters.
+    blocks = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList):
+            blocks.extend(m)
+    return blocks
+
+
+def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto") -> nn.Module:
+    """DDP or FSDP when distributed, the model itself otherwise. Model must already be on `device`."""
+    if not is_distributed():
+        return model
+    if use_fsdp(model, fsdp):
+        for block in _block_modules(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+    if device.type == "cuda":
+        return DDP(model, device_ids=[device.index], output_device=device.index)
+    return DDP(model)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def unsharded_class(model: nn.Module) -> type:
+    """The user's class of a model that fully_shard turned into its subclass FSDP<Cls>."""
+    return next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP (FSDP2 shards in place, so it is the module itself)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+# --- model and optimizer state (plain, DDP and FSDP alike) --------------------------------
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `ref` (sharded the same way when `ref` is an FSDP DTensor)."""
+    if hasattr(ref, "device_mesh"):
+        return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+    return full.to(ref.device, ref.dtype)
+
+
+def model_state(model: nn.Module, every_rank: bool = True) -> dict:
+    """Full (unsharded) CPU state dict. Collective under FSDP; with `every_rank=False` only rank 0
+    receives it (the others get {}), which is all a checkpoint needs."""
+    if is_fsdp(model):
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not every_rank))
+        return {k: v.detach().cpu() for k, v in sd.items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_model_state(model: nn.Module, sd: dict, source: str) -> None:
+    if is_fsdp(model):
+        check_state_dict(model_state(model), sd, source=source)
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_state_dict_strict(unwrap(model), sd, source=source)
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    if is_fsdp(model):
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
+    if is_fsdp(model):
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(sd)

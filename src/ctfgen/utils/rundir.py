@@ -1,0 +1,219 @@
+"""Run directories: their layout (`RunDir`), their writer lock (`WriterLock`) and the JSON records
+computed once in them (`Records`).
+
+    RUN/config.yaml                  the resolved config; RUN/input.yaml what was asked for
+    RUN/phases/<phase>.json          a finished pipeline phase (what `--resume` skips)
+    RUN/runs/tokenizer/              tokenizer training: checkpoints/, metrics.csv, tokenizer/ (the model)
+    RUN/runs/coarse_map.safetensors  the CoarseMap
+    RUN/codes/{train,test}/          extracted codes
+    RUN/runs/{ar,aux,baseline,matched}/   stage training: checkpoints/, metrics.csv, snapshots/, model/
+    RUN/ctf/, RUN/baseline/, RUN/matched/   the finished pipelines (RUN itself links to ctf/); matched:
+                                     the parameter-matched baseline, when the config enables it
+    RUN/heldout.json, summary.json, metrics.csv
+    RUN/ablations/<name>/, RUN/eval/<group>/<name>.json, RUN/results.{md,json}   (`ctfgen reproduce`)
+    RUN/.<writer>.lock               who is writing (see `WriterLock`)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from ctfgen.utils.errors import RunError
+from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.fingerprint import code_commit
+
+MODEL_DIR = "model"          # a trained stage's finished model, in save_pretrained form
+
+
+class WriterLock:
+    """One writer per directory: `DIR/.<writer>.lock` holds the PID and host of the process writing.
+
+    The lock is an flock on that file, which the kernel drops the moment its holder exits or is
+    killed, so a lock left by a killed run is stale by construction and the next writer simply takes
+    it (no PID guessing, no race between two newcomers). A second live writer stops with a RunError
+    naming the first one's PID and host. `writer` names what writes ("pipeline", "train", ...), so
+    writers of disjoint parts of one directory (the reproduction's ablations beside a running
+    pipeline) do not exclude each other.
+
+        with WriterLock(run_dir, "pipeline"):
+            ...
+    """
+
+    def __init__(self, directory: str | os.PathLike, writer: str = "run", hold: bool = True):
+        self.directory, self.writer, self.hold = Path(directory), writer, hold  # hold=False: a no-op (other ranks)
+        self.path = self.directory / f".{writer}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "WriterLock":
+        if not self.hold:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"{self.directory} is in use: process {self.holder()} is writing into it ({self.writer}). "
+                           "Wait for it to finish or stop it; nothing was changed. (A lock left by a killed "
+                           "process is taken over by the next run on its own.)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return self
+
+    def holder(self) -> str:
+        """"PID on HOST (since ...)" of the process holding the lock, as its file says."""
+        for _ in range(20):  # the holder writes its name just after taking the lock
+            try:
+                info = json.loads(self.path.read_text())
+                return f"{info['pid']} on {info['host']} (since {info['since']})"
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        return f"(unknown PID; see {self.path})"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock; the file stays, naming the last writer
+            self.fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    __del__ = release
+
+
+def is_lock_file(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".lock")
+
+
+class RunDir:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __truediv__(self, other) -> Path:
+        return self.root / other
+
+    # the experiment
+    config = property(lambda self: self.root / "config.yaml")
+    input_config = property(lambda self: self.root / "input.yaml")
+    phases = property(lambda self: self.root / "phases")
+    tokenizer_run = property(lambda self: self.root / "runs" / "tokenizer")
+    tokenizer = property(lambda self: self.root / "runs" / "tokenizer" / "tokenizer")
+    coarse_map = property(lambda self: self.root / "runs" / "coarse_map.safetensors")
+    ctf = property(lambda self: self.root / "ctf")
+    baseline = property(lambda self: self.root / "baseline")
+    matched = property(lambda self: self.root / "matched")
+    heldout = property(lambda self: self.root / "heldout.json")
+    summary = property(lambda self: self.root / "summary.json")
+    metrics = property(lambda self: self.root / "metrics.csv")
+
+    def codes(self, split: str) -> Path:
+        return self.root / "codes" / split
+
+    def stage(self, stage: str) -> Path:
+        return self.root / "runs" / stage
+
+    def model(self, stage: str) -> Path:
+        return self.stage(stage) / MODEL_DIR
+
+    def snapshot(self, stage: str, step: int) -> Path:
+        return self.stage(stage) / "snapshots" / f"step-{step:06d}"
+
+    def snapshot_steps(self, stage: str) -> list[int]:
+        return sorted(int(p.name.split("-")[1]) for p in (self.stage(stage) / "snapshots").glob("step-*"))
+
+    # the reproduction
+    def ablation(self, name: str) -> Path:
+        return self.root / "ablations" / name
+
+    def eval_record(self, group: str, name: str) -> Path:
+        return self.root / "eval" / group / f"{name}.json"
+
+    results_md = property(lambda self: self.root / "results.md")
+    results_json = property(lambda self: self.root / "results.json")
+    quality_plot = property(lambda self: self.root / "quality_vs_epoch.png")
+
+    def require(self, *paths: Path) -> None:
+        """Refuse a run that lacks what the caller needs, saying how to make it."""
+        for p in paths:
+            if not Path(p).exists():
+                raise RunError(f"{p} is missing: run (or --resume) the experiment first "
+                               f"(ctfgen pipeline CONFIG --out {self.root})")
+
+
+def diff_lines(old, new, prefix: str = "") -> list[str]:
+    """"key.sub: OLD then, NEW now" for every leaf on which two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new)) for line in diff_lines(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"]
+
+
+def plain(obj):
+    """`obj` as it reads back from JSON (tuples become lists, other values strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+class Records:
+    """DIR/<name>.json, each computed once from named inputs: the one record-once helper.
+
+    A record stores what shaped it (`inputs`: settings, model fingerprints) and the code's commit.
+    Asked for again it is reused only when both are unchanged; otherwise `once` refuses with a
+    RunError naming every difference, so an old answer never stands in for a new question.
+    `force=True` recomputes such records instead. `check=False` reuses whatever is there (the
+    pipeline checks its phases' settings itself, before it starts).
+
+        records = Records(out / "eval")
+        record = records.once("ctf", {"seed": 0, "models": fingerprints}, lambda: {"metrics": ...})
+    """
+
+    def __init__(self, directory: str | os.PathLike, check: bool = True, force: bool = False, write: bool = True,
+                 say: Callable[[str], None] | None = None):
+        self.dir, self.check, self.force, self.write, self.say = Path(directory), check, force, write, say
+        self.commit = code_commit()
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def read(self, name: str) -> dict | None:
+        path = self.path(name)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def differences(self, name: str, inputs: dict) -> list[str]:
+        """What differs between the stored record's inputs and commit and today's (empty: reusable)."""
+        record = self.read(name) or {}
+        return diff_lines({"inputs": record.get("inputs"), "commit": record.get("commit")},
+                          {"inputs": plain(inputs), "commit": self.commit})
+
+    def once(self, name: str, inputs: dict, compute: Callable[[], dict]) -> dict:
+        """The record `name`: the stored one when it was computed from `inputs` by this code, else
+        `compute()` (a dict of results) stored with them. `write=False` (other ranks) only computes."""
+        record = self.read(name)
+        if record is not None:
+            changed = self.differences(name, inputs) if self.check else []
+            if not changed:
+                return record
+            if not self.force:
+                raise RunError(f"{self.path(name)} was computed from other inputs than today's:\n  " + "\n  ".join(changed)
+                               + "\nRun it with what made it (the same settings and models, that commit's pinned install), "
+                                 "or pass --force to compute it again.")
+        if self.say is not None:
+            self.say(f"{self.dir.name}/{name}")
+        t0 = time.perf_counter()
+        record = {"name": name, "inputs": plain(inputs), "commit": self.commit, **compute(),
+                  "seconds": round(time.perf_counter() - t0, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.write:
+            atomic_write_json(self.path(name), record)
+        return record
