@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, values parsed as YAML (e.g. train.steps=100 stage1.preset=GPT-mini)")
     parser.add_argument("--out", default=None, help="experiment directory (required unless --print-config)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out: finished steps are skipped, an interrupted one resumes "
+                        help="continue the run in --out: finished phases are skipped, an interrupted one resumes "
                              "from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
     add_print_config(parser)
