@@ -107,7 +107,7 @@ class Evaluation:
                     "samples": f"{int(e.per_class)} per class, seed {e.seed}", "reference": "fashion-mnist-test",
                     "metrics": metrics, "sampling": sampling or {}, "variant": name, **(extra or {})}
 
-        records = Records(run.root / "eval" / group, force=self.force, say=lambda what: logger.info(f"evaluating {what}"))
+        records = Records(run.evaluations(group), force=self.force, say=lambda what: logger.info(f"evaluating {what}"))
         return records.once(name, inputs, compute)
 
 

@@ -139,8 +139,8 @@ class RunDir:
     def ablation(self, name: str) -> Path:
         return self.root / "ablations" / name
 
-    def eval_record(self, group: str, name: str) -> Path:
-        return self.root / "eval" / group / f"{name}.json"
+    def evaluations(self, group: str) -> Path:
+        return self.root / "eval" / group
 
     results_md = property(lambda self: self.root / "results.md")
     results_json = property(lambda self: self.root / "results.json")
