@@ -89,7 +89,8 @@ def test_busy_machine_starts_and_stops_its_busy_loop(monkeypatch, capsys):
     assert "| GPT-tiny | one thread | 1 / 1 |" in capsys.readouterr().out
 
 
-def test_busy_worker_applies_ctfgens_thread_choice():
+def test_busy_worker_applies_ctfgens_thread_choice(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # `make test` sets it, and an explicit setting wins
     before = torch.get_num_threads()
     try:
         out = bench._busy_worker(dict(workload="GPT-tiny", threads="auto", dtype="float32", steps=1,
