@@ -4,6 +4,7 @@ FSDP do the same arithmetic as one process on the same global batches."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,23 @@ TOY_SCRIPT = Path(__file__).with_name("_train_toy.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# torch 2.13's gloo ranks now and then abort in C++ ("terminate called without an active exception",
+# SIGABRT), a few runs in ten on a loaded 2-core machine, also at commits long before any of today's
+# training code; the rank's Python never sees it. Such a run is started again once, from scratch;
+# any other failure, and any wrong number, still fails the test.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(args, nproc=2, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(TOY_SCRIPT), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr and "--resume" not in args:
+        shutil.rmtree(args[0], ignore_errors=True)  # the aborted run's checkpoints, so the rerun starts fresh
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    elif proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)  # resumes again
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
