@@ -325,6 +325,15 @@ def _decode_window(model, labels, cfg_scale: float, window: tuple[int, int], pro
     return marks["end"] - marks["start"]
 
 
+def _decode_setup(preset: str, vocab_size: int, image_tokens: int, batch_size: int, cfg_scale: float, device):
+    """A random-weight GPT, the decode window both profiles time (the middle quarter of the image,
+    whose average cache fill is the whole image's), the batch's labels and its rows with guidance."""
+    gpt = random_gpt(preset, vocab_size, image_tokens, device=device)
+    window = (max(1, 3 * image_tokens // 8), max(2, 5 * image_tokens // 8))
+    labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
+    return gpt, window, labels, 2 * batch_size if cfg_scale != 1.0 else batch_size
+
+
 def profile_decode(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float = 2.0,
                    dtypes=("float32", "bfloat16"), image_tokens: int = 256, vocab_size: int = 16384,
                    device: str = "cpu", json_path=None) -> dict:
@@ -337,12 +346,8 @@ def profile_decode(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float 
     SwiGLU's silu and product, casts, the token concatenation); "Python and dispatch" is the rest
     of the wall time. The unprofiled step time is measured over the same window in its own run.
     """
-    gpt = random_gpt(preset, vocab_size, image_tokens, device=device)
-    L = image_tokens
-    window = (max(1, 3 * L // 8), max(2, 5 * L // 8))
-    steps = window[1] - window[0]
-    labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
-    rows = 2 * batch_size if cfg_scale != 1.0 else batch_size
+    gpt, window, labels, rows = _decode_setup(preset, vocab_size, image_tokens, batch_size, cfg_scale, device)
+    L, steps = image_tokens, window[1] - window[0]
     block_flops, head_flops = linear_flops_per_row(gpt)
     results = {}
     for name in dict.fromkeys(dtypes):
@@ -395,12 +400,8 @@ def decode_speedups(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float
     - the top-k draw on the (B, k) top-k logits, against LlamaGen's filter and a draw over all V
       (ms per step at LlamaGen's default top-k 2000; the default top_k=0 draws over V either way);
     - guidance combined in place, against LlamaGen's expression (ms per step)."""
-    gpt = random_gpt(preset, vocab_size, image_tokens, device=device)
-    L = image_tokens
-    window = (max(1, 3 * L // 8), max(2, 5 * L // 8))
-    steps = window[1] - window[0]
-    labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
-    rows = 2 * batch_size if cfg_scale != 1.0 else batch_size
+    gpt, window, labels, rows = _decode_setup(preset, vocab_size, image_tokens, batch_size, cfg_scale, device)
+    L, steps = image_tokens, window[1] - window[0]
     cfg, head_dim = gpt.config, gpt.config.dim // gpt.config.n_head
     results = {}
     for name in dict.fromkeys(dtypes):
