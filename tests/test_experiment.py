@@ -328,6 +328,10 @@ def test_matched_depth_gives_ctf_parameter_count(synthetic):
     # a baseline whose single layer already outweighs CTF cannot be matched: refused, not approximated
     with pytest.raises(ConfigError, match="within 10%"):
         matched_depth(d / "codes", cmap, ("GPT-tiny", {}), ("Aux-tiny", {}), ("GPT-tiny", {"dim": 512, "n_head": 8}))
+    # ... unless the user fixes the depth: then it is counted, as asked, not searched for or refused
+    fixed = matched_depth(d / "codes", cmap, ("GPT-tiny", {}), ("Aux-tiny", {}), ("GPT-tiny", {"dim": 512, "n_head": 8}),
+                          n_layer=1)
+    assert fixed["n_layer"] == 1 and fixed["ratio"] > 1 + MATCH_TOLERANCE
 
 
 def test_matched_baseline_inherits_the_baseline_and_needs_both_methods():

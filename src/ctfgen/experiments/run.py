@@ -52,7 +52,7 @@ from ctfgen.data.factory import TENCROP_RANGE, image_size
 from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 from ctfgen.tokenizer import load_tokenizer
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
-from ctfgen.train.stages import load_stage_model, matched_depth, parameter_count, train_stage
+from ctfgen.train.stages import load_stage_model, matched_depth, train_stage
 from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CorruptFileError, MismatchError, RunError
@@ -272,14 +272,11 @@ def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
     """The matched baseline's model settings: the baseline's, with the depth that gives CTF's
     parameter count (or the depth the config fixes), and the counts for the record."""
     c = x.cfg
-    match = matched_depth(x.run.codes("train"), cmap, (c.stage1.preset, c.stage1.model), (c.aux.preset, c.aux.model),
-                          (c.matched.preset, c.matched.model))
     fixed = ((x.raw.get("matched") or {}).get("model") or {}).get("n_layer")
-    if fixed is not None:
-        params = parameter_count("baseline", x.run.codes("train"), None, c.matched.preset, {**c.matched.model})
-        match = {**match, "n_layer": int(fixed), "params": params, "ratio": round(params / match["ctf_params"], 4)}
+    match = matched_depth(x.run.codes("train"), cmap, (c.stage1.preset, c.stage1.model), (c.aux.preset, c.aux.model),
+                          (c.matched.preset, c.matched.model), n_layer=None if fixed is None else int(fixed))
     logger.info(f"matched baseline: {match['n_layer']} layers, {match['params']:,} parameters, "
-             f"{match['ratio']:.3f}x CTF's {match['ctf_params']:,}")
+                f"{match['ratio']:.3f}x CTF's {match['ctf_params']:,}")
     return {**c.matched.model, "n_layer": match["n_layer"]}, {"match": match}
 
 

@@ -150,22 +150,25 @@ MATCH_TOLERANCE = 0.10  # the matched baseline's parameters are within 10 % of C
 
 
 def matched_depth(codes, coarse_map, ar: tuple[str, dict], aux: tuple[str, dict],
-                  baseline: tuple[str, dict]) -> dict:
+                  baseline: tuple[str, dict], n_layer: int | None = None) -> dict:
     """The baseline's depth whose parameter count is closest to CTF's (stage 1 + auxiliary model).
 
     Each of `ar`, `aux`, `baseline` is (preset, model overrides). Returns {"n_layer", "params",
     "ctf_params", "ratio"}; a depth outside MATCH_TOLERANCE is refused, since the comparison it
-    exists for would then not be at equal size.
+    exists for would then not be at equal size. A given `n_layer` (the user's own choice) is only
+    counted, not searched for or refused.
     """
     ctf = parameter_count("ar", codes, coarse_map, *ar) + parameter_count("aux", codes, coarse_map, *aux)
     preset, model = baseline[0], {k: v for k, v in (baseline[1] or {}).items() if k != "n_layer"}
     count = lambda n: parameter_count("baseline", codes, None, preset, {**model, "n_layer": n})  # noqa: E731
-    one, two = count(1), count(2)
-    per_layer, rest = two - one, 2 * one - two
-    n_layer = max(1, round((ctf - rest) / per_layer))
+    chosen = n_layer is not None
+    if not chosen:
+        one, two = count(1), count(2)
+        per_layer, rest = two - one, 2 * one - two
+        n_layer = max(1, round((ctf - rest) / per_layer))
     params = count(n_layer)
     ratio = params / ctf
-    if abs(ratio - 1) > MATCH_TOLERANCE:
+    if not chosen and abs(ratio - 1) > MATCH_TOLERANCE:
         raise ConfigError(f"no depth of the {preset} baseline comes within {MATCH_TOLERANCE:.0%} of CTF's {ctf:,} "
                           f"parameters (closest: {n_layer} layers, {params:,}); set matched.model.dim or n_layer yourself")
     return {"n_layer": int(n_layer), "params": int(params), "ctf_params": int(ctf), "ratio": round(ratio, 4)}
