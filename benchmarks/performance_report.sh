@@ -40,7 +40,7 @@ PY=${PY:-.venv/bin/python}
   echo "memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')"
   $PY -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'threads', torch.get_num_threads())"
   $PY -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null || echo "torchao: not installed (pip install 'ctfgen[quant]')"
-  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset} (the ctfgen command sets PASSIVE when unset)"
+  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset} GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-unset} (the ctfgen command sets GOMP_SPINCOUNT=3000 when neither is set)"
 } | tee "$OUT/env.txt"
 
 section() {  # section NAME EXPECTED_S LIMIT_S ctfgen-arguments...
