@@ -3,6 +3,7 @@
 # training or sampling), from a checkout after `make install`:
 #
 #     benchmarks/performance_report.sh OUT_DIR
+#     SECTIONS="profile busy" benchmarks/performance_report.sh OUT_DIR   # only these sections
 #
 # Expected duration on this project's 2-core CPU: about 27 minutes (the estimate of each section
 # is printed before it runs). Each section has a time limit, so a slow machine cannot run away:
@@ -46,6 +47,7 @@ PY=${PY:-.venv/bin/python}
 section() {  # section NAME EXPECTED_S LIMIT_S ctfgen-arguments...
   local name=$1 expected=$2 limit=$3
   shift 3
+  if [ -n "${SECTIONS:-}" ] && [[ " $SECTIONS " != *" $name "* ]]; then return; fi
   echo "== $name: about ${expected} s (limit ${limit} s): ctfgen $*" | tee -a "$OUT/log.txt"
   local start=$(date +%s)
   timeout "$limit" "$CTFGEN" "$@" --json "$OUT/$name.json" > "$OUT/$name.md" 2> "$OUT/$name.err"
