@@ -185,7 +185,7 @@ class Settings:
                 if isinstance(rule, tuple) and value not in rule:
                     raise ConfigError(f"{name} must be one of {', '.join(str(c).lower() for c in rule)}, got {value!r}")
                 if isinstance(rule, str) and not _holds(value, rule):
-                    raise ConfigError(f"{name} must be {rule}, got {value}")
+                    raise ConfigError(f"{name} must be {rule}, got {value!r}")
 
 
 def _holds(value, rule: str) -> bool:
