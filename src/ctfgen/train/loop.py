@@ -22,6 +22,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,8 +202,8 @@ class Log:
         self.columns = self.COLUMNS + list(getattr(extra, "log_columns", ()))
         self.sum_columns = set(getattr(extra, "log_sums", ()))  # counts per row (e.g. codes restarted), not averages
         self.cfg, self.total, self.tokens_per_item = run.cfg, run.total, tokens_per_item
-        self.history, self.sums, self.n, self.t0 = [], {}, 0, time.time()
-        self.t_start = self.t0
+        self.history, self.sums, self.n, self.t_start = [], Counter(), 0, time.time()
+        self.t0 = self.t_start
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             rows = []
@@ -214,9 +215,8 @@ class Log:
                         dynamic_ncols=True, leave=True)
 
     def add(self, step: int, loss: float, metrics: dict, lr: float, grad_norm, epoch: float):
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + (v if isinstance(v, int) else float(v))
+        self.sums["loss"] += loss
+        self.sums.update({k: v if isinstance(v, int) else float(v) for k, v in metrics.items()})
         self.n += 1
         self.bar.update(1)
         if step % self.cfg.log_every and step != self.total:
@@ -232,7 +232,7 @@ class Log:
         self.history.append(row)
         speed = f"{row['tokens_per_s']:.0f} tok/s" if self.tokens_per_item else f"{ips:.1f} items/s"
         self.bar.set_postfix_str(f"loss {row['loss']:.4f} lr {lr:.2e} {speed}", refresh=False)
-        self.sums, self.n, self.t0 = {}, 0, time.time()
+        self.sums, self.n, self.t0 = Counter(), 0, time.time()
 
 
 # --- the loop ------------------------------------------------------------------------------
