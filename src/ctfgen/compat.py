@@ -41,18 +41,12 @@ def claims(kind: str, part) -> dict:
     if kind == "codes":
         return {"codebook_fingerprint": part.get("tokenizer_fingerprint"), "codebook_size": part.get("codebook_size"),
                 "grid_size": part.get("grid_size"), "image_tokens": part.get("image_tokens")}
-    if kind in ("stage1", "aux", "baseline"):
-        c = part
-        out = {"codebook_fingerprint": c.codebook_fingerprint, "image_tokens": c.image_tokens,
-               "num_classes": c.num_classes}
-        if kind == "stage1":
-            out.update(coarse_map_fingerprint=c.coarse_map_fingerprint, num_coarse=c.vocab_size)
-        elif kind == "aux":
-            out.update(coarse_map_fingerprint=c.coarse_map_fingerprint, codebook_size=c.vocab_size,
-                       num_coarse=c.num_coarse)
-        else:
-            out["codebook_size"] = c.vocab_size
-        return out
+    if kind in ("stage1", "aux", "baseline"):  # stage 1's vocabulary is the coarse labels, the others' the codebook
+        out = {"codebook_fingerprint": part.codebook_fingerprint, "image_tokens": part.image_tokens,
+               "num_classes": part.num_classes, "num_coarse" if kind == "stage1" else "codebook_size": part.vocab_size}
+        if kind != "baseline":
+            out["coarse_map_fingerprint"] = part.coarse_map_fingerprint
+        return {**out, "num_coarse": part.num_coarse} if kind == "aux" else out
     return dict(part)
 
 

@@ -7,16 +7,17 @@ The loader rejects an unknown key with its full path and the closest valid key, 
 every value before a run starts, not an hour into it. One setting has one name in every section.
 
 The experiment config has the sections data, tokenizer, clustering, train, stage1, aux, baseline,
-heldout and sampling. `train` is shared: stage1, aux and the baseline inherit it (keys given in
-their own `train` win), the top-level `seed` reaches every section that has one, and the baseline
-takes stage 1's preset, model and train settings unless it names its own (the paper compares at
-the same stage-1 size).
+matched, heldout and sampling. `train` is shared: the stages inherit it (keys given in their own
+`train` win), the top-level `seed` reaches every section that has one, and the baseline takes
+stage 1's preset, model and train settings unless it names its own (the paper compares at the
+same stage-1 size).
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import operator
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -49,11 +50,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
         if key not in known:
             raise ConfigError(unknown_key_message(path, key, known))
         sub = hints.get(key)
-        if is_dataclass(sub) and (value is None or isinstance(value, dict)):
-            value = from_dict(sub, value, path)
-        elif key == "model" and hasattr(cls, "model_config_class") and isinstance(value, dict):
-            check_keys(value, cls.model_config_class(), path)  # overrides of the model's own config
-        kwargs[key] = value
+        kwargs[key] = from_dict(sub, value, path) if is_dataclass(sub) and (value is None or isinstance(value, dict)) else value
     try:
         return cls(**kwargs)
     except ConfigError as e:  # raised by __post_init__, naming the field relative to `where`
@@ -72,14 +69,6 @@ def unknown_key_message(path: str, key: str, known) -> str:
     parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
     hint = f"; did you mean {parent}{close[0]}?" if close else ""
     return f"unknown config key {path}{hint} (valid here: {', '.join(sorted(known))})"
-
-
-def check_keys(given: dict, cls, where: str) -> None:
-    """Refuse keys of a free-form override dict (e.g. `stage1.model`) that `cls` does not have."""
-    known = {f.name for f in fields(cls)}
-    for key in given or {}:
-        if key not in known:
-            raise ConfigError(unknown_key_message(f"{where}.{key}", key, known))
 
 
 def to_dict(cfg) -> dict:
@@ -153,121 +142,123 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _number(obj, names) -> None:
-    # YAML 1.1 reads `3e-4` as a string; accept it, and say so when a value is not a number.
-    for name in names:
-        value = getattr(obj, name)
-        if value is None:
-            continue
-        try:
-            setattr(obj, name, float(value))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+# --- checking values -------------------------------------------------------------------------------
+
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-def _at_least(obj, **bounds) -> None:
-    """Refuse a setting below its bound (unset optional settings pass)."""
-    for name, lo in bounds.items():
-        value = getattr(obj, name)
-        if value is not None and not value >= lo:  # `not >=` also refuses NaN
-            raise ConfigError(f"{name} must be >= {lo}, got {value}")
+def checked(default, *rules, keys=None):
+    """A field whose value (unless None) must keep `rules`: bounds like ">= 1", or a tuple of the
+    allowed values. A dict field with `keys` (a dataclass or a dict) refuses keys they lack."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"rules": rules, "keys": keys})
+    return field(default=default, metadata={"rules": rules, "keys": keys})
 
 
-def _choice(obj, name: str, choices) -> None:
-    if getattr(obj, name) not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(obj, name)!r}")
+def _convert(name: str, value, kind):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
+class Settings:
+    """Every settings dataclass checks itself when made: numbers YAML 1.1 reads as strings (`3e-4`)
+    become floats, tuples take their element type, dicts their allowed keys, each field its rules."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            name, value, hint, keys = f.name, getattr(self, f.name), hints[f.name], f.metadata.get("keys")
+            if hint is dict:
+                value = dict(value or {})
+                known = {g.name for g in fields(keys)} if is_dataclass(keys) else set(keys or ())
+                for key in value if keys is not None else ():
+                    if key not in known:
+                        raise ConfigError(unknown_key_message(f"{name}.{key}", key, known))
+            elif value is not None and typing.get_origin(hint) is tuple:
+                value = tuple(_convert(name, v, typing.get_args(hint)[0]) for v in value)
+            elif value is not None and float in (hint, *typing.get_args(hint)):
+                value = _convert(name, value, float)
+            setattr(self, name, value)
+            for rule in f.metadata.get("rules", ()) if value is not None else ():
+                if isinstance(rule, tuple) and value not in rule:
+                    raise ConfigError(f"{name} must be one of {', '.join(str(c).lower() for c in rule)}, got {value!r}")
+                if isinstance(rule, str) and not _holds(value, rule):
+                    raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+
+def _holds(value, rule: str) -> bool:
+    op, bound = rule.split()
+    try:
+        return _OPS[op](value, float(bound))  # False for NaN
+    except TypeError:  # not a number at all
+        return False
 
 
 # --- training ------------------------------------------------------------------------------------
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Optimisation settings (a `train:` section). Sizes are global, not per rank. Defaults follow
     LlamaGen's c2i recipe: AdamW lr 1e-4, betas (0.9, 0.95), weight decay 0.05, clip 1.0, bf16."""
 
-    steps: int | None = None            # optimizer steps; or give `epochs`
-    epochs: int | None = None
-    batch_size: int = 256               # global batch per optimizer step (all ranks, all micro-batches)
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.05          # on >=2-D parameters only, as LlamaGen
+    steps: int | None = checked(None, ">= 1")         # optimizer steps; or give `epochs`
+    epochs: int | None = checked(None, ">= 1")
+    batch_size: int = checked(256, ">= 1")            # global batch per optimizer step (all ranks, all micro-batches)
+    grad_accum: int = checked(1, ">= 1")
+    lr: float = checked(1e-4, "> 0")
+    weight_decay: float = checked(0.05, ">= 0")       # on >=2-D parameters only, as LlamaGen
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0              # 0 disables clipping (the norm is still logged)
-    warmup_steps: int = 0
-    schedule: str = "constant"          # "constant" (LlamaGen) or "cosine"
-    min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
+    grad_clip: float = checked(1.0, ">= 0")           # 0 disables clipping (the norm is still logged)
+    warmup_steps: int = checked(0, ">= 0")
+    schedule: str = checked("constant", ("constant", "cosine"))  # constant (LlamaGen) or cosine
+    min_lr_ratio: float = checked(0.0, ">= 0", "<= 1")  # cosine decays to lr * min_lr_ratio
     ema: bool = False
-    ema_decay: float = 0.9999
+    ema_decay: float = checked(0.9999, ">= 0", "< 1")
     # "auto": bf16 autocast on CUDA and on CPUs with native bf16 matmul, float32 elsewhere;
     # "bf16": bf16 autocast on any device; "none": float32. Loss, optimiser state and master
     # weights stay float32 in every case.
-    mixed_precision: str = "auto"
+    mixed_precision: str = checked("auto", ("auto", "bf16", "none"))
     seed: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    checkpoint_every: int = checked(1000, ">= 1")
+    keep_checkpoints: int = checked(2, ">= 0")
+    log_every: int = checked(10, ">= 1")
     snapshot_every_epoch: bool = False  # save_pretrained the (EMA) model after every epoch
-    snapshot_every: int = 0             # ... and every N steps, to snapshots/step-<N>/ (0: never)
-    num_workers: int = 0
-    fsdp: Any = "auto"                  # true, false or "auto" (GPT-L size and larger)
+    snapshot_every: int = checked(0, ">= 0")          # ... and every N steps, to snapshots/step-<N>/ (0: never)
+    num_workers: int = checked(0, ">= 0")
+    fsdp: Any = checked("auto", (True, False, "auto"))  # GPT-L size and larger under "auto"
     progress: bool = True
-
-    def __post_init__(self):
-        _number(self, ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "ema_decay"))
-        self.betas = tuple(float(b) for b in self.betas)
-        _choice(self, "schedule", ("constant", "cosine"))
-        _choice(self, "mixed_precision", ("auto", "bf16", "none"))
-        if self.fsdp not in (True, False, "auto"):
-            raise ConfigError(f"fsdp must be true, false or auto, got {self.fsdp!r}")
-        _at_least(self, steps=1, epochs=1, batch_size=1, grad_accum=1, checkpoint_every=1, log_every=1, warmup_steps=0,
-                  keep_checkpoints=0, snapshot_every=0, num_workers=0, weight_decay=0, grad_clip=0, min_lr_ratio=0,
-                  ema_decay=0)
-        for name, ok, want in (("lr", self.lr > 0, "> 0"), ("min_lr_ratio", self.min_lr_ratio <= 1, "<= 1"),
-                               ("ema_decay", self.ema_decay < 1, "< 1")):
-            if not ok:
-                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)}")
 
     @property
     def length_given(self) -> bool:
         return self.steps is not None or self.epochs is not None
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
 
 @dataclass
 class TokenizerTrainConfig(TrainConfig):
     """The tokenizer's `train:` section: the same settings, LlamaGen's train_vq.py defaults."""
 
-    steps: int | None = 10000
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    checkpoint_every: int = 500
-    log_every: int = 20
-    fsdp: Any = False
+    steps: int | None = checked(10000, ">= 1")
+    batch_size: int = checked(64, ">= 1")
+    weight_decay: float = checked(0.0, ">= 0")
+    checkpoint_every: int = checked(500, ">= 1")
+    log_every: int = checked(20, ">= 1")
+    fsdp: Any = checked(False, (True, False, "auto"))
     # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
-    codebook_init: str = "random"       # random (LlamaGen) | kmeans: k-means centroids of the initial encoder's outputs
+    codebook_init: str = checked("random", ("random", "kmeans"))  # LlamaGen's, or k-means of the initial encoder's outputs
     codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
-    dead_code_steps: int = 0            # > 0: move codes no batch chose for this many steps onto recent encoder outputs
-    dead_code_until: float = 0.8        # restarts stop after this fraction of the steps, so that usage is not
-                                        # measured on codes that were just moved onto recent encoder outputs
-
-    def __post_init__(self):
-        super().__post_init__()
-        _choice(self, "codebook_init", ("random", "kmeans"))
-        if int(self.dead_code_steps) < 0:
-            raise ConfigError(f"dead_code_steps must be >= 0 (0 disables restarts), got {self.dead_code_steps}")
-        _number(self, ("dead_code_until",))
-        if not 0 < self.dead_code_until <= 1:
-            raise ConfigError(f"dead_code_until must be a fraction of the steps in (0, 1], got {self.dead_code_until}")
+    dead_code_steps: int = checked(0, ">= 0")  # > 0: move codes no batch chose for this many steps onto recent encoder outputs
+    # Restarts stop after this fraction of the steps, so that usage is not measured on codes that were just moved.
+    dead_code_until: float = checked(0.8, "> 0", "<= 1")
 
 
 @dataclass
-class VQLossConfig:
+class VQLossConfig(Settings):
     """The tokenizer's losses (LlamaGen's VQLoss). Perceptual and adversarial terms are off by
     default because they need local LPIPS weights and long runs."""
 
-    reconstruction: str = "l2"          # l1 | l2
+    reconstruction: str = checked("l2", ("l1", "l2"))
     reconstruction_weight: float = 1.0
     perceptual_weight: float = 0.0      # LPIPS weight (LlamaGen: 1.0); > 0 needs lpips_weights
     lpips_weights: str | None = None    # the merged LPIPS-VGG16 file (see ctfgen.tokenizer.losses)
@@ -275,15 +266,13 @@ class VQLossConfig:
     disc_weight: float = 0.0            # adversarial weight (LlamaGen: 0.5); 0: no discriminator
     disc_start: int = 20000             # steps before the adversarial loss starts
     disc_adaptive: bool = False         # VQGAN's |grad rec| / |grad adv| at the decoder's last layer
-    disc_loss: str = "hinge"            # hinge | vanilla
+    disc_loss: str = checked("hinge", ("hinge", "vanilla"))
     disc_dim: int = 64
     disc_layers: int = 3
     disc_lr: float | None = None        # default: train.lr
 
     def __post_init__(self):
-        _number(self, ("reconstruction_weight", "perceptual_weight", "disc_weight", "disc_lr"))
-        _choice(self, "reconstruction", ("l1", "l2"))
-        _choice(self, "disc_loss", ("hinge", "vanilla"))
+        super().__post_init__()
         if self.perceptual_weight > 0 and not self.lpips_weights:
             raise ConfigError(
                 "perceptual_weight > 0 needs lpips_weights: a local LPIPS-VGG16 "
@@ -293,86 +282,56 @@ class VQLossConfig:
 # --- the experiment ------------------------------------------------------------------------------
 
 @dataclass
-class DataConfig:
-    dataset: str = "fashion_mnist"      # fashion_mnist | image_folder
+class DataConfig(Settings):
+    dataset: str = checked("fashion_mnist", ("fashion_mnist", "image_folder"))
     root: str | None = None             # Fashion-MNIST IDX directory, or the train image folder
     test_root: str | None = None        # image_folder: held-out images (class-per-folder)
-    image_size: int | None = None       # image_folder: crop size (default 256); fashion_mnist: 28
-    channels: int | None = None         # image_folder: 1 or 3 (default: the tokenizer's)
-    train_limit: int | None = None      # class-balanced subset sizes (fashion_mnist)
-    test_limit: int | None = None
-    validation_images: int = 0          # fashion_mnist: class-balanced training images held out as RUN/codes/val
-    augment: str = "none"               # none | flip | tencrop, for the train codes
-    extract_batch_size: int = 256
-    num_workers: int = 0
-
-    def __post_init__(self):
-        _at_least(self, image_size=1, channels=1, train_limit=1, test_limit=1, validation_images=0, extract_batch_size=1,
-                  num_workers=0)
-        _choice(self, "dataset", ("fashion_mnist", "image_folder"))
-        _choice(self, "augment", ("none", "flip", "tencrop"))
+    image_size: int | None = checked(None, ">= 1")  # image_folder: crop size (default 256); fashion_mnist: 28
+    channels: int | None = checked(None, ">= 1")    # image_folder: 1 or 3 (default: the tokenizer's)
+    train_limit: int | None = checked(None, ">= 1")  # class-balanced subset sizes (fashion_mnist)
+    test_limit: int | None = checked(None, ">= 1")
+    validation_images: int = checked(0, ">= 0")     # fashion_mnist: class-balanced training images held out as RUN/codes/val
+    augment: str = checked("none", ("none", "flip", "tencrop"))  # for the train codes
+    extract_batch_size: int = checked(256, ">= 1")
+    num_workers: int = checked(0, ">= 0")
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(Settings):
     pretrained: str | None = None       # a VQModel directory or a LlamaGen VQ .pt file, instead of training
-    model: dict = field(default_factory=dict)   # VQConfig fields
+    model: dict = checked({}, keys=VQConfig)
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     loss: VQLossConfig = field(default_factory=VQLossConfig)
 
-    def __post_init__(self):
-        self.model = dict(self.model or {})
-
-    @staticmethod
-    def model_config_class():
-        return VQConfig
-
 
 @dataclass
-class ClusteringConfig:
-    num_coarse: int = 512
-    method: str = "kmeans"              # kmeans | random
+class ClusteringConfig(Settings):
+    num_coarse: int = checked(512, ">= 1")
+    method: str = checked("kmeans", ("kmeans", "random"))
     seed: int | None = None             # default: the top-level seed
 
-    def __post_init__(self):
-        _at_least(self, num_coarse=1)
-        _choice(self, "method", ("kmeans", "random"))
-
 
 @dataclass
-class StageConfig:
+class StageConfig(Settings):
     """A model trained on codes: stage 1 (`ar`), the auxiliary model or the baseline."""
 
     preset: str | None = None
-    model: dict = field(default_factory=dict)  # GPTConfig / AuxConfig fields over the preset
+    model: dict = checked({}, keys=GPTConfig)  # fields over the preset's
     train: TrainConfig = field(default_factory=TrainConfig)
     enabled: bool = True                # CTF needs stage1 and aux; the baseline is optional
-
-    def __post_init__(self):
-        self.model = dict(self.model or {})
-
-    @staticmethod
-    def model_config_class():
-        return GPTConfig
 
 
 @dataclass
 class AuxStageConfig(StageConfig):
     preset: str | None = "Aux-B"
-
-    @staticmethod
-    def model_config_class():
-        return AuxConfig
+    model: dict = checked({}, keys=AuxConfig)
 
 
 @dataclass
-class HeldoutConfig:
+class HeldoutConfig(Settings):
     enabled: bool = True
-    limit: int | None = None            # the first N test images (all by default)
-    batch_size: int = 64
-
-    def __post_init__(self):
-        _at_least(self, limit=1, batch_size=1)
+    limit: int | None = checked(None, ">= 1")  # the first N test images (all by default)
+    batch_size: int = checked(64, ">= 1")
 
 
 # The paper's defaults: guidance 2.0, both temperatures 1.1, stage-2 top-k = all, no stage-2 guidance.
@@ -383,17 +342,11 @@ BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Settings):
     """Sampling defaults stored in the finished pipelines (unset: the paper's, see pipeline.py)."""
 
-    ctf: dict = field(default_factory=dict)
-    baseline: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        for name, given, known in (("ctf", self.ctf, CTF_DEFAULTS), ("baseline", self.baseline, BASELINE_DEFAULTS)):
-            for key in given or {}:
-                if key not in known:
-                    raise ConfigError(unknown_key_message(f"{name}.{key}", key, known))
+    ctf: dict = checked({}, keys=CTF_DEFAULTS)
+    baseline: dict = checked({}, keys=BASELINE_DEFAULTS)
 
 
 STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched": "matched"}
@@ -434,40 +387,27 @@ class ExperimentConfig:
 
 def inherit(raw: dict) -> dict:
     """The raw experiment dict with the top-level seed, the shared `train` section and stage 1's
-    settings (for the baseline) copied to where they apply."""
+    settings (for the baseline, and through it the matched baseline) copied to where they apply."""
     raw = copy.deepcopy(raw)
-    seed = raw.get("seed", 0)
-    tok = raw.setdefault("tokenizer", {}) or {}
-    raw["tokenizer"] = tok
+    seed, shared = raw.get("seed", 0), raw.get("train") or {}
+    for section in ("tokenizer", "clustering", "stage1", "aux", "baseline", "matched"):
+        raw[section] = dict(raw.get(section) or {})
+    tok, s1, base, matched = raw["tokenizer"], raw["stage1"], raw["baseline"], raw["matched"]
     tok["train"] = {"seed": seed, **(tok.get("train") or {})}
-    clustering = raw.setdefault("clustering", {}) or {}
-    raw["clustering"] = clustering
-    if clustering.get("seed") is None:
-        clustering["seed"] = seed
-    s1 = raw.get("stage1") or {}
-    base = dict(raw.get("baseline") or {})
+    if raw["clustering"].get("seed") is None:
+        raw["clustering"]["seed"] = seed
+    if s1.get("preset") is None:
+        s1["preset"] = "GPT-B"
     for key in ("preset", "model", "train"):  # `enabled` is the baseline's own
         if base.get(key) is None:
             base[key] = copy.deepcopy(s1.get(key))
-    raw["baseline"] = base
-    matched = dict(raw.get("matched") or {})
     matched.setdefault("enabled", False)  # off unless asked for, as when the section is absent
-    if matched.get("preset") is None:
-        matched["preset"] = copy.deepcopy(base.get("preset"))
-    matched["model"] = {**(copy.deepcopy(base.get("model")) or {}), **(matched.get("model") or {})}
-    if matched.get("train") is None:
-        matched["train"] = copy.deepcopy(base.get("train"))
-    raw["matched"] = matched
-    shared = raw.get("train") or {}
+    for key in ("preset", "train"):
+        if matched.get(key) is None:
+            matched[key] = copy.deepcopy(base.get(key))
+    matched["model"] = {**copy.deepcopy(base.get("model") or {}), **(matched.get("model") or {})}
     for section in ("stage1", "aux", "baseline", "matched"):
-        st = dict(raw.get(section) or {})
-        st["train"] = {"seed": seed, **shared, **(st.get("train") or {})}
-        raw[section] = st
-    if raw["stage1"].get("preset") is None:
-        raw["stage1"]["preset"] = "GPT-B"
-        for section in ("baseline", "matched"):
-            if raw[section].get("preset") is None:
-                raw[section]["preset"] = "GPT-B"
+        raw[section]["train"] = {"seed": seed, **shared, **(raw[section].get("train") or {})}
     return raw
 
 
@@ -480,9 +420,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     if cfg.matched.enabled and not (cfg.ctf_enabled and cfg.baseline.enabled):
         raise ConfigError("matched.enabled needs CTF (stage1 and aux) and the baseline: it matches the one to the other")
     for stage, section in STAGE_SECTIONS.items():
-        if not cfg.stage(stage).enabled:
-            continue
-        if not cfg.stage(stage).train.length_given:
+        if cfg.stage(stage).enabled and not cfg.stage(stage).train.length_given:
             raise ConfigError(f"{section}.train needs steps or epochs (e.g. train.steps=1000)")
     if cfg.data.dataset == "image_folder" and not cfg.data.root:
         raise ConfigError("data.root is required for dataset: image_folder (a folder of class sub-folders)")
@@ -494,82 +432,13 @@ def dry_run_overrides() -> list[str]:
     as given (point them at small local files)."""
     train = ["steps=2", "epochs=null", "batch_size=4", "grad_accum=1", "fsdp=false", "mixed_precision=none",
              "checkpoint_every=1", "log_every=1", "snapshot_every=0", "warmup_steps=0", "progress=false"]
-    out = [f"{section}.train.{t}" for section in ("train", "stage1", "aux", "baseline", "matched") for t in train]
-    out = [o.replace("train.train.", "train.") for o in out]
-    return out + [
-        "tokenizer.train.steps=2", "tokenizer.train.batch_size=4", "tokenizer.train.progress=false",
-        "stage1.preset=GPT-tiny", "aux.preset=Aux-tiny", "baseline.preset=GPT-tiny", "matched.preset=GPT-tiny",
-        "stage1.model.multiple_of=32", "aux.model.multiple_of=32", "baseline.model.multiple_of=32",
-        "matched.model.multiple_of=32",
-        "clustering.num_coarse=4", "data.image_size=32", "data.extract_batch_size=4", "data.num_workers=0",
-        "heldout.limit=4", "heldout.batch_size=4"]
-
-
-# --- reproduction --------------------------------------------------------------------------------
-
-@dataclass
-class EvaluationConfig:
-    per_class: int = 100                # samples per class for every evaluation
-    batch_size: int = 500
-    seed: int = 0
-    heldout_images: int = 2000          # test images for the exact bits per token
-    temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
-
-    def __post_init__(self):
-        _at_least(self, per_class=1, batch_size=1, seed=0, heldout_images=1)
-
-
-@dataclass
-class ReproduceConfig:
-    """`ctfgen reproduce` settings (configs/fashion_mnist_ablations.yaml)."""
-
-    steps: int = 470                    # ablation training steps; the main run must have a snapshot there
-    clusters: list = field(default_factory=lambda: [64, 1024])  # besides the main run's
-    random_clusters: bool = True        # k-means vs balanced random groups, at the main run's K
-    unrestricted_aux: bool = True       # aux model over the whole codebook vs restricted to the cluster
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-
-    def __post_init__(self):
-        _at_least(self, steps=1)
-        if any(not int(k) >= 1 for k in self.clusters):
-            raise ConfigError(f"clusters must be numbers of coarse labels >= 1, got {self.clusters}")
-
-
-# --- the codebook-size study --------------------------------------------------------------------
-
-@dataclass
-class StudySettings:
-    """`ctfgen study` settings (see ctfgen.experiments.study): the sampling grid, the sample counts and the seeds."""
-
-    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
-    temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
-    select_per_class: int = 200         # validation samples per class for each grid point (2000 in all)
-    select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
-    test_per_class: int = 500           # test samples per class for each reported cell (5000 in all)
-    seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
-    tokenizer_images: int | None = None  # test images for codebook usage and PSNR (None: the whole split)
-    heldout_images: int = 10000         # test images for bits/token at every epoch
-    coarse_images: int = 2000           # test images for the teacher-forced coarse prediction
-    diagnosis_per_class: int = 500      # test images per class whose codes make the diagnosis sets; the
-                                        # other test images of each class are their reference
-    diagnosis_seed: int = 2000          # the diagnosis' sampling stream
-    batch_size: int = 250
-
-    def __post_init__(self):
-        for name in ("select_per_class", "test_per_class", "heldout_images", "coarse_images", "diagnosis_per_class",
-                     "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"study setting {name} must be >= 1, got {getattr(self, name)}")
-        if self.tokenizer_images is not None and int(self.tokenizer_images) < 1:
-            raise ConfigError(f"study setting tokenizer_images must be >= 1, got {self.tokenizer_images}")
-        self.guidance, self.temperatures = tuple(map(float, self.guidance)), tuple(map(float, self.temperatures))
-        self.seeds = tuple(map(int, self.seeds))
-        if not (self.guidance and self.temperatures and self.seeds):
-            raise ConfigError("the study needs at least one guidance scale, temperature and seed")
-        shared = {self.select_seed, self.diagnosis_seed} & set(self.seeds)
-        if shared or self.select_seed == self.diagnosis_seed:
-            raise ConfigError(f"the test seeds {list(self.seeds)}, select_seed {self.select_seed} and diagnosis_seed "
-                              f"{self.diagnosis_seed} must all differ: each sample set gets its own stream")
+    stages = ("stage1", "aux", "baseline", "matched")
+    return ([f"{section}.{t}" for section in ("train", *(f"{s}.train" for s in stages)) for t in train]
+            + [f"{s}.preset={'Aux' if s == 'aux' else 'GPT'}-tiny" for s in stages]
+            + [f"{s}.model.multiple_of=32" for s in stages]
+            + ["tokenizer.train.steps=2", "tokenizer.train.batch_size=4", "tokenizer.train.progress=false",
+               "clustering.num_coarse=4", "data.image_size=32", "data.extract_batch_size=4", "data.num_workers=0",
+               "heldout.limit=4", "heldout.batch_size=4"])
 
 
 def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> StageConfig:
@@ -582,3 +451,59 @@ def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> S
     ExperimentConfig.from_raw(raw)  # errors name the keys as written
     section = STAGE_SECTIONS[stage]  # the overrides apply after the section has inherited its settings
     return from_dict(ExperimentConfig, apply_overrides(inherit(raw), [f"{section}.{o}" for o in overrides or []])).stage(stage)
+
+
+# --- reproduction --------------------------------------------------------------------------------
+
+@dataclass
+class EvaluationConfig(Settings):
+    per_class: int = checked(100, ">= 1")   # samples per class for every evaluation
+    batch_size: int = checked(500, ">= 1")
+    seed: int = checked(0, ">= 0")
+    heldout_images: int = checked(2000, ">= 1")  # test images for the exact bits per token
+    temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
+
+
+@dataclass
+class ReproduceConfig(Settings):
+    """`ctfgen reproduce` settings (configs/fashion_mnist_ablations.yaml)."""
+
+    steps: int = checked(470, ">= 1")   # ablation training steps; the main run must have a snapshot there
+    clusters: list = field(default_factory=lambda: [64, 1024])  # besides the main run's
+    random_clusters: bool = True        # k-means vs balanced random groups, at the main run's K
+    unrestricted_aux: bool = True       # aux model over the whole codebook vs restricted to the cluster
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if any(not int(k) >= 1 for k in self.clusters):
+            raise ConfigError(f"clusters must be numbers of coarse labels >= 1, got {self.clusters}")
+
+
+# --- the codebook-size study --------------------------------------------------------------------
+
+@dataclass
+class StudySettings(Settings):
+    """`ctfgen study` settings (see ctfgen.experiments.study): the sampling grid, the sample counts and the seeds."""
+
+    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
+    temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
+    select_per_class: int = checked(200, ">= 1")  # validation samples per class for each grid point (2000 in all)
+    select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
+    test_per_class: int = checked(500, ">= 1")  # test samples per class for each reported cell (5000 in all)
+    seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
+    tokenizer_images: int | None = checked(None, ">= 1")  # test images for codebook usage and PSNR (None: the whole split)
+    heldout_images: int = checked(10000, ">= 1")  # test images for bits/token at every epoch
+    coarse_images: int = checked(2000, ">= 1")  # test images for the teacher-forced coarse prediction
+    # Test images per class whose codes make the diagnosis sets; the other test images of each class are their reference.
+    diagnosis_per_class: int = checked(500, ">= 1")
+    diagnosis_seed: int = 2000          # the diagnosis' sampling stream
+    batch_size: int = checked(250, ">= 1")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (self.guidance and self.temperatures and self.seeds):
+            raise ConfigError("the study needs at least one guidance scale, temperature and seed")
+        if {self.select_seed, self.diagnosis_seed} & set(self.seeds) or self.select_seed == self.diagnosis_seed:
+            raise ConfigError(f"the test seeds {list(self.seeds)}, select_seed {self.select_seed} and diagnosis_seed "
+                              f"{self.diagnosis_seed} must all differ: each sample set gets its own stream")

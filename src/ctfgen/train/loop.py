@@ -1,15 +1,10 @@
 """The one training loop: the VQ tokenizer, stage 1, the auxiliary model and the baseline all train
-through `train()`.
-
-Anything with a model and a `loss_fn(model, batch) -> loss` (or `(loss, {name: value})`) can use
-it; a model with a second optimiser (the tokenizer's discriminator) passes `extra`, whose
-`after_step()` runs after each update and whose state is saved with the checkpoints. It follows
-LlamaGen's recipe (AdamW, weight decay on >=2-D parameters only, gradient clipping, bf16 autocast
-on GPU, optional EMA) and adds what long runs on shared machines need:
+through `train()`, on anything with a model and a `loss_fn(model, batch) -> loss` (or
+`(loss, {name: value})`). LlamaGen's recipe (AdamW, weight decay on >=2-D parameters only,
+gradient clipping, bf16 autocast, optional EMA), plus what long runs on shared machines need:
 
 * deterministic data order: epoch `e` is a permutation seeded by `seed + e`, cut into global
-  batches; each rank takes its slice of every global batch, so N ranks see exactly the samples
-  one process would, and the position (epoch, batch) is part of the checkpoint;
+  batches of which each rank takes its slice, so N ranks see exactly the samples one process would;
 * exact resume: weights, optimizer, EMA, extra state, data position and every rank's RNG states
   are restored, so a resumed run ends with the same weights as an uninterrupted one (on CPU);
 * atomic checkpoints every `checkpoint_every` steps, at the end, and on SIGINT/SIGTERM (at the
@@ -27,6 +22,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from ctfgen.config import TrainConfig, from_dict
+from ctfgen.config import TrainConfig, from_dict, to_dict
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputExistsError, TrainingInterrupted
 from ctfgen.utils.fileio import append_csv_row, atomic_write_csv, publish_dir
@@ -87,8 +83,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -116,51 +111,10 @@ class ShardedBatches:
                 f"{micro * world} ({micro} per rank x {world} ranks); lower train.batch_size")
 
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(self.n, generator=g)
-        g_size = self.micro * self.world
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
         for b in range(start, self.per_epoch):
-            lo = b * g_size + self.rank * self.micro
+            lo = (b * self.world + self.rank) * self.micro
             yield perm[lo:lo + self.micro].tolist()
-
-
-class Position:
-    """Where the run is in its data: epoch, batch within it, finished epochs; yields batches."""
-
-    def __init__(self, dataset, batches: ShardedBatches, cfg: TrainConfig, device, collate_fn):
-        self.dataset, self.batches, self.cfg, self.device, self.collate_fn = dataset, batches, cfg, device, collate_fn
-        self.epoch = self.batch = self.epochs_done = 0
-        self._it: Iterator | None = None
-
-    def next(self):
-        if self.batch >= self.batches.per_epoch:
-            self.epoch, self.batch, self._it = self.epoch + 1, 0, None
-        if self._it is None:
-            self._it = self._epoch_iter()
-        self.batch += 1
-        return _to_device(next(self._it), self.device)
-
-    def _epoch_iter(self):
-        ds, cfg = self.dataset, self.cfg
-        if hasattr(ds, "set_epoch"):  # e.g. CodeDataset picks its augmentation per epoch
-            ds.set_epoch(self.epoch)
-        idx_iter = self.batches.epoch_batches(self.epoch, self.batch)
-        if self.collate_fn is None and cfg.num_workers == 0 and hasattr(ds, "get_batch"):
-            return (ds.get_batch(idx) for idx in idx_iter)  # one vectorised read (memory-mapped codes)
-        collate = self.collate_fn or default_collate
-        if cfg.num_workers > 0:
-            return iter(DataLoader(ds, batch_sampler=list(idx_iter), num_workers=cfg.num_workers, collate_fn=collate,
-                                   pin_memory=self.device.type == "cuda",
-                                   generator=torch.Generator().manual_seed(cfg.seed + self.epoch)))
-        # In-process loading draws dataset randomness (augmentation) from the restored RNGs.
-        return (collate([ds[i] for i in idx]) for idx in idx_iter)
-
-    @property
-    def epochs_completed(self) -> int:
-        return self.epoch + (1 if self.batch >= self.batches.per_epoch else 0)
-
-    def fraction(self) -> float:
-        return round(self.epoch + self.batch / self.batches.per_epoch, 4)
 
 
 def _to_device(batch, device):
@@ -197,28 +151,24 @@ class EMA:
 
     def full_model_state(self, model_sd: dict) -> dict:
         """The model state dict with EMA parameters in place of the raw ones (buffers as they are)."""
-        out = dict(model_sd)
-        for n, s in zip(self.names, self.shadow):
-            out[n] = D.full_tensor(s).detach().to("cpu", model_sd[n].dtype)
-        return out
+        return {**model_sd, **{n: D.full_tensor(s).detach().to("cpu", model_sd[n].dtype)
+                               for n, s in zip(self.names, self.shadow)}}
 
 
-def _sync_context(model: nn.Module, sync: bool):
+@contextmanager
+def _grad_sync(model: nn.Module, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
-    if sync:
-        return nullcontext()
-    if hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
-    if D.is_fsdp(model):
-        @contextmanager
-        def _fsdp_no_sync():
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
-        return _fsdp_no_sync()
-    return nullcontext()
+    if sync or not (D.is_fsdp(model) or hasattr(model, "no_sync")):  # the last one, or not distributed
+        yield
+    elif D.is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():  # DDP
+            yield
 
 
 @contextmanager
@@ -247,37 +197,32 @@ class Log:
 
     COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "elapsed_s"]
 
-    def __init__(self, path: Path, cfg: TrainConfig, total: int, start: int, resumed: bool, desc: str,
-                 extra_columns=(), tokens_per_item: int | None = None, sums=()):
-        self.path, self.columns, self.enabled = path, self.COLUMNS + list(extra_columns), D.is_main()
-        self.sum_columns = set(sums)  # counts per row (e.g. codes restarted), not window averages
-        self.cfg, self.total, self.tokens_per_item, self.t_start = cfg, total, tokens_per_item, time.time()
-        self.history: list[dict] = []
-        self._reset()
+    def __init__(self, run: Run, desc: str, extra, tokens_per_item: int | None):
+        self.path, self.enabled = run.out_dir / "metrics.csv", D.is_main()
+        self.columns = self.COLUMNS + list(getattr(extra, "log_columns", ()))
+        self.sum_columns = set(getattr(extra, "log_sums", ()))  # counts per row (e.g. codes restarted), not averages
+        self.cfg, self.total, self.tokens_per_item = run.cfg, run.total, tokens_per_item
+        self.history, self.sums, self.n, self.t_start = [], Counter(), 0, time.time()
+        self.t0 = self.t_start
         if self.enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             rows = []
-            if resumed and path.is_file():
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
-            atomic_write_csv(path, self.columns, ({k: r.get(k, "") for k in self.columns} for r in rows))
-
-        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not (cfg.progress and self.enabled),
+            if run.resumed_from is not None and self.path.is_file():
+                with open(self.path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= run.step]
+            atomic_write_csv(self.path, self.columns, ({k: r.get(k, "") for k in self.columns} for r in rows))
+        self.bar = tqdm(total=run.total, initial=run.step, desc=desc, disable=not (self.cfg.progress and self.enabled),
                         dynamic_ncols=True, leave=True)
 
-    def _reset(self):
-        self.sums, self.n, self.t0 = {}, 0, time.time()
-
-    def add(self, step: int, loss: float, metrics: dict, lr: float, grad_norm, position: Position):
-        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + (v if isinstance(v, int) else float(v))
+    def add(self, step: int, loss: float, metrics: dict, lr: float, grad_norm, epoch: float):
+        self.sums["loss"] += loss
+        self.sums.update({k: v if isinstance(v, int) else float(v) for k, v in metrics.items()})
         self.n += 1
         self.bar.update(1)
         if step % self.cfg.log_every and step != self.total:
             return
         ips = self.n * self.cfg.batch_size / max(time.time() - self.t0, 1e-9)
-        row = {"step": step, "epoch": position.fraction(),
+        row = {"step": step, "epoch": epoch,
                **{k: v if k in self.sum_columns else round(v / self.n, 6) for k, v in self.sums.items()},
                "lr": lr, "grad_norm": round(grad_norm.item(), 6), "items_per_s": round(ips, 2),
                "tokens_per_s": round(ips * self.tokens_per_item, 1) if self.tokens_per_item else "",
@@ -287,61 +232,10 @@ class Log:
         self.history.append(row)
         speed = f"{row['tokens_per_s']:.0f} tok/s" if self.tokens_per_item else f"{ips:.1f} items/s"
         self.bar.set_postfix_str(f"loss {row['loss']:.4f} lr {lr:.2e} {speed}", refresh=False)
-        self._reset()
+        self.sums, self.n, self.t0 = Counter(), 0, time.time()
 
 
 # --- the loop ------------------------------------------------------------------------------
-
-@dataclass
-class TrainState:
-    """One training run's moving parts, for the loop below and its checkpoints."""
-
-    cfg: TrainConfig
-    out_dir: Path
-    wrapped: nn.Module                  # the model as trained (DDP, FSDP or itself)
-    optimizer: torch.optim.Optimizer
-    ema: EMA | None
-    extra: Any                          # a second optimiser's part (the tokenizer's discriminator), or None
-    pos: Position
-    total: int                          # steps
-    num_items: int
-    run_config: dict
-    step: int = 0
-    last_checkpoint: Path | None = None
-    resumed_from: Path | None = None
-
-    @property
-    def raw(self) -> nn.Module:
-        return D.unwrap(self.wrapped)
-
-    def save(self) -> None:
-        ckpt = _checkpoint_state(self)  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
-        if D.is_main():
-            self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
-                                                     keep=self.cfg.keep_checkpoints)
-        D.barrier()
-
-    def snapshot(self, path: Path, on_epoch_end: Callable | None = None, epoch: int | None = None) -> None:
-        """save_pretrained the weights a run ships (EMA when on) to `path` (if given) and run the epoch
-        hook with them in place, in eval mode."""
-        fsdp = D.is_fsdp(self.wrapped)
-
-        def work():
-            if path is not None:
-                _snapshot(self.wrapped, path, self.ema if fsdp else None)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, self.raw)
-
-        _with_shipped_weights(self.raw, None if fsdp else self.ema, work)
-
-    def end_epochs(self, upto: int, on_epoch_end: Callable | None) -> None:
-        while self.pos.epochs_done < upto:
-            e = self.pos.epochs_done
-            if self.cfg.snapshot_every_epoch or on_epoch_end is not None:
-                path = self.out_dir / "epochs" / f"epoch-{e:03d}" if self.cfg.snapshot_every_epoch else None
-                self.snapshot(path, on_epoch_end, e)
-            self.pos.epochs_done += 1
-
 
 def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainConfig | dict, out_dir: str | Path, *,
           resume: bool = False, tokens_per_item: int | None = None, on_epoch_end: Callable | None = None,
@@ -355,29 +249,29 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     existing checkpoints are refused rather than overwritten. Every rank must call it (torchrun).
     `on_epoch_end(epoch, model)` runs on every rank with the EMA weights in place (not under
     FSDP), in eval mode. `extra` (optional) has `setup(device, total_steps)`, `after_step(step) -> metrics`,
-    `state_dict()`, `load_state_dict(sd, source)` and `log_columns`: a second optimiser's part.
+    `state_dict()`, `load_state_dict(sd, source)` and `log_columns`: a second optimiser's part
+    (the tokenizer's discriminator), saved with the checkpoints.
     """
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, config, "train")
     device = torch.device(device) if device is not None else D.default_device()
     with WriterLock(out_dir, "train", hold=D.is_main()):  # one process writes a run directory
-        state = _start(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
-        log = Log(state.out_dir / "metrics.csv", cfg, state.total, state.step, state.resumed_from is not None, desc,
-                  getattr(extra, "log_columns", ()), tokens_per_item, getattr(extra, "log_sums", ()))
-        wrapped, optimizer, pos = state.wrapped, state.optimizer, state.pos
+        run = Run(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
+        log = Log(run, desc, extra, tokens_per_item)
+        wrapped, optimizer = run.wrapped, run.optimizer
         autocast = training_autocast(cfg.mixed_precision, device)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         flag: dict = {}
         try:
             with _stop_on_signals(flag):
-                while state.step < state.total:
+                while run.step < run.total:
                     optimizer.zero_grad(set_to_none=True)
                     for g in optimizer.param_groups:
-                        g["lr"] = lr_at(state.step, cfg, state.total)
+                        g["lr"] = lr_at(run.step, cfg, run.total)
                     loss_sum, bad, metrics = torch.zeros((), device=device), torch.zeros((), device=device), {}
                     for micro in range(cfg.grad_accum):
-                        batch = pos.next()
-                        with _sync_context(wrapped, micro == cfg.grad_accum - 1):
+                        batch = run.next_batch()
+                        with _grad_sync(wrapped, micro == cfg.grad_accum - 1):
                             with autocast:
                                 loss = loss_fn(wrapped, batch)
                             if isinstance(loss, tuple):
@@ -391,169 +285,189 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                                          torch.tensor(float(bool(flag.get("stop"))), device=device)])
                     D.all_reduce_sum(stats)  # every rank takes the same decision to stop
                     if stats[1] > 0 or stats[2] > 0:
-                        raise NonFiniteLossError(_nan_message(desc, "loss" if stats[1] > 0 else "gradient norm", state))
+                        raise NonFiniteLossError(run.nan_message(desc, "loss" if stats[1] > 0 else "gradient norm"))
                     optimizer.step()
-                    if state.ema is not None:
-                        state.ema.update()
+                    if run.ema is not None:
+                        run.ema.update()
                     if extra is not None:
-                        metrics = {**metrics, **extra.after_step(state.step)}
-                    state.step += 1
-                    if cfg.snapshot_every and state.step % cfg.snapshot_every == 0:
+                        metrics = {**metrics, **extra.after_step(run.step)}
+                    run.step += 1
+                    if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
                         # With constant lr a snapshot at step N equals an N-step run (ablations use it).
-                        state.snapshot(state.out_dir / "snapshots" / f"step-{state.step:06d}")
-                    state.end_epochs(pos.epochs_completed, on_epoch_end)
-                    log.add(state.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
-                            grad_norm, pos)
+                        run.snapshot(run.out_dir / "snapshots" / f"step-{run.step:06d}")
+                    run.end_epochs(run.epochs_completed, on_epoch_end)
+                    log.add(run.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
+                            grad_norm, round(run.epoch + run.batch / run.batches.per_epoch, 4))
                     if stats[3] > 0:
-                        state.save()
+                        run.save()
                         raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
-                                                  f"at step {state.step}; checkpoint {state.last_checkpoint} written, "
+                                                  f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
                                                   "continue with --resume")
-                    if state.step % cfg.checkpoint_every == 0 or state.step == state.total:
-                        state.save()
+                    if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
+                        run.save()
             if cfg.epochs is not None:
-                state.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
+                run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
         finally:
             log.bar.close()
         final = D.model_state(wrapped)
-        return TrainResult(state_dict=final, ema_state_dict=state.ema.full_model_state(final) if state.ema else None,
-                           step=state.step, epoch=pos.epoch, checkpoint=state.last_checkpoint, metrics_path=log.path,
-                           resumed_from=state.resumed_from, seconds=time.time() - log.t_start,
-                           history=log.history)
+        return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
+                           step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
+                           resumed_from=run.resumed_from, seconds=time.time() - log.t_start, history=log.history)
 
 
-# --- set-up and saved state ------------------------------------------------------------------
+class Run:
+    """One training run's moving parts (the model as trained, optimizer, EMA, `extra`, the position
+    in the data), set up and, when resuming, restored from the newest checkpoint."""
 
-def _plan(cfg: TrainConfig, num_items: int) -> tuple[ShardedBatches, int]:
-    world = D.get_world_size()
-    if not cfg.length_given:
-        raise ConfigError("train needs `steps` or `epochs` (e.g. train.steps=1000)")
-    per_rank = cfg.batch_size // (world * cfg.grad_accum)
-    if per_rank * world * cfg.grad_accum != cfg.batch_size or per_rank == 0:
-        raise ConfigError(f"train.batch_size={cfg.batch_size} must be a positive multiple of ranks x grad_accum = "
-                          f"{world} x {cfg.grad_accum}")
-    batches = ShardedBatches(num_items, per_rank, world, D.get_rank(), cfg.seed)
-    total = int(cfg.steps) if cfg.steps is not None else max(1, cfg.epochs * batches.per_epoch // cfg.grad_accum)
-    return batches, total
+    def __init__(self, model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, collate_fn, extra,
+                 run_config: dict, desc: str):
+        if not resume and C.list_checkpoints(out_dir / "checkpoints"):
+            raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass --resume "
+                                    "(resume=True) to continue it, or choose another output directory; nothing was overwritten.")
+        if not cfg.length_given:
+            raise ConfigError("train needs `steps` or `epochs` (e.g. train.steps=1000)")
+        world = D.get_world_size()
+        per_rank = cfg.batch_size // (world * cfg.grad_accum)
+        if per_rank * world * cfg.grad_accum != cfg.batch_size or per_rank == 0:
+            raise ConfigError(f"train.batch_size={cfg.batch_size} must be a positive multiple of ranks x grad_accum = "
+                              f"{world} x {cfg.grad_accum}")
+        self.batches = ShardedBatches(len(dataset), per_rank, world, D.get_rank(), cfg.seed)
+        self.total = int(cfg.steps) if cfg.steps is not None else max(1, cfg.epochs * self.batches.per_epoch // cfg.grad_accum)
+        self.cfg, self.out_dir, self.dataset, self.device, self.collate_fn = cfg, out_dir, dataset, device, collate_fn
+        self.extra, self.run_config, self.num_items = extra, run_config, len(dataset)
+        self.wrapped = D.wrap_model(model.to(device).train(), device, cfg.fsdp)
+        self.optimizer = make_optimizer(self.wrapped, cfg, device)
+        self.ema = EMA(D.unwrap(self.wrapped), cfg.ema_decay) if cfg.ema else None  # names without DDP's "module."
+        if extra is not None:
+            extra.setup(device, self.total)
+        C.seed_everything(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
+        self.step = self.epoch = self.batch = self.epochs_done = 0  # the position: epoch, batch in it, epochs ended
+        self.last_checkpoint = self.resumed_from = self._iter = None
+        found = C.load_latest_checkpoint(out_dir / "checkpoints") if resume else None
+        if found is not None:
+            self.restore(*found, desc)
 
+    # --- the data -------------------------------------------------------------------------
 
-def _start(model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, collate_fn, extra,
-           run_config: dict, desc: str) -> TrainState:
-    """Model on its device and wrapped, optimizer, EMA, data position; restored from the newest
-    checkpoint when resuming."""
-    ckpt_dir = out_dir / "checkpoints"
-    if not resume and C.list_checkpoints(ckpt_dir):
-        raise OutputExistsError(f"{ckpt_dir} already holds checkpoints of an earlier run. Pass --resume (resume=True) "
-                                "to continue it, or choose another output directory; nothing was overwritten.")
-    batches, total = _plan(cfg, len(dataset))
-    wrapped = D.wrap_model(model.to(device).train(), device, cfg.fsdp)
-    optimizer = make_optimizer(wrapped, cfg, device)
-    ema = EMA(D.unwrap(wrapped), cfg.ema_decay) if cfg.ema else None  # names without DDP's "module." prefix
-    if extra is not None:
-        extra.setup(device, total)
-    C.seed_everything(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
-    state = TrainState(cfg, out_dir, wrapped, optimizer, ema, extra, Position(dataset, batches, cfg, device, collate_fn),
-              total, len(dataset), run_config)
-    found = C.load_latest_checkpoint(ckpt_dir) if resume else None
-    if found is not None:
-        _restore(state, *found, desc)
-    return state
+    def next_batch(self):
+        if self.batch >= self.batches.per_epoch:
+            self.epoch, self.batch, self._iter = self.epoch + 1, 0, None
+        if self._iter is None:
+            self._iter = self._epoch_iter()
+        self.batch += 1
+        return _to_device(next(self._iter), self.device)
 
+    def _epoch_iter(self):
+        ds, cfg = self.dataset, self.cfg
+        if hasattr(ds, "set_epoch"):  # e.g. CodeDataset picks its augmentation per epoch
+            ds.set_epoch(self.epoch)
+        idx_iter = self.batches.epoch_batches(self.epoch, self.batch)
+        if self.collate_fn is None and cfg.num_workers == 0 and hasattr(ds, "get_batch"):
+            return (ds.get_batch(idx) for idx in idx_iter)  # one vectorised read (memory-mapped codes)
+        collate = self.collate_fn or default_collate
+        if cfg.num_workers > 0:
+            return iter(DataLoader(ds, batch_sampler=list(idx_iter), num_workers=cfg.num_workers, collate_fn=collate,
+                                   pin_memory=self.device.type == "cuda",
+                                   generator=torch.Generator().manual_seed(cfg.seed + self.epoch)))
+        # In-process loading draws dataset randomness (augmentation) from the restored RNGs.
+        return (collate([ds[i] for i in idx]) for idx in idx_iter)
 
-def _checkpoint_state(state: TrainState) -> dict:
-    pos = state.pos
-    return {
-        "format": C.CHECKPOINT_FORMAT,
-        "model": D.model_state(state.wrapped, every_rank=False),
-        "optimizer": D.optimizer_state(state.wrapped, state.optimizer),
-        # The schedule is a pure function of the step (a resumed run may change it, e.g. a lower lr
-        # after a NaN); recorded for the reader.
-        "scheduler": {"step": state.step, "lr": lr_at(max(state.step - 1, 0), state.cfg, state.total)},
-        "ema": state.ema.state_dict() if state.ema is not None else None,
-        "extra": state.extra.state_dict() if state.extra is not None else None,
-        "step": state.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch, "epochs_done": pos.epochs_done,
-        "dataset_len": state.num_items,
-        "rng": C.gather_rng(),
-        "world_size": D.get_world_size(),
-        "train_config": state.cfg.to_dict(),
-        "run_config": state.run_config,
-    }
+    @property
+    def epochs_completed(self) -> int:
+        return self.epoch + (1 if self.batch >= self.batches.per_epoch else 0)
 
+    # --- checkpoints, snapshots, epochs ---------------------------------------------------
 
-def _restore(state: TrainState, ck: dict, path: Path, desc: str) -> None:
-    if ck.get("format") != C.CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
-    if ck.get("dataset_len", state.num_items) != state.num_items:
-        raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
-                              f"{state.num_items}: the data position cannot be restored. Resume with the same data.")
-    D.load_model_state(state.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
-    then, now = ck.get("run_config", {}).get("model_config"), state.run_config.get("model_config")
-    if then is not None and now is not None and then != now:
-        diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
-        raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
-                              "resume with the same model settings or start a new run")
-    D.load_optimizer_state(state.wrapped, state.optimizer, ck["optimizer"])
-    if state.ema is not None:
-        if ck.get("ema") is None:
-            raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")
-        state.ema.load_state_dict(ck["ema"])
-    if state.extra is not None:
-        state.extra.load_state_dict(ck.get("extra"), source=str(path))
-    pos = state.pos
-    pos.epoch, pos.batch, pos.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
-    state.step, state.last_checkpoint, state.resumed_from = ck["step"], path, path
-    old = ck.get("train_config", {})
-    changed = {k: (old.get(k), v) for k, v in state.cfg.to_dict().items() if old and old.get(k) != v}
-    if changed:
-        logger.info(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
-    rank, world = D.get_rank(), D.get_world_size()
-    if ck.get("world_size") == world:
-        C.set_rng_state(ck["rng"][rank])
-    else:
-        logger.info(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
-            "RNG streams are reseeded, so the run continues but not bit-for-bit")
-        C.seed_everything(state.cfg.seed + 1_000_003 * rank + ck["step"])
-    logger.info(f"[{desc}] resumed from {path} at step {ck['step']}/{state.total} (epoch {pos.epoch}, batch {pos.batch})")
-
-
-def _nan_message(desc: str, what: str, state: TrainState) -> str:
-    kept = C.list_checkpoints(state.out_dir / "checkpoints")
-    where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
-             if kept else "no checkpoint was written yet")
-    return (f"[{desc}] the {what} became NaN/inf at step {state.step + 1} (epoch {state.pos.epoch}); this step's update "
-            f"was not applied and training stopped. {where}. Try a lower learning rate (train.lr={state.cfg.lr:g} now), "
-            "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
-
-
-def _with_shipped_weights(raw: nn.Module, ema: EMA | None, fn):
-    """Run fn with the weights a snapshot ships (EMA when on) swapped in, in eval mode."""
-    backup = None
-    if ema is not None:
-        backup = {k: v.detach().clone() for k, v in raw.state_dict().items()}
-        raw.load_state_dict(ema.full_model_state(backup))
-    raw.eval()
-    try:
-        return fn()
-    finally:
-        raw.train()
-        if backup is not None:
-            raw.load_state_dict(backup)
-
-
-def _snapshot(wrapped: nn.Module, path: Path, fsdp_ema: EMA | None) -> None:
-    """save_pretrained a copy of the model as it is now (EMA weights already swapped in, except
-    under FSDP where `fsdp_ema` supplies them)."""
-    if not D.is_fsdp(wrapped):
-        raw = D.unwrap(wrapped)
-        if D.is_main() and hasattr(raw, "save_pretrained"):
-            publish_dir(raw.save_pretrained, path)
+    def save(self) -> None:
+        ckpt = {  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
+            "format": C.CHECKPOINT_FORMAT,
+            "model": D.model_state(self.wrapped, every_rank=False),
+            "optimizer": D.optimizer_state(self.wrapped, self.optimizer),
+            # The schedule is a pure function of the step (a resumed run may change it, e.g. a lower lr
+            # after a NaN); recorded for the reader.
+            "scheduler": {"step": self.step, "lr": lr_at(max(self.step - 1, 0), self.cfg, self.total)},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch, "epochs_done": self.epochs_done,
+            "dataset_len": self.num_items, "rng": C.gather_rng(), "world_size": D.get_world_size(),
+            "train_config": to_dict(self.cfg), "run_config": self.run_config,
+        }
+        if D.is_main():
+            self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
+                                                     keep=self.cfg.keep_checkpoints)
         D.barrier()
-        return
-    sd = D.model_state(wrapped)
-    if fsdp_ema is not None:
-        sd = fsdp_ema.full_model_state(sd)
-    if D.is_main():
-        model = D.unsharded_class(wrapped)(wrapped.config)
-        load_state_dict_strict(model, sd, source="FSDP snapshot")
-        publish_dir(model.save_pretrained, path)
-    D.barrier()
+
+    def restore(self, ck: dict, path: Path, desc: str) -> None:
+        if ck.get("format") != C.CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
+        if ck.get("dataset_len", self.num_items) != self.num_items:
+            raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
+                                  f"{self.num_items}: the data position cannot be restored. Resume with the same data.")
+        D.load_model_state(self.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
+        then, now = ck.get("run_config", {}).get("model_config"), self.run_config.get("model_config")
+        if then is not None and now is not None and then != now:
+            diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
+            raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
+                                  "resume with the same model settings or start a new run")
+        D.load_optimizer_state(self.wrapped, self.optimizer, ck["optimizer"])
+        if self.ema is not None:
+            if ck.get("ema") is None:
+                raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")
+            self.ema.load_state_dict(ck["ema"])
+        if self.extra is not None:
+            self.extra.load_state_dict(ck.get("extra"), source=str(path))
+        self.epoch, self.batch, self.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
+        self.step, self.last_checkpoint, self.resumed_from = ck["step"], path, path
+        old = ck.get("train_config", {})
+        changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old and old.get(k) != v}
+        if changed:
+            logger.info(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+        rank, world = D.get_rank(), D.get_world_size()
+        if ck.get("world_size") == world:
+            C.set_rng_state(ck["rng"][rank])
+        else:
+            logger.info(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
+                        "RNG streams are reseeded, so the run continues but not bit-for-bit")
+            C.seed_everything(self.cfg.seed + 1_000_003 * rank + ck["step"])
+        logger.info(f"[{desc}] resumed from {path} at step {ck['step']}/{self.total} (epoch {self.epoch}, batch {self.batch})")
+
+    def nan_message(self, desc: str, what: str) -> str:
+        kept = C.list_checkpoints(self.out_dir / "checkpoints")
+        where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
+                 if kept else "no checkpoint was written yet")
+        return (f"[{desc}] the {what} became NaN/inf at step {self.step + 1} (epoch {self.epoch}); this step's update "
+                f"was not applied and training stopped. {where}. Try a lower learning rate (train.lr={self.cfg.lr:g} now), "
+                "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
+
+    def snapshot(self, path: Path | None, on_epoch_end: Callable | None = None, epoch: int | None = None) -> None:
+        """save_pretrained the weights a run ships (EMA when on) to `path` (if given) and run the epoch
+        hook, in eval mode with the EMA weights swapped in (under FSDP only the saved copy has them)."""
+        raw, fsdp = D.unwrap(self.wrapped), D.is_fsdp(self.wrapped)
+        backup = {k: v.detach().clone() for k, v in raw.state_dict().items()} if self.ema is not None and not fsdp else None
+        if backup is not None:
+            raw.load_state_dict(self.ema.full_model_state(backup))
+        raw.eval()
+        try:
+            if path is not None:
+                ship = raw
+                if fsdp:  # gather the full weights (collective); rank 0 saves them in an unsharded copy
+                    sd = D.model_state(self.wrapped)
+                    ship = D.unsharded_class(raw)(raw.config) if D.is_main() else None
+                    if ship is not None:
+                        load_state_dict_strict(ship, self.ema.full_model_state(sd) if self.ema is not None else sd, source="FSDP snapshot")
+                if D.is_main() and hasattr(ship, "save_pretrained"):
+                    publish_dir(ship.save_pretrained, path)
+                D.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, raw)
+        finally:
+            raw.train()
+            if backup is not None:
+                raw.load_state_dict(backup)
+
+    def end_epochs(self, upto: int, on_epoch_end: Callable | None) -> None:
+        while self.epochs_done < upto:
+            if self.cfg.snapshot_every_epoch or on_epoch_end is not None:
+                path = self.out_dir / "epochs" / f"epoch-{self.epochs_done:03d}" if self.cfg.snapshot_every_epoch else None
+                self.snapshot(path, on_epoch_end, self.epochs_done)
+            self.epochs_done += 1

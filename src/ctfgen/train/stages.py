@@ -4,18 +4,16 @@
 `logits = gpt(x[:, :-1], labels)` -> (B, L, V) against `x`, where `x` is the coarse labels of
 the codes (ar, V = num_coarse) or the codes themselves (baseline, V = codebook size).
 `aux` is an `AuxModel` fed the ground-truth coarse labels, trained with cross entropy on the
-fine tokens; with `restrict_to_cluster` the loss is over each position's cluster members only
-(the in-cluster head), so it is the exact -log p(fine | coarse, class) the likelihood uses.
-
-Every model records where its vocabulary came from (`codebook_fingerprint`, and for ar/aux
-`coarse_map_fingerprint`), and parts that do not belong together are refused before training.
+fine tokens (with `restrict_to_cluster`, over each position's cluster members only: the exact
+-log p(fine | coarse, class) the likelihood uses). Every model records where its vocabulary came
+from (fingerprints); parts that do not belong together are refused before training.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,18 +49,6 @@ def _code_dataset(codes):
     return codes if isinstance(codes, CodeDataset) else CodeDataset(codes)
 
 
-def _load_map(coarse_map):
-    if coarse_map is None or isinstance(coarse_map, CoarseMap):
-        return coarse_map
-    return CoarseMap.load(coarse_map)
-
-
-def check_map_for_codes(coarse_map, header: dict, where: str = "the code files") -> None:
-    """Refuse a coarse map fitted on another codebook than the one that made the codes."""
-    check_parts(f"coarse map and codes ({where}) do not belong together", coarse_map=coarse_map, codes=header,
-                hint="Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer.")
-
-
 def _num_classes(dataset, requested: int | None) -> int:
     seen = int(dataset.labels.max()) + 1 if len(dataset) else 1
     header_n = dataset.header.get("num_classes")
@@ -84,24 +70,20 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
         raise ConfigError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     dataset = _code_dataset(codes)
     header = dataset.header
-    cmap = _load_map(coarse_map)
+    cmap = coarse_map if coarse_map is None or isinstance(coarse_map, CoarseMap) else CoarseMap.load(coarse_map)
     if stage in ("ar", "aux"):
         if cmap is None:
             raise ConfigError(f"stage {stage!r} needs a coarse map (--coarse-map FILE from `ctfgen cluster`)")
-        check_map_for_codes(cmap, header, str(dataset.dir))
+        check_parts(f"coarse map and codes ({dataset.dir}) do not belong together", coarse_map=cmap, codes=header,
+                    hint="Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer.")
     elif cmap is not None:
         raise ConfigError("the baseline trains on fine tokens and takes no coarse map; drop --coarse-map")
 
     codebook = int(header["codebook_size"])
-    vocab = cmap.num_coarse if stage == "ar" else codebook
-    derived = dict(
-        vocab_size=vocab, image_tokens=int(header["image_tokens"]),
-        num_classes=_num_classes(dataset, num_classes),
-        codebook_fingerprint=header["tokenizer_fingerprint"],
-        coarse_map_fingerprint=cmap.fingerprint if stage != "baseline" else None,
-    )
-    if stage == "aux":
-        derived["num_coarse"] = cmap.num_coarse
+    derived = dict(vocab_size=cmap.num_coarse if stage == "ar" else codebook, image_tokens=int(header["image_tokens"]), num_classes=_num_classes(dataset, num_classes),
+                   codebook_fingerprint=header["tokenizer_fingerprint"],
+                   coarse_map_fingerprint=cmap.fingerprint if stage != "baseline" else None,
+                   **({"num_coarse": cmap.num_coarse} if stage == "aux" else {}))
     overrides = dict(model or {})
     clash = [f"{k}={overrides[k]!r} (the data needs {v!r})" for k, v in derived.items()
              if k in overrides and overrides[k] != v]
@@ -110,7 +92,6 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
                                  + "; leave them out, they are taken from the codes and the coarse map")
     fields = {**overrides, **derived}
     preset = preset or DEFAULT_PRESETS[stage]
-
     if stage == "aux":
         net = AuxModel(AuxConfig.from_preset(preset, **fields), coarse_map=cmap)
         f2c = cmap.fine_to_coarse
@@ -185,37 +166,26 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
     # The initial weights are a function of the seed alone (and identical on every rank).
     torch.manual_seed(tcfg.seed)
     st = build_stage(stage, dataset, coarse_map, preset, model, num_classes)
-    out_dir = Path(out_dir)
+    out_dir, model_config = Path(out_dir), asdict(st.model.config)
     if D.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in st.model.parameters())
-        atomic_write_json(out_dir / "stage.json", (
-            {"stage": stage, "preset": preset or DEFAULT_PRESETS[stage], "params": n_params,
-             "codes": str(dataset.dir), "model_config": _jsonable(st.model.config)}))
-    config_record = {"stage": stage, "preset": preset, "model": model or {}, "model_config": _jsonable(st.model.config),
-                     **(run_config or {})}
-    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume,
-                   tokens_per_item=st.tokens_per_item, on_epoch_end=on_epoch_end,
-                   run_config=config_record, desc=desc or stage)
-    final = finished_model(st, result)
+        atomic_write_json(out_dir / "stage.json", {
+            "stage": stage, "preset": preset or DEFAULT_PRESETS[stage], "params": sum(p.numel() for p in st.model.parameters()),
+            "codes": str(dataset.dir), "model_config": model_config})
+    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume, tokens_per_item=st.tokens_per_item,
+                   on_epoch_end=on_epoch_end, desc=desc or stage, run_config={
+                       "stage": stage, "preset": preset, "model": model or {}, "model_config": model_config,
+                       **(run_config or {})})
+    # What ships: a fresh CPU copy holding the best weights (EMA when kept), in eval mode.
+    final = st.model_class(st.model.config)
+    load_state_dict_strict(final, result.best_state_dict(), source=f"{stage} training result")
+    final.eval()
     if D.is_main():
         publish_dir(final.save_pretrained, out_dir / MODEL_DIR)
     D.barrier()
     return final, result
 
 
-def finished_model(stage: Stage, result: TrainResult) -> nn.Module:
-    """A fresh CPU copy of the stage's model holding the weights to ship, in eval mode."""
-    cfg = stage.model.config
-    net = stage.model_class(cfg)
-    load_state_dict_strict(net, result.best_state_dict(), source=f"{stage.name} training result")
-    return net.eval()
-
-
 def load_stage_model(stage: str, path) -> nn.Module:
     """A trained stage's model (`RUN/runs/<stage>/model`), eval mode."""
     return (AuxModel if stage == "aux" else GPT).from_pretrained(str(path)).eval()
-
-
-def _jsonable(cfg) -> dict[str, Any]:
-    return asdict(cfg)

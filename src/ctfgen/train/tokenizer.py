@@ -14,24 +14,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ctfgen.config import ExperimentConfig, TokenizerConfig, dump, from_dict
+from ctfgen.config import ExperimentConfig, TokenizerConfig, dump, from_dict, to_dict
 from ctfgen.data import make_dataset
 from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
-from ctfgen.tokenizer.losses import (
-    NLayerDiscriminator,
-    adaptive_weight,
-    hinge_d_loss,
-    hinge_g_loss,
-    load_lpips,
-    reconstruction_loss,
-    vanilla_d_loss,
-)
+from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
+                                     reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train.checkpoint import list_checkpoints, seed_everything
 from ctfgen.train.loop import train, training_autocast
@@ -39,7 +31,7 @@ from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError
 from ctfgen.utils.fileio import atomic_write_text, publish_dir
 
-__all__ = ["train_tokenizer", "VQTraining", "tokenizer_config"]
+__all__ = ["train_tokenizer", "VQTraining"]
 
 logger = logging.getLogger("ctfgen.train")
 
@@ -165,19 +157,12 @@ class VQTraining:
             self.restarter.load_state_dict(state["dead_codes"])
 
 
-def tokenizer_config(config: TokenizerConfig | dict) -> TokenizerConfig:
-    """A TokenizerConfig from itself or a dict of the `tokenizer:` section's shape."""
-    if isinstance(config, TokenizerConfig):
-        return config
-    return from_dict(TokenizerConfig, config, "tokenizer")
-
-
 def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bool = False, device=None,
                     progress: bool = True) -> VQModel:
     """Train a VQModel on `dataset` (items are images (C,H,W) in [-1, 1], or (image, label) pairs)
     and save it to out_dir/tokenizer; returns it (CPU, eval mode). `config` is the experiment's
     `tokenizer:` section (model: VQConfig fields; train: TrainConfig; loss: VQLossConfig)."""
-    cfg = tokenizer_config(config)
+    cfg = config if isinstance(config, TokenizerConfig) else from_dict(TokenizerConfig, config, "tokenizer")
     vq_config = from_dict(VQConfig, cfg.model, "tokenizer.model")
     own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
     device = torch.device(device) if device is not None else own_device
@@ -193,8 +178,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
         logger.info(f"codebook initialised by k-means on {info['vectors']} encoder outputs ({info['seconds']} s)")
     train_cfg = dataclasses.replace(cfg.train, progress=progress and cfg.train.progress)
     result = train(model, task.loss, dataset, train_cfg, out_dir, resume=resume, device=device, desc="tokenizer",
-                   extra=task, run_config={"model_config": _plain(asdict(vq_config)),
-                                           "loss_config": _plain(asdict(cfg.loss))})
+                   extra=task, run_config={"model_config": to_dict(vq_config), "loss_config": to_dict(cfg.loss)})
     final = VQModel(vq_config)
     final.load_state_dict(result.best_state_dict())
     final.eval()
@@ -204,10 +188,6 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
             f"{final.codebook_usage():.1%} of {vq_config.codebook_size} codes over the last {vq_config.usage_window} indices")
     D.barrier()
     return final
-
-
-def _plain(d):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def train_tokenizer_from_config(cfg: ExperimentConfig, out_dir, resume: bool = False, device=None,

@@ -1,12 +1,9 @@
-"""One process or many: the same training code runs alone or under `torchrun`.
+"""One process or many: the same code runs alone or under `torchrun`.
 
-`init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) and starts a process group: NCCL when CUDA is available, gloo on CPU. Without those
-variables it does nothing and every helper answers as a single process (rank 0 of 1), so callers
-never branch on "distributed or not".
-
-`wrap_model` puts a model in DDP, or FSDP (FSDP2 `fully_shard`, one unit per transformer block)
-for the large presets where a full replica per GPU stops making sense.
+`init_distributed()` starts a process group from torchrun's environment (NCCL with CUDA, gloo on
+CPU); without it every helper answers as a single process (rank 0 of 1), so callers never branch
+on "distributed or not". `wrap_model` puts a model in DDP, or FSDP (FSDP2 `fully_shard`, one unit
+per transformer block) for the large presets where a full replica per GPU stops making sense.
 """
 
 from __future__ import annotations
@@ -18,13 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -48,10 +40,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def get_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
-
-
 def is_main() -> bool:
     return get_rank() == 0
 
@@ -61,10 +49,7 @@ def launched_by_torchrun() -> bool:
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
-    """Start the process group if torchrun launched us; return the device this rank should use.
-
-    Safe to call more than once (later calls only return the device).
-    """
+    """Start the process group if torchrun launched us (once); return the device this rank should use."""
     if launched_by_torchrun() and not is_distributed():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -76,16 +61,13 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", get_local_rank() if is_distributed() else torch.cuda.current_device())
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def barrier() -> None:
     if is_distributed():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if dist.get_backend() == "nccl" else {}))
 
 
 def cleanup() -> None:
@@ -162,36 +144,20 @@ def main_first():
         yield False
 
 
-def use_fsdp(model: nn.Module, fsdp: bool | str = "auto") -> bool:
-    """Whether to shard: `fsdp=True/False` forces it; "auto" shards models of GPT-L size and up."""
-    if isinstance(fsdp, str):
-        if fsdp != "auto":
-            raise ConfigError(f"train.fsdp must be true, false or 'auto', got {fsdp!r}")
-        n = sum(p.numel() for p in model.parameters())
-        return is_distributed() and n >= FSDP_MIN_PARAMS
-    return bool(fsdp) and is_distributed()
-
-
-def _block_modules(model: nn.Module) -> list[nn.Module]:
-    # The transformer blocks are the elements of the model's ModuleLists; one FSDP unit each
-    # keeps the peak memory at one block's full parameters.
-    blocks = []
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList):
-            blocks.extend(m)
-    return blocks
-
-
 def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto") -> nn.Module:
-    """DDP or FSDP when distributed, the model itself otherwise. Model must already be on `device`."""
+    """DDP or FSDP when distributed, the model itself otherwise. Model must already be on `device`.
+    `fsdp=True/False` forces sharding or not; "auto" shards models of GPT-L size and up."""
+    if isinstance(fsdp, str) and fsdp != "auto":
+        raise ConfigError(f"train.fsdp must be true, false or 'auto', got {fsdp!r}")
     if not is_distributed():
         return model
-    if use_fsdp(model, fsdp):
-        for block in _block_modules(model):
+    if (sum(p.numel() for p in model.parameters()) >= FSDP_MIN_PARAMS) if fsdp == "auto" else bool(fsdp):
+        # One unit per transformer block (the elements of the model's ModuleLists) keeps the peak
+        # memory at one block's full parameters.
+        for block in [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m]:
             fully_shard(block)
         fully_shard(model)
         return model
-
     if device.type == "cuda":
         return DDP(model, device_ids=[device.index], output_device=device.index)
     return DDP(model)
