@@ -6,15 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ctfgen.app.commands._common import (
-    add_model_arguments,
-    add_sampling_arguments,
-    check_args,
-    load_baseline,
-    load_model,
-    resolve_classes,
-    sampling_kwargs,
-)
+from ctfgen.app.commands._common import (add_model_arguments, add_sampling_arguments, check_args, load_baseline,
+                                         load_model, resolve_classes, sampling_kwargs)
 from ctfgen.app.sample_sets import check_picture, check_sample_set, sample_grid, sample_set
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.utils import distributed as D
