@@ -11,7 +11,7 @@ from ctfgen.data.fashion_mnist import class_index
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.shipped import PRETRAINED, pretrained
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import COUNTS, SAMPLING, SEED, Option, check_device, cli_help
+from ctfgen.utils.options import COUNTS, SAMPLING, SEED, Option, check_device, check_output_file, cli_help
 from ctfgen.utils.precision import DTYPE_CHOICES
 from ctfgen.utils.threads import use_sampling_threads
 
@@ -43,10 +43,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         "'ctfgen[quant]'), int8-fbgemm = dynamic int8 through PyTorch's x86 kernels (default: %(default)s)")
 
 
-def check_args(args: argparse.Namespace, **rules: str | Option) -> None:
-    """Every number the user gave, checked before any work, a list value by value: the device, and each
-    option whose name is a sampling option, a count or "seed" of ctfgen.utils.options, or that `rules`
-    give an option's name or an Option (their model-free ranges: a model's own bounds wait for the model)."""
+def check_args(args: argparse.Namespace, outputs: dict[str, str] | None = None, **rules: str | Option) -> None:
+    """Every number and output the user gave, checked before any work: the device; each option whose
+    name is a sampling option, a count or "seed" of ctfgen.utils.options, or that `rules` give an
+    option's name or an Option, a list value by value (their model-free ranges: a model's own bounds
+    wait for the model); and the output files `outputs` gives the suffixes of (check_output_file)."""
     if hasattr(args, "device"):
         args.device = check_device(args.device, "--device")
     for name, value in vars(args).items():
@@ -55,6 +56,9 @@ def check_args(args: argparse.Namespace, **rules: str | Option) -> None:
         if option is not None and value is not None:
             flag = "--" + name.replace("_", "-")
             setattr(args, name, [option.check(v, flag) for v in value] if isinstance(value, list) else option.check(value, flag))
+    for name, suffixes in (outputs or {}).items():
+        if getattr(args, name) is not None:
+            check_output_file(getattr(args, name), suffixes, "--" + name)
 
 
 def load_model(spec: str, device: str):

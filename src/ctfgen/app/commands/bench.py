@@ -10,7 +10,7 @@ import torch
 
 from ctfgen.app import bench
 from ctfgen.app.commands._common import add_device_argument, check_args
-from ctfgen.utils.options import Option, check_output_file
+from ctfgen.utils.options import Option
 from ctfgen.utils.precision import DTYPE_CHOICES
 
 # What each mode measures when --models / --batch-sizes / --dtype are not given.
@@ -94,12 +94,10 @@ def _threads(value: str):
 
 def run_bench(args: argparse.Namespace) -> int:
     check_args(args, batch_sizes="batch_size", seeds="seed", test_images="images", warmup=ZERO_OR_MORE,
-               per_class=ZERO_OR_MORE, llamagen_steps=ZERO_OR_MORE)
+               per_class=ZERO_OR_MORE, llamagen_steps=ZERO_OR_MORE, outputs={"json": ".json"})
     for key, value in DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.json:
-        check_output_file(args.json, ".json", "--json")
     if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
 

@@ -16,7 +16,6 @@ from ctfgen.experiments.study import study_run, write_report
 from ctfgen.metrics.compare import compare, record_summary
 from ctfgen.metrics.evaluate import evaluate, write_record
 from ctfgen.utils.fileio import atomic_write_text
-from ctfgen.utils.options import check_output_file
 
 
 def configure_eval(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +43,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    check_args(args)
-    if args.out:
-        check_output_file(args.out, ".json", "--out")
+    check_args(args, outputs={"out": ".json"})
     record = evaluate(args.samples, args.ref, metric_set=args.metric_set, name=args.name, epoch=args.epoch,
                       inception_weights=args.inception_weights, k=args.k, splits=args.splits,
                       batch_size=args.batch_size, device=args.device, sfid=not args.no_sfid)
@@ -97,10 +94,7 @@ def configure_redundancy(parser: argparse.ArgumentParser) -> None:
 def run_redundancy(args: argparse.Namespace) -> int:
     """Swaps tokens within k-means clusters, within a random map's clusters and across the whole
     codebook, and reports how much each changes the decoded images."""
-    check_args(args)
-    check_output_file(args.out, "image", "--out")
-    if args.json:
-        check_output_file(args.json, ".json", "--json")
+    check_args(args, outputs={"out": "image", "json": ".json"})
     result = redundancy_report(args.tokenizer, args.model, args.coarse_map, args.num_coarse, args.images, args.data,
                                args.split, args.image_size, args.out, args.json, args.scale, args.grid_columns,
                                args.seed, args.device)

@@ -12,7 +12,7 @@ from ctfgen.app.sample_sets import check_picture, check_sample_set, sample_grid,
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import CLASS_ID, COUNTS, check_output_file, cli_help
+from ctfgen.utils.options import CLASS_ID, COUNTS, cli_help
 
 
 def configure_sample(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,7 @@ def _parts(timings: dict) -> str:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    check_args(args)
-    check_output_file(args.out, "image", "--out")
+    check_args(args, outputs={"out": "image"})
     t0 = time.perf_counter()
     pipeline = load_model(args.model, args.device)
     if (args.stages or args.compare_baseline) and not isinstance(pipeline, CTFPipeline):

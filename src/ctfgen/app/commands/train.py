@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from ctfgen.app.commands._common import add_device_argument, add_print_config, check_args, print_config
 from ctfgen.clustering import CoarseMap
@@ -21,7 +22,6 @@ from ctfgen.train.stages import train_stage
 from ctfgen.train.tokenizer import train_tokenizer_from_config
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import check_output_file
 from ctfgen.utils.rundir import MODEL_DIR
 
 
@@ -96,8 +96,8 @@ def configure_cluster(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    check_args(args)
-    out = check_output_file(args.out, ".safetensors", "--out")
+    check_args(args, outputs={"out": ".safetensors"})
+    out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     cmap = CoarseMap.fit(VQModel.from_pretrained(args.tokenizer), args.num_coarse, method=args.method, seed=args.seed,
