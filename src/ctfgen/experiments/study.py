@@ -182,13 +182,6 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
 
 # --- the report -------------------------------------------------------------------------------------
 
-def _load(records_dir: Path) -> dict[str, dict[str, dict]]:
-    runs = {}
-    for d in sorted(p for p in Path(records_dir).iterdir() if p.is_dir()):
-        runs[d.name] = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
-    return runs
-
-
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -202,7 +195,9 @@ def _epochs(recs: dict) -> list[dict]:
 def write_report(records_dir, figure_dir=None) -> str:
     """Markdown tables of every study record under `records_dir`, and figures of Fréchet distance and
     bits/token against codebook size and against epoch (PNG files in `figure_dir`). Returns the markdown."""
-    runs = _load(Path(records_dir)) if Path(records_dir).is_dir() else {}
+    root = Path(records_dir)
+    runs = {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+            for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     if not runs:
         raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
     order = sorted(runs, key=lambda r: runs[r].get("tokenizer", {}).get("codebook_size", 0))

@@ -112,18 +112,13 @@ def resolve_classes(values: list[str], num_classes: int, class_names: list[str] 
     """Class ids from ids or names; names follow the model's class list or Fashion-MNIST's."""
     ids = []
     for v in values:
-        if v.lstrip("-").isdigit():
-            c = int(v)
-        elif class_names:
+        if class_names and not v.lstrip("-").isdigit():
             lowered = [n.lower() for n in class_names]
             if v.lower() not in lowered:
                 raise ConfigError(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
             c = lowered.index(v.lower())
         else:
-            try:
-                c = class_index(v)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            c = class_index(v)  # an id, or a Fashion-MNIST name
         if not 0 <= c < num_classes:
             raise ConfigError(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
         ids.append(c)
