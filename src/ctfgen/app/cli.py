@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     prefer_passive_waiting()
     log_progress()
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
+    name = next((a for a in argv if not a.startswith("-")), None)
     try:
-        parser = build_parser(only=command if command in COMMANDS else "")
+        parser = build_parser(only=name if name in COMMANDS else "")
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -154,10 +154,10 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out: finished phases are skipped, an interrupted one resumes "
                              "from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="shrink the config to two steps of everything with tiny models (checks a recipe on a CPU)")
     add_print_config(parser, config="config", overrides="config overrides, values parsed as YAML (e.g. train.steps=100 "
                      "stage1.preset=GPT-mini)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="shrink the config to two steps of everything with tiny models (checks a recipe on a CPU)")
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
