@@ -1,10 +1,10 @@
 """ctfgen: class-conditional image generation with coarse-to-fine token prediction.
 
 Each subcommand NAME lives in a module `ctfgen.app.commands.<module>` as `configure_NAME(parser)`
-and `run_NAME(args)` (dashes as underscores), which parses nothing more and calls the library once;
-modules are imported only when one of their commands runs, so `--help` stays fast. Every mistake a
-user can fix (a `CtfgenError`, a missing file, a bad argument) ends as one `error: ...` line and exit
-status 2, never a traceback."""
+and `run_NAME(args)` (dashes as underscores), which parses nothing more, calls the library once and
+returns None (success) or an exit status; modules are imported only when one of their commands
+runs, so `--help` stays fast. Every mistake a user can fix (a `CtfgenError`, a missing file, a bad
+argument) ends as one `error: ...` line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 

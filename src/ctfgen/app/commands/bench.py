@@ -92,7 +92,7 @@ def _threads(value: str):
     return int(value)
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> None:
     check_args(args, batch_sizes="batch_size", seeds="seed", test_images="images", warmup=ZERO_OR_MORE,
                per_class=ZERO_OR_MORE, llamagen_steps=ZERO_OR_MORE, outputs={"json": ".json"})
     for key, value in DEFAULTS[args.mode].items():
@@ -122,4 +122,3 @@ def run_bench(args: argparse.Namespace) -> int:
                         args.aux_preset, not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json,
                         llamagen=args.llamagen, warmup=args.warmup, llamagen_steps=args.llamagen_steps,
                         threads=args.threads, methods=args.methods)
-    return 0

@@ -23,7 +23,7 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting at most; more get a 'busy, try again' message (default: %(default)s)")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace) -> None:
     check_args(args)
     ctf = load_model(args.model, args.device)
     if not isinstance(ctf, CTFPipeline):
@@ -37,4 +37,3 @@ def run_demo(args: argparse.Namespace) -> int:
         baseline = None
     app = build_app(ctf, baseline, Limits(max_images=args.max_images, queue_size=args.queue_size))
     launch(app, host=args.host, port=args.port)
-    return 0

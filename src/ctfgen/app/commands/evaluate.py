@@ -42,7 +42,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sfid", action="store_true", help="skip sFID (saves a little time)")
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> None:
     check_args(args, outputs={"out": ".json"})
     record = evaluate(args.samples, args.ref, metric_set=args.metric_set, name=args.name, epoch=args.epoch,
                       inception_weights=args.inception_weights, k=args.k, splits=args.splits,
@@ -50,7 +50,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(record_summary(record))
     if args.out:
         print(f"wrote {write_record(record, args.out)}")
-    return 0
 
 
 def configure_compare(parser: argparse.ArgumentParser) -> None:
@@ -60,13 +59,12 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
                         help="directory for compare.md and one <metric>.png per metric (against training epoch)")
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run_compare(args: argparse.Namespace) -> None:
     table, pngs = compare(args.runs, args.out)
     print(table, end="")
     if args.out:
         print(f"wrote {args.out}/compare.md" + (f" and {len(pngs)} figures" if pngs else
                                                  " (no figures: no record has an epoch)"))
-    return 0
 
 
 def configure_redundancy(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +89,7 @@ def configure_redundancy(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser, None)
 
 
-def run_redundancy(args: argparse.Namespace) -> int:
+def run_redundancy(args: argparse.Namespace) -> None:
     """Swaps tokens within k-means clusters, within a random map's clusters and across the whole
     codebook, and reports how much each changes the decoded images."""
     check_args(args, outputs={"out": "image", "json": ".json"})
@@ -102,7 +100,6 @@ def run_redundancy(args: argparse.Namespace) -> int:
     print(f"wrote {result['grid']} (rows: original, reconstruction, in-cluster, random-map, whole-codebook swap)")
     if args.json:
         print(f"wrote {args.json}")
-    return 0
 
 
 def configure_reproduce(parser: argparse.ArgumentParser) -> None:
@@ -117,11 +114,10 @@ def configure_reproduce(parser: argparse.ArgumentParser) -> None:
     add_print_config(parser, config="settings", overrides="override settings (e.g. steps=100)")
 
 
-def run_reproduce(args: argparse.Namespace) -> int:
+def run_reproduce(args: argparse.Namespace) -> None:
     settings = load_config(ReproduceConfig, args.settings, args.overrides)
     if not print_config(args, settings, "run"):
         reproduce(args.run, settings, independent_only=args.independent_only, force=args.force)
-    return 0
 
 
 def configure_study(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +152,7 @@ def configure_study(parser: argparse.ArgumentParser) -> None:
     add_print_config(parser)
 
 
-def run_study(args: argparse.Namespace) -> int:
+def run_study(args: argparse.Namespace) -> None:
     """Each RUN is a finished `ctfgen pipeline` run of configs/study/fmnist_v<V>.yaml; every measurement
     is one JSON record under RECORDS/<run>/, computed once; the report is made from the records alone."""
     check_args(args, guidance="cfg_scale", temperatures="temperature", seeds="seed", select_seed="seed",
@@ -164,11 +160,10 @@ def run_study(args: argparse.Namespace) -> int:
                diagnosis_per_class="per_class", heldout_images="per_class")
     settings = StudySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings) if f.name in args})
     if print_config(args, settings, "records"):
-        return 0
+        return
     for run_dir in args.runs:
         study_run(run_dir, args.records, settings, force=args.force)
     if args.report:
         report = Path(args.report)
         atomic_write_text(report, write_report(args.records, figure_dir=report.parent) + "\n")
         print(f"wrote {report} and its figures")
-    return 0

@@ -53,7 +53,7 @@ def _parts(timings: dict) -> str:
     return "  ".join(f"{NAMES.get(k, k)} {_ms(v)}" for k, v in timings.items() if k != "total")
 
 
-def run_sample(args: argparse.Namespace) -> int:
+def run_sample(args: argparse.Namespace) -> None:
     check_args(args, outputs={"out": "image"})
     t0 = time.perf_counter()
     pipeline = load_model(args.model, args.device)
@@ -79,7 +79,6 @@ def run_sample(args: argparse.Namespace) -> int:
     if "baseline_timings" in r:
         b = r["baseline_timings"]
         print(f"the baseline's part: {_parts(b)}  = {_ms(b['total'])} (one stage: no stage 2)")
-    return 0
 
 
 def configure_sample_many(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +96,7 @@ def configure_sample_many(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
-def run_sample_many(args: argparse.Namespace) -> int:
+def run_sample_many(args: argparse.Namespace) -> None:
     check_args(args, classes=CLASS_ID)
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
     device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
@@ -108,4 +107,3 @@ def run_sample_many(args: argparse.Namespace) -> int:
     if D.is_main():
         print(f"{args.out} already exists; delete it to sample again" if out is None else
               f"wrote {out}: {len(classes or range(pipeline.num_classes))} classes x {args.per_class} images")
-    return 0

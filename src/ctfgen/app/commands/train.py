@@ -35,13 +35,12 @@ def configure_train_tokenizer(parser: argparse.ArgumentParser) -> None:
     add_print_config(parser, overrides="override config values")
 
 
-def run_train_tokenizer(args: argparse.Namespace) -> int:
+def run_train_tokenizer(args: argparse.Namespace) -> None:
     """DIR receives checkpoints/, metrics.csv, tokenizer/ (the model) and config.yaml (the resolved config)."""
     check_args(args)
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if not print_config(args, cfg.tokenizer, "out"):
         train_tokenizer_from_config(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
-    return 0
 
 
 def configure_extract_codes(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +67,7 @@ def configure_extract_codes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
-def run_extract_codes(args: argparse.Namespace) -> int:
+def run_extract_codes(args: argparse.Namespace) -> None:
     check_args(args)
     if args.dataset == "image_folder" and args.limit is not None:
         raise ConfigError("--limit applies to fashion_mnist only")
@@ -81,7 +80,6 @@ def run_extract_codes(args: argparse.Namespace) -> int:
         skipped = h.get("num_skipped", 0)
         print(f"wrote {h['num_images']} x {h['num_augmentations']} x {h['image_tokens']} codes "
               f"({h['code_dtype']}) to {args.out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
-    return 0
 
 
 def configure_cluster(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +93,7 @@ def configure_cluster(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
-def run_cluster(args: argparse.Namespace) -> int:
+def run_cluster(args: argparse.Namespace) -> None:
     check_args(args, outputs={"out": ".safetensors"})
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -107,7 +105,6 @@ def run_cluster(args: argparse.Namespace) -> int:
     extra = f", mean within-cluster spread {s['spread_mean']:.4f}" if "spread_mean" in s else ""
     print(f"{cmap}\ncluster sizes {s['size_min']}..{s['size_max']} (mean {s['size_mean']:.1f}){extra}; "
           f"fitted in {cmap.fit_seconds:.2f}s; saved to {out}")
-    return 0
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:
@@ -125,12 +122,12 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     add_print_config(parser, overrides="overrides of the stage config, e.g. train.steps=1000 train.lr=3e-4 model.dim=256")
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> None:
     cfg = load_stage_config(args.config, args.stage, args.overrides)
     if args.preset:
         cfg = dataclasses.replace(cfg, preset=args.preset)
     if print_config(args, cfg, "codes", "out"):
-        return 0
+        return
     D.init_distributed()
     _, result = train_stage(
         args.stage, args.codes, args.out, coarse_map=args.coarse_map, preset=cfg.preset,
@@ -138,7 +135,6 @@ def run_train(args: argparse.Namespace) -> int:
         run_config={"command": "train", "codes": args.codes, "coarse_map": args.coarse_map})
     if D.is_main():
         print(f"{args.stage}: {result.step} steps in {result.seconds:.1f}s; model saved to {args.out}/{MODEL_DIR}")
-    return 0
 
 
 def configure_pipeline(parser: argparse.ArgumentParser) -> None:
@@ -160,12 +156,11 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
                         help="shrink the config to two steps of everything with tiny models (checks a recipe on a CPU)")
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
+def run_pipeline(args: argparse.Namespace) -> None:
     cfg = load_experiment_config(args.config, args.out, args.resume, args.overrides, args.dry_run)[0] if args.print_config else None
     if not print_config(args, cfg, "out"):
         run_experiment(args.config, args.out, resume=args.resume, overrides=args.overrides,
                        progress=not args.no_progress, dry_run=args.dry_run)
-    return 0
 
 
 def configure_train_classifier(parser: argparse.ArgumentParser) -> None:
@@ -181,7 +176,7 @@ def configure_train_classifier(parser: argparse.ArgumentParser) -> None:
                              "of the models (default: %(default)s; 0 trains on all 60k)")
 
 
-def run_train_classifier(args: argparse.Namespace) -> int:
+def run_train_classifier(args: argparse.Namespace) -> None:
     """The Fashion-MNIST CNN used by `ctfgen eval --metric-set fmnist`."""
     check_args(args)
     _, info = train_classifier(args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
@@ -189,4 +184,3 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     print(f"test accuracy {info['test_accuracy']:.4f}; saved to {args.out} "
           "(load with FMNISTClassifier.from_pretrained(DIR); to ship it, copy config.json and "
           "model.safetensors into src/ctfgen/assets/fmnist_classifier/)")
-    return 0
