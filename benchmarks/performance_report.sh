@@ -3,6 +3,7 @@
 # training or sampling), from a checkout after `make install`:
 #
 #     benchmarks/performance_report.sh OUT_DIR
+#     SECTIONS="profile busy" benchmarks/performance_report.sh OUT_DIR   # only these sections
 #
 # Expected duration on this project's 2-core CPU: about 27 minutes (the estimate of each section
 # is printed before it runs). Each section has a time limit, so a slow machine cannot run away:
@@ -40,12 +41,13 @@ PY=${PY:-.venv/bin/python}
   echo "memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')"
   $PY -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'threads', torch.get_num_threads())"
   $PY -c "import torchao; print('torchao', torchao.__version__)" 2>/dev/null || echo "torchao: not installed (pip install 'ctfgen[quant]')"
-  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset} (the ctfgen command sets PASSIVE when unset)"
+  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset} GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-unset} (the ctfgen command sets GOMP_SPINCOUNT=3000 when neither is set)"
 } | tee "$OUT/env.txt"
 
 section() {  # section NAME EXPECTED_S LIMIT_S ctfgen-arguments...
   local name=$1 expected=$2 limit=$3
   shift 3
+  if [ -n "${SECTIONS:-}" ] && [[ " $SECTIONS " != *" $name "* ]]; then return; fi
   echo "== $name: about ${expected} s (limit ${limit} s): ctfgen $*" | tee -a "$OUT/log.txt"
   local start=$(date +%s)
   timeout "$limit" "$CTFGEN" "$@" --json "$OUT/$name.json" > "$OUT/$name.md" 2> "$OUT/$name.err"

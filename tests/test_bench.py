@@ -80,10 +80,11 @@ def test_busy_machine_starts_and_stops_its_busy_loop(monkeypatch, capsys):
         return started[-1]
 
     monkeypatch.setattr(bench.subprocess, "Popen", popen)
-    results = bench.busy_machine(workloads=("GPT-tiny",), settings=(("one thread", 1, None),), dtype="float32",
+    results = bench.busy_machine(workloads=("GPT-tiny",), settings=(("one thread", 1, {"GOMP_SPINCOUNT": "7"}),), dtype="float32",
                                  steps=2, warmup_steps=1, timeout=120)
     assert [r["busy"] for r in results] == [False, True]
     assert all(r["seconds"] > 0 and r["threads"] == 1 for r in results), results
+    assert all(r["waiting"] == "GOMP_SPINCOUNT=7" for r in results), results  # the setting reached the worker
     spinners = [p for p in started if p.args[-1] == bench._SPIN]
     assert len(spinners) == 1 and spinners[0].poll() is not None  # the busy loop was stopped
     assert "| GPT-tiny | one thread | 1 / 1 |" in capsys.readouterr().out
@@ -136,17 +137,18 @@ def test_sampling_threads_rule():
     assert threads.sampling_threads(large, busy=1.2, cores=4) == 3
 
 
-def test_explicit_threads_and_passive_waiting(monkeypatch):
+def test_explicit_threads_and_short_spin(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.explicit_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     assert threads.explicit_threads() is None
     env = {}
-    threads.prefer_passive_waiting(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    threads.prefer_passive_waiting(env)  # the user's choice stays
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.prefer_short_spin(env)
+    assert env == {"GOMP_SPINCOUNT": threads.SHORT_SPIN}
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(chosen)
+        threads.prefer_short_spin(env)  # the user's choice stays, and no spin count is added to a policy
+        assert env == chosen
     assert threads.busy_cores(0.01) >= 0.0
 
 

@@ -46,7 +46,7 @@ from ctfgen.shipped import pretrained, pretrained_path
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.precision import Int8, cast_weights, dtype_name, resolve_dtype
-from ctfgen.utils.threads import use_sampling_threads
+from ctfgen.utils.threads import SHORT_SPIN, use_sampling_threads
 
 # --------------------------------------------------------------------------------------------
 # Images/s of both methods (`ctfgen bench`)
@@ -198,14 +198,20 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
                     print(_row(name, dtype, method, batch_size, t, ratio, versus), flush=True)
     if json_path:
         atomic_write_json(json_path, {"device": device, "threads": torch.get_num_threads(), "dtypes": dtypes,
-                                      "cfg_scale": cfg_scale, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                                      "cfg_scale": cfg_scale, "openmp_waiting": openmp_waiting(),
                                       "results": results})
     return results
 
 
+def openmp_waiting(environ=os.environ) -> str:
+    """How waiting OpenMP threads behave here, as the environment set it (see ctfgen.utils.threads)."""
+    chosen = [f"{k}={environ[k]}" for k in WAITING_VARIABLES if k in environ]
+    return " ".join(chosen) or "OpenMP's default"
+
+
 def _machine_line(device) -> str:
     return (f"device: {device}  threads: {torch.get_num_threads()}  "
-            f"OMP_WAIT_POLICY: {os.environ.get('OMP_WAIT_POLICY', 'unset')}  torch {torch.__version__}")
+            f"waiting: {openmp_waiting()}  torch {torch.__version__}")
 
 
 def _pipelines(name: str, device: str, image_tokens: int, num_coarse: int, aux_preset: str, decode: bool) -> dict:
@@ -583,6 +589,9 @@ def matmul_rates(dtypes=("float32", "bfloat16", "int8", "int8-weight", "int8-fbg
     torch.manual_seed(0)
     single = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
     blocks, fused = _block_linears(preset), _block_linears(preset, fused_gate_up=True)
+    with torch.inference_mode():  # a fresh process is slow for its first fraction of a second: the
+        # first precision timed read 29 GFLOP/s in float32 at 16 rows, 98 when timed last
+        _median_seconds(lambda: single(torch.randn(16, in_features)), 1, min_seconds=1.0)
     results = {}
     for name in dict.fromkeys(dtypes):
         dtype = dtype_name(resolve_dtype(name))
@@ -617,13 +626,16 @@ def matmul_rates(dtypes=("float32", "bfloat16", "int8", "int8-weight", "int8-fbg
 # --------------------------------------------------------------------------------------------
 # A busy machine
 
-# (label, threads, OMP_WAIT_POLICY): threads None = torch's default (one per core), "auto" =
-# ctfgen.utils.threads.use_sampling_threads, what the ctfgen command does; policy None = unset.
-# (One thread under either policy is not listed apart: a single thread never waits at a barrier.)
+# (label, threads, environment): threads None = torch's default (one per core), "auto" =
+# ctfgen.utils.threads.use_sampling_threads, what the ctfgen command does; the environment sets how
+# waiting OpenMP threads behave ({}: OpenMP's default, 300000 spins in libgomp).
+# (One thread under any waiting is not listed apart: a single thread never waits at a barrier.)
+WAITING_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 BUSY_SETTINGS = (
-    ("torch default: a thread per core, OpenMP's default waiting", None, None),
-    ("a thread per core, passive waiting", None, "PASSIVE"),
-    ("ctfgen's choice (the ctfgen command)", "auto", "PASSIVE"),
+    ("torch default: a thread per core, OpenMP's default waiting", None, {}),
+    ("a thread per core, passive waiting", None, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("a thread per core, a short spin", None, {"GOMP_SPINCOUNT": SHORT_SPIN}),
+    ("ctfgen's choice (the ctfgen command)", "auto", {"GOMP_SPINCOUNT": SHORT_SPIN}),
 )
 
 
@@ -633,7 +645,7 @@ _SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pa
 
 
 def _busy_worker(spec: dict) -> dict:
-    """Run in a fresh process (OMP_WAIT_POLICY is read when torch loads OpenMP): time one workload."""
+    """Run in a fresh process (OpenMP reads its waiting settings when torch loads it): time one workload."""
     workload, threads = spec["workload"], spec["threads"]
     if workload == "fashion-mnist":
         model = pretrained("fashion-mnist")
@@ -664,7 +676,7 @@ def _busy_worker(spec: dict) -> dict:
                     times.append(time.perf_counter() - t0)
             model.clear_caches()
     return {"seconds": statistics.median(times), "min": min(times), "max": max(times),
-            "threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+            "threads": torch.get_num_threads(), "waiting": openmp_waiting()}
 
 
 def busy_machine(workloads=("fashion-mnist", "GPT-B"), settings=BUSY_SETTINGS, dtype: str = "bfloat16",
@@ -681,12 +693,11 @@ def busy_machine(workloads=("fashion-mnist", "GPT-B"), settings=BUSY_SETTINGS, d
             if spinner is not None:
                 time.sleep(1.0)  # let the scheduler settle it on a core
             for workload in workloads:
-                for label, threads, policy in settings:
+                for label, threads, waiting in settings:
                     spec = dict(workload=workload, threads=threads, dtype=dtype, steps=steps,
                                 warmup_steps=warmup_steps, repeats=repeats)
-                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-                    if policy is not None:
-                        env["OMP_WAIT_POLICY"] = policy
+                    env = {k: v for k, v in os.environ.items() if k not in (*WAITING_VARIABLES, "OMP_NUM_THREADS")}
+                    env.update(waiting or {})
                     code = ("import json, sys; from ctfgen.app.bench import _busy_worker; "
                             "print(json.dumps(_busy_worker(json.loads(sys.argv[1]))))")
                     try:

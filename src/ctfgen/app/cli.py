@@ -16,7 +16,7 @@ import sys
 
 from ctfgen import __version__
 from ctfgen.utils.errors import ConfigError, CtfgenError
-from ctfgen.utils.threads import prefer_passive_waiting
+from ctfgen.utils.threads import prefer_short_spin
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -80,9 +80,9 @@ def log_progress() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before anything loads torch (and OpenMP with it): waiting threads sleep instead of spinning,
+    # Before anything loads torch (and OpenMP with it): waiting threads spin briefly, then sleep,
     # so a busy core does not stall sampling (ctfgen.utils.threads, docs/performance.md).
-    prefer_passive_waiting()
+    prefer_short_spin()
     log_progress()
     argv = sys.argv[1:] if argv is None else argv
     name = next((a for a in argv if not a.startswith("-")), None)

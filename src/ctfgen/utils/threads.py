@@ -6,9 +6,13 @@ thread; when another process holds a core, that thread runs only when the schedu
 OpenMP's spinning waiters take time from the very process they wait for. docs/performance.md
 measures it: a decode step can slow down tens of times. Two choices keep sampling fast:
 
-- **Passive waiting.** `OMP_WAIT_POLICY=PASSIVE` makes threads that wait at a barrier sleep
-  instead of spinning. It must be in the environment before torch loads OpenMP, so the `ctfgen`
-  command sets it first thing (`prefer_passive_waiting`), unless the user set it.
+- **A short spin, then sleep.** OpenMP threads that wait at a barrier spin before they sleep. Spinning
+  long (libgomp's default, 300000 spins) stalls sampling when another process holds a core; never
+  spinning (`OMP_WAIT_POLICY=PASSIVE`) makes every parallel region of a quiet machine pay a wake-up
+  (GPT-B's bf16 decode step: about 1.5x slower, docs/performance.md). `GOMP_SPINCOUNT=3000` spins
+  through the microseconds between a step's back-to-back regions and then yields. It must be in the
+  environment before torch loads OpenMP, so the `ctfgen` command sets it first thing
+  (`prefer_short_spin`), unless the user set a wait policy or a spin count.
 - **No more threads than free cores, and one for a small model.** `sampling_threads` counts the
   cores this process may run on (its CPU affinity), subtracts those that other processes are
   using right now (from /proc/stat, sampled over 0.1 s), and gives a model under
@@ -32,9 +36,16 @@ SMALL_MODEL_PARAMETERS = 30_000_000
 BUSY_SHARE = 0.5
 
 
-def prefer_passive_waiting(environ=os.environ) -> None:
-    """Set OMP_WAIT_POLICY=PASSIVE unless it is set; effective only before torch is imported."""
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Spins before a waiting OpenMP thread sleeps (libgomp; other OpenMP runtimes ignore it): long
+# enough for the gaps between a decode step's parallel regions, short enough to yield a busy core.
+SHORT_SPIN = "3000"
+
+
+def prefer_short_spin(environ=os.environ) -> None:
+    """Set GOMP_SPINCOUNT to SHORT_SPIN unless the user chose a wait policy or a spin count;
+    effective only before torch is imported."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = SHORT_SPIN
 
 
 def usable_cores() -> int:
