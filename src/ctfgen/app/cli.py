@@ -1,9 +1,10 @@
 """ctfgen: class-conditional image generation with coarse-to-fine token prediction.
 
-Each subcommand lives in `ctfgen.app.commands.<module>` and defines `configure(parser)` and
-`run(args)`, which parses nothing more and calls the library once; modules are imported only when
-their command runs, so `--help` stays fast. Every mistake a user can fix (a `CtfgenError`, a missing
-file, a bad argument) ends as one `error: ...` line and exit status 2, never a traceback."""
+Each subcommand NAME lives in a module `ctfgen.app.commands.<module>` as `configure_NAME(parser)`
+and `run_NAME(args)` (dashes as underscores), which parses nothing more, calls the library once and
+returns None (success) or an exit status; modules are imported only when one of their commands
+runs, so `--help` stays fast. Every mistake a user can fix (a `CtfgenError`, a missing file, a bad
+argument) ends as one `error: ...` line and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -20,21 +21,27 @@ from ctfgen.utils.threads import prefer_short_spin
 COMMANDS = {
     # name: (module, one-line help)
     "sample": ("sample", "sample a class-conditional image grid from a trained or shipped model"),
-    "sample-many": ("sample_many", "generate N images per class into an ADM-style .npz (resumable, torchrun-aware)"),
-    "train-tokenizer": ("train_tokenizer", "train a VQ tokenizer"),
-    "extract-codes": ("extract_codes", "tokenize a dataset into memory-mapped code files"),
-    "cluster": ("cluster", "fit a CoarseMap (k-means or random) on a tokenizer's codebook"),
+    "sample-many": ("sample", "generate N images per class into an ADM-style .npz (resumable, torchrun-aware)"),
+    "train-tokenizer": ("train", "train a VQ tokenizer"),
+    "extract-codes": ("train", "tokenize a dataset into memory-mapped code files"),
+    "cluster": ("train", "fit a CoarseMap (k-means or random) on a tokenizer's codebook"),
     "train": ("train", "train stage 1 (ar), the auxiliary model (aux) or the baseline on extracted codes"),
-    "pipeline": ("pipeline", "run a whole experiment from a YAML config: tokenizer to trained models"),
-    "eval": ("eval", "FID / IS / precision / recall of a sample set against a reference"),
-    "compare": ("compare", "render several evaluated runs into one markdown table and figure"),
-    "redundancy": ("redundancy", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
-    "reproduce": ("reproduce", "ablations, evaluation and the results report on top of a finished pipeline run"),
-    "study": ("study", "evaluate the codebook-size study's runs: records, tables and figures"),
+    "pipeline": ("train", "run a whole experiment from a YAML config: tokenizer to trained models"),
+    "eval": ("evaluate", "FID / IS / precision / recall of a sample set against a reference"),
+    "compare": ("evaluate", "render several evaluated runs into one markdown table and figure"),
+    "redundancy": ("evaluate", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
+    "reproduce": ("evaluate", "ablations, evaluation and the results report on top of a finished pipeline run"),
+    "study": ("evaluate", "evaluate the codebook-size study's runs: records, tables and figures"),
     "bench": ("bench", "time the baseline and CTF sampling side by side"),
     "demo": ("demo", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
-    "train-classifier": ("train_classifier", "train the Fashion-MNIST feature classifier used by the offline metrics"),
+    "train-classifier": ("train", "train the Fashion-MNIST feature classifier used by the offline metrics"),
 }
+
+
+def command(name: str, part: str):
+    """`configure_NAME` or `run_NAME` of the command `name`, from its module."""
+    module = importlib.import_module(f"ctfgen.app.commands.{COMMANDS[name][0]}")
+    return getattr(module, f"{part}_{name.replace('-', '_')}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -49,10 +56,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctfgen {__version__}",
                         help="print ctfgen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if only is None or name == only:
-            importlib.import_module(f"ctfgen.app.commands.{module}").configure(p)
+            command(name, "configure")(p)
     return parser
 
 
@@ -78,15 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     prefer_short_spin()
     log_progress()
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
+    name = next((a for a in argv if not a.startswith("-")), None)
     try:
-        parser = build_parser(only=command if command in COMMANDS else "")
+        parser = build_parser(only=name if name in COMMANDS else "")
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        module = importlib.import_module(f"ctfgen.app.commands.{COMMANDS[args.command][0]}")
-        return int(module.run(args) or 0)
+        return int(command(args.command, "run")(args) or 0)
     except (CtfgenError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ctfgen.clustering import CoarseMap
 from ctfgen.config import ReproduceConfig
-from ctfgen.experiments.run import FinishedRun
+from ctfgen.experiments.run import STAGES_OF, FinishedRun
 from ctfgen.metrics.compare import markdown_table, plot_metrics
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import CTFPipeline, heldout_bits_per_token, load_pipeline
@@ -39,6 +39,19 @@ COLUMNS = ["fd", "is", "precision", "recall", "class_consistency", "bits_per_tok
 
 # --- ablation training ----------------------------------------------------------------------------
 
+def ablations(run: FinishedRun, settings: ReproduceConfig, independent_only: bool = False) -> list[tuple[str, int, dict]]:
+    """(name, number of coarse labels, train_ablation options) of each ablation; `independent_only`:
+    those that need only the tokenizer and codes, not the main run's models, so they can train beside
+    the main run (`ctfgen reproduce --independent-only`)."""
+    k_main = int(run.settings.clustering.num_coarse)
+    variants = [(f"kmeans-k{k}", int(k), {}) for k in settings.clusters]
+    if settings.random_clusters:
+        variants.append((f"random-k{k_main}", k_main, {"method": "random"}))
+    if settings.unrestricted_aux and not independent_only:
+        variants.append((f"unrestricted-k{k_main}", k_main, {"restrict": False, "reuse_stage1_map": True}))
+    return variants
+
+
 def train_ablation(run: FinishedRun, name: str, settings: ReproduceConfig, num_coarse: int, method: str = "kmeans",
                    restrict: bool = True, reuse_stage1_map: bool = False) -> Path:
     """Train stage 1 and/or the aux model of one variant; returns its CTF pipeline directory."""
@@ -46,14 +59,10 @@ def train_ablation(run: FinishedRun, name: str, settings: ReproduceConfig, num_c
     final = out / "ctf"
     if (final / "pipeline.json").exists():
         return final
-    cfg = run.settings
-    if reuse_stage1_map:
-        cmap = run.load_coarse_map()
-    else:
-        map_path = out / "coarse_map.safetensors"
-        if not map_path.exists():
-            CoarseMap.fit(run.load_tokenizer(), num_coarse, method=method, seed=int(cfg.clustering.seed)).save(map_path)
-        cmap = CoarseMap.load(map_path)
+    cfg, map_path = run.settings, out / "coarse_map.safetensors"
+    if not reuse_stage1_map and not map_path.exists():
+        CoarseMap.fit(run.load_tokenizer(), num_coarse, method=method, seed=int(cfg.clustering.seed)).save(map_path)
+    cmap = run.load_coarse_map() if reuse_stage1_map else CoarseMap.load(map_path)
 
     def train(stage: str, model_overrides: dict | None = None):
         s = cfg.stage(stage)
@@ -69,29 +78,16 @@ def train_ablation(run: FinishedRun, name: str, settings: ReproduceConfig, num_c
     return publish_dir(CTFPipeline(ar, aux, cmap, run.load_tokenizer()).save_pretrained, final)
 
 
-def train_independent_ablations(run: FinishedRun, settings: ReproduceConfig) -> None:
-    """The variants that need only the tokenizer and codes, not the main run's models, so they can
-    train beside the main run (`ctfgen reproduce --independent-only`)."""
-    k_main = int(run.settings.clustering.num_coarse)
-    for k in settings.clusters:
-        train_ablation(run, f"kmeans-k{k}", settings, int(k))
-    if settings.random_clusters:
-        train_ablation(run, f"random-k{k_main}", settings, k_main, method="random")
-
-
 # --- evaluation -------------------------------------------------------------------------------------
 
-class Evaluation:
-    """Evaluation records of one run: RUN/eval/<group>/<name>.json, each made once from its settings
-    and models (`ctfgen.utils.rundir.Records`)."""
+def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = False) -> dict[str, list[dict]]:
+    """Every evaluation record of the run: RUN/eval/<group>/<name>.json, each made once from its
+    settings and models (`ctfgen.utils.rundir.Records`)."""
+    run.require(run.part("ctf"), run.part("baseline"))
+    e, steps, k_main = settings.evaluation, int(settings.steps), int(run.settings.clustering.num_coarse)
 
-    def __init__(self, run: FinishedRun, settings: ReproduceConfig, force: bool = False):
-        self.run, self.e = run, settings.evaluation
-        self.force = force
-
-    def once(self, group: str, name: str, model_dirs: list[Path], make_pipeline, sampling: dict | None = None,
+    def once(group: str, name: str, model_dirs: list[Path], make_pipeline, sampling: dict | None = None,
              epoch: float | None = None, extra: dict | None = None, heldout: bool = True) -> dict:
-        e, run = self.e, self.run
         inputs = {"per_class": e.per_class, "seed": e.seed, "batch_size": e.batch_size, "sampling": sampling or {},
                   "heldout_images": e.heldout_images if heldout else None,
                   "models": {str(d.relative_to(run.root)): directory_fingerprint(d) for d in model_dirs}}
@@ -107,50 +103,36 @@ class Evaluation:
                     "samples": f"{int(e.per_class)} per class, seed {e.seed}", "reference": "fashion-mnist-test",
                     "metrics": metrics, "sampling": sampling or {}, "variant": name, **(extra or {})}
 
-        records = Records(run.evaluations(group), force=self.force, say=lambda what: logger.info(f"evaluating {what}"))
+        records = Records(run.evaluations(group), force=force, say=lambda what: logger.info(f"evaluating {what}"))
         return records.once(name, inputs, compute)
 
-
-def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = False) -> dict[str, list[dict]]:
-    run.require(run.part("ctf"), run.part("baseline"))
-    ev = Evaluation(run, settings, force)
-    steps = int(settings.steps)
-    k_main = int(run.settings.clustering.num_coarse)
-    snapshots = lambda method, step: [run.snapshot(s, step) for s in ("ar", "aux") if method == "ctf"] or [  # noqa: E731
-        run.snapshot("baseline", step)]
-    results: dict[str, list[dict]] = {}
+    def snapshot(method: str, step: int, group: str, name: str, **options) -> dict:
+        return once(group, name, [run.snapshot(s, step) for s in STAGES_OF[method]],
+                    lambda: run.snapshot_pipeline(method, step), **options)
 
     # Quality against training epoch (the paper's Fig. 2): the main run's snapshots.
-    for method in ("ctf", "baseline"):
-        stage = "ar" if method == "ctf" else "baseline"
+    results: dict[str, list[dict]] = {}
+    for method, stage in (("ctf", "ar"), ("baseline", "baseline")):
         for step in run.snapshot_steps(stage):
-            results.setdefault(f"epochs_{method}", []).append(ev.once(
-                method, f"step-{step:06d}", snapshots(method, step), lambda: run.snapshot_pipeline(method, step),
-                epoch=round(step / run.steps_per_epoch(stage), 3), extra={"step": step}))
+            epoch = round(step / run.steps_per_epoch(stage), 3)
+            results.setdefault(f"epochs_{method}", []).append(
+                snapshot(method, step, method, f"step-{step:06d}", epoch=epoch, extra={"step": step}))
 
     # The final models with their default sampling (the headline comparison).
-    results["main"] = [ev.once("main", m, [run.pipeline_dir(m)], lambda: run.pipeline(m)) for m in ("ctf", "baseline")]
+    results["main"] = [once("main", m, [run.pipeline_dir(m)], lambda: run.pipeline(m)) for m in ("ctf", "baseline")]
 
     # Ablations at `steps`, against the main run's snapshot at the same step.
-    group = [ev.once("ablations", f"kmeans-k{k_main}", snapshots("ctf", steps), lambda: run.snapshot_pipeline("ctf", steps),
-                     extra={"num_coarse": k_main})]
-    variants = [(f"kmeans-k{k}", int(k), {}) for k in settings.clusters]
-    if settings.random_clusters:
-        variants.append((f"random-k{k_main}", k_main, {"method": "random"}))
-    if settings.unrestricted_aux:
-        variants.append((f"unrestricted-k{k_main}", k_main, {"restrict": False, "reuse_stage1_map": True}))
-    for name, k, options in variants:
+    group = [snapshot("ctf", steps, "ablations", f"kmeans-k{k_main}", extra={"num_coarse": k_main})]
+    for name, k, options in ablations(run, settings):
         path = train_ablation(run, name, settings, k, **options)
-        group.append(ev.once("ablations", name, [path], lambda: load_pipeline(path), extra={"num_coarse": k}))
-    group.append(ev.once("ablations", f"baseline-step{steps}", snapshots("baseline", steps),
-                         lambda: run.snapshot_pipeline("baseline", steps)))
-    results["ablations"] = group
+        group.append(once("ablations", name, [path], lambda: load_pipeline(path), extra={"num_coarse": k}))
+    results["ablations"] = group + [snapshot("baseline", steps, "ablations", f"baseline-step{steps}")]
 
     # Sampling ablations on the final CTF model: stage-2 argmax, and the two temperatures.
     variants = [("argmax-fine", {"top_k_fine": 1})]
-    for t in settings.evaluation.temperatures:
+    for t in e.temperatures:
         variants += [(f"temperature-{t}", {"temperature": float(t)}), (f"temperature-fine-{t}", {"temperature_fine": float(t)})]
-    results["sampling"] = [ev.once("sampling", name, [run.ctf], lambda: run.pipeline("ctf"), sampling, heldout=False)
+    results["sampling"] = [once("sampling", name, [run.ctf], lambda: run.pipeline("ctf"), sampling, heldout=False)
                            for name, sampling in variants]
     return results
 
@@ -188,7 +170,8 @@ def reproduce(run_dir, settings: ReproduceConfig | None = None, independent_only
     run = FinishedRun(run_dir, "tokenizer", "train", "test")
     with WriterLock(run.root, "reproduce"):
         if independent_only:
-            train_independent_ablations(run, settings)
+            for name, k, options in ablations(run, settings, independent_only=True):
+                train_ablation(run, name, settings, k, **options)
             return None
         path = write_report(run, run_evaluations(run, settings, force), settings)
     logger.info(f"wrote {path}, {run.results_json} and {run.quality_plot}")

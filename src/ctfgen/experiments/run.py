@@ -15,16 +15,17 @@ appears atomically, so a SIGKILL at any moment never leaves a half-written resul
     assemble    the finished pipelines                                  DIR/ctf/, DIR/baseline/, DIR/matched/
     heldout     exact held-out bits per token of each                   DIR/heldout.json
 
-`DIR` itself is also a loadable CTF pipeline (`CTFPipeline.from_pretrained(DIR)`). The layout is
-`ctfgen.utils.rundir.RunDir`; the config is `ctfgen.config.ExperimentConfig`. Under torchrun every rank
-runs this; training and extraction are sharded, rank 0 alone writes (holding DIR's writer lock),
-and the others wait at barriers around the rank-0-only phases.
+`DIR` itself is also a loadable CTF pipeline (`CTFPipeline.from_pretrained(DIR)`); the layout is
+`ctfgen.utils.rundir.RunDir`. Under torchrun every rank runs this; training and extraction are
+sharded, rank 0 alone writes (holding DIR's writer lock), and the others wait at barriers around
+the rank-0-only phases.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -38,18 +39,10 @@ import numpy as np
 import yaml
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.config import (
-    ExperimentConfig,
-    apply_overrides,
-    check_experiment,
-    dry_run_overrides,
-    dump,
-    read_yaml,
-    to_dict,
-)
+from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml, to_dict
 from ctfgen.data import CodeDataset, check_codes, extract_codes, make_dataset, read_header
 from ctfgen.data.factory import TENCROP_RANGE, image_size
-from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
+from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token, load_pipeline
 from ctfgen.tokenizer import load_tokenizer
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.train.stages import load_stage_model, matched_depth, train_stage
@@ -64,6 +57,8 @@ from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock
 logger = logging.getLogger("ctfgen.pipeline")
 
 PHASES = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched", "assemble", "heldout")
+METHODS = ("ctf", "baseline", "matched")   # the pipelines a finished run can hold, and the stages each is made of
+STAGES_OF = {"ctf": ("ar", "aux"), "baseline": ("baseline",), "matched": ("matched",)}
 
 # The config sections each phase depends on: a finished phase whose sections changed is refused on
 # --resume instead of being silently kept.
@@ -94,9 +89,8 @@ class Experiment:
         self.records = Records(self.run.phases, check=False, write=D.is_main())
 
     def done(self, phase: str) -> dict | None:
-        record = self.records.read(phase)
-        old = self.run.root / "steps" / f"{phase}.json"  # run directories written before phases had that name
-        if record is None and old.is_file():
+        record, old = self.records.read(phase), self.run.root / "steps" / f"{phase}.json"
+        if record is None and old.is_file():  # run directories written before phases had that name
             record = json.loads(old.read_text())
             record["inputs"] = record.pop("config", None)
         return record
@@ -135,15 +129,12 @@ class Experiment:
                     "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
         changed = []
         for phase in PHASES:
-            record = self.done(phase)
-            if record is None:
-                continue
-            # Records are re-read through today's loader, so runs written before a setting was
-            # added compare by the values they resolve to.
-            then = sections(ExperimentConfig.from_raw(record.get("inputs") or {}), phase)
-            lines = diff_lines(then, sections(self.cfg, phase))
-            if lines:
-                changed.append(f"  {phase}: " + "; ".join(lines))
+            if (record := self.done(phase)) is not None:
+                # Records are re-read through today's loader, so runs written before a setting was
+                # added compare by the values they resolve to.
+                then = sections(ExperimentConfig.from_raw(record.get("inputs") or {}), phase)
+                lines = diff_lines(then, sections(self.cfg, phase))
+                changed += [f"  {phase}: " + "; ".join(lines)] if lines else []
         if changed:
             return (f"{root} was run with another config for phases that already finished:\n" + "\n".join(changed)
                     + "\nRevert those settings to continue this run, or start a new one with another --out.")
@@ -166,8 +157,8 @@ def tokenizer_phase(x: Experiment):
         if test is not None and D.is_main():  # usage and PSNR over the whole test split, not a recent window
             quality = evaluate_tokenizer(vq, test, batch_size=int(x.cfg.data.extract_batch_size))
             logger.info(f"tokenizer on the {quality['images']} test images: {quality['codes_used']} of "
-                     f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), perplexity "
-                     f"{quality['perplexity']:.0f}, PSNR {quality['psnr']:.2f} dB")
+                        f"{quality['codebook_size']} codes used ({quality['usage']:.1%}), perplexity "
+                        f"{quality['perplexity']:.0f}, PSNR {quality['psnr']:.2f} dB")
         return {"path": str(x.run.tokenizer), "fingerprint": vq.fingerprint, "codebook_usage": vq.codebook_usage(),
                 "test_split": quality}
 
@@ -183,8 +174,7 @@ def cluster_phase(x: Experiment, vq):
             if first:
                 logger.info(f"clustering {vq.config.codebook_size} codewords into {c.num_coarse} ({c.method})")
                 CoarseMap.fit(vq, int(c.num_coarse), method=c.method, seed=int(c.seed)).save(x.run.coarse_map)
-        cmap = CoarseMap.load(x.run.coarse_map)
-        return {"fingerprint": cmap.fingerprint, **{k: v for k, v in cmap.stats().items() if k != "fingerprint"}}
+        return CoarseMap.load(x.run.coarse_map).stats()  # its fingerprint among them
 
     x.once("cluster", work)
     cmap = CoarseMap.load(x.run.coarse_map)
@@ -237,9 +227,7 @@ def train_phase(x: Experiment, stage: str, cmap):
         return None
 
     def work():
-        model_config, info = s.model, {}
-        if stage == "matched":
-            model_config, info = _matched_model(x, cmap)
+        model_config, info = _matched_model(x, cmap) if stage == "matched" else (s.model, {})
         logger.info(f"training {stage} ({s.preset}{', %d layers' % model_config['n_layer'] if stage == 'matched' else ''})")
         model, result = train_stage(
             "baseline" if stage == "matched" else stage, x.run.codes("train"), x.run.stage(stage),
@@ -254,20 +242,6 @@ def train_phase(x: Experiment, stage: str, cmap):
     return load_stage_model(stage, x.run.model(stage))
 
 
-def card_inputs(x: Experiment, kind: str, heldout: dict | None = None) -> dict:
-    """What a pipeline's model card records (ctfgen.utils.hub.write_model_card): the resolved config and
-    the metrics the run's phases recorded (tokenizer quality, each model's training, held-out bits)."""
-    metrics = {}
-    tok = (x.done("tokenizer") or {}).get("test_split")
-    if tok:
-        metrics["tokenizer"] = {k: tok[k] for k in ("usage", "perplexity", "psnr") if k in tok}
-    for stage in (("ar", "aux") if kind == "ctf" else (kind,)):  # baseline, matched
-        rec = x.done(stage) or {}
-        metrics[stage] = {k: rec[k] for k in ("steps", "final_loss", "params", "seconds") if rec.get(k) is not None}
-    if heldout:
-        metrics["heldout"] = {k: heldout[k] for k in ("bits_per_token", "nats_per_image", "exact") if k in heldout}
-    return {"training_config": to_dict(x.cfg), "metrics": {k: v for k, v in metrics.items() if v}}
-
 def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
     """The matched baseline's model settings: the baseline's, with the depth that gives CTF's
     parameter count (or the depth the config fixes), and the counts for the record."""
@@ -280,23 +254,30 @@ def _matched_model(x: Experiment, cmap) -> tuple[dict, dict]:
     return {**c.matched.model, "n_layer": match["n_layer"]}, {"match": match}
 
 
+def card_inputs(x: Experiment, kind: str, heldout: dict | None = None) -> dict:
+    """What a pipeline's model card records (ctfgen.utils.hub.write_model_card): the resolved config and
+    the metrics the run's phases recorded (tokenizer quality, each model's training, held-out bits)."""
+    def pick(record: dict | None, keys: tuple) -> dict:
+        return {k: record[k] for k in keys if (record or {}).get(k) is not None}
+
+    metrics = {"tokenizer": pick((x.done("tokenizer") or {}).get("test_split"), ("usage", "perplexity", "psnr")),
+               **{stage: pick(x.done(stage), ("steps", "final_loss", "params", "seconds")) for stage in STAGES_OF[kind]},
+               "heldout": pick(heldout, ("bits_per_token", "nats_per_image", "exact"))}
+    return {"training_config": to_dict(x.cfg), "metrics": {k: v for k, v in metrics.items() if v}}
+
+
 def assemble_phase(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None:
     def work():
         with D.main_first() as first:
             if first:
-                sampling = x.cfg.sampling
-                if ar is not None:
-                    logger.info(f"assembling {x.run.ctf}")
-                    ctf = CTFPipeline(ar, aux, cmap, vq, sampling_defaults=sampling.ctf)
-                    publish_dir(lambda d: ctf.save_pretrained(d, **card_inputs(x, "ctf")), x.run.ctf)
-                if base is not None:
-                    logger.info(f"assembling {x.run.baseline}")
-                    baseline = ARPipeline(base, vq, sampling_defaults=sampling.baseline)
-                    publish_dir(lambda d: baseline.save_pretrained(d, **card_inputs(x, "baseline")), x.run.baseline)
-                if matched is not None:
-                    logger.info(f"assembling {x.run.matched}")
-                    matched_pipe = ARPipeline(matched, vq, sampling_defaults=sampling.baseline)
-                    publish_dir(lambda d: matched_pipe.save_pretrained(d, **card_inputs(x, "matched")), x.run.matched)
+                s = x.cfg.sampling
+                pipes = {"ctf": None if ar is None else CTFPipeline(ar, aux, cmap, vq, sampling_defaults=s.ctf),
+                         "baseline": None if base is None else ARPipeline(base, vq, sampling_defaults=s.baseline),
+                         "matched": None if matched is None else ARPipeline(matched, vq, sampling_defaults=s.baseline)}
+                for kind, pipe in pipes.items():
+                    if pipe is not None:
+                        logger.info(f"assembling {getattr(x.run, kind)}")
+                        publish_dir(lambda d: pipe.save_pretrained(d, **card_inputs(x, kind)), getattr(x.run, kind))
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
@@ -309,21 +290,18 @@ def heldout_phase(x: Experiment) -> None:
         return
 
     def work():
-        pipes = {"ctf": CTFPipeline.from_pretrained(x.run.ctf)} if x.cfg.ctf_enabled else {}
-        if x.cfg.baseline.enabled:
-            pipes["baseline"] = ARPipeline.from_pretrained(x.run.baseline)
-        if x.cfg.matched.enabled:
-            pipes["matched"] = ARPipeline.from_pretrained(x.run.matched)
+        names = [m for m in METHODS if all(x.cfg.stage(s).enabled for s in STAGES_OF[m])]
         results = {}
-        for name, pipe in pipes.items():
-            r = heldout_bits_per_token(pipe.to(x.device), x.run.codes("test"), h.limit, int(h.batch_size))
+        for name in names:
+            pipe = load_pipeline(getattr(x.run, name)).to(x.device)
+            r = heldout_bits_per_token(pipe, x.run.codes("test"), h.limit, int(h.batch_size))
             results[name] = {k: r[k] for k in ("nats_per_image", "bits_per_token", "exact")}
         results.update(images=r["images"], image_tokens=r["image_tokens"])
         if D.is_main():
             atomic_write_json(x.run.heldout, results)
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             logger.info(f"held-out bits per token on {results['images']} test images: {line}")
-            for name in pipes:  # the model cards gain the held-out numbers
+            for name in names:  # the model cards gain the held-out numbers
                 write_model_card(getattr(x.run, name), **card_inputs(x, name, results[name]))
         return results
 
@@ -346,14 +324,12 @@ def _write_metrics(run: RunDir) -> None:
 def next_steps(root, ctf: bool = True, baseline: bool = True) -> list[str]:
     """Commands that work on a finished run, as the pipeline prints them at its end."""
     run = RunDir(root)
-    model = run.ctf if ctf else run.baseline
-    out = shlex.quote(str(run / "samples.png"))
-    sample = f"ctfgen sample --model {shlex.quote(str(model))} --class 0 --n 16 --out {out}"
+    model = str(run.ctf if ctf else run.baseline)
+    sample = f"ctfgen sample --model {shlex.quote(model)} --class 0 --n 16 --out {shlex.quote(str(run / 'samples.png'))}"
     lines = [sample + (" --compare-baseline --stages" if ctf and baseline else " --stages" if ctf else "")]
     if ctf:
-        lines.append(f"ctfgen demo --model {shlex.quote(str(model))}")
-    lines.append(f"in Python: ctfgen.load_pipeline({json.dumps(str(model))})")
-    return lines
+        lines.append(f"ctfgen demo --model {shlex.quote(model)}")
+    return lines + [f"in Python: ctfgen.load_pipeline({json.dumps(model)})"]
 
 
 def _link_top_level(root: Path, sub: str) -> None:
@@ -424,15 +400,11 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
 
 # --- reading a finished run ------------------------------------------------------------------------
 
-METHODS = ("ctf", "baseline", "matched")   # the pipelines a finished run can hold
-STAGES_OF = {"ctf": ("ar", "aux"), "baseline": ("baseline",), "matched": ("matched",)}
-
-
 class FinishedRun(RunDir):
     """A finished `ctfgen pipeline` run, read-only: the one reader that the reproduction and the
     study build on. `settings` is its resolved config; `needs` names the parts the caller cannot
     do without ("tokenizer", "ctf", "baseline", "matched", or a code split "train" / "val" / "test"),
-    and a run lacking one is refused, saying how to make it.
+    and a run lacking one is refused, saying how to make it. Models are loaded once.
 
         run = FinishedRun("runs/fashion_mnist", "ctf", "test")
         run.pipeline("ctf"), run.snapshot_pipeline("baseline", 940), run.steps_per_epoch("ar")
@@ -446,14 +418,11 @@ class FinishedRun(RunDir):
                            "(data.validation_images > 0 in its config)")
         self.settings = ExperimentConfig.from_raw(read_yaml(self.config))
         self.name = self.root.name
-        self._cache: dict = {}
 
     def part(self, name: str) -> Path:
         if name == "tokenizer":
             return self.tokenizer / "config.json"
-        if name in METHODS:
-            return self.pipeline_dir(name) / "pipeline.json"
-        return self.codes(name) / "header.json"
+        return self.pipeline_dir(name) / "pipeline.json" if name in METHODS else self.codes(name) / "header.json"
 
     def pipeline_dir(self, method: str) -> Path:
         return {"ctf": self.ctf, "baseline": self.baseline, "matched": self.matched}[method]
@@ -463,22 +432,19 @@ class FinishedRun(RunDir):
         """The methods whose finished pipeline the run holds."""
         return tuple(m for m in METHODS if self.part(m).is_file())
 
-    def _cached(self, key, make):
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
-
+    @functools.cache
     def load_tokenizer(self):
-        return self._cached("tokenizer", lambda: load_tokenizer(self.tokenizer).eval())
+        return load_tokenizer(self.tokenizer).eval()
 
+    @functools.cache
     def load_coarse_map(self) -> CoarseMap:
-        return self._cached("coarse_map", lambda: CoarseMap.load(self.coarse_map))
+        return CoarseMap.load(self.coarse_map)
 
+    @functools.cache
     def pipeline(self, method: str):
         """The finished pipeline of `method` (RUN/ctf, RUN/baseline or RUN/matched)."""
         self.require(self.part(method))
-        cls = CTFPipeline if method == "ctf" else ARPipeline
-        return self._cached(method, lambda: cls.from_pretrained(self.pipeline_dir(method)))
+        return (CTFPipeline if method == "ctf" else ARPipeline).from_pretrained(self.pipeline_dir(method))
 
     def snapshot_model(self, stage: str, step: int):
         """`stage`'s model as it was after optimizer step `step` (saved by train.snapshot_every)."""

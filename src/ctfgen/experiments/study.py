@@ -44,18 +44,12 @@ from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.images import to_uint8
 from ctfgen.utils.rundir import Records, WriterLock
 
-__all__ = ["StudySettings", "study_run", "write_report", "METHODS"]
-
 logger = logging.getLogger("ctfgen.experiments.study")
 
 
 def _sample_and_score(pipe, per_class: int, seed: int, batch_size: int, sampling: dict, ref) -> dict:
     images, labels, seconds = sample_per_class(pipe, per_class, seed, batch_size, sampling)
     return {**evaluate_fmnist(images, labels, ref=ref), "sample_seconds_per_image": seconds}
-
-
-def _grid(settings: StudySettings) -> list[dict]:
-    return [{"cfg_scale": g, "temperature": t} for g in settings.guidance for t in settings.temperatures]
 
 
 def _at_edge(chosen: dict, settings: StudySettings) -> list[str]:
@@ -125,7 +119,7 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
     for method, pipe in pipes.items():
         def select_record(pipe=pipe):
             rows = [{"sampling": g, **_sample_and_score(pipe, s.select_per_class, s.select_seed, s.batch_size, g, val)}
-                    for g in _grid(s)]
+                    for g in ({"cfg_scale": g, "temperature": t} for g in s.guidance for t in s.temperatures)]
             best = min(rows, key=lambda r: r["fd"])
             return {"codebook_size": vocab, "reference": f"validation split ({len(val)} training images held out)",
                     "per_class": s.select_per_class, "seed": s.select_seed, "grid": rows, "chosen": best["sampling"],
@@ -188,13 +182,6 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
 
 # --- the report -------------------------------------------------------------------------------------
 
-def _load(records_dir: Path) -> dict[str, dict[str, dict]]:
-    runs = {}
-    for d in sorted(p for p in Path(records_dir).iterdir() if p.is_dir()):
-        runs[d.name] = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
-    return runs
-
-
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -208,7 +195,9 @@ def _epochs(recs: dict) -> list[dict]:
 def write_report(records_dir, figure_dir=None) -> str:
     """Markdown tables of every study record under `records_dir`, and figures of Fréchet distance and
     bits/token against codebook size and against epoch (PNG files in `figure_dir`). Returns the markdown."""
-    runs = _load(Path(records_dir)) if Path(records_dir).is_dir() else {}
+    root = Path(records_dir)
+    runs = {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+            for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     if not runs:
         raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
     order = sorted(runs, key=lambda r: runs[r].get("tokenizer", {}).get("codebook_size", 0))

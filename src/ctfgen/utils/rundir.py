@@ -32,18 +32,12 @@ MODEL_DIR = "model"          # a trained stage's finished model, in save_pretrai
 
 
 class WriterLock:
-    """One writer per directory: `DIR/.<writer>.lock` holds the PID and host of the process writing.
-
-    The lock is an flock on that file, which the kernel drops the moment its holder exits or is
-    killed, so a lock left by a killed run is stale by construction and the next writer simply takes
-    it (no PID guessing, no race between two newcomers). A second live writer stops with a RunError
-    naming the first one's PID and host. `writer` names what writes ("pipeline", "train", ...), so
-    writers of disjoint parts of one directory (the reproduction's ablations beside a running
-    pipeline) do not exclude each other.
-
-        with WriterLock(run_dir, "pipeline"):
-            ...
-    """
+    """One writer per directory (`with WriterLock(run_dir, "pipeline"): ...`): an flock on
+    `DIR/.<writer>.lock`, which holds the PID and host of the process writing. The kernel drops the
+    flock the moment its holder exits or is killed, so a killed run's lock is stale by construction and
+    the next writer simply takes it; a second live writer stops with a RunError naming the first.
+    `writer` names what writes ("pipeline", "train", ...), so writers of disjoint parts of one
+    directory (the reproduction's ablations beside a running pipeline) do not exclude each other."""
 
     def __init__(self, directory: str | os.PathLike, writer: str = "run", hold: bool = True):
         self.directory, self.writer, self.hold = Path(directory), writer, hold  # hold=False: a no-op (other ranks)
@@ -191,18 +185,13 @@ class Records:
         path = self.path(name)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def differences(self, name: str, inputs: dict) -> list[str]:
-        """What differs between the stored record's inputs and commit and today's (empty: reusable)."""
-        record = self.read(name) or {}
-        return diff_lines({"inputs": record.get("inputs"), "commit": record.get("commit")},
-                          {"inputs": plain(inputs), "commit": self.commit})
-
     def once(self, name: str, inputs: dict, compute: Callable[[], dict]) -> dict:
         """The record `name`: the stored one when it was computed from `inputs` by this code, else
         `compute()` (a dict of results) stored with them. `write=False` (other ranks) only computes."""
         record = self.read(name)
         if record is not None:
-            changed = self.differences(name, inputs) if self.check else []
+            changed = diff_lines({"inputs": record.get("inputs"), "commit": record.get("commit")},
+                                 {"inputs": plain(inputs), "commit": self.commit}) if self.check else []
             if not changed:
                 return record
             if not self.force:

@@ -1,4 +1,5 @@
-"""Options and helpers shared by the commands (sampling options, model loading, trailing overrides)."""
+"""Options and helpers shared by the commands: model and sampling options, number checks, model loading,
+trailing overrides and --print-config."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ctfgen.data.fashion_mnist import class_index
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.shipped import PRETRAINED, pretrained
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import COUNTS, SAMPLING, SEED, check, check_device, check_sampling, cli_help
+from ctfgen.utils.options import COUNTS, SAMPLING, SEED, Option, check_device, check_output_file, cli_help
 from ctfgen.utils.precision import DTYPE_CHOICES
 from ctfgen.utils.threads import use_sampling_threads
 
@@ -20,11 +21,9 @@ MODEL_HELP = ("a pipeline directory (from `ctfgen pipeline`: the run's root RUN,
 
 
 def add_device_argument(parser, default: str | None = "auto") -> None:
-    """--device, checked against this machine's devices (ctfgen.utils.options.check_device)."""
-    parser.add_argument("--device", default=default,
-                        help="cpu, cuda, cuda:N, mps ... (only devices this torch build and machine have; "
-                             + ("default: cuda when available, else cpu)" if default in ("auto", None) else
-                                f"default: {default})"))
+    """--device ("auto": cuda when available, else cpu; None: the library chooses), checked by check_args."""
+    parser.add_argument("--device", default=default, help="cpu, cuda, cuda:N, mps ... (only devices this torch build "
+                        "and machine have; default: cuda when available, else cpu)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,32 +37,28 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     for option in SAMPLING.values():
         g.add_argument(option.flag, type=int if option.integer else float, default=None, help=cli_help(option))
     g.add_argument("--seed", type=int, default=0, help=cli_help(SEED) + " (default: %(default)s)")
-    add_dtype_argument(g)
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere; "
+                        "int8 / int8-weight = dynamic / weight-only int8 linear layers through torchao (pip install "
+                        "'ctfgen[quant]'), int8-fbgemm = dynamic int8 through PyTorch's x86 kernels (default: %(default)s)")
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Every number the user gave, checked before any work: the device, the seed, the sampling
-    options (their model-free ranges; the model's own bounds are checked once it is loaded) and every
-    other number ctfgen.utils.options knows by its flag's name (counts, sizes, rates), a list value by value."""
-    if hasattr(args, "device"):  # "auto": cuda when available, else cpu; None stays None
+def check_args(args: argparse.Namespace, outputs: dict[str, str] | None = None, **rules: str | Option) -> None:
+    """Every number and output the user gave, checked before any work: the device; each option whose
+    name is a sampling option, a count or "seed" of ctfgen.utils.options, or that `rules` give an
+    option's name or an Option, a list value by value (their model-free ranges: a model's own bounds
+    wait for the model); and the output files `outputs` gives the suffixes of (check_output_file)."""
+    if hasattr(args, "device"):
         args.device = check_device(args.device, "--device")
-    if hasattr(args, "seed"):
-        args.seed = check("seed", args.seed, "--seed")
-    given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
-    for name, value in check_sampling(given, labels={n: SAMPLING[n].flag for n in given}).items():
-        setattr(args, name, value)
     for name, value in vars(args).items():
-        if name in COUNTS and value is not None:
-            flag = COUNTS[name].flag
-            setattr(args, name, [check(name, v, flag) for v in value] if isinstance(value, list) else check(name, value, flag))
-
-
-def add_dtype_argument(parser, default: str = "auto") -> None:
-    parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
-                        help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, "
-                             "float32 elsewhere; int8 / int8-weight = dynamic / weight-only int8 linear layers "
-                             "through torchao (pip install 'ctfgen[quant]'), int8-fbgemm = dynamic int8 through "
-                             "PyTorch's x86 kernels (default: %(default)s)")
+        rule = rules.get(name, name)
+        option = rule if isinstance(rule, Option) else SEED if rule == "seed" else SAMPLING.get(rule) or COUNTS.get(rule)
+        if option is not None and value is not None:
+            flag = "--" + name.replace("_", "-")
+            setattr(args, name, [option.check(v, flag) for v in value] if isinstance(value, list) else option.check(value, flag))
+    for name, suffixes in (outputs or {}).items():
+        if getattr(args, name) is not None:
+            check_output_file(getattr(args, name), suffixes, "--" + name)
 
 
 def load_model(spec: str, device: str):
@@ -105,48 +100,42 @@ def load_baseline(model_spec: str, baseline_spec: str | None, device: str, token
 def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
     """The options the user set, checked against the model's bounds too (top-k against its
     vocabulary, cfg_steps against its length); the rest fall back to the pipeline's stored defaults."""
-    names = ["cfg_scale", "cfg_steps", "temperature", "top_k", "top_p"]
-    fine = ["temperature_fine", "top_k_fine", "cfg_scale_fine"]
-    if isinstance(pipeline, CTFPipeline):
-        names += fine
-    else:
-        ignored = [f"--{n.replace('_', '-')}" for n in fine if getattr(args, n, None) is not None]
-        if ignored:
-            raise ConfigError(f"{', '.join(ignored)} only apply to a CTF pipeline; this model is a baseline")
-    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
+    fine = [SAMPLING[n].flag for n in given if n.endswith("_fine")]
+    if fine and not isinstance(pipeline, CTFPipeline):
+        raise ConfigError(f"{', '.join(fine)} only apply to a CTF pipeline; this model is a baseline")
     checked = pipeline.resolve_sampling(given, labels={n: SAMPLING[n].flag for n in SAMPLING})
-    out = {n: checked[n] for n in given}
-    if getattr(args, "dtype", None) is not None:
-        out["dtype"] = args.dtype
-    return out
+    return {**{n: checked[n] for n in given}, **({"dtype": args.dtype} if getattr(args, "dtype", None) else {})}
 
 
 def resolve_classes(values: list[str], num_classes: int, class_names: list[str] | None = None) -> list[int]:
     """Class ids from ids or names; names follow the model's class list or Fashion-MNIST's."""
     ids = []
     for v in values:
-        if v.lstrip("-").isdigit():
-            c = int(v)
-        elif class_names:
+        if class_names and not v.lstrip("-").isdigit():
             lowered = [n.lower() for n in class_names]
             if v.lower() not in lowered:
                 raise ConfigError(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
             c = lowered.index(v.lower())
         else:
-            try:
-                c = class_index(v)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            c = class_index(v)  # an id, or a Fashion-MNIST name
         if not 0 <= c < num_classes:
             raise ConfigError(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
         ids.append(c)
     return ids
 
 
-def collect_trailing_overrides(parser: argparse.ArgumentParser, config: str | None = None) -> None:
-    """Let key=value overrides come after options too (`CONFIG --out DIR train.steps=5`):
-    argparse fills positionals only once, so leftovers that look like overrides are added here.
-    An optional CONFIG positional (named `config`) that is an override, not a file, joins them."""
+def add_print_config(parser: argparse.ArgumentParser, overrides: str | None = None, config: str | None = None) -> None:
+    """--print-config and, given their help, the key.sub=value `overrides` of the settings. Overrides
+    may come after options too (`CONFIG --out DIR train.steps=5`): argparse fills positionals only
+    once, so leftovers that look like overrides are added here. An optional CONFIG positional (named
+    `config`) that is an override, not a file, joins them."""
+    if overrides:
+        parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=overrides)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (config file, overrides and defaults) and exit")
+    if not overrides:
+        return
     parse = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):
@@ -162,20 +151,13 @@ def collect_trailing_overrides(parser: argparse.ArgumentParser, config: str | No
     parser.parse_known_args = parse_known_args
 
 
-def add_print_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved settings (config file, overrides and defaults) and exit")
-
-
-def print_config(cfg) -> int:
-    """`--print-config`: the settings as YAML, every default filled in."""
-    print(dump(cfg), end="")
-    return 0
-
-
-def require(args: argparse.Namespace, *names: str) -> None:
-    """Options needed for a run (not for --print-config)."""
-    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is None]
+def print_config(args: argparse.Namespace, cfg, *required: str) -> bool:
+    """--print-config: print `cfg` as YAML, every default filled in, and return True; otherwise
+    refuse a run that lacks one of the `required` options."""
+    if args.print_config:
+        print(dump(cfg), end="")
+        return True
+    missing = ["--" + n.replace("_", "-") for n in required if getattr(args, n) is None]
     if missing:
-        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
-                          "(see --help)")
+        raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (see --help)")
+    return False

@@ -10,8 +10,7 @@ import torch
 
 from ctfgen.app import bench
 from ctfgen.app.commands._common import add_device_argument, check_args
-from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import check, check_output_file
+from ctfgen.utils.options import Option
 from ctfgen.utils.precision import DTYPE_CHOICES
 
 # What each mode measures when --models / --batch-sizes / --dtype are not given.
@@ -24,9 +23,10 @@ DEFAULTS = {
     "busy": dict(models=["fashion-mnist", "GPT-B"], dtype=["bfloat16"]),
     "quality": dict(models=["fashion-mnist", "fashion-mnist-baseline"], dtype=["float32", "bfloat16", "int8"]),
 }
+ZERO_OR_MORE = Option("count", 0, integer=True)
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure_bench(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--profile", action="store_const", dest="mode", const="profile",
                       help="profile the decode steps of a random-weight GPT (the first of --models, default GPT-B) "
@@ -72,7 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads: a number, or auto = what the ctfgen command would use for each model "
                              "(ctfgen.utils.threads); default: torch's, one per core; --busy sets its own per setting")
-    parser.add_argument("--per-class", type=int, default=500, dest="quality_per_class",
+    parser.add_argument("--per-class", type=int, default=500,
                         help="--quality: samples per class and seed; 0 = held-out bits/token only (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--quality: seeds (default: %(default)s)")
     parser.add_argument("--sample-dtype", nargs="+", default=None, choices=DTYPE_CHOICES,
@@ -92,21 +92,12 @@ def _threads(value: str):
     return int(value)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_args(args)
+def run_bench(args: argparse.Namespace) -> None:
+    check_args(args, batch_sizes="batch_size", seeds="seed", test_images="images", warmup=ZERO_OR_MORE,
+               per_class=ZERO_OR_MORE, llamagen_steps=ZERO_OR_MORE, outputs={"json": ".json"})
     for key, value in DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.cfg_scale = check("cfg_scale", args.cfg_scale, "--cfg-scale")
-    if args.batch_sizes is not None:
-        args.batch_sizes = [check("batch_size", b, "--batch-sizes") for b in args.batch_sizes]
-    for flag, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0), ("--per-class", args.quality_per_class, 0),
-                             ("--llamagen-steps", args.llamagen_steps, 0), ("--test-images", args.test_images, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"{flag} must be at least {low}, got {value}")
-    args.seeds = [check("seed", s, "--seeds") for s in args.seeds]
-    if args.json:
-        check_output_file(args.json, ".json", "--json")
     if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
 
@@ -124,11 +115,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.mode == "busy":
         bench.busy_machine(args.models, dtype=args.dtype[0], repeats=args.repeats, json_path=args.json)
     elif args.mode == "quality":
-        bench.sampling_quality(args.models, args.dtype, args.seeds, args.quality_per_class, test_images=args.test_images,
+        bench.sampling_quality(args.models, args.dtype, args.seeds, args.per_class, test_images=args.test_images,
                                sample_dtypes=args.sample_dtype, json_path=args.json)
     else:
         bench.run_bench(args.models, args.batch_sizes, args.repeats, args.image_tokens, args.num_coarse,
                         args.aux_preset, not args.no_decode, args.cfg_scale, args.device, args.dtype, args.json,
                         llamagen=args.llamagen, warmup=args.warmup, llamagen_steps=args.llamagen_steps,
                         threads=args.threads, methods=args.methods)
-    return 0

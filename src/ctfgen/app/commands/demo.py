@@ -10,7 +10,7 @@ from ctfgen.pipeline import CTFPipeline
 from ctfgen.utils.errors import ConfigError
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure_demo(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--baseline", default=None, metavar="DIR_OR_REPO",
                         help="baseline shown side by side (default: the shipped one for the shipped model, else the "
@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting at most; more get a 'busy, try again' message (default: %(default)s)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace) -> None:
     check_args(args)
     ctf = load_model(args.model, args.device)
     if not isinstance(ctf, CTFPipeline):
@@ -37,4 +37,3 @@ def run(args: argparse.Namespace) -> int:
         baseline = None
     app = build_app(ctf, baseline, Limits(max_images=args.max_images, queue_size=args.queue_size))
     launch(app, host=args.host, port=args.port)
-    return 0

@@ -1,26 +1,21 @@
-"""`ctfgen sample --class sneaker --n 16 --out samples.png`"""
+"""`ctfgen sample --class sneaker --n 16 --out samples.png` (a picture) and `ctfgen sample-many` (N images
+per class into an ADM-evaluator `.npz`, see ctfgen.app.sample_sets)."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from ctfgen.app.commands._common import (
-    add_model_arguments,
-    add_sampling_arguments,
-    check_args,
-    load_baseline,
-    load_model,
-    resolve_classes,
-    sampling_kwargs,
-)
-from ctfgen.app.sample_sets import check_picture, sample_grid
+from ctfgen.app.commands._common import (add_model_arguments, add_sampling_arguments, check_args, load_baseline,
+                                         load_model, resolve_classes, sampling_kwargs)
+from ctfgen.app.sample_sets import check_picture, check_sample_set, sample_grid, sample_set
 from ctfgen.pipeline import CTFPipeline
+from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import COUNTS, check_output_file, cli_help
+from ctfgen.utils.options import CLASS_ID, COUNTS, cli_help
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="classes", nargs="+", default=["0"], metavar="CLASS",
                         help="class names or ids; several are cycled through (default: 0)")
     parser.add_argument("--n", type=int, default=16, help=cli_help(COUNTS["n"]) + " (default: %(default)s)")
@@ -47,17 +42,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
 
 
+NAMES = {"stage1": "stage 1", "stage2": "stage 2", "decode": "decode", "coarse_preview": "coarse preview"}
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
 
-NAMES = {"stage1": "stage 1", "stage2": "stage 2", "decode": "decode", "coarse_preview": "coarse preview",
-         "baseline": "baseline", "writing": "writing", "other": "other"}
+def _parts(timings: dict) -> str:
+    return "  ".join(f"{NAMES.get(k, k)} {_ms(v)}" for k, v in timings.items() if k != "total")
 
 
-def run(args: argparse.Namespace) -> int:
-    check_args(args)
-    check_output_file(args.out, "image", "--out")
+def run_sample(args: argparse.Namespace) -> None:
+    check_args(args, outputs={"out": "image"})
     t0 = time.perf_counter()
     pipeline = load_model(args.model, args.device)
     if (args.stages or args.compare_baseline) and not isinstance(pipeline, CTFPipeline):
@@ -77,11 +74,36 @@ def run(args: argparse.Namespace) -> int:
     if r["singles"] is not None:
         print(f"wrote {args.n} single images to {r['singles']}/")
     t = r["timings"]
-    parts = "  ".join(f"{NAMES[k]} {_ms(v)}" for k, v in t.items() if k != "total")
-    print(f"timings: {parts}  = total {_ms(t['total'])} ({args.n / t['total']:,.1f} images/s); "
+    print(f"timings: {_parts(t)}  = total {_ms(t['total'])} ({args.n / t['total']:,.1f} images/s); "
           f"loading the model{'s' if baseline is not None else ''} took {load_s:.2f} s")
     if "baseline_timings" in r:
         b = r["baseline_timings"]
-        print("the baseline's part: " + "  ".join(f"{NAMES.get(k, k)} {_ms(v)}" for k, v in b.items() if k != "total")
-              + f"  = {_ms(b['total'])} (one stage: no stage 2)")
-    return 0
+        print(f"the baseline's part: {_parts(b)}  = {_ms(b['total'])} (one stage: no stage 2)")
+
+
+def configure_sample_many(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--per-class", type=int, required=True, help="images per class, at least 1")
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="class ids (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per batch and per part file; memory follows it, not the set's size "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", required=True,
+                        help="output .npz (arr_0: uint8 N,H,W,C; labels: int64 N); finished batches wait in "
+                             "OUT.parts/ until the end, so a killed run continues when run again")
+    parser.add_argument("--png-dir", default=None, help="also write every image as a PNG here, as it is made")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+
+
+def run_sample_many(args: argparse.Namespace) -> None:
+    check_args(args, classes=CLASS_ID)
+    check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
+    device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
+    pipeline = load_model(args.model, device)
+    classes = args.classes or None
+    out = sample_set(pipeline, args.out, args.per_class, classes, args.batch_size, args.seed,
+                     sampling_kwargs(args, pipeline), args.png_dir, progress=not args.no_progress)
+    if D.is_main():
+        print(f"{args.out} already exists; delete it to sample again" if out is None else
+              f"wrote {out}: {len(classes or range(pipeline.num_classes))} classes x {args.per_class} images")
