@@ -412,16 +412,24 @@ class FinishedRun(RunDir):
 
     def __init__(self, root, *needs: str):
         super().__init__(Path(root).expanduser())
-        self.require(self.config, *(self.part(n) for n in needs if n != "val"))
+        self.require(self.config)
+        self.settings = ExperimentConfig.from_raw(read_yaml(self.config))  # before `tokenizer`, which reads it
+        self.require(*(self.part(n) for n in needs if n != "val"))
         if "val" in needs and not self.part("val").is_file():
             raise RunError(f"{self.codes('val')} is missing: this needs the run's validation split "
                            "(data.validation_images > 0 in its config)")
-        self.settings = ExperimentConfig.from_raw(read_yaml(self.config))
         self.name = self.root.name
 
+    @property
+    def tokenizer(self) -> Path:
+        """The run's tokenizer: the one it trained, or the one its `tokenizer.pretrained` named (which
+        the pipeline uses in place and does not copy)."""
+        pretrained = self.settings.tokenizer.pretrained
+        return Path(pretrained).expanduser() if pretrained else super().tokenizer
+
     def part(self, name: str) -> Path:
-        if name == "tokenizer":
-            return self.tokenizer / "config.json"
+        if name == "tokenizer":  # a saved VQModel, or a LlamaGen checkpoint file that `pretrained` named
+            return self.tokenizer if self.tokenizer.is_file() else self.tokenizer / "config.json"
         return self.pipeline_dir(name) / "pipeline.json" if name in METHODS else self.codes(name) / "header.json"
 
     def pipeline_dir(self, method: str) -> Path:

@@ -15,12 +15,30 @@ RECORDS/<run>/
     test-<method>-<setting>-seed<s>.json   test-split metrics at the chosen setting and the defaults
     diagnosis.json            stage-wise sample sets built from one half of the test split (per class)
                               and scored against the other half, which none of them was made from
+    baselines-from.json       only for a run compared with another run's baselines (below): which
+                              run, the fingerprints the two share, the depths of its stage 1 and
+                              auxiliary model
 
 Methods: `ctf`, `baseline` (stage 1's size: the paper's comparison) and `matched` (the baseline with
-CTF's parameter count), when the run has it. Every record stores what it was computed from: the
-settings that shape it, the fingerprints of the model files and the code's commit
-(`ctfgen.utils.rundir.Records`). A record whose inputs differ from the current ones is refused, never
-silently reused. RECORDS/summary.md and figures: `write_report`.
+CTF's parameter count), when the run has it.
+
+The auxiliary model at 1x (stage 1's depth; the other runs' is 3x) is a run of
+`configs/study/fmnist_v16384_aux1x.yaml` that takes the V = 16384 run's tokenizer and trains no
+baseline, since the V = 16384 run's baselines are the very models it would train:
+
+    ctfgen pipeline configs/study/fmnist_v16384_aux1x.yaml --out runs/study/v16384_aux1x --resume \
+        tokenizer.pretrained=$PWD/runs/study/v16384/runs/tokenizer/tokenizer
+    ctfgen study runs/study/v16384_aux1x --baselines-from runs/study/v16384 --records docs/results/study
+
+`--baselines-from` (after the reference was studied) checks by fingerprint that the two runs share
+the tokenizer, the coarse map and the test and validation codes, and records that in
+RECORDS/<run>/baselines-from.json; the run gets CTF's records only, and where they compare with the
+baseline (coarse prediction, diagnosis) they use the reference's baseline and its chosen setting
+(the reference's select-baseline record), whose fingerprints they name.
+
+Every record stores what it was computed from: the settings that shape it, the fingerprints of the
+model files and the code's commit (`ctfgen.utils.rundir.Records`). A record whose inputs differ from
+the current ones is refused, never silently reused. RECORDS/summary.md and figures: `write_report`.
 """
 
 from __future__ import annotations
@@ -39,7 +57,7 @@ from ctfgen.metrics.compare import markdown, plot_panels
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import heldout_bits_per_token
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
-from ctfgen.utils.errors import ConfigError, RunError
+from ctfgen.utils.errors import ConfigError, MismatchError, RunError
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.images import to_uint8
 from ctfgen.utils.rundir import Records, WriterLock
@@ -72,22 +90,87 @@ def split_halves(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.nda
     return source, np.setdiff1d(np.arange(len(labels)), source)
 
 
-def study_run(run_dir, records_dir, settings: StudySettings | None = None, force: bool = False) -> dict:
+def study_run(run_dir, records_dir, settings: StudySettings | None = None, force: bool = False,
+              baselines_from=None) -> dict:
     """Evaluate one finished study run; returns {record name: record}. Idempotent; `force` recomputes
-    records made from other inputs instead of refusing them."""
+    records made from other inputs instead of refusing them.
+
+    `baselines_from` names the finished run whose baselines a run without any of its own
+    (`baseline.enabled: false`, e.g. the auxiliary model at 1x) is compared with. The two must share
+    the tokenizer, coarse map and test and validation codes, which is checked by fingerprint; only
+    CTF's records are made for the run, and the reference's baseline stands in wherever CTF is
+    compared with it (the epochs' coarse prediction, the diagnosis, its chosen sampling setting, read
+    from the reference's own `select-baseline` record: study the reference first)."""
     s = settings or StudySettings()
-    run = FinishedRun(run_dir, "ctf", "baseline", "test", "val")
-    rec = Records(Path(records_dir) / run.name, force=force, say=logger.info)
+    run = FinishedRun(run_dir, "ctf", "test", "val")
+    reference = None
+    if baselines_from is None:
+        if not run.settings.baseline.enabled:
+            raise ConfigError(f"{run.root} holds CTF but no baseline of its own (baseline.enabled: false): name the "
+                              f"run whose baselines it is compared with (`ctfgen study {run.root} --baselines-from "
+                              "RUN`, or study_run(..., baselines_from=RUN))")
+        run.require(run.part("baseline"))
+    else:
+        if run.settings.baseline.enabled:
+            raise ConfigError(f"{run.root} has a baseline of its own: --baselines-from is for a run without one "
+                              "(baseline.enabled: false)")
+        reference = FinishedRun(baselines_from, "test", "val")
+        if not reference.settings.baseline.enabled:
+            raise ConfigError(f"{reference.root} has no baseline of its own to compare {run.root} with: "
+                              "--baselines-from names a run that trained one")
+        reference.require(reference.part("baseline"))
+        if reference.name == run.name:
+            raise ConfigError(f"{run.root} and {reference.root} share the name {run.name!r}, so their records would "
+                              "share one directory: rename one of them")
+        shared = shared_fingerprints(run, reference)
+    records = Path(records_dir)
+    rec = Records(records / run.name, force=force, say=logger.info)
     with WriterLock(rec.dir, "study"):
-        return _study(run, rec, s)
+        if reference is None:
+            return _study(run, rec, s, {m: run for m in run.methods})
+        ctf = run.pipeline("ctf")
+        lent = rec.once("baselines-from", {"run": reference.name, "shared": shared}, lambda: {
+            "run": reference.name, "shared": shared, "codebook_size": ctf.coarse_map.vocab_size,
+            "stage1_layers": ctf.ar.config.n_layer, "aux_layers": ctf.aux.config.n_layer})
+        cited = Records(records / reference.name)
+        return {"baselines-from": lent, **_study(run, rec, s, {"ctf": run, "baseline": reference}, cited)}
 
 
-def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
+def shared_fingerprints(run: FinishedRun, reference: FinishedRun) -> dict:
+    """The fingerprints of the parts two runs must share for one to take the other's baselines (the
+    tokenizer, the coarse map, the test and validation codes); a difference is refused."""
+    parts = {"tokenizer": lambda r: directory_fingerprint(r.tokenizer),
+             "coarse map": lambda r: r.load_coarse_map().fingerprint,
+             "test codes": lambda r: directory_fingerprint(r.codes("test")),
+             "validation codes": lambda r: directory_fingerprint(r.codes("val"))}
+    shared = {}
+    for part, fingerprint in parts.items():
+        mine, theirs = fingerprint(run), fingerprint(reference)
+        if mine != theirs:
+            raise MismatchError(f"{reference.root} cannot lend its baselines to {run.root}: their {part} differ "
+                                f"({theirs} there, {mine} here); name the run whose tokenizer, clustering and codes "
+                                f"{run.name} shares (its tokenizer.pretrained: {run.settings.tokenizer.pretrained})")
+        shared[part.replace(" ", "_")] = mine
+    return shared
+
+
+def _select_inputs(s: StudySettings, models: dict) -> dict:
+    return {"guidance": s.guidance, "temperatures": s.temperatures, "per_class": s.select_per_class,
+            "seed": s.select_seed, "batch_size": s.batch_size, "models": models}
+
+
+def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, FinishedRun],
+           cited: Records | None = None) -> dict:
+    """`holders`: the run holding each method's pipeline (the run itself, or for the baseline of a
+    run without one the reference, whose records `cited` holds); records are made for `run.methods`."""
     out = {}
-    pipes = {m: run.pipeline(m) for m in run.methods}
+    pipes = {m: holders[m].pipeline(m) for m in holders}
     ctf = pipes["ctf"]
     test = run.code_dataset("test")
     vocab = ctf.coarse_map.vocab_size
+
+    def fingerprints(*methods: str, step: int | None = None) -> dict:
+        return {k: v for m in methods for k, v in holders[m].fingerprints(m, step=step).items()}
 
     def tokenizer_record():
         data = run.image_dataset("test")
@@ -100,23 +183,31 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
                                 tokenizer_record)
 
     x_coarse, y_coarse = test.get_batch(list(range(min(len(test), s.coarse_images))))
-    for step in run.snapshot_steps_of(*pipes):
+    steps = set.intersection(*(set(holders[m].snapshot_steps_of(m)) for m in pipes))
+    for step in sorted(steps):
         epoch = step / run.steps_per_epoch("ar")
 
         def epoch_record(step=step, epoch=epoch):
-            snaps = {m: run.snapshot_pipeline(m, step) for m in pipes}
+            snaps = {m: holders[m].snapshot_pipeline(m, step) for m in dict.fromkeys((*run.methods, "baseline"))}
             return {"codebook_size": vocab, "step": step, "epoch": round(epoch, 3),
-                    "heldout": {m: heldout_bits_per_token(p, test, s.heldout_images) for m, p in snaps.items()},
+                    "heldout": {m: heldout_bits_per_token(snaps[m], test, s.heldout_images) for m in run.methods},
                     "coarse_prediction": coarse_prediction(snaps["ctf"].ar, snaps["baseline"].gpt, ctf.coarse_map,
                                                            x_coarse, y_coarse)}
 
         name = f"epoch-{epoch:.2f}"
         out[name] = rec.once(name, {"heldout_images": s.heldout_images, "coarse_images": s.coarse_images,
-                                    "models": run.fingerprints(*pipes, step=step)}, epoch_record)
+                                    "models": fingerprints(*pipes, step=step)}, epoch_record)
 
     val = run.images("val")[0]
     chosen = {}
-    for method, pipe in pipes.items():
+    if cited is not None:  # the reference's baseline: its setting as the reference's study chose it
+        reference = holders["baseline"]
+        chosen["baseline"] = cited.cited("select-baseline", _select_inputs(s, fingerprints("baseline")),
+                                         f"study {reference.root} with the same settings first (ctfgen study "
+                                         f"{reference.root} --records {cited.dir.parent})")["chosen"]
+    for method in run.methods:
+        pipe = pipes[method]
+
         def select_record(pipe=pipe):
             rows = [{"sampling": g, **_sample_and_score(pipe, s.select_per_class, s.select_seed, s.batch_size, g, val)}
                     for g in ({"cfg_scale": g, "temperature": t} for g in s.guidance for t in s.temperatures)]
@@ -126,9 +217,8 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
                     "chosen_by": "fd", "kid_would_choose": min(rows, key=lambda r: r["kid"])["sampling"],
                     "at_edge": _at_edge(best["sampling"], s)}
 
-        inputs = {"guidance": s.guidance, "temperatures": s.temperatures, "per_class": s.select_per_class,
-                  "seed": s.select_seed, "batch_size": s.batch_size, "models": run.fingerprints(method)}
-        selection = out[f"select-{method}"] = rec.once(f"select-{method}", inputs, select_record)
+        selection = out[f"select-{method}"] = rec.once(f"select-{method}", _select_inputs(s, fingerprints(method)),
+                                                       select_record)
         if selection["at_edge"]:
             logger.info(f"{run.name}: {method}'s chosen {selection['chosen']} is at the edge of the grid in "
                         f"{', '.join(selection['at_edge'])}: the best setting may lie beyond it")
@@ -145,7 +235,7 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
                             "metrics": _sample_and_score(pipe, s.test_per_class, seed, s.batch_size, sampling, "test")}
 
                 out[name] = rec.once(name, {"sampling": resolved, "per_class": s.test_per_class, "seed": seed,
-                                            "batch_size": s.batch_size, "models": run.fingerprints(method)}, test_record)
+                                            "batch_size": s.batch_size, "models": fingerprints(method)}, test_record)
 
     def diagnosis_record():
         train_codes = run.code_dataset("train")
@@ -176,7 +266,7 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings) -> dict:
     out["diagnosis"] = rec.once("diagnosis", {"per_class": s.diagnosis_per_class, "seed": s.diagnosis_seed,
                                               "batch_size": s.batch_size,
                                               "sampling": {m: chosen[m] for m in ("ctf", "baseline")},
-                                              "models": run.fingerprints("ctf", "baseline")}, diagnosis_record)
+                                              "models": fingerprints("ctf", "baseline")}, diagnosis_record)
     return out
 
 
@@ -194,23 +284,48 @@ def _epochs(recs: dict) -> list[dict]:
 
 def write_report(records_dir, figure_dir=None) -> str:
     """Markdown tables of every study record under `records_dir`, and figures of Fréchet distance and
-    bits/token against codebook size and against epoch (PNG files in `figure_dir`). Returns the markdown."""
+    bits/token against codebook size and against epoch (PNG files in `figure_dir`). A run that took
+    another's baselines (the auxiliary model at 1x) is labelled with its auxiliary model's depth, sits
+    beside the run at its codebook size, and is drawn as separate markers, not as another size.
+    Returns the markdown."""
     root = Path(records_dir)
     runs = {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
             for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     if not runs:
         raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
-    order = sorted(runs, key=lambda r: runs[r].get("tokenizer", {}).get("codebook_size", 0))
-    rows, edges, by_size = [], [], {m: {} for m in METHODS}
+    # a run with another's baselines right after the run of its size
+    order = sorted(runs, key=lambda r: (runs[r].get("tokenizer", {}).get("codebook_size", 0),
+                                        "baselines-from" in runs[r]))
+
+    def label(r, size):
+        lent = runs[r].get("baselines-from")
+        return size if lent is None else f"{size}, aux {lent['aux_layers'] / lent['stage1_layers']:g}x"
+
+    def heldout_bits(r, epoch: dict, method: str):
+        """`method`'s bits/token at `epoch`, from the run's record or, for baselines it took from another
+        run, from that run's record of the same step."""
+        if method not in epoch["heldout"]:
+            lender = runs.get(runs[r].get("baselines-from", {}).get("run"), {})
+            epoch = next((e for e in _epochs(lender) if e["step"] == epoch["step"]), {"heldout": {}})
+        return epoch["heldout"].get(method, {}).get("bits_per_token")
+
+    rows, edges, lent, by_size, points = [], [], [], {m: {} for m in METHODS}, {m: {} for m in METHODS}
     for r in order:
         recs, tok = runs[r], runs[r].get("tokenizer", {})
         size = tok.get("codebook_size", r)
+        name = label(r, size)
+        if "baselines-from" in recs:
+            b = recs["baselines-from"]
+            lent.append(f"- {name} (run {r}): CTF whose auxiliary model has {b['aux_layers']} layers, stage 1's "
+                        f"{b['stage1_layers']} times {b['aux_layers'] / b['stage1_layers']:g}; it has no baselines of "
+                        f"its own: they are the rows of run {b['run']}, which shares its tokenizer, coarse map and test "
+                        "and validation codes (checked by fingerprint).")
         epochs = _epochs(recs)
         last = epochs[-1]["heldout"] if epochs else {}
         for method in METHODS:
             selection = recs.get(f"select-{method}", {})
             if selection.get("at_edge"):
-                edges.append(f"- V = {size}, {method}: the chosen {selection['chosen']} is at the edge of the grid in "
+                edges.append(f"- V = {name}, {method}: the chosen {selection['chosen']} is at the edge of the grid in "
                              f"{', '.join(selection['at_edge'])}.")
             for setting in ("chosen", "default"):
                 tests = [v for k, v in recs.items() if k.startswith(f"test-{method}-{setting}-seed")]
@@ -219,29 +334,33 @@ def write_report(records_dir, figure_dir=None) -> str:
                 cells = [t["metrics"] for t in tests]
                 bits = last.get(method, {}).get("bits_per_token")
                 kid = _mean_std([100 * c["kid"] for c in cells]) if all("kid" in c for c in cells) else "–"
-                rows.append([size, tok.get("num_coarse", ""), f"{tok.get('usage', float('nan')):.1%}",
+                rows.append([name, tok.get("num_coarse", ""), f"{tok.get('usage', float('nan')):.1%}",
                              f"{tok.get('perplexity', float('nan')):.0f}", f"{tok.get('psnr', float('nan')):.2f}", method,
                              f"{setting} (g {tests[0]['sampling']['cfg_scale']}, T {tests[0]['sampling']['temperature']})",
                              _mean_std([c["fd"] for c in cells]), kid,
                              *(_mean_std([c[m] for c in cells]) for m in ("precision", "recall", "class_consistency")),
                              f"{bits:.3f}" if bits is not None else "–"])
-                if setting == "chosen":
-                    by_size[method][size] = ([c["fd"] for c in cells], bits)
+                if setting == "chosen":  # a run with another's baselines is no point of the size series
+                    series = points if "baselines-from" in recs else by_size
+                    series[method][name] = (size, [c["fd"] for c in cells], bits)
     md = ["## Test-split metrics per codebook size", "",
           markdown(["codebook", "K", "codes used (test)", "code perplexity", "PSNR dB", "method", "setting", "FD ↓",
                     "KID×100 ↓", "Prec ↑", "Rec ↑", "Class acc ↑", "bits/token ↓"], rows)]
+    if lent:
+        md += ["Runs compared with another run's baselines:", "", *lent, ""]
     if edges:
         md += ["Sampling choices at the edge of the validation grid (a better setting may lie beyond):", "", *edges, ""]
 
-    diag = [runs[r]["diagnosis"] for r in order if "diagnosis" in runs[r]]
+    diag = [(r, runs[r]["diagnosis"]) for r in order if "diagnosis" in runs[r]]
     if diag:
-        names = list(diag[0]["sets"])
+        names = list(diag[0][1]["sets"])
         md += ["## Stage-wise diagnosis (Fréchet distance against the test images no set was made from)", "",
-               markdown(["codebook", *names], [[d["codebook_size"], *(f"{d['sets'][n]['fd']:.2f}" for n in names)]
-                                               for d in diag])]
+               markdown(["codebook", *names], [[label(r, d["codebook_size"]),
+                                                *(f"{d['sets'][n]['fd']:.2f}" for n in names)] for r, d in diag])]
 
-    gaps = [[v["codebook_size"], f"{v['epoch']:.2f}", f"{v['heldout']['ctf']['bits_per_token']:.3f}",
-             f"{v['heldout']['baseline']['bits_per_token']:.3f}", f"{cp['stage1']['bits_per_token']:.3f}",
+    gaps = [[label(r, v["codebook_size"]), f"{v['epoch']:.2f}", *(f"{b:.3f}" if b is not None else "–" for b in
+                                                                  (heldout_bits(r, v, m) for m in ("ctf", "baseline"))),
+             f"{cp['stage1']['bits_per_token']:.3f}",
              f"{cp['baseline_cluster_summed']['bits_per_token']:.3f}", f"{cp['gap_bits']:+.3f}",
              f"{cp['stage1']['top1']:.3f} / {cp['baseline_cluster_summed']['top1']:.3f}"]
             for r in order for v in _epochs(runs[r]) for cp in [v["coarse_prediction"]]]
@@ -251,23 +370,28 @@ def write_report(records_dir, figure_dir=None) -> str:
                          "baseline cluster-summed coarse bits", "gap", "top-1 stage 1 / baseline"], gaps)]
 
     if figure_dir is not None:
-        def line(method, key):
-            sizes = sorted(v for v in by_size[method] if v)
-            fds = [by_size[method][v][0] for v in sizes]
-            if key == "fd":
-                return (method, sizes, [np.mean(f) for f in fds], [np.std(f, ddof=1) if len(f) > 1 else 0 for f in fds])
-            return (method, sizes, [by_size[method][v][1] for v in sizes])
+        def fd(cells: dict, label: str):
+            xs = sorted(cells, key=lambda k: cells[k][0])
+            fds = [cells[k][1] for k in xs]
+            return (label, [cells[k][0] for k in xs], [np.mean(f) for f in fds],
+                    [np.std(f, ddof=1) if len(f) > 1 else 0 for f in fds])
 
-        methods = [m for m in METHODS if by_size[m]]
-        plot_panels([{"title": "Fréchet distance (test) ↓", "xlabel": "codebook size", "log2_x": True,
-                      "lines": [line(m, "fd") for m in methods]},
-                     {"title": "held-out bits/token ↓", "xlabel": "codebook size", "log2_x": True,
-                      "lines": [line(m, "bits") for m in methods]}], Path(figure_dir) / "study_vs_codebook.png")
+        def bits(cells: dict, label: str):
+            xs = sorted((k for k in cells if cells[k][2] is not None), key=lambda k: cells[k][0])
+            return (label, [cells[k][0] for k in xs], [cells[k][2] for k in xs])
+
+        def panel(title: str, series) -> dict:
+            return {"title": title, "xlabel": "codebook size", "log2_x": True,
+                    "lines": [series({v: c for v, c in by_size[m].items() if v}, m) for m in METHODS if by_size[m]],
+                    "points": [series({k: c}, f"{m} V={k}") for m in METHODS for k, c in points[m].items()]}
+
+        plot_panels([panel("Fréchet distance (test) ↓", fd), panel("held-out bits/token ↓", bits)],
+                    Path(figure_dir) / "study_vs_codebook.png")
         bits_lines, gap_lines = [], []
         for r in order:
             epochs = _epochs(runs[r])
             if epochs:
-                x, size = [e["epoch"] for e in epochs], epochs[0]["codebook_size"]
+                x, size = [e["epoch"] for e in epochs], label(r, epochs[0]["codebook_size"])
                 bits_lines += [(f"{m} V={size}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
                                for m in METHODS if m in epochs[0]["heldout"]]
                 gap_lines.append((f"V={size}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))

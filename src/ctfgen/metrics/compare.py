@@ -57,14 +57,17 @@ def text_table(header: list[str], rows: list[list]) -> str:
 
 def plot_panels(panels: list[dict], path: str | Path, width: float = 4.5, height: float = 3.5) -> Path:
     """Panels side by side in one PNG. Each panel: {"title", "xlabel", "lines": [(label, xs, ys[, yerr])],
+    optional "points": [(label, xs, ys[, yerr])] (unjoined markers: results that are not a series),
     optional "log2_x": True}."""
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), dpi=120, squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for label, xs, ys, *err in panel["lines"]:
-            if err and err[0] is not None:
-                ax.errorbar(xs, ys, yerr=err[0], marker="o", capsize=3, label=label)
-            else:
-                ax.plot(xs, ys, marker="o", label=label)
+        for joined, series in ((True, panel["lines"]), (False, panel.get("points", []))):
+            style = {"marker": "o"} if joined else {"marker": "*", "markersize": 11, "linestyle": "none"}
+            for label, xs, ys, *err in series:
+                if err and err[0] is not None:
+                    ax.errorbar(xs, ys, yerr=err[0], capsize=3, label=label, **style)
+                else:
+                    ax.plot(xs, ys, label=label, **style)
         if panel.get("log2_x"):
             ax.set_xscale("log", base=2)
         ax.set_xlabel(panel["xlabel"])

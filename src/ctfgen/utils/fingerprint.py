@@ -45,10 +45,11 @@ def fingerprint_of(obj) -> str:
 
 def directory_fingerprint(path) -> str:
     """sha256 over the relative names and bytes of every file under `path` (links followed); first
-    16 hex chars. Two model directories with the same fingerprint hold the same model."""
+    16 hex chars. Two model directories with the same fingerprint hold the same model. A file (a
+    checkpoint) is hashed as a directory holding only it."""
     root = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(f.relative_to(root).as_posix().encode() + b"\0")
         h.update(f.read_bytes())
     return h.hexdigest()[:16]

@@ -206,3 +206,16 @@ class Records:
         if self.write:
             atomic_write_json(self.path(name), record)
         return record
+
+    def cited(self, name: str, inputs: dict, missing: str) -> dict:
+        """The stored record `name`, which another computation builds on but never makes (a reference
+        run's record): refused when it is missing (`missing` says how to make it) or was computed from
+        other `inputs`. The commit may differ: the record names its own."""
+        record = self.read(name)
+        if record is None:
+            raise RunError(f"{self.path(name)} is missing: {missing}")
+        changed = diff_lines(record.get("inputs"), plain(inputs), "inputs.")
+        if changed:
+            raise RunError(f"{self.path(name)} was computed from other inputs than today's ({'; '.join(changed)}): "
+                           f"{missing}")
+        return record

@@ -12,9 +12,11 @@ from ctfgen.app.commands._common import add_device_argument, add_print_config, c
 from ctfgen.config import ReproduceConfig, StudySettings, load_config
 from ctfgen.experiments.redundancy import redundancy_report, redundancy_table
 from ctfgen.experiments.reproduce import reproduce
+from ctfgen.experiments.run import FinishedRun
 from ctfgen.experiments.study import study_run, write_report
 from ctfgen.metrics.compare import compare, record_summary
 from ctfgen.metrics.evaluate import evaluate, write_record
+from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.fileio import atomic_write_text
 
 
@@ -147,6 +149,10 @@ def configure_study(parser: argparse.ArgumentParser) -> None:
                         help="test images for codebook usage and PSNR (default: the whole test split)")
     parser.add_argument("--batch-size", type=int, default=250,
                         help="sampling batch size; it shapes the random streams (default: %(default)s)")
+    parser.add_argument("--baselines-from", default=None, metavar="RUN",
+                        help="the finished run whose baselines each RUN without baselines of its own "
+                             "(baseline.enabled: false, e.g. the auxiliary model at 1x) is compared with; it must "
+                             "share their tokenizer, coarse map and codes, and be studied first")
     parser.add_argument("--force", action="store_true",
                         help="recompute records made from other settings, models or code (refused otherwise)")
     add_print_config(parser)
@@ -161,8 +167,13 @@ def run_study(args: argparse.Namespace) -> None:
     settings = StudySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings) if f.name in args})
     if print_config(args, settings, "records"):
         return
+    own = {run_dir: FinishedRun(run_dir).settings.baseline.enabled for run_dir in args.runs}
+    if args.baselines_from is not None and all(own.values()):
+        raise ConfigError(f"--baselines-from {args.baselines_from}: every RUN has baselines of its own; it is for "
+                          "a run without (baseline.enabled: false)")
     for run_dir in args.runs:
-        study_run(run_dir, args.records, settings, force=args.force)
+        study_run(run_dir, args.records, settings, force=args.force,
+                  baselines_from=None if own[run_dir] else args.baselines_from)
     if args.report:
         report = Path(args.report)
         atomic_write_text(report, write_report(args.records, figure_dir=report.parent) + "\n")
