@@ -123,6 +123,105 @@ def test_records_of_other_inputs_are_refused(study, tmp_path, capsys, monkeypatc
     assert "models.matched" in capsys.readouterr().err
 
 
+# --- a run without baselines of its own (the auxiliary model at 1x) -------------------------------
+
+@pytest.fixture(scope="module")
+def ctf_only(study):
+    """A CTF-only run on the full run's tokenizer, studied with the full run's baselines. Its auxiliary
+    model has half stage 1's depth (the full run's has stage 1's): everything else being the same, it
+    would be the full run's auxiliary model again."""
+    full, records, base, args = study
+    run = base / "v256_ctf_only"
+    assert cli(["pipeline", TINY, "--out", str(run), "--no-progress", *SMALL, "baseline.enabled=false",
+                "matched.enabled=false", "aux.model.n_layer=1", f"tokenizer.pretrained={full / 'runs' / 'tokenizer' / 'tokenizer'}"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in (records / full.name).glob("*.json")}
+    report = base / "report_ctf_only.md"
+    study_args = [str(run) if a == str(full) else a for a in args[:args.index("--report")]]
+    assert cli([*study_args, "--baselines-from", str(full), "--report", str(report)]) == 0
+    return run, before, report, study_args
+
+
+def test_ctf_only_run_makes_ctf_records_beside_the_reference(study, ctf_only):
+    full, records, _, _ = study
+    run, before, _, _ = ctf_only
+    rec = lambda r, n: json.loads((records / r / f"{n}.json").read_text())  # noqa: E731
+    names = sorted(p.stem for p in (records / run.name).glob("*.json"))
+    cells = [f"test-ctf-{s}-seed{seed}" for s in ("chosen", "default") for seed in (0, 1)]
+    assert names == ["baselines-from", "diagnosis", "epoch-1.00", "select-ctf", *cells, "tokenizer"]
+    # the reference's records are read, never made again
+    assert {p: p.stat().st_mtime_ns for p in (records / full.name).glob("*.json")} == before
+    lent = rec(run.name, "baselines-from")
+    assert lent["run"] == full.name and set(lent["shared"]) == {"tokenizer", "coarse_map", "test_codes", "validation_codes"}
+    assert lent["stage1_layers"] == 2 and lent["aux_layers"] == 1
+    assert rec(run.name, "tokenizer")["inputs"] == rec(full.name, "tokenizer")["inputs"]  # the same tokenizer files
+    epoch, full_epoch = rec(run.name, "epoch-1.00"), rec(full.name, "epoch-1.00")
+    assert set(epoch["heldout"]) == {"ctf"} and "gap_bits" in epoch["coarse_prediction"]
+    models = epoch["inputs"]["models"]  # its own CTF, the reference's baseline snapshot
+    assert set(models) == {"ar", "aux", "baseline"} and models["baseline"] == full_epoch["inputs"]["models"]["baseline"]
+    assert models["aux"] != full_epoch["inputs"]["models"]["aux"]
+    diagnosis, select = rec(run.name, "diagnosis"), rec(full.name, "select-baseline")
+    assert diagnosis["inputs"]["sampling"]["baseline"] == select["chosen"]
+    assert diagnosis["inputs"]["models"]["baseline"] == select["inputs"]["models"]["baseline"]
+    assert {"baseline", "baseline_coarse_aux"} <= set(diagnosis["sets"])
+
+
+def test_ctf_only_run_in_the_report(study, ctf_only, monkeypatch):
+    _, records, base, _ = study
+    md = ctf_only[2].read_text()
+    lines = md.splitlines()
+    rows = [line for line in lines if line.startswith("| 256, aux 0.5x |")]
+    cells = [r for r in rows if "(g " in r]  # the test-split table: its own CTF beside the run of its size
+    assert len(cells) == 2 and all("| ctf |" in r for r in cells)
+    assert lines.index(cells[0]) > max(i for i, line in enumerate(lines) if line.startswith("| 256 | 8 |"))
+    assert "its baselines are the rows of run v256" in md and "auxiliary model of 1 layers against stage 1's 2" in md
+    full_bits = json.loads((records / "v256" / "epoch-1.00.json").read_text())["heldout"]["baseline"]["bits_per_token"]
+    epoch = next(r for r in rows if r.startswith("| 256, aux 0.5x | 1.00 |"))  # the reference's baseline bits
+    assert f"| {full_bits:.3f} |" in epoch
+    # the figure against codebook size: one point per size on each line, the CTF-only run a marker apart
+    import ctfgen.experiments.study as study_module
+
+    panels = []
+    monkeypatch.setattr(study_module, "plot_panels", lambda p, path: panels.append(p))
+    study_module.write_report(records, figure_dir=base)
+    fd = panels[0][0]
+    assert [(label, xs) for label, xs, *_ in fd["lines"]] == [("ctf", [256]), ("baseline", [256]), ("matched", [256])]
+    assert [(label, xs) for label, xs, *_ in fd["points"]] == [("ctf V=256, aux 0.5x", [256])]
+
+
+def test_ctf_only_run_needs_the_reference(study, ctf_only, tmp_path, capsys):
+    full, records, _, _ = study
+    run, _, _, study_args = ctf_only
+    capsys.readouterr()
+    assert cli(study_args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "no baseline of its own" in err and "--baselines-from" in err
+    # the reference must have been studied first: nothing is computed before that is known
+    fresh = tmp_path / "records"
+    assert cli([*[str(fresh) if a == str(records) else a for a in study_args], "--baselines-from", str(full)]) == 2
+    assert "select-baseline.json is missing: study" in capsys.readouterr().err
+    assert not (fresh / run.name / "tokenizer.json").exists()
+    # a run with baselines of its own takes none
+    assert cli(["study", str(full), "--records", str(fresh), "--baselines-from", str(run)]) == 2
+    assert "every RUN has baselines of its own" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part, changed", [("runs/tokenizer/tokenizer/config.json", "tokenizer"),
+                                           ("codes/test/header.json", "test codes")])
+def test_a_reference_of_other_parts_is_refused(study, ctf_only, tmp_path, capsys, part, changed):
+    import shutil
+
+    full, records, _, _ = study
+    run, before, _, study_args = ctf_only
+    other = tmp_path / "v256_other"
+    shutil.copytree(full, other, symlinks=True)
+    (other / part).write_text((other / part).read_text() + "\n")
+    assert cli([*study_args, "--baselines-from", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot lend its baselines to {run}: their {changed} differ" in err
+    assert not (records / other.name).exists()
+
+
 def test_split_halves_are_class_balanced_and_disjoint():
     import numpy as np
 
@@ -167,3 +266,23 @@ def test_study_configs_pin_precision_and_stop_restarts_early(size):
     assert cfg.tokenizer.train.mixed_precision == "none" and cfg.train.mixed_precision == "none"
     assert cfg.tokenizer.train.dead_code_until <= 0.8
     assert cfg.tokenizer.model["codebook_size"] == size and cfg.clustering.num_coarse == size // 32
+
+
+def test_aux_1x_config_differs_from_v16384_only_in_the_auxiliary_depth_and_the_baselines(tmp_path):
+    from ctfgen.config import to_dict
+    from ctfgen.experiments.run import load_experiment_config
+    from ctfgen.models.transformer import GPT_PRESETS
+    from ctfgen.utils.rundir import diff_lines, plain
+
+    tokenizer = "/study/v16384/runs/tokenizer/tokenizer"  # given on the command line; the pipeline accepts it
+    full, _ = load_experiment_config(ROOT / "configs" / "study" / "fmnist_v16384.yaml")
+    aux1x, _ = load_experiment_config(ROOT / "configs" / "study" / "fmnist_v16384_aux1x.yaml",
+                                      overrides=[f"tokenizer.pretrained={tokenizer}"])
+    assert diff_lines(plain(to_dict(full)), plain(to_dict(aux1x))) == [
+        "aux.model.n_layer: 12 then, 4 now", "baseline.enabled: True then, False now",
+        "matched.enabled: True then, False now", "name: 'fmnist_v16384' then, 'fmnist_v16384_aux1x' now",
+        f"tokenizer.pretrained: None then, {tokenizer!r} now"]
+    assert aux1x.aux.model["n_layer"] == GPT_PRESETS[aux1x.stage1.preset]["n_layer"]  # 1x stage 1's depth
+    # without the override the pipeline stops at once instead of training another tokenizer
+    placeholder, _ = load_experiment_config(ROOT / "configs" / "study" / "fmnist_v16384_aux1x.yaml")
+    assert not Path(placeholder.tokenizer.pretrained).exists()

@@ -172,6 +172,13 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
     def fingerprints(*methods: str, step: int | None = None) -> dict:
         return {k: v for m in methods for k, v in holders[m].fingerprints(m, step=step).items()}
 
+    chosen = {}
+    if cited is not None:  # the reference's baseline at the setting the reference's study chose, checked first
+        reference = holders["baseline"]
+        chosen["baseline"] = cited.cited("select-baseline", _select_inputs(s, fingerprints("baseline")),
+                                         f"study {reference.root} with the same settings first (ctfgen study "
+                                         f"{reference.root} --records {cited.dir.parent})")["chosen"]
+
     def tokenizer_record():
         data = run.image_dataset("test")
         if s.tokenizer_images is not None and s.tokenizer_images < len(data):
@@ -199,12 +206,6 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
                                     "models": fingerprints(*pipes, step=step)}, epoch_record)
 
     val = run.images("val")[0]
-    chosen = {}
-    if cited is not None:  # the reference's baseline: its setting as the reference's study chose it
-        reference = holders["baseline"]
-        chosen["baseline"] = cited.cited("select-baseline", _select_inputs(s, fingerprints("baseline")),
-                                         f"study {reference.root} with the same settings first (ctfgen study "
-                                         f"{reference.root} --records {cited.dir.parent})")["chosen"]
     for method in run.methods:
         pipe = pipes[method]
 
@@ -316,10 +317,10 @@ def write_report(records_dir, figure_dir=None) -> str:
         name = label(r, size)
         if "baselines-from" in recs:
             b = recs["baselines-from"]
-            lent.append(f"- {name} (run {r}): CTF whose auxiliary model has {b['aux_layers']} layers, stage 1's "
-                        f"{b['stage1_layers']} times {b['aux_layers'] / b['stage1_layers']:g}; it has no baselines of "
-                        f"its own: they are the rows of run {b['run']}, which shares its tokenizer, coarse map and test "
-                        "and validation codes (checked by fingerprint).")
+            lent.append(f"- {name} (run {r}): CTF with an auxiliary model of {b['aux_layers']} layers against stage "
+                        f"1's {b['stage1_layers']}; it trained no baselines: its baselines are the rows of run "
+                        f"{b['run']}, with which it shares the tokenizer, the coarse map and the test and validation "
+                        "codes (checked by fingerprint).")
         epochs = _epochs(recs)
         last = epochs[-1]["heldout"] if epochs else {}
         for method in METHODS:
