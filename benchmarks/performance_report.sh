@@ -5,7 +5,7 @@
 #     benchmarks/performance_report.sh OUT_DIR
 #     SECTIONS="profile busy" benchmarks/performance_report.sh OUT_DIR   # only these sections
 #
-# Expected duration on this project's 2-core CPU: about 27 minutes (the estimate of each section
+# Expected duration on this project's 2-core CPU: about 45 minutes (run 1 took 32 without section 6b; the estimate of each section
 # is printed before it runs). Each section has a time limit, so a slow machine cannot run away:
 # worst case about an hour, with whatever rows a cut section had printed kept in its .md file.
 # OUT_DIR gets: env.txt (uptime first, then machine and versions), one SECTION.md (the markdown
@@ -86,6 +86,10 @@ section shipped 150 300 bench --models fashion-mnist --batch-sizes 1 8 64 \
 section quality 450 900 bench --quality --models fashion-mnist fashion-mnist-baseline \
   --dtype float32 bfloat16 int8-fbgemm int8 int8-weight --sample-dtype float32 bfloat16 int8-fbgemm \
   --seeds 0 1 --per-class 500 --test-images 5000 --threads 2
+
+# 6b. Samples of torchao's int8 and int8-weight (slow in eager mode here, so a section of their own).
+section quality_torchao 600 1500 bench --quality --models fashion-mnist fashion-mnist-baseline \
+  --dtype float32 int8 int8-weight --sample-dtype int8 int8-weight --seeds 0 1 --per-class 500 --test-images 5000 --threads 2
 
 # 7. CTF/baseline at GPT-B's and GPT-L's shapes (the 343M aux) at batch 1, against the paper's Table 2,
 #    in int8-fbgemm (the fastest here; GPT-L in bfloat16 would take four minutes more).
