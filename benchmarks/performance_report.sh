@@ -7,7 +7,7 @@
 #
 # Expected duration on this project's 2-core CPU: about 45 minutes (run 1 took 32 without section 6b; the estimate of each section
 # is printed before it runs). Each section has a time limit, so a slow machine cannot run away:
-# worst case about an hour, with whatever rows a cut section had printed kept in its .md file.
+# worst case about 85 minutes (the sum of the limits), with whatever rows a cut section had printed kept in its .md file.
 # OUT_DIR gets: env.txt (uptime first, then machine and versions), one SECTION.md (the markdown
 # table, printed as it goes) + SECTION.json (raw results) + SECTION.err per section, and log.txt.
 #
