@@ -29,6 +29,21 @@ class Toy(nn.Module):
         return self.layers[2](h)
 
 
+class SnapshotToy(Toy):
+    """The toy with what the loop's snapshots need: a `config` it is rebuilt from (an unsharded copy
+    under FSDP is `SnapshotToy(model.config)`), and save_pretrained."""
+
+    def __init__(self, dropout: float = 0.2):
+        super().__init__(dropout)
+        self.config = dropout
+
+    def save_pretrained(self, directory):
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)  # publish_dir hands a path that does not exist yet
+        save_file(self.state_dict(), str(Path(directory) / "model.safetensors"))
+
+
 def toy_dataset(n: int = 96) -> TensorDataset:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, 8, generator=g)
@@ -55,6 +70,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--snapshot-every", type=int, default=0)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--ema", action="store_true")
@@ -73,9 +89,9 @@ def main(argv=None):
 
     cfg = dict(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=3e-3, mixed_precision="none",
                checkpoint_every=a.checkpoint_every, log_every=1, ema=a.ema, ema_decay=0.9, fsdp=a.fsdp,
-               schedule=a.schedule, warmup_steps=3, progress=False)
+               schedule=a.schedule, warmup_steps=3, progress=False, snapshot_every=a.snapshot_every)
     torch.manual_seed(0)  # the same initial weights in every run of this script
-    res = train(Toy(a.dropout), loss_fn, toy_dataset(), cfg, a.out, resume=a.resume)
+    res = train(SnapshotToy(a.dropout), loss_fn, toy_dataset(), cfg, a.out, resume=a.resume)
     if a.result:
         torch.save({"model": res.state_dict, "ema": res.ema_state_dict, "step": res.step},
                    f"{a.result}.rank{D.get_rank()}")

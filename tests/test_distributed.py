@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from _train_toy import Toy, toy_dataset, toy_loss
 
@@ -77,7 +78,13 @@ def test_fsdp_two_ranks_resume_matches_one_process(tmp_path):
     # lr, so that stopping at 5 and going on to 10 is the same schedule as 10 at once).
     out = str(tmp_path / "fsdp")
     args = ["--fsdp", "--ema", "--dropout", "0", "--grad-accum", "2", "--schedule", "constant"]
-    torchrun([out, "--steps", "5", *args])
+    torchrun([out, "--steps", "5", *args, "--snapshot-every", "5", "--result", str(tmp_path / "res5")])
+    # The step-5 snapshot: the full EMA weights gathered from both shards, saved once by rank 0.
+    snap = load_file(str(Path(out) / "snapshots" / "step-000005" / "model.safetensors"))
+    ema5 = load_results(tmp_path / "res5")[0]["ema"]
+    assert snap.keys() == ema5.keys()
+    for k in snap:
+        assert torch.equal(snap[k], ema5[k]), k
     torchrun([out, "--steps", "10", *args, "--resume", "--result", str(tmp_path / "res")])
     a, b = load_results(tmp_path / "res")
     one = single_process(tmp_path / "one", 10, 0.0, schedule="constant", grad_accum=2)

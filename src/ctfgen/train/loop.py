@@ -450,11 +450,12 @@ class Run:
         try:
             if path is not None:
                 ship = raw
-                if fsdp:  # gather the full weights (collective); rank 0 saves them in an unsharded copy
+                if fsdp:  # gather the full weights, EMA's too (collectives: every rank); rank 0 saves an unsharded copy
                     sd = D.model_state(self.wrapped)
+                    sd = self.ema.full_model_state(sd) if self.ema is not None else sd
                     ship = D.unsharded_class(raw)(raw.config) if D.is_main() else None
                     if ship is not None:
-                        load_state_dict_strict(ship, self.ema.full_model_state(sd) if self.ema is not None else sd, source="FSDP snapshot")
+                        load_state_dict_strict(ship, sd, source="FSDP snapshot")
                 if D.is_main() and hasattr(ship, "save_pretrained"):
                     publish_dir(ship.save_pretrained, path)
                 D.barrier()
