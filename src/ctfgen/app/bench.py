@@ -46,7 +46,7 @@ from ctfgen.shipped import pretrained, pretrained_path
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.precision import Int8, cast_weights, dtype_name, resolve_dtype
-from ctfgen.utils.threads import SHORT_SPIN, use_sampling_threads
+from ctfgen.utils.threads import SHORT_SPIN, WAITING_VARIABLES, use_sampling_threads
 
 # --------------------------------------------------------------------------------------------
 # Images/s of both methods (`ctfgen bench`)
@@ -630,7 +630,6 @@ def matmul_rates(dtypes=("float32", "bfloat16", "int8", "int8-weight", "int8-fbg
 # ctfgen.utils.threads.use_sampling_threads, what the ctfgen command does; the environment sets how
 # waiting OpenMP threads behave ({}: OpenMP's default, 300000 spins in libgomp).
 # (One thread under any waiting is not listed apart: a single thread never waits at a barrier.)
-WAITING_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 BUSY_SETTINGS = (
     ("torch default: a thread per core, OpenMP's default waiting", None, {}),
     ("a thread per core, passive waiting", None, {"OMP_WAIT_POLICY": "PASSIVE"}),
