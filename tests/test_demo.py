@@ -306,7 +306,7 @@ def test_demo_warns_for_a_public_host(monkeypatch, capsys):
 
 def test_demo_command_finds_the_baseline_and_refuses_a_baseline_model(tmp_path, monkeypatch, capsys):
     from ctfgen.app.cli import main
-    from ctfgen.app.commands import demo as demo_command
+    from ctfgen.app.commands import sample as demo_command  # where run_demo finds `launch`
 
     ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
     CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "run" / "ctf")

@@ -15,6 +15,7 @@ import os
 import sys
 
 from ctfgen import __version__
+from ctfgen.app.commands import HelpFormatter
 from ctfgen.utils.errors import ConfigError, CtfgenError
 from ctfgen.utils.threads import prefer_short_spin
 
@@ -32,8 +33,8 @@ COMMANDS = {
     "redundancy": ("evaluate", "measure how interchangeable codewords within a cluster are (paper Fig. 1b)"),
     "reproduce": ("evaluate", "ablations, evaluation and the results report on top of a finished pipeline run"),
     "study": ("evaluate", "evaluate the codebook-size study's runs: records, tables and figures"),
-    "bench": ("bench", "time the baseline and CTF sampling side by side"),
-    "demo": ("demo", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
+    "bench": ("evaluate", "time the baseline and CTF sampling side by side"),
+    "demo": ("sample", "serve the interactive web demo on this machine (needs `pip install ctfgen[demo]`)"),
     "train-classifier": ("train", "train the Fashion-MNIST feature classifier used by the offline metrics"),
 }
 
@@ -53,11 +54,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="ctfgen", description=__doc__.splitlines()[0],
         epilog="Run `ctfgen COMMAND --help` for a command's options; docs/ explains the method and the results.")
-    parser.add_argument("--version", action="version", version=f"ctfgen {__version__}",
-                        help="print ctfgen's version and exit")
+    parser.add_argument("--version", action="version", version=f"ctfgen {__version__}", help="print ctfgen's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if only is None or name == only:
             command(name, "configure")(p)
     return parser

@@ -15,11 +15,6 @@ from ctfgen.utils.options import COUNTS, SAMPLING, SEED, Option, check_device, c
 from ctfgen.utils.precision import DTYPE_CHOICES
 from ctfgen.utils.threads import use_sampling_threads
 
-MODEL_HELP = ("a pipeline directory (from `ctfgen pipeline`: the run's root RUN, RUN/ctf or RUN/baseline), a "
-              "Hugging Face Hub repo id (org/name; cached, honours HF_HUB_OFFLINE), or a shipped name: "
-              "fashion-mnist, fashion-mnist-baseline (default: %(default)s)")
-
-
 def add_device_argument(parser, default: str | None = "auto") -> None:
     """--device ("auto": cuda when available, else cpu; None: the library chooses), checked by check_args."""
     parser.add_argument("--device", default=default, help="cpu, cuda, cuda:N, mps ... (only devices this torch build "
@@ -28,7 +23,9 @@ def add_device_argument(parser, default: str | None = "auto") -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="fashion-mnist", help=MODEL_HELP)
+    g.add_argument("--model", default="fashion-mnist", help="a pipeline directory (from `ctfgen pipeline`: the run's "
+                   "root RUN, RUN/ctf or RUN/baseline), a Hugging Face Hub repo id (org/name; cached, honours "
+                   "HF_HUB_OFFLINE), or a shipped name: fashion-mnist, fashion-mnist-baseline")
     add_device_argument(g)
 
 
@@ -36,11 +33,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling (unset options take the model's defaults: the paper's for CTF)")
     for option in SAMPLING.values():
         g.add_argument(option.flag, type=int if option.integer else float, default=None, help=cli_help(option))
-    g.add_argument("--seed", type=int, default=0, help=cli_help(SEED) + " (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help=cli_help(SEED))
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="sampling precision; auto = bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere; "
                         "int8 / int8-weight = dynamic / weight-only int8 linear layers through torchao (pip install "
-                        "'ctfgen[quant]'), int8-fbgemm = dynamic int8 through PyTorch's x86 kernels (default: %(default)s)")
+                        "'ctfgen[quant]'), int8-fbgemm = dynamic int8 through PyTorch's x86 kernels")
 
 
 def check_args(args: argparse.Namespace, outputs: dict[str, str] | None = None, **rules: str | Option) -> None:

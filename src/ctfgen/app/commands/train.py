@@ -26,17 +26,17 @@ from ctfgen.utils.rundir import MODEL_DIR
 
 
 def configure_train_tokenizer(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML (its data and tokenizer sections are used)")
-    parser.add_argument("--out", default=None,
-                        help="output directory (checkpoints, metrics.csv, tokenizer/); required unless --print-config")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
+    add = parser.add_argument
+    add("config", help="experiment YAML (its data and tokenizer sections are used)")
+    add("--out", help="output directory: checkpoints/, metrics.csv, tokenizer/ (the model), config.yaml (required "
+                      "unless --print-config)")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
     add_device_argument(parser, None)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.csv is still written)")
+    add("--no-progress", action="store_true", help="no progress bar (metrics.csv is still written)")
     add_print_config(parser, overrides="override config values")
 
 
 def run_train_tokenizer(args: argparse.Namespace) -> None:
-    """DIR receives checkpoints/, metrics.csv, tokenizer/ (the model) and config.yaml (the resolved config)."""
     check_args(args)
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if not print_config(args, cfg.tokenizer, "out"):
@@ -44,27 +44,25 @@ def run_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def configure_extract_codes(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", required=True, help="VQModel directory (save_pretrained form)")
-    parser.add_argument("--dataset", choices=["fashion_mnist", "image_folder"], default="fashion_mnist",
-                        help="Fashion-MNIST's IDX files, or a folder of class sub-folders of images (default: %(default)s)")
-    parser.add_argument("--data-root", default=None,
-                        help="Fashion-MNIST IDX directory (default: $CTFGEN_FASHION_MNIST, then the Debian "
-                             "package's directory) or the class-per-folder image root")
-    parser.add_argument("--split", choices=["train", "test"], default="train", help="Fashion-MNIST split")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="size the tokenizer sees (default: 28 for fashion_mnist, 256 for image_folder)")
-    parser.add_argument("--augment", choices=["none", "flip", "tencrop"], default="none",
-                        help="store 1, 2 (image + mirror) or 10 (LlamaGen ten-crop) codes per image")
-    parser.add_argument("--crop-range", type=float, default=1.1,
-                        help="ten-crop takes crops of image-size from a centre crop of int(image-size * this)")
-    parser.add_argument("--out", required=True, help="output code directory (created atomically)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per rank per step")
-    parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST: a class-balanced subset of N images")
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="data-loading worker processes; 0 loads in the main process (default: %(default)s)")
-    parser.add_argument("--verify", action="store_true", help="image_folder: PIL-verify every file first")
+    add = parser.add_argument
+    add("--tokenizer", required=True, help="VQModel directory (save_pretrained form)")
+    add("--dataset", choices=["fashion_mnist", "image_folder"], default="fashion_mnist",
+        help="Fashion-MNIST's IDX files, or a folder of class sub-folders of images")
+    add("--data-root", help="Fashion-MNIST IDX directory (default: $CTFGEN_FASHION_MNIST, then the Debian "
+                            "package's directory) or the class-per-folder image root")
+    add("--split", choices=["train", "test"], default="train", help="Fashion-MNIST split")
+    add("--image-size", type=int, help="size the tokenizer sees (default: 28 for fashion_mnist, 256 for image_folder)")
+    add("--augment", choices=["none", "flip", "tencrop"], default="none",
+        help="store 1, 2 (image + mirror) or 10 (LlamaGen ten-crop) codes per image")
+    add("--crop-range", type=float, default=1.1,
+        help="ten-crop takes crops of image-size from a centre crop of int(image-size * this)")
+    add("--out", required=True, help="output code directory (created atomically)")
+    add("--batch-size", type=int, default=256, help="images per rank per step")
+    add("--limit", type=int, help="Fashion-MNIST: a class-balanced subset of N images")
+    add("--num-workers", type=int, default=0, help="data-loading worker processes; 0 loads in the main process")
+    add("--verify", action="store_true", help="image_folder: PIL-verify every file first")
     add_device_argument(parser, None)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    add("--overwrite", action="store_true", help="replace an existing --out directory")
 
 
 def run_extract_codes(args: argparse.Namespace) -> None:
@@ -83,14 +81,15 @@ def run_extract_codes(args: argparse.Namespace) -> None:
 
 
 def configure_cluster(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", required=True, help="VQModel directory (save_pretrained form)")
-    parser.add_argument("--num-coarse", type=int, default=512, help="number of coarse labels K (paper: 512)")
-    parser.add_argument("--method", choices=["kmeans", "random"], default="kmeans",
-                        help="kmeans on the codewords as the tokenizer uses them, or balanced random groups")
-    parser.add_argument("--seed", type=int, default=0, help="seed of k-means' starts or of the random groups (default: %(default)s)")
-    parser.add_argument("--n-init", type=int, default=4, help="k-means restarts (the lowest inertia is kept)")
-    parser.add_argument("--out", required=True, help="output file (.safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add = parser.add_argument
+    add("--tokenizer", required=True, help="VQModel directory (save_pretrained form)")
+    add("--num-coarse", type=int, default=512, help="number of coarse labels K (default: %(default)s, the paper's)")
+    add("--method", choices=["kmeans", "random"], default="kmeans",
+        help="kmeans on the codewords as the tokenizer uses them, or balanced random groups")
+    add("--seed", type=int, default=0, help="seed of k-means' starts or of the random groups")
+    add("--n-init", type=int, default=4, help="k-means restarts (the lowest inertia is kept)")
+    add("--out", required=True, help="output file (.safetensors)")
+    add("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run_cluster(args: argparse.Namespace) -> None:
@@ -108,17 +107,16 @@ def run_cluster(args: argparse.Namespace) -> None:
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", required=True, choices=["ar", "aux", "baseline"],
-                        help="ar: CTF stage 1 over coarse labels; aux: the auxiliary fine-token model; "
-                             "baseline: the vanilla GPT over fine tokens")
-    parser.add_argument("--codes", default=None, help="code directory from `ctfgen extract-codes` (required unless --print-config)")
-    parser.add_argument("--coarse-map", default=None, help="CoarseMap file from `ctfgen cluster` (ar and aux)")
-    parser.add_argument("--config", default=None,
-                        help="YAML with `preset`, `model` (config overrides) and `train` keys, or an experiment "
-                             "config (its stage1 / aux / baseline section is used)")
-    parser.add_argument("--preset", default=None, help="model preset (default: GPT-B / Aux-B, or the config's)")
-    parser.add_argument("--out", default=None, help="output directory: checkpoints/, metrics.csv, model/ (required unless --print-config)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add = parser.add_argument
+    add("--stage", required=True, choices=["ar", "aux", "baseline"], help="ar: CTF stage 1 over coarse labels; aux: "
+        "the auxiliary fine-token model; baseline: the vanilla GPT over fine tokens")
+    add("--codes", help="code directory from `ctfgen extract-codes` (required unless --print-config)")
+    add("--coarse-map", help="CoarseMap file from `ctfgen cluster` (ar and aux)")
+    add("--config", help="YAML with `preset`, `model` (config overrides) and `train` keys, or an experiment config "
+                         "(its stage1 / aux / baseline section is used)")
+    add("--preset", help="model preset (default: GPT-B / Aux-B, or the config's)")
+    add("--out", help="output directory: checkpoints/, metrics.csv, model/ (required unless --print-config)")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add_print_config(parser, overrides="overrides of the stage config, e.g. train.steps=1000 train.lr=3e-4 model.dim=256")
 
 
@@ -138,22 +136,17 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def configure_pipeline(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Run tokenizer training, clustering, code extraction, stage 1, the auxiliary model and the "
-        "baseline, then assemble DIR as a CTF pipeline (CTFPipeline.from_pretrained(DIR)) and DIR/baseline. "
-        "Works under torchrun (DDP or FSDP; only rank 0 writes)."
-    )
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config (configs/*.yaml); with --resume it defaults to the run's DIR/input.yaml")
-    parser.add_argument("--out", default=None, help="experiment directory (required unless --print-config)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out: finished phases are skipped, an interrupted one resumes "
-                             "from its checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
-    add_print_config(parser, config="config", overrides="config overrides, values parsed as YAML (e.g. train.steps=100 "
-                     "stage1.preset=GPT-mini)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="shrink the config to two steps of everything with tiny models (checks a recipe on a CPU)")
+    parser.description = ("Run tokenizer training, clustering, code extraction, stage 1, the auxiliary model and the "
+                          "baseline, then assemble DIR as a CTF pipeline (CTFPipeline.from_pretrained(DIR)) and "
+                          "DIR/baseline. Works under torchrun (DDP or FSDP; only rank 0 writes).")
+    add = parser.add_argument
+    add("config", nargs="?", help="YAML config (configs/*.yaml); with --resume it defaults to the run's DIR/input.yaml")
+    add("--out", help="experiment directory (required unless --print-config)")
+    add("--resume", action="store_true", help="continue the run in --out: skip finished phases, resume an interrupted one")
+    add("--no-progress", action="store_true", help="no progress bars (logs still written)")
+    add_print_config(parser, config="config",
+                     overrides="config overrides, values parsed as YAML (e.g. train.steps=100 stage1.preset=GPT-mini)")
+    add("--dry-run", action="store_true", help="two steps of everything with tiny models (checks a recipe on a CPU)")
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
@@ -164,20 +157,19 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
 
 def configure_train_classifier(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, train_info.json)")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training split (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    parser.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST *.gz IDX files (default: the usual locations)")
-    parser.add_argument("--limit", type=int, default=None, help="train on the first N training images only (smoke tests)")
-    parser.add_argument("--validation-images", type=int, default=5000,
-                        help="class-balanced training images left out, as data.validation_images leaves them out "
-                             "of the models (default: %(default)s; 0 trains on all 60k)")
+    add = parser.add_argument
+    add("--out", required=True, help="output directory (config.json, model.safetensors, train_info.json)")
+    add("--epochs", type=int, default=5, help="passes over the training split")
+    add("--seed", type=int, default=0, help="seed of the initial weights and the data order")
+    add("--batch-size", type=int, default=256, help="images per step")
+    add("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    add("--data-root", help="folder with the Fashion-MNIST *.gz IDX files (default: the usual locations)")
+    add("--limit", type=int, help="train on the first N training images only (smoke tests)")
+    add("--validation-images", type=int, default=5000, help="class-balanced training images left out, as "
+        "data.validation_images leaves them out of the models (0 trains on all 60k)")
 
 
 def run_train_classifier(args: argparse.Namespace) -> None:
-    """The Fashion-MNIST CNN used by `ctfgen eval --metric-set fmnist`."""
     check_args(args)
     _, info = train_classifier(args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                                data_root=args.data_root, limit=args.limit, validation_images=args.validation_images)
