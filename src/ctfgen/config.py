@@ -139,7 +139,9 @@ def checked(default, *rules, keys=None):
     """A field whose value (unless None) must keep `rules`: bounds like ">= 1", or a tuple of the
     allowed values. A dict field with `keys` (a dataclass or a dict) refuses keys they lack."""
     meta = {"rules": rules, "keys": keys}
-    return field(default_factory=dict, metadata=meta) if isinstance(default, dict) else field(default=default, metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _convert(name: str, value, kind):
