@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import numbers
 import operator
 import os
 import typing
@@ -36,9 +38,8 @@ from ctfgen.utils.errors import ConfigError
 def from_dict(cls, data: dict | None, where: str = ""):
     """`cls(**data)`, recursively for dataclass-typed fields; unknown keys and bad values are
     ConfigErrors naming the full key path."""
-    if data is None:
-        data = {}
-    if is_dataclass(data) and isinstance(data, cls):
+    data = {} if data is None else data
+    if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'the config'} must be a mapping of settings, got {data!r}")
@@ -73,27 +74,17 @@ def unknown_key_message(path: str, key: str, known) -> str:
 
 def to_dict(cfg) -> dict:
     """Plain data (lists for tuples), ready for YAML/JSON."""
-    return _plain(asdict(cfg))
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 def parse_value(text: str) -> Any:
-    """A YAML scalar, except that exponent floats like 3e-4 (strings to YAML 1.1) are floats."""
-    if not text.strip():
-        return None
+    """A YAML scalar (None for an empty one), except that exponent floats like 3e-4 (strings to YAML 1.1) are floats."""
     value = yaml.safe_load(text)
-    if isinstance(value, str):
+    if isinstance(value, str) and "e" in value.lower():
         try:
-            return float(value) if any(c in value.lower() for c in ".e") and value.strip() not in ("e", ".") else value
+            return float(value)
         except ValueError:
-            return value
+            pass
     return value
 
 
@@ -144,15 +135,13 @@ def dump(cfg) -> str:
 
 # --- checking values -------------------------------------------------------------------------------
 
-_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-
-
 def checked(default, *rules, keys=None):
     """A field whose value (unless None) must keep `rules`: bounds like ">= 1", or a tuple of the
     allowed values. A dict field with `keys` (a dataclass or a dict) refuses keys they lack."""
+    meta = {"rules": rules, "keys": keys}
     if isinstance(default, dict):
-        return field(default_factory=dict, metadata={"rules": rules, "keys": keys})
-    return field(default=default, metadata={"rules": rules, "keys": keys})
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _convert(name: str, value, kind):
@@ -184,16 +173,13 @@ class Settings:
             for rule in f.metadata.get("rules", ()) if value is not None else ():
                 if isinstance(rule, tuple) and value not in rule:
                     raise ConfigError(f"{name} must be one of {', '.join(str(c).lower() for c in rule)}, got {value!r}")
-                if isinstance(rule, str) and not _holds(value, rule):
+                if isinstance(rule, str) and not _holds(value, *rule.split()):
                     raise ConfigError(f"{name} must be {rule}, got {value!r}")
 
 
-def _holds(value, rule: str) -> bool:
-    op, bound = rule.split()
-    try:
-        return _OPS[op](value, float(bound))  # False for NaN
-    except TypeError:  # not a number at all
-        return False
+def _holds(value, op: str, bound: str) -> bool:  # False for NaN and for what is not a number
+    ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+    return isinstance(value, numbers.Real) and ops[op](value, float(bound))
 
 
 # --- training ------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ PRETRAINED = {"fashion-mnist": SHIPPED_CTF, "fashion-mnist-baseline": SHIPPED_BA
 
 def pretrained_path(name: str) -> Path:
     if name not in PRETRAINED:
-        raise ConfigError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
+        raise ConfigError(f"{name!r} is neither a shipped model ({', '.join(PRETRAINED)}), a directory, nor a "
+                          "Hugging Face Hub repo id (org/name)")
     path = ASSETS / PRETRAINED[name]
     if not (path / "pipeline.json").is_file():
         raise MissingFileError(
@@ -47,12 +48,9 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
     The shipped models sample `(B, 1, 28, 28)` images in [-1, 1] with `pipe.sample(labels, ...)`.
     """
     device = check_device(device) or "cpu"
-    if name not in PRETRAINED or Path(name).exists():
-        if Path(name).exists() or is_repo_id(name):
-            return load_pipeline(name, revision=revision).to(device).eval()
-        raise ConfigError(f"{name!r} is neither a shipped model ({', '.join(PRETRAINED)}), a directory, nor a "
-                          "Hugging Face Hub repo id (org/name)")
-    pipe = load_pipeline(pretrained_path(name))
+    if Path(name).exists() or (name not in PRETRAINED and is_repo_id(name)):
+        return load_pipeline(name, revision=revision).to(device).eval()
+    pipe = load_pipeline(pretrained_path(name))  # which refuses a name that is none of these
     if pipe.tokenizer is None:
         tokenizer = VQModel.from_pretrained(str(pretrained_path("fashion-mnist") / "tokenizer"))
         pipe = ARPipeline(pipe.gpt, tokenizer, sampling_defaults=pipe.sampling_defaults)  # checks the fingerprint

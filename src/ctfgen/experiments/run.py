@@ -50,7 +50,6 @@ from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CorruptFileError, MismatchError, RunError
 from ctfgen.utils.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
-from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.hub import write_model_card
 from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock_file, plain
 
@@ -208,17 +207,15 @@ def extract_phase(x: Experiment, vq) -> None:
 
 def _valid_codes(out: Path, vq) -> bool:
     """Whether `out` holds codes of this tokenizer; a stale directory is removed."""
-    ok = True
     if out.is_dir():
         try:
             check_codes(out, vq)
         except (MismatchError, CorruptFileError):
-            ok = False
             D.barrier()
             if D.is_main():
                 shutil.rmtree(out)
     D.barrier()
-    return ok and out.is_dir()
+    return out.is_dir()
 
 
 def train_phase(x: Experiment, stage: str, cmap):
@@ -310,15 +307,12 @@ def heldout_phase(x: Experiment) -> None:
 
 def _write_metrics(run: RunDir) -> None:
     """RUN/metrics.csv: every training log in one table, with the stage it came from."""
-    rows, columns = [], ["stage"]
-    stages = [("tokenizer", run.tokenizer_run)] + [(s, run.stage(s)) for s in ("ar", "aux", "baseline", "matched")]
-    for stage, path in ((stage, directory / "metrics.csv") for stage, directory in stages):
-        if path.is_file():
+    rows = []
+    for stage in ("tokenizer", "ar", "aux", "baseline", "matched"):  # run.stage("tokenizer") is run.tokenizer_run
+        if (path := run.stage(stage) / "metrics.csv").is_file():
             with open(path, newline="") as f:
-                for r in csv.DictReader(f):
-                    rows.append({"stage": stage, **r})
-                    columns += [k for k in r if k not in columns]
-    atomic_write_csv(run.metrics, columns, rows)
+                rows += [{"stage": stage, **r} for r in csv.DictReader(f)]
+    atomic_write_csv(run.metrics, list(dict.fromkeys(k for r in rows for k in r)) or ["stage"], rows)
 
 
 def next_steps(root, ctf: bool = True, baseline: bool = True) -> list[str]:
@@ -468,17 +462,6 @@ class FinishedRun(RunDir):
             return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step), self.load_coarse_map(),
                                self.load_tokenizer())
         return ARPipeline(self.snapshot_model(method, step), self.load_tokenizer())
-
-    def snapshot_steps_of(self, *methods: str) -> list[int]:
-        """The steps at which every stage of `methods` saved a snapshot."""
-        steps = [set(self.snapshot_steps(s)) for m in methods for s in STAGES_OF[m]]
-        return sorted(set.intersection(*steps)) if steps else []
-
-    def fingerprints(self, *methods: str, step: int | None = None) -> dict:
-        """Fingerprints of the model files of `methods` (finished, or their snapshots at `step`)."""
-        if step is None:
-            return {m: directory_fingerprint(self.pipeline_dir(m)) for m in methods}
-        return {s: directory_fingerprint(self.snapshot(s, step)) for m in methods for s in STAGES_OF[m]}
 
     def steps_per_epoch(self, stage: str) -> float:
         """Optimizer steps in one pass of `stage` over the training codes, as the training loop counts

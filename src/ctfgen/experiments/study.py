@@ -22,19 +22,11 @@ RECORDS/<run>/
 Methods: `ctf`, `baseline` (stage 1's size: the paper's comparison) and `matched` (the baseline with
 CTF's parameter count), when the run has it.
 
-The auxiliary model at 1x (stage 1's depth; the other runs' is 3x) is a run of
-`configs/study/fmnist_v16384_aux1x.yaml` that takes the V = 16384 run's tokenizer and trains no
-baseline, since the V = 16384 run's baselines are the very models it would train:
-
-    ctfgen pipeline configs/study/fmnist_v16384_aux1x.yaml --out runs/study/v16384_aux1x --resume \
-        tokenizer.pretrained=$PWD/runs/study/v16384/runs/tokenizer/tokenizer
-    ctfgen study runs/study/v16384_aux1x --baselines-from runs/study/v16384 --records docs/results/study
-
-`--baselines-from` (after the reference was studied) checks by fingerprint that the two runs share
-the tokenizer, the coarse map and the test and validation codes, and records that in
-RECORDS/<run>/baselines-from.json; the run gets CTF's records only, and where they compare with the
-baseline (coarse prediction, diagnosis) they use the reference's baseline and its chosen setting
-(the reference's select-baseline record), whose fingerprints they name.
+A run that trains no baselines of its own (the auxiliary model at 1x, on the V = 16384 run's tokenizer:
+configs/study/fmnist_v16384_aux1x.yaml gives the commands) is studied `--baselines-from` a reference run,
+studied first. The two must share the tokenizer, the coarse map and the test and validation codes
+(checked by fingerprint); the run gets CTF's records only, and where they compare with the baseline
+(coarse prediction, diagnosis) they use the reference's baseline at the reference's chosen setting.
 
 Every record stores what it was computed from: the settings that shape it, the fingerprints of the
 model files and the code's commit (`ctfgen.utils.rundir.Records`). A record whose inputs differ from
@@ -52,7 +44,7 @@ from torch.utils.data import Subset
 
 from ctfgen.config import StudySettings
 from ctfgen.experiments.diagnosis import coarse_prediction, most_frequent_members, stagewise_sets
-from ctfgen.experiments.run import METHODS, FinishedRun
+from ctfgen.experiments.run import METHODS, STAGES_OF, FinishedRun
 from ctfgen.metrics.compare import markdown, plot_panels
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import heldout_bits_per_token
@@ -93,14 +85,8 @@ def split_halves(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.nda
 def study_run(run_dir, records_dir, settings: StudySettings | None = None, force: bool = False,
               baselines_from=None) -> dict:
     """Evaluate one finished study run; returns {record name: record}. Idempotent; `force` recomputes
-    records made from other inputs instead of refusing them.
-
-    `baselines_from` names the finished run whose baselines a run without any of its own
-    (`baseline.enabled: false`, e.g. the auxiliary model at 1x) is compared with. The two must share
-    the tokenizer, coarse map and test and validation codes, which is checked by fingerprint; only
-    CTF's records are made for the run, and the reference's baseline stands in wherever CTF is
-    compared with it (the epochs' coarse prediction, the diagnosis, its chosen sampling setting, read
-    from the reference's own `select-baseline` record: study the reference first)."""
+    records made from other inputs instead of refusing them. `baselines_from`: the finished run whose
+    baselines a run without any of its own is compared with (`--baselines-from`, see above)."""
     s = settings or StudySettings()
     run = FinishedRun(run_dir, "ctf", "test", "val")
     reference = None
@@ -170,7 +156,10 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
     vocab = ctf.coarse_map.vocab_size
 
     def fingerprints(*methods: str, step: int | None = None) -> dict:
-        return {k: v for m in methods for k, v in holders[m].fingerprints(m, step=step).items()}
+        """Of the model files of `methods`: their finished pipelines, or their stages' snapshots at `step`."""
+        if step is None:
+            return {m: directory_fingerprint(holders[m].pipeline_dir(m)) for m in methods}
+        return {st: directory_fingerprint(holders[m].snapshot(st, step)) for m in methods for st in STAGES_OF[m]}
 
     chosen = {}
     if cited is not None:  # the reference's baseline at the setting the reference's study chose, checked first
@@ -190,11 +179,11 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
                                 tokenizer_record)
 
     x_coarse, y_coarse = test.get_batch(list(range(min(len(test), s.coarse_images))))
-    steps = set.intersection(*(set(holders[m].snapshot_steps_of(m)) for m in pipes))
+    steps = set.intersection(*(set(holders[m].snapshot_steps(st)) for m in pipes for st in STAGES_OF[m]))
     for step in sorted(steps):
         epoch = step / run.steps_per_epoch("ar")
 
-        def epoch_record(step=step, epoch=epoch):
+        def epoch_record():  # each *_record is called at once by rec.once, inside its loop iteration
             snaps = {m: holders[m].snapshot_pipeline(m, step) for m in dict.fromkeys((*run.methods, "baseline"))}
             return {"codebook_size": vocab, "step": step, "epoch": round(epoch, 3),
                     "heldout": {m: heldout_bits_per_token(snaps[m], test, s.heldout_images) for m in run.methods},
@@ -209,7 +198,7 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
     for method in run.methods:
         pipe = pipes[method]
 
-        def select_record(pipe=pipe):
+        def select_record():
             rows = [{"sampling": g, **_sample_and_score(pipe, s.select_per_class, s.select_seed, s.batch_size, g, val)}
                     for g in ({"cfg_scale": g, "temperature": t} for g in s.guidance for t in s.temperatures)]
             best = min(rows, key=lambda r: r["fd"])
@@ -225,12 +214,11 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
                         f"{', '.join(selection['at_edge'])}: the best setting may lie beyond it")
         chosen[method] = selection["chosen"]
         for setting, sampling in (("chosen", chosen[method]), ("default", {})):
+            resolved = {**pipe.sampling_defaults, **sampling}
             for seed in s.seeds:
                 name = f"test-{method}-{setting}-seed{seed}"
-                resolved = {**pipe.sampling_defaults, **sampling}
 
-                def test_record(pipe=pipe, sampling=sampling, seed=seed, setting=setting, resolved=resolved,
-                                method=method):
+                def test_record():
                     return {"codebook_size": vocab, "method": method, "setting": setting, "seed": seed,
                             "sampling": resolved, "per_class": s.test_per_class, "reference": "fashion-mnist-test",
                             "metrics": _sample_and_score(pipe, s.test_per_class, seed, s.batch_size, sampling, "test")}
@@ -247,26 +235,23 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
                            "extract the codes again (ctfgen pipeline --resume after deleting the codes)")
         source, reference = split_halves(labels, s.diagnosis_per_class)
         x, y = test.get_batch(source.tolist())
-        sets: dict[str, list] = {}
+        sets: dict[str, list] = {}  # name -> [(images, labels) of each batch]
         for name, batch, batch_labels in stagewise_sets(ctf, pipes["baseline"], x, y, reps, batch_size=s.batch_size,
                                                         seed=s.diagnosis_seed, ctf_sampling=chosen["ctf"],
                                                         baseline_sampling=chosen["baseline"]):
-            sets.setdefault(name, [[], []])
-            sets[name][0].append(to_uint8(batch))
-            sets[name][1].append(batch_labels.numpy())
+            sets.setdefault(name, []).append((to_uint8(batch), batch_labels.numpy()))
         ref = images[reference]
-        return {"codebook_size": vocab, "images": int(len(x)), "reference_images": int(len(ref)),
-                "sampling": {m: chosen[m] for m in ("ctf", "baseline")},
+        return {"codebook_size": vocab, "images": int(len(x)), "reference_images": int(len(ref)), "sampling": sampling,
                 "source": f"the first {s.diagnosis_per_class} test images of each class (their codes, and their "
                           "classes for the sampled sets)",
                 "reference": "the other test images, which no set was made from",
                 "representatives": "most frequent member of each cluster in the training codes",
-                "sets": {name: evaluate_fmnist(np.concatenate(i), np.concatenate(lab), ref=ref)
-                         for name, (i, lab) in sets.items()}}
+                "sets": {name: evaluate_fmnist(*(np.concatenate(a) for a in zip(*batches)), ref=ref)
+                         for name, batches in sets.items()}}
 
+    sampling = {m: chosen[m] for m in ("ctf", "baseline")}
     out["diagnosis"] = rec.once("diagnosis", {"per_class": s.diagnosis_per_class, "seed": s.diagnosis_seed,
-                                              "batch_size": s.batch_size,
-                                              "sampling": {m: chosen[m] for m in ("ctf", "baseline")},
+                                              "batch_size": s.batch_size, "sampling": sampling,
                                               "models": fingerprints("ctf", "baseline")}, diagnosis_record)
     return out
 
