@@ -419,27 +419,25 @@ class Run:
                 "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
 
     def snapshot(self, path: Path | None, on_epoch_end: Callable | None = None, epoch: int | None = None) -> None:
-        """save_pretrained the weights a run ships (EMA when on) to `path` (if given) and run the epoch
-        hook, in eval mode with the EMA weights swapped in (under FSDP only the saved copy has them)."""
-        raw, fsdp = D.unwrap(self.wrapped), D.is_fsdp(self.wrapped)
-        backup = {k: v.detach().clone() for k, v in raw.state_dict().items()} if self.ema is not None and not fsdp else None
+        """save_pretrained the weights a run ships (EMA when on) to `path` (if given), then run the epoch
+        hook in eval mode with the EMA weights swapped in (not under FSDP, where only the saved copy has them)."""
+        raw = D.unwrap(self.wrapped)
+        if path is not None:  # full weights (gathered on every rank under FSDP); rank 0 saves an unsharded copy
+            sd = D.model_state(self.wrapped)
+            sd = self.ema.full_model_state(sd) if self.ema is not None else sd
+            if D.is_main() and hasattr(raw, "save_pretrained"):
+                with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+                    ship = load_state_dict_strict(D.unsharded_class(raw)(raw.config), sd, source="snapshot")
+                publish_dir(ship.save_pretrained, path)
+            D.barrier()
+        if on_epoch_end is None:
+            return
+        backup = D.model_state(raw) if self.ema is not None and not D.is_fsdp(raw) else None
         if backup is not None:
             raw.load_state_dict(self.ema.full_model_state(backup))
         raw.eval()
         try:
-            if path is not None:
-                ship = raw
-                if fsdp:  # gather the full weights, EMA's too (collectives: every rank); rank 0 saves an unsharded copy
-                    sd = D.model_state(self.wrapped)
-                    sd = self.ema.full_model_state(sd) if self.ema is not None else sd
-                    ship = D.unsharded_class(raw)(raw.config) if D.is_main() else None
-                    if ship is not None:
-                        load_state_dict_strict(ship, sd, source="FSDP snapshot")
-                if D.is_main() and hasattr(ship, "save_pretrained"):
-                    publish_dir(ship.save_pretrained, path)
-                D.barrier()
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, raw)
+            on_epoch_end(epoch, raw)
         finally:
             raw.train()
             if backup is not None:
