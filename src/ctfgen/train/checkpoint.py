@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError
 from ctfgen.utils.fileio import atomic_torch_save
 
@@ -105,8 +104,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def gather_rng() -> list:
-    """Every rank's RNG state, on every rank (collective)."""
-    return D.all_gather_object(get_rng_state())

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
@@ -65,14 +66,20 @@ class TrainResult:
         """The weights to ship: EMA when it was kept, else the raw weights."""
         return self.ema_state_dict if self.ema_state_dict is not None else self.state_dict
 
+    def ship(self, model: nn.Module, path: Path) -> nn.Module:
+        """`model` (a fresh CPU copy) holding the best weights, in eval mode; rank 0 saves it to `path`."""
+        load_state_dict_strict(model, self.best_state_dict(), source="the training result")
+        if D.is_main():
+            publish_dir(model.save_pretrained, path)
+        D.barrier()
+        return model.eval()
+
 
 # --- pieces -------------------------------------------------------------------------------
 
 def training_autocast(mixed_precision: str, device: torch.device):
     """bf16 autocast for `train.mixed_precision` ("auto" | "bf16" | "none") on `device`."""
-    use_bf16 = mixed_precision == "bf16" or (
-        mixed_precision == "auto" and resolve_dtype("auto", device) == torch.bfloat16)
-    if use_bf16 and device.type in ("cuda", "cpu"):
+    if mixed_precision != "none" and resolve_dtype(mixed_precision, device) == torch.bfloat16 and device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -117,18 +124,8 @@ class ShardedBatches:
             yield perm[lo:lo + self.micro].tolist()
 
 
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
 class EMA:
-    """Exponential moving average of the parameters (LlamaGen's `update_ema`), kept in fp32."""
+    """Exponential moving average of the trainable parameters (LlamaGen's `update_ema`), kept in fp32."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -144,46 +141,34 @@ class EMA:
         return {n: D.full_tensor(s).cpu() for n, s in zip(self.names, self.shadow)}
 
     def load_state_dict(self, sd: dict):
-        missing = [n for n in self.names if n not in sd]
-        if missing or len(sd) != len(self.names):
-            raise CheckpointError(f"EMA state does not match the model (missing: {missing[:10]})")
+        if set(sd) != set(self.names):
+            raise CheckpointError(f"EMA state does not match the model (missing: {[n for n in self.names if n not in sd][:10]})")
         self.shadow = [D.like(sd[n], s) for n, s in zip(self.names, self.shadow)]
 
     def full_model_state(self, model_sd: dict) -> dict:
         """The model state dict with EMA parameters in place of the raw ones (buffers as they are)."""
-        return {**model_sd, **{n: D.full_tensor(s).detach().to("cpu", model_sd[n].dtype)
-                               for n, s in zip(self.names, self.shadow)}}
+        return {**model_sd, **{n: s.to(model_sd[n].dtype) for n, s in self.state_dict().items()}}
 
 
-@contextmanager
 def _grad_sync(model: nn.Module, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
-    if sync or not (D.is_fsdp(model) or hasattr(model, "no_sync")):  # the last one, or not distributed
-        yield
-    elif D.is_fsdp(model):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        with model.no_sync():  # DDP
-            yield
+    if D.is_fsdp(model):
+        model.set_requires_gradient_sync(sync)  # the window's last micro-batch turns it back on
+        return nullcontext()
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()  # DDP's
 
 
 @contextmanager
 def _stop_on_signals(flag: dict):
-    """SIGINT/SIGTERM set a flag the loop reads at step boundaries; a second SIGINT aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
+    """SIGINT/SIGTERM set a flag the loop reads at step boundaries; a second SIGINT aborts at once.
+    (Only the main thread may set handlers; a run in another thread keeps the process's own.)"""
     def handler(signum, frame):
         if flag.get("stop") and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag["stop"] = signal.Signals(signum).name
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM) if main_thread}
     try:
         yield
     finally:
@@ -195,17 +180,15 @@ class Log:
     """metrics.csv (rank 0; rows past a resumed step are dropped, they are about to be redone),
     the progress bar, and averages over each `log_every` window."""
 
-    COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "elapsed_s"]
-
     def __init__(self, run: Run, desc: str, extra, tokens_per_item: int | None):
         self.path, self.enabled = run.out_dir / "metrics.csv", D.is_main()
-        self.columns = self.COLUMNS + list(getattr(extra, "log_columns", ()))
+        self.columns = ["step", "epoch", "loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "elapsed_s",
+                        *getattr(extra, "log_columns", ())]
         self.sum_columns = set(getattr(extra, "log_sums", ()))  # counts per row (e.g. codes restarted), not averages
         self.cfg, self.total, self.tokens_per_item = run.cfg, run.total, tokens_per_item
         self.history, self.sums, self.n, self.t_start = [], Counter(), 0, time.time()
-        self.t0 = self.t_start
+        self.t0 = self.t_start  # the current window's start
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             rows = []
             if run.resumed_from is not None and self.path.is_file():
                 with open(self.path, newline="") as f:
@@ -347,15 +330,13 @@ class Run:
         if found is not None:
             self.restore(*found, desc)
 
-    # --- the data -------------------------------------------------------------------------
-
     def next_batch(self):
         if self.batch >= self.batches.per_epoch:
             self.epoch, self.batch, self._iter = self.epoch + 1, 0, None
         if self._iter is None:
             self._iter = self._epoch_iter()
         self.batch += 1
-        return _to_device(next(self._iter), self.device)
+        return tree_map_only(torch.Tensor, lambda t: t.to(self.device, non_blocking=True), next(self._iter))
 
     def _epoch_iter(self):
         ds, cfg = self.dataset, self.cfg
@@ -376,8 +357,6 @@ class Run:
     def epochs_completed(self) -> int:
         return self.epoch + (1 if self.batch >= self.batches.per_epoch else 0)
 
-    # --- checkpoints, snapshots, epochs ---------------------------------------------------
-
     def save(self) -> None:
         ckpt = {  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
             "format": C.CHECKPOINT_FORMAT,
@@ -389,7 +368,7 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "extra": self.extra.state_dict() if self.extra is not None else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch, "epochs_done": self.epochs_done,
-            "dataset_len": self.num_items, "rng": C.gather_rng(), "world_size": D.get_world_size(),
+            "dataset_len": self.num_items, "rng": D.gather_object(C.get_rng_state()), "world_size": D.get_world_size(),
             "train_config": to_dict(self.cfg), "run_config": self.run_config,
         }
         if D.is_main():
@@ -440,27 +419,25 @@ class Run:
                 "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
 
     def snapshot(self, path: Path | None, on_epoch_end: Callable | None = None, epoch: int | None = None) -> None:
-        """save_pretrained the weights a run ships (EMA when on) to `path` (if given) and run the epoch
-        hook, in eval mode with the EMA weights swapped in (under FSDP only the saved copy has them)."""
-        raw, fsdp = D.unwrap(self.wrapped), D.is_fsdp(self.wrapped)
-        backup = {k: v.detach().clone() for k, v in raw.state_dict().items()} if self.ema is not None and not fsdp else None
+        """save_pretrained the weights a run ships (EMA when on) to `path` (if given), then run the epoch
+        hook in eval mode with the EMA weights swapped in (not under FSDP, where only the saved copy has them)."""
+        raw = D.unwrap(self.wrapped)
+        if path is not None:  # full weights (gathered on every rank under FSDP); rank 0 saves an unsharded copy
+            sd = D.model_state(self.wrapped)
+            sd = self.ema.full_model_state(sd) if self.ema is not None else sd
+            if D.is_main() and hasattr(raw, "save_pretrained"):
+                with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+                    ship = load_state_dict_strict(D.unsharded_class(raw)(raw.config), sd, source="snapshot")
+                publish_dir(ship.save_pretrained, path)
+            D.barrier()
+        if on_epoch_end is None:
+            return
+        backup = D.model_state(raw) if self.ema is not None and not D.is_fsdp(raw) else None
         if backup is not None:
             raw.load_state_dict(self.ema.full_model_state(backup))
         raw.eval()
         try:
-            if path is not None:
-                ship = raw
-                if fsdp:  # gather the full weights, EMA's too (collectives: every rank); rank 0 saves an unsharded copy
-                    sd = D.model_state(self.wrapped)
-                    sd = self.ema.full_model_state(sd) if self.ema is not None else sd
-                    ship = D.unsharded_class(raw)(raw.config) if D.is_main() else None
-                    if ship is not None:
-                        load_state_dict_strict(ship, sd, source="FSDP snapshot")
-                if D.is_main() and hasattr(ship, "save_pretrained"):
-                    publish_dir(ship.save_pretrained, path)
-                D.barrier()
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, raw)
+            on_epoch_end(epoch, raw)
         finally:
             raw.train()
             if backup is not None:

@@ -11,9 +11,9 @@ from (fingerprints); parts that do not belong together are refused before traini
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,7 @@ from ctfgen.data.codes import CodeDataset
 from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig, cluster_table
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError, MismatchError as StageMismatchError
-from ctfgen.utils.fileio import atomic_write_json, publish_dir
-from ctfgen.utils.hub import load_state_dict_strict
+from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.rundir import MODEL_DIR
 
 from .loop import TrainResult, train
@@ -36,13 +35,9 @@ STAGES = ("ar", "aux", "baseline")
 DEFAULT_PRESETS = {"ar": "GPT-B", "aux": "Aux-B", "baseline": "GPT-B"}
 
 
-@dataclass
-class Stage:
-    name: str
-    model: nn.Module
-    loss_fn: Callable
-    tokens_per_item: int
-    model_class: type
+class Stage(NamedTuple):
+    model: nn.Module  # freshly initialised
+    loss_fn: Callable  # loss_fn(model, batch)
 
 
 def _code_dataset(codes):
@@ -106,7 +101,7 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
             target = target_of.to(x.device)[x]
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
-        return Stage(stage, net, loss_fn, derived["image_tokens"], AuxModel)
+        return Stage(net, loss_fn)
 
     net = GPT(GPTConfig.from_preset(preset, **fields))
     f2c = cmap.fine_to_coarse if stage == "ar" else None
@@ -118,7 +113,7 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
         logits = m(x[:, :-1], y)  # position i predicts token i (position 0 sees only the class)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
 
-    return Stage(stage, net, loss_fn, derived["image_tokens"], GPT)
+    return Stage(net, loss_fn)
 
 
 def parameter_count(stage: str, codes, coarse_map=None, preset: str | None = None, model: dict | None = None) -> int:
@@ -172,18 +167,11 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
         atomic_write_json(out_dir / "stage.json", {
             "stage": stage, "preset": preset or DEFAULT_PRESETS[stage], "params": sum(p.numel() for p in st.model.parameters()),
             "codes": str(dataset.dir), "model_config": model_config})
-    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume, tokens_per_item=st.tokens_per_item,
+    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume, tokens_per_item=st.model.config.image_tokens,
                    on_epoch_end=on_epoch_end, desc=desc or stage, run_config={
                        "stage": stage, "preset": preset, "model": model or {}, "model_config": model_config,
                        **(run_config or {})})
-    # What ships: a fresh CPU copy holding the best weights (EMA when kept), in eval mode.
-    final = st.model_class(st.model.config)
-    load_state_dict_strict(final, result.best_state_dict(), source=f"{stage} training result")
-    final.eval()
-    if D.is_main():
-        publish_dir(final.save_pretrained, out_dir / MODEL_DIR)
-    D.barrier()
-    return final, result
+    return result.ship(type(st.model)(st.model.config), out_dir / MODEL_DIR), result
 
 
 def load_stage_model(stage: str, path) -> nn.Module:

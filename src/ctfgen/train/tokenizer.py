@@ -29,7 +29,7 @@ from ctfgen.train.checkpoint import list_checkpoints, seed_everything
 from ctfgen.train.loop import train, training_autocast
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError
-from ctfgen.utils.fileio import atomic_write_text, publish_dir
+from ctfgen.utils.fileio import atomic_write_text
 
 __all__ = ["train_tokenizer", "VQTraining"]
 
@@ -52,14 +52,12 @@ class _DiscriminatorPair(nn.Module):
 
 @contextmanager
 def _frozen(module: nn.Module):
-    """Gradients flow through `module` to its input but not into its weights."""
-    flags = [p.requires_grad for p in module.parameters()]
+    """Gradients flow through `module` (all of it trained) to its input but not into its weights."""
     module.requires_grad_(False)
     try:
         yield
     finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
+        module.requires_grad_(True)
 
 
 class VQTraining:
@@ -98,13 +96,11 @@ class VQTraining:
         recon, q = model(images)
         recon = recon.float()
         rec = reconstruction_loss(recon, images, L.reconstruction)
-        nll = L.reconstruction_weight * rec
-        p_loss = torch.zeros((), device=images.device)
+        p_loss = g_loss = torch.zeros((), device=images.device)
         if self.lpips is not None:
             p_loss = self.lpips(images, recon).mean()
-            nll = nll + L.perceptual_weight * p_loss
+        nll = L.reconstruction_weight * rec + L.perceptual_weight * p_loss
         loss = nll + q["codebook"] + q["commitment"] + q["entropy"]
-        g_loss = torch.zeros((), device=images.device)
         self.disc_on = self.disc is not None and self.step >= L.disc_start
         if self.disc_on:
             with _frozen(self.disc):
@@ -179,14 +175,10 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     train_cfg = dataclasses.replace(cfg.train, progress=progress and cfg.train.progress)
     result = train(model, task.loss, dataset, train_cfg, out_dir, resume=resume, device=device, desc="tokenizer",
                    extra=task, run_config={"model_config": to_dict(vq_config), "loss_config": to_dict(cfg.loss)})
-    final = VQModel(vq_config)
-    final.load_state_dict(result.best_state_dict())
-    final.eval()
+    final = result.ship(VQModel(vq_config), out_dir / MODEL_DIR)
     if D.is_main():
-        publish_dir(final.save_pretrained, out_dir / MODEL_DIR)
         logger.info(f"tokenizer saved to {out_dir / MODEL_DIR} after {result.step} steps; codebook usage "
             f"{final.codebook_usage():.1%} of {vq_config.codebook_size} codes over the last {vq_config.usage_window} indices")
-    D.barrier()
     return final
 
 

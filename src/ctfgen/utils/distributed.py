@@ -22,7 +22,7 @@ from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ctfgen.utils.errors import ConfigError, RunError
-from ctfgen.utils.hub import check_state_dict, load_state_dict_strict
+from ctfgen.utils.hub import check_state_dict
 
 # GPT-L (24 x 1024, ~343M) and larger are sharded; LlamaGen trains those with FSDP too.
 FSDP_MIN_PARAMS = 300_000_000
@@ -51,8 +51,7 @@ def launched_by_torchrun() -> bool:
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
     """Start the process group if torchrun launched us (once); return the device this rank should use."""
     if launched_by_torchrun() and not is_distributed():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -94,15 +93,6 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
-def all_gather_object(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def gather_object(obj, dst: int = 0) -> list | None:
     """Every rank's `obj`, in rank order, on rank `dst` (None elsewhere)."""
     if not is_distributed():
@@ -123,25 +113,19 @@ def broadcast_object(obj, src: int = 0):
 
 @contextmanager
 def main_first():
-    """Rank 0 runs the block first (e.g. writes a file), the others after it is done.
-
-    An exception on rank 0 is broadcast so that the other ranks fail too instead of waiting
-    in a barrier forever.
-    """
-    error = None
-    if is_main():
-        try:
-            yield True
-        except BaseException as e:  # noqa: BLE001 - re-raised below after telling the others
-            error = e
-        ok = broadcast_object(error is None)
-        if error is not None:
-            raise error
-    else:
-        ok = broadcast_object(None)
-        if not ok:
+    """Rank 0 runs the block first (e.g. writes a file), the others after it is done. Rank 0 tells
+    the others whether it succeeded, so that they fail too instead of waiting in a barrier forever."""
+    if not is_main():
+        if not broadcast_object(None):
             raise RunError("rank 0 failed in a rank-0-only step; see its error above")
         yield False
+        return
+    try:
+        yield True
+    except BaseException:
+        broadcast_object(False)
+        raise
+    broadcast_object(True)
 
 
 def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto") -> nn.Module:
@@ -200,11 +184,11 @@ def model_state(model: nn.Module, every_rank: bool = True) -> dict:
 
 
 def load_model_state(model: nn.Module, sd: dict, source: str) -> None:
+    check_state_dict(unwrap(model).state_dict(), sd, source=source)  # all names and (full: DTensor's) shapes first
     if is_fsdp(model):
-        check_state_dict(model_state(model), sd, source=source)
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
     else:
-        load_state_dict_strict(unwrap(model), sd, source=source)
+        unwrap(model).load_state_dict(sd)
 
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
