@@ -28,7 +28,7 @@ def study(tmp_path_factory):
     records = base / "records"
     args = ["study", str(out), "--records", str(records), "--seeds", "0", "1", "--test-per-class", "3",
             "--select-per-class", "2", "--heldout-images", "20", "--tokenizer-images", "50", "--batch-size", "30",
-            "--guidance", "2", "3", "--temperatures", "1.0", "--diagnosis-per-class", "2",
+            "--guidance", "2", "3", "--temperatures", "1.0", "--diagnosis-per-class", "2", "--epoch-per-class", "2",
             "--report", str(base / "report.md")]
     assert cli(args) == 0
     return out, records, base, args
@@ -48,7 +48,9 @@ def test_records(study):
     names = sorted(p.stem for p in (records / "v256").glob("*.json"))
     cells = [f"test-{m}-{s}-seed{seed}" for m in ("baseline", "ctf", "matched") for s in ("chosen", "default")
              for seed in (0, 1)]
-    assert names == ["diagnosis", "epoch-1.00", "select-baseline", "select-ctf", "select-matched", *cells, "tokenizer"]
+    curve = [f"fd-{m}-epoch-1.00" for m in ("baseline", "ctf", "matched")]
+    assert names == ["diagnosis", "epoch-1.00", *curve, "select-baseline", "select-ctf", "select-matched", *cells,
+                     "tokenizer"]
     rec = lambda n: json.loads((records / "v256" / f"{n}.json").read_text())  # noqa: E731
     tok = rec("tokenizer")
     assert tok["images"] == 40 and 0 < tok["usage"] <= 1  # the run's own test split (data.test_limit=40) and tok["codebook_size"] == 256
@@ -63,6 +65,10 @@ def test_records(study):
     assert select["commit"] and select["inputs"]["models"]["ctf"]
     assert select["chosen"]["cfg_scale"] == min(select["grid"], key=lambda g: g["fd"])["sampling"]["cfg_scale"]
     assert "validation split (30 training images" in select["reference"]
+    curve = rec("fd-ctf-epoch-1.00")  # the epoch-1 snapshot at the chosen setting, on its own stream
+    assert curve["step"] == 5 and curve["inputs"]["seed"] == 3000 and curve["per_class"] == 2
+    assert curve["inputs"]["sampling"] == select["chosen"] and curve["metrics"]["fd"] > 0
+    assert set(curve["inputs"]["models"]) == {"ar", "aux"}  # the snapshots' files, not the finished pipeline's
     chosen = rec("test-ctf-chosen-seed1")
     assert chosen["sampling"]["cfg_scale"] == select["chosen"]["cfg_scale"] and chosen["per_class"] == 3
     assert rec("test-ctf-default-seed0")["sampling"]["temperature"] == 1.1  # the paper's default
@@ -79,6 +85,9 @@ def test_report_from_records(study):
     assert "| 256 | 8 |" in md and "±" in md  # two seeds give a spread
     assert "| matched |" in md and "at the edge of the grid" in md
     assert "Stage-wise diagnosis" in md and "teacher-forced" in md
+    fds = [json.loads((study[1] / "v256" / f"fd-{m}-epoch-1.00.json").read_text())["metrics"]["fd"]
+           for m in ("ctf", "baseline", "matched")]
+    assert " / ".join(f"{fd:.2f}" for fd in fds) in next(r for r in md.splitlines() if r.startswith("| 256 | 1.00 |"))
     assert (base / "study_vs_codebook.png").stat().st_size > 1000
     assert (base / "study_vs_epoch.png").stat().st_size > 1000
 
@@ -147,7 +156,7 @@ def test_ctf_only_run_makes_ctf_records_beside_the_reference(study, ctf_only):
     rec = lambda r, n: json.loads((records / r / f"{n}.json").read_text())  # noqa: E731
     names = sorted(p.stem for p in (records / run.name).glob("*.json"))
     cells = [f"test-ctf-{s}-seed{seed}" for s in ("chosen", "default") for seed in (0, 1)]
-    assert names == ["baselines-from", "diagnosis", "epoch-1.00", "select-ctf", *cells, "tokenizer"]
+    assert names == ["baselines-from", "diagnosis", "epoch-1.00", "fd-ctf-epoch-1.00", "select-ctf", *cells, "tokenizer"]
     # the reference's records are read, never made again
     assert {p: p.stat().st_mtime_ns for p in (records / full.name).glob("*.json")} == before
     lent = rec(run.name, "baselines-from")
@@ -177,6 +186,9 @@ def test_ctf_only_run_in_the_report(study, ctf_only, monkeypatch):
     full_bits = json.loads((records / "v256" / "epoch-1.00.json").read_text())["heldout"]["baseline"]["bits_per_token"]
     epoch = next(r for r in rows if r.startswith("| 256, aux 0.5x | 1.00 |"))  # the reference's baseline bits
     assert f"| {full_bits:.3f} |" in epoch
+    own, *lent = (json.loads((records / r / f"fd-{m}-epoch-1.00.json").read_text())["metrics"]["fd"]
+                  for r, m in ((ctf_only[0].name, "ctf"), ("v256", "baseline"), ("v256", "matched")))
+    assert f"| {own:.2f} / {lent[0]:.2f} / {lent[1]:.2f} |" in epoch  # its own CTF, the reference's baselines
     # the figure against codebook size: one point per size on each line, the CTF-only run a marker apart
     import ctfgen.experiments.study as study_module
 
@@ -186,6 +198,10 @@ def test_ctf_only_run_in_the_report(study, ctf_only, monkeypatch):
     fd = panels[0][0]
     assert [(label, xs) for label, xs, *_ in fd["lines"]] == [("ctf", [256]), ("baseline", [256]), ("matched", [256])]
     assert [(label, xs) for label, xs, *_ in fd["points"]] == [("ctf V=256, aux 0.5x", [256])]
+    # the figure against epoch: Fréchet distance of every method's snapshots, each run's own
+    fd_epoch = panels[1][0]
+    assert fd_epoch["title"].startswith("Fréchet") and [label for label, *_ in fd_epoch["lines"]] == [
+        "ctf V=256", "baseline V=256", "matched V=256", "ctf V=256, aux 0.5x"]
 
 
 def test_ctf_only_run_needs_the_reference(study, ctf_only, tmp_path, capsys):
@@ -241,6 +257,8 @@ def test_study_settings_keep_streams_apart():
 
     with pytest.raises(ConfigError, match="must all differ"):
         StudySettings(seeds=(0, 1000))
+    with pytest.raises(ConfigError, match="must all differ"):
+        StudySettings(epoch_seed=2000)
     with pytest.raises(ConfigError, match="test_per_class"):
         StudySettings(test_per_class=0)
 

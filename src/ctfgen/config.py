@@ -484,12 +484,17 @@ class StudySettings(Settings):
     # Test images per class whose codes make the diagnosis sets; the other test images of each class are their reference.
     diagnosis_per_class: int = checked(500, ">= 1")
     diagnosis_seed: int = 2000          # the diagnosis' sampling stream
+    # Fréchet distance against epoch: samples per class of each epoch snapshot at the chosen setting, on their own stream.
+    epoch_per_class: int = checked(200, ">= 1")
+    epoch_seed: int = 3000
     batch_size: int = checked(250, ">= 1")
 
     def __post_init__(self):
         super().__post_init__()
         if not (self.guidance and self.temperatures and self.seeds):
             raise ConfigError("the study needs at least one guidance scale, temperature and seed")
-        if {self.select_seed, self.diagnosis_seed} & set(self.seeds) or self.select_seed == self.diagnosis_seed:
-            raise ConfigError(f"the test seeds {list(self.seeds)}, select_seed {self.select_seed} and diagnosis_seed "
-                              f"{self.diagnosis_seed} must all differ: each sample set gets its own stream")
+        streams = (self.select_seed, self.diagnosis_seed, self.epoch_seed)
+        if set(streams) & set(self.seeds) or len(set(streams)) < len(streams):
+            raise ConfigError(f"the test seeds {list(self.seeds)}, select_seed {self.select_seed}, diagnosis_seed "
+                              f"{self.diagnosis_seed} and epoch_seed {self.epoch_seed} must all differ: each sample "
+                              "set gets its own stream")

@@ -13,6 +13,8 @@ RECORDS/<run>/
     select-<method>.json      guidance x stage-1 temperature, scored on the validation split with
                               its own seed (`select_seed`), never the test streams
     test-<method>-<setting>-seed<s>.json   test-split metrics at the chosen setting and the defaults
+    fd-<method>-epoch-<n>.json   test-split metrics of every epoch snapshot at the chosen setting, with its
+                              own seed (`epoch_seed`) and fewer samples (`epoch_per_class`)
     diagnosis.json            stage-wise sample sets built from one half of the test split (per class)
                               and scored against the other half, which none of them was made from
     baselines-from.json       only for a run compared with another run's baselines (below): which
@@ -249,6 +251,24 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
                 "sets": {name: evaluate_fmnist(*(np.concatenate(a) for a in zip(*batches)), ref=ref)
                          for name, batches in sets.items()}}
 
+    # Fréchet distance against epoch: each snapshot at its method's chosen setting, on the epoch stream.
+    for step in sorted(steps):
+        epoch = step / run.steps_per_epoch("ar")
+        for method in run.methods:
+            name = f"fd-{method}-epoch-{epoch:.2f}"
+
+            def epoch_fd_record():
+                snapshot = holders[method].snapshot_pipeline(method, step)
+                return {"codebook_size": vocab, "method": method, "step": step, "epoch": round(epoch, 3),
+                        "sampling": {**snapshot.sampling_defaults, **chosen[method]}, "per_class": s.epoch_per_class,
+                        "reference": "fashion-mnist-test",
+                        "metrics": _sample_and_score(snapshot, s.epoch_per_class, s.epoch_seed, s.batch_size,
+                                                     chosen[method], "test")}
+
+            out[name] = rec.once(name, {"sampling": chosen[method], "per_class": s.epoch_per_class, "seed": s.epoch_seed,
+                                        "batch_size": s.batch_size, "models": fingerprints(method, step=step)},
+                                 epoch_fd_record)
+
     sampling = {m: chosen[m] for m in ("ctf", "baseline")}
     out["diagnosis"] = rec.once("diagnosis", {"per_class": s.diagnosis_per_class, "seed": s.diagnosis_seed,
                                               "batch_size": s.batch_size, "sampling": sampling,
@@ -344,15 +364,23 @@ def write_report(records_dir, figure_dir=None) -> str:
                markdown(["codebook", *names], [[label(r, d["codebook_size"]),
                                                 *(f"{d['sets'][n]['fd']:.2f}" for n in names)] for r, d in diag])]
 
+    def epoch_fd(r, epoch: dict, method: str):
+        """`method`'s Fréchet distance at `epoch`'s snapshot, from the run's record or its lender's."""
+        lender = runs.get(runs[r].get("baselines-from", {}).get("run"), {})
+        record = runs[r].get(f"fd-{method}-epoch-{epoch['epoch']:.2f}") or lender.get(f"fd-{method}-epoch-{epoch['epoch']:.2f}")
+        return None if record is None else record["metrics"]["fd"]
+
     gaps = [[label(r, v["codebook_size"]), f"{v['epoch']:.2f}", *(f"{b:.3f}" if b is not None else "–" for b in
                                                                   (heldout_bits(r, v, m) for m in ("ctf", "baseline"))),
+             " / ".join(f"{d:.2f}" if d is not None else "–" for d in (epoch_fd(r, v, m) for m in METHODS)),
              f"{cp['stage1']['bits_per_token']:.3f}",
              f"{cp['baseline_cluster_summed']['bits_per_token']:.3f}", f"{cp['gap_bits']:+.3f}",
              f"{cp['stage1']['top1']:.3f} / {cp['baseline_cluster_summed']['top1']:.3f}"]
             for r in order for v in _epochs(runs[r]) for cp in [v["coarse_prediction"]]]
     if gaps:
         md += ["## Against epoch: held-out bits/token and teacher-forced coarse prediction", "",
-               markdown(["codebook", "epoch", "CTF bits/token", "baseline bits/token", "stage-1 coarse bits",
+               markdown(["codebook", "epoch", "CTF bits/token", "baseline bits/token",
+                         "FD ↓ " + " / ".join(METHODS), "stage-1 coarse bits",
                          "baseline cluster-summed coarse bits", "gap", "top-1 stage 1 / baseline"], gaps)]
 
     if figure_dir is not None:
@@ -373,7 +401,7 @@ def write_report(records_dir, figure_dir=None) -> str:
 
         plot_panels([panel("Fréchet distance (test) ↓", fd), panel("held-out bits/token ↓", bits)],
                     Path(figure_dir) / "study_vs_codebook.png")
-        bits_lines, gap_lines = [], []
+        bits_lines, gap_lines, fd_lines = [], [], []
         for r in order:
             epochs = _epochs(runs[r])
             if epochs:
@@ -381,7 +409,10 @@ def write_report(records_dir, figure_dir=None) -> str:
                 bits_lines += [(f"{m} V={size}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
                                for m in METHODS if m in epochs[0]["heldout"]]
                 gap_lines.append((f"V={size}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))
-        plot_panels([{"title": "held-out bits/token ↓", "xlabel": "epoch", "lines": bits_lines},
+                fd_lines += [(f"{m} V={size}", x, [runs[r][f"fd-{m}-epoch-{e['epoch']:.2f}"]["metrics"]["fd"] for e in epochs])
+                             for m in METHODS if all(f"fd-{m}-epoch-{e['epoch']:.2f}" in runs[r] for e in epochs)]
+        plot_panels([{"title": "Fréchet distance (test) ↓", "xlabel": "epoch", "lines": fd_lines},
+                     {"title": "held-out bits/token ↓", "xlabel": "epoch", "lines": bits_lines},
                      {"title": "coarse bits: stage 1 − baseline summed", "xlabel": "epoch", "lines": gap_lines}],
                     Path(figure_dir) / "study_vs_epoch.png")
     return "\n".join(md)

@@ -135,6 +135,9 @@ def configure_study(parser: argparse.ArgumentParser) -> None:
     add("--diagnosis-per-class", type=int, default=500,
         help="test images per class that the diagnosis sets are made from; the rest are their reference")
     add("--diagnosis-seed", type=int, default=2000, help="the diagnosis' sampling seed")
+    add("--epoch-per-class", type=int, default=200,
+        help="samples per class of each epoch snapshot, at the chosen setting, for Fréchet distance against epoch")
+    add("--epoch-seed", type=int, default=3000, help="the epoch snapshots' sampling seed")
     add("--heldout-images", type=int, default=10000, help="test images for the held-out bits per token at every epoch")
     add("--tokenizer-images", type=int, help="test images for codebook usage and PSNR (default: the whole test split)")
     add("--batch-size", type=int, default=250, help="sampling batch size; it shapes the random streams")
@@ -149,8 +152,8 @@ def run_study(args: argparse.Namespace) -> None:
     """Each RUN is a finished `ctfgen pipeline` run of configs/study/fmnist_v<V>.yaml; every measurement
     is one JSON record under RECORDS/<run>/, computed once; the report is made from the records alone."""
     check_args(args, guidance="cfg_scale", temperatures="temperature", seeds="seed", select_seed="seed",
-               diagnosis_seed="seed", test_per_class="per_class", select_per_class="per_class",
-               diagnosis_per_class="per_class", heldout_images="per_class")
+               diagnosis_seed="seed", epoch_seed="seed", test_per_class="per_class", select_per_class="per_class",
+               diagnosis_per_class="per_class", epoch_per_class="per_class", heldout_images="per_class")
     settings = StudySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings) if f.name in args})
     if print_config(args, settings, "records"):
         return
