@@ -260,8 +260,8 @@ PAST_ARGPARSE = {
     "train-classifier": ["--out", "{t}/o", "--data-root", MISSING],
 }
 # Options whose range starts at 0 (0 is a value with a meaning; below 0 is refused).
-ZERO_ALLOWED = {"--seed", "--select-seed", "--diagnosis-seed", "--temperature", "--temperature-fine", "--cfg-scale",
-                "--cfg-scale-fine", "--top-k", "--top-k-fine", "--cfg-steps", "--guidance", "--temperatures", "--seeds",
+ZERO_ALLOWED = {"--seed", "--select-seed", "--diagnosis-seed", "--epoch-seed", "--temperature", "--temperature-fine",
+                "--cfg-scale", "--cfg-scale-fine", "--top-k", "--top-k-fine", "--cfg-steps", "--guidance", "--temperatures", "--seeds",
                 "--num-workers", "--epoch", "--classes", "--validation-images", "--warmup", "--llamagen-steps",
                 "bench --per-class"}
 
