@@ -45,8 +45,10 @@ reproduce: install data
 	$(VENV)/bin/ctfgen reproduce configs/fashion_mnist_ablations.yaml --run runs/fashion_mnist
 
 # Replace the shipped models (src/ctfgen/assets/fashion_mnist) with the reproduction's.
+# WEIGHTS_DTYPE=bfloat16 (or float16) stores the models' parameters in 16 bits; they load as float32.
+WEIGHTS_DTYPE ?= float32
 ship: install
-	$(PY) -m ctfgen.shipped runs/fashion_mnist
+	$(PY) -m ctfgen.shipped runs/fashion_mnist --weights-dtype $(WEIGHTS_DTYPE)
 
 bench: install
 	$(VENV)/bin/ctfgen bench --models fashion-mnist GPT-B --batch-sizes 1 8 64

@@ -38,6 +38,26 @@ def test_saved_weights_that_do_not_fit_are_refused(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+
+def test_saved_weights_of_an_unsupported_dtype_are_refused(tmp_path):
+    """16-bit floats load into float32 parameters; an int8 weight or a float index buffer is refused, by name."""
+    from safetensors.torch import load_file, save_file
+
+    from ctfgen.models.transformer import AuxConfig, AuxModel
+
+    aux = AuxModel(AuxConfig(vocab_size=4, num_coarse=2, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2,
+                             multiple_of=16))
+    aux.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["norm.weight"] = sd["norm.weight"].to(torch.int8)
+    sd["fine_to_coarse"] = sd["fine_to_coarse"].double()
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(StateDictMismatch) as err:
+        AuxModel.from_pretrained(str(tmp_path))
+    msg = str(err.value)
+    assert "unsupported dtype" in msg and "norm.weight: " in msg and "stores int8, model expects float32" in msg
+    assert "fine_to_coarse: " in msg and "stores float64, model expects int64" in msg and "Traceback" not in msg
+
 # --- pipelines by Hub repo id, from a local Hub cache (no network) ----------------------------------
 
 REPO = "ctfgen-test/tiny-ctf"

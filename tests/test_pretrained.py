@@ -57,3 +57,81 @@ def test_ship_replaces_the_assets_with_a_runs_models(tmp_path):
     assert not (shipped / "tokenizer").exists() and not (shipped / "stale.txt").exists()
     assert json.loads((shipped / "pipeline.json").read_text())["has_tokenizer"] is False
     assert isinstance(load_pipeline(tmp_path / "assets" / SHIPPED_CTF), CTFPipeline)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished run's two pipelines, tiny and random (ctf/ and baseline/, one tokenizer)."""
+    from _tiny_ctf import tiny_baseline, tiny_ctf
+
+    run = tmp_path_factory.mktemp("run")
+    ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=4)
+    gpt, _ = tiny_baseline(vocab=8, vq=vq)
+    CTFPipeline(ar, aux, cmap, vq).save_pretrained(run / "ctf")
+    ARPipeline(gpt, vq).save_pretrained(run / "baseline")
+    return run
+
+
+def _tensor_bytes(path) -> int:
+    """The bytes of a safetensors file's tensor data (after its 8-byte length and JSON header)."""
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    return path.stat().st_size - 8 - header
+
+
+@pytest.mark.parametrize("weights_dtype", ["float16", "bfloat16"])
+def test_ship_stores_parameters_in_16_bits(tiny_run, tmp_path, weights_dtype):
+    """16-bit parameters take half the bytes, load back as float32 equal to the originals rounded to
+    that dtype, sample, and pipeline.json and the model card say how they are stored."""
+    import filecmp
+    import json
+
+    from ctfgen.pipeline import load_pipeline
+    from ctfgen.shipped import SHIPPED_BASELINE, ship
+
+    dtype = getattr(torch, weights_dtype)
+    ship(tiny_run, assets=tmp_path / "f32")
+    ship(tiny_run, assets=tmp_path / "half", weights_dtype=weights_dtype)
+    ctf = load_pipeline(tmp_path / "half" / SHIPPED_CTF)
+    base = load_pipeline(tmp_path / "half" / SHIPPED_BASELINE)
+    base = ARPipeline(base.gpt, ctf.tokenizer)  # borrows the float32 tokenizer: its fingerprint still matches
+    for sub, pipe, names in ((SHIPPED_CTF, ctf, ("ar", "aux")), (SHIPPED_BASELINE, base, ("gpt",))):
+        assert json.loads((tmp_path / "f32" / sub / "pipeline.json").read_text())["weights_dtype"] == "float32"
+        assert json.loads((tmp_path / "half" / sub / "pipeline.json").read_text())["weights_dtype"] == weights_dtype
+        assert f"| parameters stored as | {weights_dtype} |" in (tmp_path / "half" / sub / "README.md").read_text()
+        original = load_pipeline(tiny_run / sub.split("/")[-1])
+        for name in names:
+            model, before = getattr(pipe, name), getattr(original, name)
+            params = dict(before.named_parameters())
+            n_params = sum(p.numel() for p in params.values())
+            full = _tensor_bytes(tmp_path / "f32" / sub / name / "model.safetensors")
+            assert _tensor_bytes(tmp_path / "half" / sub / name / "model.safetensors") == full - 2 * n_params
+            for key, value in model.state_dict().items():
+                expected = before.state_dict()[key]
+                if key in params:
+                    assert value.dtype == torch.float32 and torch.equal(value, expected.to(dtype).float()), key
+                    assert not torch.equal(value, expected), f"{key} was not rounded"
+                else:  # buffers (the aux model's int64 cluster table) as they were
+                    assert value.dtype == expected.dtype and torch.equal(value, expected), key
+        images = pipe.sample([0, 2], generator=0)
+        assert images.shape == (2, 1, 4, 4) and torch.isfinite(images).all()
+    tokenizer = SHIPPED_CTF + "/tokenizer/model.safetensors"
+    assert filecmp.cmp(tmp_path / "half" / tokenizer, tiny_run / "ctf" / "tokenizer" / "model.safetensors", shallow=False)
+
+
+def test_ship_command_takes_a_weights_dtype_and_refuses_others(tiny_run, tmp_path, capsys, monkeypatch):
+    """`python -m ctfgen.shipped RUN --weights-dtype D` (`make ship WEIGHTS_DTYPE=D`)."""
+    import json
+
+    from ctfgen.shipped import main, ship
+    from ctfgen.utils.errors import ConfigError
+
+    monkeypatch.setattr("ctfgen.shipped.ASSETS", tmp_path / "assets")  # `python -m ctfgen.shipped` never touches the real ones
+
+    with pytest.raises(ConfigError, match="weights_dtype must be one of float32, float16, bfloat16, got 'int8'"):
+        ship(tiny_run, assets=tmp_path / "assets", weights_dtype="int8")
+    assert main([str(tiny_run), "--weights-dtype", "float64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: weights_dtype must be one of") and "Traceback" not in err
+    assert not (tmp_path / "assets").exists()
+    assert main([str(tiny_run), "--weights-dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "assets" / SHIPPED_CTF / "pipeline.json").read_text())["weights_dtype"] == "bfloat16"

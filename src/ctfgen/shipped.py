@@ -1,22 +1,28 @@
 """Models that ship inside the package, trained by `make reproduce` (docs/results.md).
 
 The CTF pipeline and the baseline share one tokenizer; it is stored once, under the CTF pipeline,
-and the baseline's `pipeline.json` says so (`has_tokenizer: false`).
+and the baseline's `pipeline.json` says so (`has_tokenizer: false`). `ship` may store the GPTs' and
+the auxiliary model's parameters in 16 bits (`weights_dtype`), which halves them; they load back as
+float32. The tokenizer and coarse map stay float32, so the codebook fingerprint every part checks
+is the one the models were trained with.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
 from importlib import resources
 from pathlib import Path
 
-from ctfgen.pipeline import ARPipeline, load_pipeline
+import torch
+
+from ctfgen.pipeline import PIPELINE_FILE, ARPipeline, load_pipeline
 from ctfgen.tokenizer.vq import VQModel
-from ctfgen.utils.errors import ConfigError, MissingFileError
+from ctfgen.utils.errors import ConfigError, CtfgenError, MissingFileError
 from ctfgen.utils.fileio import atomic_write_json, publish_dir
-from ctfgen.utils.hub import is_repo_id
+from ctfgen.utils.hub import MODEL_CARD_FILE, SAFETENSORS_FILE, is_repo_id, read_model_card, save_weights, write_model_card
 from ctfgen.utils.options import check_device
 from ctfgen.utils.rundir import RunDir
 
@@ -24,6 +30,8 @@ ASSETS = Path(str(resources.files("ctfgen") / "assets"))
 SHIPPED_CTF = "fashion_mnist/ctf"
 SHIPPED_BASELINE = "fashion_mnist/baseline"
 PRETRAINED = {"fashion-mnist": SHIPPED_CTF, "fashion-mnist-baseline": SHIPPED_BASELINE}
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")  # how `ship` may store the models' parameters
+MODELS = {"ctf": ("ar", "aux"), "baseline": ("gpt",)}  # a pipeline's models: attribute = sub-directory
 
 
 def pretrained_path(name: str) -> Path:
@@ -57,26 +65,55 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
     return pipe.to(device).eval()
 
 
-def ship(run_dir: str | Path, assets: Path = ASSETS) -> dict[str, int]:
+def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float32") -> dict[str, int]:
     """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
-    own tokenizer copy). Returns the bytes written per model."""
+    own tokenizer copy). Returns the bytes written per model.
+
+    `weights_dtype` "float16" or "bfloat16" stores the floating-point parameters of stage 1, the
+    auxiliary model and the baseline in that dtype (buffers, integer tensors, the tokenizer and the
+    coarse map as they are); each `pipeline.json` records it as "weights_dtype"."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ConfigError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     run = RunDir(run_dir)
     sizes = {}
     for src, sub in ((run.ctf, SHIPPED_CTF), (run.baseline, SHIPPED_BASELINE)):
-        run.require(src / "pipeline.json")
+        run.require(src / PIPELINE_FILE)
+        # the parameters to round, from the pipeline as it loads (strictly checked)
+        pipe = None if weights_dtype == "float32" else load_pipeline(src)
 
-        def copy(tmp: Path, src=src):
+        def copy(tmp: Path, src=src, pipe=pipe):
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("tokenizer") if src.name == "baseline" else None)
+            info = json.loads((tmp / PIPELINE_FILE).read_text())
+            info["weights_dtype"] = weights_dtype
             if src.name == "baseline":
-                info = json.loads((tmp / "pipeline.json").read_text())
                 info["has_tokenizer"] = False
                 info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
-                atomic_write_json(tmp / "pipeline.json", info)
+            atomic_write_json(tmp / PIPELINE_FILE, info)
+            if pipe is not None:
+                for name in MODELS[pipe.kind]:
+                    save_weights(getattr(pipe, name), tmp / name / SAFETENSORS_FILE, getattr(torch, weights_dtype))
+                if (tmp / MODEL_CARD_FILE).is_file():  # the card says how the weights are stored
+                    write_model_card(tmp, **read_model_card(tmp))
 
         dest = publish_dir(copy, assets / sub)
         sizes[src.name] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
     return sizes
 
 
-if __name__ == "__main__":  # python -m ctfgen.shipped RUN_DIR
-    print(ship(sys.argv[1]))
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ctfgen.shipped RUN_DIR [--weights-dtype bfloat16]` (`make ship`)."""
+    parser = argparse.ArgumentParser(prog="python -m ctfgen.shipped", description=ship.__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a finished `ctfgen pipeline` run (its ctf/ and baseline/)")
+    parser.add_argument("--weights-dtype", default="float32", metavar="|".join(WEIGHTS_DTYPES),
+                        help="how the GPTs' and the auxiliary model's parameters are stored (default float32)")
+    args = parser.parse_args(argv)
+    try:
+        print(ship(args.run_dir, ASSETS, weights_dtype=args.weights_dtype))
+    except CtfgenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ctfgen import __version__
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError
@@ -51,8 +51,17 @@ PAPER = "2503.16194"   # Coarse-to-fine token prediction (CTF), arXiv
 LLAMAGEN_REPO = "FoundationVision/LlamaGen"   # where LlamaGen's released checkpoints are published
 
 
+# What a floating-point weight may be stored as: it loads into the model's own dtype (load_state_dict
+# copies, which casts). Other tensors (integer buffers) must be stored in their own dtype.
+STORED_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class StateDictMismatch(MismatchError):
     """A checkpoint does not fit the model it is loaded into."""
+
+
+def _loads_into(stored: torch.dtype, expected: torch.dtype) -> bool:
+    return stored == expected or (expected.is_floating_point and stored in STORED_FLOAT_DTYPES)
 
 
 def check_state_dict(
@@ -61,7 +70,8 @@ def check_state_dict(
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
 ) -> None:
-    """Raise `StateDictMismatch` naming every missing, unexpected or mis-shaped tensor."""
+    """Raise `StateDictMismatch` naming every missing, unexpected, mis-shaped or unsupported-dtype
+    tensor (a floating-point weight may be stored as float32, float16 or bfloat16)."""
     ignore = set(ignore)
     missing = [k for k in model_state if k not in loaded and k not in ignore]
     unexpected = [k for k in loaded if k not in model_state and k not in ignore]
@@ -70,6 +80,12 @@ def check_state_dict(
         for k in model_state
         if k in loaded and tuple(loaded[k].shape) != tuple(model_state[k].shape)
     ]
+    bad_dtype = [
+        f"  {k}: {source} stores {str(loaded[k].dtype).removeprefix('torch.')}, model expects "
+        f"{str(model_state[k].dtype).removeprefix('torch.')}"
+        for k in model_state
+        if k in loaded and k not in ignore and not _loads_into(loaded[k].dtype, model_state[k].dtype)
+    ]
     problems = []
     if missing:
         problems.append(f"missing from {source} ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
@@ -77,10 +93,14 @@ def check_state_dict(
         problems.append(f"unexpected in {source} ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
     if wrong:
         problems.append("shape mismatch:\n" + "\n".join(wrong))
+    if bad_dtype:
+        problems.append("unsupported dtype (floating-point weights load from float32, float16 or bfloat16; other "
+                        "tensors need their own dtype):\n" + "\n".join(bad_dtype))
     if problems:
         raise StateDictMismatch(
             f"{source} does not match the model:\n" + "\n".join(problems)
-            + "\nCheck that the checkpoint and the model configuration (preset, vocabulary, grid size, classes) agree."
+            + ("\nCheck that the checkpoint and the model configuration (preset, vocabulary, grid size, classes) agree."
+               if missing or unexpected or wrong else "\nSave the weights again in a supported dtype.")
         )
 
 
@@ -95,6 +115,17 @@ def load_state_dict_strict(
     check_state_dict(model.state_dict(), state_dict, ignore, source)
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in ignore}, strict=not ignore)
     return model
+
+
+def save_weights(model: torch.nn.Module, path, parameters_dtype: torch.dtype = torch.float32) -> Path:
+    """Write `model`'s state dict to `path` (safetensors) with its floating-point parameters stored
+    in `parameters_dtype`; buffers and integer tensors stay as they are. `from_pretrained` loads
+    them back into the model's own (float32) parameters."""
+    params = {name for name, _ in model.named_parameters()}
+    state = {k: (v.to(parameters_dtype) if k in params and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return Path(path)
 
 
 class HubMixin(PyTorchModelHubMixin):
@@ -214,8 +245,12 @@ def _card_body(info: dict, training_config: dict | None, metrics: dict | None) -
              "## Model", "", "| | |", "|---|---|"]
     facts = {"pipeline": kind, "classes": info.get("num_classes"), "image tokens": info.get("image_tokens"),
              "codebook": info.get("vocab_size"), "coarse labels": info.get("num_coarse"),
-             "tokenizer included": info.get("has_tokenizer")}
+             "tokenizer included": info.get("has_tokenizer"), "parameters stored as": info.get("weights_dtype")}
     lines += [f"| {k} | {v} |" for k, v in facts.items() if v is not None]
+    if info.get("weights_dtype") not in (None, "float32"):
+        lines += ["", f"The models' parameters are stored in {info['weights_dtype']}, rounded from the float32 weights "
+                  "the run trained, and load as float32; the tokenizer's stay float32."
+                  + (" The metrics below were measured before the rounding." if metrics else "")]
     lines += ["", "Sampling defaults: " + ", ".join(f"`{k}={v}`" for k, v in (info.get("sampling_defaults") or {}).items())]
     if metrics:
         lines += ["", "## Metrics recorded by the run", "", "| metric | value |", "|---|---:|"]
