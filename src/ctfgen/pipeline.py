@@ -57,7 +57,8 @@ def bits_per_token(log_prob: torch.Tensor, image_tokens: int) -> torch.Tensor:
 def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size: int = 500) -> dict:
     """Exact held-out bits per token of `pipeline` on the first `limit` images of a code directory
     (or CodeDataset), on the pipeline's device; under torchrun the images are shared out and the
-    sums all-reduced. Returns nats_per_image, bits_per_token, exact (False: an upper bound), images."""
+    sums all-reduced. Returns nats_per_image (the mean negative log-likelihood), bits_per_token, exact
+    (False: an upper bound), images."""
     codes = codes if isinstance(codes, CodeDataset) else CodeDataset(codes, augmentation=0)
     n = len(codes) if limit is None else min(len(codes), int(limit))
     mine = list(range(D.get_rank(), n, D.get_world_size()))
@@ -69,8 +70,9 @@ def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size
             lp = pipeline.log_prob(x.to(device), y.to(device))
             total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=device)])
     D.all_reduce_sum(total)
-    nats = (total[0] / total[1]).item()
-    return {"nats_per_image": nats, "bits_per_token": bits_per_token(torch.tensor([nats]), codes.image_tokens).item(),
+    log_prob = (total[0] / total[1]).item()
+    return {"nats_per_image": -log_prob,  # the negative log-likelihood, a cost like bits per token
+            "bits_per_token": bits_per_token(torch.tensor([log_prob]), codes.image_tokens).item(),
             "exact": bool(pipeline.log_prob_is_exact), "images": n, "image_tokens": codes.image_tokens}
 
 

@@ -88,11 +88,7 @@ class Experiment:
         self.records = Records(self.run.phases, check=False, write=D.is_main())
 
     def done(self, phase: str) -> dict | None:
-        record, old = self.records.read(phase), self.run.root / "steps" / f"{phase}.json"
-        if record is None and old.is_file():  # run directories written before phases had that name
-            record = json.loads(old.read_text())
-            record["inputs"] = record.pop("config", None)
-        return record
+        return self.records.read(phase)
 
     def once(self, phase: str, work: Callable[[], dict | None]) -> None:
         """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit)."""
