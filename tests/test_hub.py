@@ -38,7 +38,6 @@ def test_saved_weights_that_do_not_fit_are_refused(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
-
 def test_saved_weights_of_an_unsupported_dtype_are_refused(tmp_path):
     """16-bit floats load into float32 parameters; an int8 weight or a float index buffer is refused, by name."""
     from safetensors.torch import load_file, save_file
@@ -57,6 +56,7 @@ def test_saved_weights_of_an_unsupported_dtype_are_refused(tmp_path):
     msg = str(err.value)
     assert "unsupported dtype" in msg and "norm.weight: " in msg and "stores int8, model expects float32" in msg
     assert "fine_to_coarse: " in msg and "stores float64, model expects int64" in msg and "Traceback" not in msg
+
 
 # --- pipelines by Hub repo id, from a local Hub cache (no network) ----------------------------------
 

@@ -133,11 +133,12 @@ def _grid_size(image_tokens: int) -> int:
 
 class _Pipeline:
     kind = ""
+    models: tuple[str, ...] = ()  # its trained models: each an attribute, saved in the sub-directory of that name
     _defaults: dict = {}
 
     # ------------------------------------------------------------ shared plumbing
     def _models(self) -> list:
-        raise NotImplementedError
+        return [getattr(self, name) for name in self.models]
 
     @property
     def device(self) -> torch.device:
@@ -247,6 +248,7 @@ class CTFPipeline(_Pipeline):
     `aux` (AuxModel) predicts every fine token from it in one pass, `tokenizer` decodes."""
 
     kind = "ctf"
+    models = ("ar", "aux")
     _defaults = CTF_DEFAULTS
 
     def __init__(self, ar, aux, coarse_map: CoarseMap, tokenizer=None, sampling_defaults: dict | None = None):
@@ -259,9 +261,6 @@ class CTFPipeline(_Pipeline):
         self.last_timings: dict = {}
         self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
-
-    def _models(self):
-        return [self.ar, self.aux]
 
     def _check_parts(self) -> None:
         check_parts("CTFPipeline parts do not belong together", stage1=self.ar.config, aux=self.aux.config,
@@ -398,8 +397,8 @@ class CTFPipeline(_Pipeline):
         loaded pipeline keeps those of the card it was loaded with)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.ar.save_pretrained(str(directory / "ar"))
-        self.aux.save_pretrained(str(directory / "aux"))
+        for name in self.models:
+            getattr(self, name).save_pretrained(str(directory / name))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self.coarse_map.save(directory / COARSE_MAP_FILE)
@@ -436,6 +435,7 @@ class ARPipeline(_Pipeline):
     """The vanilla LlamaGen baseline: one GPT over the fine vocabulary, same interface as CTFPipeline."""
 
     kind = "baseline"
+    models = ("gpt",)
     _defaults = BASELINE_DEFAULTS
 
     def __init__(self, gpt, tokenizer=None, sampling_defaults: dict | None = None):
@@ -450,9 +450,6 @@ class ARPipeline(_Pipeline):
         self.last_timings: dict = {}
         self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
-
-    def _models(self):
-        return [self.gpt]
 
     @property
     def num_classes(self) -> int:
@@ -497,7 +494,8 @@ class ARPipeline(_Pipeline):
         """Write the pipeline (gpt/, tokenizer/, pipeline.json) and its model card, as CTFPipeline does."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.gpt.save_pretrained(str(directory / "gpt"))
+        for name in self.models:
+            getattr(self, name).save_pretrained(str(directory / name))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self._write_json(directory, {"codebook_fingerprint": self.gpt.config.codebook_fingerprint

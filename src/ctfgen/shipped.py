@@ -31,7 +31,6 @@ SHIPPED_CTF = "fashion_mnist/ctf"
 SHIPPED_BASELINE = "fashion_mnist/baseline"
 PRETRAINED = {"fashion-mnist": SHIPPED_CTF, "fashion-mnist-baseline": SHIPPED_BASELINE}
 WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")  # how `ship` may store the models' parameters
-MODELS = {"ctf": ("ar", "aux"), "baseline": ("gpt",)}  # a pipeline's models: attribute = sub-directory
 
 
 def pretrained_path(name: str) -> Path:
@@ -90,7 +89,7 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
                 info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
             atomic_write_json(tmp / PIPELINE_FILE, info)
             if pipe is not None:
-                for name in MODELS[pipe.kind]:
+                for name in pipe.models:
                     save_weights(getattr(pipe, name), tmp / name / SAFETENSORS_FILE, getattr(torch, weights_dtype))
                 if (tmp / MODEL_CARD_FILE).is_file():  # the card says how the weights are stored
                     write_model_card(tmp, **read_model_card(tmp))
