@@ -44,11 +44,13 @@ reproduce: install data
 	$(VENV)/bin/ctfgen pipeline configs/fashion_mnist.yaml --out runs/fashion_mnist --resume
 	$(VENV)/bin/ctfgen reproduce configs/fashion_mnist_ablations.yaml --run runs/fashion_mnist
 
-# Replace the shipped models (src/ctfgen/assets/fashion_mnist) with the reproduction's.
+# Replace the shipped models (src/ctfgen/assets/fashion_mnist) with a finished run's (SHIP_RUN).
 # WEIGHTS_DTYPE=bfloat16 (or float16) stores the models' parameters in 16 bits; they load as float32.
+# SHIP_ARGS="--sampling-from RECORDS" ships the sampling setting `ctfgen study` chose for that run.
+SHIP_RUN ?= runs/fashion_mnist
 WEIGHTS_DTYPE ?= float32
 ship: install
-	$(PY) -m ctfgen.shipped runs/fashion_mnist --weights-dtype $(WEIGHTS_DTYPE)
+	$(PY) -m ctfgen.shipped $(SHIP_RUN) --weights-dtype $(WEIGHTS_DTYPE) $(SHIP_ARGS)
 
 bench: install
 	$(VENV)/bin/ctfgen bench --models fashion-mnist GPT-B --batch-sizes 1 8 64

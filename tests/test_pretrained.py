@@ -135,3 +135,37 @@ def test_ship_command_takes_a_weights_dtype_and_refuses_others(tiny_run, tmp_pat
     assert not (tmp_path / "assets").exists()
     assert main([str(tiny_run), "--weights-dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "assets" / SHIPPED_CTF / "pipeline.json").read_text())["weights_dtype"] == "bfloat16"
+
+
+def test_ship_takes_the_sampling_setting_the_study_chose_for_that_very_run(tiny_run, tmp_path):
+    """`--sampling-from RECORDS`: each shipped pipeline samples by default at the setting
+    select-<method>.json chose, and records of another run's models are refused, nothing shipped."""
+    import json
+
+    from ctfgen.pipeline import load_pipeline
+    from ctfgen.shipped import SHIPPED_BASELINE, ship
+    from ctfgen.utils.errors import MismatchError, MissingFileError
+    from ctfgen.utils.fingerprint import directory_fingerprint
+
+    records = tmp_path / "records"
+    records.mkdir()
+    chosen = {"ctf": {"cfg_scale": 1.5, "temperature": 0.9}, "baseline": {"cfg_scale": 3.0, "temperature": 1.0}}
+
+    def write(method, fingerprint):
+        (records / f"select-{method}.json").write_text(json.dumps(
+            {"name": f"select-{method}", "inputs": {"models": {method: fingerprint}}, "chosen": chosen[method]}))
+
+    write("ctf", directory_fingerprint(tiny_run / "ctf"))
+    with pytest.raises(MissingFileError, match="select-baseline.json is missing"):
+        ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
+    write("baseline", "0123456789abcdef")
+    with pytest.raises(MismatchError, match="fingerprint 0123456789abcdef"):
+        ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
+    assert not (tmp_path / "assets").exists()
+
+    write("baseline", directory_fingerprint(tiny_run / "baseline"))
+    ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
+    for method, sub in (("ctf", SHIPPED_CTF), ("baseline", SHIPPED_BASELINE)):
+        before = load_pipeline(tiny_run / method).sampling_defaults
+        after = load_pipeline(tmp_path / "assets" / sub).sampling_defaults
+        assert after == {**before, **chosen[method]} and after != before

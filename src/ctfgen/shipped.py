@@ -20,11 +20,12 @@ import torch
 
 from ctfgen.pipeline import PIPELINE_FILE, ARPipeline, load_pipeline
 from ctfgen.tokenizer.vq import VQModel
-from ctfgen.utils.errors import ConfigError, CtfgenError, MissingFileError
+from ctfgen.utils.errors import ConfigError, CtfgenError, MismatchError, MissingFileError
 from ctfgen.utils.fileio import atomic_write_json, publish_dir
+from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.hub import MODEL_CARD_FILE, SAFETENSORS_FILE, is_repo_id, read_model_card, save_weights, write_model_card
 from ctfgen.utils.options import check_device
-from ctfgen.utils.rundir import RunDir
+from ctfgen.utils.rundir import Records, RunDir
 
 ASSETS = Path(str(resources.files("ctfgen") / "assets"))
 SHIPPED_CTF = "fashion_mnist/ctf"
@@ -64,26 +65,48 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
     return pipe.to(device).eval()
 
 
-def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float32") -> dict[str, int]:
+def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) -> dict:
+    """The sampling setting `ctfgen study` chose for `method` on the validation split
+    (RECORDS/select-<method>.json), refused unless the record was made from this very pipeline."""
+    records = Records(records_dir, check=False)
+    path, record = records.path(f"select-{method}"), records.read(f"select-{method}")
+    if record is None or "chosen" not in record:
+        raise MissingFileError(f"{path} is missing: pass the study's records of this run (ctfgen study RUN --records DIR)")
+    made_from = (record.get("inputs") or {}).get("models", {}).get(method)
+    shipping = directory_fingerprint(pipeline_dir)
+    if made_from != shipping:
+        raise MismatchError(f"{path} chose a setting for the {method} model with fingerprint {made_from}, but "
+                            f"{pipeline_dir} has {shipping}: pass the records of the run being shipped")
+    return record["chosen"]
+
+
+def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float32",
+         sampling_from: str | Path | None = None) -> dict[str, int]:
     """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
     own tokenizer copy). Returns the bytes written per model.
 
     `weights_dtype` "float16" or "bfloat16" stores the floating-point parameters of stage 1, the
     auxiliary model and the baseline in that dtype (buffers, integer tensors, the tokenizer and the
-    coarse map as they are); each `pipeline.json` records it as "weights_dtype"."""
+    coarse map as they are); each `pipeline.json` records it as "weights_dtype".
+
+    `sampling_from`, a directory of `ctfgen study` records of this run, makes the setting the study
+    chose on the validation split (select-<method>.json) each pipeline's sampling default."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     run = RunDir(run_dir)
+    sources = {run.ctf: SHIPPED_CTF, run.baseline: SHIPPED_BASELINE}
+    run.require(*(src / PIPELINE_FILE for src in sources))
+    # Every check before anything is written: a refused ship leaves the assets' pair as it was.
+    chosen = {src: {} if sampling_from is None else chosen_sampling(sampling_from, src.name, src) for src in sources}
+    # the parameters to round, from the pipelines as they load (strictly checked)
+    pipes = {src: None if weights_dtype == "float32" else load_pipeline(src) for src in sources}
     sizes = {}
-    for src, sub in ((run.ctf, SHIPPED_CTF), (run.baseline, SHIPPED_BASELINE)):
-        run.require(src / PIPELINE_FILE)
-        # the parameters to round, from the pipeline as it loads (strictly checked)
-        pipe = None if weights_dtype == "float32" else load_pipeline(src)
-
-        def copy(tmp: Path, src=src, pipe=pipe):
+    for src, sub in sources.items():
+        def copy(tmp: Path, src=src, pipe=pipes[src]):
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("tokenizer") if src.name == "baseline" else None)
             info = json.loads((tmp / PIPELINE_FILE).read_text())
             info["weights_dtype"] = weights_dtype
+            info["sampling_defaults"] = {**info["sampling_defaults"], **chosen[src]}
             if src.name == "baseline":
                 info["has_tokenizer"] = False
                 info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
@@ -105,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a finished `ctfgen pipeline` run (its ctf/ and baseline/)")
     parser.add_argument("--weights-dtype", default="float32", metavar="|".join(WEIGHTS_DTYPES),
                         help="how the GPTs' and the auxiliary model's parameters are stored (default float32)")
+    parser.add_argument("--sampling-from", metavar="RECORDS",
+                        help="the run's `ctfgen study` records: ship the sampling setting it chose on the validation split")
     args = parser.parse_args(argv)
     try:
-        print(ship(args.run_dir, ASSETS, weights_dtype=args.weights_dtype))
+        print(ship(args.run_dir, ASSETS, weights_dtype=args.weights_dtype, sampling_from=args.sampling_from))
     except CtfgenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
