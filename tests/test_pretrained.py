@@ -144,7 +144,7 @@ def test_ship_takes_the_sampling_setting_the_study_chose_for_that_very_run(tiny_
 
     from ctfgen.pipeline import load_pipeline
     from ctfgen.shipped import SHIPPED_BASELINE, ship
-    from ctfgen.utils.errors import MismatchError, MissingFileError
+    from ctfgen.utils.errors import CorruptFileError, MismatchError, MissingFileError
     from ctfgen.utils.fingerprint import directory_fingerprint
 
     records = tmp_path / "records"
@@ -157,6 +157,12 @@ def test_ship_takes_the_sampling_setting_the_study_chose_for_that_very_run(tiny_
 
     write("ctf", directory_fingerprint(tiny_run / "ctf"))
     with pytest.raises(MissingFileError, match="select-baseline.json is missing"):
+        ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
+    (records / "select-baseline.json").write_text('{"name": "select-baseline", "inp')
+    with pytest.raises(CorruptFileError, match="select-baseline.json is not valid JSON"):
+        ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
+    (records / "select-baseline.json").write_text('{"name": "select-baseline"}')
+    with pytest.raises(CorruptFileError, match="select-baseline.json is not a selection record"):
         ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
     write("baseline", "0123456789abcdef")
     with pytest.raises(MismatchError, match="fingerprint 0123456789abcdef"):

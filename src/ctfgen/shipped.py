@@ -20,7 +20,7 @@ import torch
 
 from ctfgen.pipeline import PIPELINE_FILE, ARPipeline, load_pipeline
 from ctfgen.tokenizer.vq import VQModel
-from ctfgen.utils.errors import ConfigError, CtfgenError, MismatchError, MissingFileError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, CtfgenError, MismatchError, MissingFileError
 from ctfgen.utils.fileio import atomic_write_json, publish_dir
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.hub import MODEL_CARD_FILE, SAFETENSORS_FILE, is_repo_id, read_model_card, save_weights, write_model_card
@@ -70,8 +70,10 @@ def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) ->
     (RECORDS/select-<method>.json), refused unless the record was made from this very pipeline."""
     records = Records(records_dir, check=False)
     path, record = records.path(f"select-{method}"), records.read(f"select-{method}")
-    if record is None or "chosen" not in record:
+    if record is None:
         raise MissingFileError(f"{path} is missing: pass the study's records of this run (ctfgen study RUN --records DIR)")
+    if "chosen" not in record:
+        raise CorruptFileError(f"{path} is not a selection record of `ctfgen study` (it has no 'chosen' setting)")
     made_from = (record.get("inputs") or {}).get("models", {}).get(method)
     shipping = directory_fingerprint(pipeline_dir)
     if made_from != shipping:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ctfgen.utils.errors import RunError
+from ctfgen.utils.errors import CorruptFileError, RunError
 from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.fingerprint import code_commit
 
@@ -183,7 +183,12 @@ class Records:
 
     def read(self, name: str) -> dict | None:
         path = self.path(name)
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{path} is not valid JSON ({e}); delete it to compute the record again") from None
 
     def once(self, name: str, inputs: dict, compute: Callable[[], dict]) -> dict:
         """The record `name`: the stored one when it was computed from `inputs` by this code, else
