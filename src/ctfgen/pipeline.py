@@ -18,7 +18,6 @@ dropout off), which `log_prob` and sampling rely on.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -35,8 +34,8 @@ from ctfgen.models.transformer import GPT, AuxModel
 from ctfgen.sampling import as_generator, check_labels, generate, log_prob as ar_log_prob, sample_fine, token_log_probs
 from ctfgen.tokenizer.vq import VQModel
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
-from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.errors import ConfigError, MismatchError, MissingFileError, WrongTypeError
+from ctfgen.utils.fileio import atomic_write_json, read_json
 from ctfgen.utils.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
 from ctfgen.utils.options import check_sampling
 
@@ -529,10 +528,7 @@ def _read_pipeline_json(directory: Path) -> dict:
     if not path.is_file():
         raise MissingFileError(f"{path} not found: {directory} is not a saved pipeline "
                                 "(written by CTFPipeline/ARPipeline.save_pretrained or `ctfgen pipeline`)")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path} is not valid JSON ({e}); save the pipeline again") from None
+    info = read_json(path, "save the pipeline again")
     if int(info.get("format_version", 0)) > FORMAT_VERSION:
         raise MismatchError(f"{path} was written by a newer ctfgen (format {info['format_version']}); upgrade ctfgen")
     return info

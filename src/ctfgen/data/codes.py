@@ -7,7 +7,6 @@ directory beside it and rename it into place at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -22,8 +21,8 @@ from torch.utils.data import Dataset
 
 from ctfgen import __version__
 from ctfgen.compat import check_parts
-from ctfgen.utils.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
-from ctfgen.utils.fileio import atomic_write_json, fsync_file, replace_dir
+from ctfgen.utils.errors import MismatchError, MissingFileError, OutputExistsError, RunError
+from ctfgen.utils.fileio import atomic_write_json, fsync_file, read_json, replace_dir
 
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",
@@ -177,10 +176,7 @@ def read_header(code_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(f"{code_dir} is not a code directory (no header.json); "
                                 "make one with `ctfgen extract-codes`")
-    try:
-        header = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path} is not valid JSON ({e}); {_REDO}") from None
+    header = read_json(path, _REDO)
     if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
         raise MismatchError(f"{path}: code format version {header.get('format_version')} is not supported "
                          f"(this ctfgen reads version {FORMAT_VERSION}); {_REDO}")

@@ -1,7 +1,8 @@
 """Files that appear whole or not at all: every writer in ctfgen goes through these helpers.
 
 Each writes to a temporary name in the same directory, fsyncs, and renames over the final name
-(atomic on POSIX), so a reader, or a run killed at any moment, never sees half a file.
+(atomic on POSIX), so a reader, or a run killed at any moment, never sees half a file. `read_json`
+is their reader: a file damaged some other way is a CorruptFileError naming it, not a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+from ctfgen.utils.errors import CorruptFileError
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -70,6 +73,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, remedy: str) -> Any:
+    """The JSON in `path`; unreadable JSON is a CorruptFileError that says `remedy`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); {remedy}") from None
 
 
 def atomic_save(save: Callable[[Path], Any], path: str | os.PathLike) -> Path:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ctfgen.utils.errors import CorruptFileError, RunError
-from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.errors import RunError
+from ctfgen.utils.fileio import atomic_write_json, read_json
 from ctfgen.utils.fingerprint import code_commit
 
 MODEL_DIR = "model"          # a trained stage's finished model, in save_pretrained form
@@ -185,10 +185,7 @@ class Records:
         path = self.path(name)
         if not path.is_file():
             return None
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{path} is not valid JSON ({e}); delete it to compute the record again") from None
+        return read_json(path, "delete it to compute the record again")
 
     def once(self, name: str, inputs: dict, compute: Callable[[], dict]) -> dict:
         """The record `name`: the stored one when it was computed from `inputs` by this code, else
