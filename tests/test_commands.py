@@ -133,6 +133,11 @@ def test_sample_many_refuses_to_mix_requests_and_leaves_nothing_when_empty(pipel
     assert main(args + ["--per-class", "4", "--seed", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "another request" in err and "seed: 0 then, 1 now" in err
+    (tmp_path / "x.npz.parts" / "request.json").write_text("{not json")  # a request file cut short
+    assert main(args + ["--per-class", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "request.json is not valid JSON" in err and "Traceback" not in err
+    assert (tmp_path / "x.npz.parts" / "batch000000.npz").is_file()  # the finished batch is kept
 
 
 def test_sample_many_streams_the_merge(pipelines, tmp_path):

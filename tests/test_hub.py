@@ -169,3 +169,13 @@ def test_llamagen_loaders_give_one_message_for_a_missing_or_wrong_file(tmp_path)
     assert "notes.pt is not a LlamaGen VQ checkpoint (torch.load failed" in messages["VQ", "wrong"]
     with pytest.raises(ConfigError, match="is not a LlamaGen VQ checkpoint .*looks like a GPT"):
         load_llamagen_vq(gpt_file)
+
+
+def test_model_card_names_a_corrupt_pipeline_file(tmp_path):
+    from ctfgen.utils.errors import CorruptFileError
+    from ctfgen.utils.hub import write_model_card
+
+    (tmp_path / "pipeline.json").write_text('{"type": "ctf"')  # cut short
+    with pytest.raises(CorruptFileError, match=r"pipeline\.json is not valid JSON.*save the pipeline again"):
+        write_model_card(tmp_path)
+    assert not (tmp_path / "README.md").exists()

@@ -25,7 +25,7 @@ from ctfgen.app.figures import HEAT_ROW, change_heat, heat_rgb, rgb, rgb_array, 
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.fileio import atomic_path, atomic_write_json
+from ctfgen.utils.fileio import atomic_path, atomic_write_json, read_json
 from ctfgen.utils.images import save_grid, save_images, to_uint8
 from ctfgen.utils.options import MAX_GRID_PIXELS, check, check_output_dir, check_output_file, fmt
 
@@ -60,7 +60,7 @@ def _check_request(parts_dir: Path, request: dict) -> None:
     path = parts_dir / PARTS_REQUEST
     if not path.is_file():
         return
-    then = json.loads(path.read_text())
+    then = read_json(path, f"delete {parts_dir} to sample the set again")
     if then != request:
         changed = [f"{k}: {then.get(k)!r} then, {request.get(k)!r} now" for k in request if then.get(k) != request.get(k)]
         raise ConfigError(f"{parts_dir} holds batches of another request ({'; '.join(changed)}); repeat that command "

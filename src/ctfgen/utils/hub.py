@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from ctfgen import __version__
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError
-from ctfgen.utils.fileio import atomic_write_text
+from ctfgen.utils.fileio import atomic_write_text, read_json
 
 SAFETENSORS_FILE = "model.safetensors"
 MODEL_CARD_FILE = "README.md"
@@ -276,7 +276,7 @@ def write_model_card(directory, training_config: dict | None = None, metrics: di
     """README.md beside a saved pipeline: Hub metadata (library, tags, the paper, the training config
     and the run's metrics) and a human-readable card. Reads the directory's pipeline.json."""
     directory = Path(directory)
-    info = json.loads((directory / "pipeline.json").read_text())
+    info = read_json(directory / "pipeline.json", "save the pipeline again (save_pretrained)")
     kind = info.get("type")
     # plain JSON types only, so the YAML front matter reads back as written
     training_config = json.loads(json.dumps(training_config, default=str)) if training_config else None
