@@ -53,7 +53,7 @@ def run_sample(args: argparse.Namespace) -> None:
     pipeline = load_model(args.model, args.device)
     if (args.stages or args.compare_baseline) and not isinstance(pipeline, CTFPipeline):
         raise ConfigError("--stages and --compare-baseline need a CTF model as --model")
-    classes = resolve_classes(args.classes, pipeline.num_classes, getattr(pipeline, "class_names", None))
+    classes = resolve_classes(args.classes, pipeline.num_classes)
     sampling = sampling_kwargs(args, pipeline)
     rows = (3 if args.stages else 1) + args.compare_baseline
     check_picture(pipeline, args.n, args.out, args.nrow, args.scale, not args.no_singles, rows, args.batch_size)
