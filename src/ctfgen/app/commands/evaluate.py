@@ -93,8 +93,6 @@ def configure_redundancy(parser: argparse.ArgumentParser) -> None:
 
 
 def run_redundancy(args: argparse.Namespace) -> None:
-    """Swaps tokens within k-means clusters, within a random map's clusters and across the whole
-    codebook, and reports how much each changes the decoded images."""
     check_args(args, outputs={"out": "image", "json": ".json"})
     result = redundancy_report(args.tokenizer, args.model, args.coarse_map, args.num_coarse, args.images, args.data,
                                args.split, args.image_size, args.out, args.json, args.scale, args.grid_columns,
@@ -244,11 +242,9 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def _threads(value: str):
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
         raise argparse.ArgumentTypeError(f"expected a positive number of threads or auto, got {value!r}")
-    return int(value)
+    return value if value == "auto" else int(value)
 
 
 def run_bench(args: argparse.Namespace) -> None:

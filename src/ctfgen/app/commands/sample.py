@@ -94,12 +94,11 @@ def run_sample_many(args: argparse.Namespace) -> None:
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
     device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
     pipeline = load_model(args.model, device)
-    classes = args.classes or None
-    out = sample_set(pipeline, args.out, args.per_class, classes, args.batch_size, args.seed,
+    out = sample_set(pipeline, args.out, args.per_class, args.classes or None, args.batch_size, args.seed,
                      sampling_kwargs(args, pipeline), args.png_dir, progress=not args.no_progress)
     if D.is_main():
         print(f"{args.out} already exists; delete it to sample again" if out is None else
-              f"wrote {out}: {len(classes or range(pipeline.num_classes))} classes x {args.per_class} images")
+              f"wrote {out}: {len(args.classes or range(pipeline.num_classes))} classes x {args.per_class} images")
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
