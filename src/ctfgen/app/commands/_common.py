@@ -15,6 +15,7 @@ from ctfgen.utils.options import COUNTS, SAMPLING, SEED, Option, check_device, c
 from ctfgen.utils.precision import DTYPE_CHOICES
 from ctfgen.utils.threads import use_sampling_threads
 
+
 def add_device_argument(parser, default: str | None = "auto") -> None:
     """--device ("auto": cuda when available, else cpu; None: the library chooses), checked by check_args."""
     parser.add_argument("--device", default=default, help="cpu, cuda, cuda:N, mps ... (only devices this torch build "
@@ -66,7 +67,7 @@ def load_model(spec: str, device: str):
     return pipe
 
 
-def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer=None):
+def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer):
     """The baseline to compare a CTF model with: `baseline_spec` when given, else the shipped baseline
     for the shipped model, else a run's `baseline` directory: inside --model when it is the run's
     root, beside it when it is RUN/ctf. A baseline saved without its tokenizer borrows `tokenizer`
@@ -87,35 +88,29 @@ def load_baseline(model_spec: str, baseline_spec: str | None, device: str, token
     if baseline.tokenizer is None:
         if tokenizer is None:
             raise ConfigError(f"the baseline {baseline_spec!r} was saved without a tokenizer and none is at hand")
-        try:
-            baseline = ARPipeline(baseline.gpt, tokenizer, sampling_defaults=baseline.sampling_defaults)
+        try:  # its parts are on `device` already, and it puts itself in eval mode
+            return ARPipeline(baseline.gpt, tokenizer, sampling_defaults=baseline.sampling_defaults)
         except ValueError as e:
             raise ConfigError(f"the baseline {baseline_spec!r} does not fit the CTF model's tokenizer: {e}") from None
-    return baseline.to(device).eval()
+    return baseline
 
 
 def sampling_kwargs(args: argparse.Namespace, pipeline) -> dict:
     """The options the user set, checked against the model's bounds too (top-k against its
     vocabulary, cfg_steps against its length); the rest fall back to the pipeline's stored defaults."""
-    given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n, None) is not None}
+    given = {n: getattr(args, n) for n in SAMPLING if getattr(args, n) is not None}
     fine = [SAMPLING[n].flag for n in given if n.endswith("_fine")]
     if fine and not isinstance(pipeline, CTFPipeline):
         raise ConfigError(f"{', '.join(fine)} only apply to a CTF pipeline; this model is a baseline")
-    checked = pipeline.resolve_sampling(given, labels={n: SAMPLING[n].flag for n in SAMPLING})
-    return {**{n: checked[n] for n in given}, **({"dtype": args.dtype} if getattr(args, "dtype", None) else {})}
+    checked = pipeline.resolve_sampling(given, labels={n: o.flag for n, o in SAMPLING.items()})
+    return {**{n: checked[n] for n in given}, "dtype": args.dtype}
 
 
-def resolve_classes(values: list[str], num_classes: int, class_names: list[str] | None = None) -> list[int]:
-    """Class ids from ids or names; names follow the model's class list or Fashion-MNIST's."""
+def resolve_classes(values: list[str], num_classes: int) -> list[int]:
+    """Class ids from ids or Fashion-MNIST names, each within the model's classes."""
     ids = []
     for v in values:
-        if class_names and not v.lstrip("-").isdigit():
-            lowered = [n.lower() for n in class_names]
-            if v.lower() not in lowered:
-                raise ConfigError(f"unknown class {v!r}; this model's classes: {', '.join(class_names)}")
-            c = lowered.index(v.lower())
-        else:
-            c = class_index(v)  # an id, or a Fashion-MNIST name
+        c = class_index(v)
         if not 0 <= c < num_classes:
             raise ConfigError(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
         ids.append(c)
@@ -127,22 +122,21 @@ def add_print_config(parser: argparse.ArgumentParser, overrides: str | None = No
     may come after options too (`CONFIG --out DIR train.steps=5`): argparse fills positionals only
     once, so leftovers that look like overrides are added here. An optional CONFIG positional (named
     `config`) that is an override, not a file, joins them."""
-    if overrides:
-        parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=overrides)
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings (config file, overrides and defaults) and exit")
     if not overrides:
         return
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help=overrides)
     parse = parser.parse_known_args
 
     def parse_known_args(args=None, namespace=None):
         ns, rest = parse(args, namespace)
         extra = [a for a in rest if "=" in a and not a.startswith("-")]
-        first = getattr(ns, config, None) if config else None
+        first = getattr(ns, config) if config else None
         if first is not None and "=" in first and not Path(first).exists():  # `--resume --out DIR train.steps=5`
             setattr(ns, config, None)
-            extra.insert(0, first)
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + extra
+            ns.overrides.insert(0, first)
+        ns.overrides += extra
         return ns, [a for a in rest if a not in extra]
 
     parser.parse_known_args = parse_known_args

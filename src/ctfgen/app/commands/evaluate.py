@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from pathlib import Path
 
 import torch
@@ -92,8 +93,6 @@ def configure_redundancy(parser: argparse.ArgumentParser) -> None:
 
 
 def run_redundancy(args: argparse.Namespace) -> None:
-    """Swaps tokens within k-means clusters, within a random map's clusters and across the whole
-    codebook, and reports how much each changes the decoded images."""
     check_args(args, outputs={"out": "image", "json": ".json"})
     result = redundancy_report(args.tokenizer, args.model, args.coarse_map, args.num_coarse, args.images, args.data,
                                args.split, args.image_size, args.out, args.json, args.scale, args.grid_columns,
@@ -120,27 +119,38 @@ def run_reproduce(args: argparse.Namespace) -> None:
         reproduce(args.run, settings, independent_only=args.independent_only, force=args.force)
 
 
+# The StudySettings fields `ctfgen study` takes as options (type and default: the field's): the rule of
+# ctfgen.utils.options their values are checked by, and their help.
+STUDY_OPTIONS = {
+    "guidance": ("cfg_scale", "guidance scales tried on the validation split"),
+    "temperatures": ("temperature", "stage-1 (baseline: the only) temperatures tried on the validation split"),
+    "seeds": ("seed", "sampling seeds of the test cells"),
+    "test_per_class": ("per_class", "test samples per class per cell"),
+    "select_per_class": ("per_class", "validation samples per class (of 10) per grid point"),
+    "select_seed": ("seed", "the selection's sampling seed, apart from the test seeds"),
+    "diagnosis_per_class": ("per_class", "test images per class that the diagnosis sets are made from; the rest are "
+                                         "their reference"),
+    "diagnosis_seed": ("seed", "the diagnosis' sampling seed"),
+    "epoch_per_class": ("per_class", "samples per class of each epoch snapshot, at the chosen setting, for Fréchet "
+                                     "distance against epoch"),
+    "epoch_seed": ("seed", "the epoch snapshots' sampling seed"),
+    "heldout_images": ("per_class", "test images for the held-out bits per token at every epoch"),
+    "tokenizer_images": ("tokenizer_images", "test images for codebook usage and PSNR (default: the whole test split)"),
+    "batch_size": ("batch_size", "sampling batch size; it shapes the random streams"),
+}
+
+
 def configure_study(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("runs", nargs="*", help="finished pipeline run directories (none: only --report)")
     add("--records", help="directory of the study's JSON records (required unless --print-config)")
     add("--report", help="write the markdown tables here (figures beside it)")
-    add("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0], help="guidance scales tried on the validation split")
-    add("--temperatures", type=float, nargs="+", default=[0.9, 1.0, 1.1],
-        help="stage-1 (baseline: the only) temperatures tried on the validation split")
-    add("--seeds", type=int, nargs="+", default=[0], help="sampling seeds of the test cells")
-    add("--test-per-class", type=int, default=500, help="test samples per class per cell")
-    add("--select-per-class", type=int, default=200, help="validation samples per class (of 10) per grid point")
-    add("--select-seed", type=int, default=1000, help="the selection's sampling seed, apart from the test seeds")
-    add("--diagnosis-per-class", type=int, default=500,
-        help="test images per class that the diagnosis sets are made from; the rest are their reference")
-    add("--diagnosis-seed", type=int, default=2000, help="the diagnosis' sampling seed")
-    add("--epoch-per-class", type=int, default=200,
-        help="samples per class of each epoch snapshot, at the chosen setting, for Fréchet distance against epoch")
-    add("--epoch-seed", type=int, default=3000, help="the epoch snapshots' sampling seed")
-    add("--heldout-images", type=int, default=10000, help="test images for the held-out bits per token at every epoch")
-    add("--tokenizer-images", type=int, help="test images for codebook usage and PSNR (default: the whole test split)")
-    add("--batch-size", type=int, default=250, help="sampling batch size; it shapes the random streams")
+    fields, hints = {f.name: f for f in dataclasses.fields(StudySettings)}, typing.get_type_hints(StudySettings)
+    for name, (_, help_text) in STUDY_OPTIONS.items():
+        many = typing.get_origin(hints[name]) is tuple
+        kind = (typing.get_args(hints[name]) or [hints[name]])[0]  # float of tuple[float, ...], int of int | None
+        add("--" + name.replace("_", "-"), type=kind, nargs="+" if many else None,
+            default=list(fields[name].default) if many else fields[name].default, help=help_text)
     add("--baselines-from", metavar="RUN", help="the finished run whose baselines each RUN without its own "
         "(baseline.enabled: false, e.g. the auxiliary model at 1x) is compared with; it must share their tokenizer, "
         "coarse map and codes, and be studied first")
@@ -151,10 +161,8 @@ def configure_study(parser: argparse.ArgumentParser) -> None:
 def run_study(args: argparse.Namespace) -> None:
     """Each RUN is a finished `ctfgen pipeline` run of configs/study/fmnist_v<V>.yaml; every measurement
     is one JSON record under RECORDS/<run>/, computed once; the report is made from the records alone."""
-    check_args(args, guidance="cfg_scale", temperatures="temperature", seeds="seed", select_seed="seed",
-               diagnosis_seed="seed", epoch_seed="seed", test_per_class="per_class", select_per_class="per_class",
-               diagnosis_per_class="per_class", epoch_per_class="per_class", heldout_images="per_class")
-    settings = StudySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings) if f.name in args})
+    check_args(args, **{name: rule for name, (rule, _) in STUDY_OPTIONS.items()})
+    settings = StudySettings(**{name: getattr(args, name) for name in STUDY_OPTIONS})
     if print_config(args, settings, "records"):
         return
     own = {run_dir: FinishedRun(run_dir).settings.baseline.enabled for run_dir in args.runs}
@@ -234,11 +242,9 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def _threads(value: str):
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
         raise argparse.ArgumentTypeError(f"expected a positive number of threads or auto, got {value!r}")
-    return int(value)
+    return value if value == "auto" else int(value)
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -53,7 +53,7 @@ def run_sample(args: argparse.Namespace) -> None:
     pipeline = load_model(args.model, args.device)
     if (args.stages or args.compare_baseline) and not isinstance(pipeline, CTFPipeline):
         raise ConfigError("--stages and --compare-baseline need a CTF model as --model")
-    classes = resolve_classes(args.classes, pipeline.num_classes, getattr(pipeline, "class_names", None))
+    classes = resolve_classes(args.classes, pipeline.num_classes)
     sampling = sampling_kwargs(args, pipeline)
     rows = (3 if args.stages else 1) + args.compare_baseline
     check_picture(pipeline, args.n, args.out, args.nrow, args.scale, not args.no_singles, rows, args.batch_size)
@@ -94,12 +94,11 @@ def run_sample_many(args: argparse.Namespace) -> None:
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
     device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
     pipeline = load_model(args.model, device)
-    classes = args.classes or None
-    out = sample_set(pipeline, args.out, args.per_class, classes, args.batch_size, args.seed,
+    out = sample_set(pipeline, args.out, args.per_class, args.classes or None, args.batch_size, args.seed,
                      sampling_kwargs(args, pipeline), args.png_dir, progress=not args.no_progress)
     if D.is_main():
         print(f"{args.out} already exists; delete it to sample again" if out is None else
-              f"wrote {out}: {len(classes or range(pipeline.num_classes))} classes x {args.per_class} images")
+              f"wrote {out}: {len(args.classes or range(pipeline.num_classes))} classes x {args.per_class} images")
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
