@@ -39,11 +39,10 @@ def pretrained_path(name: str) -> Path:
         raise ConfigError(f"{name!r} is neither a shipped model ({', '.join(PRETRAINED)}), a directory, nor a "
                           "Hugging Face Hub repo id (org/name)")
     path = ASSETS / PRETRAINED[name]
-    if not (path / "pipeline.json").is_file():
-        raise MissingFileError(
-            f"the shipped model {name!r} is missing from {path}. Reinstall ctfgen from a full checkout, "
-            "or train your own with `make reproduce` and load it with ctfgen.load_pipeline(DIR)."
-        )
+    if not (path / PIPELINE_FILE).is_file():
+        raise MissingFileError(f"the shipped model {name!r} is missing from {path}. Reinstall ctfgen from a full "
+                               "checkout, or train your own with `make reproduce` and load it with "
+                               "ctfgen.load_pipeline(DIR).")
     return path
 
 
@@ -68,8 +67,8 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
 def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) -> dict:
     """The sampling setting `ctfgen study` chose for `method` on the validation split
     (RECORDS/select-<method>.json), refused unless the record was made from this very pipeline."""
-    records = Records(records_dir, check=False)
-    path, record = records.path(f"select-{method}"), records.read(f"select-{method}")
+    records, name = Records(records_dir), f"select-{method}"
+    path, record = records.path(name), records.read(name)
     if record is None:
         raise MissingFileError(f"{path} is missing: pass the study's records of this run (ctfgen study RUN --records DIR)")
     if "chosen" not in record:

@@ -77,10 +77,9 @@ def sections(cfg: ExperimentConfig, phase: str) -> dict:
 class Experiment:
     """A run directory being filled: its config, its layout and which phases are finished."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir, resume: bool = False, raw: dict | None = None,
-                 on_epoch_end: dict[str, Callable] | None = None, progress: bool = True):
-        self.cfg, self.run, self.resume = cfg, RunDir(out_dir), resume
-        self.raw = raw if raw is not None else to_dict(cfg)
+    def __init__(self, cfg: ExperimentConfig, raw: dict, out_dir, resume: bool,
+                 on_epoch_end: dict[str, Callable] | None, progress: bool):
+        self.cfg, self.raw, self.run, self.resume = cfg, raw, RunDir(out_dir), resume
         self.hooks, self.progress = on_epoch_end or {}, progress
         self.device = D.init_distributed()
         self.lock = WriterLock(self.run.root, "pipeline", hold=D.is_main())
@@ -103,11 +102,10 @@ class Experiment:
         if D.is_main():
             try:
                 self.lock.acquire()
-                error = self._check_dir()
+                self._check_dir()
             except RunError as e:
                 error = str(e)
-        error = D.broadcast_object(error)  # every rank stops, not only rank 0
-        if error:
+        if error := D.broadcast_object(error):  # every rank stops, not only rank 0
             raise RunError(error)
         if D.is_main():
             # config.yaml: everything resolved, for the record. input.yaml: what was asked for, which
@@ -116,12 +114,13 @@ class Experiment:
             atomic_write_text(self.run.input_config, yaml.safe_dump(self.raw, sort_keys=False))
         D.barrier()
 
-    def _check_dir(self) -> str | None:
+    def _check_dir(self) -> None:
         root = self.run.root
         existing = sorted(p.name for p in root.iterdir() if not is_lock_file(p)) if root.is_dir() else []
         if existing and not self.resume:
-            return (f"{root} is not empty (it holds {', '.join(existing[:6])}{' ...' if len(existing) > 6 else ''}). "
-                    "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
+            held = ", ".join(existing[:6]) + (" ..." if len(existing) > 6 else "")
+            raise RunError(f"{root} is not empty (it holds {held}). "
+                           "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
         changed = []
         for phase in PHASES:
             if (record := self.done(phase)) is not None:
@@ -131,9 +130,9 @@ class Experiment:
                 lines = diff_lines(then, sections(self.cfg, phase))
                 changed += [f"  {phase}: " + "; ".join(lines)] if lines else []
         if changed:
-            return (f"{root} was run with another config for phases that already finished:\n" + "\n".join(changed)
-                    + "\nRevert those settings to continue this run, or start a new one with another --out.")
-        return None
+            raise RunError(f"{root} was run with another config for phases that already finished:\n"
+                           + "\n".join(changed)
+                           + "\nRevert those settings to continue this run, or start a new one with another --out.")
 
 
 # --- the phases -----------------------------------------------------------------------------------
@@ -141,8 +140,9 @@ class Experiment:
 def tokenizer_phase(x: Experiment):
     t = x.cfg.tokenizer
     if t.pretrained:
-        x.once("tokenizer", lambda: {"path": str(t.pretrained), "fingerprint": load_tokenizer(t.pretrained).fingerprint})
-        return load_tokenizer(t.pretrained).eval()
+        vq = load_tokenizer(t.pretrained).eval()
+        x.once("tokenizer", lambda: {"path": str(t.pretrained), "fingerprint": vq.fingerprint})
+        return vq
 
     def work():
         logger.info("training the tokenizer")
@@ -315,7 +315,8 @@ def next_steps(root, ctf: bool = True, baseline: bool = True) -> list[str]:
     """Commands that work on a finished run, as the pipeline prints them at its end."""
     run = RunDir(root)
     model = str(run.ctf if ctf else run.baseline)
-    sample = f"ctfgen sample --model {shlex.quote(model)} --class 0 --n 16 --out {shlex.quote(str(run / 'samples.png'))}"
+    out = shlex.quote(str(run.root / "samples.png"))
+    sample = f"ctfgen sample --model {shlex.quote(model)} --class 0 --n 16 --out {out}"
     lines = [sample + (" --compare-baseline --stages" if ctf and baseline else " --stages" if ctf else "")]
     if ctf:
         lines.append(f"ctfgen demo --model {shlex.quote(model)}")
@@ -363,7 +364,7 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     """Python entry point of `ctfgen pipeline`. `on_epoch_end` maps a stage ("ar", "aux",
     "baseline", "matched") to a hook(epoch, model) run after each of its epochs."""
     cfg, raw = load_experiment_config(config, out_dir, resume, overrides, dry_run)
-    x = Experiment(cfg, out_dir, resume=resume, raw=raw, on_epoch_end=on_epoch_end, progress=progress)
+    x = Experiment(cfg, raw, out_dir, resume, on_epoch_end, progress)
     t_all = time.time()
     try:
         x.prepare()
@@ -391,10 +392,10 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
 # --- reading a finished run ------------------------------------------------------------------------
 
 class FinishedRun(RunDir):
-    """A finished `ctfgen pipeline` run, read-only: the one reader that the reproduction and the
-    study build on. `settings` is its resolved config; `needs` names the parts the caller cannot
-    do without ("tokenizer", "ctf", "baseline", "matched", or a code split "train" / "val" / "test"),
-    and a run lacking one is refused, saying how to make it. Models are loaded once.
+    """A finished `ctfgen pipeline` run, read-only, as the reproduction and the study read it (models
+    load once). `settings` is its resolved config; `needs` names the parts the caller cannot do without
+    ("tokenizer", "ctf", "baseline", "matched", or a code split "train" / "val" / "test"): a run lacking
+    one is refused, saying how to make it.
 
         run = FinishedRun("runs/fashion_mnist", "ctf", "test")
         run.pipeline("ctf"), run.snapshot_pipeline("baseline", 940), run.steps_per_epoch("ar")
@@ -412,8 +413,7 @@ class FinishedRun(RunDir):
 
     @property
     def tokenizer(self) -> Path:
-        """The run's tokenizer: the one it trained, or the one its `tokenizer.pretrained` named (which
-        the pipeline uses in place and does not copy)."""
+        """The tokenizer the run trained, or the one its `tokenizer.pretrained` named (used in place, not copied)."""
         pretrained = self.settings.tokenizer.pretrained
         return Path(pretrained).expanduser() if pretrained else super().tokenizer
 
@@ -440,7 +440,6 @@ class FinishedRun(RunDir):
 
     @functools.cache
     def pipeline(self, method: str):
-        """The finished pipeline of `method` (RUN/ctf, RUN/baseline or RUN/matched)."""
         self.require(self.part(method))
         return (CTFPipeline if method == "ctf" else ARPipeline).from_pretrained(self.pipeline_dir(method))
 
@@ -452,8 +451,7 @@ class FinishedRun(RunDir):
         return load_stage_model(stage, path)
 
     def snapshot_pipeline(self, method: str, step: int):
-        """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`,
-        with the run's tokenizer and coarse map."""
+        """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`."""
         if method == "ctf":
             return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step), self.load_coarse_map(),
                                self.load_tokenizer())
@@ -470,7 +468,6 @@ class FinishedRun(RunDir):
         return CodeDataset(self.codes(split), augmentation=0)
 
     def image_dataset(self, split: str):
-        """The images of a split, from the dataset factory with the run's data settings."""
         ds = make_dataset(self.settings.data, split, channels=self.load_tokenizer().config.in_channels)
         if ds is None:
             raise RunError(f"{self.root}'s data settings have no {split} split")
