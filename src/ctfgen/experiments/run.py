@@ -83,14 +83,14 @@ class Experiment:
         self.hooks, self.progress = on_epoch_end or {}, progress
         self.device = D.init_distributed()
         self.lock = WriterLock(self.run.root, "pipeline", hold=D.is_main())
-        # Settings are compared once, for every phase, in prepare(); the commit may change between sessions.
-        self.records = Records(self.run.phases, check=False, write=D.is_main())
+        self.records = Records(self.run.phases, write=D.is_main())
 
     def done(self, phase: str) -> dict | None:
         return self.records.read(phase)
 
     def once(self, phase: str, work: Callable[[], dict | None]) -> None:
-        """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit)."""
+        """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit).
+        A finished phase is kept as it is: prepare() compared its settings, and the commit may differ."""
         if self.done(phase) is None:
             self.records.once(phase, sections(self.cfg, phase), lambda: work() or {})
             D.barrier()

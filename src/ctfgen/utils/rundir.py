@@ -157,16 +157,15 @@ class Records:
     """DIR/<name>.json, each computed once from what shaped it (`inputs`: settings, model fingerprints)
     and stored with them and the code's commit. `once` reuses a record only when both are unchanged,
     else refuses naming every difference (so an old answer never stands in for a new question), or
-    with `force=True` computes it again. `check=False` reuses whatever is there (the pipeline checks
-    its phases' settings itself, before it starts).
+    with `force=True` computes it again.
 
         records = Records(out / "eval")
         record = records.once("ctf", {"seed": 0, "models": fingerprints}, lambda: {"metrics": ...})
     """
 
-    def __init__(self, directory: str | os.PathLike, check: bool = True, force: bool = False, write: bool = True,
+    def __init__(self, directory: str | os.PathLike, force: bool = False, write: bool = True,
                  say: Callable[[str], None] | None = None):
-        self.dir, self.check, self.force, self.write, self.say = Path(directory), check, force, write, say
+        self.dir, self.force, self.write, self.say = Path(directory), force, write, say
         self.commit = code_commit()
 
     def path(self, name: str) -> Path:
@@ -181,7 +180,7 @@ class Records:
         `compute()` (a dict of results) stored with them. `write=False` (other ranks) only computes."""
         if (record := self.read(name)) is not None:
             changed = diff_lines({"inputs": record.get("inputs"), "commit": record.get("commit")},
-                                 {"inputs": plain(inputs), "commit": self.commit}) if self.check else []
+                                 {"inputs": plain(inputs), "commit": self.commit})
             if not changed:
                 return record
             if not self.force:
