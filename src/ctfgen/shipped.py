@@ -86,12 +86,10 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
     """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
     own tokenizer copy). Returns the bytes written per model.
 
-    `weights_dtype` "float16" or "bfloat16" stores the floating-point parameters of stage 1, the
-    auxiliary model and the baseline in that dtype (buffers, integer tensors, the tokenizer and the
-    coarse map as they are); each `pipeline.json` records it as "weights_dtype".
-
-    `sampling_from`, a directory of `ctfgen study` records of this run, makes the setting the study
-    chose on the validation split (select-<method>.json) each pipeline's sampling default."""
+    `weights_dtype` (recorded in each `pipeline.json`) rounds the models' floating-point parameters;
+    buffers and integer tensors stay as they are. `sampling_from`, a directory of `ctfgen study` records
+    of this run, makes the setting the study chose on the validation split (select-<method>.json) each
+    pipeline's sampling default."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     run = RunDir(run_dir)

@@ -56,8 +56,9 @@ from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock
 logger = logging.getLogger("ctfgen.pipeline")
 
 PHASES = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched", "assemble", "heldout")
-METHODS = ("ctf", "baseline", "matched")   # the pipelines a finished run can hold, and the stages each is made of
+# the pipelines a finished run can hold, and the stages each is made of
 STAGES_OF = {"ctf": ("ar", "aux"), "baseline": ("baseline",), "matched": ("matched",)}
+METHODS = tuple(STAGES_OF)
 
 # The config sections each phase depends on: a finished phase whose sections changed is refused on
 # --resume instead of being silently kept.
@@ -269,8 +270,8 @@ def assemble_phase(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None
                          "matched": None if matched is None else ARPipeline(matched, vq, sampling_defaults=s.baseline)}
                 for kind, pipe in pipes.items():
                     if pipe is not None:
-                        logger.info(f"assembling {getattr(x.run, kind)}")
-                        publish_dir(lambda d: pipe.save_pretrained(d, **card_inputs(x, kind)), getattr(x.run, kind))
+                        logger.info(f"assembling {x.run.pipeline_dir(kind)}")
+                        publish_dir(lambda d: pipe.save_pretrained(d, **card_inputs(x, kind)), x.run.pipeline_dir(kind))
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
@@ -286,7 +287,7 @@ def heldout_phase(x: Experiment) -> None:
         names = [m for m in METHODS if all(x.cfg.stage(s).enabled for s in STAGES_OF[m])]
         results = {}
         for name in names:
-            pipe = load_pipeline(getattr(x.run, name)).to(x.device)
+            pipe = load_pipeline(x.run.pipeline_dir(name)).to(x.device)
             r = heldout_bits_per_token(pipe, x.run.codes("test"), h.limit, int(h.batch_size))
             results[name] = {k: r[k] for k in ("nats_per_image", "bits_per_token", "exact")}
         results.update(images=r["images"], image_tokens=r["image_tokens"])
@@ -295,7 +296,7 @@ def heldout_phase(x: Experiment) -> None:
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             logger.info(f"held-out bits per token on {results['images']} test images: {line}")
             for name in names:  # the model cards gain the held-out numbers
-                write_model_card(getattr(x.run, name), **card_inputs(x, name, results[name]))
+                write_model_card(x.run.pipeline_dir(name), **card_inputs(x, name, results[name]))
         return results
 
     x.once("heldout", work)
@@ -421,9 +422,6 @@ class FinishedRun(RunDir):
         if name == "tokenizer":  # a saved VQModel, or a LlamaGen checkpoint file that `pretrained` named
             return self.tokenizer if self.tokenizer.is_file() else self.tokenizer / "config.json"
         return self.pipeline_dir(name) / "pipeline.json" if name in METHODS else self.codes(name) / "header.json"
-
-    def pipeline_dir(self, method: str) -> Path:
-        return {"ctf": self.ctf, "baseline": self.baseline, "matched": self.matched}[method]
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -107,6 +107,9 @@ class RunDir:
     summary = property(lambda self: self.root / "summary.json")
     metrics = property(lambda self: self.root / "metrics.csv")
 
+    def pipeline_dir(self, method: str) -> Path:
+        return {"ctf": self.ctf, "baseline": self.baseline, "matched": self.matched}[method]
+
     def codes(self, split: str) -> Path:
         return self.root / "codes" / split
 
