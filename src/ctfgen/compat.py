@@ -14,13 +14,9 @@ from ctfgen.utils.errors import MismatchError
 from ctfgen.utils.fingerprint import fingerprint_of
 
 FACTS = {  # fact -> how it reads in a message
-    "codebook_fingerprint": "codebook fingerprint",
-    "codebook_size": "codebook size",
-    "coarse_map_fingerprint": "coarse map fingerprint",
-    "num_coarse": "number of coarse labels (K)",
-    "grid_size": "grid size",
-    "image_tokens": "image tokens",
-    "num_classes": "classes",
+    "codebook_fingerprint": "codebook fingerprint", "codebook_size": "codebook size",
+    "coarse_map_fingerprint": "coarse map fingerprint", "num_coarse": "number of coarse labels (K)",
+    "grid_size": "grid size", "image_tokens": "image tokens", "num_classes": "classes",
 }
 NAMES = {"tokenizer": "tokenizer", "coarse_map": "coarse map", "codes": "codes", "stage1": "stage-1 GPT",
          "aux": "aux model", "baseline": "baseline GPT", "expected": "request"}

@@ -39,11 +39,10 @@ def pretrained_path(name: str) -> Path:
         raise ConfigError(f"{name!r} is neither a shipped model ({', '.join(PRETRAINED)}), a directory, nor a "
                           "Hugging Face Hub repo id (org/name)")
     path = ASSETS / PRETRAINED[name]
-    if not (path / "pipeline.json").is_file():
-        raise MissingFileError(
-            f"the shipped model {name!r} is missing from {path}. Reinstall ctfgen from a full checkout, "
-            "or train your own with `make reproduce` and load it with ctfgen.load_pipeline(DIR)."
-        )
+    if not (path / PIPELINE_FILE).is_file():
+        raise MissingFileError(f"the shipped model {name!r} is missing from {path}. Reinstall ctfgen from a full "
+                               "checkout, or train your own with `make reproduce` and load it with "
+                               "ctfgen.load_pipeline(DIR).")
     return path
 
 
@@ -68,8 +67,8 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
 def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) -> dict:
     """The sampling setting `ctfgen study` chose for `method` on the validation split
     (RECORDS/select-<method>.json), refused unless the record was made from this very pipeline."""
-    records = Records(records_dir, check=False)
-    path, record = records.path(f"select-{method}"), records.read(f"select-{method}")
+    records, name = Records(records_dir), f"select-{method}"
+    path, record = records.path(name), records.read(name)
     if record is None:
         raise MissingFileError(f"{path} is missing: pass the study's records of this run (ctfgen study RUN --records DIR)")
     if "chosen" not in record:
@@ -87,12 +86,10 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
     """Copy a finished run's CTF pipeline and baseline into the package (the baseline without its
     own tokenizer copy). Returns the bytes written per model.
 
-    `weights_dtype` "float16" or "bfloat16" stores the floating-point parameters of stage 1, the
-    auxiliary model and the baseline in that dtype (buffers, integer tensors, the tokenizer and the
-    coarse map as they are); each `pipeline.json` records it as "weights_dtype".
-
-    `sampling_from`, a directory of `ctfgen study` records of this run, makes the setting the study
-    chose on the validation split (select-<method>.json) each pipeline's sampling default."""
+    `weights_dtype` (recorded in each `pipeline.json`) rounds the models' floating-point parameters;
+    buffers and integer tensors stay as they are. `sampling_from`, a directory of `ctfgen study` records
+    of this run, makes the setting the study chose on the validation split (select-<method>.json) each
+    pipeline's sampling default."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ConfigError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     run = RunDir(run_dir)

@@ -56,8 +56,9 @@ from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock
 logger = logging.getLogger("ctfgen.pipeline")
 
 PHASES = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched", "assemble", "heldout")
-METHODS = ("ctf", "baseline", "matched")   # the pipelines a finished run can hold, and the stages each is made of
+# the pipelines a finished run can hold, and the stages each is made of
 STAGES_OF = {"ctf": ("ar", "aux"), "baseline": ("baseline",), "matched": ("matched",)}
+METHODS = tuple(STAGES_OF)
 
 # The config sections each phase depends on: a finished phase whose sections changed is refused on
 # --resume instead of being silently kept.
@@ -77,21 +78,20 @@ def sections(cfg: ExperimentConfig, phase: str) -> dict:
 class Experiment:
     """A run directory being filled: its config, its layout and which phases are finished."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir, resume: bool = False, raw: dict | None = None,
-                 on_epoch_end: dict[str, Callable] | None = None, progress: bool = True):
-        self.cfg, self.run, self.resume = cfg, RunDir(out_dir), resume
-        self.raw = raw if raw is not None else to_dict(cfg)
+    def __init__(self, cfg: ExperimentConfig, raw: dict, out_dir, resume: bool,
+                 on_epoch_end: dict[str, Callable] | None, progress: bool):
+        self.cfg, self.raw, self.run, self.resume = cfg, raw, RunDir(out_dir), resume
         self.hooks, self.progress = on_epoch_end or {}, progress
         self.device = D.init_distributed()
         self.lock = WriterLock(self.run.root, "pipeline", hold=D.is_main())
-        # Settings are compared once, for every phase, in prepare(); the commit may change between sessions.
-        self.records = Records(self.run.phases, check=False, write=D.is_main())
+        self.records = Records(self.run.phases, write=D.is_main())
 
     def done(self, phase: str) -> dict | None:
         return self.records.read(phase)
 
     def once(self, phase: str, work: Callable[[], dict | None]) -> None:
-        """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit)."""
+        """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit).
+        A finished phase is kept as it is: prepare() compared its settings, and the commit may differ."""
         if self.done(phase) is None:
             self.records.once(phase, sections(self.cfg, phase), lambda: work() or {})
             D.barrier()
@@ -103,11 +103,10 @@ class Experiment:
         if D.is_main():
             try:
                 self.lock.acquire()
-                error = self._check_dir()
+                self._check_dir()
             except RunError as e:
                 error = str(e)
-        error = D.broadcast_object(error)  # every rank stops, not only rank 0
-        if error:
+        if error := D.broadcast_object(error):  # every rank stops, not only rank 0
             raise RunError(error)
         if D.is_main():
             # config.yaml: everything resolved, for the record. input.yaml: what was asked for, which
@@ -116,12 +115,13 @@ class Experiment:
             atomic_write_text(self.run.input_config, yaml.safe_dump(self.raw, sort_keys=False))
         D.barrier()
 
-    def _check_dir(self) -> str | None:
+    def _check_dir(self) -> None:
         root = self.run.root
         existing = sorted(p.name for p in root.iterdir() if not is_lock_file(p)) if root.is_dir() else []
         if existing and not self.resume:
-            return (f"{root} is not empty (it holds {', '.join(existing[:6])}{' ...' if len(existing) > 6 else ''}). "
-                    "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
+            held = ", ".join(existing[:6]) + (" ..." if len(existing) > 6 else "")
+            raise RunError(f"{root} is not empty (it holds {held}). "
+                           "Pass --resume to continue the run there, or choose another --out; nothing was changed.")
         changed = []
         for phase in PHASES:
             if (record := self.done(phase)) is not None:
@@ -131,9 +131,9 @@ class Experiment:
                 lines = diff_lines(then, sections(self.cfg, phase))
                 changed += [f"  {phase}: " + "; ".join(lines)] if lines else []
         if changed:
-            return (f"{root} was run with another config for phases that already finished:\n" + "\n".join(changed)
-                    + "\nRevert those settings to continue this run, or start a new one with another --out.")
-        return None
+            raise RunError(f"{root} was run with another config for phases that already finished:\n"
+                           + "\n".join(changed)
+                           + "\nRevert those settings to continue this run, or start a new one with another --out.")
 
 
 # --- the phases -----------------------------------------------------------------------------------
@@ -141,8 +141,9 @@ class Experiment:
 def tokenizer_phase(x: Experiment):
     t = x.cfg.tokenizer
     if t.pretrained:
-        x.once("tokenizer", lambda: {"path": str(t.pretrained), "fingerprint": load_tokenizer(t.pretrained).fingerprint})
-        return load_tokenizer(t.pretrained).eval()
+        vq = load_tokenizer(t.pretrained).eval()
+        x.once("tokenizer", lambda: {"path": str(t.pretrained), "fingerprint": vq.fingerprint})
+        return vq
 
     def work():
         logger.info("training the tokenizer")
@@ -269,8 +270,8 @@ def assemble_phase(x: Experiment, vq, cmap, ar, aux, base, matched=None) -> None
                          "matched": None if matched is None else ARPipeline(matched, vq, sampling_defaults=s.baseline)}
                 for kind, pipe in pipes.items():
                     if pipe is not None:
-                        logger.info(f"assembling {getattr(x.run, kind)}")
-                        publish_dir(lambda d: pipe.save_pretrained(d, **card_inputs(x, kind)), getattr(x.run, kind))
+                        logger.info(f"assembling {x.run.pipeline_dir(kind)}")
+                        publish_dir(lambda d: pipe.save_pretrained(d, **card_inputs(x, kind)), x.run.pipeline_dir(kind))
                 _link_top_level(x.run.root, "ctf" if ar is not None else "baseline")
                 _write_metrics(x.run)
 
@@ -286,7 +287,7 @@ def heldout_phase(x: Experiment) -> None:
         names = [m for m in METHODS if all(x.cfg.stage(s).enabled for s in STAGES_OF[m])]
         results = {}
         for name in names:
-            pipe = load_pipeline(getattr(x.run, name)).to(x.device)
+            pipe = load_pipeline(x.run.pipeline_dir(name)).to(x.device)
             r = heldout_bits_per_token(pipe, x.run.codes("test"), h.limit, int(h.batch_size))
             results[name] = {k: r[k] for k in ("nats_per_image", "bits_per_token", "exact")}
         results.update(images=r["images"], image_tokens=r["image_tokens"])
@@ -295,7 +296,7 @@ def heldout_phase(x: Experiment) -> None:
             line = ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in results.items() if isinstance(v, dict))
             logger.info(f"held-out bits per token on {results['images']} test images: {line}")
             for name in names:  # the model cards gain the held-out numbers
-                write_model_card(getattr(x.run, name), **card_inputs(x, name, results[name]))
+                write_model_card(x.run.pipeline_dir(name), **card_inputs(x, name, results[name]))
         return results
 
     x.once("heldout", work)
@@ -315,7 +316,8 @@ def next_steps(root, ctf: bool = True, baseline: bool = True) -> list[str]:
     """Commands that work on a finished run, as the pipeline prints them at its end."""
     run = RunDir(root)
     model = str(run.ctf if ctf else run.baseline)
-    sample = f"ctfgen sample --model {shlex.quote(model)} --class 0 --n 16 --out {shlex.quote(str(run / 'samples.png'))}"
+    out = shlex.quote(str(run.root / "samples.png"))
+    sample = f"ctfgen sample --model {shlex.quote(model)} --class 0 --n 16 --out {out}"
     lines = [sample + (" --compare-baseline --stages" if ctf and baseline else " --stages" if ctf else "")]
     if ctf:
         lines.append(f"ctfgen demo --model {shlex.quote(model)}")
@@ -363,7 +365,7 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
     """Python entry point of `ctfgen pipeline`. `on_epoch_end` maps a stage ("ar", "aux",
     "baseline", "matched") to a hook(epoch, model) run after each of its epochs."""
     cfg, raw = load_experiment_config(config, out_dir, resume, overrides, dry_run)
-    x = Experiment(cfg, out_dir, resume=resume, raw=raw, on_epoch_end=on_epoch_end, progress=progress)
+    x = Experiment(cfg, raw, out_dir, resume, on_epoch_end, progress)
     t_all = time.time()
     try:
         x.prepare()
@@ -391,10 +393,10 @@ def run_experiment(config, out_dir, resume: bool = False, overrides: list[str] |
 # --- reading a finished run ------------------------------------------------------------------------
 
 class FinishedRun(RunDir):
-    """A finished `ctfgen pipeline` run, read-only: the one reader that the reproduction and the
-    study build on. `settings` is its resolved config; `needs` names the parts the caller cannot
-    do without ("tokenizer", "ctf", "baseline", "matched", or a code split "train" / "val" / "test"),
-    and a run lacking one is refused, saying how to make it. Models are loaded once.
+    """A finished `ctfgen pipeline` run, read-only, as the reproduction and the study read it (models
+    load once). `settings` is its resolved config; `needs` names the parts the caller cannot do without
+    ("tokenizer", "ctf", "baseline", "matched", or a code split "train" / "val" / "test"): a run lacking
+    one is refused, saying how to make it.
 
         run = FinishedRun("runs/fashion_mnist", "ctf", "test")
         run.pipeline("ctf"), run.snapshot_pipeline("baseline", 940), run.steps_per_epoch("ar")
@@ -412,8 +414,7 @@ class FinishedRun(RunDir):
 
     @property
     def tokenizer(self) -> Path:
-        """The run's tokenizer: the one it trained, or the one its `tokenizer.pretrained` named (which
-        the pipeline uses in place and does not copy)."""
+        """The tokenizer the run trained, or the one its `tokenizer.pretrained` named (used in place, not copied)."""
         pretrained = self.settings.tokenizer.pretrained
         return Path(pretrained).expanduser() if pretrained else super().tokenizer
 
@@ -421,9 +422,6 @@ class FinishedRun(RunDir):
         if name == "tokenizer":  # a saved VQModel, or a LlamaGen checkpoint file that `pretrained` named
             return self.tokenizer if self.tokenizer.is_file() else self.tokenizer / "config.json"
         return self.pipeline_dir(name) / "pipeline.json" if name in METHODS else self.codes(name) / "header.json"
-
-    def pipeline_dir(self, method: str) -> Path:
-        return {"ctf": self.ctf, "baseline": self.baseline, "matched": self.matched}[method]
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -440,7 +438,6 @@ class FinishedRun(RunDir):
 
     @functools.cache
     def pipeline(self, method: str):
-        """The finished pipeline of `method` (RUN/ctf, RUN/baseline or RUN/matched)."""
         self.require(self.part(method))
         return (CTFPipeline if method == "ctf" else ARPipeline).from_pretrained(self.pipeline_dir(method))
 
@@ -452,8 +449,7 @@ class FinishedRun(RunDir):
         return load_stage_model(stage, path)
 
     def snapshot_pipeline(self, method: str, step: int):
-        """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`,
-        with the run's tokenizer and coarse map."""
+        """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`."""
         if method == "ctf":
             return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step), self.load_coarse_map(),
                                self.load_tokenizer())
@@ -470,7 +466,6 @@ class FinishedRun(RunDir):
         return CodeDataset(self.codes(split), augmentation=0)
 
     def image_dataset(self, split: str):
-        """The images of a split, from the dataset factory with the run's data settings."""
         ds = make_dataset(self.settings.data, split, channels=self.load_tokenizer().config.in_channels)
         if ds is None:
             raise RunError(f"{self.root}'s data settings have no {split} split")

@@ -1,8 +1,6 @@
 """The one family of errors a user can fix. `ctfgen` prints them as one `error: ...` line and exits
 with status 2; library callers catch `CtfgenError` (or the subclass they care about)."""
 
-from __future__ import annotations
-
 
 class CtfgenError(Exception):
     """Something the user asked for cannot be done; the message says why and what to do."""

@@ -5,7 +5,7 @@ computed once in them (`Records`).
     RUN/phases/<phase>.json          a finished pipeline phase (what `--resume` skips)
     RUN/runs/tokenizer/              tokenizer training: checkpoints/, metrics.csv, tokenizer/ (the model)
     RUN/runs/coarse_map.safetensors  the CoarseMap
-    RUN/codes/{train,test}/          extracted codes
+    RUN/codes/{train,val,test}/      extracted codes
     RUN/runs/{ar,aux,baseline,matched}/   stage training: checkpoints/, metrics.csv, snapshots/, model/
     RUN/ctf/, RUN/baseline/, RUN/matched/   the finished pipelines (RUN itself links to ctf/); matched:
                                      the parameter-matched baseline, when the config enables it
@@ -33,14 +33,14 @@ MODEL_DIR = "model"          # a trained stage's finished model, in save_pretrai
 
 class WriterLock:
     """One writer per directory (`with WriterLock(run_dir, "pipeline"): ...`): an flock on
-    `DIR/.<writer>.lock`, which holds the PID and host of the process writing. The kernel drops the
-    flock the moment its holder exits or is killed, so a killed run's lock is stale by construction and
-    the next writer simply takes it; a second live writer stops with a RunError naming the first.
-    `writer` names what writes ("pipeline", "train", ...), so writers of disjoint parts of one
-    directory (the reproduction's ablations beside a running pipeline) do not exclude each other."""
+    `DIR/.<writer>.lock`, a file naming the writing process's PID and host. The kernel drops the flock
+    the moment its holder exits or is killed, so a killed run's lock is taken over by the next writer;
+    a second live writer stops with a RunError naming the first. Writers of disjoint parts of one
+    directory (the reproduction's ablations beside a running pipeline) have their own `writer` name
+    and do not exclude each other. `hold=False` (the other ranks) makes the lock a no-op."""
 
-    def __init__(self, directory: str | os.PathLike, writer: str = "run", hold: bool = True):
-        self.directory, self.writer, self.hold = Path(directory), writer, hold  # hold=False: a no-op (other ranks)
+    def __init__(self, directory: str | os.PathLike, writer: str, hold: bool = True):
+        self.directory, self.writer, self.hold = Path(directory), writer, hold
         self.path = self.directory / f".{writer}.lock"
         self.fd: int | None = None
 
@@ -53,7 +53,7 @@ class WriterLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunError(f"{self.directory} is in use: process {self.holder()} is writing into it ({self.writer}). "
+            raise RunError(f"{self.directory} is in use: process {self._holder()} is writing into it ({self.writer}). "
                            "Wait for it to finish or stop it; nothing was changed. (A lock left by a killed "
                            "process is taken over by the next run on its own.)") from None
         os.ftruncate(fd, 0)
@@ -62,8 +62,7 @@ class WriterLock:
         self.fd = fd
         return self
 
-    def holder(self) -> str:
-        """"PID on HOST (since ...)" of the process holding the lock, as its file says."""
+    def _holder(self) -> str:
         for _ in range(20):  # the holder writes its name just after taking the lock
             try:
                 info = json.loads(self.path.read_text())
@@ -94,12 +93,6 @@ class RunDir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
-
-    def __truediv__(self, other) -> Path:
-        return self.root / other
-
     # the experiment
     config = property(lambda self: self.root / "config.yaml")
     input_config = property(lambda self: self.root / "input.yaml")
@@ -113,6 +106,9 @@ class RunDir:
     heldout = property(lambda self: self.root / "heldout.json")
     summary = property(lambda self: self.root / "summary.json")
     metrics = property(lambda self: self.root / "metrics.csv")
+
+    def pipeline_dir(self, method: str) -> Path:
+        return {"ctf": self.ctf, "baseline": self.baseline, "matched": self.matched}[method]
 
     def codes(self, split: str) -> Path:
         return self.root / "codes" / split
@@ -161,21 +157,18 @@ def plain(obj):
 
 
 class Records:
-    """DIR/<name>.json, each computed once from named inputs: the one record-once helper.
-
-    A record stores what shaped it (`inputs`: settings, model fingerprints) and the code's commit.
-    Asked for again it is reused only when both are unchanged; otherwise `once` refuses with a
-    RunError naming every difference, so an old answer never stands in for a new question.
-    `force=True` recomputes such records instead. `check=False` reuses whatever is there (the
-    pipeline checks its phases' settings itself, before it starts).
+    """DIR/<name>.json, each computed once from what shaped it (`inputs`: settings, model fingerprints)
+    and stored with them and the code's commit. `once` reuses a record only when both are unchanged,
+    else refuses naming every difference (so an old answer never stands in for a new question), or
+    with `force=True` computes it again.
 
         records = Records(out / "eval")
         record = records.once("ctf", {"seed": 0, "models": fingerprints}, lambda: {"metrics": ...})
     """
 
-    def __init__(self, directory: str | os.PathLike, check: bool = True, force: bool = False, write: bool = True,
+    def __init__(self, directory: str | os.PathLike, force: bool = False, write: bool = True,
                  say: Callable[[str], None] | None = None):
-        self.dir, self.check, self.force, self.write, self.say = Path(directory), check, force, write, say
+        self.dir, self.force, self.write, self.say = Path(directory), force, write, say
         self.commit = code_commit()
 
     def path(self, name: str) -> Path:
@@ -183,17 +176,14 @@ class Records:
 
     def read(self, name: str) -> dict | None:
         path = self.path(name)
-        if not path.is_file():
-            return None
-        return read_json(path, "delete it to compute the record again")
+        return read_json(path, "delete it to compute the record again") if path.is_file() else None
 
     def once(self, name: str, inputs: dict, compute: Callable[[], dict]) -> dict:
         """The record `name`: the stored one when it was computed from `inputs` by this code, else
         `compute()` (a dict of results) stored with them. `write=False` (other ranks) only computes."""
-        record = self.read(name)
-        if record is not None:
+        if (record := self.read(name)) is not None:
             changed = diff_lines({"inputs": record.get("inputs"), "commit": record.get("commit")},
-                                 {"inputs": plain(inputs), "commit": self.commit}) if self.check else []
+                                 {"inputs": plain(inputs), "commit": self.commit})
             if not changed:
                 return record
             if not self.force:
