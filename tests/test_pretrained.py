@@ -57,6 +57,14 @@ def test_ship_replaces_the_assets_with_a_runs_models(tmp_path):
     assert not (shipped / "tokenizer").exists() and not (shipped / "stale.txt").exists()
     assert json.loads((shipped / "pipeline.json").read_text())["has_tokenizer"] is False
     assert isinstance(load_pipeline(tmp_path / "assets" / SHIPPED_CTF), CTFPipeline)
+    before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "assets").rglob("*") if p.is_file())
+    (run / "baseline" / "pipeline.json").write_text('{"type": "baseline"')  # cut short
+    from ctfgen.utils.errors import CorruptFileError
+
+    with pytest.raises(CorruptFileError, match=r"baseline/pipeline\.json is not valid JSON"):
+        ship(run, assets=tmp_path / "assets")
+    after = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in (tmp_path / "assets").rglob("*") if p.is_file())
+    assert after == before  # neither model of the shipped pair was replaced
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ is the one the models were trained with.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from importlib import resources
@@ -21,7 +20,7 @@ import torch
 from ctfgen.pipeline import PIPELINE_FILE, ARPipeline, load_pipeline
 from ctfgen.tokenizer.vq import VQModel
 from ctfgen.utils.errors import ConfigError, CorruptFileError, CtfgenError, MismatchError, MissingFileError
-from ctfgen.utils.fileio import atomic_write_json, publish_dir
+from ctfgen.utils.fileio import atomic_write_json, publish_dir, read_json
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.hub import MODEL_CARD_FILE, SAFETENSORS_FILE, is_repo_id, read_model_card, save_weights, write_model_card
 from ctfgen.utils.options import check_device
@@ -99,12 +98,13 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
     chosen = {src: {} if sampling_from is None else chosen_sampling(sampling_from, src.name, src) for src in sources}
     # the parameters to round, from the pipelines as they load (strictly checked)
     pipes = {src: None if weights_dtype == "float32" else load_pipeline(src) for src in sources}
+    infos = {src: read_json(src / PIPELINE_FILE, "assemble the run's pipelines again (ctfgen pipeline --resume)")
+             for src in sources}
     sizes = {}
     for src, sub in sources.items():
         def copy(tmp: Path, src=src, pipe=pipes[src]):
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("tokenizer") if src.name == "baseline" else None)
-            info = json.loads((tmp / PIPELINE_FILE).read_text())
-            info["weights_dtype"] = weights_dtype
+            info = {**infos[src], "weights_dtype": weights_dtype}
             info["sampling_defaults"] = {**info["sampling_defaults"], **chosen[src]}
             if src.name == "baseline":
                 info["has_tokenizer"] = False
