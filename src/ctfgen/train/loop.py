@@ -281,9 +281,10 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                             grad_norm, round(run.epoch + run.batch / run.batches.per_epoch, 4))
                     if stats[3] > 0:
                         run.save()
-                        raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
-                                                  f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
-                                                  "continue with --resume")
+                        raise TrainingInterrupted(f"[{desc}] stopped by "
+                                                  f"{flag.get('stop') or 'a signal on another rank'} at step "
+                                                  f"{run.step}; checkpoint {run.last_checkpoint} written, continue "
+                                                  "with --resume")
                     if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
                         run.save()
             if cfg.epochs is not None:
@@ -391,8 +392,8 @@ class Run:
             self.extra.load_state_dict(ck.get("extra"), source=str(path))
         self.epoch, self.batch, self.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
         self.step, self.last_checkpoint, self.resumed_from = ck["step"], path, path
-        old = ck.get("train_config", {})
-        changed = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in to_dict(self.cfg).items() if old and old.get(k) != v)
+        old, new = ck.get("train_config", {}), to_dict(self.cfg)
+        changed = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if old and old.get(k) != v)
         if changed:
             logger.info(f"[{self.desc}] resuming with changed settings: {changed}")
         rank, world = D.get_rank(), D.get_world_size()
