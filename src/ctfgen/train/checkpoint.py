@@ -56,8 +56,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and what to do
-        raise CheckpointError(f"could not read checkpoint {path}: {e}\n"
-                              "Delete this file to resume from the previous checkpoint, or start again without --resume.") from e
+        raise CheckpointError(f"could not read checkpoint {path}: {e}\nDelete this file to resume from the previous "
+                              "checkpoint, or start again without --resume.") from e
 
 
 def load_latest_checkpoint(ckpt_dir: str | os.PathLike, map_location="cpu") -> tuple[dict, Path] | None:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -55,20 +55,16 @@ class TrainResult:
     state_dict: dict                    # final full weights (CPU), on every rank
     ema_state_dict: dict | None         # EMA weights (CPU) when train.ema
     step: int
-    epoch: int
-    checkpoint: Path | None
-    metrics_path: Path
-    resumed_from: Path | None = None
-    seconds: float = 0.0
-    history: list = field(default_factory=list)
-
-    def best_state_dict(self) -> dict:
-        """The weights to ship: EMA when it was kept, else the raw weights."""
-        return self.ema_state_dict if self.ema_state_dict is not None else self.state_dict
+    checkpoint: Path | None             # the last one written
+    resumed_from: Path | None
+    seconds: float
+    history: list                       # the rows this call logged
 
     def ship(self, model: nn.Module, path: Path) -> nn.Module:
-        """`model` (a fresh CPU copy) holding the best weights, in eval mode; rank 0 saves it to `path`."""
-        load_state_dict_strict(model, self.best_state_dict(), source="the training result")
+        """`model` (a fresh CPU copy) holding the weights to ship (EMA when kept), in eval mode; rank 0 saves it
+        to `path`."""
+        best = self.ema_state_dict if self.ema_state_dict is not None else self.state_dict
+        load_state_dict_strict(model, best, source="the training result")
         if D.is_main():
             publish_dir(model.save_pretrained, path)
         D.barrier()
@@ -79,7 +75,8 @@ class TrainResult:
 
 def training_autocast(mixed_precision: str, device: torch.device):
     """bf16 autocast for `train.mixed_precision` ("auto" | "bf16" | "none") on `device`."""
-    if mixed_precision != "none" and resolve_dtype(mixed_precision, device) == torch.bfloat16 and device.type in ("cuda", "cpu"):
+    bf16 = mixed_precision != "none" and resolve_dtype(mixed_precision, device) == torch.bfloat16
+    if bf16 and device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -142,7 +139,8 @@ class EMA:
 
     def load_state_dict(self, sd: dict):
         if set(sd) != set(self.names):
-            raise CheckpointError(f"EMA state does not match the model (missing: {[n for n in self.names if n not in sd][:10]})")
+            missing = [n for n in self.names if n not in sd]
+            raise CheckpointError(f"EMA state does not match the model (missing: {missing[:10]})")
         self.shadow = [D.like(sd[n], s) for n, s in zip(self.names, self.shadow)]
 
     def full_model_state(self, model_sd: dict) -> dict:
@@ -180,7 +178,7 @@ class Log:
     """metrics.csv (rank 0; rows past a resumed step are dropped, they are about to be redone),
     the progress bar, and averages over each `log_every` window."""
 
-    def __init__(self, run: Run, desc: str, extra, tokens_per_item: int | None):
+    def __init__(self, run: Run, extra, tokens_per_item: int | None):
         self.path, self.enabled = run.out_dir / "metrics.csv", D.is_main()
         self.columns = ["step", "epoch", "loss", "lr", "grad_norm", "items_per_s", "tokens_per_s", "elapsed_s",
                         *getattr(extra, "log_columns", ())]
@@ -194,8 +192,8 @@ class Log:
                 with open(self.path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= run.step]
             atomic_write_csv(self.path, self.columns, ({k: r.get(k, "") for k in self.columns} for r in rows))
-        self.bar = tqdm(total=run.total, initial=run.step, desc=desc, disable=not (self.cfg.progress and self.enabled),
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(total=run.total, initial=run.step, desc=run.desc, dynamic_ncols=True, leave=True,
+                        disable=not (self.cfg.progress and self.enabled))
 
     def add(self, step: int, loss: float, metrics: dict, lr: float, grad_norm, epoch: float):
         self.sums["loss"] += loss
@@ -222,8 +220,8 @@ class Log:
 
 def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainConfig | dict, out_dir: str | Path, *,
           resume: bool = False, tokens_per_item: int | None = None, on_epoch_end: Callable | None = None,
-          run_config: dict | None = None, device: torch.device | str | None = None,
-          collate_fn: Callable | None = None, desc: str = "train", extra: Any = None) -> TrainResult:
+          run_config: dict | None = None, device: torch.device | str | None = None, desc: str = "train",
+          extra: Any = None) -> TrainResult:
     """Train `model` on `dataset` by minimising `loss_fn(model, batch)`; see the module docstring.
 
     `out_dir` receives `checkpoints/ckpt-<step>.pt`, `metrics.csv` and, with snapshots,
@@ -238,9 +236,9 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     cfg = config if isinstance(config, TrainConfig) else from_dict(TrainConfig, config, "train")
     device = torch.device(device) if device is not None else D.default_device()
     with WriterLock(out_dir, "train", hold=D.is_main()):  # one process writes a run directory
-        run = Run(model, dataset, cfg, Path(out_dir), resume, device, collate_fn, extra, run_config or {}, desc)
-        log = Log(run, desc, extra, tokens_per_item)
-        wrapped, optimizer = run.wrapped, run.optimizer
+        run = Run(model, dataset, cfg, Path(out_dir), resume, device, extra, run_config or {}, desc)
+        log = Log(run, extra, tokens_per_item)
+        wrapped, optimizer, batches = run.wrapped, run.optimizer, run.micro_batches()
         autocast = training_autocast(cfg.mixed_precision, device)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -253,7 +251,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                         g["lr"] = lr_at(run.step, cfg, run.total)
                     loss_sum, bad, metrics = torch.zeros((), device=device), torch.zeros((), device=device), {}
                     for micro in range(cfg.grad_accum):
-                        batch = run.next_batch()
+                        batch = next(batches)
                         with _grad_sync(wrapped, micro == cfg.grad_accum - 1):
                             with autocast:
                                 loss = loss_fn(wrapped, batch)
@@ -268,7 +266,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                                          torch.tensor(float(bool(flag.get("stop"))), device=device)])
                     D.all_reduce_sum(stats)  # every rank takes the same decision to stop
                     if stats[1] > 0 or stats[2] > 0:
-                        raise NonFiniteLossError(run.nan_message(desc, "loss" if stats[1] > 0 else "gradient norm"))
+                        raise NonFiniteLossError(run.nan_message("loss" if stats[1] > 0 else "gradient norm"))
                     optimizer.step()
                     if run.ema is not None:
                         run.ema.update()
@@ -278,35 +276,37 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                     if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
                         # With constant lr a snapshot at step N equals an N-step run (ablations use it).
                         run.snapshot(run.out_dir / "snapshots" / f"step-{run.step:06d}")
-                    run.end_epochs(run.epochs_completed, on_epoch_end)
+                    run.end_epochs(on_epoch_end)
                     log.add(run.step, stats[0].item() / D.get_world_size(), metrics, optimizer.param_groups[0]["lr"],
                             grad_norm, round(run.epoch + run.batch / run.batches.per_epoch, 4))
                     if stats[3] > 0:
                         run.save()
-                        raise TrainingInterrupted(f"[{desc}] stopped by {flag.get('stop') or 'a signal on another rank'} "
-                                                  f"at step {run.step}; checkpoint {run.last_checkpoint} written, "
-                                                  "continue with --resume")
+                        raise TrainingInterrupted(f"[{desc}] stopped by "
+                                                  f"{flag.get('stop') or 'a signal on another rank'} at step "
+                                                  f"{run.step}; checkpoint {run.last_checkpoint} written, continue "
+                                                  "with --resume")
                     if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
                         run.save()
             if cfg.epochs is not None:
-                run.end_epochs(cfg.epochs, on_epoch_end)  # a last tail shorter than a step
+                run.end_epochs(on_epoch_end, cfg.epochs)  # a last tail shorter than a step
         finally:
             log.bar.close()
         final = D.model_state(wrapped)
         return TrainResult(state_dict=final, ema_state_dict=run.ema.full_model_state(final) if run.ema else None,
-                           step=run.step, epoch=run.epoch, checkpoint=run.last_checkpoint, metrics_path=log.path,
-                           resumed_from=run.resumed_from, seconds=time.time() - log.t_start, history=log.history)
+                           step=run.step, checkpoint=run.last_checkpoint, resumed_from=run.resumed_from,
+                           seconds=time.time() - log.t_start, history=log.history)
 
 
 class Run:
     """One training run's moving parts (the model as trained, optimizer, EMA, `extra`, the position
     in the data), set up and, when resuming, restored from the newest checkpoint."""
 
-    def __init__(self, model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, collate_fn, extra,
-                 run_config: dict, desc: str):
+    def __init__(self, model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, extra, run_config: dict,
+                 desc: str):
         if not resume and C.list_checkpoints(out_dir / "checkpoints"):
-            raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass --resume "
-                                    "(resume=True) to continue it, or choose another output directory; nothing was overwritten.")
+            raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass "
+                                    "--resume (resume=True) to continue it, or choose another output directory; "
+                                    "nothing was overwritten.")
         if not cfg.length_given:
             raise ConfigError("train needs `steps` or `epochs` (e.g. train.steps=1000)")
         world = D.get_world_size()
@@ -315,9 +315,10 @@ class Run:
             raise ConfigError(f"train.batch_size={cfg.batch_size} must be a positive multiple of ranks x grad_accum = "
                               f"{world} x {cfg.grad_accum}")
         self.batches = ShardedBatches(len(dataset), per_rank, world, D.get_rank(), cfg.seed)
-        self.total = int(cfg.steps) if cfg.steps is not None else max(1, cfg.epochs * self.batches.per_epoch // cfg.grad_accum)
-        self.cfg, self.out_dir, self.dataset, self.device, self.collate_fn = cfg, out_dir, dataset, device, collate_fn
-        self.extra, self.run_config, self.num_items = extra, run_config, len(dataset)
+        self.total = (int(cfg.steps) if cfg.steps is not None
+                      else max(1, cfg.epochs * self.batches.per_epoch // cfg.grad_accum))
+        self.cfg, self.out_dir, self.dataset, self.device = cfg, out_dir, dataset, device
+        self.extra, self.run_config, self.desc = extra, run_config, desc
         self.wrapped = D.wrap_model(model.to(device).train(), device, cfg.fsdp)
         self.optimizer = make_optimizer(self.wrapped, cfg, device)
         self.ema = EMA(D.unwrap(self.wrapped), cfg.ema_decay) if cfg.ema else None  # names without DDP's "module."
@@ -325,37 +326,31 @@ class Run:
             extra.setup(device, self.total)
         C.seed_everything(cfg.seed + 1_000_003 * D.get_rank())  # dropout differs per rank
         self.step = self.epoch = self.batch = self.epochs_done = 0  # the position: epoch, batch in it, epochs ended
-        self.last_checkpoint = self.resumed_from = self._iter = None
+        self.last_checkpoint = self.resumed_from = None
         found = C.load_latest_checkpoint(out_dir / "checkpoints") if resume else None
         if found is not None:
-            self.restore(*found, desc)
+            self.restore(*found)
 
-    def next_batch(self):
-        if self.batch >= self.batches.per_epoch:
-            self.epoch, self.batch, self._iter = self.epoch + 1, 0, None
-        if self._iter is None:
-            self._iter = self._epoch_iter()
-        self.batch += 1
-        return tree_map_only(torch.Tensor, lambda t: t.to(self.device, non_blocking=True), next(self._iter))
-
-    def _epoch_iter(self):
+    def micro_batches(self) -> Iterator:
+        """This rank's micro-batches on the device, from the current position on (which they advance)."""
         ds, cfg = self.dataset, self.cfg
-        if hasattr(ds, "set_epoch"):  # e.g. CodeDataset picks its augmentation per epoch
-            ds.set_epoch(self.epoch)
-        idx_iter = self.batches.epoch_batches(self.epoch, self.batch)
-        if self.collate_fn is None and cfg.num_workers == 0 and hasattr(ds, "get_batch"):
-            return (ds.get_batch(idx) for idx in idx_iter)  # one vectorised read (memory-mapped codes)
-        collate = self.collate_fn or default_collate
-        if cfg.num_workers > 0:
-            return iter(DataLoader(ds, batch_sampler=list(idx_iter), num_workers=cfg.num_workers, collate_fn=collate,
+        while True:
+            if self.batch >= self.batches.per_epoch:
+                self.epoch, self.batch = self.epoch + 1, 0
+            if hasattr(ds, "set_epoch"):  # e.g. CodeDataset picks its augmentation per epoch
+                ds.set_epoch(self.epoch)
+            idx_iter = self.batches.epoch_batches(self.epoch, self.batch)
+            if cfg.num_workers > 0:
+                items = DataLoader(ds, batch_sampler=list(idx_iter), num_workers=cfg.num_workers,
                                    pin_memory=self.device.type == "cuda",
-                                   generator=torch.Generator().manual_seed(cfg.seed + self.epoch)))
-        # In-process loading draws dataset randomness (augmentation) from the restored RNGs.
-        return (collate([ds[i] for i in idx]) for idx in idx_iter)
-
-    @property
-    def epochs_completed(self) -> int:
-        return self.epoch + (1 if self.batch >= self.batches.per_epoch else 0)
+                                   generator=torch.Generator().manual_seed(cfg.seed + self.epoch))
+            elif hasattr(ds, "get_batch"):
+                items = (ds.get_batch(idx) for idx in idx_iter)  # one vectorised read (memory-mapped codes)
+            else:  # in-process loading draws dataset randomness (augmentation) from the restored RNGs
+                items = (default_collate([ds[i] for i in idx]) for idx in idx_iter)
+            for item in items:
+                self.batch += 1
+                yield tree_map_only(torch.Tensor, lambda t: t.to(self.device, non_blocking=True), item)
 
     def save(self) -> None:
         ckpt = {  # collective (FSDP, RNG gather): every rank builds it, rank 0 writes
@@ -368,20 +363,20 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "extra": self.extra.state_dict() if self.extra is not None else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch, "epochs_done": self.epochs_done,
-            "dataset_len": self.num_items, "rng": D.gather_object(C.get_rng_state()), "world_size": D.get_world_size(),
-            "train_config": to_dict(self.cfg), "run_config": self.run_config,
+            "dataset_len": self.batches.n, "rng": D.gather_object(C.get_rng_state()),
+            "world_size": D.get_world_size(), "train_config": to_dict(self.cfg), "run_config": self.run_config,
         }
         if D.is_main():
             self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
                                                      keep=self.cfg.keep_checkpoints)
         D.barrier()
 
-    def restore(self, ck: dict, path: Path, desc: str) -> None:
+    def restore(self, ck: dict, path: Path) -> None:
         if ck.get("format") != C.CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
-        if ck.get("dataset_len", self.num_items) != self.num_items:
+        if ck.get("dataset_len", self.batches.n) != self.batches.n:
             raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
-                                  f"{self.num_items}: the data position cannot be restored. Resume with the same data.")
+                                  f"{self.batches.n}: the data position cannot be restored. Resume with the same data.")
         D.load_model_state(self.wrapped, ck["model"], source=str(path))  # names and shapes first, all listed
         then, now = ck.get("run_config", {}).get("model_config"), self.run_config.get("model_config")
         if then is not None and now is not None and then != now:
@@ -397,55 +392,58 @@ class Run:
             self.extra.load_state_dict(ck.get("extra"), source=str(path))
         self.epoch, self.batch, self.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
         self.step, self.last_checkpoint, self.resumed_from = ck["step"], path, path
-        old = ck.get("train_config", {})
-        changed = {k: (old.get(k), v) for k, v in to_dict(self.cfg).items() if old and old.get(k) != v}
+        old, new = ck.get("train_config", {}), to_dict(self.cfg)
+        changed = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if old and old.get(k) != v)
         if changed:
-            logger.info(f"[{desc}] resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+            logger.info(f"[{self.desc}] resuming with changed settings: {changed}")
         rank, world = D.get_rank(), D.get_world_size()
         if ck.get("world_size") == world:
             C.set_rng_state(ck["rng"][rank])
         else:
-            logger.info(f"[{desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
+            logger.info(f"[{self.desc}] checkpoint was written by {ck.get('world_size')} ranks, now {world}: "
                         "RNG streams are reseeded, so the run continues but not bit-for-bit")
             C.seed_everything(self.cfg.seed + 1_000_003 * rank + ck["step"])
-        logger.info(f"[{desc}] resumed from {path} at step {ck['step']}/{self.total} (epoch {self.epoch}, batch {self.batch})")
+        logger.info(f"[{self.desc}] resumed from {path} at step {ck['step']}/{self.total} "
+                    f"(epoch {self.epoch}, batch {self.batch})")
 
-    def nan_message(self, desc: str, what: str) -> str:
+    def nan_message(self, what: str) -> str:
         kept = C.list_checkpoints(self.out_dir / "checkpoints")
         where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
                  if kept else "no checkpoint was written yet")
-        return (f"[{desc}] the {what} became NaN/inf at step {self.step + 1} (epoch {self.epoch}); this step's update "
-                f"was not applied and training stopped. {where}. Try a lower learning rate (train.lr={self.cfg.lr:g} now), "
-                "more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with --resume.")
+        return (f"[{self.desc}] the {what} became NaN/inf at step {self.step + 1} (epoch {self.epoch}); this step's "
+                f"update was not applied and training stopped. {where}. Try a lower learning rate (train.lr="
+                f"{self.cfg.lr:g} now), more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with "
+                "--resume.")
 
-    def snapshot(self, path: Path | None, on_epoch_end: Callable | None = None, epoch: int | None = None) -> None:
-        """save_pretrained the weights a run ships (EMA when on) to `path` (if given), then run the epoch
-        hook in eval mode with the EMA weights swapped in (not under FSDP, where only the saved copy has them)."""
+    def snapshot(self, path: Path) -> None:
+        """save_pretrained the weights the run ships (EMA when on): rank 0 saves an unsharded copy."""
+        sd = D.model_state(self.wrapped)  # full weights, gathered on every rank under FSDP
+        sd = self.ema.full_model_state(sd) if self.ema is not None else sd
         raw = D.unwrap(self.wrapped)
-        if path is not None:  # full weights (gathered on every rank under FSDP); rank 0 saves an unsharded copy
-            sd = D.model_state(self.wrapped)
-            sd = self.ema.full_model_state(sd) if self.ema is not None else sd
-            if D.is_main() and hasattr(raw, "save_pretrained"):
-                with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
-                    ship = load_state_dict_strict(D.unsharded_class(raw)(raw.config), sd, source="snapshot")
-                publish_dir(ship.save_pretrained, path)
-            D.barrier()
-        if on_epoch_end is None:
-            return
-        backup = D.model_state(raw) if self.ema is not None and not D.is_fsdp(raw) else None
-        if backup is not None:
-            raw.load_state_dict(self.ema.full_model_state(backup))
-        raw.eval()
-        try:
-            on_epoch_end(epoch, raw)
-        finally:
-            raw.train()
-            if backup is not None:
-                raw.load_state_dict(backup)
+        if D.is_main() and hasattr(raw, "save_pretrained"):
+            with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+                ship = load_state_dict_strict(D.unsharded_class(raw)(raw.config), sd, source="snapshot")
+            publish_dir(ship.save_pretrained, path)
+        D.barrier()
 
-    def end_epochs(self, upto: int, on_epoch_end: Callable | None) -> None:
-        while self.epochs_done < upto:
-            if self.cfg.snapshot_every_epoch or on_epoch_end is not None:
-                path = self.out_dir / "epochs" / f"epoch-{self.epochs_done:03d}" if self.cfg.snapshot_every_epoch else None
-                self.snapshot(path, on_epoch_end, self.epochs_done)
-            self.epochs_done += 1
+    def end_epochs(self, on_epoch_end: Callable | None, upto: int | None = None) -> None:
+        """Snapshot and run the epoch hook for each epoch ended (by default: those the data position has passed).
+        The hook runs in eval mode with the EMA weights swapped in (not under FSDP, where only snapshots have them)."""
+        if upto is None:
+            upto = self.epoch + (1 if self.batch >= self.batches.per_epoch else 0)
+        raw = D.unwrap(self.wrapped)
+        for epoch in range(self.epochs_done, upto):
+            if self.cfg.snapshot_every_epoch:
+                self.snapshot(self.out_dir / "epochs" / f"epoch-{epoch:03d}")
+            if on_epoch_end is not None:
+                backup = D.model_state(raw) if self.ema is not None and not D.is_fsdp(raw) else None
+                if backup is not None:
+                    raw.load_state_dict(self.ema.full_model_state(backup))
+                raw.eval()
+                try:
+                    on_epoch_end(epoch, raw)
+                finally:
+                    raw.train()
+                    if backup is not None:
+                        raw.load_state_dict(backup)
+            self.epochs_done = epoch + 1

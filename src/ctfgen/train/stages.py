@@ -44,15 +44,6 @@ def _code_dataset(codes):
     return codes if isinstance(codes, CodeDataset) else CodeDataset(codes)
 
 
-def _num_classes(dataset, requested: int | None) -> int:
-    seen = int(dataset.labels.max()) + 1 if len(dataset) else 1
-    header_n = dataset.header.get("num_classes")
-    n = requested if requested is not None else (header_n if header_n is not None else seen)
-    if seen > n:
-        raise StageMismatchError(f"the codes hold class labels up to {seen - 1} but the model has num_classes={n}")
-    return int(n)
-
-
 def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
                 model: dict | None = None, num_classes: int | None = None) -> Stage:
     """The model (freshly initialised) and `loss_fn(model, batch)` of one stage.
@@ -70,48 +61,46 @@ def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
         if cmap is None:
             raise ConfigError(f"stage {stage!r} needs a coarse map (--coarse-map FILE from `ctfgen cluster`)")
         check_parts(f"coarse map and codes ({dataset.dir}) do not belong together", coarse_map=cmap, codes=header,
-                    hint="Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's tokenizer.")
+                    hint="Fit a map on this tokenizer (`ctfgen cluster --tokenizer <dir>`) or use codes of the map's "
+                         "tokenizer.")
     elif cmap is not None:
         raise ConfigError("the baseline trains on fine tokens and takes no coarse map; drop --coarse-map")
+    seen = int(dataset.labels.max()) + 1 if len(dataset) else 1  # the class labels the codes hold
+    num_classes = int(next(n for n in (num_classes, header.get("num_classes"), seen) if n is not None))
+    if seen > num_classes:
+        raise StageMismatchError(f"the codes hold class labels up to {seen - 1} but the model has "
+                                 f"num_classes={num_classes}")
 
     codebook = int(header["codebook_size"])
-    derived = dict(vocab_size=cmap.num_coarse if stage == "ar" else codebook, image_tokens=int(header["image_tokens"]), num_classes=_num_classes(dataset, num_classes),
-                   codebook_fingerprint=header["tokenizer_fingerprint"],
+    derived = dict(vocab_size=cmap.num_coarse if stage == "ar" else codebook, image_tokens=int(header["image_tokens"]),
+                   num_classes=num_classes, codebook_fingerprint=header["tokenizer_fingerprint"],
                    coarse_map_fingerprint=cmap.fingerprint if stage != "baseline" else None,
                    **({"num_coarse": cmap.num_coarse} if stage == "aux" else {}))
-    overrides = dict(model or {})
-    clash = [f"{k}={overrides[k]!r} (the data needs {v!r})" for k, v in derived.items()
-             if k in overrides and overrides[k] != v]
+    model = model or {}
+    clash = [f"{k}={model[k]!r} (the data needs {v!r})" for k, v in derived.items() if k in model and model[k] != v]
     if clash:
         raise StageMismatchError(f"model settings do not fit the {stage} data: " + ", ".join(clash)
                                  + "; leave them out, they are taken from the codes and the coarse map")
-    fields = {**overrides, **derived}
+    fields = {**model, **derived}
     preset = preset or DEFAULT_PRESETS[stage]
+    f2c = cmap.fine_to_coarse if cmap is not None else None
     if stage == "aux":
         net = AuxModel(AuxConfig.from_preset(preset, **fields), coarse_map=cmap)
-        f2c = cmap.fine_to_coarse
         # The restricted model's loss is over each position's cluster members only (the same
         # value as the masked full softmax); the target is the token's place in its cluster.
         in_cluster = net.config.restrict_to_cluster
         target_of = cluster_table(f2c, cmap.num_coarse).position if in_cluster else torch.arange(codebook)
-
-        def loss_fn(m, batch):
-            x, y = batch
-            logits = m(f2c.to(x.device)[x], y, in_cluster=in_cluster)
-            target = target_of.to(x.device)[x]
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-
-        return Stage(net, loss_fn)
-
-    net = GPT(GPTConfig.from_preset(preset, **fields))
-    f2c = cmap.fine_to_coarse if stage == "ar" else None
+    else:
+        net = GPT(GPTConfig.from_preset(preset, **fields))
 
     def loss_fn(m, batch):
         x, y = batch
-        if f2c is not None:
-            x = f2c.to(x.device)[x]
-        logits = m(x[:, :-1], y)  # position i predicts token i (position 0 sees only the class)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
+        if stage == "aux":
+            logits, target = m(f2c.to(x.device)[x], y, in_cluster=in_cluster), target_of.to(x.device)[x]
+        else:  # ar predicts the coarse labels, the baseline the codes themselves
+            target = f2c.to(x.device)[x] if stage == "ar" else x
+            logits = m(target[:, :-1], y)  # position i predicts token i (position 0 sees only the class)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
     return Stage(net, loss_fn)
 
@@ -138,15 +127,15 @@ def matched_depth(codes, coarse_map, ar: tuple[str, dict], aux: tuple[str, dict]
     preset, model = baseline[0], {k: v for k, v in (baseline[1] or {}).items() if k != "n_layer"}
     count = lambda n: parameter_count("baseline", codes, None, preset, {**model, "n_layer": n})  # noqa: E731
     chosen = n_layer is not None
-    if not chosen:
+    if not chosen:  # the count is affine in the depth: rest + n * per_layer
         one, two = count(1), count(2)
-        per_layer, rest = two - one, 2 * one - two
-        n_layer = max(1, round((ctf - rest) / per_layer))
+        n_layer = max(1, round((ctf - (2 * one - two)) / (two - one)))
     params = count(n_layer)
     ratio = params / ctf
     if not chosen and abs(ratio - 1) > MATCH_TOLERANCE:
         raise ConfigError(f"no depth of the {preset} baseline comes within {MATCH_TOLERANCE:.0%} of CTF's {ctf:,} "
-                          f"parameters (closest: {n_layer} layers, {params:,}); set matched.model.dim or n_layer yourself")
+                          f"parameters (closest: {n_layer} layers, {params:,}); set matched.model.dim or n_layer "
+                          "yourself")
     return {"n_layer": int(n_layer), "params": int(params), "ctf_params": int(ctf), "ratio": round(ratio, 4)}
 
 
@@ -165,10 +154,11 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
     if D.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "stage.json", {
-            "stage": stage, "preset": preset or DEFAULT_PRESETS[stage], "params": sum(p.numel() for p in st.model.parameters()),
-            "codes": str(dataset.dir), "model_config": model_config})
-    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume, tokens_per_item=st.model.config.image_tokens,
-                   on_epoch_end=on_epoch_end, desc=desc or stage, run_config={
+            "stage": stage, "preset": preset or DEFAULT_PRESETS[stage],
+            "params": sum(p.numel() for p in st.model.parameters()), "codes": str(dataset.dir),
+            "model_config": model_config})
+    result = train(st.model, st.loss_fn, dataset, tcfg, out_dir, resume=resume, on_epoch_end=on_epoch_end,
+                   tokens_per_item=st.model.config.image_tokens, desc=desc or stage, run_config={
                        "stage": stage, "preset": preset, "model": model or {}, "model_config": model_config,
                        **(run_config or {})})
     return result.ship(type(st.model)(st.model.config), out_dir / MODEL_DIR), result

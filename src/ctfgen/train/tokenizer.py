@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,16 +49,6 @@ class _DiscriminatorPair(nn.Module):
         return self.disc(real), self.disc(fake)
 
 
-@contextmanager
-def _frozen(module: nn.Module):
-    """Gradients flow through `module` (all of it trained) to its input but not into its weights."""
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        module.requires_grad_(True)
-
-
 class VQTraining:
     """The tokenizer's part of the loop: `loss(model, batch)` and the discriminator's step."""
 
@@ -68,11 +57,11 @@ class VQTraining:
     log_sums = ("codes_restarted",)  # per log row, not averaged
 
     def __init__(self, cfg: TokenizerConfig, model: VQModel):
-        self.cfg, self.loss_cfg = cfg, cfg.loss
-        L, vq_config = cfg.loss, model.config
+        self.cfg, L = cfg, cfg.loss
         self.restarter = (DeadCodeRestarter(model.quantize, int(cfg.train.dead_code_steps), seed=cfg.train.seed)
                           if cfg.train.dead_code_steps > 0 else None)
-        self.disc = NLayerDiscriminator(vq_config.in_channels, L.disc_dim, L.disc_layers) if L.disc_weight > 0 else None
+        self.disc = (NLayerDiscriminator(model.config.in_channels, L.disc_dim, L.disc_layers)
+                     if L.disc_weight > 0 else None)
         self.lpips = load_lpips(L.lpips_weights, vgg_path=L.lpips_vgg_weights) if L.perceptual_weight > 0 else None
         self.d_loss_fn = hinge_d_loss if L.disc_loss == "hinge" else vanilla_d_loss
         self.step, self.disc_on, self._last = 0, False, None
@@ -87,11 +76,11 @@ class VQTraining:
         if self.disc is not None:
             self.disc.to(device)
             self.disc_pair = D.wrap_model(_DiscriminatorPair(self.disc), device, fsdp=False)
-            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.loss_cfg.disc_lr or t.lr, betas=t.betas,
+            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=self.cfg.loss.disc_lr or t.lr, betas=t.betas,
                                            weight_decay=t.weight_decay)
 
     def loss(self, model, batch):
-        L = self.loss_cfg
+        L = self.cfg.loss
         images = (batch[0] if isinstance(batch, (list, tuple)) else batch).float()
         recon, q = model(images)
         recon = recon.float()
@@ -103,8 +92,11 @@ class VQTraining:
         loss = nll + q["codebook"] + q["commitment"] + q["entropy"]
         self.disc_on = self.disc is not None and self.step >= L.disc_start
         if self.disc_on:
-            with _frozen(self.disc):
+            self.disc.requires_grad_(False)  # gradients flow through the discriminator, not into its weights
+            try:
                 g_loss = hinge_g_loss(self.disc(recon))
+            finally:
+                self.disc.requires_grad_(True)
             w = adaptive_weight(nll, g_loss, D.unwrap(model).decoder.last_layer) if L.disc_adaptive else 1.0
             loss = loss + w * L.disc_weight * g_loss
         self._last = (images, recon.detach())
@@ -148,8 +140,8 @@ class VQTraining:
             self.d_opt.load_state_dict(state["disc_optimizer"])
         if self.restarter is not None:
             if "dead_codes" not in state:
-                raise CheckpointError(f"{source} has no dead-code restart state but tokenizer.train.dead_code_steps > 0 "
-                                      "now; resume with the settings the run started with")
+                raise CheckpointError(f"{source} has no dead-code restart state but tokenizer.train.dead_code_steps "
+                                      "> 0 now; resume with the settings the run started with")
             self.restarter.load_state_dict(state["dead_codes"])
 
 
@@ -178,7 +170,8 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     final = result.ship(VQModel(vq_config), out_dir / MODEL_DIR)
     if D.is_main():
         logger.info(f"tokenizer saved to {out_dir / MODEL_DIR} after {result.step} steps; codebook usage "
-            f"{final.codebook_usage():.1%} of {vq_config.codebook_size} codes over the last {vq_config.usage_window} indices")
+                    f"{final.codebook_usage():.1%} of {vq_config.codebook_size} codes over the last "
+                    f"{vq_config.usage_window} indices")
     return final
 
 

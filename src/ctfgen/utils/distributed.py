@@ -48,20 +48,20 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> torch.device:
+def init_distributed() -> torch.device:
     """Start the process group if torchrun launched us (once); return the device this rank should use."""
     if launched_by_torchrun() and not is_distributed():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=30))
     return default_device()
 
 
 def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else torch.cuda.current_device())
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else torch.cuda.current_device()
+    return torch.device("cuda", index)
 
 
 def barrier() -> None:
@@ -86,28 +86,27 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Rank `src`'s values of `t`, in place on every rank."""
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of `t`, in place on every rank."""
     if is_distributed():
-        dist.broadcast(t, src=src)
+        dist.broadcast(t, src=0)
     return t
 
 
-def gather_object(obj, dst: int = 0) -> list | None:
-    """Every rank's `obj`, in rank order, on rank `dst` (None elsewhere)."""
+def gather_object(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
     if not is_distributed():
         return [obj]
-    out = [None] * get_world_size() if get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
+    out = [None] * get_world_size() if is_main() else None
+    dist.gather_object(obj, out)
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s value of a picklable object, on every rank."""
-    if not is_distributed():
-        return obj
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank."""
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    if is_distributed():
+        dist.broadcast_object_list(box)
     return box[0]
 
 
@@ -142,9 +141,7 @@ def wrap_model(model: nn.Module, device: torch.device, fsdp: bool | str = "auto"
             fully_shard(block)
         fully_shard(model)
         return model
-    if device.type == "cuda":
-        return DDP(model, device_ids=[device.index], output_device=device.index)
-    return DDP(model)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # output on that device too
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -169,9 +166,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `ref` (sharded the same way when `ref` is an FSDP DTensor)."""
-    if hasattr(ref, "device_mesh"):
-        return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
-    return full.to(ref.device, ref.dtype)
+    full = full.to(ref.device, ref.dtype)
+    return distribute_tensor(full, ref.device_mesh, ref.placements) if hasattr(ref, "device_mesh") else full
 
 
 def model_state(model: nn.Module, every_rank: bool = True) -> dict:
