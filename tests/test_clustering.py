@@ -136,6 +136,22 @@ def test_save_load_round_trip(tmp_path):
     back.check_codebook(w)
 
 
+def test_the_same_map_saves_to_the_same_bytes(tmp_path):
+    """Directory fingerprints (which study and reproduction records keep) hash a pipeline's files, so
+    saving one map again, here or in another process, must give the same file."""
+    import subprocess
+    import sys
+
+    cmap = CoarseMap.fit(_codebook(v=64), 4, seed=0)
+    files = [cmap.save(tmp_path / f"m{i}.safetensors").read_bytes() for i in range(3)]
+    files.append(CoarseMap.load(tmp_path / "m0.safetensors").save(tmp_path / "again.safetensors").read_bytes())
+    code = "import sys; from ctfgen.clustering import CoarseMap; CoarseMap.load(sys.argv[1]).save(sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m0.safetensors"), str(tmp_path / "p.safetensors")],
+                   check=True)
+    files.append((tmp_path / "p.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+
+
 def test_load_rejects_edited_file(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

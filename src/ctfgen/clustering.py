@@ -26,11 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ctfgen.compat import check_parts
 from ctfgen.utils.errors import ConfigError, MismatchError, MissingFileError, WrongTypeError
-from ctfgen.utils.fileio import atomic_save
+from ctfgen.utils.fileio import atomic_save_safetensors
 from ctfgen.utils.fingerprint import codebook_fingerprint, fingerprint_of
 
 __all__ = ["CoarseMap", "codebook_fingerprint", "fingerprint_of"]
@@ -314,7 +313,7 @@ class CoarseMap:
             "normalize": json.dumps(self.normalize), "codebook_fingerprint": self.codebook_fingerprint,
             "fingerprint": self.fingerprint, "inertia": json.dumps(self.inertia),
         }
-        return atomic_save(lambda tmp: save_file(tensors, str(tmp), metadata=meta), path)
+        return atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path) -> "CoarseMap":

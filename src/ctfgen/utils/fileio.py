@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import safetensors.torch
 import torch
 
 from ctfgen.utils.errors import CorruptFileError
@@ -94,6 +95,20 @@ def atomic_save(save: Callable[[Path], Any], path: str | os.PathLike) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_save(lambda tmp: torch.save(obj, tmp), path)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """`tensors` as a .safetensors file, atomically, its metadata keys in sorted order. The library
+    writes them in a random order, so the same tensors saved twice would make files (and directory
+    fingerprints) that differ, and a record made from the one would refuse the other."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # as the library pads it, so the tensors' data stays aligned
+    return atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + data[8 + n:])
 
 
 def atomic_write_csv(path: str | os.PathLike, columns: list[str], rows: Iterable[dict]) -> Path:
