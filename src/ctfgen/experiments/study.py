@@ -64,12 +64,6 @@ def _sample_and_score(pipe, per_class: int, seed: int, batch_size: int, sampling
     return {**evaluate_fmnist(images, labels, ref=ref), "sample_seconds_per_image": seconds}
 
 
-def _at_edge(chosen: dict, settings: StudySettings) -> list[str]:
-    """The settings whose chosen value is the grid's smallest or largest: the best may lie beyond."""
-    axes = {"cfg_scale": settings.guidance, "temperature": settings.temperatures}
-    return [k for k, values in axes.items() if len(values) > 1 and chosen[k] in (min(values), max(values))]
-
-
 def split_halves(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """(source, reference) indices: the first `per_class` images of each class, and all the others."""
     labels = np.asarray(labels)
@@ -211,11 +205,12 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
         def select_record():
             rows = [{"sampling": g, **_sample_and_score(pipe, s.select_per_class, s.select_seed, s.batch_size, g, val)}
                     for g in ({"cfg_scale": g, "temperature": t} for g in s.guidance for t in s.temperatures)]
-            best = min(rows, key=lambda r: r["fd"])
+            best = min(rows, key=lambda r: r["fd"])["sampling"]
+            axes = {"cfg_scale": s.guidance, "temperature": s.temperatures}  # at an edge, the best may lie beyond
             return {"codebook_size": vocab, "reference": f"validation split ({len(val)} training images held out)",
-                    "per_class": s.select_per_class, "seed": s.select_seed, "grid": rows, "chosen": best["sampling"],
+                    "per_class": s.select_per_class, "seed": s.select_seed, "grid": rows, "chosen": best,
                     "chosen_by": "fd", "kid_would_choose": min(rows, key=lambda r: r["kid"])["sampling"],
-                    "at_edge": _at_edge(best["sampling"], s)}
+                    "at_edge": [k for k, v in axes.items() if len(v) > 1 and best[k] in (min(v), max(v))]}
 
         selection = once(f"select-{method}", _select_inputs(s, fingerprints(method)), select_record)
         if selection["at_edge"]:
