@@ -266,9 +266,8 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
 # --- the report -------------------------------------------------------------------------------------
 
 def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    spread = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.2f}{spread}"
 
 
 def _number(value, spec: str) -> str:
