@@ -21,6 +21,7 @@ import json
 import numbers
 import operator
 import os
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -36,40 +37,32 @@ from ctfgen.utils.errors import ConfigError
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
-    """`cls(**data)`, recursively for dataclass-typed fields; unknown keys and bad values are
-    ConfigErrors naming the full key path."""
+    """`cls(**data)`, its dataclass-typed fields made from their dicts too (see Settings); unknown keys
+    and bad values are ConfigErrors naming the full key path (`where` is the path of `data`)."""
     data = {} if data is None else data
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'the config'} must be a mapping of settings, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in known:
-            raise ConfigError(unknown_key_message(path, key, known))
-        sub = hints.get(key)
-        kwargs[key] = from_dict(sub, value, path) if is_dataclass(sub) and (value is None or isinstance(value, dict)) else value
+    _refuse_unknown_keys(data, {f.name for f in fields(cls) if f.init}, where)
     try:
-        return cls(**kwargs)
-    except ConfigError as e:  # raised by __post_init__, naming the field relative to `where`
-        msg, key = str(e), "unknown config key "
-        if where and msg.startswith(key):
-            msg = msg.replace(key, f"{key}{where}.", 1).replace("did you mean ", f"did you mean {where}.", 1)
-        elif where:
-            msg = f"{where}.{msg}"
-        raise ConfigError(msg) from None
+        return cls(**data)
+    except ConfigError as e:  # raised by __post_init__, naming keys relative to `where`
+        if not where:
+            raise
+        raise ConfigError(re.sub(r"^(unknown config key )?|did you mean ", rf"\g<0>{where}.", str(e))) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
 
 
-def unknown_key_message(path: str, key: str, known) -> str:
-    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.5)
-    parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
-    hint = f"; did you mean {parent}{close[0]}?" if close else ""
-    return f"unknown config key {path}{hint} (valid here: {', '.join(sorted(known))})"
+def _refuse_unknown_keys(data: dict, known, where: str) -> None:
+    """A ConfigError for the first key of `data` not in `known`, with its path and the closest valid key."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.5)
+            prefix = f"{where}." if where else ""
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key}{hint} (valid here: {', '.join(sorted(known))})")
 
 
 def to_dict(cfg) -> dict:
@@ -80,12 +73,10 @@ def to_dict(cfg) -> dict:
 def parse_value(text: str) -> Any:
     """A YAML scalar (None for an empty one), except that exponent floats like 3e-4 (strings to YAML 1.1) are floats."""
     value = yaml.safe_load(text)
-    if isinstance(value, str) and "e" in value.lower():
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+    try:
+        return float(value) if isinstance(value, str) and "e" in value.lower() else value
+    except ValueError:
+        return value
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
@@ -100,8 +91,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             raise ConfigError(f"override {text!r} has an empty key")
         node = raw
         for i, k in enumerate(keys[:-1]):
-            if node.get(k) is None:
-                node[k] = {}
+            node[k] = {} if node.get(k) is None else node[k]
             if not isinstance(node[k], dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i + 1])} is not a section")
             node = node[k]
@@ -152,19 +142,19 @@ def _convert(name: str, value, kind):
 
 
 class Settings:
-    """Every settings dataclass checks itself when made: numbers YAML 1.1 reads as strings (`3e-4`)
-    become floats, tuples take their element type, dicts their allowed keys, each field its rules."""
+    """Every settings dataclass checks itself when made: a dataclass-typed field given as a dict (None:
+    the defaults) is made from it, numbers YAML 1.1 reads as strings (`3e-4`) become floats, tuples take their
+    element type, dicts their allowed keys, each field its rules."""
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             name, value, hint, keys = f.name, getattr(self, f.name), hints[f.name], f.metadata.get("keys")
-            if hint is dict:
+            if is_dataclass(hint) and not isinstance(value, hint):
+                value = from_dict(hint, value, name)
+            elif hint is dict:
                 value = dict(value or {})
-                known = {g.name for g in fields(keys)} if is_dataclass(keys) else set(keys or ())
-                for key in value if keys is not None else ():
-                    if key not in known:
-                        raise ConfigError(unknown_key_message(f"{name}.{key}", key, known))
+                _refuse_unknown_keys(value, {g.name for g in fields(keys)} if is_dataclass(keys) else set(keys), name)
             elif value is not None and typing.get_origin(hint) is tuple:
                 value = tuple(_convert(name, v, typing.get_args(hint)[0]) for v in value)
             elif value is not None and float in (hint, *typing.get_args(hint)):
@@ -232,9 +222,10 @@ class TokenizerTrainConfig(TrainConfig):
     log_every: int = checked(20, ">= 1")
     fsdp: Any = checked(False, (True, False, "auto"))
     # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
-    codebook_init: str = checked("random", ("random", "kmeans"))  # LlamaGen's, or k-means of the initial encoder's outputs
+    codebook_init: str = checked("random", ("random", "kmeans"))  # LlamaGen's, or k-means of initial encoder outputs
     codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
-    dead_code_steps: int = checked(0, ">= 0")  # > 0: move codes no batch chose for this many steps onto recent encoder outputs
+    # > 0: move codes no batch chose for this many steps onto recent encoder outputs
+    dead_code_steps: int = checked(0, ">= 0")
     # Restarts stop after this fraction of the steps, so that usage is not measured on codes that were just moved.
     dead_code_until: float = checked(0.8, "> 0", "<= 1")
 
@@ -276,7 +267,7 @@ class DataConfig(Settings):
     channels: int | None = checked(None, ">= 1")    # image_folder: 1 or 3 (default: the tokenizer's)
     train_limit: int | None = checked(None, ">= 1")  # class-balanced subset sizes (fashion_mnist)
     test_limit: int | None = checked(None, ">= 1")
-    validation_images: int = checked(0, ">= 0")     # fashion_mnist: class-balanced training images held out as RUN/codes/val
+    validation_images: int = checked(0, ">= 0")     # fashion_mnist: class-balanced train images held out: RUN/codes/val
     augment: str = checked("none", ("none", "flip", "tencrop"))  # for the train codes
     extract_batch_size: int = checked(256, ">= 1")
     num_workers: int = checked(0, ">= 0")
@@ -339,7 +330,7 @@ STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Settings):
     name: str | None = None
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -384,13 +375,12 @@ def inherit(raw: dict) -> dict:
         raw["clustering"]["seed"] = seed
     if s1.get("preset") is None:
         s1["preset"] = "GPT-B"
-    for key in ("preset", "model", "train"):  # `enabled` is the baseline's own
-        if base.get(key) is None:
-            base[key] = copy.deepcopy(s1.get(key))
     matched.setdefault("enabled", False)  # off unless asked for, as when the section is absent
-    for key in ("preset", "train"):
-        if matched.get(key) is None:
-            matched[key] = copy.deepcopy(base.get(key))
+    # `enabled` is each section's own, and the matched baseline's model is the baseline's with its own keys over it
+    for section, source, keys in ((base, s1, ("preset", "model", "train")), (matched, base, ("preset", "train"))):
+        for key in keys:
+            if section.get(key) is None:
+                section[key] = copy.deepcopy(source.get(key))
     matched["model"] = {**copy.deepcopy(base.get("model") or {}), **(matched.get("model") or {})}
     for section in ("stage1", "aux", "baseline", "matched"):
         raw[section]["train"] = {"seed": seed, **shared, **(raw[section].get("train") or {})}
@@ -404,7 +394,8 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     if not (cfg.ctf_enabled or cfg.baseline.enabled):
         raise ConfigError("nothing to train: stage1 and aux, or the baseline, must be enabled")
     if cfg.matched.enabled and not (cfg.ctf_enabled and cfg.baseline.enabled):
-        raise ConfigError("matched.enabled needs CTF (stage1 and aux) and the baseline: it matches the one to the other")
+        raise ConfigError("matched.enabled needs CTF (stage1 and aux) and the baseline: it matches the one to the "
+                          "other")
     for stage, section in STAGE_SECTIONS.items():
         if cfg.stage(stage).enabled and not cfg.stage(stage).train.length_given:
             raise ConfigError(f"{section}.train needs steps or epochs (e.g. train.steps=1000)")
@@ -436,7 +427,8 @@ def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> S
         return from_dict(AuxStageConfig if stage == "aux" else StageConfig, apply_overrides(raw, overrides))
     ExperimentConfig.from_raw(raw)  # errors name the keys as written
     section = STAGE_SECTIONS[stage]  # the overrides apply after the section has inherited its settings
-    return from_dict(ExperimentConfig, apply_overrides(inherit(raw), [f"{section}.{o}" for o in overrides or []])).stage(stage)
+    raw = apply_overrides(inherit(raw), [f"{section}.{o}" for o in overrides or []])
+    return from_dict(ExperimentConfig, raw).stage(stage)
 
 
 # --- reproduction --------------------------------------------------------------------------------
@@ -478,13 +470,13 @@ class StudySettings(Settings):
     select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
     test_per_class: int = checked(500, ">= 1")  # test samples per class for each reported cell (5000 in all)
     seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
-    tokenizer_images: int | None = checked(None, ">= 1")  # test images for codebook usage and PSNR (None: the whole split)
+    tokenizer_images: int | None = checked(None, ">= 1")  # test images for codebook usage and PSNR (None: all)
     heldout_images: int = checked(10000, ">= 1")  # test images for bits/token at every epoch
     coarse_images: int = checked(2000, ">= 1")  # test images for the teacher-forced coarse prediction
-    # Test images per class whose codes make the diagnosis sets; the other test images of each class are their reference.
+    # Test images per class whose codes make the diagnosis sets; the other test images of each class: their reference.
     diagnosis_per_class: int = checked(500, ">= 1")
     diagnosis_seed: int = 2000          # the diagnosis' sampling stream
-    # Fréchet distance against epoch: samples per class of each epoch snapshot at the chosen setting, on their own stream.
+    # FD against epoch: samples per class of each epoch snapshot at the chosen setting, on their own stream.
     epoch_per_class: int = checked(200, ">= 1")
     epoch_seed: int = 3000
     batch_size: int = checked(250, ">= 1")

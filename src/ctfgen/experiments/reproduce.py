@@ -18,8 +18,10 @@ reference for them (same data order, same initialisation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import operator
 from pathlib import Path
 
 from ctfgen.clustering import CoarseMap
@@ -39,7 +41,8 @@ COLUMNS = ["fd", "is", "precision", "recall", "class_consistency", "bits_per_tok
 
 # --- ablation training ----------------------------------------------------------------------------
 
-def ablations(run: FinishedRun, settings: ReproduceConfig, independent_only: bool = False) -> list[tuple[str, int, dict]]:
+def ablations(run: FinishedRun, settings: ReproduceConfig, independent_only: bool = False
+              ) -> list[tuple[str, int, dict]]:
     """(name, number of coarse labels, train_ablation options) of each ablation; `independent_only`:
     those that need only the tokenizer and codes, not the main run's models, so they can train beside
     the main run (`ctfgen reproduce --independent-only`)."""
@@ -64,17 +67,18 @@ def train_ablation(run: FinishedRun, name: str, settings: ReproduceConfig, num_c
         CoarseMap.fit(run.load_tokenizer(), num_coarse, method=method, seed=int(cfg.clustering.seed)).save(map_path)
     cmap = run.load_coarse_map() if reuse_stage1_map else CoarseMap.load(map_path)
 
-    def train(stage: str, model_overrides: dict | None = None):
+    def train(stage: str, **model_overrides):
         s = cfg.stage(stage)
         logger.info(f"{name}: training {stage} ({s.preset}, {settings.steps} steps)")
         model, _ = train_stage(stage, run.codes("train"), out / stage, coarse_map=cmap, preset=s.preset,
-                               model={**s.model, **(model_overrides or {})},
+                               model={**s.model, **model_overrides},
                                train_config=dataclasses.replace(s.train, steps=int(settings.steps), snapshot_every=0),
-                               resume=True, run_config={"ablation": name, "main_run": str(run.root)}, desc=f"{name}/{stage}")
+                               resume=True, run_config={"ablation": name, "main_run": str(run.root)},
+                               desc=f"{name}/{stage}")
         return model.eval()
 
     ar = run.snapshot_model("ar", int(settings.steps)) if reuse_stage1_map else train("ar")
-    aux = train("aux", {"restrict_to_cluster": restrict})
+    aux = train("aux", restrict_to_cluster=restrict)
     return publish_dir(CTFPipeline(ar, aux, cmap, run.load_tokenizer()).save_pretrained, final)
 
 
@@ -87,7 +91,8 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
     e, steps, k_main = settings.evaluation, int(settings.steps), int(run.settings.clustering.num_coarse)
 
     def once(group: str, name: str, model_dirs: list[Path], make_pipeline, sampling: dict | None = None,
-             epoch: float | None = None, extra: dict | None = None, heldout: bool = True) -> dict:
+             heldout: bool = True, **extra) -> dict:
+        """The record of one model at one sampling setting; `extra` (epoch, step, num_coarse) goes into it."""
         inputs = {"per_class": e.per_class, "seed": e.seed, "batch_size": e.batch_size, "sampling": sampling or {},
                   "heldout_images": e.heldout_images if heldout else None,
                   "models": {str(d.relative_to(run.root)): directory_fingerprint(d) for d in model_dirs}}
@@ -99,16 +104,17 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
             if heldout:
                 h = heldout_bits_per_token(pipe, run.codes("test"), int(e.heldout_images), batch_size=500)
                 metrics["bits_per_token"], metrics["bits_per_token_exact"] = h["bits_per_token"], h["exact"]
-            return {"name": group if epoch is not None else name, "epoch": epoch, "metric_set": "fmnist",
+            # a snapshot's record takes its group's name: `ctfgen compare` draws one line per name against epoch
+            return {"name": group if "epoch" in extra else name, "epoch": None, "metric_set": "fmnist",
                     "samples": f"{int(e.per_class)} per class, seed {e.seed}", "reference": "fashion-mnist-test",
-                    "metrics": metrics, "sampling": sampling or {}, "variant": name, **(extra or {})}
+                    "metrics": metrics, "sampling": sampling or {}, "variant": name, **extra}
 
         records = Records(run.evaluations(group), force=force, say=lambda what: logger.info(f"evaluating {what}"))
         return records.once(name, inputs, compute)
 
-    def snapshot(method: str, step: int, group: str, name: str, **options) -> dict:
-        return once(group, name, [run.snapshot(s, step) for s in STAGES_OF[method]],
-                    lambda: run.snapshot_pipeline(method, step), **options)
+    def snapshot(method: str, at: int, group: str, name: str, **extra) -> dict:
+        return once(group, name, [run.snapshot(s, at) for s in STAGES_OF[method]],
+                    lambda: run.snapshot_pipeline(method, at), **extra)
 
     # Quality against training epoch (the paper's Fig. 2): the main run's snapshots.
     results: dict[str, list[dict]] = {}
@@ -116,22 +122,21 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
         for step in run.snapshot_steps(stage):
             epoch = round(step / run.steps_per_epoch(stage), 3)
             results.setdefault(f"epochs_{method}", []).append(
-                snapshot(method, step, method, f"step-{step:06d}", epoch=epoch, extra={"step": step}))
+                snapshot(method, step, method, f"step-{step:06d}", epoch=epoch, step=step))
 
     # The final models with their default sampling (the headline comparison).
     results["main"] = [once("main", m, [run.pipeline_dir(m)], lambda: run.pipeline(m)) for m in ("ctf", "baseline")]
 
     # Ablations at `steps`, against the main run's snapshot at the same step.
-    group = [snapshot("ctf", steps, "ablations", f"kmeans-k{k_main}", extra={"num_coarse": k_main})]
+    group = [snapshot("ctf", steps, "ablations", f"kmeans-k{k_main}", num_coarse=k_main)]
     for name, k, options in ablations(run, settings):
         path = train_ablation(run, name, settings, k, **options)
-        group.append(once("ablations", name, [path], lambda: load_pipeline(path), extra={"num_coarse": k}))
+        group.append(once("ablations", name, [path], lambda: load_pipeline(path), num_coarse=k))
     results["ablations"] = group + [snapshot("baseline", steps, "ablations", f"baseline-step{steps}")]
 
     # Sampling ablations on the final CTF model: stage-2 argmax, and the two temperatures.
-    variants = [("argmax-fine", {"top_k_fine": 1})]
-    for t in e.temperatures:
-        variants += [(f"temperature-{t}", {"temperature": float(t)}), (f"temperature-fine-{t}", {"temperature_fine": float(t)})]
+    variants = [("argmax-fine", {"top_k_fine": 1}), *((f"{k.replace('_', '-')}-{t}", {k: float(t)})
+                for t in e.temperatures for k in ("temperature", "temperature_fine"))]
     results["sampling"] = [once("sampling", name, [run.ctf], lambda: run.pipeline("ctf"), sampling, heldout=False)
                            for name, sampling in variants]
     return results
@@ -140,22 +145,20 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
 # --- report -----------------------------------------------------------------------------------------
 
 def write_report(run: FinishedRun, results: dict, settings: ReproduceConfig) -> Path:
-    def table(records, label):
-        return markdown_table(records, label=label, keys=COLUMNS)
-
+    table, variant = functools.partial(markdown_table, keys=COLUMNS), operator.itemgetter("variant")
     e = settings.evaluation
     heldout = json.loads(run.heldout.read_text()) if run.heldout.exists() else None
     parts = [f"# Reproduction results ({run.root})", "",
              f"Samples: {e.per_class} per class, seed {e.seed}; bits/token on the first {e.heldout_images} test "
              "images (exact unless marked).", "",
-             "## Final models, default sampling", "", table(results["main"], lambda r: r["variant"])]
+             "## Final models, default sampling", "", table(results["main"], variant)]
     if heldout:
         parts += ["Held-out bits per token on all test images (from the pipeline run): "
                   + ", ".join(f"{k} {v['bits_per_token']:.4f}" for k, v in heldout.items() if isinstance(v, dict)), ""]
     epochs = results.get("epochs_ctf", []) + results.get("epochs_baseline", [])
     parts += ["## Quality against epoch", "", table(epochs, lambda r: f"{r['name']} epoch {r['epoch']}"),
-              f"## Ablations at step {settings.steps}", "", table(results["ablations"], lambda r: r["variant"]),
-              "## Sampling ablations (final CTF model)", "", table(results["sampling"], lambda r: r["variant"])]
+              f"## Ablations at step {settings.steps}", "", table(results["ablations"], variant),
+              "## Sampling ablations (final CTF model)", "", table(results["sampling"], variant)]
     atomic_write_text(run.results_md, "\n".join(parts))
     atomic_write_json(run.results_json, results)
     plot_metrics(epochs, run.quality_plot, keys=["fd", "class_consistency", "bits_per_token"], one_figure=True)

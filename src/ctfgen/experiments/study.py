@@ -64,12 +64,6 @@ def _sample_and_score(pipe, per_class: int, seed: int, batch_size: int, sampling
     return {**evaluate_fmnist(images, labels, ref=ref), "sample_seconds_per_image": seconds}
 
 
-def _at_edge(chosen: dict, settings: StudySettings) -> list[str]:
-    """The settings whose chosen value is the grid's smallest or largest: the best may lie beyond."""
-    axes = {"cfg_scale": settings.guidance, "temperature": settings.temperatures}
-    return [k for k, values in axes.items() if len(values) > 1 and chosen[k] in (min(values), max(values))]
-
-
 def split_halves(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """(source, reference) indices: the first `per_class` images of each class, and all the others."""
     labels = np.asarray(labels)
@@ -150,18 +144,28 @@ def _select_inputs(s: StudySettings, models: dict) -> dict:
 def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, FinishedRun],
            cited: Records | None = None) -> dict:
     """`holders`: the run holding each method's pipeline (the run itself, or for the baseline of a
-    run without one the reference, whose records `cited` holds); records are made for `run.methods`."""
+    run without one the reference, whose records `cited` holds); records are made for `run.methods`.
+    `once` calls each compute function at once, inside its loop iteration."""
     out = {}
     pipes = {m: holders[m].pipeline(m) for m in holders}
-    ctf = pipes["ctf"]
-    test = run.code_dataset("test")
+    ctf, test = pipes["ctf"], run.code_dataset("test")
     vocab = ctf.coarse_map.vocab_size
+
+    def once(name: str, inputs: dict, compute) -> dict:
+        out[name] = rec.once(name, inputs, compute)
+        return out[name]
 
     def fingerprints(*methods: str, step: int | None = None) -> dict:
         """Of the model files of `methods`: their finished pipelines, or their stages' snapshots at `step`."""
         if step is None:
             return {m: directory_fingerprint(holders[m].pipeline_dir(m)) for m in methods}
         return {st: directory_fingerprint(holders[m].snapshot(st, step)) for m in methods for st in STAGES_OF[m]}
+
+    def scored(pipe, method: str, per_class: int, stream: int, sampling: dict, **about) -> dict:
+        """`pipe`'s test-split metrics at `sampling`, sampled from seed `stream`: a test cell, or a snapshot's FD."""
+        return {"codebook_size": vocab, "method": method, **about, "sampling": {**pipe.sampling_defaults, **sampling},
+                "per_class": per_class, "reference": "fashion-mnist-test",
+                "metrics": _sample_and_score(pipe, per_class, stream, s.batch_size, sampling, "test")}
 
     chosen = {}
     if cited is not None:  # the reference's baseline at the setting the reference's study chose, checked first
@@ -174,26 +178,24 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
         data = run.image_dataset("test")
         if s.tokenizer_images is not None and s.tokenizer_images < len(data):
             data = Subset(data, range(int(s.tokenizer_images)))
-        return {"codebook_size": vocab, "num_coarse": ctf.coarse_map.num_coarse, **evaluate_tokenizer(ctf.tokenizer, data)}
+        return {"codebook_size": vocab, "num_coarse": ctf.coarse_map.num_coarse,
+                **evaluate_tokenizer(ctf.tokenizer, data)}
 
-    out["tokenizer"] = rec.once("tokenizer", {"tokenizer_images": s.tokenizer_images,
-                                              "models": {"tokenizer": directory_fingerprint(run.tokenizer)}},
-                                tokenizer_record)
+    once("tokenizer", {"tokenizer_images": s.tokenizer_images,
+                       "models": {"tokenizer": directory_fingerprint(run.tokenizer)}}, tokenizer_record)
 
     x_coarse, y_coarse = test.get_batch(list(range(min(len(test), s.coarse_images))))
     steps = set.intersection(*(set(holders[m].snapshot_steps(st)) for m in pipes for st in STAGES_OF[m]))
-    for step in sorted(steps):
-        epoch = step / run.steps_per_epoch("ar")
-
-        def epoch_record():  # each *_record is called at once by rec.once, inside its loop iteration
+    epochs = {step: step / run.steps_per_epoch("ar") for step in sorted(steps)}
+    for step, epoch in epochs.items():
+        def epoch_record():
             snaps = {m: holders[m].snapshot_pipeline(m, step) for m in dict.fromkeys((*run.methods, "baseline"))}
             return {"codebook_size": vocab, "step": step, "epoch": round(epoch, 3),
                     "heldout": {m: heldout_bits_per_token(snaps[m], test, s.heldout_images) for m in run.methods},
                     "coarse_prediction": coarse_prediction(snaps["ctf"].ar, snaps["baseline"].gpt, ctf.coarse_map,
                                                            x_coarse, y_coarse)}
 
-        name = f"epoch-{epoch:.2f}"
-        out[name] = rec.once(name, {"heldout_images": s.heldout_images, "coarse_images": s.coarse_images,
+        once(f"epoch-{epoch:.2f}", {"heldout_images": s.heldout_images, "coarse_images": s.coarse_images,
                                     "models": fingerprints(*pipes, step=step)}, epoch_record)
 
     val = run.images("val")[0]
@@ -203,30 +205,35 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
         def select_record():
             rows = [{"sampling": g, **_sample_and_score(pipe, s.select_per_class, s.select_seed, s.batch_size, g, val)}
                     for g in ({"cfg_scale": g, "temperature": t} for g in s.guidance for t in s.temperatures)]
-            best = min(rows, key=lambda r: r["fd"])
+            best = min(rows, key=lambda r: r["fd"])["sampling"]
+            axes = {"cfg_scale": s.guidance, "temperature": s.temperatures}  # at an edge, the best may lie beyond
             return {"codebook_size": vocab, "reference": f"validation split ({len(val)} training images held out)",
-                    "per_class": s.select_per_class, "seed": s.select_seed, "grid": rows, "chosen": best["sampling"],
+                    "per_class": s.select_per_class, "seed": s.select_seed, "grid": rows, "chosen": best,
                     "chosen_by": "fd", "kid_would_choose": min(rows, key=lambda r: r["kid"])["sampling"],
-                    "at_edge": _at_edge(best["sampling"], s)}
+                    "at_edge": [k for k, v in axes.items() if len(v) > 1 and best[k] in (min(v), max(v))]}
 
-        selection = out[f"select-{method}"] = rec.once(f"select-{method}", _select_inputs(s, fingerprints(method)),
-                                                       select_record)
+        selection = once(f"select-{method}", _select_inputs(s, fingerprints(method)), select_record)
         if selection["at_edge"]:
             logger.info(f"{run.name}: {method}'s chosen {selection['chosen']} is at the edge of the grid in "
                         f"{', '.join(selection['at_edge'])}: the best setting may lie beyond it")
         chosen[method] = selection["chosen"]
         for setting, sampling in (("chosen", chosen[method]), ("default", {})):
-            resolved = {**pipe.sampling_defaults, **sampling}
             for seed in s.seeds:
-                name = f"test-{method}-{setting}-seed{seed}"
+                once(f"test-{method}-{setting}-seed{seed}",
+                     {"sampling": {**pipe.sampling_defaults, **sampling}, "per_class": s.test_per_class, "seed": seed,
+                      "batch_size": s.batch_size, "models": fingerprints(method)},
+                     lambda: scored(pipe, method, s.test_per_class, seed, sampling, setting=setting, seed=seed))
 
-                def test_record():
-                    return {"codebook_size": vocab, "method": method, "setting": setting, "seed": seed,
-                            "sampling": resolved, "per_class": s.test_per_class, "reference": "fashion-mnist-test",
-                            "metrics": _sample_and_score(pipe, s.test_per_class, seed, s.batch_size, sampling, "test")}
+    # Fréchet distance against epoch: each snapshot at its method's chosen setting, on the epoch stream.
+    for step, epoch in epochs.items():
+        for method in run.methods:
+            once(f"fd-{method}-epoch-{epoch:.2f}", {"sampling": chosen[method], "per_class": s.epoch_per_class,
+                                                    "seed": s.epoch_seed, "batch_size": s.batch_size,
+                                                    "models": fingerprints(method, step=step)},
+                 lambda: scored(holders[method].snapshot_pipeline(method, step), method, s.epoch_per_class,
+                                s.epoch_seed, chosen[method], step=step, epoch=round(epoch, 3)))
 
-                out[name] = rec.once(name, {"sampling": resolved, "per_class": s.test_per_class, "seed": seed,
-                                            "batch_size": s.batch_size, "models": fingerprints(method)}, test_record)
+    sampling = {m: chosen[m] for m in ("ctf", "baseline")}
 
     def diagnosis_record():
         train_codes = run.code_dataset("train")
@@ -251,77 +258,63 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
                 "sets": {name: evaluate_fmnist(*(np.concatenate(a) for a in zip(*batches)), ref=ref)
                          for name, batches in sets.items()}}
 
-    # Fréchet distance against epoch: each snapshot at its method's chosen setting, on the epoch stream.
-    for step in sorted(steps):
-        epoch = step / run.steps_per_epoch("ar")
-        for method in run.methods:
-            name = f"fd-{method}-epoch-{epoch:.2f}"
-
-            def epoch_fd_record():
-                snapshot = holders[method].snapshot_pipeline(method, step)
-                return {"codebook_size": vocab, "method": method, "step": step, "epoch": round(epoch, 3),
-                        "sampling": {**snapshot.sampling_defaults, **chosen[method]}, "per_class": s.epoch_per_class,
-                        "reference": "fashion-mnist-test",
-                        "metrics": _sample_and_score(snapshot, s.epoch_per_class, s.epoch_seed, s.batch_size,
-                                                     chosen[method], "test")}
-
-            out[name] = rec.once(name, {"sampling": chosen[method], "per_class": s.epoch_per_class, "seed": s.epoch_seed,
-                                        "batch_size": s.batch_size, "models": fingerprints(method, step=step)},
-                                 epoch_fd_record)
-
-    sampling = {m: chosen[m] for m in ("ctf", "baseline")}
-    out["diagnosis"] = rec.once("diagnosis", {"per_class": s.diagnosis_per_class, "seed": s.diagnosis_seed,
-                                              "batch_size": s.batch_size, "sampling": sampling,
-                                              "models": fingerprints("ctf", "baseline")}, diagnosis_record)
+    once("diagnosis", {"per_class": s.diagnosis_per_class, "seed": s.diagnosis_seed, "batch_size": s.batch_size,
+                       "sampling": sampling, "models": fingerprints("ctf", "baseline")}, diagnosis_record)
     return out
 
 
 # --- the report -------------------------------------------------------------------------------------
 
 def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    spread = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.2f}{spread}"
+
+
+def _number(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def _epochs(recs: dict) -> list[dict]:
     return sorted((v for k, v in recs.items() if k.startswith("epoch-")), key=lambda v: v["step"])
 
 
+def _fd_line(label: str, cells: list[tuple]) -> tuple:
+    """Mean and spread of the Fréchet distance of (codebook size, FDs of the seeds, bits) cells, by size."""
+    cells = sorted(cells, key=lambda c: c[0])
+    return (label, [c[0] for c in cells], [np.mean(c[1]) for c in cells],
+            [np.std(c[1], ddof=1) if len(c[1]) > 1 else 0 for c in cells])
+
+
+def _bits_line(label: str, cells: list[tuple]) -> tuple:
+    cells = sorted((c for c in cells if c[2] is not None), key=lambda c: c[0])
+    return label, [c[0] for c in cells], [c[2] for c in cells]
+
+
 def write_report(records_dir, figure_dir=None) -> str:
     """Markdown tables of every study record under `records_dir`, and figures of Fréchet distance and
     bits/token against codebook size and against epoch (PNG files in `figure_dir`). A run that took
     another's baselines (the auxiliary model at 1x) is labelled with its auxiliary model's depth, sits
-    beside the run at its codebook size, and is drawn as separate markers, not as another size.
-    Returns the markdown."""
+    beside the run at its codebook size, takes the baselines' numbers from that run, and is drawn as
+    separate markers, not as another size. Returns the markdown."""
     root = Path(records_dir)
     runs = {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
             for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     if not runs:
         raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
+    rows, lent, edges, diag, gaps = [], [], [], [], []
+    by_size, apart = {m: [] for m in METHODS}, {m: [] for m in METHODS}  # chosen cells: (name, (size, FDs, bits))
+    fd_lines, bits_lines, gap_lines = [], [], []
     # a run with another's baselines right after the run of its size
-    order = sorted(runs, key=lambda r: (runs[r].get("tokenizer", {}).get("codebook_size", 0),
-                                        "baselines-from" in runs[r]))
-
-    def label(r, size):
-        lent = runs[r].get("baselines-from")
-        return size if lent is None else f"{size}, aux {lent['aux_layers'] / lent['stage1_layers']:g}x"
-
-    def heldout_bits(r, epoch: dict, method: str):
-        """`method`'s bits/token at `epoch`, from the run's record or, for baselines it took from another
-        run, from that run's record of the same step."""
-        if method not in epoch["heldout"]:
-            lender = runs.get(runs[r].get("baselines-from", {}).get("run"), {})
-            epoch = next((e for e in _epochs(lender) if e["step"] == epoch["step"]), {"heldout": {}})
-        return epoch["heldout"].get(method, {}).get("bits_per_token")
-
-    rows, edges, lent, by_size, points = [], [], [], {m: {} for m in METHODS}, {m: {} for m in METHODS}
-    for r in order:
-        recs, tok = runs[r], runs[r].get("tokenizer", {})
+    for r in sorted(runs, key=lambda r: (runs[r].get("tokenizer", {}).get("codebook_size", 0),
+                                         "baselines-from" in runs[r])):
+        recs, tok, b = runs[r], runs[r].get("tokenizer", {}), runs[r].get("baselines-from")
         size = tok.get("codebook_size", r)
-        name = label(r, size)
-        if "baselines-from" in recs:
-            b = recs["baselines-from"]
+        name = size if b is None else f"{size}, aux {b['aux_layers'] / b['stage1_layers']:g}x"
+        lender = runs.get(b["run"], {}) if b else {}
+        nan = float("nan")
+        codes = [tok.get("num_coarse", ""), f"{tok.get('usage', nan):.1%}", f"{tok.get('perplexity', nan):.0f}",
+                 f"{tok.get('psnr', nan):.2f}"]
+        if b:
             lent.append(f"- {name} (run {r}): CTF with an auxiliary model of {b['aux_layers']} layers against stage "
                         f"1's {b['stage1_layers']}; it trained no baselines: its baselines are the rows of run "
                         f"{b['run']}, with which it shares the tokenizer, the coarse map and the test and validation "
@@ -340,15 +333,34 @@ def write_report(records_dir, figure_dir=None) -> str:
                 cells = [t["metrics"] for t in tests]
                 bits = last.get(method, {}).get("bits_per_token")
                 kid = _mean_std([100 * c["kid"] for c in cells]) if all("kid" in c for c in cells) else "–"
-                rows.append([name, tok.get("num_coarse", ""), f"{tok.get('usage', float('nan')):.1%}",
-                             f"{tok.get('perplexity', float('nan')):.0f}", f"{tok.get('psnr', float('nan')):.2f}", method,
-                             f"{setting} (g {tests[0]['sampling']['cfg_scale']}, T {tests[0]['sampling']['temperature']})",
+                g = tests[0]["sampling"]
+                rows.append([name, *codes, method, f"{setting} (g {g['cfg_scale']}, T {g['temperature']})",
                              _mean_std([c["fd"] for c in cells]), kid,
                              *(_mean_std([c[m] for c in cells]) for m in ("precision", "recall", "class_consistency")),
-                             f"{bits:.3f}" if bits is not None else "–"])
+                             _number(bits, ".3f")])
                 if setting == "chosen":  # a run with another's baselines is no point of the size series
-                    series = points if "baselines-from" in recs else by_size
-                    series[method][name] = (size, [c["fd"] for c in cells], bits)
+                    (apart if b else by_size)[method].append((name, (size, [c["fd"] for c in cells], bits)))
+        if "diagnosis" in recs:
+            diag.append((name, recs["diagnosis"]["sets"]))
+        # the numbers of baselines it took from another run: that run's records of the same step
+        lent_heldout, seen = {e["step"]: e["heldout"] for e in _epochs(lender)}, {**lender, **recs}
+        for e in epochs:
+            heldout, cp = {**lent_heldout.get(e["step"], {}), **e["heldout"]}, e["coarse_prediction"]
+            stage1, summed = cp["stage1"], cp["baseline_cluster_summed"]
+            fds = [seen.get(f"fd-{m}-epoch-{e['epoch']:.2f}") for m in METHODS]
+            gaps.append([name, f"{e['epoch']:.2f}",
+                         *(_number(heldout.get(m, {}).get("bits_per_token"), ".3f") for m in ("ctf", "baseline")),
+                         " / ".join(_number(fd and fd["metrics"]["fd"], ".2f") for fd in fds),
+                         f"{stage1['bits_per_token']:.3f}", f"{summed['bits_per_token']:.3f}", f"{cp['gap_bits']:+.3f}",
+                         f"{stage1['top1']:.3f} / {summed['top1']:.3f}"])
+        if epochs:  # the figures draw each run's own records only
+            x = [e["epoch"] for e in epochs]
+            fd_lines += [(f"{m} V={name}", x, [recs[f"fd-{m}-epoch-{e['epoch']:.2f}"]["metrics"]["fd"] for e in epochs])
+                         for m in METHODS if all(f"fd-{m}-epoch-{e['epoch']:.2f}" in recs for e in epochs)]
+            bits_lines += [(f"{m} V={name}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
+                           for m in METHODS if m in epochs[0]["heldout"]]
+            gap_lines.append((f"V={name}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))
+
     md = ["## Test-split metrics per codebook size", "",
           markdown(["codebook", "K", "codes used (test)", "code perplexity", "PSNR dB", "method", "setting", "FD ↓",
                     "KID×100 ↓", "Prec ↑", "Rec ↑", "Class acc ↑", "bits/token ↓"], rows)]
@@ -356,27 +368,11 @@ def write_report(records_dir, figure_dir=None) -> str:
         md += ["Runs compared with another run's baselines:", "", *lent, ""]
     if edges:
         md += ["Sampling choices at the edge of the validation grid (a better setting may lie beyond):", "", *edges, ""]
-
-    diag = [(r, runs[r]["diagnosis"]) for r in order if "diagnosis" in runs[r]]
     if diag:
-        names = list(diag[0][1]["sets"])
+        names = list(diag[0][1])
         md += ["## Stage-wise diagnosis (Fréchet distance against the test images no set was made from)", "",
-               markdown(["codebook", *names], [[label(r, d["codebook_size"]),
-                                                *(f"{d['sets'][n]['fd']:.2f}" for n in names)] for r, d in diag])]
-
-    def epoch_fd(r, epoch: dict, method: str):
-        """`method`'s Fréchet distance at `epoch`'s snapshot, from the run's record or its lender's."""
-        lender = runs.get(runs[r].get("baselines-from", {}).get("run"), {})
-        record = runs[r].get(f"fd-{method}-epoch-{epoch['epoch']:.2f}") or lender.get(f"fd-{method}-epoch-{epoch['epoch']:.2f}")
-        return None if record is None else record["metrics"]["fd"]
-
-    gaps = [[label(r, v["codebook_size"]), f"{v['epoch']:.2f}", *(f"{b:.3f}" if b is not None else "–" for b in
-                                                                  (heldout_bits(r, v, m) for m in ("ctf", "baseline"))),
-             " / ".join(f"{d:.2f}" if d is not None else "–" for d in (epoch_fd(r, v, m) for m in METHODS)),
-             f"{cp['stage1']['bits_per_token']:.3f}",
-             f"{cp['baseline_cluster_summed']['bits_per_token']:.3f}", f"{cp['gap_bits']:+.3f}",
-             f"{cp['stage1']['top1']:.3f} / {cp['baseline_cluster_summed']['top1']:.3f}"]
-            for r in order for v in _epochs(runs[r]) for cp in [v["coarse_prediction"]]]
+               markdown(["codebook", *names], [[label, *(f"{sets[n]['fd']:.2f}" for n in names)]
+                                               for label, sets in diag])]
     if gaps:
         md += ["## Against epoch: held-out bits/token and teacher-forced coarse prediction", "",
                markdown(["codebook", "epoch", "CTF bits/token", "baseline bits/token",
@@ -384,33 +380,13 @@ def write_report(records_dir, figure_dir=None) -> str:
                          "baseline cluster-summed coarse bits", "gap", "top-1 stage 1 / baseline"], gaps)]
 
     if figure_dir is not None:
-        def fd(cells: dict, label: str):
-            xs = sorted(cells, key=lambda k: cells[k][0])
-            fds = [cells[k][1] for k in xs]
-            return (label, [cells[k][0] for k in xs], [np.mean(f) for f in fds],
-                    [np.std(f, ddof=1) if len(f) > 1 else 0 for f in fds])
-
-        def bits(cells: dict, label: str):
-            xs = sorted((k for k in cells if cells[k][2] is not None), key=lambda k: cells[k][0])
-            return (label, [cells[k][0] for k in xs], [cells[k][2] for k in xs])
-
-        def panel(title: str, series) -> dict:
+        def panel(title: str, line) -> dict:
             return {"title": title, "xlabel": "codebook size", "log2_x": True,
-                    "lines": [series({v: c for v, c in by_size[m].items() if v}, m) for m in METHODS if by_size[m]],
-                    "points": [series({k: c}, f"{m} V={k}") for m in METHODS for k, c in points[m].items()]}
+                    "lines": [line(m, [cell for _, cell in cells]) for m, cells in by_size.items() if cells],
+                    "points": [line(f"{m} V={name}", [cell]) for m in METHODS for name, cell in apart[m]]}
 
-        plot_panels([panel("Fréchet distance (test) ↓", fd), panel("held-out bits/token ↓", bits)],
+        plot_panels([panel("Fréchet distance (test) ↓", _fd_line), panel("held-out bits/token ↓", _bits_line)],
                     Path(figure_dir) / "study_vs_codebook.png")
-        bits_lines, gap_lines, fd_lines = [], [], []
-        for r in order:
-            epochs = _epochs(runs[r])
-            if epochs:
-                x, size = [e["epoch"] for e in epochs], label(r, epochs[0]["codebook_size"])
-                bits_lines += [(f"{m} V={size}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
-                               for m in METHODS if m in epochs[0]["heldout"]]
-                gap_lines.append((f"V={size}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))
-                fd_lines += [(f"{m} V={size}", x, [runs[r][f"fd-{m}-epoch-{e['epoch']:.2f}"]["metrics"]["fd"] for e in epochs])
-                             for m in METHODS if all(f"fd-{m}-epoch-{e['epoch']:.2f}" in runs[r] for e in epochs)]
         plot_panels([{"title": "Fréchet distance (test) ↓", "xlabel": "epoch", "lines": fd_lines},
                      {"title": "held-out bits/token ↓", "xlabel": "epoch", "lines": bits_lines},
                      {"title": "coarse bits: stage 1 − baseline summed", "xlabel": "epoch", "lines": gap_lines}],
