@@ -83,3 +83,21 @@ def test_records_of_other_settings_are_refused_unless_forced(finished, tmp_path,
     assert json.loads(record.read_text())["inputs"]["per_class"] == 2  # refused: nothing was replaced
     assert cli(["reproduce", str(other), "--run", str(out), "--force"]) == 0
     assert json.loads(record.read_text())["inputs"]["per_class"] == 1
+
+
+def test_a_corrupt_heldout_file_is_named_and_the_report_kept(finished):
+    from ctfgen.config import ReproduceConfig, load_config
+    from ctfgen.experiments.reproduce import write_report
+    from ctfgen.experiments.run import FinishedRun
+    from ctfgen.utils.errors import CorruptFileError
+
+    out, settings = finished
+    kept, report = (out / "heldout.json").read_text(), (out / "results.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    try:
+        (out / "heldout.json").write_text('{"ctf": ')  # cut short
+        with pytest.raises(CorruptFileError, match=r"heldout\.json is not valid JSON.*pipeline --resume"):
+            write_report(FinishedRun(out), results, load_config(ReproduceConfig, settings))
+        assert (out / "results.md").read_text() == report
+    finally:
+        (out / "heldout.json").write_text(kept)

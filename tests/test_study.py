@@ -304,3 +304,13 @@ def test_aux_1x_config_differs_from_v16384_only_in_the_auxiliary_depth_and_the_b
     # without the override the pipeline stops at once instead of training another tokenizer
     placeholder, _ = load_experiment_config(ROOT / "configs" / "study" / "fmnist_v16384_aux1x.yaml")
     assert not Path(placeholder.tokenizer.pretrained).exists()
+
+
+def test_report_names_a_corrupt_record(tmp_path):
+    import ctfgen.experiments.study as study_module
+    from ctfgen.utils.errors import CorruptFileError
+
+    (tmp_path / "v64").mkdir()
+    (tmp_path / "v64" / "tokenizer.json").write_text('{"codebook_size": 64')  # cut short
+    with pytest.raises(CorruptFileError, match=r"v64/tokenizer\.json is not valid JSON.*compute the record again"):
+        study_module.write_report(tmp_path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import operator
 from pathlib import Path
@@ -31,7 +30,7 @@ from ctfgen.metrics.compare import markdown_table, plot_metrics
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import CTFPipeline, heldout_bits_per_token, load_pipeline
 from ctfgen.train.stages import train_stage
-from ctfgen.utils.fileio import atomic_write_json, atomic_write_text, publish_dir
+from ctfgen.utils.fileio import atomic_write_json, atomic_write_text, publish_dir, read_json
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.rundir import Records, WriterLock
 
@@ -147,7 +146,9 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
 def write_report(run: FinishedRun, results: dict, settings: ReproduceConfig) -> Path:
     table, variant = functools.partial(markdown_table, keys=COLUMNS), operator.itemgetter("variant")
     e = settings.evaluation
-    heldout = json.loads(run.heldout.read_text()) if run.heldout.exists() else None
+    heldout = None
+    if run.heldout.exists():
+        heldout = read_json(run.heldout, "delete it and run `ctfgen pipeline --resume` to measure it again")
     parts = [f"# Reproduction results ({run.root})", "",
              f"Samples: {e.per_class} per class, seed {e.seed}; bits/token on the first {e.heldout_images} test "
              "images (exact unless marked).", "",

@@ -37,7 +37,6 @@ the current ones is refused, never silently reused. RECORDS/summary.md and figur
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import heldout_bits_per_token
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.utils.errors import ConfigError, MismatchError, RunError
+from ctfgen.utils.fileio import read_json
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.images import to_uint8
 from ctfgen.utils.rundir import Records, WriterLock
@@ -297,7 +297,7 @@ def write_report(records_dir, figure_dir=None) -> str:
     beside the run at its codebook size, takes the baselines' numbers from that run, and is drawn as
     separate markers, not as another size. Returns the markdown."""
     root = Path(records_dir)
-    runs = {d.name: {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+    runs = {d.name: {p.stem: read_json(p, "delete it to compute the record again") for p in sorted(d.glob("*.json"))}
             for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     if not runs:
         raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
