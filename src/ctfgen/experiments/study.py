@@ -51,7 +51,6 @@ from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import heldout_bits_per_token
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.utils.errors import ConfigError, MismatchError, RunError
-from ctfgen.utils.fileio import read_json
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.images import to_uint8
 from ctfgen.utils.rundir import Records, WriterLock
@@ -227,9 +226,9 @@ def _study(run: FinishedRun, rec: Records, s: StudySettings, holders: dict[str, 
     # Fréchet distance against epoch: each snapshot at its method's chosen setting, on the epoch stream.
     for step, epoch in epochs.items():
         for method in run.methods:
-            once(f"fd-{method}-epoch-{epoch:.2f}", {"sampling": chosen[method], "per_class": s.epoch_per_class,
-                                                    "seed": s.epoch_seed, "batch_size": s.batch_size,
-                                                    "models": fingerprints(method, step=step)},
+            once(_fd_record(method, epoch), {"sampling": chosen[method], "per_class": s.epoch_per_class,
+                                             "seed": s.epoch_seed, "batch_size": s.batch_size,
+                                             "models": fingerprints(method, step=step)},
                  lambda: scored(holders[method].snapshot_pipeline(method, step), method, s.epoch_per_class,
                                 s.epoch_seed, chosen[method], step=step, epoch=round(epoch, 3)))
 
@@ -274,6 +273,11 @@ def _number(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _fd_record(method: str, epoch: float) -> str:
+    """The name of the record of `method`'s Fréchet distance at `epoch`'s snapshot."""
+    return f"fd-{method}-epoch-{epoch:.2f}"
+
+
 def _epochs(recs: dict) -> list[dict]:
     return sorted((v for k, v in recs.items() if k.startswith("epoch-")), key=lambda v: v["step"])
 
@@ -297,7 +301,7 @@ def write_report(records_dir, figure_dir=None) -> str:
     beside the run at its codebook size, takes the baselines' numbers from that run, and is drawn as
     separate markers, not as another size. Returns the markdown."""
     root = Path(records_dir)
-    runs = {d.name: {p.stem: read_json(p, "delete it to compute the record again") for p in sorted(d.glob("*.json"))}
+    runs = {d.name: {p.stem: Records(d).read(p.stem) for p in sorted(d.glob("*.json"))}
             for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     if not runs:
         raise RunError(f"no study records under {records_dir}: run `ctfgen study RUN... --records {records_dir}`")
@@ -347,7 +351,7 @@ def write_report(records_dir, figure_dir=None) -> str:
         for e in epochs:
             heldout, cp = {**lent_heldout.get(e["step"], {}), **e["heldout"]}, e["coarse_prediction"]
             stage1, summed = cp["stage1"], cp["baseline_cluster_summed"]
-            fds = [seen.get(f"fd-{m}-epoch-{e['epoch']:.2f}") for m in METHODS]
+            fds = [seen.get(_fd_record(m, e["epoch"])) for m in METHODS]
             gaps.append([name, f"{e['epoch']:.2f}",
                          *(_number(heldout.get(m, {}).get("bits_per_token"), ".3f") for m in ("ctf", "baseline")),
                          " / ".join(_number(fd and fd["metrics"]["fd"], ".2f") for fd in fds),
@@ -355,8 +359,8 @@ def write_report(records_dir, figure_dir=None) -> str:
                          f"{stage1['top1']:.3f} / {summed['top1']:.3f}"])
         if epochs:  # the figures draw each run's own records only
             x = [e["epoch"] for e in epochs]
-            fd_lines += [(f"{m} V={name}", x, [recs[f"fd-{m}-epoch-{e['epoch']:.2f}"]["metrics"]["fd"] for e in epochs])
-                         for m in METHODS if all(f"fd-{m}-epoch-{e['epoch']:.2f}" in recs for e in epochs)]
+            fd_lines += [(f"{m} V={name}", x, [recs[_fd_record(m, e["epoch"])]["metrics"]["fd"] for e in epochs])
+                         for m in METHODS if all(_fd_record(m, e["epoch"]) in recs for e in epochs)]
             bits_lines += [(f"{m} V={name}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
                            for m in METHODS if m in epochs[0]["heldout"]]
             gap_lines.append((f"V={name}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))

@@ -105,7 +105,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     data = safetensors.torch.save(tensors, metadata=metadata)
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # as the library pads it, so the tensors' data stays aligned
     return atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + data[8 + n:])

@@ -17,6 +17,7 @@ computed once in them (`Records`).
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -169,7 +170,10 @@ class Records:
     def __init__(self, directory: str | os.PathLike, force: bool = False, write: bool = True,
                  say: Callable[[str], None] | None = None):
         self.dir, self.force, self.write, self.say = Path(directory), force, write, say
-        self.commit = code_commit()
+
+    @functools.cached_property
+    def commit(self) -> str:  # asked of git only when a record is made or compared, not when one is read
+        return code_commit()
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
