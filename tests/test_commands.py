@@ -140,6 +140,35 @@ def test_sample_many_refuses_to_mix_requests_and_leaves_nothing_when_empty(pipel
     assert (tmp_path / "x.npz.parts" / "batch000000.npz").is_file()  # the finished batch is kept
 
 
+def test_sample_many_refuses_to_finish_a_set_with_another_model_or_defaults(pipelines, tmp_path, monkeypatch, capsys):
+    """Another model of the same tokenizer (RUN/matched beside RUN/baseline), or the same model with other
+    stored sampling defaults, draws other images: it must not finish the batches this one started."""
+    base = load_pipeline(pipelines / "baseline")
+    gpt, _ = tiny_baseline(vocab=8, num_classes=10, vq=base.tokenizer, seed=5)
+    ARPipeline(gpt, base.tokenizer).save_pretrained(tmp_path / "matched")
+    ARPipeline(base.gpt, base.tokenizer, sampling_defaults={"temperature": 0.5}).save_pretrained(tmp_path / "cooler")
+    out = tmp_path / "x.npz"
+    args = ["sample-many", "--classes", "0", "--per-class", "4", "--batch-size", "2", "--out", str(out)]
+    real, calls = ARPipeline.sample, []
+
+    def killed_after_one_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(ARPipeline, "sample", killed_after_one_batch)
+        assert main(args + ["--model", str(pipelines / "baseline")]) == 130
+    capsys.readouterr()
+    for other in ("matched", "cooler"):
+        assert main(args + ["--model", str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "another request" in err, other
+    assert not out.exists()
+    assert main(args + ["--model", str(pipelines / "baseline")]) == 0 and out.is_file()
+
+
 def test_sample_many_streams_the_merge(pipelines, tmp_path):
     """The final .npz is written part by part: it equals np.savez of the whole set."""
     from ctfgen.app import sample_sets as sm

@@ -45,12 +45,30 @@ def _atomic_savez(path: Path, **arrays) -> None:
         np.savez(tmp, **arrays)
 
 
+def _weights_sha1(pipeline) -> str:
+    """sha1 over every tensor of the pipeline's models and tokenizer. The codebook fingerprints alone
+    would let another model of the same tokenizer (RUN/matched for RUN/baseline, or the same model
+    trained further) finish a set that this one started."""
+    h = hashlib.sha1()
+    for module in [*(getattr(pipeline, name) for name in pipeline.models), pipeline.tokenizer]:
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{t.dtype}:{t.numel()}".encode())
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _request(pipeline, labels: np.ndarray, batch_size: int, seed: int, sampling: dict) -> dict:
     """What a set of part files was made from; resuming with anything else would mix two sets."""
     model = {"type": pipeline.kind, "num_classes": pipeline.num_classes, "image_tokens": pipeline.image_tokens}
     for name, part in (("coarse_map", getattr(pipeline, "coarse_map", None)), ("tokenizer", pipeline.tokenizer)):
         if part is not None:
             model[name] = part.fingerprint
+    model["weights_sha1"] = _weights_sha1(pipeline)
+    # the options the batches are drawn with: unset ones take the pipeline's stored defaults, which differ by model
+    sampling = {**sampling, **pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})}
     return {"model": model, "images": int(len(labels)), "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(),
             "batch_size": int(batch_size), "seed": int(seed),
             "sampling": json.loads(json.dumps(sampling, sort_keys=True, default=str))}
