@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from _train_toy import Toy as _Toy, toy_dataset, toy_loss
 from ctfgen.train import checkpoint as C
 from ctfgen.train.loop import NonFiniteLossError, ShardedBatches, TrainConfig, lr_at, make_optimizer, train
+from ctfgen.utils.fileio import atomic_save_safetensors, atomic_write_json
 
 
 def Toy(dropout=0.2, seed=0):  # noqa: N802 - the toy model, initialised the same way every time
@@ -38,6 +40,19 @@ def test_atomic_save_keeps_newest_and_ignores_partial_files(tmp_path):
     assert C.latest_checkpoint(tmp_path).name == "ckpt-00000003.pt"
     state, path = C.load_latest_checkpoint(tmp_path)
     assert state["step"] == 3 and torch.equal(state["w"], torch.full((3,), 3.0))
+
+
+def test_atomic_files_get_the_mode_an_ordinary_file_would(tmp_path):
+    """Checkpoints, models and records are readable as the umask allows (not 0600 as a mkstemp file)."""
+    old = os.umask(0o022)
+    try:
+        paths = [C.save_checkpoint({"step": 1}, tmp_path, 1), atomic_write_json(tmp_path / "r.json", {}),
+                 atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "m.safetensors")]
+        os.umask(0o027)
+        paths.append(atomic_write_json(tmp_path / "group.json", {}))
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == ["0o644", "0o644", "0o644", "0o640"]
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,9 +48,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     removed when it fails. `suffix` lets writers that insist on an extension (np.savez) keep it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    while True:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+        try:
+            # Not tempfile.mkstemp: its files are 0600 whatever the umask, and the rename keeps that, so
+            # models and results would be unreadable to the group of a shared machine. This is open()'s mode.
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         fsync_file(tmp)
