@@ -64,6 +64,21 @@ def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):
         C.load_checkpoint(tmp_path / "ckpt-00000002.pt")
 
 
+def test_pruning_keeps_the_checkpoint_just_written_beside_an_unreadable_later_one(tmp_path):
+    """A run resumed from ckpt 2 because ckpt 4 is unreadable saves ckpt 3 (e.g. on Ctrl-C): with keep=1
+    that checkpoint is the one kept, so the next resume continues from it."""
+    C.save_checkpoint({"step": 2}, tmp_path, 2, keep=1)
+    (tmp_path / "ckpt-00000004.pt").write_bytes(b"truncated")
+    assert C.load_latest_checkpoint(tmp_path)[0]["step"] == 2
+    path = C.save_checkpoint({"step": 3}, tmp_path, 3, keep=1)
+    assert path.is_file() and [s for s, _ in C.list_checkpoints(tmp_path)] == [3, 4]
+    assert C.load_latest_checkpoint(tmp_path)[0]["step"] == 3
+    C.save_checkpoint({"step": 1}, tmp_path / "two", 1, keep=2)
+    C.save_checkpoint({"step": 2}, tmp_path / "two", 2, keep=2)
+    C.save_checkpoint({"step": 3}, tmp_path / "two", 3, keep=2)
+    assert [s for s, _ in C.list_checkpoints(tmp_path / "two")] == [2, 3]
+
+
 def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
     C.seed_everything(3)
     state = C.get_rng_state()

@@ -41,7 +41,10 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
 def save_checkpoint(state: dict, ckpt_dir: str | os.PathLike, step: int, keep: int = 2) -> Path:
     """Write `state` as `ckpt_dir/ckpt-<step>.pt` atomically and prune all but the newest `keep`."""
     path = atomic_torch_save(state, Path(ckpt_dir) / f"ckpt-{step:08d}.pt")
-    stale = [p for _, p in list_checkpoints(ckpt_dir)[:-keep]] if keep > 0 else []
+    # Counted back from this one: a later-numbered checkpoint is one a resume could not read and fell
+    # back from, and the newest `keep` by number could leave it in place of the one just written.
+    older = [p for s, p in list_checkpoints(ckpt_dir) if s < step]
+    stale = older[:len(older) - (keep - 1)] if keep > 0 else []
     for p in stale + list(Path(ckpt_dir).glob(".ckpt-*")):  # hidden: leftovers of saves killed mid-write
         with contextlib.suppress(OSError):
             p.unlink()
