@@ -183,3 +183,7 @@ def test_ship_takes_the_sampling_setting_the_study_chose_for_that_very_run(tiny_
         before = load_pipeline(tiny_run / method).sampling_defaults
         after = load_pipeline(tmp_path / "assets" / sub).sampling_defaults
         assert after == {**before, **chosen[method]} and after != before
+        # the model card says what pipeline.json says: the chosen defaults, and no tokenizer in the baseline
+        card = (tmp_path / "assets" / sub / "README.md").read_text()
+        assert "Sampling defaults: " + ", ".join(f"`{k}={v}`" for k, v in after.items()) in card
+        assert f"| tokenizer included | {method == 'ctf'} |" in card

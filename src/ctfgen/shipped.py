@@ -113,8 +113,8 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
             if pipe is not None:
                 for name in pipe.models:
                     save_weights(getattr(pipe, name), tmp / name / SAFETENSORS_FILE, getattr(torch, weights_dtype))
-                if (tmp / MODEL_CARD_FILE).is_file():  # the card says how the weights are stored
-                    write_model_card(tmp, **read_model_card(tmp))
+            if (tmp / MODEL_CARD_FILE).is_file():  # the card says what pipeline.json now says (weights, sampling ...)
+                write_model_card(tmp, **read_model_card(tmp))
 
         dest = publish_dir(copy, assets / sub)
         sizes[src.name] = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
