@@ -15,7 +15,7 @@ from torch import nn
 from _train_toy import Toy as _Toy, toy_dataset, toy_loss
 from ctfgen.train import checkpoint as C
 from ctfgen.train.loop import NonFiniteLossError, ShardedBatches, TrainConfig, lr_at, make_optimizer, train
-from ctfgen.utils.fileio import atomic_save_safetensors, atomic_write_json
+from ctfgen.utils.fileio import atomic_save_safetensors, atomic_write_json, publish_dir
 
 
 def Toy(dropout=0.2, seed=0):  # noqa: N802 - the toy model, initialised the same way every time
@@ -53,6 +53,20 @@ def test_atomic_files_get_the_mode_an_ordinary_file_would(tmp_path):
     finally:
         os.umask(old)
     assert [oct(p.stat().st_mode & 0o777) for p in paths] == ["0o644", "0o644", "0o644", "0o640"]
+
+
+def test_publish_dir_that_fails_leaves_the_old_directory_and_no_temporary(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.txt").write_text("old")
+
+    def killed_half_way(d):
+        d.mkdir()
+        (d / "w.txt").write_text("new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_dir(killed_half_way, tmp_path / "model")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (tmp_path / "model" / "w.txt").read_text() == "old"
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):

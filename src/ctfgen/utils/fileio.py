@@ -149,11 +149,15 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
 
 def publish_dir(write: Callable[[Path], Any], final: str | os.PathLike) -> Path:
     """Let `write(tmp_dir)` fill a directory under a temporary name, then rename it into place
-    (replacing a stale one)."""
+    (replacing a stale one). A `write` that fails leaves nothing behind."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # named by this PID: no later run would ever remove it
+        raise
     return replace_dir(tmp, final)
