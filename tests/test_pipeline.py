@@ -80,6 +80,16 @@ def test_save_load_round_trip(ctf16, tmp_path):
     assert torch.equal(back.log_prob(tokens, [0, 1]), pipe.log_prob(tokens, [0, 1]))
 
 
+def test_saved_without_tokenizer_over_an_earlier_save_loads_without_it(tmp_path):
+    """pipeline.json decides: the tokenizer/ an earlier save left in the directory (another codebook
+    here) is not taken for the pipeline's own."""
+    CTFPipeline(*tiny_ctf(vocab=8, num_coarse=3, seed=0)).save_pretrained(tmp_path / "ctf")
+    ar, aux, cmap, _ = tiny_ctf(vocab=8, num_coarse=3, seed=1)
+    CTFPipeline(ar, aux, cmap).save_pretrained(tmp_path / "ctf")
+    back = load_pipeline(tmp_path / "ctf")
+    assert back.tokenizer is None and back.coarse_map.fingerprint == cmap.fingerprint
+
+
 def test_baseline_round_trip(tmp_path):
     gpt, vq = tiny_baseline(vocab=32, image_tokens=16, vq=tiny_vq(32, seed=1))
     pipe = ARPipeline(gpt, vq)

@@ -234,6 +234,8 @@ class _Pipeline:
 
     @staticmethod
     def _load_tokenizer(directory: Path, info: dict, map_location):
+        if info.get("has_tokenizer") is False:  # a tokenizer/ beside it is left from an earlier save
+            return None
         if not (directory / "tokenizer").is_dir():
             if info.get("has_tokenizer"):
                 raise MissingFileError(f"{directory}/tokenizer is missing but pipeline.json says it was saved")
