@@ -1,6 +1,7 @@
 """The sampling commands end to end on tiny random pipelines saved to disk."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,21 @@ def test_sample_rejects_unknown_class_and_fine_options_on_baseline(pipelines, tm
     assert capsys.readouterr().err.startswith("error: unknown Fashion-MNIST class 'spaceship'")
     assert main(["sample", "--model", str(pipelines / "baseline"), "--top-k-fine", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "only apply to a CTF" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("picture", [["--stages"], ["--compare-baseline", "--baseline"]])
+def test_sample_writes_its_figures_whole_or_not_at_all(pipelines, tmp_path, monkeypatch, picture):
+    """A --stages or --compare-baseline picture killed while being written leaves no half file."""
+    def killed_while_writing(self, fp, *a, **k):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed_while_writing)
+    out = tmp_path / "fig.png"
+    picture = [*picture, str(pipelines / "baseline")] if "--baseline" in picture else picture
+    assert main(["sample", "--model", str(pipelines / "ctf"), "--n", "2", "--no-singles", "--no-progress",
+                 "--out", str(out), *picture]) == 130
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sample_is_reproducible(pipelines, tmp_path):

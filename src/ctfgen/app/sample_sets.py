@@ -25,7 +25,7 @@ from ctfgen.app.figures import HEAT_ROW, change_heat, heat_rgb, rgb, rgb_array, 
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.fileio import atomic_path, atomic_write_json, read_json
+from ctfgen.utils.fileio import atomic_path, atomic_save, atomic_write_json, read_json
 from ctfgen.utils.images import save_grid, save_images, to_uint8
 from ctfgen.utils.options import MAX_GRID_PIXELS, check, check_output_dir, check_output_file, fmt
 
@@ -328,9 +328,10 @@ def _save_picture(picture: dict, out: Path, nrow: int, scale: int, stages: bool)
     rows = {k: np.concatenate(v) for k, v in picture.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     if stages:
-        stage_figure(list(rows.items()), nrow=nrow, scale=scale).save(out)
+        atomic_save(stage_figure(list(rows.items()), nrow=nrow, scale=scale).save, out)
     elif "baseline" in rows:
-        side_by_side([("CTF", stage_figure([("", rgb_array(rows["final"]))], nrow=nrow, scale=scale)),
-                      ("baseline", stage_figure([("", rgb_array(rows["baseline"]))], nrow=nrow, scale=scale))]).save(out)
+        figure = side_by_side([("CTF", stage_figure([("", rgb_array(rows["final"]))], nrow=nrow, scale=scale)),
+                               ("baseline", stage_figure([("", rgb_array(rows["baseline"]))], nrow=nrow, scale=scale))])
+        atomic_save(figure.save, out)
     else:
         save_grid(rows["final"], out, nrow=nrow, scale=scale)
