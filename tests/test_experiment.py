@@ -374,6 +374,20 @@ def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys)
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=5.5", "train.steps must be a valid integer, got 5.5"),
+    ("train.ema=maybe", "train.ema must be a valid boolean, got 'maybe'"),
+    ("train.seed=x", "train.seed must be a valid integer, got 'x'"),
+    ("train.betas=[0.9]", "train.betas.1: field required"), ("data.root=[1]", "data.root must be a valid string"),
+    ("heldout.enabled=2", "heldout.enabled must be a valid boolean, got 2"),
+    ("stage1=5", "stage1 must be a mapping of settings, got 5"),
+    ("train.fsdp=sometimes", "train.fsdp must be one of true, false, auto, got 'sometimes'")])
+def test_config_values_of_the_wrong_type_are_refused(override, message, capsys):
+    assert cli(["pipeline", TINY, "--print-config", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("argv,shows", [
     (["train-tokenizer", TINY, "tokenizer.train.steps=7"], lambda c: c["train"]["steps"] == 7 and "loss" in c),
     (["train", "--stage", "baseline", "--config", TINY, "train.steps=9"],

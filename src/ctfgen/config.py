@@ -4,7 +4,8 @@
 
 The loader rejects an unknown key with its full path and the closest valid key, parses
 `key.sub=value` overrides as YAML values (`data.train_limit=null`, `train.lr=3e-4`), and checks
-every value before a run starts, not an hour into it. One setting has one name in every section.
+every value's type and bounds (pydantic) before a run starts, not an hour into it. Every mistake
+is one ConfigError line naming its key. One setting has one name in every section.
 
 The experiment config has the sections data, tokenizer, clustering, train, stage1, aux, baseline,
 matched, heldout and sampling. `train` is shared: the stages inherit it (keys given in their own
@@ -17,16 +18,17 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
-import numbers
-import operator
 import os
-import re
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
+import pydantic.dataclasses
+import pydantic_core
 import yaml
 
 from ctfgen.models.transformer import AuxConfig, GPTConfig
@@ -36,33 +38,91 @@ from ctfgen.utils.errors import ConfigError
 # --- the loader ------------------------------------------------------------------------------------
 
 
+def settings(cls):
+    """A settings dataclass, checked by pydantic when made: unknown keys and bad values are
+    ConfigErrors naming their key path, dicts become the dataclass-typed fields, strings YAML 1.1
+    reads numbers as (`3e-4`) become floats, lists become tuples."""
+    cls = pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
+    make = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        try:
+            make(self, *args, **kwargs)
+        except pydantic.ValidationError as e:
+            raise ConfigError(_message(cls, e.errors()[0])) from None
+
+    cls.__init__ = functools.wraps(make)(__init__)
+    return cls
+
+
+BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _message(cls, error: dict, where: str = "") -> str:
+    """One line for pydantic's first error, in the words of the YAML file."""
+    loc, kind, ctx, got = error["loc"], error["type"], error.get("ctx") or {}, error["input"]
+    path = ".".join(map(str, ((where,) if where else ()) + loc))
+    if kind == "unexpected_keyword_argument":
+        for key in loc[:-1]:
+            cls = typing.get_type_hints(cls)[key]
+        return _unknown_key(path, {f.name for f in fields(cls) if f.init})
+    if kind == "unknown_key":
+        return _unknown_key(f"{path}.{ctx['key']}", ctx["known"])
+    if kind == "value_error":  # a ConfigError of __post_init__
+        return str(ctx["error"])
+    if kind in ("dataclass_type", "dict_type"):
+        return f"{path} must be a mapping of settings, got {got!r}"
+    if kind in BOUNDS:
+        return f"{path} must be {BOUNDS[kind]} {next(iter(ctx.values()))}, got {got!r}"
+    if kind == "literal_error":  # expected: "'constant' or 'cosine'"
+        choices = ctx["expected"].replace(" or ", ", ").replace("'", "").lower()
+        return f"{path} must be one of {choices}, got {got!r}"
+    message = error["msg"].split(", ")[0]  # "Input should be a valid integer", without pydantic's detail
+    if message.startswith("Input should be"):
+        return f"{path} must be{message.removeprefix('Input should be')}, got {got!r}"
+    return f"{path}: {message[0].lower() + message[1:]}, got {got!r}"
+
+
+def _unknown_key(path: str, known) -> str:
+    *parents, key = path.split(".")
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    hint = f"; did you mean {'.'.join([*parents, close[0]])}?" if close else ""
+    return f"unknown config key {path}{hint} (valid here: {', '.join(sorted(known))})"
+
+
+def keys_of(allowed):
+    """A dict field's check (None: empty): its keys must be fields of the dataclass `allowed`, or keys of the dict."""
+    known = sorted(f.name for f in fields(allowed)) if is_dataclass(allowed) else sorted(allowed)
+
+    def check(value):
+        for key in value or {}:
+            if key not in known:
+                context = {"key": key, "known": known}
+                raise pydantic_core.PydanticCustomError("unknown_key", "unknown key {key}", context)
+        return {} if value is None else value
+
+    return pydantic.BeforeValidator(check)
+
+
 def from_dict(cls, data: dict | None, where: str = ""):
-    """`cls(**data)`, its dataclass-typed fields made from their dicts too (see Settings); unknown keys
-    and bad values are ConfigErrors naming the full key path (`where` is the path of `data`)."""
+    """`cls` from a dict, as the settings dataclasses make themselves; for a plain dataclass too (a
+    model config), refusing unknown keys. `where` is the key path of `data`, for the messages."""
     data = {} if data is None else data
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'the config'} must be a mapping of settings, got {data!r}")
-    _refuse_unknown_keys(data, {f.name for f in fields(cls) if f.init}, where)
     try:
+        if hasattr(cls, "__pydantic_validator__"):
+            return pydantic.TypeAdapter(cls).validate_python(data)
+        for key in data:
+            if key not in (known := {f.name for f in fields(cls) if f.init}):
+                raise ConfigError(_unknown_key(f"{where}.{key}" if where else str(key), known))
         return cls(**data)
-    except ConfigError as e:  # raised by __post_init__, naming keys relative to `where`
-        if not where:
-            raise
-        raise ConfigError(re.sub(r"^(unknown config key )?|did you mean ", rf"\g<0>{where}.", str(e))) from None
+    except pydantic.ValidationError as e:
+        raise ConfigError(_message(cls, e.errors()[0], where)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
-
-
-def _refuse_unknown_keys(data: dict, known, where: str) -> None:
-    """A ConfigError for the first key of `data` not in `known`, with its path and the closest valid key."""
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.5)
-            prefix = f"{where}." if where else ""
-            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key}{hint} (valid here: {', '.join(sorted(known))})")
 
 
 def to_dict(cfg) -> dict:
@@ -123,87 +183,45 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-# --- checking values -------------------------------------------------------------------------------
-
-def checked(default, *rules, keys=None):
-    """A field whose value (unless None) must keep `rules`: bounds like ">= 1", or a tuple of the
-    allowed values. A dict field with `keys` (a dataclass or a dict) refuses keys they lack."""
-    meta = {"rules": rules, "keys": keys}
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _convert(name: str, value, kind):
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-
-
-class Settings:
-    """Every settings dataclass checks itself when made: a dataclass-typed field given as a dict (None:
-    the defaults) is made from it, numbers YAML 1.1 reads as strings (`3e-4`) become floats, tuples take their
-    element type, dicts their allowed keys, each field its rules."""
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            name, value, hint, keys = f.name, getattr(self, f.name), hints[f.name], f.metadata.get("keys")
-            if is_dataclass(hint) and not isinstance(value, hint):
-                value = from_dict(hint, value, name)
-            elif hint is dict:
-                value = dict(value or {})
-                _refuse_unknown_keys(value, {g.name for g in fields(keys)} if is_dataclass(keys) else set(keys), name)
-            elif value is not None and typing.get_origin(hint) is tuple:
-                value = tuple(_convert(name, v, typing.get_args(hint)[0]) for v in value)
-            elif value is not None and float in (hint, *typing.get_args(hint)):
-                value = _convert(name, value, float)
-            setattr(self, name, value)
-            for rule in f.metadata.get("rules", ()) if value is not None else ():
-                if isinstance(rule, tuple) and value not in rule:
-                    raise ConfigError(f"{name} must be one of {', '.join(str(c).lower() for c in rule)}, got {value!r}")
-                if isinstance(rule, str) and not _holds(value, *rule.split()):
-                    raise ConfigError(f"{name} must be {rule}, got {value!r}")
-
-
-def _holds(value, op: str, bound: str) -> bool:  # False for NaN and for what is not a number
-    ops = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-    return isinstance(value, numbers.Real) and ops[op](value, float(bound))
+# Counts and bounds the settings share (pydantic checks them; NaN fails every bound).
+Count = Annotated[int, pydantic.Field(ge=1)]
+Natural = Annotated[int, pydantic.Field(ge=0)]
+Positive = Annotated[float, pydantic.Field(gt=0)]
+NonNegative = Annotated[float, pydantic.Field(ge=0)]
 
 
 # --- training ------------------------------------------------------------------------------------
 
-@dataclass
-class TrainConfig(Settings):
+@settings
+class TrainConfig:
     """Optimisation settings (a `train:` section). Sizes are global, not per rank. Defaults follow
     LlamaGen's c2i recipe: AdamW lr 1e-4, betas (0.9, 0.95), weight decay 0.05, clip 1.0, bf16."""
 
-    steps: int | None = checked(None, ">= 1")         # optimizer steps; or give `epochs`
-    epochs: int | None = checked(None, ">= 1")
-    batch_size: int = checked(256, ">= 1")            # global batch per optimizer step (all ranks, all micro-batches)
-    grad_accum: int = checked(1, ">= 1")
-    lr: float = checked(1e-4, "> 0")
-    weight_decay: float = checked(0.05, ">= 0")       # on >=2-D parameters only, as LlamaGen
+    steps: Count | None = None  # optimizer steps; or give `epochs`
+    epochs: Count | None = None
+    batch_size: Count = 256  # global batch per optimizer step (all ranks, all micro-batches)
+    grad_accum: Count = 1
+    lr: Positive = 1e-4
+    weight_decay: NonNegative = 0.05  # on >=2-D parameters only, as LlamaGen
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = checked(1.0, ">= 0")           # 0 disables clipping (the norm is still logged)
-    warmup_steps: int = checked(0, ">= 0")
-    schedule: str = checked("constant", ("constant", "cosine"))  # constant (LlamaGen) or cosine
-    min_lr_ratio: float = checked(0.0, ">= 0", "<= 1")  # cosine decays to lr * min_lr_ratio
+    grad_clip: NonNegative = 1.0  # 0 disables clipping (the norm is still logged)
+    warmup_steps: Natural = 0
+    schedule: Literal["constant", "cosine"] = "constant"  # constant (LlamaGen) or cosine
+    min_lr_ratio: Annotated[float, pydantic.Field(ge=0, le=1)] = 0.0  # cosine decays to lr * min_lr_ratio
     ema: bool = False
-    ema_decay: float = checked(0.9999, ">= 0", "< 1")
+    ema_decay: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.9999
     # "auto": bf16 autocast on CUDA and on CPUs with native bf16 matmul, float32 elsewhere;
     # "bf16": bf16 autocast on any device; "none": float32. Loss, optimiser state and master
     # weights stay float32 in every case.
-    mixed_precision: str = checked("auto", ("auto", "bf16", "none"))
+    mixed_precision: Literal["auto", "bf16", "none"] = "auto"
     seed: int = 0
-    checkpoint_every: int = checked(1000, ">= 1")
-    keep_checkpoints: int = checked(2, ">= 0")
-    log_every: int = checked(10, ">= 1")
+    checkpoint_every: Count = 1000
+    keep_checkpoints: Natural = 2
+    log_every: Count = 10
     snapshot_every_epoch: bool = False  # save_pretrained the (EMA) model after every epoch
-    snapshot_every: int = checked(0, ">= 0")          # ... and every N steps, to snapshots/step-<N>/ (0: never)
-    num_workers: int = checked(0, ">= 0")
-    fsdp: Any = checked("auto", (True, False, "auto"))  # GPT-L size and larger under "auto"
+    snapshot_every: Natural = 0  # ... and every N steps, to snapshots/step-<N>/ (0: never)
+    num_workers: Natural = 0
+    fsdp: Literal[True, False, "auto"] = "auto"  # GPT-L size and larger under "auto"
     progress: bool = True
 
     @property
@@ -211,31 +229,31 @@ class TrainConfig(Settings):
         return self.steps is not None or self.epochs is not None
 
 
-@dataclass
+@settings
 class TokenizerTrainConfig(TrainConfig):
     """The tokenizer's `train:` section: the same settings, LlamaGen's train_vq.py defaults."""
 
-    steps: int | None = checked(10000, ">= 1")
-    batch_size: int = checked(64, ">= 1")
-    weight_decay: float = checked(0.0, ">= 0")
-    checkpoint_every: int = checked(500, ">= 1")
-    log_every: int = checked(20, ">= 1")
-    fsdp: Any = checked(False, (True, False, "auto"))
+    steps: Count | None = 10000
+    batch_size: Count = 64
+    weight_decay: NonNegative = 0.0
+    checkpoint_every: Count = 500
+    log_every: Count = 20
+    fsdp: Literal[True, False, "auto"] = False
     # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
-    codebook_init: str = checked("random", ("random", "kmeans"))  # LlamaGen's, or k-means of initial encoder outputs
+    codebook_init: Literal["random", "kmeans"] = "random"  # LlamaGen's, or k-means of initial encoder outputs
     codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
     # > 0: move codes no batch chose for this many steps onto recent encoder outputs
-    dead_code_steps: int = checked(0, ">= 0")
+    dead_code_steps: Natural = 0
     # Restarts stop after this fraction of the steps, so that usage is not measured on codes that were just moved.
-    dead_code_until: float = checked(0.8, "> 0", "<= 1")
+    dead_code_until: Annotated[float, pydantic.Field(gt=0, le=1)] = 0.8
 
 
-@dataclass
-class VQLossConfig(Settings):
+@settings
+class VQLossConfig:
     """The tokenizer's losses (LlamaGen's VQLoss). Perceptual and adversarial terms are off by
     default because they need local LPIPS weights and long runs."""
 
-    reconstruction: str = checked("l2", ("l1", "l2"))
+    reconstruction: Literal["l1", "l2"] = "l2"
     reconstruction_weight: float = 1.0
     perceptual_weight: float = 0.0      # LPIPS weight (LlamaGen: 1.0); > 0 needs lpips_weights
     lpips_weights: str | None = None    # the merged LPIPS-VGG16 file (see ctfgen.tokenizer.losses)
@@ -243,13 +261,12 @@ class VQLossConfig(Settings):
     disc_weight: float = 0.0            # adversarial weight (LlamaGen: 0.5); 0: no discriminator
     disc_start: int = 20000             # steps before the adversarial loss starts
     disc_adaptive: bool = False         # VQGAN's |grad rec| / |grad adv| at the decoder's last layer
-    disc_loss: str = checked("hinge", ("hinge", "vanilla"))
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
     disc_dim: int = 64
     disc_layers: int = 3
     disc_lr: float | None = None        # default: train.lr
 
     def __post_init__(self):
-        super().__post_init__()
         if self.perceptual_weight > 0 and not self.lpips_weights:
             raise ConfigError(
                 "perceptual_weight > 0 needs lpips_weights: a local LPIPS-VGG16 "
@@ -258,57 +275,57 @@ class VQLossConfig(Settings):
 
 # --- the experiment ------------------------------------------------------------------------------
 
-@dataclass
-class DataConfig(Settings):
-    dataset: str = checked("fashion_mnist", ("fashion_mnist", "image_folder"))
+@settings
+class DataConfig:
+    dataset: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
     root: str | None = None             # Fashion-MNIST IDX directory, or the train image folder
     test_root: str | None = None        # image_folder: held-out images (class-per-folder)
-    image_size: int | None = checked(None, ">= 1")  # image_folder: crop size (default 256); fashion_mnist: 28
-    channels: int | None = checked(None, ">= 1")    # image_folder: 1 or 3 (default: the tokenizer's)
-    train_limit: int | None = checked(None, ">= 1")  # class-balanced subset sizes (fashion_mnist)
-    test_limit: int | None = checked(None, ">= 1")
-    validation_images: int = checked(0, ">= 0")     # fashion_mnist: class-balanced train images held out: RUN/codes/val
-    augment: str = checked("none", ("none", "flip", "tencrop"))  # for the train codes
-    extract_batch_size: int = checked(256, ">= 1")
-    num_workers: int = checked(0, ">= 0")
+    image_size: Count | None = None  # image_folder: crop size (default 256); fashion_mnist: 28
+    channels: Count | None = None  # image_folder: 1 or 3 (default: the tokenizer's)
+    train_limit: Count | None = None  # class-balanced subset sizes (fashion_mnist)
+    test_limit: Count | None = None
+    validation_images: Natural = 0  # fashion_mnist: class-balanced train images held out: RUN/codes/val
+    augment: Literal["none", "flip", "tencrop"] = "none"  # for the train codes
+    extract_batch_size: Count = 256
+    num_workers: Natural = 0
 
 
-@dataclass
-class TokenizerConfig(Settings):
+@settings
+class TokenizerConfig:
     pretrained: str | None = None       # a VQModel directory or a LlamaGen VQ .pt file, instead of training
-    model: dict = checked({}, keys=VQConfig)
+    model: Annotated[dict, keys_of(VQConfig)] = field(default_factory=dict)
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     loss: VQLossConfig = field(default_factory=VQLossConfig)
 
 
-@dataclass
-class ClusteringConfig(Settings):
-    num_coarse: int = checked(512, ">= 1")
-    method: str = checked("kmeans", ("kmeans", "random"))
+@settings
+class ClusteringConfig:
+    num_coarse: Count = 512
+    method: Literal["kmeans", "random"] = "kmeans"
     seed: int | None = None             # default: the top-level seed
 
 
-@dataclass
-class StageConfig(Settings):
+@settings
+class StageConfig:
     """A model trained on codes: stage 1 (`ar`), the auxiliary model or the baseline."""
 
     preset: str | None = None
-    model: dict = checked({}, keys=GPTConfig)  # fields over the preset's
+    model: Annotated[dict, keys_of(GPTConfig)] = field(default_factory=dict)  # fields over the preset's
     train: TrainConfig = field(default_factory=TrainConfig)
     enabled: bool = True                # CTF needs stage1 and aux; the baseline is optional
 
 
-@dataclass
+@settings
 class AuxStageConfig(StageConfig):
     preset: str | None = "Aux-B"
-    model: dict = checked({}, keys=AuxConfig)
+    model: Annotated[dict, keys_of(AuxConfig)] = field(default_factory=dict)
 
 
-@dataclass
-class HeldoutConfig(Settings):
+@settings
+class HeldoutConfig:
     enabled: bool = True
-    limit: int | None = checked(None, ">= 1")  # the first N test images (all by default)
-    batch_size: int = checked(64, ">= 1")
+    limit: Count | None = None  # the first N test images (all by default)
+    batch_size: Count = 64
 
 
 # The paper's defaults: guidance 2.0, both temperatures 1.1, stage-2 top-k = all, no stage-2 guidance.
@@ -318,19 +335,19 @@ CTF_DEFAULTS = dict(cfg_scale=2.0, temperature=1.1, top_k=0, top_p=1.0, cfg_step
 BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg_steps=None)
 
 
-@dataclass
-class SamplingConfig(Settings):
+@settings
+class SamplingConfig:
     """Sampling defaults stored in the finished pipelines (unset: the paper's, see pipeline.py)."""
 
-    ctf: dict = checked({}, keys=CTF_DEFAULTS)
-    baseline: dict = checked({}, keys=BASELINE_DEFAULTS)
+    ctf: Annotated[dict, keys_of(CTF_DEFAULTS)] = field(default_factory=dict)
+    baseline: Annotated[dict, keys_of(BASELINE_DEFAULTS)] = field(default_factory=dict)
 
 
 STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched": "matched"}
 
 
-@dataclass
-class ExperimentConfig(Settings):
+@settings
+class ExperimentConfig:
     name: str | None = None
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -433,56 +450,50 @@ def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> S
 
 # --- reproduction --------------------------------------------------------------------------------
 
-@dataclass
-class EvaluationConfig(Settings):
-    per_class: int = checked(100, ">= 1")   # samples per class for every evaluation
-    batch_size: int = checked(500, ">= 1")
-    seed: int = checked(0, ">= 0")
-    heldout_images: int = checked(2000, ">= 1")  # test images for the exact bits per token
+@settings
+class EvaluationConfig:
+    per_class: Count = 100  # samples per class for every evaluation
+    batch_size: Count = 500
+    seed: Natural = 0
+    heldout_images: Count = 2000  # test images for the exact bits per token
     temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
 
 
-@dataclass
-class ReproduceConfig(Settings):
+@settings
+class ReproduceConfig:
     """`ctfgen reproduce` settings (configs/fashion_mnist_ablations.yaml)."""
 
-    steps: int = checked(470, ">= 1")   # ablation training steps; the main run must have a snapshot there
-    clusters: list = field(default_factory=lambda: [64, 1024])  # besides the main run's
+    steps: Count = 470  # ablation training steps; the main run must have a snapshot there
+    clusters: list[Count] = field(default_factory=lambda: [64, 1024])  # besides the main run's
     random_clusters: bool = True        # k-means vs balanced random groups, at the main run's K
     unrestricted_aux: bool = True       # aux model over the whole codebook vs restricted to the cluster
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if any(not int(k) >= 1 for k in self.clusters):
-            raise ConfigError(f"clusters must be numbers of coarse labels >= 1, got {self.clusters}")
-
 
 # --- the codebook-size study --------------------------------------------------------------------
 
-@dataclass
-class StudySettings(Settings):
+@settings
+class StudySettings:
     """`ctfgen study` settings (see ctfgen.experiments.study): the sampling grid, the sample counts and the seeds."""
 
     guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
     temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
-    select_per_class: int = checked(200, ">= 1")  # validation samples per class for each grid point (2000 in all)
+    select_per_class: Count = 200  # validation samples per class for each grid point (2000 in all)
     select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
-    test_per_class: int = checked(500, ">= 1")  # test samples per class for each reported cell (5000 in all)
+    test_per_class: Count = 500  # test samples per class for each reported cell (5000 in all)
     seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
-    tokenizer_images: int | None = checked(None, ">= 1")  # test images for codebook usage and PSNR (None: all)
-    heldout_images: int = checked(10000, ">= 1")  # test images for bits/token at every epoch
-    coarse_images: int = checked(2000, ">= 1")  # test images for the teacher-forced coarse prediction
+    tokenizer_images: Count | None = None  # test images for codebook usage and PSNR (None: all)
+    heldout_images: Count = 10000  # test images for bits/token at every epoch
+    coarse_images: Count = 2000  # test images for the teacher-forced coarse prediction
     # Test images per class whose codes make the diagnosis sets; the other test images of each class: their reference.
-    diagnosis_per_class: int = checked(500, ">= 1")
+    diagnosis_per_class: Count = 500
     diagnosis_seed: int = 2000          # the diagnosis' sampling stream
     # FD against epoch: samples per class of each epoch snapshot at the chosen setting, on their own stream.
-    epoch_per_class: int = checked(200, ">= 1")
+    epoch_per_class: Count = 200
     epoch_seed: int = 3000
-    batch_size: int = checked(250, ">= 1")
+    batch_size: Count = 250
 
     def __post_init__(self):
-        super().__post_init__()
         if not (self.guidance and self.temperatures and self.seeds):
             raise ConfigError("the study needs at least one guidance scale, temperature and seed")
         streams = (self.select_seed, self.diagnosis_seed, self.epoch_seed)

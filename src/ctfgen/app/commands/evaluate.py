@@ -145,12 +145,12 @@ def configure_study(parser: argparse.ArgumentParser) -> None:
     add("runs", nargs="*", help="finished pipeline run directories (none: only --report)")
     add("--records", help="directory of the study's JSON records (required unless --print-config)")
     add("--report", help="write the markdown tables here (figures beside it)")
-    fields, hints = {f.name: f for f in dataclasses.fields(StudySettings)}, typing.get_type_hints(StudySettings)
+    defaults, hints = StudySettings(), typing.get_type_hints(StudySettings)
     for name, (_, help_text) in STUDY_OPTIONS.items():
         many = typing.get_origin(hints[name]) is tuple
         kind = (typing.get_args(hints[name]) or [hints[name]])[0]  # float of tuple[float, ...], int of int | None
         add("--" + name.replace("_", "-"), type=kind, nargs="+" if many else None,
-            default=list(fields[name].default) if many else fields[name].default, help=help_text)
+            default=list(getattr(defaults, name)) if many else getattr(defaults, name), help=help_text)
     add("--baselines-from", metavar="RUN", help="the finished run whose baselines each RUN without its own "
         "(baseline.enabled: false, e.g. the auxiliary model at 1x) is compared with; it must share their tokenizer, "
         "coarse map and codes, and be studied first")
