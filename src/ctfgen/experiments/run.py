@@ -39,7 +39,8 @@ import numpy as np
 import yaml
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.config import ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml, to_dict
+from ctfgen.config import (ExperimentConfig, apply_overrides, check_experiment, dry_run_overrides, dump, read_yaml,
+                           to_dict)
 from ctfgen.data import CodeDataset, check_codes, extract_codes, make_dataset, read_header
 from ctfgen.data.factory import TENCROP_RANGE, image_size
 from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token, load_pipeline
@@ -222,15 +223,16 @@ def train_phase(x: Experiment, stage: str, cmap):
 
     def work():
         model_config, info = _matched_model(x, cmap) if stage == "matched" else (s.model, {})
-        logger.info(f"training {stage} ({s.preset}{', %d layers' % model_config['n_layer'] if stage == 'matched' else ''})")
+        depth = f", {model_config['n_layer']} layers" if stage == "matched" else ""
+        logger.info(f"training {stage} ({s.preset}{depth})")
         model, result = train_stage(
             "baseline" if stage == "matched" else stage, x.run.codes("train"), x.run.stage(stage),
             coarse_map=cmap if stage in ("ar", "aux") else None, preset=s.preset, model=model_config,
             train_config=dataclasses.replace(s.train, progress=x.progress and s.train.progress),
             resume=True, on_epoch_end=x.hooks.get(stage), run_config={"experiment": str(x.run.root)}, desc=stage)
         last = result.history[-1] if result.history else {}
-        return {"steps": result.step, "final_loss": last.get("loss"), "params": sum(p.numel() for p in model.parameters()),
-                **info}
+        params = sum(p.numel() for p in model.parameters())
+        return {"steps": result.step, "final_loss": last.get("loss"), "params": params, **info}
 
     x.once(stage, work)
     return load_stage_model(stage, x.run.model(stage))
@@ -255,7 +257,7 @@ def card_inputs(x: Experiment, kind: str, heldout: dict | None = None) -> dict:
         return {k: record[k] for k in keys if (record or {}).get(k) is not None}
 
     metrics = {"tokenizer": pick((x.done("tokenizer") or {}).get("test_split"), ("usage", "perplexity", "psnr")),
-               **{stage: pick(x.done(stage), ("steps", "final_loss", "params", "seconds")) for stage in STAGES_OF[kind]},
+               **{s: pick(x.done(s), ("steps", "final_loss", "params", "seconds")) for s in STAGES_OF[kind]},
                "heldout": pick(heldout, ("bits_per_token", "nats_per_image", "exact"))}
     return {"training_config": to_dict(x.cfg), "metrics": {k: v for k, v in metrics.items() if v}}
 
@@ -451,8 +453,8 @@ class FinishedRun(RunDir):
     def snapshot_pipeline(self, method: str, step: int):
         """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`."""
         if method == "ctf":
-            return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step), self.load_coarse_map(),
-                               self.load_tokenizer())
+            return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step),
+                               self.load_coarse_map(), self.load_tokenizer())
         return ARPipeline(self.snapshot_model(method, step), self.load_tokenizer())
 
     def steps_per_epoch(self, stage: str) -> float:
