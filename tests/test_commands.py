@@ -216,6 +216,31 @@ def test_sample_many_shards_across_ranks(pipelines, tmp_path):
     assert np.array_equal(np.load(single)["arr_0"], np.load(sharded)["arr_0"])
 
 
+def test_sample_many_removes_the_parts_a_run_killed_after_its_merge_left(pipelines, tmp_path, monkeypatch):
+    """The merged .npz is written before its parts are removed; the parts of a run killed in between go
+    with the next run, which stops at once since the .npz is there."""
+    from ctfgen.app import sample_sets as sm
+
+    pipeline = load_pipeline(pipelines / "ctf")
+    out = tmp_path / "x.npz"
+    parts = out.with_name("x.npz.parts")
+    real_unlink = Path.unlink
+
+    def killed_removing_parts(self, *a, **k):
+        if self.parent == parts:
+            raise KeyboardInterrupt
+        return real_unlink(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", killed_removing_parts)
+        with pytest.raises(KeyboardInterrupt):
+            sm.sample_set(pipeline, out, 4, classes=[0], batch_size=2, progress=False)
+    merged = out.read_bytes()
+    assert sorted(p.name for p in parts.iterdir()) == ["batch000000.npz", "batch000001.npz", "request.json"]
+    assert sm.sample_set(pipeline, out, 4, classes=[0], batch_size=2, progress=False) is None
+    assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == merged
+
+
 def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     from ctfgen.app import bench
 

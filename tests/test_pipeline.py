@@ -8,6 +8,7 @@ from ctfgen.clustering import CoarseMap
 from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
 from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
 from ctfgen.sampling import generate
+from ctfgen.utils.errors import CorruptFileError
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,12 @@ def test_load_refuses_swapped_coarse_map(ctf16, tmp_path):
         load_pipeline(tmp_path / "p")
     with pytest.raises(FileNotFoundError, match="pipeline.json"):
         load_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[]", "3", "null", '{"type": "ctf", "format_version": "one"}',
+                                  '{"type": "ctf", "format_version": [1]}', '{"type": "ctf", "format_version": NaN}'])
+def test_pipeline_json_of_the_wrong_shape_is_a_corrupt_file(ctf16, tmp_path, text):
+    CTFPipeline(*ctf16).save_pretrained(tmp_path / "p")
+    (tmp_path / "p" / "pipeline.json").write_text(text)
+    with pytest.raises(CorruptFileError, match=r"p/pipeline\.json .*; save the pipeline again"):
+        load_pipeline(tmp_path / "p")

@@ -89,3 +89,29 @@ def test_training_refuses_a_directory_another_training_writes(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+def _assert_lock_of_another_user_is_refused(tmp_path):
+    with pytest.raises(RunError, match=r"cannot open the lock file .*\.pipeline\.lock .*another user's run .*remove"):
+        WriterLock(tmp_path, "pipeline").acquire()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root opens any file whatever its mode")
+def test_lock_file_this_user_cannot_open_is_a_run_error(tmp_path):
+    lock = tmp_path / ".pipeline.lock"
+    lock.write_text("{}")
+    lock.chmod(0o444)  # as another user's 0644 lock is to this one
+    _assert_lock_of_another_user_is_refused(tmp_path)
+
+
+def test_lock_file_this_user_cannot_open_is_a_run_error_even_as_root(tmp_path, monkeypatch):
+    lock = tmp_path / ".pipeline.lock"
+    real = os.open
+
+    def denied(path, *a, **k):
+        if Path(path) == lock:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", denied)
+    _assert_lock_of_another_user_is_refused(tmp_path)

@@ -15,7 +15,7 @@ from torch import nn
 from _train_toy import Toy as _Toy, toy_dataset, toy_loss
 from ctfgen.train import checkpoint as C
 from ctfgen.train.loop import NonFiniteLossError, ShardedBatches, TrainConfig, lr_at, make_optimizer, train
-from ctfgen.utils.fileio import atomic_save_safetensors, atomic_write_json, publish_dir
+from ctfgen.utils.fileio import atomic_save_safetensors, atomic_write_json, publish_dir, replace_dir
 
 
 def Toy(dropout=0.2, seed=0):  # noqa: N802 - the toy model, initialised the same way every time
@@ -67,6 +67,25 @@ def test_publish_dir_that_fails_leaves_the_old_directory_and_no_temporary(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         publish_dir(killed_half_way, tmp_path / "model")
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (tmp_path / "model" / "w.txt").read_text() == "old"
+
+
+def test_replace_dir_that_cannot_rename_the_new_directory_puts_the_old_one_back(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.txt").write_text("old")
+    (tmp_path / "new").mkdir()
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(1)
+        if len(calls) == 2:  # the first moves the old version aside, the second renames the new one into place
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError, match="No space left"):
+        replace_dir(tmp_path / "new", tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+    assert (tmp_path / "model" / "w.txt").read_text() == "old"
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):

@@ -34,7 +34,7 @@ from ctfgen.models.transformer import GPT, AuxModel
 from ctfgen.sampling import as_generator, check_labels, generate, log_prob as ar_log_prob, sample_fine, token_log_probs
 from ctfgen.tokenizer.vq import VQModel
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import ConfigError, MismatchError, MissingFileError, WrongTypeError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_write_json, read_json
 from ctfgen.utils.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
 from ctfgen.utils.options import check_sampling
@@ -531,7 +531,14 @@ def _read_pipeline_json(directory: Path) -> dict:
         raise MissingFileError(f"{path} not found: {directory} is not a saved pipeline "
                                 "(written by CTFPipeline/ARPipeline.save_pretrained or `ctfgen pipeline`)")
     info = read_json(path, "save the pipeline again")
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(info, dict):
+        raise CorruptFileError(f"{path} does not hold a JSON object; save the pipeline again")
+    try:
+        version = int(info.get("format_version", 0))
+    except (TypeError, ValueError, OverflowError):
+        raise CorruptFileError(f"{path} has format_version {info['format_version']!r}, not a number; "
+                               "save the pipeline again") from None
+    if version > FORMAT_VERSION:
         raise MismatchError(f"{path} was written by a newer ctfgen (format {info['format_version']}); upgrade ctfgen")
     return info
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 import zipfile
@@ -180,6 +181,11 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
     no batch leaves nothing behind."""
     out = check_sample_set(out, per_class, batch_size, png_dir)
     if out.exists():
+        parts_dir = _parts_dir(out)
+        if parts_dir.is_dir() and D.is_main():
+            # out appears (atomically) only once merged from every part, so these are the parts of a run killed
+            # before it removed them; no other run would remove them, as each stops here
+            shutil.rmtree(parts_dir)
         return None
     classes = classes if classes else list(range(pipeline.num_classes))
     bad = [c for c in classes if not 0 <= c < pipeline.num_classes]

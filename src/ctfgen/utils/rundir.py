@@ -49,7 +49,12 @@ class WriterLock:
         if not self.hold:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as e:
+            raise RunError(f"cannot open the lock file {self.path} ({e.strerror}): another user's run holds or held "
+                           f"it; if no run is writing into {self.directory}, remove the file (or have its owner "
+                           "remove it) and run again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
