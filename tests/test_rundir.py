@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ctfgen.utils.errors import RunError
-from ctfgen.utils.rundir import WriterLock
+from ctfgen.utils.errors import CorruptFileError, RunError
+from ctfgen.utils.rundir import Records, WriterLock
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
@@ -115,3 +115,10 @@ def test_lock_file_this_user_cannot_open_is_a_run_error_even_as_root(tmp_path, m
 
     monkeypatch.setattr(os, "open", denied)
     _assert_lock_of_another_user_is_refused(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", "null", '"a"'])
+def test_a_record_that_is_json_but_not_an_object_is_a_corrupt_file(tmp_path, text):
+    (tmp_path / "r.json").write_text(text)
+    with pytest.raises(CorruptFileError, match=r"r\.json holds \w+ JSON, not an object; delete it to compute"):
+        Records(tmp_path).read("r")

@@ -531,8 +531,6 @@ def _read_pipeline_json(directory: Path) -> dict:
         raise MissingFileError(f"{path} not found: {directory} is not a saved pipeline "
                                 "(written by CTFPipeline/ARPipeline.save_pretrained or `ctfgen pipeline`)")
     info = read_json(path, "save the pipeline again")
-    if not isinstance(info, dict):
-        raise CorruptFileError(f"{path} does not hold a JSON object; save the pipeline again")
     try:
         version = int(info.get("format_version", 0))
     except (TypeError, ValueError, OverflowError):

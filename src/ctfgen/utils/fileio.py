@@ -81,12 +81,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def read_json(path: str | os.PathLike, remedy: str) -> Any:
-    """The JSON in `path`; unreadable JSON is a CorruptFileError that says `remedy`."""
+def read_json(path: str | os.PathLike, remedy: str) -> dict:
+    """The JSON object in `path` (every file ctfgen writes holds one); anything else is a
+    CorruptFileError that says `remedy`."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{path} is not valid JSON ({e}); {remedy}") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path} holds {type(data).__name__} JSON, not an object; {remedy}")
+    return data
 
 
 def atomic_save(save: Callable[[Path], Any], path: str | os.PathLike) -> Path:
