@@ -112,6 +112,13 @@ def test_pruning_keeps_the_checkpoint_just_written_beside_an_unreadable_later_on
     assert [s for s, _ in C.list_checkpoints(tmp_path / "two")] == [2, 3]
 
 
+def test_pruning_keeps_every_checkpoint_while_there_are_fewer_than_keep(tmp_path):
+    """keep=5 with 4 checkpoints keeps all 4 (a negative slice end used to delete the oldest ones)."""
+    for step in range(1, 8):
+        C.save_checkpoint({"step": step}, tmp_path, step, keep=5)
+        assert [s for s, _ in C.list_checkpoints(tmp_path)] == list(range(max(1, step - 4), step + 1))
+
+
 def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
     C.seed_everything(3)
     state = C.get_rng_state()

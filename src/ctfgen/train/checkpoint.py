@@ -44,7 +44,8 @@ def save_checkpoint(state: dict, ckpt_dir: str | os.PathLike, step: int, keep: i
     # Counted back from this one: a later-numbered checkpoint is one a resume could not read and fell
     # back from, and the newest `keep` by number could leave it in place of the one just written.
     older = [p for s, p in list_checkpoints(ckpt_dir) if s < step]
-    stale = older[:len(older) - (keep - 1)] if keep > 0 else []
+    # max(0, ...): a negative end would slice from the back and delete checkpoints while fewer than `keep` exist.
+    stale = older[:max(0, len(older) - (keep - 1))] if keep > 0 else []
     for p in stale + list(Path(ckpt_dir).glob(".ckpt-*")):  # hidden: leftovers of saves killed mid-write
         with contextlib.suppress(OSError):
             p.unlink()
