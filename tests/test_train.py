@@ -209,6 +209,32 @@ def test_in_process_resume_matches_uninterrupted_run(tmp_path):
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 13))
 
 
+def test_resume_with_another_grad_accum_continues_where_the_data_stopped(tmp_path):
+    """The position is in micro-batches of batch_size / grad_accum items: resumed with grad_accum 2 instead
+    of 1 (e.g. on fewer GPUs), step 3 used to retrain the items of step 2 rather than take new ones."""
+    class Seen(torch.utils.data.Dataset):
+        def __init__(self):
+            self.data, self.seen = toy_dataset(), []
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            self.seen.append(i)
+            return self.data[i]
+
+    cfg = small_cfg(steps=2, checkpoint_every=2)
+    first, second = Seen(), Seen()
+    train(Toy(), toy_loss, first, cfg, tmp_path)
+    train(Toy(), toy_loss, second, {**cfg, "steps": 3, "grad_accum": 2}, tmp_path, resume=True)
+    assert len(first.seen) == 32 and len(second.seen) == 16 and not set(first.seen) & set(second.seen)
+    # 32 items in are not a whole number of micro-batches of 12: refused rather than skipping or redoing items.
+    train(Toy(), toy_loss, toy_dataset(), cfg, tmp_path / "b")
+    with pytest.raises(C.CheckpointError, match="32 items into epoch 0.* 12-item micro-batches"):
+        train(Toy(), toy_loss, toy_dataset(), {**cfg, "steps": 4, "batch_size": 24, "grad_accum": 2}, tmp_path / "b",
+              resume=True)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1, mixed_precision="none"), tmp_path / "a")
     b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4, mixed_precision="none"), tmp_path / "b")

@@ -391,6 +391,22 @@ class Run:
         if self.extra is not None:
             self.extra.load_state_dict(ck.get("extra"), source=str(path))
         self.epoch, self.batch, self.epochs_done = ck["epoch"], ck["batch_in_epoch"], ck["epochs_done"]
+        # The position counts global micro-batches of batch_size / grad_accum items as they were then; with
+        # another grad_accum or batch_size now, the same count would point elsewhere in the epoch (redoing data).
+        old_cfg = ck.get("train_config") or {}
+        then = old_cfg.get("batch_size", self.cfg.batch_size) // old_cfg.get("grad_accum", self.cfg.grad_accum)
+        now = self.batches.micro * self.batches.world
+        if then != now:
+            items = self.batch * then
+            if self.batch >= self.batches.n // then:  # that epoch was finished
+                self.batch = self.batches.per_epoch
+            elif items % now:
+                raise CheckpointError(f"{path} stopped {items} items into epoch {self.epoch}, not a whole number "
+                                      f"of the {now}-item micro-batches (train.batch_size / train.grad_accum) "
+                                      f"asked for now; resume with micro-batches of {then} items, as the run had, "
+                                      f"or a size dividing {items}")
+            else:
+                self.batch = items // now
         self.step, self.last_checkpoint, self.resumed_from = ck["step"], path, path
         old, new = ck.get("train_config", {}), to_dict(self.cfg)
         changed = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if old and old.get(k) != v)
