@@ -268,6 +268,15 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     assert res.step == 8 and res.resumed_from.name == "ckpt-00000005.pt"
 
 
+def test_epoch_hook_runs_only_for_epochs_trained_when_steps_set_the_length(tmp_path):
+    """steps=4 with epochs=3 trains 4 steps (`steps` wins), less than one epoch of 6 micro-batches: no epoch
+    ended, so no hook. The hooks of epochs 0-2 used to run after the loop, as if all three had been trained."""
+    seen = []
+    res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=4, epochs=3), tmp_path,
+                on_epoch_end=lambda epoch, model: seen.append(epoch))
+    assert res.step == 4 and seen == []
+
+
 def test_epoch_hook_and_snapshots(tmp_path):
     from ctfgen.utils.hub import HubMixin
 

@@ -287,7 +287,7 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                                                   "with --resume")
                     if run.step % cfg.checkpoint_every == 0 or run.step == run.total:
                         run.save()
-            if cfg.epochs is not None:
+            if cfg.steps is None and cfg.epochs is not None:  # `steps` sets the length when both are given
                 run.end_epochs(on_epoch_end, cfg.epochs)  # a last tail shorter than a step
         finally:
             log.bar.close()
