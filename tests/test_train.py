@@ -277,6 +277,18 @@ def test_epoch_hook_runs_only_for_epochs_trained_when_steps_set_the_length(tmp_p
     assert res.step == 4 and seen == []
 
 
+def test_epochs_too_few_for_one_step_are_refused(tmp_path):
+    """20 items in micro-batches of 8 (batch 32, grad_accum 4) are 2 per epoch: epochs=1 used to train one step
+    over 4 micro-batches, i.e. two epochs, and run the epoch hook for epoch 1 too."""
+    from ctfgen.utils.errors import ConfigError
+
+    seen = []
+    with pytest.raises(ConfigError, match="train.epochs=1 over 20 items is 2 micro-batches of 8.*grad_accum=4"):
+        train(Toy(), toy_loss, toy_dataset(20), dict(epochs=1, batch_size=32, grad_accum=4, progress=False), tmp_path,
+              on_epoch_end=lambda epoch, model: seen.append(epoch))
+    assert seen == []
+
+
 def test_epoch_hook_and_snapshots(tmp_path):
     from ctfgen.utils.hub import HubMixin
 

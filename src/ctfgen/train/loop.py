@@ -315,6 +315,12 @@ class Run:
             raise ConfigError(f"train.batch_size={cfg.batch_size} must be a positive multiple of ranks x grad_accum = "
                               f"{world} x {cfg.grad_accum}")
         self.batches = ShardedBatches(len(dataset), per_rank, world, D.get_rank(), cfg.seed)
+        if cfg.steps is None and cfg.epochs * self.batches.per_epoch < cfg.grad_accum:
+            # One step would take more epochs of data than asked for (and run their epoch hooks).
+            raise ConfigError(f"train.epochs={cfg.epochs} over {len(dataset)} items is "
+                              f"{cfg.epochs * self.batches.per_epoch} micro-batches of {per_rank * world}, fewer than "
+                              f"one step's train.grad_accum={cfg.grad_accum}; raise train.epochs, or lower "
+                              "train.grad_accum or train.batch_size")
         self.total = (int(cfg.steps) if cfg.steps is not None
                       else max(1, cfg.epochs * self.batches.per_epoch // cfg.grad_accum))
         self.cfg, self.out_dir, self.dataset, self.device = cfg, out_dir, dataset, device
