@@ -139,6 +139,11 @@ def test_vocabulary_that_does_not_fit_is_refused(synthetic, tmp_path):
     with pytest.raises(StateDictMismatch, match="shape mismatch"):
         train_stage("baseline", d / "codes", tmp_path, preset="GPT-tiny", model={"dim": 128, "n_head": 2},
                     train_config={**TRAIN, "steps": 6}, resume=True)
+    # ... and neither that refusal nor one without resume rewrites the run's stage.json with the other model.
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_stage("baseline", d / "codes", tmp_path, preset="GPT-tiny", model={"dim": 128, "n_head": 2},
+                    train_config=TRAIN)
+    assert json.loads((tmp_path / "stage.json").read_text())["model_config"]["dim"] != 128
 
 
 def test_training_losses_are_the_exact_likelihoods(synthetic, tmp_path):

@@ -29,6 +29,7 @@ from ctfgen.utils.errors import ConfigError, MismatchError as StageMismatchError
 from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.rundir import MODEL_DIR
 
+from . import checkpoint as C
 from .loop import TrainResult, train
 
 STAGES = ("ar", "aux", "baseline")
@@ -151,7 +152,9 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
     torch.manual_seed(tcfg.seed)
     st = build_stage(stage, dataset, coarse_map, preset, model, num_classes)
     out_dir, model_config = Path(out_dir), asdict(st.model.config)
-    if D.is_main():
+    # An existing run keeps its own record: a run refused (no --resume, or another model) must leave it as it was,
+    # and a resume that goes ahead has the checkpoint's model config, which is the one recorded.
+    if D.is_main() and not (C.list_checkpoints(out_dir / "checkpoints") and (out_dir / "stage.json").is_file()):
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "stage.json", {
             "stage": stage, "preset": preset or DEFAULT_PRESETS[stage],
