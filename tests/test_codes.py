@@ -183,6 +183,27 @@ def test_extract_drops_corrupt_images(tmp_path):
     assert np.load(out / "codes.npy").shape == (6, 1, 16)
 
 
+def test_extract_from_a_limited_folder_drops_corrupt_images_and_keeps_classes(tmp_path):
+    from PIL import Image
+
+    from ctfgen.config import DataConfig
+    from ctfgen.data import make_dataset
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    (tmp_path / "img" / "a" / "1x.png").write_bytes(b"\x89PNG garbage")
+    data = DataConfig(dataset="image_folder", root=str(tmp_path / "img"), image_size=16, channels=1, train_limit=12)
+    ds = make_dataset(data, "train", for_codes=True)
+    assert len(ds) == 12 and 2 in ds.indices  # the seeded subset holds the corrupt a/1x.png
+    out = extract_codes(FakeVQ(), ds, tmp_path / "codes", batch_size=4, progress=False)
+    h = read_header(out)
+    assert h["num_images"] == 11 and h["num_skipped"] == 1 and h["num_classes"] == 3
+    codes = np.load(out / "codes.npy")[:, 0]
+    assert len({c.tobytes() for c in codes}) == 11  # no image's codes written twice
+
+
 def _dist_worker(rank, world, init_file, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
