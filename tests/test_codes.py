@@ -105,6 +105,21 @@ def test_check_codes_names_each_mismatch(tmp_path):
     assert "extract-codes" in msg
 
 
+def test_damaged_arrays_are_a_clear_error(tmp_path):
+    import shutil
+
+    from ctfgen.utils.errors import CorruptFileError
+    out = write_codes(tmp_path / "c", np.zeros((50, 1, 4), int), np.zeros(50, int), HEADER)
+    damage = {"truncated": lambda d: (d / "codes.npy").write_bytes((d / "codes.npy").read_bytes()[:200]),
+              "missing": lambda d: (d / "labels.npy").unlink(),
+              "garbage": lambda d: (d / "codes.npy").write_bytes(b"xx")}
+    for name, act in damage.items():
+        shutil.copytree(out, tmp_path / name)
+        act(tmp_path / name)
+        with pytest.raises(CorruptFileError, match="directory is damaged.*extract-codes"):
+            CodeDataset(tmp_path / name)
+
+
 def test_exception_mid_write_leaves_no_directory(tmp_path):
     target = tmp_path / "codes"
     with pytest.raises(RuntimeError, match="boom"):
