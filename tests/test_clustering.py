@@ -170,6 +170,16 @@ def test_load_rejects_edited_file(tmp_path):
         CoarseMap.load(tmp_path / "nometa.safetensors")
 
 
+def test_load_of_a_damaged_file_is_a_clear_error(tmp_path):
+    from ctfgen.utils.errors import CorruptFileError
+
+    data = CoarseMap.fit(_codebook(v=64), 4, seed=0).save(tmp_path / "m.safetensors").read_bytes()
+    for name, damaged in (("truncated", data[: len(data) // 2]), ("text", b"not a map"), ("empty", b"")):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(CorruptFileError, match="cannot be read as a coarse map"):
+            CoarseMap.load(tmp_path / name)
+
+
 class _FakeVQ:
     def __init__(self, weight):
         self.weight = weight

@@ -105,6 +105,21 @@ def test_check_codes_names_each_mismatch(tmp_path):
     assert "extract-codes" in msg
 
 
+def test_damaged_arrays_are_a_clear_error(tmp_path):
+    import shutil
+
+    from ctfgen.utils.errors import CorruptFileError
+    out = write_codes(tmp_path / "c", np.zeros((50, 1, 4), int), np.zeros(50, int), HEADER)
+    damage = {"truncated": lambda d: (d / "codes.npy").write_bytes((d / "codes.npy").read_bytes()[:200]),
+              "missing": lambda d: (d / "labels.npy").unlink(),
+              "garbage": lambda d: (d / "codes.npy").write_bytes(b"xx")}
+    for name, act in damage.items():
+        shutil.copytree(out, tmp_path / name)
+        act(tmp_path / name)
+        with pytest.raises(CorruptFileError, match="directory is damaged.*extract-codes"):
+            CodeDataset(tmp_path / name)
+
+
 def test_exception_mid_write_leaves_no_directory(tmp_path):
     target = tmp_path / "codes"
     with pytest.raises(RuntimeError, match="boom"):
@@ -181,6 +196,27 @@ def test_extract_drops_corrupt_images(tmp_path):
     assert h["num_images"] == 6 and h["num_skipped"] == 1 and ds.skipped == 1
     assert np.load(out / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
     assert np.load(out / "codes.npy").shape == (6, 1, 16)
+
+
+def test_extract_from_a_limited_folder_drops_corrupt_images_and_keeps_classes(tmp_path):
+    from PIL import Image
+
+    from ctfgen.config import DataConfig
+    from ctfgen.data import make_dataset
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    (tmp_path / "img" / "a" / "1x.png").write_bytes(b"\x89PNG garbage")
+    data = DataConfig(dataset="image_folder", root=str(tmp_path / "img"), image_size=16, channels=1, train_limit=12)
+    ds = make_dataset(data, "train", for_codes=True)
+    assert len(ds) == 12 and 2 in ds.indices  # the seeded subset holds the corrupt a/1x.png
+    out = extract_codes(FakeVQ(), ds, tmp_path / "codes", batch_size=4, progress=False)
+    h = read_header(out)
+    assert h["num_images"] == 11 and h["num_skipped"] == 1 and h["num_classes"] == 3
+    codes = np.load(out / "codes.npy")[:, 0]
+    assert len({c.tobytes() for c in codes}) == 11  # no image's codes written twice
 
 
 def _dist_worker(rank, world, init_file, out):

@@ -167,6 +167,17 @@ def test_lpips_errors_say_what_to_do(tmp_path):
         load_lpips(tmp_path / "bad.pth", vgg_path=vgg)
 
 
+def test_lpips_damaged_file_is_a_clear_error(tmp_path):
+    from ctfgen.utils.errors import CorruptFileError
+    lin, vgg = random_lpips_file(tmp_path / "w", layout="split")
+    (tmp_path / "cut.pth").write_bytes(lin.read_bytes()[:100])  # an interrupted download
+    (tmp_path / "text.safetensors").write_bytes(b"not weights")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a pickled module, not a state dict
+    for name in ("cut.pth", "text.safetensors", "module.pth"):
+        with pytest.raises(CorruptFileError, match="(?s)cannot be read as tensors.*merge"):
+            load_lpips(tmp_path / name, vgg_path=vgg)
+
+
 def test_discriminator_and_gan_losses():
     d = NLayerDiscriminator(1, ndf=8, n_layers=2)
     assert d(torch.zeros(2, 1, 28, 28)).shape == (2, 1, 5, 5)

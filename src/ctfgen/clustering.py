@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ctfgen.compat import check_parts
-from ctfgen.utils.errors import ConfigError, MismatchError, MissingFileError, WrongTypeError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_save_safetensors
 from ctfgen.utils.fingerprint import codebook_fingerprint, fingerprint_of
 
@@ -321,9 +321,13 @@ class CoarseMap:
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"coarse map file {path} not found (write one with `ctfgen cluster`)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CorruptFileError(f"{path} cannot be read as a coarse map ({e}); it is truncated or not a "
+                                   "safetensors file, write it again with `ctfgen cluster`") from None
         if meta.get("format") != FORMAT or "fine_to_coarse" not in tensors:
             raise MismatchError(f"{path} is not a ctfgen coarse map (no {FORMAT} metadata / fine_to_coarse tensor)")
         if int(meta.get("format_version", -1)) > FORMAT_VERSION:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ctfgen import __version__
 from ctfgen.compat import check_parts
-from ctfgen.utils.errors import MismatchError, MissingFileError, OutputExistsError, RunError
+from ctfgen.utils.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
 from ctfgen.utils.fileio import atomic_write_json, fsync_file, read_json, replace_dir
 
 FORMAT_VERSION = 1
@@ -221,8 +221,12 @@ class CodeDataset(Dataset):
         self._open()
 
     def _open(self) -> None:
-        codes = np.load(self.dir / "codes.npy", mmap_mode="r")
-        labels = np.load(self.dir / "labels.npy", mmap_mode="r")
+        try:
+            codes = np.load(self.dir / "codes.npy", mmap_mode="r")
+            labels = np.load(self.dir / "labels.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:  # missing, truncated ("mmap length is greater ...") or not .npy
+            raise CorruptFileError(f"{self.dir}: cannot read the code arrays ({type(e).__name__}: {e}); the "
+                                   f"directory is damaged, {_REDO}") from None
         h = self.header
         expected = (h["num_images"], h["num_augmentations"], h["image_tokens"])
         if codes.shape != expected or labels.shape != (h["num_images"],):

@@ -13,6 +13,27 @@ from ctfgen.utils.errors import ConfigError
 TENCROP_RANGE = 1.1  # LlamaGen: ten crops of image_size from a centre crop this much larger
 
 
+class FolderSubset(Subset):
+    """A Subset of an ImageFolder that keeps what code extraction reads from the folder: `load`
+    (a plain Subset would serve the next readable image for a corrupt one, so its codes would be
+    written twice), `classes` (the header's num_classes) and the names of skipped files."""
+
+    def load(self, i: int):
+        return self.dataset.load(self.indices[i])
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset.classes
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return [self.dataset.samples[j] for j in self.indices]
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return self.dataset.skipped_files
+
+
 def image_size(data: DataConfig) -> int:
     return data.image_size or (28 if data.dataset == "fashion_mnist" else 256)
 
@@ -41,5 +62,5 @@ def make_dataset(data: DataConfig, split: str, channels: int | None = None, for_
     if limit is not None and limit < len(ds):
         # Folders are sorted by class: a seeded random subset rather than the first classes.
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:int(limit)]
-        ds = Subset(ds, sorted(idx.tolist()))
+        ds = FolderSubset(ds, sorted(idx.tolist()))
     return ds

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ctfgen.utils.errors import ConfigError, MissingFileError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MissingFileError
 from ctfgen.utils.fileio import atomic_save
 from ctfgen.utils.hub import load_state_dict_strict
 
@@ -134,10 +134,14 @@ def _read_tensors(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"LPIPS weights file {path} does not exist.\n{_HOW_TO}")
-    if path.suffix == ".safetensors":
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise many types for a bad file
+        raise CorruptFileError(f"LPIPS weights file {path} cannot be read as tensors ({type(e).__name__}): it is "
+                               f"truncated, corrupt or a pickled object rather than a state dict.\n{_HOW_TO}") from None
         for key in ("state_dict", "model"):  # common wrappers
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
