@@ -195,3 +195,12 @@ def test_compare_renders_table_and_figures(tmp_path, capsys):
 
         (tmp_path / "empty").mkdir()
         load_records(tmp_path / "empty")
+
+
+def test_compare_names_a_record_that_is_not_utf8(tmp_path, capsys):
+    """A record saved as UTF-16 (with a byte-order mark) was a UnicodeDecodeError traceback."""
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "epoch_0001.json").write_bytes('{"metrics": {"fd": 1.0}}'.encode("utf-16"))
+    assert main(["compare", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "epoch_0001.json is not valid JSON" in err and "Traceback" not in err

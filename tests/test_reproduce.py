@@ -101,3 +101,21 @@ def test_a_corrupt_heldout_file_is_named_and_the_report_kept(finished):
         assert (out / "results.md").read_text() == report
     finally:
         (out / "heldout.json").write_text(kept)
+
+
+def test_ablations_of_another_length_are_refused(finished, tmp_path, capsys):
+    """With steps changed the main run's reference snapshot changes, but an ablation's record names only its
+    own files: the ablations trained for 4 steps were reused silently beside the snapshot at step 8."""
+    import shutil
+
+    out, settings = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run, symlinks=True)
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(settings.read_text().replace("steps: 4", "steps: 8"))
+    assert cli(["reproduce", str(longer), "--run", str(run), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained for 4 steps, but steps is 8" in err and "ablations/kmeans-k4" in err
+    # --independent-only reuses a finished ablation the same way
+    assert cli(["reproduce", str(longer), "--run", str(run), "--independent-only"]) == 2
+    assert "was trained for 4 steps, but steps is 8" in capsys.readouterr().err

@@ -314,3 +314,25 @@ def test_report_names_a_corrupt_record(tmp_path):
     (tmp_path / "v64" / "tokenizer.json").write_text('{"codebook_size": 64')  # cut short
     with pytest.raises(CorruptFileError, match=r"v64/tokenizer\.json is not valid JSON.*compute the record again"):
         study_module.write_report(tmp_path)
+
+
+def test_report_finds_the_fd_records_of_an_epoch_that_rounds_across_a_boundary(tmp_path):
+    """The FD record of step 1430 at 859 steps an epoch is named after 1.66473 (fd-*-epoch-1.66); its
+    epoch record stores 1.665, which prints 1.67: the FD was left out of the table and the figure."""
+    import ctfgen.experiments.study as study_module
+
+    run = tmp_path / "v64"
+    run.mkdir()
+    write = lambda name, record: (run / f"{name}.json").write_text(json.dumps(record))  # noqa: E731
+    write("tokenizer", {"codebook_size": 64, "num_coarse": 8, "usage": 1.0, "perplexity": 60.0, "psnr": 20.0})
+    step, epoch = 1430, 1430 / 859
+    coarse = {"bits_per_token": 2.0, "top1": 0.5}
+    write(f"epoch-{epoch:.2f}", {"step": step, "epoch": round(epoch, 3),
+                                 "heldout": {"ctf": {"bits_per_token": 6.0}, "baseline": {"bits_per_token": 5.0}},
+                                 "coarse_prediction": {"stage1": coarse, "baseline_cluster_summed": coarse,
+                                                       "gap_bits": 0.0}})
+    for method, fd in (("ctf", 4.25), ("baseline", 3.75)):
+        write(f"fd-{method}-epoch-{epoch:.2f}", {"method": method, "step": step, "epoch": round(epoch, 3),
+                                                 "metrics": {"fd": fd}})
+    md = study_module.write_report(tmp_path)
+    assert "| 64 | 1.67 | 6.000 | 5.000 | 4.25 / 3.75 / – |" in md

@@ -29,7 +29,9 @@ from ctfgen.experiments.run import STAGES_OF, FinishedRun
 from ctfgen.metrics.compare import markdown_table, plot_metrics
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import CTFPipeline, heldout_bits_per_token, load_pipeline
+from ctfgen.train.checkpoint import list_checkpoints
 from ctfgen.train.stages import train_stage
+from ctfgen.utils.errors import RunError
 from ctfgen.utils.fileio import atomic_write_json, atomic_write_text, publish_dir, read_json
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.rundir import Records, WriterLock
@@ -59,7 +61,15 @@ def train_ablation(run: FinishedRun, name: str, settings: ReproduceConfig, num_c
     """Train stage 1 and/or the aux model of one variant; returns its CTF pipeline directory."""
     out = run.ablation(name)
     final = out / "ctf"
-    if (final / "pipeline.json").exists():
+    done, steps = (final / "pipeline.json").exists(), int(settings.steps)
+    # Its evaluation record names its files, not how long they were trained: a model of another length would
+    # stand silently beside the main run's snapshot at today's `steps` (and a resume past `steps` trains none).
+    for stage in ("ar", "aux"):  # no ar/ when stage 1 is the main run's snapshot
+        last = (list_checkpoints(out / stage / "checkpoints") or [(None,)])[-1][0]
+        if last is not None and (last > steps or done and last != steps):
+            raise RunError(f"{out / stage} was trained for {last} steps, but steps is {steps}: delete {out} "
+                           f"to train the ablation again, or set steps: {last}")
+    if done:
         return final
     cfg, map_path = run.settings, out / "coarse_map.safetensors"
     if not reuse_stage1_map and not map_path.exists():

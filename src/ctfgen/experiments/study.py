@@ -278,6 +278,13 @@ def _fd_record(method: str, epoch: float) -> str:
     return f"fd-{method}-epoch-{epoch:.2f}"
 
 
+def _fd_by_step(recs: dict) -> dict:
+    """The FD-against-epoch records by (method, step). Never by the name made from an epoch record's
+    `epoch`: that is rounded to 3 places, the name was made from the unrounded epoch, and the two can
+    print differently at 2 (step 1430 at 859 steps an epoch: 1.66473 names fd-*-epoch-1.66, 1.665 prints 1.67)."""
+    return {(v["method"], v["step"]): v for k, v in recs.items() if k.startswith("fd-")}
+
+
 def _epochs(recs: dict) -> list[dict]:
     return sorted((v for k, v in recs.items() if k.startswith("epoch-")), key=lambda v: v["step"])
 
@@ -347,11 +354,12 @@ def write_report(records_dir, figure_dir=None) -> str:
         if "diagnosis" in recs:
             diag.append((name, recs["diagnosis"]["sets"]))
         # the numbers of baselines it took from another run: that run's records of the same step
-        lent_heldout, seen = {e["step"]: e["heldout"] for e in _epochs(lender)}, {**lender, **recs}
+        lent_heldout, own_fd = {e["step"]: e["heldout"] for e in _epochs(lender)}, _fd_by_step(recs)
+        seen_fd = {**_fd_by_step(lender), **own_fd}
         for e in epochs:
             heldout, cp = {**lent_heldout.get(e["step"], {}), **e["heldout"]}, e["coarse_prediction"]
             stage1, summed = cp["stage1"], cp["baseline_cluster_summed"]
-            fds = [seen.get(_fd_record(m, e["epoch"])) for m in METHODS]
+            fds = [seen_fd.get((m, e["step"])) for m in METHODS]
             gaps.append([name, f"{e['epoch']:.2f}",
                          *(_number(heldout.get(m, {}).get("bits_per_token"), ".3f") for m in ("ctf", "baseline")),
                          " / ".join(_number(fd and fd["metrics"]["fd"], ".2f") for fd in fds),
@@ -359,8 +367,8 @@ def write_report(records_dir, figure_dir=None) -> str:
                          f"{stage1['top1']:.3f} / {summed['top1']:.3f}"])
         if epochs:  # the figures draw each run's own records only
             x = [e["epoch"] for e in epochs]
-            fd_lines += [(f"{m} V={name}", x, [recs[_fd_record(m, e["epoch"])]["metrics"]["fd"] for e in epochs])
-                         for m in METHODS if all(_fd_record(m, e["epoch"]) in recs for e in epochs)]
+            fd_lines += [(f"{m} V={name}", x, [own_fd[m, e["step"]]["metrics"]["fd"] for e in epochs])
+                         for m in METHODS if all((m, e["step"]) in own_fd for e in epochs)]
             bits_lines += [(f"{m} V={name}", x, [e["heldout"][m]["bits_per_token"] for e in epochs])
                            for m in METHODS if m in epochs[0]["heldout"]]
             gap_lines.append((f"V={name}", x, [e["coarse_prediction"]["gap_bits"] for e in epochs]))

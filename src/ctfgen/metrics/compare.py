@@ -107,7 +107,7 @@ def load_records(run: str | Path) -> list[dict]:
     for f in files:
         try:
             rec = json.loads(f.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # e.g. saved as UTF-16 by an editor
             raise CorruptFileError(f"{f} is not valid JSON: {err}") from err
         if not isinstance(rec, dict) or not isinstance(rec.get("metrics"), dict):
             raise CorruptFileError(f"{f} is not an evaluation record (needs a 'metrics' object; see `ctfgen eval --out`)")
