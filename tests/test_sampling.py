@@ -213,3 +213,18 @@ def test_top_k_draws_on_the_top_k_only_with_the_masked_distribution():
     # greedy, and top_k >= V, are unchanged
     assert torch.equal(sample_from_logits(logits[None], top_k=1), torch.tensor([1]))
     assert set(sample_from_logits(logits.expand(4000, 6), top_k=6, generator=g).tolist()) == set(range(6))
+
+
+def test_caches_made_under_inference_mode_are_remade_outside_it():
+    # generate(compile=True) keeps its caches between calls; made under inference_mode (as evaluation
+    # samples), they were reused by the next plain call, whose in-place cache write then raised.
+    gpt = tiny_gpt()
+    with torch.inference_mode():
+        gpt.setup_caches(4)
+    assert torch.equal(generate(gpt, [0, 1], cfg_scale=2.0, generator=0),
+                       generate(gpt, [0, 1], cfg_scale=2.0, generator=0))
+    with torch.inference_mode():
+        gpt.setup_caches(4)
+        kept = gpt.layers[0].attention.kv_cache
+        gpt.setup_caches(4)  # inside inference_mode the cache stays usable
+        assert gpt.layers[0].attention.kv_cache is kept
