@@ -631,8 +631,11 @@ class AuxModel(_Backbone, HubMixin):
             if torch.equal(cache[2], f2c):
                 self._table_cache = (f2c.device, version, cache[2], cache[3])
                 return cache[3]
-        table = cluster_table(f2c, self.config.num_coarse)
-        self._table_cache = (f2c.device, version, f2c.clone(), table)
+        # Built as ordinary tensors even under inference_mode: the grouped head saves `members` for
+        # backward, and an inference tensor there would make every later training step of this model fail.
+        with torch.inference_mode(False):
+            table = cluster_table(f2c, self.config.num_coarse)
+            self._table_cache = (f2c.device, version, f2c.clone(), table)
         return table
 
     def forward(self, coarse, labels=None, restrict: Optional[bool] = None, in_cluster: bool = False):
