@@ -116,6 +116,8 @@ class PipelineOutput:
 
 def _flat_tokens(tokens, image_tokens: int, device: torch.device) -> torch.Tensor:
     tokens = torch.as_tensor(tokens).to(device)
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")  # .long() would truncate
     if tokens.dim() == 3:  # (B, h, w) grids as the tokenizer returns them
         tokens = tokens.flatten(1)
     if tokens.dim() != 2 or tokens.shape[1] != image_tokens:

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ctfgen.utils.errors import ConfigError, WrongTypeError
+from ctfgen.utils.errors import ConfigError, MismatchError, WrongTypeError
 from ctfgen.utils.options import check_sampling, check_seed
 from ctfgen.utils.precision import cast_weights
 
@@ -200,9 +200,20 @@ def _compiled_step(gpt):
 def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     """Teacher-forced log p(tokens | label) in nats, (B,) float64 (eval mode: no dropout, no
     class dropout). `labels=None` scores under the null label (unconditional)."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long, device=gpt.tok_embeddings.weight.device)
+    device = gpt.tok_embeddings.weight.device
+    tokens = torch.as_tensor(tokens)
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    tokens = tokens.to(device=device, dtype=torch.long)
     if tokens.dim() != 2:
         raise ConfigError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+    V = gpt.config.vocab_size
+    # out-of-range tokens would index past the embedding and logits: an IndexError here, a device assert on CUDA
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        raise MismatchError(f"tokens must be in [0, {V}), got range [{int(tokens.min())}, {int(tokens.max())}]; "
+                            "are these tokens from another tokenizer?")
+    if labels is not None:
+        labels = check_labels(labels, gpt.config.num_classes, device, allow_null=True)
     with _eval_mode(gpt):
         logits = gpt(tokens[:, :-1], labels)  # (B, L, V): position i predicts token i
     return token_log_probs(logits, tokens).sum(-1)
