@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.models import GPT, GPTConfig, llamagen_generate
-from ctfgen.sampling import cfg_combine, filter_logits, generate, log_prob, sample_from_logits
+from ctfgen.sampling import as_generator, cfg_combine, filter_logits, generate, log_prob, sample_from_logits
 
 NEG = float("-inf")
 
@@ -228,3 +228,12 @@ def test_caches_made_under_inference_mode_are_remade_outside_it():
         kept = gpt.layers[0].attention.kv_cache
         gpt.setup_caches(4)  # inside inference_mode the cache stays usable
         assert gpt.layers[0].attention.kv_cache is kept
+
+
+def test_generator_on_another_device_than_the_model_is_refused():
+    # a CPU torch.Generator() for a CUDA model reached torch.multinomial, a bare RuntimeError
+    g = torch.Generator()
+    assert as_generator(g, "cpu") is g and as_generator(g, torch.device("cpu")) is g
+    with pytest.raises(ValueError, match=r"generator is on cpu but the model is on cuda:0.*device='cuda:0'"):
+        as_generator(g, torch.device("cuda", 0))
+    assert as_generator(None, "cuda") is None

@@ -58,7 +58,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def as_generator(generator: GeneratorLike, device) -> Optional[torch.Generator]:
     """An int seeds a fresh generator on `device`; a Generator is used as is; None = global RNG."""
-    if generator is None or isinstance(generator, torch.Generator):
+    if generator is None:
+        return generator
+    if isinstance(generator, torch.Generator):
+        # torch.multinomial refuses it later with a bare RuntimeError; torch.Generator() is on the CPU
+        if generator.device.type != torch.device(device).type:
+            raise ConfigError(f"the generator is on {generator.device.type} but the model is on {device}: make it with "
+                              f"torch.Generator(device={str(device)!r}), or pass an int seed")
         return generator
     if isinstance(generator, int):
         return torch.Generator(device=device).manual_seed(check_seed(generator))
