@@ -237,3 +237,16 @@ def test_generator_on_another_device_than_the_model_is_refused():
     with pytest.raises(ValueError, match=r"generator is on cpu but the model is on cuda:0.*device='cuda:0'"):
         as_generator(g, torch.device("cuda", 0))
     assert as_generator(None, "cuda") is None
+
+
+@pytest.mark.parametrize("labels", [[0, 2.5], [True], ["1"], [float("nan")]])
+def test_labels_that_are_not_whole_numbers_are_refused(labels):
+    # they were cast to int64: 2.5 sampled class 2 and True class 1 without a word; a string was
+    # torch's ValueError and nan its RuntimeError
+    with pytest.raises(ValueError, match="class labels must be whole numbers"):
+        generate(tiny_gpt(), labels)
+
+
+def test_whole_float_labels_are_classes():
+    gpt = tiny_gpt()
+    assert torch.equal(generate(gpt, [2.0, 1.0], top_k=1), generate(gpt, [2, 1], top_k=1))

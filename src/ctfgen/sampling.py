@@ -118,7 +118,17 @@ def _eval_mode(module: torch.nn.Module):
 
 def check_labels(labels, num_classes: int, device, allow_null: bool = False) -> torch.Tensor:
     """(B,) int64 class ids on `device`; `allow_null` also takes `num_classes`, the unconditional label."""
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    try:
+        raw = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"class labels must be whole numbers, got {labels!r}") from None
+    # a cast to int64 alone would truncate 2.5 to class 2 and take True for class 1
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise ConfigError(f"class labels must be whole numbers, got a {raw.dtype} tensor")
+    if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+        bad = raw.reshape(-1)[raw.reshape(-1) != raw.reshape(-1).round()][0].item()
+        raise ConfigError(f"class labels must be whole numbers, got {bad}")
+    labels = raw.to(torch.long).reshape(-1)
     if labels.numel() == 0:
         raise ConfigError("no labels given: pass one class id per image")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes + allow_null:
