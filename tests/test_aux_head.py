@@ -252,3 +252,17 @@ def test_bf16_weights_sample_in_cluster():
     greedy = sample_fine(model, coarse, torch.tensor([0, 1, 2]), top_k=1, dtype="bfloat16")
     agree = (greedy == model(coarse, torch.tensor([0, 1, 2])).argmax(-1)).float().mean()
     assert agree > 0.8  # bf16 rounding may flip near-ties only
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_table_made_under_inference_mode_still_trains(method):
+    # heldout_bits_per_token and evaluation sample under inference_mode; the table they built was
+    # cached as inference tensors, and a later training step failed ("Inference tensors cannot be
+    # saved for backward") in the grouped head, the CPU default.
+    model = random_aux(uneven_map())
+    coarse = torch.randint(0, K, (2, L))
+    with torch.inference_mode():
+        model(coarse, [0, 1], in_cluster=True)
+    h = torch.randn(2, L, 32, requires_grad=True)
+    model._in_cluster_logits(h, coarse, model.cluster_table(), method=method).sum().backward()
+    assert h.grad is not None and model.output.weight.grad is not None

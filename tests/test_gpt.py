@@ -9,6 +9,7 @@ import torch
 
 from ctfgen.utils.hub import StateDictMismatch
 from ctfgen.models import GPT, GPTConfig, load_llamagen_gpt
+from ctfgen.models.llamagen import extract_state_dict
 from ctfgen.models.transformer import apply_rotary_emb, cached_attention, ffn_hidden_dim, precompute_freqs_cis_2d
 
 from conftest import LLAMAGEN_MANIFESTS
@@ -224,6 +225,14 @@ def test_load_llamagen_gpt_b_under_each_wrapper(tmp_path, wrapper):
     for i in (0, 5, len(names) - 1):
         assert torch.all(model.state_dict()[names[i]] == float(i % 7))
     assert model.freqs_cis.shape == (257, 32, 2) and model.freqs_cis[1:].abs().sum() > 0
+
+
+def test_extract_state_dict_strips_nested_wrapper_prefixes():
+    # DDP around torch.compile (LlamaGen's own order) saves "module._orig_mod."; only the outer
+    # prefix was stripped, and the load failed naming every tensor as unexpected.
+    w = torch.ones(2)
+    for prefix in ("module._orig_mod.", "_orig_mod.module.", "module.module.", "_orig_mod."):
+        assert list(extract_state_dict({"model": {prefix + "norm.weight": w}})) == ["norm.weight"]
 
 
 def test_load_llamagen_gpt_refuses_wrong_shape_extra_and_missing(tmp_path):

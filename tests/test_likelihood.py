@@ -6,6 +6,7 @@ from _tiny_ctf import all_grids, tiny_baseline, tiny_ctf
 
 from ctfgen.pipeline import ARPipeline, CTFPipeline, bits_per_token
 from ctfgen.sampling import generate, log_prob
+from ctfgen.utils.errors import ConfigError, MismatchError, WrongTypeError
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,23 @@ def test_log_prob_ignores_training_mode(grids):
     pipe.ar.train(), pipe.aux.train()
     assert torch.equal(pipe.log_prob(grids[:8], [0] * 8), ref)
     assert pipe.aux.training
+
+
+def test_log_prob_refuses_tokens_and_labels_out_of_range():
+    # ARPipeline.log_prob and ctfgen.log_prob raised torch's IndexError/RuntimeError for tokens of
+    # another tokenizer or labels past the classes (a device assert on CUDA), and float tokens were
+    # truncated to integers and scored without a word.
+    gpt, vq = tiny_baseline()
+    pipe, ctf = ARPipeline(gpt, vq), CTFPipeline(*tiny_ctf())
+    for p in (pipe, ctf):
+        with pytest.raises(MismatchError, match=r"tokens must be in \[0, 4\), got range \[0, 4\]"):
+            p.log_prob(torch.tensor([[0, 1, 2, 4]]), [0])
+        with pytest.raises(WrongTypeError, match="integer tensor"):
+            p.log_prob(torch.tensor([[0.5, 1.0, 2.0, 3.0]]), [0])
+    with pytest.raises(MismatchError, match=r"got range \[-1, 3\]"):
+        pipe.log_prob(torch.tensor([[-1, 1, 2, 3]]), [0])
+    with pytest.raises(MismatchError, match="another tokenizer"):
+        log_prob(gpt, torch.tensor([[0, 7, 2, 3]]), [0])
+    with pytest.raises(ConfigError, match="class labels must be in"):
+        log_prob(gpt, torch.tensor([[0, 1, 2, 3]]), [4])
+    assert torch.isfinite(log_prob(gpt, torch.tensor([[0, 1, 2, 3]]), [3]))  # the null label is allowed

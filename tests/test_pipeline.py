@@ -161,9 +161,21 @@ def test_load_refuses_swapped_coarse_map(ctf16, tmp_path):
 
 
 @pytest.mark.parametrize("text", ["[]", "3", "null", '{"type": "ctf", "format_version": "one"}',
+                                  '{"type": "ctf", "format_version": 1, "sampling_defaults": [2.0]}',
                                   '{"type": "ctf", "format_version": [1]}', '{"type": "ctf", "format_version": NaN}'])
 def test_pipeline_json_of_the_wrong_shape_is_a_corrupt_file(ctf16, tmp_path, text):
     CTFPipeline(*ctf16).save_pretrained(tmp_path / "p")
     (tmp_path / "p" / "pipeline.json").write_text(text)
     with pytest.raises(CorruptFileError, match=r"p/pipeline\.json .*; save the pipeline again"):
         load_pipeline(tmp_path / "p")
+
+
+def test_unset_sampling_defaults_keep_the_paper_s(ctf16):
+    # a config's `top_k:` left empty (YAML null) became a stored default of None, and every later
+    # sample_tokens call failed inside the sampler (TypeError); None means unset, as per call
+    for cls, args in ((CTFPipeline, ctf16), (ARPipeline, tiny_baseline(vocab=32, image_tokens=16))):
+        pipe = cls(*args, sampling_defaults={"cfg_scale": None, "top_k": None, "temperature": 0.5})
+        assert pipe.sampling_defaults == {**cls._defaults, "temperature": 0.5}
+        assert pipe.sample_tokens([0], generator=0).shape == (1, 16)
+        with pytest.raises(TypeError, match="must be a dict"):
+            cls(*args, sampling_defaults=[("cfg_scale", 2.0)])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.models import GPT, GPTConfig, llamagen_generate
-from ctfgen.sampling import cfg_combine, filter_logits, generate, log_prob, sample_from_logits
+from ctfgen.sampling import as_generator, cfg_combine, filter_logits, generate, log_prob, sample_from_logits
 
 NEG = float("-inf")
 
@@ -213,3 +213,40 @@ def test_top_k_draws_on_the_top_k_only_with_the_masked_distribution():
     # greedy, and top_k >= V, are unchanged
     assert torch.equal(sample_from_logits(logits[None], top_k=1), torch.tensor([1]))
     assert set(sample_from_logits(logits.expand(4000, 6), top_k=6, generator=g).tolist()) == set(range(6))
+
+
+def test_caches_made_under_inference_mode_are_remade_outside_it():
+    # generate(compile=True) keeps its caches between calls; made under inference_mode (as evaluation
+    # samples), they were reused by the next plain call, whose in-place cache write then raised.
+    gpt = tiny_gpt()
+    with torch.inference_mode():
+        gpt.setup_caches(4)
+    assert torch.equal(generate(gpt, [0, 1], cfg_scale=2.0, generator=0),
+                       generate(gpt, [0, 1], cfg_scale=2.0, generator=0))
+    with torch.inference_mode():
+        gpt.setup_caches(4)
+        kept = gpt.layers[0].attention.kv_cache
+        gpt.setup_caches(4)  # inside inference_mode the cache stays usable
+        assert gpt.layers[0].attention.kv_cache is kept
+
+
+def test_generator_on_another_device_than_the_model_is_refused():
+    # a CPU torch.Generator() for a CUDA model reached torch.multinomial, a bare RuntimeError
+    g = torch.Generator()
+    assert as_generator(g, "cpu") is g and as_generator(g, torch.device("cpu")) is g
+    with pytest.raises(ValueError, match=r"generator is on cpu but the model is on cuda:0.*device='cuda:0'"):
+        as_generator(g, torch.device("cuda", 0))
+    assert as_generator(None, "cuda") is None
+
+
+@pytest.mark.parametrize("labels", [[0, 2.5], [True], ["1"], [float("nan")]])
+def test_labels_that_are_not_whole_numbers_are_refused(labels):
+    # they were cast to int64: 2.5 sampled class 2 and True class 1 without a word; a string was
+    # torch's ValueError and nan its RuntimeError
+    with pytest.raises(ValueError, match="class labels must be whole numbers"):
+        generate(tiny_gpt(), labels)
+
+
+def test_whole_float_labels_are_classes():
+    gpt = tiny_gpt()
+    assert torch.equal(generate(gpt, [2.0, 1.0], top_k=1), generate(gpt, [2, 1], top_k=1))

@@ -116,6 +116,8 @@ class PipelineOutput:
 
 def _flat_tokens(tokens, image_tokens: int, device: torch.device) -> torch.Tensor:
     tokens = torch.as_tensor(tokens).to(device)
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")  # .long() would truncate
     if tokens.dim() == 3:  # (B, h, w) grids as the tokenizer returns them
         tokens = tokens.flatten(1)
     if tokens.dim() != 2 or tokens.shape[1] != image_tokens:
@@ -165,6 +167,14 @@ class _Pipeline:
     def sampling_limits(self) -> dict:
         """The model's bounds on its sampling options (ctfgen.utils.options checks the rest)."""
         raise NotImplementedError
+
+    def _set_sampling_defaults(self, given: dict | None) -> None:
+        if given is not None and not isinstance(given, dict):
+            raise WrongTypeError(f"sampling_defaults must be a dict of sampling options, got {type(given).__name__}")
+        # None = unset, as in sample_tokens: a None stored as the default reached the sampler (cfg_scale=None
+        # was a TypeError at every call); cfg_steps' own None (every token) is its default anyway.
+        self.sampling_defaults = {**self._defaults, **{k: v for k, v in (given or {}).items() if v is not None}}
+        self.resolve_sampling(self.sampling_defaults)
 
     def resolve_sampling(self, kwargs: dict, labels: dict | None = None) -> dict:
         """The options a call samples with: `kwargs` (None = unset) over `sampling_defaults`, each
@@ -257,8 +267,7 @@ class CTFPipeline(_Pipeline):
             raise WrongTypeError(f"coarse_map must be a ctfgen.CoarseMap, got {type(coarse_map).__name__}")
         self.ar, self.aux, self.coarse_map, self.tokenizer = ar, aux, coarse_map, tokenizer
         self._check_parts()
-        self.sampling_defaults = {**CTF_DEFAULTS, **(sampling_defaults or {})}
-        self.resolve_sampling(self.sampling_defaults)
+        self._set_sampling_defaults(sampling_defaults)
         self.last_timings: dict = {}
         self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
@@ -446,8 +455,7 @@ class ARPipeline(_Pipeline):
             raise MismatchError(f"the GPT was trained on coarse labels (coarse_map_fingerprint {cfg.coarse_map_fingerprint!r}); "
                                 "it is a CTF stage-1 model, use CTFPipeline")
         check_parts("ARPipeline parts do not belong together", baseline=cfg, tokenizer=tokenizer)
-        self.sampling_defaults = {**BASELINE_DEFAULTS, **(sampling_defaults or {})}
-        self.resolve_sampling(self.sampling_defaults)
+        self._set_sampling_defaults(sampling_defaults)
         self.last_timings: dict = {}
         self.model_card: dict = {}  # training_config and metrics of the card it was loaded with (hub.read_model_card)
         self.eval()
@@ -538,6 +546,9 @@ def _read_pipeline_json(directory: Path) -> dict:
                                "save the pipeline again") from None
     if version > FORMAT_VERSION:
         raise MismatchError(f"{path} was written by a newer ctfgen (format {info['format_version']}); upgrade ctfgen")
+    if not isinstance(info.get("sampling_defaults") or {}, dict):
+        raise CorruptFileError(f"{path} has sampling_defaults {info['sampling_defaults']!r}, not an object of "
+                               "sampling options; save the pipeline again")
     return info
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ctfgen.utils.errors import ConfigError, WrongTypeError
+from ctfgen.utils.errors import ConfigError, MismatchError, WrongTypeError
 from ctfgen.utils.options import check_sampling, check_seed
 from ctfgen.utils.precision import cast_weights
 
@@ -58,7 +58,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def as_generator(generator: GeneratorLike, device) -> Optional[torch.Generator]:
     """An int seeds a fresh generator on `device`; a Generator is used as is; None = global RNG."""
-    if generator is None or isinstance(generator, torch.Generator):
+    if generator is None:
+        return generator
+    if isinstance(generator, torch.Generator):
+        # torch.multinomial refuses it later with a bare RuntimeError; torch.Generator() is on the CPU
+        if generator.device.type != torch.device(device).type:
+            raise ConfigError(f"the generator is on {generator.device.type} but the model is on {device}: make it with "
+                              f"torch.Generator(device={str(device)!r}), or pass an int seed")
         return generator
     if isinstance(generator, int):
         return torch.Generator(device=device).manual_seed(check_seed(generator))
@@ -112,7 +118,17 @@ def _eval_mode(module: torch.nn.Module):
 
 def check_labels(labels, num_classes: int, device, allow_null: bool = False) -> torch.Tensor:
     """(B,) int64 class ids on `device`; `allow_null` also takes `num_classes`, the unconditional label."""
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    try:
+        raw = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"class labels must be whole numbers, got {labels!r}") from None
+    # a cast to int64 alone would truncate 2.5 to class 2 and take True for class 1
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise ConfigError(f"class labels must be whole numbers, got a {raw.dtype} tensor")
+    if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+        bad = raw.reshape(-1)[raw.reshape(-1) != raw.reshape(-1).round()][0].item()
+        raise ConfigError(f"class labels must be whole numbers, got {bad}")
+    labels = raw.to(torch.long).reshape(-1)
     if labels.numel() == 0:
         raise ConfigError("no labels given: pass one class id per image")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes + allow_null:
@@ -200,9 +216,20 @@ def _compiled_step(gpt):
 def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     """Teacher-forced log p(tokens | label) in nats, (B,) float64 (eval mode: no dropout, no
     class dropout). `labels=None` scores under the null label (unconditional)."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long, device=gpt.tok_embeddings.weight.device)
+    device = gpt.tok_embeddings.weight.device
+    tokens = torch.as_tensor(tokens)
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    tokens = tokens.to(device=device, dtype=torch.long)
     if tokens.dim() != 2:
         raise ConfigError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+    V = gpt.config.vocab_size
+    # out-of-range tokens would index past the embedding and logits: an IndexError here, a device assert on CUDA
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+        raise MismatchError(f"tokens must be in [0, {V}), got range [{int(tokens.min())}, {int(tokens.max())}]; "
+                            "are these tokens from another tokenizer?")
+    if labels is not None:
+        labels = check_labels(labels, gpt.config.num_classes, device, allow_null=True)
     with _eval_mode(gpt):
         logits = gpt(tokens[:, :-1], labels)  # (B, L, V): position i predicts token i
     return token_log_probs(logits, tokens).sum(-1)

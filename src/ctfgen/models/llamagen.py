@@ -37,9 +37,9 @@ def extract_state_dict(ckpt: Mapping, source: str = "checkpoint") -> dict[str, t
         if not isinstance(value, torch.Tensor):
             raise llamagen_file_error(source, "GPT", EXAMPLE, f"entry {name!r} is a {type(value).__name__}, not a "
                                       f"tensor; expected tensors under one of {_WRAPPER_KEYS} or a bare state dict")
-        for prefix in _PREFIXES:
-            while name.startswith(prefix):
-                name = name[len(prefix):]
+        # in any order and nesting: DDP around a compiled model saves "module._orig_mod."
+        while name.startswith(_PREFIXES):
+            name = name[len(next(p for p in _PREFIXES if name.startswith(p))):]
         if _NON_PARAMETER.match(name):
             continue
         state[name] = value

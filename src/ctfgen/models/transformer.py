@@ -413,7 +413,10 @@ class GPT(_Backbone, HubMixin):
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or kv_cache_dtype(self.tok_embeddings.weight.dtype, device)
         cached = self.layers[0].attention.kv_cache if len(self.layers) else None
-        if cached is not None and self.max_batch >= max_batch and cached.k_cache.dtype == dtype and cached.k_cache.device == torch.device(device):
+        # A cache made under torch.inference_mode (kept by a compiled generate) cannot be written outside it.
+        usable = cached is not None and (torch.is_inference_mode_enabled() or not cached.k_cache.is_inference())
+        if usable and self.max_batch >= max_batch and cached.k_cache.dtype == dtype \
+                and cached.k_cache.device == torch.device(device):
             return
         max_seq = self.config.image_tokens + 1
         head_dim = self.config.dim // self.config.n_head
@@ -628,8 +631,11 @@ class AuxModel(_Backbone, HubMixin):
             if torch.equal(cache[2], f2c):
                 self._table_cache = (f2c.device, version, cache[2], cache[3])
                 return cache[3]
-        table = cluster_table(f2c, self.config.num_coarse)
-        self._table_cache = (f2c.device, version, f2c.clone(), table)
+        # Built as ordinary tensors even under inference_mode: the grouped head saves `members` for
+        # backward, and an inference tensor there would make every later training step of this model fail.
+        with torch.inference_mode(False):
+            table = cluster_table(f2c, self.config.num_coarse)
+            self._table_cache = (f2c.device, version, f2c.clone(), table)
         return table
 
     def forward(self, coarse, labels=None, restrict: Optional[bool] = None, in_cluster: bool = False):
