@@ -167,6 +167,15 @@ def test_lpips_errors_say_what_to_do(tmp_path):
         load_lpips(tmp_path / "bad.pth", vgg_path=vgg)
 
 
+def test_lpips_weights_wrapped_in_a_state_dict_key_load(tmp_path):
+    lin, vgg = random_lpips_file(tmp_path / "w", layout="split")
+    torch.save({"state_dict": torch.load(lin, weights_only=True)}, tmp_path / "wrapped.pth")
+    torch.save({"model": torch.load(vgg, weights_only=True)}, tmp_path / "wrapped_vgg.pth")
+    x, y = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1
+    torch.testing.assert_close(load_lpips(tmp_path / "wrapped.pth", vgg_path=tmp_path / "wrapped_vgg.pth")(x, y),
+                               load_lpips(lin, vgg_path=vgg)(x, y))
+
+
 def test_lpips_damaged_file_is_a_clear_error(tmp_path):
     from ctfgen.utils.errors import CorruptFileError
     lin, vgg = random_lpips_file(tmp_path / "w", layout="split")

@@ -142,9 +142,9 @@ def _read_tensors(path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise many types for a bad file
         raise CorruptFileError(f"LPIPS weights file {path} cannot be read as tensors ({type(e).__name__}): it is "
                                f"truncated, corrupt or a pickled object rather than a state dict.\n{_HOW_TO}") from None
-        for key in ("state_dict", "model"):  # common wrappers
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
+    for key in ("state_dict", "model"):  # common wrappers of a .pth file
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
     if not isinstance(sd, dict):
         raise ConfigError(f"{path} does not hold a state dict of tensors.\n{_HOW_TO}")
     return dict(sd)
