@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ctfgen.utils.hub import StateDictMismatch
+from ctfgen.utils.errors import ConfigError
 from ctfgen.models import GPT, GPTConfig, load_llamagen_gpt
 from ctfgen.models.llamagen import extract_state_dict
 from ctfgen.models.transformer import apply_rotary_emb, cached_attention, ffn_hidden_dim, precompute_freqs_cis_2d
@@ -269,3 +270,15 @@ def test_load_llamagen_gpt_computes_what_was_saved(tmp_path):
     loaded = load_llamagen_gpt(tmp_path / "tiny.pt", "GPT-tiny", image_tokens=16, num_classes=3)
     tokens = torch.randint(0, 11, (2, 16))
     assert torch.equal(loaded(tokens, torch.tensor([0, 2])), model(tokens, torch.tensor([0, 2])))
+
+
+def test_load_llamagen_gpt_refuses_overrides_that_the_checkpoint_decides(tmp_path):
+    # vocab_size in **overrides reached GPTConfig.from_preset twice: "got multiple values for keyword argument"
+    model = tiny_gpt()
+    torch.save({"model": model.state_dict()}, tmp_path / "tiny.pt")
+    with pytest.raises(ConfigError, match="vocab_size.*tok_embeddings"):
+        load_llamagen_gpt(tmp_path / "tiny.pt", "GPT-tiny", image_tokens=16, num_classes=3, vocab_size=11)
+    with pytest.raises(ConfigError, match="unknown GPTConfig override.*name"):
+        load_llamagen_gpt(tmp_path / "tiny.pt", "GPT-tiny", image_tokens=16, num_classes=3, name="GPT-B")
+    loaded = load_llamagen_gpt(tmp_path / "tiny.pt", "GPT-tiny", image_tokens=16, num_classes=3, norm_eps=1e-6)
+    assert loaded.config.norm_eps == 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Mapping
@@ -56,6 +57,15 @@ def load_llamagen_gpt(path, preset: str = "GPT-B", image_tokens: int = 256, num_
     """
     if preset not in GPT_PRESETS:
         raise ConfigError(f"unknown GPT preset {preset!r}; choose one of {', '.join(GPT_PRESETS)}")
+    if "vocab_size" in overrides:
+        # the embedding table's rows are the vocabulary; any other value could only fail the shape check
+        raise ConfigError("vocab_size cannot be overridden: it is read from the checkpoint's tok_embeddings.weight; "
+                          "leave it out")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "image_tokens", "num_classes"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown GPTConfig override(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(sorted(fields))} (image_tokens and num_classes are arguments of their own)")
     side = math.isqrt(image_tokens)
     if side * side != image_tokens:
         raise ConfigError(f"image_tokens={image_tokens} is not a square grid (256 for 256px, 576 for 384px with VQ-16)")
