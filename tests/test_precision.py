@@ -5,8 +5,9 @@ import sys
 import pytest
 import torch
 
-from _tiny_ctf import tiny_baseline, tiny_ctf
+from _tiny_ctf import SMALL, tiny_baseline, tiny_ctf
 from ctfgen.models import GPT, GPTConfig
+from ctfgen.models.transformer import AuxConfig, AuxModel
 from ctfgen.models.transformer import kv_cache_dtype
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.utils.errors import ConfigError
@@ -68,6 +69,34 @@ def test_cast_once_and_original_untouched():
         gpt.output.weight.add_(1.0)  # weights changed -> a fresh copy
     b = cast_weights(gpt, "bf16")
     assert b is not a and torch.equal(b.output.weight, gpt.output.weight.bfloat16())
+
+
+def test_cast_copy_follows_the_aux_coarse_map_buffer():
+    # the cache key covered parameters only: a new map written into fine_to_coarse (set_coarse_map on a model
+    # without fingerprints) kept returning the copy made with the old map
+    class Map:
+        def __init__(self, f2c):
+            self.fine_to_coarse, self.num_coarse, self.vocab_size = torch.tensor(f2c), 2, 4
+            self.fingerprint = self.codebook_fingerprint = None
+
+    aux = AuxModel(AuxConfig(vocab_size=4, num_coarse=2, image_tokens=4, num_classes=3, **SMALL))
+    aux.set_coarse_map(Map([0, 0, 1, 1]))
+    a = cast_weights(aux, "bfloat16")
+    assert cast_weights(aux, "bfloat16") is a and a.fine_to_coarse.tolist() == [0, 0, 1, 1]
+    aux.set_coarse_map(Map([0, 1, 1, 1]))
+    b = cast_weights(aux, "bfloat16")
+    assert b is not a and b.fine_to_coarse.tolist() == [0, 1, 1, 1]
+    assert cast_weights(aux, "bfloat16") is b  # sampling's KV caches are not part of the key
+
+
+def test_pipeline_to_drops_the_cast_copies():
+    # the bf16/int8 copies of the old device stayed cached on the models after pipeline.to(), holding its memory
+    ar, aux, cmap, vq = tiny_ctf()
+    pipe = CTFPipeline(ar, aux, cmap, vq)
+    pipe.sample_tokens([0, 1], generator=0, dtype="bfloat16")
+    assert ar.__dict__.get("_ctfgen_casts") and aux.__dict__.get("_ctfgen_casts")
+    assert pipe.to("cpu") is pipe
+    assert not ar.__dict__.get("_ctfgen_casts") and not aux.__dict__.get("_ctfgen_casts")
 
 
 def test_generate_bf16_outputs_and_kv_cache_dtype():

@@ -148,6 +148,8 @@ class _Pipeline:
     def to(self, device):
         for m in self._models():
             m.to(device)
+            # the cast copies (cast_weights) stay on the old device and would hold its memory
+            m.__dict__.pop("_ctfgen_casts", None)
         if self.tokenizer is not None:
             self.tokenizer.to(device)
         return self

@@ -108,9 +108,14 @@ def dtype_name(dtype: Precision) -> str:
 
 
 def _weights_key(model: torch.nn.Module) -> tuple:
-    # Changes when a parameter is replaced or updated in place (optimiser step, load_state_dict).
+    # Changes when a parameter or persistent buffer (the aux model's fine_to_coarse, which
+    # set_coarse_map rewrites in place) is replaced or updated in place (optimiser step,
+    # load_state_dict), or the config is replaced; the copy carries all of them. Non-persistent
+    # buffers (KV caches, RoPE tables) are left out: sampling rewrites the caches at every step.
     # Inference tensors keep no version counter; only their replacement is seen.
-    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.device) for p in model.parameters())
+    tensors = model.state_dict(keep_vars=True).values()
+    weights = tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.device) for t in tensors)
+    return weights, getattr(model, "config", None)
 
 
 _NOT_COPIED = ("_ctfgen_casts", "_ctfgen_compiled_step")
