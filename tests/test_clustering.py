@@ -180,6 +180,23 @@ def test_load_of_a_damaged_file_is_a_clear_error(tmp_path):
             CoarseMap.load(tmp_path / name)
 
 
+@pytest.mark.parametrize("key,text", [("format_version", "one"), ("seed", "4.5"), ("normalize", "yes"),
+                                      ("normalize", "1"), ("num_coarse", ""), ("inertia", "{")])
+def test_load_of_edited_metadata_is_a_clear_error(tmp_path, key, text):
+    # int() and json.loads of hand-edited metadata raised bare ValueError / JSONDecodeError tracebacks
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ctfgen.utils.errors import CorruptFileError
+
+    path = CoarseMap.fit(_codebook(v=64), 4, seed=0).save(tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(tmp_path / "edited.safetensors"), metadata={**meta, key: text})
+    with pytest.raises(CorruptFileError, match=f"edited.safetensors.*{key}=.*write it again with `ctfgen cluster`"):
+        CoarseMap.load(tmp_path / "edited.safetensors")
+
+
 class _FakeVQ:
     def __init__(self, weight):
         self.weight = weight
