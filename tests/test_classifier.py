@@ -197,6 +197,21 @@ def test_compare_renders_table_and_figures(tmp_path, capsys):
         load_records(tmp_path / "empty")
 
 
+def test_compare_orders_mixed_epochs_and_missing_is_std():
+    """Epochs 3 and "final" in one run, or equal epoch and IS with one is_std missing, were TypeErrors."""
+    from ctfgen.metrics.compare import _epoch_lines, markdown_table
+
+    rec = lambda epoch, **m: {"name": "run", "epoch": epoch, "metrics": m}  # noqa: E731
+    table = markdown_table([rec("final", fd=1.0), rec(None, fd=4.0), rec(10, fd=2.0), rec(3, fd=3.0)])
+    assert [line.split("|")[2].strip() for line in table.splitlines()[2:]] == ["3", "10", "final", "–"]
+    lines = _epoch_lines([rec(2, **{"is": 5.0}), rec(1, **{"is": 5.0, "is_std": 0.1}), rec(1, **{"is": 5.0})], "is")
+    assert lines == [("run", (1, 1, 2), (5.0, 5.0, 5.0), None)]
+    # what sorted before still sorts the same
+    lines = _epoch_lines([rec(2, **{"is": 4.0, "is_std": 0.3}), rec(1, **{"is": 5.0, "is_std": 0.2}),
+                          rec(1, **{"is": 5.0, "is_std": 0.1})], "is")
+    assert lines == [("run", (1, 1, 2), (5.0, 5.0, 4.0), (0.1, 0.2, 0.3))]
+
+
 def test_compare_names_a_record_that_is_not_utf8(tmp_path, capsys):
     """A record saved as UTF-16 (with a byte-order mark) was a UnicodeDecodeError traceback."""
     (tmp_path / "run" / "eval").mkdir(parents=True)

@@ -129,8 +129,18 @@ def _header(key: str) -> str:
     return label + {True: " ↑", False: " ↓", None: ""}[higher]
 
 
+def _order(v) -> tuple:
+    # a total order over what a JSON field may hold: numbers, then anything else by its text, then None;
+    # comparing an int epoch with a string one (or a number with None) raised TypeError
+    if v is None:
+        return (2, 0, "")
+    if isinstance(v, (int, float)):
+        return (0, v, "")
+    return (1, 0, str(v))
+
+
 def _sort_key(r: dict):
-    return (str(r["name"]), r["epoch"] is None, r["epoch"] if r["epoch"] is not None else 0)
+    return (str(r["name"]), _order(r["epoch"]))
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -160,8 +170,9 @@ def _epoch_lines(records: list[dict], key: str) -> list[tuple]:
     """Metric `key` against epoch, one line per record name (the paper's Fig. 2 style)."""
     lines = []
     for name in sorted({r["name"] for r in records}):
-        pts = sorted((r["epoch"], r["metrics"][key], r["metrics"].get("is_std")) for r in records
-                     if r["name"] == name and isinstance(r["metrics"].get(key), (int, float)))
+        pts = sorted(((r["epoch"], r["metrics"][key], r["metrics"].get("is_std")) for r in records
+                      if r["name"] == name and isinstance(r["metrics"].get(key), (int, float))),
+                     key=lambda p: tuple(map(_order, p)))
         if pts:
             xs, ys, err = zip(*pts)
             lines.append((name, xs, ys, err if key == "is" and all(e is not None for e in err) else None))
