@@ -60,6 +60,21 @@ def test_preprocess_accepts_uint8_and_float_layouts(model, test_split):
         model.preprocess(np.zeros((2, 32, 32), np.uint8))
 
 
+def test_preprocess_refuses_images_of_another_range_or_dtype(model, test_split):
+    # float images in [0, 1] were taken as [-1, 1] ones (black read as mid-grey), int64 ones as floats
+    from ctfgen.utils.errors import ConfigError, WrongTypeError
+
+    u8 = test_split[0][:4]
+    with pytest.raises(ConfigError, match=r"\[-1, 1\].*\[0, 1\] images"):
+        model.preprocess(u8.astype(np.float32) / 255)
+    with pytest.raises(ConfigError, match=r"\[0, 1\] images"):
+        model.embed(torch.from_numpy(u8).float().div(255))
+    with pytest.raises(WrongTypeError, match="uint8.*float.*int64"):
+        model.preprocess(u8.astype(np.int64))
+    a = model.preprocess(u8)
+    assert torch.equal(model.preprocess(a.double()), a) and torch.equal(model.preprocess(a.numpy()), a)
+
+
 def test_class_consistency_of_real_images_equals_test_accuracy(model, test_split, train_split):
     images, labels = test_split
     # accuracy computed directly from the network, batch by batch

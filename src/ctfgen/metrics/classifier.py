@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctfgen.data.fashion_mnist import load_fashion_mnist, validation_indices
-from ctfgen.utils.errors import ConfigError, MissingFileError
+from ctfgen.utils.errors import ConfigError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.fingerprint import code_commit
 from ctfgen.utils.hub import HubMixin
@@ -91,12 +91,21 @@ class FMNISTClassifier(nn.Module, HubMixin):
             )
         if x.dtype == torch.uint8:
             return x.float() / 127.5 - 1.0
+        if not x.is_floating_point():
+            # int64 or bool images were read as floats in [-1, 1], whatever range they were meant in
+            raise WrongTypeError(f"the Fashion-MNIST classifier takes uint8 images in [0, 255] or float images in "
+                                 f"[-1, 1]; got {x.dtype}")
         x = x.float()
         if len(x) and (x.min() < -1.01 or x.max() > 1.01):
             raise ConfigError(
                 f"float images must lie in [-1, 1] (got values in [{x.min():.3g}, {x.max():.3g}]); "
                 "pass uint8 images in [0, 255] or rescale"
             )
+        if len(x) and x.min() >= 0:
+            # [0, 1] images passed silently as [-1, 1] ones: black read as mid-grey. In [-1, 1] a
+            # Fashion-MNIST image's black background is -1, so no value below 0 means the other convention.
+            raise ConfigError("float images must lie in [-1, 1] with black at -1, but none of these is below 0: "
+                              "they look like [0, 1] images; pass images * 2 - 1, or uint8 images in [0, 255]")
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
