@@ -235,6 +235,20 @@ def test_resume_with_another_grad_accum_continues_where_the_data_stopped(tmp_pat
               resume=True)
 
 
+def test_resume_past_the_steps_asked_for_is_refused_and_a_finished_run_resumes(tmp_path):
+    """A run at step 8 resumed with steps=6 used to return at once with the step-8 weights, shipped as a 6-step run."""
+    from ctfgen.utils.errors import ConfigError
+
+    done = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8), tmp_path)
+    metrics = (tmp_path / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match="ckpt-00000008.pt is at step 8, past the train.steps=6.*at least 8"):
+        train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=6), tmp_path, resume=True)
+    assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [4, 8]
+    assert (tmp_path / "metrics.csv").read_text() == metrics
+    again = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8), tmp_path, resume=True)  # finished: as it was
+    assert again.step == 8 and all(torch.equal(done.state_dict[k], v) for k, v in again.state_dict.items())
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1, mixed_precision="none"), tmp_path / "a")
     b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4, mixed_precision="none"), tmp_path / "b")

@@ -380,6 +380,11 @@ class Run:
     def restore(self, ck: dict, path: Path) -> None:
         if ck.get("format") != C.CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
+        if ck["step"] > self.total:  # the loop would not run and the later weights would ship as these
+            asked = (f"train.steps={self.cfg.steps}" if self.cfg.steps is not None
+                     else f"{self.total} steps from train.epochs={self.cfg.epochs}")
+            raise ConfigError(f"{path} is at step {ck['step']}, past the {asked} asked for now; raise train.steps to "
+                              f"at least {ck['step']} to continue this run, or start a new run in another directory")
         if ck.get("dataset_len", self.batches.n) != self.batches.n:
             raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
                                   f"{self.batches.n}: the data position cannot be restored. Resume with the same data.")
