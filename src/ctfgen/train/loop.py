@@ -372,10 +372,10 @@ class Run:
             "dataset_len": self.batches.n, "rng": D.gather_object(C.get_rng_state()),
             "world_size": D.get_world_size(), "train_config": to_dict(self.cfg), "run_config": self.run_config,
         }
-        if D.is_main():
-            self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
-                                                     keep=self.cfg.keep_checkpoints)
-        D.barrier()
+        with D.main_first() as first:  # a failed save (disk full) stops every rank, not only rank 0
+            if first:
+                self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
+                                                         keep=self.cfg.keep_checkpoints)
 
     def restore(self, ck: dict, path: Path) -> None:
         if ck.get("format") != C.CHECKPOINT_FORMAT:
