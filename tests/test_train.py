@@ -282,6 +282,18 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     assert res.step == 8 and res.resumed_from.name == "ckpt-00000005.pt"
 
 
+def test_nan_message_names_the_checkpoint_resumed_from_not_an_unreadable_later_one(tmp_path):
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=4, checkpoint_every=2), tmp_path)
+    (tmp_path / "checkpoints" / "ckpt-00000004.pt").write_bytes(b"truncated")  # the resume falls back to step 2
+
+    def nan_loss(model, batch):
+        return toy_loss(model, batch) * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3 .*ckpt-00000002\.pt \(step 2\)") as e:
+        train(Toy(), nan_loss, toy_dataset(), small_cfg(steps=8, checkpoint_every=2), tmp_path, resume=True)
+    assert "ckpt-00000004" not in str(e.value)
+
+
 def test_epoch_hook_runs_only_for_epochs_trained_when_steps_set_the_length(tmp_path):
     """steps=4 with epochs=3 trains 4 steps (`steps` wins), less than one epoch of 6 micro-batches: no epoch
     ended, so no hook. The hooks of epochs 0-2 used to run after the loop, as if all three had been trained."""

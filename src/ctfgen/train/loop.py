@@ -376,6 +376,7 @@ class Run:
             if first:
                 self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
                                                          keep=self.cfg.keep_checkpoints)
+        self.last_checkpoint = D.broadcast_object(self.last_checkpoint)  # every rank's messages name it
 
     def restore(self, ck: dict, path: Path) -> None:
         if ck.get("format") != C.CHECKPOINT_FORMAT:
@@ -434,9 +435,10 @@ class Run:
                     f"(epoch {self.epoch}, batch {self.batch})")
 
     def nan_message(self, what: str) -> str:
-        kept = C.list_checkpoints(self.out_dir / "checkpoints")
-        where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
-                 if kept else "no checkpoint was written yet")
+        # The one resumed from or written: a higher-numbered file may be one the resume could not read.
+        path = self.last_checkpoint
+        where = (f"the last good checkpoint is {path} (step {int(C.CKPT_PATTERN.match(path.name).group(1))}); it "
+                 "was left untouched" if path is not None else "no checkpoint was written yet")
         return (f"[{self.desc}] the {what} became NaN/inf at step {self.step + 1} (epoch {self.epoch}); this step's "
                 f"update was not applied and training stopped. {where}. Try a lower learning rate (train.lr="
                 f"{self.cfg.lr:g} now), more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with "
