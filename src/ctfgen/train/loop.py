@@ -229,7 +229,8 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     newest checkpoint in `out_dir` is continued (a fresh start when there is none); without it,
     existing checkpoints are refused rather than overwritten. Every rank must call it (torchrun).
     `on_epoch_end(epoch, model)` runs on every rank with the EMA weights in place (not under
-    FSDP), in eval mode. `extra` (optional) has `setup(device, total_steps)`, `after_step(step) -> metrics`,
+    FSDP), in eval mode. `extra` (optional) has `setup(device, total_steps)`, `after_step(step) -> metrics` (raising
+    NonFiniteLossError(what) when its own loss became NaN/inf, before updating),
     `state_dict()`, `load_state_dict(sd, source)` and `log_columns`: a second optimiser's part
     (the tokenizer's discriminator), saved with the checkpoints.
     """
@@ -271,7 +272,10 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                     if run.ema is not None:
                         run.ema.update()
                     if extra is not None:
-                        metrics = {**metrics, **extra.after_step(run.step)}
+                        try:
+                            metrics = {**metrics, **extra.after_step(run.step)}
+                        except NonFiniteLossError as e:  # extra names what became NaN; the message is the run's
+                            raise NonFiniteLossError(run.nan_message(str(e))) from None
                     run.step += 1
                     if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
                         # With constant lr a snapshot at step N equals an N-step run (ablations use it).

@@ -27,7 +27,7 @@ from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train.checkpoint import list_checkpoints, seed_everything
 from ctfgen.train.loop import train, training_autocast
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import CheckpointError
+from ctfgen.utils.errors import CheckpointError, NonFiniteLossError
 from ctfgen.utils.fileio import atomic_write_text
 
 __all__ = ["train_tokenizer", "VQTraining"]
@@ -114,8 +114,13 @@ class VQTraining:
                 d_loss = self.d_loss_fn(logits_real.float(), logits_fake.float())
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.grad_clip)
+            # An infinite max_norm scales by exactly 1: only the norm, for the check, as the loop does.
+            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), max_norm).float()
+            bad = D.all_reduce_sum(torch.stack([(~torch.isfinite(d_loss.detach().float())).float(),
+                                                (~torch.isfinite(grad_norm)).float()]))  # every rank stops
+            if bad.sum() > 0:  # before the update: a NaN discriminator must not reach a checkpoint
+                raise NonFiniteLossError("discriminator loss" if bad[0] > 0 else "discriminator gradient norm")
             self.d_opt.step()
         self.step, self._last = step + 1, None
         restarted = self.restarter.step(self.step) if self.restarter is not None else 0
