@@ -128,6 +128,18 @@ def test_nan_discriminator_stops_before_its_update_reaches_a_checkpoint(tmp_path
     assert all(torch.isfinite(v).all() for v in disc.values() if v.is_floating_point())
 
 
+def test_existing_run_is_refused_before_the_kmeans_initialisation(tmp_path, monkeypatch):
+    """The k-means codebook initialisation (minutes on real data) used to run before the refusal."""
+    import ctfgen.train.tokenizer as T
+
+    train_tokenizer(config(steps=2), Blobs(), tmp_path, progress=False)
+    calls = []
+    monkeypatch.setattr(T, "kmeans_init_codebook", lambda *a, **k: calls.append(1) or {"vectors": 0, "seconds": 0})
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_tokenizer(config(steps=2, codebook_init="kmeans"), Blobs(), tmp_path, progress=False)
+    assert calls == []
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key tokenizer.train.stepz; did you mean tokenizer.train.steps"):
         train_tokenizer({"model": TINY_MODEL, "train": {"stepz": 3}}, Blobs(), tmp_path)

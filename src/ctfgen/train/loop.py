@@ -301,16 +301,21 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                            seconds=time.time() - log.t_start, history=log.history)
 
 
+def refuse_earlier_run(out_dir: Path, resume: bool) -> None:
+    """Without `resume`, an `out_dir` holding checkpoints is an error (callers may ask before long set-up work)."""
+    if not resume and C.list_checkpoints(out_dir / "checkpoints"):
+        raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass "
+                                "--resume (resume=True) to continue it, or choose another output directory; "
+                                "nothing was overwritten.")
+
+
 class Run:
     """One training run's moving parts (the model as trained, optimizer, EMA, `extra`, the position
     in the data), set up and, when resuming, restored from the newest checkpoint."""
 
     def __init__(self, model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, extra, run_config: dict,
                  desc: str):
-        if not resume and C.list_checkpoints(out_dir / "checkpoints"):
-            raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass "
-                                    "--resume (resume=True) to continue it, or choose another output directory; "
-                                    "nothing was overwritten.")
+        refuse_earlier_run(out_dir, resume)
         if not cfg.length_given:
             raise ConfigError("train needs `steps` or `epochs` (e.g. train.steps=1000)")
         world = D.get_world_size()

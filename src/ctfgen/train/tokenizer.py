@@ -25,7 +25,7 @@ from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train.checkpoint import list_checkpoints, seed_everything
-from ctfgen.train.loop import train, training_autocast
+from ctfgen.train.loop import refuse_earlier_run, train, training_autocast
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError, NonFiniteLossError
 from ctfgen.utils.fileio import atomic_write_text
@@ -160,6 +160,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
     device = torch.device(device) if device is not None else own_device
     out_dir = Path(out_dir)
+    refuse_earlier_run(out_dir, resume)  # before the k-means initialisation, which can take long
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone
     model = VQModel(vq_config)
     first = dataset[0]
