@@ -3,10 +3,13 @@ FSDP do the same arithmetic as one process on the same global batches."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,61 @@ def test_fsdp_two_ranks_resume_matches_one_process(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
         torch.testing.assert_close(a["model"][k], one.state_dict[k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a["ema"][k], one.ema_state_dict[k], rtol=1e-4, atol=1e-5)
+
+
+def _failing_save_worker(rank, port, out):
+    """A 2-rank gloo run whose rank 0 cannot write its first checkpoint; each rank records what it raised."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    # A short timeout, so that a rank left waiting fails the test in a minute rather than in the loop's 30.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from ctfgen.train import checkpoint as C
+    from ctfgen.train.loop import train
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    C.save_checkpoint = no_space
+    cfg = dict(steps=4, batch_size=16, checkpoint_every=2, mixed_precision="none", progress=False)
+    t0 = time.time()
+    try:
+        train(Toy(0.0), toy_loss, toy_dataset(), cfg, out)
+        result = ("finished", "", time.time() - t0)
+    except BaseException as e:  # noqa: BLE001 - recorded for the test to judge
+        result = (type(e).__name__, str(e), time.time() - t0)
+    torch.save(result, os.path.join(out, f"result{rank}.pt"))
+    # Rank 0 stays alive until rank 1 is done, as NCCL ranks on other nodes see a failed rank: gloo would
+    # otherwise wake rank 1 up through the closed connection.
+    deadline = time.time() + 120
+    while rank == 0 and time.time() < deadline and not os.path.exists(os.path.join(out, "result1.pt")):
+        time.sleep(0.1)
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_promptly(tmp_path):
+    """Rank 0's save failing (disk full) used to leave rank 1 waiting in the barrier after it until the
+    process group's timeout (30 minutes under torchrun)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_failing_save_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+    # Exit codes are not judged (gloo's occasional abort at exit, see GLOO_ABORT); what each rank raised is.
+    results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2)]
+    assert results[0][0] == "OSError" and "No space left" in results[0][1]
+    assert results[1][0] == "RunError" and "rank 0 failed" in results[1][1], results[1]
+    assert results[1][2] < 45
 
 
 def test_single_process_helpers_without_torchrun(monkeypatch):

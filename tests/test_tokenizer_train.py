@@ -106,6 +106,40 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
     assert not list(ckpt.parent.glob("*.tmp"))
 
 
+def test_nan_discriminator_stops_before_its_update_reaches_a_checkpoint(tmp_path, monkeypatch):
+    """The discriminator's loss was not checked: a NaN one stepped, was saved in the step-3 checkpoint, and the
+    run only stopped at step 4, when the generator's adversarial loss went through it."""
+    import ctfgen.train.tokenizer as T
+
+    calls = {"n": 0}
+
+    def d_loss_nan_at_step_3(real, fake):
+        calls["n"] += 1
+        loss = hinge_d_loss(real, fake)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(T, "hinge_d_loss", d_loss_nan_at_step_3)
+    cfg = config(steps=6, checkpoint_every=1, disc_weight=0.5, disc_start=0, disc_dim=8, disc_layers=2)
+    with pytest.raises(NonFiniteLossError, match=r"discriminator loss became NaN/inf at step 3 .*"
+                                                 r"ckpt-00000002\.pt \(step 2\)"):
+        train_tokenizer(cfg, Blobs(), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    disc = torch.load(tmp_path / "checkpoints" / "ckpt-00000002.pt", weights_only=True)["extra"]["disc"]
+    assert all(torch.isfinite(v).all() for v in disc.values() if v.is_floating_point())
+
+
+def test_existing_run_is_refused_before_the_kmeans_initialisation(tmp_path, monkeypatch):
+    """The k-means codebook initialisation (minutes on real data) used to run before the refusal."""
+    import ctfgen.train.tokenizer as T
+
+    train_tokenizer(config(steps=2), Blobs(), tmp_path, progress=False)
+    calls = []
+    monkeypatch.setattr(T, "kmeans_init_codebook", lambda *a, **k: calls.append(1) or {"vectors": 0, "seconds": 0})
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_tokenizer(config(steps=2, codebook_init="kmeans"), Blobs(), tmp_path, progress=False)
+    assert calls == []
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key tokenizer.train.stepz; did you mean tokenizer.train.steps"):
         train_tokenizer({"model": TINY_MODEL, "train": {"stepz": 3}}, Blobs(), tmp_path)

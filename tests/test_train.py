@@ -235,6 +235,20 @@ def test_resume_with_another_grad_accum_continues_where_the_data_stopped(tmp_pat
               resume=True)
 
 
+def test_resume_past_the_steps_asked_for_is_refused_and_a_finished_run_resumes(tmp_path):
+    """A run at step 8 resumed with steps=6 used to return at once with the step-8 weights, shipped as a 6-step run."""
+    from ctfgen.utils.errors import ConfigError
+
+    done = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8), tmp_path)
+    metrics = (tmp_path / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match="ckpt-00000008.pt is at step 8, past the train.steps=6.*at least 8"):
+        train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=6), tmp_path, resume=True)
+    assert [s for s, _ in C.list_checkpoints(tmp_path / "checkpoints")] == [4, 8]
+    assert (tmp_path / "metrics.csv").read_text() == metrics
+    again = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8), tmp_path, resume=True)  # finished: as it was
+    assert again.step == 8 and all(torch.equal(done.state_dict[k], v) for k, v in again.state_dict.items())
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1, mixed_precision="none"), tmp_path / "a")
     b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4, mixed_precision="none"), tmp_path / "b")
@@ -266,6 +280,18 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     # ... and the run resumes from it with a lower learning rate.
     res = train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=8, checkpoint_every=5, lr=1e-3), tmp_path, resume=True)
     assert res.step == 8 and res.resumed_from.name == "ckpt-00000005.pt"
+
+
+def test_nan_message_names_the_checkpoint_resumed_from_not_an_unreadable_later_one(tmp_path):
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=4, checkpoint_every=2), tmp_path)
+    (tmp_path / "checkpoints" / "ckpt-00000004.pt").write_bytes(b"truncated")  # the resume falls back to step 2
+
+    def nan_loss(model, batch):
+        return toy_loss(model, batch) * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 3 .*ckpt-00000002\.pt \(step 2\)") as e:
+        train(Toy(), nan_loss, toy_dataset(), small_cfg(steps=8, checkpoint_every=2), tmp_path, resume=True)
+    assert "ckpt-00000004" not in str(e.value)
 
 
 def test_epoch_hook_runs_only_for_epochs_trained_when_steps_set_the_length(tmp_path):

@@ -229,7 +229,8 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
     newest checkpoint in `out_dir` is continued (a fresh start when there is none); without it,
     existing checkpoints are refused rather than overwritten. Every rank must call it (torchrun).
     `on_epoch_end(epoch, model)` runs on every rank with the EMA weights in place (not under
-    FSDP), in eval mode. `extra` (optional) has `setup(device, total_steps)`, `after_step(step) -> metrics`,
+    FSDP), in eval mode. `extra` (optional) has `setup(device, total_steps)`, `after_step(step) -> metrics` (raising
+    NonFiniteLossError(what) when its own loss became NaN/inf, before updating),
     `state_dict()`, `load_state_dict(sd, source)` and `log_columns`: a second optimiser's part
     (the tokenizer's discriminator), saved with the checkpoints.
     """
@@ -271,7 +272,10 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                     if run.ema is not None:
                         run.ema.update()
                     if extra is not None:
-                        metrics = {**metrics, **extra.after_step(run.step)}
+                        try:
+                            metrics = {**metrics, **extra.after_step(run.step)}
+                        except NonFiniteLossError as e:  # extra names what became NaN; the message is the run's
+                            raise NonFiniteLossError(run.nan_message(str(e))) from None
                     run.step += 1
                     if cfg.snapshot_every and run.step % cfg.snapshot_every == 0:
                         # With constant lr a snapshot at step N equals an N-step run (ablations use it).
@@ -297,16 +301,21 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                            seconds=time.time() - log.t_start, history=log.history)
 
 
+def refuse_earlier_run(out_dir: Path, resume: bool) -> None:
+    """Without `resume`, an `out_dir` holding checkpoints is an error (callers may ask before long set-up work)."""
+    if not resume and C.list_checkpoints(out_dir / "checkpoints"):
+        raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass "
+                                "--resume (resume=True) to continue it, or choose another output directory; "
+                                "nothing was overwritten.")
+
+
 class Run:
     """One training run's moving parts (the model as trained, optimizer, EMA, `extra`, the position
     in the data), set up and, when resuming, restored from the newest checkpoint."""
 
     def __init__(self, model, dataset, cfg: TrainConfig, out_dir: Path, resume: bool, device, extra, run_config: dict,
                  desc: str):
-        if not resume and C.list_checkpoints(out_dir / "checkpoints"):
-            raise OutputExistsError(f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run. Pass "
-                                    "--resume (resume=True) to continue it, or choose another output directory; "
-                                    "nothing was overwritten.")
+        refuse_earlier_run(out_dir, resume)
         if not cfg.length_given:
             raise ConfigError("train needs `steps` or `epochs` (e.g. train.steps=1000)")
         world = D.get_world_size()
@@ -372,14 +381,20 @@ class Run:
             "dataset_len": self.batches.n, "rng": D.gather_object(C.get_rng_state()),
             "world_size": D.get_world_size(), "train_config": to_dict(self.cfg), "run_config": self.run_config,
         }
-        if D.is_main():
-            self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
-                                                     keep=self.cfg.keep_checkpoints)
-        D.barrier()
+        with D.main_first() as first:  # a failed save (disk full) stops every rank, not only rank 0
+            if first:
+                self.last_checkpoint = C.save_checkpoint(ckpt, self.out_dir / "checkpoints", self.step,
+                                                         keep=self.cfg.keep_checkpoints)
+        self.last_checkpoint = D.broadcast_object(self.last_checkpoint)  # every rank's messages name it
 
     def restore(self, ck: dict, path: Path) -> None:
         if ck.get("format") != C.CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not a ctfgen training checkpoint (format {ck.get('format')!r})")
+        if ck["step"] > self.total:  # the loop would not run and the later weights would ship as these
+            asked = (f"train.steps={self.cfg.steps}" if self.cfg.steps is not None
+                     else f"{self.total} steps from train.epochs={self.cfg.epochs}")
+            raise ConfigError(f"{path} is at step {ck['step']}, past the {asked} asked for now; raise train.steps to "
+                              f"at least {ck['step']} to continue this run, or start a new run in another directory")
         if ck.get("dataset_len", self.batches.n) != self.batches.n:
             raise CheckpointError(f"{path} was trained on {ck['dataset_len']} items but the dataset now has "
                                   f"{self.batches.n}: the data position cannot be restored. Resume with the same data.")
@@ -429,9 +444,10 @@ class Run:
                     f"(epoch {self.epoch}, batch {self.batch})")
 
     def nan_message(self, what: str) -> str:
-        kept = C.list_checkpoints(self.out_dir / "checkpoints")
-        where = (f"the last good checkpoint is {kept[-1][1]} (step {kept[-1][0]}); it was left untouched"
-                 if kept else "no checkpoint was written yet")
+        # The one resumed from or written: a higher-numbered file may be one the resume could not read.
+        path = self.last_checkpoint
+        where = (f"the last good checkpoint is {path} (step {int(C.CKPT_PATTERN.match(path.name).group(1))}); it "
+                 "was left untouched" if path is not None else "no checkpoint was written yet")
         return (f"[{self.desc}] the {what} became NaN/inf at step {self.step + 1} (epoch {self.epoch}); this step's "
                 f"update was not applied and training stopped. {where}. Try a lower learning rate (train.lr="
                 f"{self.cfg.lr:g} now), more warm-up (train.warmup_steps) or a smaller grad_clip, then resume with "

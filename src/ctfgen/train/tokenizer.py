@@ -25,9 +25,9 @@ from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.train.checkpoint import list_checkpoints, seed_everything
-from ctfgen.train.loop import train, training_autocast
+from ctfgen.train.loop import refuse_earlier_run, train, training_autocast
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import CheckpointError
+from ctfgen.utils.errors import CheckpointError, NonFiniteLossError
 from ctfgen.utils.fileio import atomic_write_text
 
 __all__ = ["train_tokenizer", "VQTraining"]
@@ -114,8 +114,13 @@ class VQTraining:
                 d_loss = self.d_loss_fn(logits_real.float(), logits_fake.float())
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.grad_clip)
+            # An infinite max_norm scales by exactly 1: only the norm, for the check, as the loop does.
+            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), max_norm).float()
+            bad = D.all_reduce_sum(torch.stack([(~torch.isfinite(d_loss.detach().float())).float(),
+                                                (~torch.isfinite(grad_norm)).float()]))  # every rank stops
+            if bad.sum() > 0:  # before the update: a NaN discriminator must not reach a checkpoint
+                raise NonFiniteLossError("discriminator loss" if bad[0] > 0 else "discriminator gradient norm")
             self.d_opt.step()
         self.step, self._last = step + 1, None
         restarted = self.restarter.step(self.step) if self.restarter is not None else 0
@@ -155,6 +160,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
     device = torch.device(device) if device is not None else own_device
     out_dir = Path(out_dir)
+    refuse_earlier_run(out_dir, resume)  # before the k-means initialisation, which can take long
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone
     model = VQModel(vq_config)
     first = dataset[0]
