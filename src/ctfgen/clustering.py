@@ -74,20 +74,6 @@ def _map_fingerprint(fine_to_coarse: np.ndarray, num_coarse: int, method: str, c
     return h.hexdigest()[:16]
 
 
-def _json_bool(text: str) -> bool:
-    value = json.loads(text)
-    if not isinstance(value, bool):
-        raise ValueError(text)
-    return value
-
-
-def _json_number(text: str) -> float | None:
-    value = json.loads(text)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(text)
-    return value
-
-
 def _canonical_labels(labels: np.ndarray, k: int) -> np.ndarray:
     """Renumber clusters in order of their smallest member, so equal partitions get equal maps
     whatever order the clustering backend happened to number them in."""
@@ -345,24 +331,27 @@ class CoarseMap:
         if meta.get("format") != FORMAT or "fine_to_coarse" not in tensors:
             raise MismatchError(f"{path} is not a ctfgen coarse map (no {FORMAT} metadata / fine_to_coarse tensor)")
 
-        def parsed(key, parse, what, default=None):
+        def parsed(key, kinds, what, default=None):
             # hand-edited or damaged metadata: int() and json.loads raised bare ValueErrors naming no file
             text = meta[key] if default is None else meta.get(key, default)
             try:
-                return parse(text)
+                value = json.loads(text)
             except ValueError:
+                value = ...
+            if type(value) not in kinds:  # type(), not isinstance: True is no integer here
                 raise CorruptFileError(f"{path}: coarse map metadata {key}={text!r} is not {what}; the file is "
-                                       "damaged or was edited, write it again with `ctfgen cluster`") from None
+                                       "damaged or was edited, write it again with `ctfgen cluster`")
+            return value
 
-        if parsed("format_version", int, "an integer", "-1") > FORMAT_VERSION:
+        if parsed("format_version", (int,), "an integer", "-1") > FORMAT_VERSION:
             raise MismatchError(f"{path} was written by a newer ctfgen (format {meta['format_version']}); upgrade ctfgen")
         try:
-            num_coarse, vocab = parsed("num_coarse", int, "an integer"), parsed("vocab_size", int, "an integer")
+            num_coarse, vocab = parsed("num_coarse", (int,), "an integer"), parsed("vocab_size", (int,), "an integer")
             cmap = cls(tensors["fine_to_coarse"], num_coarse, codebook_fingerprint=meta["codebook_fingerprint"],
-                       method=meta["method"], seed=parsed("seed", int, "an integer"),
-                       normalize=parsed("normalize", _json_bool, "true or false"),
+                       method=meta["method"], seed=parsed("seed", (int,), "an integer"),
+                       normalize=parsed("normalize", (bool,), "true or false"),
                        centroids=tensors.get("centroids"), spread=tensors.get("spread"),
-                       inertia=parsed("inertia", _json_number, "a number or null", "null"))
+                       inertia=parsed("inertia", (int, float, type(None)), "a number or null", "null"))
         except KeyError as e:
             raise MismatchError(f"{path}: coarse map metadata lacks {e}") from None
         if cmap.vocab_size != vocab:
