@@ -309,6 +309,56 @@ def test_pipeline_under_torchrun_two_ranks(tmp_path):
     assert steps == ["2", "4", "6"]
 
 
+def _quick_phase_worker(rank, port, out):
+    """Two gloo ranks record a phase whose work is instant (the pretrained tokenizer's), rank 1 arriving late;
+    each saves how many barriers its `once` passed."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    from ctfgen.experiments import run as R
+
+    cfg, raw = R.load_experiment_config(TINY)
+    x = R.Experiment(cfg, raw, Path(out) / "run", False, None, False)
+    x.prepare()
+    barriers, barrier = [], R.D.barrier
+    R.D.barrier = lambda: (barriers.append(1), barrier())[1]
+    if rank == 1:
+        time.sleep(3)  # rank 0 has recorded the phase by now
+    x.once("tokenizer", lambda: {"path": "pretrained"})
+    torch.save(len(barriers), os.path.join(out, f"barriers{rank}.pt"))
+    x.lock.release()
+    dist.destroy_process_group()
+
+
+def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(tmp_path):
+    """Each rank used to read the phase's record itself: a rank arriving after rank 0 had recorded a quick
+    phase skipped it and its barrier, so its next collective met rank 0's barrier (a hang or garbage)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mp.get_context("spawn").Process(target=_quick_phase_worker, args=(r, port, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    counts = [torch.load(tmp_path / f"barriers{r}.pt", weights_only=True) if (tmp_path / f"barriers{r}.pt").is_file()
+              else None for r in range(2)]
+    assert counts == [1, 1], counts
+    assert (tmp_path / "run" / "phases" / "tokenizer.json").is_file()
+
+
 def test_matched_depth_gives_ctf_parameter_count(synthetic):
     from ctfgen.train.stages import MATCH_TOLERANCE, matched_depth, parameter_count
 

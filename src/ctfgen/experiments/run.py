@@ -93,7 +93,9 @@ class Experiment:
     def once(self, phase: str, work: Callable[[], dict | None]) -> None:
         """Run `work` unless `phase` is finished, then record it (its info, time, settings and commit).
         A finished phase is kept as it is: prepare() compared its settings, and the commit may differ."""
-        if self.done(phase) is None:
+        # Rank 0's answer for every rank: a rank that looked only after rank 0 had recorded a quick phase
+        # would skip it and its barrier, and the ranks' later collectives would pair up wrongly.
+        if D.broadcast_object(self.done(phase) is None if D.is_main() else None):
             self.records.once(phase, sections(self.cfg, phase), lambda: work() or {})
             D.barrier()
 
