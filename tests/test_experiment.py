@@ -359,6 +359,38 @@ def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(t
     assert (tmp_path / "run" / "phases" / "tokenizer.json").is_file()
 
 
+def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
+    """The assembled pipelines hold the sampling defaults, and assembly and the held-out phase cover the enabled
+    stages: a resume that changed either used to pass, leaving config.yaml saying what the pipelines are not
+    (or a newly enabled baseline trained but never assembled or measured)."""
+    from ctfgen.experiments.run import Experiment, load_experiment_config, sections
+    from ctfgen.utils.errors import RunError
+    from ctfgen.utils.fileio import atomic_write_json
+    from ctfgen.utils.rundir import Records
+
+    out = tmp_path / "run"
+    cfg, _ = load_experiment_config(TINY)
+    for phase in ("assemble", "heldout"):
+        Records(out / "phases").once(phase, sections(cfg, phase), lambda: {})
+
+    def prepare(*overrides):
+        cfg, raw = load_experiment_config(TINY, overrides=list(overrides))
+        x = Experiment(cfg, raw, out, True, None, False)
+        try:
+            x.prepare()
+        finally:
+            x.lock.release()
+
+    prepare("name=renamed", "stage1.train.lr=0.5")  # neither phase depends on these
+    with pytest.raises(RunError, match=r"assemble: sampling\.ctf\.cfg_scale: None then, 3\.0 now"):
+        prepare("sampling.ctf.cfg_scale=3.0")
+    with pytest.raises(RunError, match=r"assemble: matched\.enabled: False then, True now\n.*heldout: matched"):
+        prepare("matched.enabled=true")
+    # a record made before assembly depended on these holds none of them, and still resumes
+    atomic_write_json(out / "phases" / "assemble.json", {"name": "assemble", "inputs": {}, "commit": "x"})
+    prepare("sampling.ctf.cfg_scale=3.0")
+
+
 def test_matched_depth_gives_ctf_parameter_count(synthetic):
     from ctfgen.train.stages import MATCH_TOLERANCE, matched_depth, parameter_count
 

@@ -61,19 +61,28 @@ PHASES = ("tokenizer", "cluster", "extract", "ar", "baseline", "aux", "matched",
 STAGES_OF = {"ctf": ("ar", "aux"), "baseline": ("baseline",), "matched": ("matched",)}
 METHODS = tuple(STAGES_OF)
 
-# The config sections each phase depends on: a finished phase whose sections changed is refused on
-# --resume instead of being silently kept.
+# The config sections (or single settings, "section.key") each phase depends on: a finished phase whose
+# sections changed is refused on --resume instead of being silently kept. Which pipelines are assembled
+# and measured follows the stages' `enabled`.
+ENABLED = ("stage1.enabled", "aux.enabled", "baseline.enabled", "matched.enabled")
 PHASE_SECTIONS = {
     "tokenizer": ("seed", "data", "tokenizer"), "cluster": ("seed", "clustering"), "extract": ("data",),
     "ar": ("seed", "train", "stage1"), "aux": ("seed", "train", "aux"),
     "baseline": ("seed", "train", "stage1", "baseline"),
-    "matched": ("seed", "train", "stage1", "aux", "baseline", "matched"), "assemble": (), "heldout": ("heldout",),
+    "matched": ("seed", "train", "stage1", "aux", "baseline", "matched"), "assemble": (*ENABLED, "sampling"),
+    "heldout": ("heldout", *ENABLED),
 }
 
 
 def sections(cfg: ExperimentConfig, phase: str) -> dict:
-    d = to_dict(cfg)
-    return plain({k: d[k] for k in PHASE_SECTIONS[phase]})
+    d, picked = to_dict(cfg), {}
+    for key in PHASE_SECTIONS[phase]:
+        section, _, setting = key.partition(".")
+        if setting:
+            picked.setdefault(section, {})[setting] = d[section][setting]
+        else:
+            picked[section] = d[section]
+    return plain(picked)
 
 
 class Experiment:
@@ -129,9 +138,12 @@ class Experiment:
         for phase in PHASES:
             if (record := self.done(phase)) is not None:
                 # Records are re-read through today's loader, so runs written before a setting was
-                # added compare by the values they resolve to.
-                then = sections(ExperimentConfig.from_raw(record.get("inputs") or {}), phase)
-                lines = diff_lines(then, sections(self.cfg, phase))
+                # added compare by the values they resolve to; one written before its phase depended on a
+                # section holds none of it, and is compared on the sections it holds.
+                inputs = record.get("inputs") or {}
+                then, now = sections(ExperimentConfig.from_raw(inputs), phase), sections(self.cfg, phase)
+                lines = diff_lines({k: v for k, v in then.items() if k in inputs},
+                                   {k: v for k, v in now.items() if k in inputs})
                 changed += [f"  {phase}: " + "; ".join(lines)] if lines else []
         if changed:
             raise RunError(f"{root} was run with another config for phases that already finished:\n"
