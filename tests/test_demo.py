@@ -304,6 +304,23 @@ def test_demo_warns_for_a_public_host(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_port_in_use_is_one_error_line():
+    """A second demo on the same port: `error: ...` and status 2, not gradio's OSError traceback."""
+    import gradio as gr
+
+    from ctfgen.app import demo as app_module
+    from ctfgen.utils.errors import ConfigError
+
+    with gr.Blocks() as app:
+        gr.Markdown("nothing to serve")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}: the port is in use .*--port"):
+            app_module.launch(app, host="127.0.0.1", port=port, block=False)
+
+
 def test_demo_command_finds_the_baseline_and_refuses_a_baseline_model(tmp_path, monkeypatch, capsys):
     from ctfgen.app.cli import main
     from ctfgen.app.commands import sample as demo_command  # where run_demo finds `launch`
