@@ -17,6 +17,18 @@ def test_directory_without_weights_is_a_clear_error(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+def test_a_config_that_is_not_a_json_object_is_a_clear_error(tmp_path):
+    """config.json holding a list, a string or null: CorruptFileError naming it, not an AttributeError."""
+    from ctfgen.utils.errors import CorruptFileError
+
+    GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16)
+        ).save_pretrained(tmp_path)
+    for text in ("[]", '"gpt"', "null"):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(CorruptFileError, match=r"config\.json holds .* JSON, not an object; save the GPT again"):
+            GPT.from_pretrained(str(tmp_path))
+
+
 def test_strict_load_names_every_problem():
     model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
     sd = dict(model.state_dict())

@@ -140,6 +140,9 @@ class HubMixin(PyTorchModelHubMixin):
                 f"{path} is not a directory: expected a saved {cls.__name__} "
                 f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
             )
+        config = Path(path) / constants.CONFIG_NAME
+        if config.is_file():  # huggingface_hub reads any JSON, and a list or null in it was an AttributeError
+            read_json(config, f"save the {cls.__name__} again (save_pretrained)")
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except (ValueError, TypeError, UnicodeDecodeError) as e:
