@@ -252,6 +252,14 @@ def test_backend_checks_every_option_with_the_shared_rules(backend):
         backend.check("Sneaker", 0.5, 2.0, 1.0, 1.0, 0, 2)
     with pytest.raises(ValueError, match="Guidance must be a number, got nothing"):
         backend.check("Sneaker", 0, None, 1.0, 1.0, 0, 2)
+    # an integer too large for a float (JSON from the page may hold one): the rule's message, not an OverflowError
+    for i, message in ((1, "Seed must be between 0 and 4,294,967,295"),
+                       (6, "Number of images must be between 1 and 4")):
+        args = list(ok)
+        args[i] = 10**400
+        with pytest.raises(ValueError, match=message + ", got a number of over 300 digits"):
+            backend.check(*args)
+    assert main(["sample", "--seed", "9" * 400, "--out", "never-written.png"]) == 2
     # the command line answers the same values with the same rule, named by its flag
     for flag, value, message in (("--cfg-scale", "50", "--cfg-scale must be between 0 and 20"),
                                  ("--temperature", "-0.5", "--temperature must be between 0 and 10"),
