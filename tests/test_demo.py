@@ -252,6 +252,14 @@ def test_backend_checks_every_option_with_the_shared_rules(backend):
         backend.check("Sneaker", 0.5, 2.0, 1.0, 1.0, 0, 2)
     with pytest.raises(ValueError, match="Guidance must be a number, got nothing"):
         backend.check("Sneaker", 0, None, 1.0, 1.0, 0, 2)
+    # an integer too large for a float (JSON from the page may hold one): the rule's message, not an OverflowError
+    for i, message in ((1, "Seed must be between 0 and 4,294,967,295"),
+                       (6, "Number of images must be between 1 and 4")):
+        args = list(ok)
+        args[i] = 10**400
+        with pytest.raises(ValueError, match=message + ", got a number of over 300 digits"):
+            backend.check(*args)
+    assert main(["sample", "--seed", "9" * 400, "--out", "never-written.png"]) == 2
     # the command line answers the same values with the same rule, named by its flag
     for flag, value, message in (("--cfg-scale", "50", "--cfg-scale must be between 0 and 20"),
                                  ("--temperature", "-0.5", "--temperature must be between 0 and 10"),
@@ -302,6 +310,23 @@ def test_demo_warns_for_a_public_host(monkeypatch, capsys):
     assert "WARNING" in capsys.readouterr().err and launched["server_name"] == "0.0.0.0"
     app_module.launch(gr.Blocks(), host="127.0.0.1", port=1)
     assert capsys.readouterr().err == ""
+
+
+def test_a_port_in_use_is_one_error_line():
+    """A second demo on the same port: `error: ...` and status 2, not gradio's OSError traceback."""
+    import gradio as gr
+
+    from ctfgen.app import demo as app_module
+    from ctfgen.utils.errors import ConfigError
+
+    with gr.Blocks() as app:
+        gr.Markdown("nothing to serve")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve on 127.0.0.1:{port}: the port is in use .*--port"):
+            app_module.launch(app, host="127.0.0.1", port=port, block=False)
 
 
 def test_demo_command_finds_the_baseline_and_refuses_a_baseline_model(tmp_path, monkeypatch, capsys):

@@ -17,6 +17,18 @@ def test_directory_without_weights_is_a_clear_error(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+def test_a_config_that_is_not_a_json_object_is_a_clear_error(tmp_path):
+    """config.json holding a list, a string or null: CorruptFileError naming it, not an AttributeError."""
+    from ctfgen.utils.errors import CorruptFileError
+
+    GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16)
+        ).save_pretrained(tmp_path)
+    for text in ("[]", '"gpt"', "null"):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(CorruptFileError, match=r"config\.json holds .* JSON, not an object; save the GPT again"):
+            GPT.from_pretrained(str(tmp_path))
+
+
 def test_strict_load_names_every_problem():
     model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
     sd = dict(model.state_dict())
@@ -27,6 +39,24 @@ def test_strict_load_names_every_problem():
         load_state_dict_strict(model, sd)
     msg = str(err.value)
     assert "norm.weight" in msg and "extra.weight" in msg and "(9, 16)" in msg and "(8, 16)" in msg
+
+
+def test_ignored_names_are_not_checked_for_shape_either():
+    """`ignore` skips a name in every check: LlamaGen's 65536-slot usage window loads into a VQ whose
+    own window is another size (load_llamagen_vq replaces it), as the loader's docstring promises."""
+    from _tiny_ctf import tiny_vq
+
+    from ctfgen.tokenizer.llamagen import load_llamagen_vq
+
+    model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["norm.weight"] = torch.zeros(3)
+    before = model.norm.weight.detach().clone()
+    load_state_dict_strict(model, sd, ignore=("norm.weight",))
+    assert torch.equal(model.norm.weight, before)
+    checkpoint = tiny_vq().llamagen_state_dict()  # its usage window: LlamaGen's 65536 floats
+    vq = load_llamagen_vq({"model": checkpoint}, norm_groups=4, usage_window=1024)
+    assert vq.quantize.codebook_used.shape == (1024,)
 
 
 def test_saved_weights_that_do_not_fit_are_refused(tmp_path):

@@ -278,11 +278,17 @@ def build_app(ctf, baseline=None, limits: Limits = Limits(), title: str = "ctfge
 
 
 def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve `app`; a host other than loopback prints a warning, since anyone who can reach it can use it."""
+    """Serve `app`; a host other than loopback prints a warning, since anyone who can reach it can use it.
+    A port that is taken (or a host that is not this machine's) is a ConfigError, not gradio's OSError."""
     if not is_loopback(host):
         print(f"WARNING: serving on {host}: anyone who can reach this address can use the demo and its CPU/GPU. "
               "Use the default 127.0.0.1 unless you mean to share it.", file=sys.stderr)
     gr = _import_gradio()
-    return app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
-                      prevent_thread_lock=not block, quiet=False, theme=gr.themes.Default(font=["sans-serif"],
-                      font_mono=["monospace"]), allowed_paths=[], favicon_path=None)
+    try:
+        return app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
+                          prevent_thread_lock=not block, quiet=False, theme=gr.themes.Default(font=["sans-serif"],
+                          font_mono=["monospace"]), allowed_paths=[], favicon_path=None)
+    except OSError as e:  # gradio's words name its own environment variable, not our options
+        detail = str(e).split(". ")[0]
+        raise ConfigError(f"cannot serve on {host}:{port}: the port is in use (another demo?) or {host} is not an "
+                          f"address of this machine; choose another --port or --host ({detail})") from None

@@ -71,14 +71,15 @@ def check_state_dict(
     source: str = "checkpoint",
 ) -> None:
     """Raise `StateDictMismatch` naming every missing, unexpected, mis-shaped or unsupported-dtype
-    tensor (a floating-point weight may be stored as float32, float16 or bfloat16)."""
+    tensor (a floating-point weight may be stored as float32, float16 or bfloat16); names in `ignore`
+    are not checked at all."""
     ignore = set(ignore)
     missing = [k for k in model_state if k not in loaded and k not in ignore]
     unexpected = [k for k in loaded if k not in model_state and k not in ignore]
     wrong = [
         f"  {k}: {source} has {tuple(loaded[k].shape)}, model expects {tuple(model_state[k].shape)}"
         for k in model_state
-        if k in loaded and tuple(loaded[k].shape) != tuple(model_state[k].shape)
+        if k in loaded and k not in ignore and tuple(loaded[k].shape) != tuple(model_state[k].shape)
     ]
     bad_dtype = [
         f"  {k}: {source} stores {str(loaded[k].dtype).removeprefix('torch.')}, model expects "
@@ -140,6 +141,9 @@ class HubMixin(PyTorchModelHubMixin):
                 f"{path} is not a directory: expected a saved {cls.__name__} "
                 f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
             )
+        config = Path(path) / constants.CONFIG_NAME
+        if config.is_file():  # huggingface_hub reads any JSON, and a list or null in it was an AttributeError
+            read_json(config, f"save the {cls.__name__} again (save_pretrained)")
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except (ValueError, TypeError, UnicodeDecodeError) as e:

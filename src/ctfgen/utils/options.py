@@ -76,11 +76,13 @@ class Option:
         label = label or self.name
         if isinstance(value, bool) or value is None:
             raise ConfigError(f"{label} must be a number, got {value!r}")
+        hi = self.hi if hi is None else hi
         try:
             v = float(value)  # numbers, numpy scalars, 0-d tensors, and text from a web page
         except (TypeError, ValueError):
             raise ConfigError(f"{label} must be a number, got {value!r}") from None
-        hi = self.hi if hi is None else hi
+        except OverflowError:  # an integer beyond float's range, e.g. a 400-digit seed: outside every range
+            raise ConfigError(f"{label} must be {self.range_text(hi)}, got a number of over 300 digits") from None
         shown = fmt(int(v)) if math.isfinite(v) and v == int(v) else fmt(v)
         below = v <= self.lo if self.lo_open else v < self.lo
         if not math.isfinite(v) or below or (hi is not None and v > hi):
