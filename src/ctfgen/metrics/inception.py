@@ -33,7 +33,9 @@ TORCH_HUB_DIR = Path(torch.hub.get_dir()) / "checkpoints"
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 # sFID (Nash et al. 2021, as in ADM's evaluator): the first 7 channels of the 17x17 map of the
-# 1x1 branch of TF's `mixed_6` block (torch-fidelity's Mixed_6d), flattened: 7 * 17 * 17 = 2023.
+# 1x1 branch of TF's `mixed_6` block (torch-fidelity's Mixed_6d), flattened: 7 * 17 * 17 = 2023,
+# in ADM's order (its NHWC map reshaped: position-major, channels last), which the mu_s/sigma_s of
+# ADM's reference batches are in; a Fréchet distance against them needs the same order.
 SPATIAL_CHANNELS = 7
 
 
@@ -174,7 +176,8 @@ def inception_features(images, net=None, weights: str | Path | None = None, batc
     hook = None
     if spatial:
         hook = net.Mixed_6d.branch1x1.register_forward_hook(
-            lambda mod, inp, out: captured.__setitem__("spatial", out[:, :SPATIAL_CHANNELS].flatten(1))
+            lambda mod, inp, out: captured.__setitem__("spatial",
+                                                       out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1))
         )
     pools, logits, spatials = [], [], []
     try:
