@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ctfgen.metrics import core, inception
+from ctfgen.utils.errors import ConfigError, CorruptFileError
 
 
 def _random_spd(rng, d, rank=None):
@@ -232,6 +233,18 @@ def test_inception_features_shapes_with_local_weights(random_inception_weights):
     a = inception.inception_features(gray, net=net)["pool"]
     b = inception.inception_features(np.repeat(gray, 3, axis=-1), net=net)["pool"]
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_unreadable_or_non_dict_weights_file_is_a_clear_error(tmp_path):
+    # a name without the hash suffix skips the hash check: torch.load itself meets the bad file
+    garbage = tmp_path / "inception.pth"
+    garbage.write_bytes(b"not the weights")
+    with pytest.raises(CorruptFileError, match="cannot be read as tensors"):
+        inception.load_inception(garbage)
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(ConfigError, match="not a torch-fidelity Inception-v3 state dict"):
+        inception.load_inception(tensor)
 
 
 def test_inception_weights_with_wrong_names_rejected(tmp_path):

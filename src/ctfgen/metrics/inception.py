@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.errors import ConfigError, CorruptFileError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"
@@ -130,7 +130,14 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
     path = find_inception_weights(weights)
     _check_hash(path)
     # weights_only: the file is a plain state dict, and unpickling arbitrary objects is unsafe.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise CorruptFileError(f"{path} cannot be read as tensors ({type(e).__name__}): it is truncated, corrupt or "
+                               f"not a state dict; download `{WEIGHTS_FILE}` again") from None
+    if not isinstance(state_dict, dict):
+        raise ConfigError(f"{path} is not a torch-fidelity Inception-v3 state dict (it holds a "
+                          f"{type(state_dict).__name__}); download `{WEIGHTS_FILE}` again")
     module = _inception_module()
     # The constructor either downloads (weights path None) or calls torch.load(weights_only=False).
     # We hand it our already-loaded state dict through the download hook instead, which also
