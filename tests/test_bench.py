@@ -62,6 +62,16 @@ def test_bench_reports_median_min_max_and_llamagen_beside_the_baseline(tiny_pipe
     assert [r["method"] for r in only] == ["ctf"]
 
 
+def test_bench_refuses_llamagen_at_a_scale_it_ignores(monkeypatch, capsys):
+    # below 1 ctfgen's baseline guides (2B rows a step) and LlamaGen does not (B rows): different work
+    def no_work(*a, **k):
+        raise AssertionError("pipelines built before the arguments were checked")
+
+    monkeypatch.setattr(bench, "paper_shape_pipelines", no_work)
+    assert main(["bench", "--models", "GPT-B", "--llamagen", "--cfg-scale", "0.5"]) == 2
+    assert "--llamagen needs --cfg-scale 1 or above, got 0.5" in capsys.readouterr().err
+
+
 def test_matmul_rates_cover_every_precision(capsys):
     rates = bench.matmul_rates(("float32", "bfloat16", "int8-fbgemm"), rows=(4,), in_features=32, out_features=64,
                                repeats=2, preset="GPT-tiny")

@@ -143,6 +143,7 @@ BAD_VALUES = {
         (["--device", "cuda:7" if CUDA_BUILD else "cuda"], "available here"),
         (["--cfg-scale", "-1"], "--cfg-scale must be between 0 and 20"),
         (["--batch-sizes", "0"], "--batch-sizes must be at least 1"),
+        (["--llamagen", "--llamagen-steps", "0"], "--llamagen-steps must be at least 1"),
     ],
     "eval": [(["x.npz", "--ref", "test", "--device", "cuda:7" if CUDA_BUILD else "cuda"], "available here")],
     "extract-codes": [(["--tokenizer", "x", "--out", "{t}/o", "--device", "nope"], "not a device name")],
@@ -262,7 +263,7 @@ PAST_ARGPARSE = {
 # Options whose range starts at 0 (0 is a value with a meaning; below 0 is refused).
 ZERO_ALLOWED = {"--seed", "--select-seed", "--diagnosis-seed", "--epoch-seed", "--temperature", "--temperature-fine",
                 "--cfg-scale", "--cfg-scale-fine", "--top-k", "--top-k-fine", "--cfg-steps", "--guidance", "--temperatures", "--seeds",
-                "--num-workers", "--epoch", "--classes", "--validation-images", "--warmup", "--llamagen-steps",
+                "--num-workers", "--epoch", "--classes", "--validation-images", "--warmup",
                 "bench --per-class"}
 
 

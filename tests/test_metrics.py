@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ctfgen.metrics import core, inception
+from ctfgen.utils.errors import ConfigError, CorruptFileError
 
 
 def _random_spd(rng, d, rank=None):
@@ -234,8 +235,49 @@ def test_inception_features_shapes_with_local_weights(random_inception_weights):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_unreadable_or_non_dict_weights_file_is_a_clear_error(tmp_path):
+    # a name without the hash suffix skips the hash check: torch.load itself meets the bad file
+    garbage = tmp_path / "inception.pth"
+    garbage.write_bytes(b"not the weights")
+    with pytest.raises(CorruptFileError, match="cannot be read as tensors"):
+        inception.load_inception(garbage)
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(ConfigError, match="not a torch-fidelity Inception-v3 state dict"):
+        inception.load_inception(tensor)
+
+
 def test_inception_weights_with_wrong_names_rejected(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(ValueError, match="not a torch-fidelity Inception-v3 state dict"):
         inception.load_inception(path)
+
+
+
+def test_sfid_against_an_adm_reference_batch_uses_adms_feature_order(random_inception_weights, tmp_path):
+    # ADM's evaluator reshapes TF's NHWC `mixed_6/conv` map[..., :7] (position-major, channels last);
+    # its reference batches carry mu_s/sigma_s in that order, which the samples' features must share.
+    from ctfgen.metrics.evaluate import evaluate_inception
+
+    net = inception.load_inception(random_inception_weights)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    samples, ref_images = images[:4], images[4:]
+    maps = []
+    hook = net.Mixed_6d.branch1x1.register_forward_hook(lambda mod, inp, out: maps.append(out))
+    try:
+        with torch.no_grad():
+            pool = net(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())[0].double().numpy()
+    finally:
+        hook.remove()
+    adm_spatial = maps[0].permute(0, 2, 3, 1)[..., :7].reshape(len(images), -1).double().numpy()
+    np.testing.assert_allclose(inception.inception_features(images, net=net, spatial=True)["spatial"], adm_spatial,
+                               rtol=1e-5, atol=1e-12)
+    mu_s, sigma_s = core.feature_statistics(adm_spatial[4:])
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    mu, sigma = core.feature_statistics(pool[4:])
+    np.savez(ref, arr_0=ref_images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    got, _ = evaluate_inception(samples, ref, weights=random_inception_weights, device="cpu")
+    want = core.frechet_distance(*core.feature_statistics(adm_spatial[:4]), mu_s, sigma_s)
+    assert got["sfid"] == pytest.approx(want, rel=1e-3)

@@ -209,3 +209,12 @@ def test_int8_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(ConfigError, match=r"pip install 'ctfgen\[quant\]'"):
         cast_weights(tiny_gpt(), "int8")
+
+
+def test_int8_fbgemm_off_the_cpu_is_a_clear_error():
+    # fbgemm's packed weights and dynamic linear exist on the CPU only; "meta" stands in for CUDA here
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig.from_preset("GPT-tiny", vocab_size=11, image_tokens=16, num_classes=3))
+    with pytest.raises(ConfigError, match="int8-fbgemm runs on the CPU only.*meta.*--dtype int8"):
+        cast_weights(gpt, "int8-fbgemm")
+    assert not gpt.__dict__.get("_ctfgen_casts")

@@ -44,6 +44,7 @@ from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token
 from ctfgen.sampling import cfg_combine, generate, sample_from_logits
 from ctfgen.shipped import pretrained, pretrained_path
 from ctfgen.tokenizer.vq import VQConfig, VQModel
+from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.fileio import atomic_write_json
 from ctfgen.utils.precision import Int8, cast_weights, dtype_name, resolve_dtype
 from ctfgen.utils.threads import SHORT_SPIN, WAITING_VARIABLES, use_sampling_threads
@@ -159,6 +160,9 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
     `threads`: None keeps torch's setting, an int sets it, "auto" gives each model what the ctfgen
     command would (`ctfgen.utils.threads.use_sampling_threads`: one for the shipped models). `methods`:
     which of "baseline" and "ctf" to time (LlamaGen's sampler runs beside the baseline's GPT either way)."""
+    if llamagen and cfg_scale < 1.0:  # ctfgen guides at any scale but 1, LlamaGen above 1 only
+        raise ConfigError(f"--llamagen needs --cfg-scale 1 or above, got {cfg_scale:g}: LlamaGen ignores scales "
+                          "below 1 and samples without the unconditional half, half the rows the baseline runs")
     dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
     results = []
     print(_machine_line(device) + f"  cfg: {cfg_scale}  repeats: {repeats} (+{warmup} warm-up)")

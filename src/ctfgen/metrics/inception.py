@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.errors import ConfigError, CorruptFileError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"
@@ -33,7 +33,9 @@ TORCH_HUB_DIR = Path(torch.hub.get_dir()) / "checkpoints"
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 # sFID (Nash et al. 2021, as in ADM's evaluator): the first 7 channels of the 17x17 map of the
-# 1x1 branch of TF's `mixed_6` block (torch-fidelity's Mixed_6d), flattened: 7 * 17 * 17 = 2023.
+# 1x1 branch of TF's `mixed_6` block (torch-fidelity's Mixed_6d), flattened: 7 * 17 * 17 = 2023,
+# in ADM's order (its NHWC map reshaped: position-major, channels last), which the mu_s/sigma_s of
+# ADM's reference batches are in; a Fréchet distance against them needs the same order.
 SPATIAL_CHANNELS = 7
 
 
@@ -128,7 +130,14 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
     path = find_inception_weights(weights)
     _check_hash(path)
     # weights_only: the file is a plain state dict, and unpickling arbitrary objects is unsafe.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise CorruptFileError(f"{path} cannot be read as tensors ({type(e).__name__}): it is truncated, corrupt or "
+                               f"not a state dict; download `{WEIGHTS_FILE}` again") from None
+    if not isinstance(state_dict, dict):
+        raise ConfigError(f"{path} is not a torch-fidelity Inception-v3 state dict (it holds a "
+                          f"{type(state_dict).__name__}); download `{WEIGHTS_FILE}` again")
     module = _inception_module()
     # The constructor either downloads (weights path None) or calls torch.load(weights_only=False).
     # We hand it our already-loaded state dict through the download hook instead, which also
@@ -174,7 +183,8 @@ def inception_features(images, net=None, weights: str | Path | None = None, batc
     hook = None
     if spatial:
         hook = net.Mixed_6d.branch1x1.register_forward_hook(
-            lambda mod, inp, out: captured.__setitem__("spatial", out[:, :SPATIAL_CHANNELS].flatten(1))
+            lambda mod, inp, out: captured.__setitem__("spatial",
+                                                       out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1))
         )
     pools, logits, spatials = [], [], []
     try:

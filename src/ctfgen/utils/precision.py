@@ -164,6 +164,10 @@ def quantize_linears(model: torch.nn.Module, scheme: Int8) -> torch.nn.Module:
         chosen = set(names)
         quantization.quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn in chosen)
         return model
+    devices = sorted({p.device.type for p in model.parameters()} - {"cpu"})
+    if devices:  # its packed int8 weights and kernels exist on the CPU only: a traceback at the first step
+        raise ConfigError(f"--dtype {scheme.name} runs on the CPU only (PyTorch's x86 kernels), this model is on "
+                          f"{', '.join(devices)}: use --dtype int8 (torchao) or bfloat16 there, or --device cpu")
     engines = torch.backends.quantized.supported_engines
     if not {"fbgemm", "x86"} & set(engines):
         raise ConfigError(f"--dtype {scheme.name} needs PyTorch's x86 quantized engine (fbgemm); this build has "
