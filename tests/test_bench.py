@@ -62,6 +62,31 @@ def test_bench_reports_median_min_max_and_llamagen_beside_the_baseline(tiny_pipe
     assert [r["method"] for r in only] == ["ctf"]
 
 
+def test_llamagen_is_warmed_up_and_its_setup_is_not_scaled(tiny_pipes, monkeypatch):
+    # A fake clock: setting up the caches and mask takes 10 s once, each token 1 s, the first run 100 s
+    # more (cold). The baseline times its own cache set-up once per image; LlamaGen's must not be
+    # multiplied by image_tokens / tokens_timed.
+    from ctfgen.models.llamagen import llamagen_generate
+
+    clock, calls = [0.0], []
+
+    def fake(gpt, labels, decode_steps=None, timings=None, **kwargs):
+        tokens = llamagen_generate(gpt, labels, decode_steps=decode_steps, timings=timings, **kwargs)
+        assert timings is not None and timings["setup"] >= 0
+        clock[0] += 10.0
+        timings["setup"] = 10.0
+        clock[0] += tokens.shape[1] + (100.0 if not calls else 0.0)
+        calls.append(tokens.shape[1])
+        return tokens
+
+    monkeypatch.setattr(bench, "llamagen_generate", fake)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    gpt = tiny_pipes[0].gpt  # 4 image tokens
+    t = bench.time_llamagen(gpt, 2, repeats=3, cfg_scale=2.0, device="cpu", decode_steps=1, warmup=1)
+    assert calls == [2, 2, 2, 2]  # one warm-up run, three timed
+    assert t["tokens_timed"] == 2 and [r["total"] for r in t["runs"]] == [10.0 + 2 * 4 / 2] * 3
+
+
 def test_bench_refuses_llamagen_at_a_scale_it_ignores(monkeypatch, capsys):
     # below 1 ctfgen's baseline guides (2B rows a step) and LlamaGen does not (B rows): different work
     def no_work(*a, **k):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from typing import Mapping
 
 import torch
@@ -95,7 +96,8 @@ def load_llamagen_gpt(path, preset: str = "GPT-B", image_tokens: int = 256, num_
 
 @torch.no_grad()
 def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: int = -1, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, decode_steps: int | None = None) -> torch.Tensor:
+                      top_k: int = 0, top_p: float = 1.0, decode_steps: int | None = None,
+                      timings: dict | None = None) -> torch.Tensor:
     """LlamaGen's `generate` (autoregressive/models/generate.py) with its model's KV-cached forward
     (autoregressive/models/gpt.py), step for step, on a ctfgen `GPT`'s weights -> (B, image_tokens) int64.
 
@@ -112,8 +114,11 @@ def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: in
 
     `decode_steps` (timing only) stops after that many decode steps, the cache and mask keeping their
     full size, and returns (B, 1 + decode_steps) tokens: every LlamaGen step attends over the
-    whole cache, so each costs the same wherever it is in the image.
+    whole cache, so each costs the same wherever it is in the image. `timings` (timing only), a dict,
+    gets "setup": the seconds spent allocating the caches, the mask and the RoPE table, a cost paid
+    once per image however many steps are timed.
     """
+    t0 = time.perf_counter()
     cfg = gpt.config
     device, dtype = gpt.tok_embeddings.weight.device, gpt.tok_embeddings.weight.dtype
     cond = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -125,6 +130,10 @@ def llamagen_generate(gpt: GPT, labels, cfg_scale: float = 1.0, cfg_interval: in
                torch.zeros(batch, n_head, max_seq, head_dim, dtype=dtype, device=device)) for _ in gpt.layers]
     causal_mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device)).unsqueeze(0).repeat(batch, 1, 1)
     freqs_cis = precompute_freqs_cis_2d(cfg.grid_size, head_dim, cfg.rope_base, cls_token_num=T).to(device)
+    if timings is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings["setup"] = time.perf_counter() - t0
 
     def model(idx, cond_idx, input_pos):
         if cond_idx is not None:  # prefill
