@@ -8,7 +8,7 @@ import torch
 
 from _tiny_ctf import tiny_baseline, tiny_ctf
 from ctfgen.app import bench
-from ctfgen.utils import threads
+from ctfgen.utils import precision, threads
 from ctfgen.app.cli import main
 from ctfgen.models import transformer
 from ctfgen.pipeline import ARPipeline, CTFPipeline
@@ -85,6 +85,13 @@ def test_llamagen_is_warmed_up_and_its_setup_is_not_scaled(tiny_pipes, monkeypat
     t = bench.time_llamagen(gpt, 2, repeats=3, cfg_scale=2.0, device="cpu", decode_steps=1, warmup=1)
     assert calls == [2, 2, 2, 2]  # one warm-up run, three timed
     assert t["tokens_timed"] == 2 and [r["total"] for r in t["runs"]] == [10.0 + 2 * 4 / 2] * 3
+
+
+def test_bench_times_auto_and_what_it_resolves_to_once(tiny_pipes, monkeypatch):
+    monkeypatch.setattr(bench, "paper_shape_pipelines", lambda *a, **k: tiny_pipes)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # auto = float32 here
+    results = bench.run_bench(["GPT-B"], [2], repeats=1, dtypes=("auto", "float32"), warmup=0, methods=("baseline",))
+    assert [r["dtype"] for r in results] == ["float32"]
 
 
 def test_bench_refuses_llamagen_at_a_scale_it_ignores(monkeypatch, capsys):

@@ -167,7 +167,7 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
     if llamagen and cfg_scale < 1.0:  # ctfgen guides at any scale but 1, LlamaGen above 1 only
         raise ConfigError(f"--llamagen needs --cfg-scale 1 or above, got {cfg_scale:g}: LlamaGen ignores scales "
                           "below 1 and samples without the unconditional half, half the rows the baseline runs")
-    dtypes = [dtype_name(resolve_dtype(d, device)) for d in dict.fromkeys(dtypes)]
+    dtypes = list(dict.fromkeys(dtype_name(resolve_dtype(d, device)) for d in dtypes))  # "auto" may repeat one
     results = []
     print(_machine_line(device) + f"  cfg: {cfg_scale}  repeats: {repeats} (+{warmup} warm-up)")
     print("| model | dtype | method | batch | img/s median [min, max] | stage-1 tok/s | stage 1 s | stage 2 s "
