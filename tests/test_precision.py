@@ -160,6 +160,11 @@ def test_training_mixed_precision_auto(monkeypatch):
     monkeypatch.setattr("ctfgen.utils.precision.cpu_has_native_bf16", lambda: False)
     assert not isinstance(training_autocast("auto", cpu), torch.autocast)
     assert isinstance(training_autocast("bf16", cpu), torch.autocast)
+    # bf16 asked for on a device it has no autocast for here (MPS): an error, not float32 in silence
+    mps = torch.device("mps")
+    with pytest.raises(ConfigError, match="mixed_precision=bf16 autocasts on CUDA and CPU only, not on mps"):
+        training_autocast("bf16", mps)
+    assert not isinstance(training_autocast("auto", mps), torch.autocast)
 
 
 def _needs(scheme):

@@ -211,8 +211,8 @@ class TrainConfig:
     ema: bool = False
     ema_decay: Annotated[float, pydantic.Field(ge=0, lt=1)] = 0.9999
     # "auto": bf16 autocast on CUDA and on CPUs with native bf16 matmul, float32 elsewhere;
-    # "bf16": bf16 autocast on any device; "none": float32. Loss, optimiser state and master
-    # weights stay float32 in every case.
+    # "bf16": bf16 autocast on CUDA and CPU, refused on other devices (MPS, ...); "none": float32.
+    # Loss, optimiser state and master weights stay float32 in every case.
     mixed_precision: Literal["auto", "bf16", "none"] = "auto"
     seed: int = 0
     checkpoint_every: Count = 1000

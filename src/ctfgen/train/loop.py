@@ -78,6 +78,9 @@ def training_autocast(mixed_precision: str, device: torch.device):
     bf16 = mixed_precision != "none" and resolve_dtype(mixed_precision, device) == torch.bfloat16
     if bf16 and device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if mixed_precision == "bf16":  # asked for by name: training in float32 instead would go unnoticed
+        raise ConfigError(f"train.mixed_precision=bf16 autocasts on CUDA and CPU only, not on {device.type}; "
+                          "set train.mixed_precision=none (float32) or auto, or train on CUDA or CPU")
     return nullcontext()
 
 
