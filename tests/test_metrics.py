@@ -281,3 +281,30 @@ def test_sfid_against_an_adm_reference_batch_uses_adms_feature_order(random_ince
     got, _ = evaluate_inception(samples, ref, weights=random_inception_weights, device="cpu")
     want = core.frechet_distance(*core.feature_statistics(adm_spatial[:4]), mu_s, sigma_s)
     assert got["sfid"] == pytest.approx(want, rel=1e-3)
+
+
+def test_fashion_mnist_reference_features_follow_the_data_folder(tmp_path, monkeypatch):
+    # Two copies of the test split with different images: pointing $CTFGEN_FASHION_MNIST at the second
+    # within one process must not reuse the first one's cached reference features or radii.
+    import importlib
+
+    from ctfgen.data.fashion_mnist import ENV_VAR
+
+    evaluate = importlib.import_module("ctfgen.metrics.evaluate")  # the package exports a function of that name
+
+    rng = np.random.default_rng(0)
+    refs = {}
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+        labels = np.tile(np.arange(10, dtype=np.uint8), 2)
+        for stem, arr in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+            (folder / stem).write_bytes(bytes([0, 0, 0x08, arr.ndim]) + np.array(arr.shape, ">u4").tobytes()
+                                        + arr.tobytes())
+        monkeypatch.setenv(ENV_VAR, str(folder))
+        refs[name] = (evaluate._fmnist_split_embedding("test")[0], evaluate._fmnist_split_radii("test", 3))
+    assert not np.allclose(refs["a"][0], refs["b"][0])
+    assert not np.allclose(refs["a"][1], refs["b"][1])
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "a"))
+    assert np.array_equal(evaluate._fmnist_split_embedding("test")[0], refs["a"][0])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ctfgen.data.fashion_mnist import find_fashion_mnist
 from ctfgen.metrics.classifier import load_default_classifier, load_split
 from ctfgen.metrics.core import (
     feature_statistics,
@@ -109,20 +110,28 @@ def _default_classifier():
     return load_default_classifier()
 
 
-@lru_cache(maxsize=4)
 def _fmnist_split_embedding(split: str):
-    # The reference features of a split never change for the shipped classifier; the reproduction
-    # evaluates many checkpoints against the same split, so compute them once per process.
+    return _split_embedding(find_fashion_mnist(split=split).resolve(), split)
 
-    images, labels = load_split(split)
+
+def _fmnist_split_radii(split: str, k: int):
+    return _split_radii(find_fashion_mnist(split=split).resolve(), split, k)
+
+
+@lru_cache(maxsize=4)
+def _split_embedding(directory: Path, split: str):
+    # The reference features of a split in one folder never change for the shipped classifier; the
+    # reproduction evaluates many checkpoints against the same split, so compute them once per process.
+    # The folder is part of the key: $CTFGEN_FASHION_MNIST may point elsewhere later in the process.
+    images, labels = load_split(split, directory)
     feats, probs = _default_classifier().embed(images)
     return feats, probs, labels
 
 
 @lru_cache(maxsize=4)
-def _fmnist_split_radii(split: str, k: int):
+def _split_radii(directory: Path, split: str, k: int):
     # k-NN radii of 10k (60k) reference points are the costliest part of precision/recall
-    return knn_radii(_fmnist_split_embedding(split)[0], k)
+    return knn_radii(_split_embedding(directory, split)[0], k)
 
 
 def fmnist_grayscale(images):
