@@ -297,6 +297,10 @@ def test_timings_table_is_for_people():
 def test_loopback_hosts():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+    # names are not addresses: these may resolve anywhere, so they get the warning
+    assert not is_loopback("127.example.com") and not is_loopback("127.0.0.1.nip.io")
+    assert not is_loopback("localhost.example.com") and not is_loopback("::2")
+    assert is_loopback("127.0.1.1") and is_loopback("LocalHost")
 
 
 def test_demo_warns_for_a_public_host(monkeypatch, capsys):

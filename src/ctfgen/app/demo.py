@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import ipaddress
 import os
 import shutil
 import sys
@@ -43,11 +44,17 @@ __all__ = ["Limits", "build_app", "launch", "is_loopback"]
 
 DISPLAY_SIZE = 224  # 28x28 samples are enlarged (nearest) to this many pixels in the page
 KEEP_DOWNLOADS = 64  # the newest download archives kept on disk; older ones are deleted
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """A literal loopback address (127.0.0.0/8, ::1) or the name localhost. Any other name, even
+    one spelt like an address ("127.example.com"), may resolve to an address others can reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
