@@ -184,6 +184,10 @@ def test_explicit_threads_and_short_spin(monkeypatch):
     assert threads.explicit_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     assert threads.explicit_threads() is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")  # per nesting level: the outer level's count wins
+    assert threads.explicit_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "0,2")
+    assert threads.explicit_threads() is None
     env = {}
     threads.prefer_short_spin(env)
     assert env == {"GOMP_SPINCOUNT": threads.SHORT_SPIN}

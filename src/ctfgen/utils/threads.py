@@ -108,8 +108,9 @@ def sampling_threads(parameters: int, busy: float | None = None, cores: int | No
 
 
 def explicit_threads() -> int | None:
-    """OMP_NUM_THREADS when the user set it to a positive integer, else None."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    """OMP_NUM_THREADS when the user set it to a positive integer, else None. A list ("4,2", one
+    number per nesting level) gives its first number, as OpenMP takes it for the outer level."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
