@@ -198,6 +198,35 @@ def test_explicit_threads_and_short_spin(monkeypatch):
     assert threads.busy_cores(0.01) >= 0.0
 
 
+def test_busy_cores_counts_only_the_cores_this_process_may_use(monkeypatch):
+    # 4 CPUs, this process pinned to 0 and 1; over the interval cpu1, cpu2 and cpu3 are fully busy,
+    # cpu0 idle: one of its own cores is taken, not three (cpu2 and cpu3 are not its to use).
+    import io
+
+    def snapshot(busy, elapsed=100):  # jiffies since boot: `elapsed` per CPU, `busy[c]` of them used
+        rows = [[busy[c], 0, 0, elapsed - busy[c], 0, 0, 0, 0] for c in range(4)]
+        lines = [f"cpu{c} " + " ".join(map(str, row)) for c, row in enumerate(rows)]
+        return "cpu " + " ".join(str(sum(col)) for col in zip(*rows)) + "\n" + "\n".join(lines) + "\nintr 0\n"
+
+    stat = [snapshot([0, 0, 0, 0])]
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return io.StringIO(stat[0]) if str(path) == "/proc/stat" else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(threads, "open", fake_open, raising=False)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: stat.__setitem__(0, snapshot([0, 100, 100, 100], 200)))
+    monkeypatch.setattr(threads, "_own_cpu_seconds", lambda: 0.0)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    assert threads.busy_cores() == pytest.approx(1.0)
+    stat[0] = snapshot([0, 0, 0, 0])
+    assert threads.sampling_threads(threads.SMALL_MODEL_PARAMETERS) == 1
+    stat[0] = snapshot([0, 0, 0, 0])
+    monkeypatch.setattr(threads.time, "sleep", lambda s: stat.__setitem__(0, snapshot([0, 0, 100, 100], 200)))
+    assert threads.sampling_threads(threads.SMALL_MODEL_PARAMETERS) == 2  # both its cores are free
+
+
 def test_use_sampling_threads_on_a_pipeline(tiny_pipes, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()

@@ -14,8 +14,8 @@ measures it: a decode step can slow down tens of times. Two choices keep samplin
   environment before torch loads OpenMP, so the `ctfgen` command sets it first thing
   (`prefer_short_spin`), unless the user set a wait policy or a spin count.
 - **No more threads than free cores, and one for a small model.** `sampling_threads` counts the
-  cores this process may run on (its CPU affinity), subtracts those that other processes are
-  using right now (from /proc/stat, sampled over 0.1 s), and gives a model under
+  cores this process may run on (its CPU affinity), subtracts those of them that other processes
+  are using right now (from /proc/stat, sampled over 0.1 s), and gives a model under
   `SMALL_MODEL_PARAMETERS` one thread: its matrices are too small for a second thread to pay
   for the synchronisation. An explicit `OMP_NUM_THREADS` or `--threads` always wins.
 
@@ -59,18 +59,35 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times() -> tuple[float, float] | None:
-    """(busy, total) jiffies over all CPUs from /proc/stat; None where there is none."""
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_times(cpus: set[int] | None = None) -> tuple[float, float, int] | None:
+    """(busy, total) jiffies from /proc/stat and how many CPUs they cover: the CPUs numbered in
+    `cpus` (their own lines), or all CPUs when None; None where there is none."""
     try:
         with open("/proc/stat") as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f if line.startswith("cpu")]
     except OSError:
         return None
-    if not fields or fields[0] != "cpu":
+    if cpus is None:
+        rows = [fields for fields in lines if fields[0] == "cpu"]
+        count = os.cpu_count() or 1
+    else:
+        rows = [fields for fields in lines if fields[0][3:].isdigit() and int(fields[0][3:]) in cpus]
+        count = len(rows)
+    if not rows:
         return None
-    values = [float(v) for v in fields[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
-    return sum(values[:8]) - idle, sum(values[:8])
+    busy = total = 0.0
+    for fields in rows:
+        values = [float(v) for v in fields[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0.0)  # idle + iowait
+        busy, total = busy + sum(values[:8]) - idle, total + sum(values[:8])
+    return busy, total, count
 
 
 def _own_cpu_seconds() -> float:
@@ -79,21 +96,22 @@ def _own_cpu_seconds() -> float:
 
 
 def busy_cores(interval: float = 0.1) -> float:
-    """How many cores other processes keep busy, measured over `interval` seconds (0.0 where
-    /proc/stat is not available). This process's own use during the interval is not counted."""
-    first = _cpu_times()
+    """How many of the cores this process may run on (`usable_cores`) other processes keep busy,
+    measured over `interval` seconds (0.0 where /proc/stat is not available). Cores outside its
+    affinity do not count: it cannot use them either way. Its own use during the interval is not counted."""
+    cpus = _affinity()
+    first = _cpu_times(cpus)
     if first is None:
         return 0.0
     own0, t0 = _own_cpu_seconds(), time.monotonic()
     time.sleep(interval)
-    second = _cpu_times()
+    second = _cpu_times(cpus)
     own1, t1 = _own_cpu_seconds(), time.monotonic()
     if second is None or second[1] <= first[1]:
         return 0.0
-    cpus = os.cpu_count() or 1
-    share = (second[0] - first[0]) / (second[1] - first[1])  # of all CPUs
+    share = (second[0] - first[0]) / (second[1] - first[1])  # of the CPUs read
     own = (own1 - own0) / max(t1 - t0, 1e-9)  # cores' worth
-    return max(0.0, share * cpus - own)
+    return max(0.0, share * second[2] - own)
 
 
 def sampling_threads(parameters: int, busy: float | None = None, cores: int | None = None) -> int:
