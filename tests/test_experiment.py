@@ -359,6 +359,71 @@ def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(t
     assert (tmp_path / "run" / "phases" / "tokenizer.json").is_file()
 
 
+def _prepare_worker(rank, port, out):
+    """Two gloo ranks prepare a resumed run whose phase record rank 0 cannot use; each saves what it raised."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    from ctfgen.experiments import run as R
+
+    cfg, raw = R.load_experiment_config(TINY)
+    x = R.Experiment(cfg, raw, Path(out) / "run", True, None, False)
+    try:
+        x.prepare()
+        raised = None
+    except Exception as e:  # noqa: BLE001 - what each rank ends with is the point
+        raised = f"{type(e).__name__}: {e}"
+    x.lock.release()
+    Path(out, f"raised{rank}.txt").write_text(str(raised))
+
+
+def test_a_phase_record_rank_0_cannot_use_stops_every_rank_with_its_error(tmp_path):
+    """Only a RunError of rank 0's checks reached the other ranks: a corrupt phase record made rank 0 raise
+    while rank 1 waited for its answer (a hang until the collective timed out)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (tmp_path / "run" / "phases").mkdir(parents=True)
+    (tmp_path / "run" / "phases" / "tokenizer.json").write_text('{"name": "tokeni')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mp.get_context("spawn").Process(target=_prepare_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    raised = [(tmp_path / f"raised{r}.txt").read_text() if (tmp_path / f"raised{r}.txt").is_file() else None
+              for r in range(2)]
+    assert all(r is not None and r.startswith("CorruptFileError: ") and "tokenizer.json is not valid JSON" in r
+               for r in raised), raised
+
+
+def test_an_old_phase_record_that_does_not_load_is_named(tmp_path):
+    """A record whose settings today's loader rejects was reported as if the user's config were wrong."""
+    from ctfgen.experiments.run import Experiment, load_experiment_config
+    from ctfgen.utils.fileio import atomic_write_json
+
+    out = tmp_path / "run"
+    atomic_write_json(out / "phases" / "cluster.json",
+                      {"name": "cluster", "inputs": {"clustering": {"retired_setting": 1}}, "commit": "x"})
+    cfg, raw = load_experiment_config(TINY)
+    x = Experiment(cfg, raw, out, True, None, False)
+    try:
+        with pytest.raises(ConfigError, match=r"cluster\.json, the record of the finished cluster phase, does not load"):
+            x.prepare()
+    finally:
+        x.lock.release()
+
+
 def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     """The assembled pipelines hold the sampling defaults, and assembly and the held-out phase cover the enabled
     stages: a resume that changed either used to pass, leaving config.yaml saying what the pipelines are not

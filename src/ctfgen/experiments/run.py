@@ -49,7 +49,7 @@ from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.train.stages import load_stage_model, matched_depth, train_stage
 from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import CorruptFileError, MismatchError, RunError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, CtfgenError, MismatchError, RunError
 from ctfgen.utils.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
 from ctfgen.utils.hub import write_model_card
 from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock_file, plain
@@ -116,10 +116,10 @@ class Experiment:
             try:
                 self.lock.acquire()
                 self._check_dir()
-            except RunError as e:
-                error = str(e)
-        if error := D.broadcast_object(error):  # every rank stops, not only rank 0
-            raise RunError(error)
+            except CtfgenError as e:  # a corrupt or unloadable phase record too, not only a RunError
+                error = e
+        if (error := D.broadcast_object(error)) is not None:  # every rank stops, not only rank 0
+            raise error
         if D.is_main():
             # config.yaml: everything resolved, for the record. input.yaml: what was asked for, which
             # `--resume` without a CONFIG starts from, so a top-level override still reaches every stage.
@@ -141,7 +141,14 @@ class Experiment:
                 # added compare by the values they resolve to; one written before its phase depended on a
                 # section holds none of it, and is compared on the sections it holds.
                 inputs = record.get("inputs") or {}
-                then, now = sections(ExperimentConfig.from_raw(inputs), phase), sections(self.cfg, phase)
+                try:
+                    then = sections(ExperimentConfig.from_raw(inputs), phase)
+                except ConfigError as e:  # the record's settings, not the user's config
+                    raise ConfigError(f"{self.records.path(phase)}, the record of the finished {phase} phase, "
+                                      f"does not load as a config of this ctfgen ({e}); run it with the ctfgen "
+                                      "that made it (its commit is in the record), or start a new run with "
+                                      "another --out") from None
+                now = sections(self.cfg, phase)
                 lines = diff_lines({k: v for k, v in then.items() if k in inputs},
                                    {k: v for k, v in now.items() if k in inputs})
                 changed += [f"  {phase}: " + "; ".join(lines)] if lines else []
