@@ -456,6 +456,21 @@ def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     prepare("sampling.ctf.cfg_scale=3.0")
 
 
+def test_pipeline_without_config_or_resume_says_to_pass_one(tmp_path):
+    """Without --resume the message said there was no DIR/input.yaml to resume from, even where there was one."""
+    from ctfgen.experiments.run import load_experiment_config
+    from ctfgen.utils.errors import RunError
+
+    (tmp_path / "input.yaml").write_text(Path(TINY).read_text())
+    with pytest.raises(RunError, match=r"^no CONFIG given: pass one, or --resume to continue") as err:
+        load_experiment_config(None, tmp_path)
+    assert "to resume from" not in str(err.value)
+    assert load_experiment_config(None, tmp_path, resume=True)[1] == yaml.safe_load(Path(TINY).read_text())
+    (tmp_path / "input.yaml").unlink()
+    with pytest.raises(RunError, match=r"no .*input\.yaml to resume from; pass a CONFIG"):
+        load_experiment_config(None, tmp_path, resume=True)
+
+
 def test_matched_depth_gives_ctf_parameter_count(synthetic):
     from ctfgen.train.stages import MATCH_TOLERANCE, matched_depth, parameter_count
 

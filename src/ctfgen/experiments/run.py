@@ -373,7 +373,9 @@ def load_experiment_config(config, out_dir=None, resume: bool = False, overrides
     the run's own input.yaml. `dry_run` shrinks it to two steps of everything (see config.py)."""
     if config is None:
         config = RunDir(out_dir).input_config if out_dir is not None else None
-        if not (resume and config is not None and config.is_file()):
+        if not resume:  # even where DIR/input.yaml exists, only --resume may start from it
+            raise RunError("no CONFIG given: pass one, or --resume to continue the run in --out from its input.yaml")
+        if config is None or not config.is_file():
             raise RunError(f"no config given and no {config} to resume from; pass a CONFIG")
     raw = apply_overrides(config if isinstance(config, dict) else read_yaml(config),
                           (dry_run_overrides() if dry_run else []) + list(overrides or []))
