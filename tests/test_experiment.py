@@ -471,6 +471,45 @@ def test_pipeline_without_config_or_resume_says_to_pass_one(tmp_path):
         load_experiment_config(None, tmp_path, resume=True)
 
 
+def test_top_level_pipeline_json_is_never_half_written(tmp_path, monkeypatch):
+    """DIR's own pipeline.json (what makes DIR a loadable pipeline) was copied in place: a kill mid-copy left
+    half a file. A kill before it is complete now leaves the previous one; where there are no symlinks, the
+    parts are copied whole as well."""
+    from ctfgen.experiments.run import _link_top_level
+    from ctfgen.utils import fileio
+
+    root = tmp_path / "run"
+    (root / "ctf" / "ar").mkdir(parents=True)
+    (root / "ctf" / "ar" / "config.json").write_text('{"dim": 8}')
+    (root / "ctf" / "coarse_map.safetensors").write_bytes(b"map")
+    (root / "ctf" / "pipeline.json").write_text(json.dumps({"type": "ctf", "new": True}))
+    (root / "pipeline.json").write_text(json.dumps({"type": "ctf", "new": False}))
+
+    def killed(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:7])
+        raise KeyboardInterrupt
+
+    def killed_before_rename(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", killed)
+    monkeypatch.setattr(fileio, "fsync_file", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _link_top_level(root, "ctf")
+    assert json.loads((root / "pipeline.json").read_text()) == {"type": "ctf", "new": False}
+    monkeypatch.undo()
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks not supported")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    _link_top_level(root, "ctf")
+    assert json.loads((root / "pipeline.json").read_text()) == {"type": "ctf", "new": True}
+    assert (root / "ar" / "config.json").read_text() == '{"dim": 8}' and not (root / "ar").is_symlink()
+    assert (root / "coarse_map.safetensors").read_bytes() == b"map"
+    assert sorted(p.name for p in root.iterdir()) == ["ar", "coarse_map.safetensors", "ctf", "pipeline.json"]
+
+
 def test_matched_depth_gives_ctf_parameter_count(synthetic):
     from ctfgen.train.stages import MATCH_TOLERANCE, matched_depth, parameter_count
 

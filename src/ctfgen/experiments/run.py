@@ -50,7 +50,8 @@ from ctfgen.train.stages import load_stage_model, matched_depth, train_stage
 from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError, CorruptFileError, CtfgenError, MismatchError, RunError
-from ctfgen.utils.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
+from ctfgen.utils.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text,
+                                 publish_dir)
 from ctfgen.utils.hub import write_model_card
 from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock_file, plain
 
@@ -352,17 +353,20 @@ def _link_top_level(root: Path, sub: str) -> None:
     so the directory can be moved; copies where the filesystem has no symlinks)."""
     for entry in (root / sub).iterdir():
         target = root / entry.name
+        if entry.name == "pipeline.json":  # replaced in one step: DIR never holds a half or no pipeline.json
+            atomic_write_bytes(target, entry.read_bytes())
+            continue
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.is_dir():
             shutil.rmtree(target)
-        if entry.name == "pipeline.json":
-            shutil.copyfile(entry, target)
-            continue
         try:
             os.symlink(Path(sub) / entry.name, target, target_is_directory=entry.is_dir())
         except OSError:
-            (shutil.copytree if entry.is_dir() else shutil.copyfile)(entry, target)
+            if entry.is_dir():
+                publish_dir(lambda tmp: shutil.copytree(entry, tmp), target)
+            else:
+                atomic_write_bytes(target, entry.read_bytes())
 
 
 # --- the driver ----------------------------------------------------------------------------------
