@@ -510,6 +510,29 @@ def test_top_level_pipeline_json_is_never_half_written(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == ["ar", "coarse_map.safetensors", "ctf", "pipeline.json"]
 
 
+def test_finished_run_images_of_an_image_folder_run_are_refused(tmp_path, monkeypatch):
+    """The image-folder subset has `indices` as Fashion-MNIST has: `images` ended in an AttributeError."""
+    from PIL import Image
+
+    from ctfgen.config import dump
+    from ctfgen.data.factory import FolderSubset
+    from ctfgen.data.folder import ImageFolder
+    from ctfgen.experiments.run import FinishedRun, load_experiment_config
+    from ctfgen.utils.errors import RunError
+
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name / "0.png")
+    cfg, _ = load_experiment_config(TINY, overrides=["data.dataset=image_folder", f"data.root={tmp_path / 'images'}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump(cfg))
+    run = FinishedRun(tmp_path / "run")
+    monkeypatch.setattr(FinishedRun, "image_dataset",
+                        lambda self, split: FolderSubset(ImageFolder(tmp_path / "images", image_size=8), [0, 1]))
+    with pytest.raises(RunError, match="holds image-folder data; these need Fashion-MNIST images"):
+        run.images("test")
+
+
 def test_matched_depth_gives_ctf_parameter_count(synthetic):
     from ctfgen.train.stages import MATCH_TOLERANCE, matched_depth, parameter_count
 

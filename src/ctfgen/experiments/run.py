@@ -43,6 +43,7 @@ from ctfgen.config import (ExperimentConfig, apply_overrides, check_experiment, 
                            to_dict)
 from ctfgen.data import CodeDataset, check_codes, extract_codes, make_dataset, read_header
 from ctfgen.data.factory import TENCROP_RANGE, image_size
+from ctfgen.data.fashion_mnist import FashionMNIST
 from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token, load_pipeline
 from ctfgen.tokenizer import load_tokenizer
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
@@ -503,6 +504,6 @@ class FinishedRun(RunDir):
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W) images and labels of a Fashion-MNIST split, in the order its codes were extracted."""
         ds = self.image_dataset(split)
-        if not hasattr(ds, "indices"):
+        if not isinstance(ds, FashionMNIST):  # an image folder's subset has `indices` too, but no `images`
             raise RunError(f"{self.root} holds image-folder data; these need Fashion-MNIST images")
         return ds.images[ds.indices], ds.labels[ds.indices]
