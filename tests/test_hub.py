@@ -209,3 +209,15 @@ def test_model_card_names_a_corrupt_pipeline_file(tmp_path):
     with pytest.raises(CorruptFileError, match=r"pipeline\.json is not valid JSON.*save the pipeline again"):
         write_model_card(tmp_path)
     assert not (tmp_path / "README.md").exists()
+
+
+def test_model_card_with_dashes_in_a_value_reads_back(tmp_path):
+    """The front matter was split at the first `---` anywhere: a config value holding one made the card read as
+    empty, so a pipeline saved again silently dropped its recorded config and metrics."""
+    from ctfgen.utils.hub import read_model_card, write_model_card
+
+    (tmp_path / "pipeline.json").write_text('{"type": "ctf"}')
+    recorded = {"training_config": {"name": "fmnist---long", "data": {"root": "/data/a---b\n---\nc"}},
+                "metrics": {"ar": {"steps": 3}}}
+    write_model_card(tmp_path, **recorded)
+    assert read_model_card(tmp_path) == recorded

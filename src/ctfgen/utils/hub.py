@@ -303,12 +303,14 @@ def read_model_card(directory) -> dict:
     path = Path(directory) / MODEL_CARD_FILE
     if not path.is_file():
         return {}
-    text = path.read_text(errors="replace")
-    if not text.startswith("---"):
+    lines = path.read_text(errors="replace").splitlines()
+    # The front matter runs from a first line `---` to the next line that is exactly `---`; a `---` inside a
+    # value (a run name, a path) is no end of it.
+    if not lines or lines[0].rstrip() != "---" or "---" not in lines[1:]:
         return {}
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
+        meta = yaml.safe_load("\n".join(lines[1:lines.index("---", 1)])) or {}
+    except yaml.YAMLError:
         return {}
     recorded = meta.get("ctfgen") if isinstance(meta, dict) else None
     if not isinstance(recorded, dict):
