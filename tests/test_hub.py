@@ -221,3 +221,23 @@ def test_model_card_with_dashes_in_a_value_reads_back(tmp_path):
                 "metrics": {"ar": {"steps": 3}}}
     write_model_card(tmp_path, **recorded)
     assert read_model_card(tmp_path) == recorded
+
+
+def test_models_load_by_hub_id(tmp_path, monkeypatch):
+    """`os.sep in path` took every `org/name` for a missing local path: GPT.from_pretrained("org/name") never
+    reached the Hub. A path that is no repo id is still a MissingFileError."""
+    from ctfgen.utils import hub
+    from ctfgen.utils.errors import MissingFileError
+
+    model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
+    model.save_pretrained(tmp_path / "snapshot")
+    asked = []
+    monkeypatch.setattr(hub, "download_snapshot",
+                        lambda repo_id, revision=None: asked.append(repo_id) or tmp_path / "snapshot")
+    loaded = GPT.from_pretrained("ctfgen-test/tiny-gpt")
+    assert asked == ["ctfgen-test/tiny-gpt"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    for local in (tmp_path / "nope" / "model", "./nope", "a/b/c", tmp_path / "snapshot" / "config.json"):
+        with pytest.raises(MissingFileError, match="is not a directory"):
+            GPT.from_pretrained(str(local))
+    assert asked == ["ctfgen-test/tiny-gpt"]

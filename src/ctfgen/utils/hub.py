@@ -135,12 +135,15 @@ class HubMixin(PyTorchModelHubMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path) and (os.sep in path or path.startswith(".") or os.path.exists(path)):
-            # A local path that is not there: say so, rather than trying it as a Hub repo id.
-            raise MissingFileError(
-                f"{path} is not a directory: expected a saved {cls.__name__} "
-                f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
-            )
+        if not os.path.isdir(path):
+            if os.path.exists(path) or not is_repo_id(path):
+                # A local path that is not there: say so, rather than trying it as a Hub repo id.
+                raise MissingFileError(
+                    f"{path} is not a directory: expected a saved {cls.__name__} "
+                    f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
+                )
+            # `org/name` (which holds os.sep, as every repo id does): fetched as the pipelines are
+            path = pretrained_model_name_or_path = str(download_snapshot(path, kwargs.get("revision")))
         config = Path(path) / constants.CONFIG_NAME
         if config.is_file():  # huggingface_hub reads any JSON, and a list or null in it was an AttributeError
             read_json(config, f"save the {cls.__name__} again (save_pretrained)")
