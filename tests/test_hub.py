@@ -241,3 +241,27 @@ def test_models_load_by_hub_id(tmp_path, monkeypatch):
         with pytest.raises(MissingFileError, match="is not a directory"):
             GPT.from_pretrained(str(local))
     assert asked == ["ctfgen-test/tiny-gpt"]
+
+
+def test_save_weights_writes_through_fileio(tmp_path, monkeypatch):
+    """save_weights wrote with safetensors' save_file in place; the same bytes now appear whole or not at all."""
+    from safetensors.torch import save_file
+
+    from ctfgen.utils import fileio
+    from ctfgen.utils.hub import save_weights
+
+    model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
+    save_weights(model, tmp_path / "w.safetensors", torch.bfloat16)
+    state = {k: (v.bfloat16() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "library.safetensors")
+    before = (tmp_path / "w.safetensors").read_bytes()
+    assert before == (tmp_path / "library.safetensors").read_bytes()
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "fsync_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_weights(model, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["library.safetensors", "w.safetensors"]

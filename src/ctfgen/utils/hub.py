@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -39,11 +40,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_model
 
 from ctfgen import __version__
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError
-from ctfgen.utils.fileio import atomic_write_text, read_json
+from ctfgen.utils.fileio import atomic_save, atomic_save_safetensors, atomic_write_text, read_json
 
 SAFETENSORS_FILE = "model.safetensors"
 MODEL_CARD_FILE = "README.md"
@@ -125,12 +126,22 @@ def save_weights(model: torch.nn.Module, path, parameters_dtype: torch.dtype = t
     params = {name for name, _ in model.named_parameters()}
     state = {k: (v.to(parameters_dtype) if k in params and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return Path(path)
+    return atomic_save_safetensors(state, path)
 
 
 class HubMixin(PyTorchModelHubMixin):
     """`save_pretrained(dir)` / `from_pretrained(dir)` with strict, safetensors-only loading."""
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # huggingface_hub writes the weights and config.json in place, where a killed run leaves half a file;
+        # these are its bytes, through fileio. config.json written here is one save_pretrained leaves as it is.
+        model = self.module if hasattr(self, "module") else self
+        atomic_save(lambda tmp: save_model(model, str(tmp)), Path(save_directory) / SAFETENSORS_FILE)
+        config = self._hub_mixin_config
+        if config is not None:
+            config = asdict(config) if is_dataclass(config) else config
+            text = json.dumps(config, sort_keys=True, indent=2)
+            atomic_write_text(Path(save_directory) / constants.CONFIG_NAME, text)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
