@@ -48,6 +48,33 @@ def test_save_and_reload_roundtrip(model, tmp_path):
         assert torch.equal(model(x), again(x))
 
 
+def test_save_pretrained_writes_through_fileio(model, tmp_path, monkeypatch):
+    """huggingface_hub wrote model.safetensors and config.json in place: a run killed meanwhile left half a
+    file. They are the library's bytes, now written whole or not at all."""
+    from huggingface_hub import PyTorchModelHubMixin
+
+    from ctfgen.utils import fileio
+    from ctfgen.utils.hub import HubMixin
+
+    model.save_pretrained(tmp_path / "ours")
+    with monkeypatch.context() as m:
+        m.setattr(HubMixin, "_save_pretrained", PyTorchModelHubMixin._save_pretrained)
+        model.save_pretrained(tmp_path / "library")
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    assert files(tmp_path / "ours") == files(tmp_path / "library")
+    weights = (tmp_path / "ours" / "model.safetensors").read_bytes()
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "fsync_file", killed)
+    other = clf.FMNISTClassifier(model.config)
+    with pytest.raises(KeyboardInterrupt):
+        other.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == weights
+    assert not [p for p in (tmp_path / "ours").iterdir() if p.name.startswith(".")]
+
+
 def test_preprocess_accepts_uint8_and_float_layouts(model, test_split):
     u8 = test_split[0][:4]
     a = model.preprocess(u8)

@@ -359,6 +359,71 @@ def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(t
     assert (tmp_path / "run" / "phases" / "tokenizer.json").is_file()
 
 
+def _prepare_worker(rank, port, out):
+    """Two gloo ranks prepare a resumed run whose phase record rank 0 cannot use; each saves what it raised."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    from ctfgen.experiments import run as R
+
+    cfg, raw = R.load_experiment_config(TINY)
+    x = R.Experiment(cfg, raw, Path(out) / "run", True, None, False)
+    try:
+        x.prepare()
+        raised = None
+    except Exception as e:  # noqa: BLE001 - what each rank ends with is the point
+        raised = f"{type(e).__name__}: {e}"
+    x.lock.release()
+    Path(out, f"raised{rank}.txt").write_text(str(raised))
+
+
+def test_a_phase_record_rank_0_cannot_use_stops_every_rank_with_its_error(tmp_path):
+    """Only a RunError of rank 0's checks reached the other ranks: a corrupt phase record made rank 0 raise
+    while rank 1 waited for its answer (a hang until the collective timed out)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    (tmp_path / "run" / "phases").mkdir(parents=True)
+    (tmp_path / "run" / "phases" / "tokenizer.json").write_text('{"name": "tokeni')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mp.get_context("spawn").Process(target=_prepare_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    raised = [(tmp_path / f"raised{r}.txt").read_text() if (tmp_path / f"raised{r}.txt").is_file() else None
+              for r in range(2)]
+    assert all(r is not None and r.startswith("CorruptFileError: ") and "tokenizer.json is not valid JSON" in r
+               for r in raised), raised
+
+
+def test_an_old_phase_record_that_does_not_load_is_named(tmp_path):
+    """A record whose settings today's loader rejects was reported as if the user's config were wrong."""
+    from ctfgen.experiments.run import Experiment, load_experiment_config
+    from ctfgen.utils.fileio import atomic_write_json
+
+    out = tmp_path / "run"
+    atomic_write_json(out / "phases" / "cluster.json",
+                      {"name": "cluster", "inputs": {"clustering": {"retired_setting": 1}}, "commit": "x"})
+    cfg, raw = load_experiment_config(TINY)
+    x = Experiment(cfg, raw, out, True, None, False)
+    try:
+        with pytest.raises(ConfigError, match=r"cluster\.json, the record of the finished cluster phase, does not load"):
+            x.prepare()
+    finally:
+        x.lock.release()
+
+
 def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     """The assembled pipelines hold the sampling defaults, and assembly and the held-out phase cover the enabled
     stages: a resume that changed either used to pass, leaving config.yaml saying what the pipelines are not
@@ -389,6 +454,83 @@ def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     # a record made before assembly depended on these holds none of them, and still resumes
     atomic_write_json(out / "phases" / "assemble.json", {"name": "assemble", "inputs": {}, "commit": "x"})
     prepare("sampling.ctf.cfg_scale=3.0")
+
+
+def test_pipeline_without_config_or_resume_says_to_pass_one(tmp_path):
+    """Without --resume the message said there was no DIR/input.yaml to resume from, even where there was one."""
+    from ctfgen.experiments.run import load_experiment_config
+    from ctfgen.utils.errors import RunError
+
+    (tmp_path / "input.yaml").write_text(Path(TINY).read_text())
+    with pytest.raises(RunError, match=r"^no CONFIG given: pass one, or --resume to continue") as err:
+        load_experiment_config(None, tmp_path)
+    assert "to resume from" not in str(err.value)
+    assert load_experiment_config(None, tmp_path, resume=True)[1] == yaml.safe_load(Path(TINY).read_text())
+    (tmp_path / "input.yaml").unlink()
+    with pytest.raises(RunError, match=r"no .*input\.yaml to resume from; pass a CONFIG"):
+        load_experiment_config(None, tmp_path, resume=True)
+
+
+def test_top_level_pipeline_json_is_never_half_written(tmp_path, monkeypatch):
+    """DIR's own pipeline.json (what makes DIR a loadable pipeline) was copied in place: a kill mid-copy left
+    half a file. A kill before it is complete now leaves the previous one; where there are no symlinks, the
+    parts are copied whole as well."""
+    from ctfgen.experiments.run import _link_top_level
+    from ctfgen.utils import fileio
+
+    root = tmp_path / "run"
+    (root / "ctf" / "ar").mkdir(parents=True)
+    (root / "ctf" / "ar" / "config.json").write_text('{"dim": 8}')
+    (root / "ctf" / "coarse_map.safetensors").write_bytes(b"map")
+    (root / "ctf" / "pipeline.json").write_text(json.dumps({"type": "ctf", "new": True}))
+    (root / "pipeline.json").write_text(json.dumps({"type": "ctf", "new": False}))
+
+    def killed(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:7])
+        raise KeyboardInterrupt
+
+    def killed_before_rename(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", killed)
+    monkeypatch.setattr(fileio, "fsync_file", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _link_top_level(root, "ctf")
+    assert json.loads((root / "pipeline.json").read_text()) == {"type": "ctf", "new": False}
+    monkeypatch.undo()
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks not supported")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    _link_top_level(root, "ctf")
+    assert json.loads((root / "pipeline.json").read_text()) == {"type": "ctf", "new": True}
+    assert (root / "ar" / "config.json").read_text() == '{"dim": 8}' and not (root / "ar").is_symlink()
+    assert (root / "coarse_map.safetensors").read_bytes() == b"map"
+    assert sorted(p.name for p in root.iterdir()) == ["ar", "coarse_map.safetensors", "ctf", "pipeline.json"]
+
+
+def test_finished_run_images_of_an_image_folder_run_are_refused(tmp_path, monkeypatch):
+    """The image-folder subset has `indices` as Fashion-MNIST has: `images` ended in an AttributeError."""
+    from PIL import Image
+
+    from ctfgen.config import dump
+    from ctfgen.data.factory import FolderSubset
+    from ctfgen.data.folder import ImageFolder
+    from ctfgen.experiments.run import FinishedRun, load_experiment_config
+    from ctfgen.utils.errors import RunError
+
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name / "0.png")
+    cfg, _ = load_experiment_config(TINY, overrides=["data.dataset=image_folder", f"data.root={tmp_path / 'images'}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump(cfg))
+    run = FinishedRun(tmp_path / "run")
+    monkeypatch.setattr(FinishedRun, "image_dataset",
+                        lambda self, split: FolderSubset(ImageFolder(tmp_path / "images", image_size=8), [0, 1]))
+    with pytest.raises(RunError, match="holds image-folder data; these need Fashion-MNIST images"):
+        run.images("test")
 
 
 def test_matched_depth_gives_ctf_parameter_count(synthetic):

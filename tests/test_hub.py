@@ -209,3 +209,59 @@ def test_model_card_names_a_corrupt_pipeline_file(tmp_path):
     with pytest.raises(CorruptFileError, match=r"pipeline\.json is not valid JSON.*save the pipeline again"):
         write_model_card(tmp_path)
     assert not (tmp_path / "README.md").exists()
+
+
+def test_model_card_with_dashes_in_a_value_reads_back(tmp_path):
+    """The front matter was split at the first `---` anywhere: a config value holding one made the card read as
+    empty, so a pipeline saved again silently dropped its recorded config and metrics."""
+    from ctfgen.utils.hub import read_model_card, write_model_card
+
+    (tmp_path / "pipeline.json").write_text('{"type": "ctf"}')
+    recorded = {"training_config": {"name": "fmnist---long", "data": {"root": "/data/a---b\n---\nc"}},
+                "metrics": {"ar": {"steps": 3}}}
+    write_model_card(tmp_path, **recorded)
+    assert read_model_card(tmp_path) == recorded
+
+
+def test_models_load_by_hub_id(tmp_path, monkeypatch):
+    """`os.sep in path` took every `org/name` for a missing local path: GPT.from_pretrained("org/name") never
+    reached the Hub. A path that is no repo id is still a MissingFileError."""
+    from ctfgen.utils import hub
+    from ctfgen.utils.errors import MissingFileError
+
+    model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
+    model.save_pretrained(tmp_path / "snapshot")
+    asked = []
+    monkeypatch.setattr(hub, "download_snapshot",
+                        lambda repo_id, revision=None: asked.append(repo_id) or tmp_path / "snapshot")
+    loaded = GPT.from_pretrained("ctfgen-test/tiny-gpt")
+    assert asked == ["ctfgen-test/tiny-gpt"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    for local in (tmp_path / "nope" / "model", "./nope", "a/b/c", tmp_path / "snapshot" / "config.json"):
+        with pytest.raises(MissingFileError, match="is not a directory"):
+            GPT.from_pretrained(str(local))
+    assert asked == ["ctfgen-test/tiny-gpt"]
+
+
+def test_save_weights_writes_through_fileio(tmp_path, monkeypatch):
+    """save_weights wrote with safetensors' save_file in place; the same bytes now appear whole or not at all."""
+    from safetensors.torch import save_file
+
+    from ctfgen.utils import fileio
+    from ctfgen.utils.hub import save_weights
+
+    model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
+    save_weights(model, tmp_path / "w.safetensors", torch.bfloat16)
+    state = {k: (v.bfloat16() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "library.safetensors")
+    before = (tmp_path / "w.safetensors").read_bytes()
+    assert before == (tmp_path / "library.safetensors").read_bytes()
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "fsync_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_weights(model, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["library.safetensors", "w.safetensors"]

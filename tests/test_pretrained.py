@@ -187,3 +187,31 @@ def test_ship_takes_the_sampling_setting_the_study_chose_for_that_very_run(tiny_
         card = (tmp_path / "assets" / sub / "README.md").read_text()
         assert "Sampling defaults: " + ", ".join(f"`{k}={v}`" for k, v in after.items()) in card
         assert f"| tokenizer included | {method == 'ctf'} |" in card
+
+
+def test_ship_refuses_a_chosen_sampling_setting_the_pipeline_would_refuse(tiny_run, tmp_path):
+    """select-<method>.json's `chosen` was merged into the shipped defaults unchecked: a list was a TypeError,
+    a bad value shipped a pair that failed only when loaded."""
+    import json
+
+    from ctfgen.shipped import ship
+    from ctfgen.utils.errors import CorruptFileError
+    from ctfgen.utils.fingerprint import directory_fingerprint
+
+    records = tmp_path / "records"
+    records.mkdir()
+
+    def write(method, chosen):
+        (records / f"select-{method}.json").write_text(json.dumps(
+            {"name": f"select-{method}", "inputs": {"models": {method: directory_fingerprint(tiny_run / method)}},
+             "chosen": chosen}))
+
+    write("ctf", {"cfg_scale": 1.5, "temperature": 0.9})
+    for chosen, message in (([1.5, 0.9], r"has chosen \[1\.5, 0\.9\], not an object of sampling options"),
+                            ({"cfg_scale": 3.0, "temperature": -1}, r"temperature must be"),
+                            ({"cfg_scale": "x"}, r"cfg_scale must be a number"),
+                            ({"cfg_scale": 3.0, "tempreature": 1.0}, r"unknown options \['tempreature'\]")):
+        write("baseline", chosen)
+        with pytest.raises(CorruptFileError, match=r"select-baseline\.json .*" + message):
+            ship(tiny_run, assets=tmp_path / "assets", sampling_from=records)
+    assert not (tmp_path / "assets").exists()

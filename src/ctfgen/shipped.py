@@ -77,7 +77,16 @@ def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) ->
     if made_from != shipping:
         raise MismatchError(f"{path} chose a setting for the {method} model with fingerprint {made_from}, but "
                             f"{pipeline_dir} has {shipping}: pass the records of the run being shipped")
-    return record["chosen"]
+    chosen = record["chosen"]
+    if not isinstance(chosen, dict):
+        raise CorruptFileError(f"{path} has chosen {chosen!r}, not an object of sampling options; run the study again")
+    pipe = load_pipeline(pipeline_dir)
+    try:  # as the shipped pipeline will check them when it loads, but before anything is written
+        pipe.resolve_sampling(chosen)
+    except CtfgenError as e:
+        raise CorruptFileError(f"{path} chose sampling settings the {method} pipeline refuses ({e}); "
+                               "run the study again") from None
+    return chosen
 
 
 def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float32",

@@ -43,14 +43,16 @@ from ctfgen.config import (ExperimentConfig, apply_overrides, check_experiment, 
                            to_dict)
 from ctfgen.data import CodeDataset, check_codes, extract_codes, make_dataset, read_header
 from ctfgen.data.factory import TENCROP_RANGE, image_size
+from ctfgen.data.fashion_mnist import FashionMNIST
 from ctfgen.pipeline import ARPipeline, CTFPipeline, heldout_bits_per_token, load_pipeline
 from ctfgen.tokenizer import load_tokenizer
 from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.train.stages import load_stage_model, matched_depth, train_stage
 from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import CorruptFileError, MismatchError, RunError
-from ctfgen.utils.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, publish_dir
+from ctfgen.utils.errors import ConfigError, CorruptFileError, CtfgenError, MismatchError, RunError
+from ctfgen.utils.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text,
+                                 publish_dir)
 from ctfgen.utils.hub import write_model_card
 from ctfgen.utils.rundir import Records, RunDir, WriterLock, diff_lines, is_lock_file, plain
 
@@ -116,10 +118,10 @@ class Experiment:
             try:
                 self.lock.acquire()
                 self._check_dir()
-            except RunError as e:
-                error = str(e)
-        if error := D.broadcast_object(error):  # every rank stops, not only rank 0
-            raise RunError(error)
+            except CtfgenError as e:  # a corrupt or unloadable phase record too, not only a RunError
+                error = e
+        if (error := D.broadcast_object(error)) is not None:  # every rank stops, not only rank 0
+            raise error
         if D.is_main():
             # config.yaml: everything resolved, for the record. input.yaml: what was asked for, which
             # `--resume` without a CONFIG starts from, so a top-level override still reaches every stage.
@@ -141,7 +143,14 @@ class Experiment:
                 # added compare by the values they resolve to; one written before its phase depended on a
                 # section holds none of it, and is compared on the sections it holds.
                 inputs = record.get("inputs") or {}
-                then, now = sections(ExperimentConfig.from_raw(inputs), phase), sections(self.cfg, phase)
+                try:
+                    then = sections(ExperimentConfig.from_raw(inputs), phase)
+                except ConfigError as e:  # the record's settings, not the user's config
+                    raise ConfigError(f"{self.records.path(phase)}, the record of the finished {phase} phase, "
+                                      f"does not load as a config of this ctfgen ({e}); run it with the ctfgen "
+                                      "that made it (its commit is in the record), or start a new run with "
+                                      "another --out") from None
+                now = sections(self.cfg, phase)
                 lines = diff_lines({k: v for k, v in then.items() if k in inputs},
                                    {k: v for k, v in now.items() if k in inputs})
                 changed += [f"  {phase}: " + "; ".join(lines)] if lines else []
@@ -345,17 +354,20 @@ def _link_top_level(root: Path, sub: str) -> None:
     so the directory can be moved; copies where the filesystem has no symlinks)."""
     for entry in (root / sub).iterdir():
         target = root / entry.name
+        if entry.name == "pipeline.json":  # replaced in one step: DIR never holds a half or no pipeline.json
+            atomic_write_bytes(target, entry.read_bytes())
+            continue
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.is_dir():
             shutil.rmtree(target)
-        if entry.name == "pipeline.json":
-            shutil.copyfile(entry, target)
-            continue
         try:
             os.symlink(Path(sub) / entry.name, target, target_is_directory=entry.is_dir())
         except OSError:
-            (shutil.copytree if entry.is_dir() else shutil.copyfile)(entry, target)
+            if entry.is_dir():
+                publish_dir(lambda tmp: shutil.copytree(entry, tmp), target)
+            else:
+                atomic_write_bytes(target, entry.read_bytes())
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -366,7 +378,9 @@ def load_experiment_config(config, out_dir=None, resume: bool = False, overrides
     the run's own input.yaml. `dry_run` shrinks it to two steps of everything (see config.py)."""
     if config is None:
         config = RunDir(out_dir).input_config if out_dir is not None else None
-        if not (resume and config is not None and config.is_file()):
+        if not resume:  # even where DIR/input.yaml exists, only --resume may start from it
+            raise RunError("no CONFIG given: pass one, or --resume to continue the run in --out from its input.yaml")
+        if config is None or not config.is_file():
             raise RunError(f"no config given and no {config} to resume from; pass a CONFIG")
     raw = apply_overrides(config if isinstance(config, dict) else read_yaml(config),
                           (dry_run_overrides() if dry_run else []) + list(overrides or []))
@@ -490,6 +504,6 @@ class FinishedRun(RunDir):
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W) images and labels of a Fashion-MNIST split, in the order its codes were extracted."""
         ds = self.image_dataset(split)
-        if not hasattr(ds, "indices"):
+        if not isinstance(ds, FashionMNIST):  # an image folder's subset has `indices` too, but no `images`
             raise RunError(f"{self.root} holds image-folder data; these need Fashion-MNIST images")
         return ds.images[ds.indices], ds.labels[ds.indices]

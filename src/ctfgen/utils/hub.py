@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -39,11 +40,11 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_model
 
 from ctfgen import __version__
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError
-from ctfgen.utils.fileio import atomic_write_text, read_json
+from ctfgen.utils.fileio import atomic_save, atomic_save_safetensors, atomic_write_text, read_json
 
 SAFETENSORS_FILE = "model.safetensors"
 MODEL_CARD_FILE = "README.md"
@@ -125,22 +126,35 @@ def save_weights(model: torch.nn.Module, path, parameters_dtype: torch.dtype = t
     params = {name for name, _ in model.named_parameters()}
     state = {k: (v.to(parameters_dtype) if k in params and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return Path(path)
+    return atomic_save_safetensors(state, path)
 
 
 class HubMixin(PyTorchModelHubMixin):
     """`save_pretrained(dir)` / `from_pretrained(dir)` with strict, safetensors-only loading."""
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # huggingface_hub writes the weights and config.json in place, where a killed run leaves half a file;
+        # these are its bytes, through fileio. config.json written here is one save_pretrained leaves as it is.
+        model = self.module if hasattr(self, "module") else self
+        atomic_save(lambda tmp: save_model(model, str(tmp)), Path(save_directory) / SAFETENSORS_FILE)
+        config = self._hub_mixin_config
+        if config is not None:
+            config = asdict(config) if is_dataclass(config) else config
+            text = json.dumps(config, sort_keys=True, indent=2)
+            atomic_write_text(Path(save_directory) / constants.CONFIG_NAME, text)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path) and (os.sep in path or path.startswith(".") or os.path.exists(path)):
-            # A local path that is not there: say so, rather than trying it as a Hub repo id.
-            raise MissingFileError(
-                f"{path} is not a directory: expected a saved {cls.__name__} "
-                f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
-            )
+        if not os.path.isdir(path):
+            if os.path.exists(path) or not is_repo_id(path):
+                # A local path that is not there: say so, rather than trying it as a Hub repo id.
+                raise MissingFileError(
+                    f"{path} is not a directory: expected a saved {cls.__name__} "
+                    f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
+                )
+            # `org/name` (which holds os.sep, as every repo id does): fetched as the pipelines are
+            path = pretrained_model_name_or_path = str(download_snapshot(path, kwargs.get("revision")))
         config = Path(path) / constants.CONFIG_NAME
         if config.is_file():  # huggingface_hub reads any JSON, and a list or null in it was an AttributeError
             read_json(config, f"save the {cls.__name__} again (save_pretrained)")
@@ -303,12 +317,14 @@ def read_model_card(directory) -> dict:
     path = Path(directory) / MODEL_CARD_FILE
     if not path.is_file():
         return {}
-    text = path.read_text(errors="replace")
-    if not text.startswith("---"):
+    lines = path.read_text(errors="replace").splitlines()
+    # The front matter runs from a first line `---` to the next line that is exactly `---`; a `---` inside a
+    # value (a run name, a path) is no end of it.
+    if not lines or lines[0].rstrip() != "---" or "---" not in lines[1:]:
         return {}
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
+        meta = yaml.safe_load("\n".join(lines[1:lines.index("---", 1)])) or {}
+    except yaml.YAMLError:
         return {}
     recorded = meta.get("ctfgen") if isinstance(meta, dict) else None
     if not isinstance(recorded, dict):
