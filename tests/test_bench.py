@@ -94,6 +94,15 @@ def test_bench_times_auto_and_what_it_resolves_to_once(tiny_pipes, monkeypatch):
     assert [r["dtype"] for r in results] == ["float32"]
 
 
+def test_matmul_rates_time_auto_and_what_it_resolves_to_once(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # auto = float32 here
+    cast = []
+    monkeypatch.setattr(bench, "cast_weights", lambda model, dtype: cast.append((id(model), dtype)) or model)
+    rates = bench.matmul_rates(("auto", "float32"), rows=(4,), in_features=32, out_features=64, repeats=1,
+                               preset="GPT-tiny")
+    assert list(rates) == ["float32"] and len(cast) == len(set(cast)), cast
+
+
 def test_bench_refuses_llamagen_at_a_scale_it_ignores(monkeypatch, capsys):
     # below 1 ctfgen's baseline guides (2B rows a step) and LlamaGen does not (B rows): different work
     def no_work(*a, **k):

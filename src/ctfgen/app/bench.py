@@ -143,6 +143,11 @@ def time_llamagen(gpt, batch_size: int, repeats: int, cfg_scale: float, device: 
     return out
 
 
+def _precisions(dtypes, device="cpu") -> list[str]:
+    """The precisions asked for, each once: "auto" resolved first, since it may name one given too."""
+    return list(dict.fromkeys(dtype_name(resolve_dtype(d, device)) for d in dtypes))
+
+
 def _row(name, dtype, method, batch_size, t, ratio="", versus=""):
     span = f"{t['images_per_s']:.3g} [{t['images_per_s_min']:.3g}, {t['images_per_s_max']:.3g}]"
     stage2 = f"{t['stage2']:.3f}" if method == "ctf" else "–"
@@ -167,7 +172,7 @@ def run_bench(models: list[str], batch_sizes: list[int], repeats: int = 5, image
     if llamagen and cfg_scale < 1.0:  # ctfgen guides at any scale but 1, LlamaGen above 1 only
         raise ConfigError(f"--llamagen needs --cfg-scale 1 or above, got {cfg_scale:g}: LlamaGen ignores scales "
                           "below 1 and samples without the unconditional half, half the rows the baseline runs")
-    dtypes = list(dict.fromkeys(dtype_name(resolve_dtype(d, device)) for d in dtypes))  # "auto" may repeat one
+    dtypes = _precisions(dtypes, device)
     results = []
     print(_machine_line(device) + f"  cfg: {cfg_scale}  repeats: {repeats} (+{warmup} warm-up)")
     print("| model | dtype | method | batch | img/s median [min, max] | stage-1 tok/s | stage 1 s | stage 2 s "
@@ -364,8 +369,7 @@ def profile_decode(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float 
     L, steps = image_tokens, window[1] - window[0]
     block_flops, head_flops = linear_flops_per_row(gpt)
     results = {}
-    for name in dict.fromkeys(dtypes):
-        dtype = dtype_name(resolve_dtype(name, device))
+    for dtype in _precisions(dtypes, device):
         model = cast_weights(gpt, dtype)
         with torch.inference_mode():
             _decode_window(model, labels, cfg_scale, (1, 4))  # warm-up: kernels, allocator
@@ -418,8 +422,7 @@ def decode_speedups(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float
     L, steps = image_tokens, window[1] - window[0]
     cfg, head_dim = gpt.config, gpt.config.dim // gpt.config.n_head
     results = {}
-    for name in dict.fromkeys(dtypes):
-        dtype = dtype_name(resolve_dtype(name, device))
+    for dtype in _precisions(dtypes, device):
         model = cast_weights(gpt, dtype)
         r = results[dtype] = {}
         with torch.inference_mode():
@@ -512,8 +515,7 @@ def compile_speedup(models=("fashion-mnist", "GPT-B"), batch_sizes=(8,), dtypes=
     print("|---|---|---|---|---|---|---|")
     for name in models:
         gpt = pretrained("fashion-mnist-baseline", device).gpt if name == "fashion-mnist" else random_gpt(name, device=device)
-        for d in dict.fromkeys(dtypes):
-            dtype = dtype_name(resolve_dtype(d, device))
+        for dtype in _precisions(dtypes, device):
             model = cast_weights(gpt, dtype)
             for batch_size in batch_sizes:
                 labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
@@ -601,8 +603,7 @@ def matmul_rates(dtypes=("float32", "bfloat16", "int8", "int8-weight", "int8-fbg
         # first precision timed read 29 GFLOP/s in float32 at 16 rows, 98 when timed last
         _median_seconds(lambda: single(torch.randn(16, in_features)), 1, min_seconds=1.0)
     results = {}
-    for name in dict.fromkeys(dtypes):
-        dtype = dtype_name(resolve_dtype(name))
+    for dtype in _precisions(dtypes):
         act = getattr(torch, dtype) if dtype in ("bfloat16", "float16") else torch.float32
         r = results[dtype] = {}
         with torch.inference_mode():
@@ -776,8 +777,7 @@ def sampling_quality(models=("fashion-mnist", "fashion-mnist-baseline"), dtypes=
         extract_dataset(pretrained_path("fashion-mnist") / "tokenizer", DataConfig(test_limit=test_images), "test", codes)
         for name in models:
             pipe = pretrained(name)
-            for d in dict.fromkeys(dtypes):
-                dtype = dtype_name(resolve_dtype(d))
+            for dtype in _precisions(dtypes):
                 scored = in_precision(pipe, dtype)
                 bits = heldout_bits_per_token(scored, codes)["bits_per_token"]
                 draw = per_class > 0 and dtype in sampled
