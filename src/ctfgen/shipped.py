@@ -63,9 +63,10 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
     return pipe.to(device).eval()
 
 
-def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) -> dict:
+def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path, pipeline) -> dict:
     """The sampling setting `ctfgen study` chose for `method` on the validation split
-    (RECORDS/select-<method>.json), refused unless the record was made from this very pipeline."""
+    (RECORDS/select-<method>.json), refused unless the record was made from this very pipeline
+    (`pipeline`, loaded from `pipeline_dir`) and that pipeline accepts it."""
     records, name = Records(records_dir), f"select-{method}"
     path, record = records.path(name), records.read(name)
     if record is None:
@@ -80,9 +81,8 @@ def chosen_sampling(records_dir: str | Path, method: str, pipeline_dir: Path) ->
     chosen = record["chosen"]
     if not isinstance(chosen, dict):
         raise CorruptFileError(f"{path} has chosen {chosen!r}, not an object of sampling options; run the study again")
-    pipe = load_pipeline(pipeline_dir)
     try:  # as the shipped pipeline will check them when it loads, but before anything is written
-        pipe.resolve_sampling(chosen)
+        pipeline.resolve_sampling(chosen)
     except CtfgenError as e:
         raise CorruptFileError(f"{path} chose sampling settings the {method} pipeline refuses ({e}); "
                                "run the study again") from None
@@ -104,9 +104,11 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
     sources = {run.ctf: SHIPPED_CTF, run.baseline: SHIPPED_BASELINE}
     run.require(*(src / PIPELINE_FILE for src in sources))
     # Every check before anything is written: a refused ship leaves the assets' pair as it was.
-    chosen = {src: {} if sampling_from is None else chosen_sampling(sampling_from, src.name, src) for src in sources}
-    # the parameters to round, from the pipelines as they load (strictly checked)
-    pipes = {src: None if weights_dtype == "float32" else load_pipeline(src) for src in sources}
+    # Loaded (strictly checked) when they are needed: to check the chosen settings, or to round the parameters.
+    needed = sampling_from is not None or weights_dtype != "float32"
+    pipes = {src: load_pipeline(src) if needed else None for src in sources}
+    chosen = {src: {} if sampling_from is None else chosen_sampling(sampling_from, src.name, src, pipes[src])
+              for src in sources}
     infos = {src: read_json(src / PIPELINE_FILE, "assemble the run's pipelines again (ctfgen pipeline --resume)")
              for src in sources}
     sizes = {}
@@ -119,7 +121,7 @@ def ship(run_dir: str | Path, assets: Path = ASSETS, weights_dtype: str = "float
                 info["has_tokenizer"] = False
                 info["tokenizer"] = f"shared with ctfgen.pretrained('fashion-mnist') ({SHIPPED_CTF}/tokenizer)"
             atomic_write_json(tmp / PIPELINE_FILE, info)
-            if pipe is not None:
+            if weights_dtype != "float32":
                 for name in pipe.models:
                     save_weights(getattr(pipe, name), tmp / name / SAFETENSORS_FILE, getattr(torch, weights_dtype))
             if (tmp / MODEL_CARD_FILE).is_file():  # the card says what pipeline.json now says (weights, sampling ...)

@@ -87,12 +87,15 @@ def _check_request(parts_dir: Path, request: dict) -> None:
 
 
 def sample_many(pipeline, labels: np.ndarray, out: Path, batch_size: int, seed: int, sampling: dict,
-                rank: int = 0, world_size: int = 1, png_dir: Path | None = None, progress: bool = True) -> list[Path]:
+                rank: int = 0, world_size: int = 1, png_dir: Path | None = None, progress: bool = True,
+                request: dict | None = None) -> list[Path]:
     """Sample `labels` in batches into part files under `out.parts/`; returns this rank's parts.
-    Finished parts are kept (and skipped when run again); the folder appears with the first part."""
+    Finished parts are kept (and skipped when run again); the folder appears with the first part.
+    `request`: what `_request` makes of these arguments, when the caller has checked it already."""
     parts_dir = _parts_dir(out)
-    request = _request(pipeline, labels, batch_size, seed, sampling)
-    _check_request(parts_dir, request)
+    if request is None:  # it hashes every weight
+        request = _request(pipeline, labels, batch_size, seed, sampling)
+        _check_request(parts_dir, request)
     batches = [(i, labels[s : s + batch_size]) for i, s in enumerate(range(0, len(labels), batch_size))]
     mine = [b for b in batches if b[0] % world_size == rank]
     todo = [b for b in mine if not _part(parts_dir, b[0]).exists()]
@@ -196,10 +199,11 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
     labels = np.repeat(np.asarray(classes, np.int64), per_class)
     num_batches = (len(labels) + batch_size - 1) // batch_size
     parts_dir = _parts_dir(out)
-    _check_request(parts_dir, _request(pipeline, labels, batch_size, seed, sampling))
+    request = _request(pipeline, labels, batch_size, seed, sampling)
+    _check_request(parts_dir, request)  # before the try: another request's folder is not this run's to clean up
     try:
         sample_many(pipeline, labels, out, batch_size, seed, sampling, D.get_rank(), D.get_world_size(),
-                    Path(png_dir) if png_dir else None, progress)
+                    Path(png_dir) if png_dir else None, progress, request)
     except BaseException:
         done = len(list(parts_dir.glob("batch*.npz"))) if parts_dir.is_dir() else 0
         if done == 0 and parts_dir.is_dir() and D.is_main():
