@@ -31,13 +31,15 @@ from ctfgen.compat import check_parts
 from ctfgen.config import BASELINE_DEFAULTS, CTF_DEFAULTS
 from ctfgen.data.codes import CodeDataset
 from ctfgen.models.transformer import GPT, AuxModel
-from ctfgen.sampling import as_generator, check_labels, generate, log_prob as ar_log_prob, sample_fine, token_log_probs
+from ctfgen.sampling import (as_generator, check_labels, generate, integer_tokens, log_prob as ar_log_prob, sample_fine,
+                             token_log_probs)
 from ctfgen.tokenizer.vq import VQModel
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_write_json, read_json
 from ctfgen.utils.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
 from ctfgen.utils.options import check_sampling
+from ctfgen.utils.precision import drop_casts
 
 __all__ = ["CTFPipeline", "ARPipeline", "PipelineOutput", "load_pipeline", "pipeline_dir", "bits_per_token",
            "heldout_bits_per_token", "CTF_DEFAULTS", "BASELINE_DEFAULTS"]
@@ -115,9 +117,7 @@ class PipelineOutput:
 
 
 def _flat_tokens(tokens, image_tokens: int, device: torch.device) -> torch.Tensor:
-    tokens = torch.as_tensor(tokens).to(device)
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")  # .long() would truncate
+    tokens = integer_tokens(tokens).to(device)
     if tokens.dim() == 3:  # (B, h, w) grids as the tokenizer returns them
         tokens = tokens.flatten(1)
     if tokens.dim() != 2 or tokens.shape[1] != image_tokens:
@@ -148,8 +148,7 @@ class _Pipeline:
     def to(self, device):
         for m in self._models():
             m.to(device)
-            # the cast copies (cast_weights) stay on the old device and would hold its memory
-            m.__dict__.pop("_ctfgen_casts", None)
+            drop_casts(m)  # the cast copies (cast_weights) stay on the old device and would hold its memory
         if self.tokenizer is not None:
             self.tokenizer.to(device)
         return self

@@ -212,15 +212,20 @@ def _compiled_step(gpt):
     return compiled
 
 
+def integer_tokens(tokens) -> torch.Tensor:
+    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    return tokens
+
+
 @torch.no_grad()
 def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     """Teacher-forced log p(tokens | label) in nats, (B,) float64 (eval mode: no dropout, no
     class dropout). `labels=None` scores under the null label (unconditional)."""
     device = gpt.tok_embeddings.weight.device
-    tokens = torch.as_tensor(tokens)
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    tokens = tokens.to(device=device, dtype=torch.long)
+    tokens = integer_tokens(tokens).to(device=device, dtype=torch.long)
     if tokens.dim() != 2:
         raise ConfigError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
     V = gpt.config.vocab_size

@@ -46,7 +46,7 @@ from ctfgen.shipped import pretrained, pretrained_path
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.fileio import atomic_write_json
-from ctfgen.utils.precision import Int8, cast_weights, dtype_name, resolve_dtype
+from ctfgen.utils.precision import Int8, cast_weights, drop_casts, dtype_name, resolve_dtype
 from ctfgen.utils.threads import SHORT_SPIN, WAITING_VARIABLES, use_sampling_threads
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def profile_decode(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float 
                           "linear_gflops": rows * (block_flops + head_flops) / linear_s / 1e9 if linear_s else 0.0,
                           "tokens_per_s": batch_size / (ms["step"] / 1e3)}
         if model is not gpt:
-            gpt.__dict__.get("_ctfgen_casts", {}).pop(resolve_dtype(dtype), None)  # free the copy
+            drop_casts(gpt, dtype)  # free the copy
     print(f"{preset}, batch {batch_size}, guidance {cfg_scale}, {L} tokens, steps {window[0]}-{window[1] - 1} "
           f"profiled; {_machine_line(device)}")
     print(format_profile(results))
@@ -462,7 +462,7 @@ def decode_speedups(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float
             r["guidance, LlamaGen's expression"] = _median_seconds(
                 lambda: uncond + (cond - uncond) * cfg_scale, repeats) * 1e3
         if model is not gpt:
-            gpt.__dict__.get("_ctfgen_casts", {}).pop(resolve_dtype(dtype), None)
+            drop_casts(gpt, dtype)
     keys = list(max(results.values(), key=len))  # a reduced precision has the extra KV-cache row
     print(f"{preset}, batch {batch_size}, guidance {cfg_scale}: ms per decode step, steps {window[0]}-{window[1] - 1} "
           f"(the whole step for the first rows; the part alone for the others); {_machine_line(device)}")
@@ -551,7 +551,7 @@ def compile_speedup(models=("fashion-mnist", "GPT-B"), batch_sizes=(8,), dtypes=
                     cells += [row["compile_error"], "–", "–"]
                 results.append(row)
                 print(f"| {name} | {dtype} | {batch_size} | " + " | ".join(cells) + " |", flush=True)
-            gpt.__dict__.get("_ctfgen_casts", {}).clear()
+            drop_casts(gpt)
     if json_path:
         atomic_write_json(json_path, {"threads": torch.get_num_threads(), "cfg_scale": cfg_scale, "results": results})
     return results
@@ -620,7 +620,7 @@ def matmul_rates(dtypes=("float32", "bfloat16", "int8", "int8-weight", "int8-fbg
                 pairs = list(zip(layers, (inputs[m.in_features] for m in stack)))
                 r[label] = flops / _median_seconds(lambda: [layer(x) for layer, x in pairs], max(3, repeats // 3)) / 1e9
             for m in (single, blocks, fused):
-                m.__dict__.get("_ctfgen_casts", {}).clear()
+                drop_casts(m)
     keys = list(next(iter(results.values())))
     print(f"nn.Linear GFLOP/s, median of {repeats}+ calls; {_machine_line('cpu')}")
     print("| GFLOP/s | " + " | ".join(results) + " |")

@@ -121,6 +121,15 @@ def _weights_key(model: torch.nn.Module) -> tuple:
 _NOT_COPIED = ("_ctfgen_casts", "_ctfgen_compiled_step")
 
 
+def drop_casts(model: torch.nn.Module, dtype: DtypeLike = None) -> None:
+    """Free `model`'s cached copy in `dtype` (None: every one), e.g. once it moves to another device."""
+    cache = model.__dict__.get("_ctfgen_casts", {})
+    if dtype is None:
+        cache.clear()
+    else:
+        cache.pop(resolve_dtype(dtype, next(model.parameters()).device), None)
+
+
 def cast_weights(model: torch.nn.Module, dtype: DtypeLike) -> torch.nn.Module:
     """`model` itself when it already is in `dtype` (or dtype is None); otherwise an eval-mode copy
     with floating-point weights in `dtype`, or float32 with int8 linear layers for an `Int8`
