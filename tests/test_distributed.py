@@ -3,10 +3,8 @@ FSDP do the same arithmetic as one process on the same global batches."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _gloo import init_gloo, run_ranks
 from _train_toy import Toy, toy_dataset, toy_loss
 
 TOY_SCRIPT = Path(__file__).with_name("_train_toy.py")
@@ -101,11 +100,7 @@ def _failing_save_worker(rank, port, out):
     """A 2-rank gloo run whose rank 0 cannot write its first checkpoint; each rank records what it raised."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    # A short timeout, so that a rank left waiting fails the test in a minute rather than in the loop's 30.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, port, timeout_s=60)
     from ctfgen.train import checkpoint as C
     from ctfgen.train.loop import train
 
@@ -132,19 +127,7 @@ def _failing_save_worker(rank, port, out):
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_promptly(tmp_path):
     """Rank 0's save failing (disk full) used to leave rank 1 waiting in the barrier after it until the
     process group's timeout (30 minutes under torchrun)."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_failing_save_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
+    run_ranks(_failing_save_worker, str(tmp_path), timeout=180)
     # Exit codes are not judged (gloo's occasional abort at exit, see GLOO_ABORT); what each rank raised is.
     results = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2)]
     assert results[0][0] == "OSError" and "No space left" in results[0][1]

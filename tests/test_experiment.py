@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _gloo import init_gloo, run_ranks
 from ctfgen.app.cli import main as cli
 from ctfgen.clustering import CoarseMap
 from ctfgen.data.codes import CodeDataset, write_codes
@@ -312,14 +313,9 @@ def test_pipeline_under_torchrun_two_ranks(tmp_path):
 def _quick_phase_worker(rank, port, out):
     """Two gloo ranks record a phase whose work is instant (the pretrained tokenizer's), rank 1 arriving late;
     each saves how many barriers its `once` passed."""
-    import datetime
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    init_gloo(rank, port, timeout_s=30)
     from ctfgen.experiments import run as R
 
     cfg, raw = R.load_experiment_config(TINY)
@@ -338,21 +334,7 @@ def _quick_phase_worker(rank, port, out):
 def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(tmp_path):
     """Each rank used to read the phase's record itself: a rank arriving after rank 0 had recorded a quick
     phase skipped it and its barrier, so its next collective met rank 0's barrier (a hang or garbage)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [mp.get_context("spawn").Process(target=_quick_phase_worker, args=(r, port, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
+    run_ranks(_quick_phase_worker, str(tmp_path))
     counts = [torch.load(tmp_path / f"barriers{r}.pt", weights_only=True) if (tmp_path / f"barriers{r}.pt").is_file()
               else None for r in range(2)]
     assert counts == [1, 1], counts
@@ -361,14 +343,9 @@ def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(t
 
 def _prepare_worker(rank, port, out):
     """Two gloo ranks prepare a resumed run whose phase record rank 0 cannot use; each saves what it raised."""
-    import datetime
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    init_gloo(rank, port, timeout_s=20)
     from ctfgen.experiments import run as R
 
     cfg, raw = R.load_experiment_config(TINY)
@@ -385,22 +362,9 @@ def _prepare_worker(rank, port, out):
 def test_a_phase_record_rank_0_cannot_use_stops_every_rank_with_its_error(tmp_path):
     """Only a RunError of rank 0's checks reached the other ranks: a corrupt phase record made rank 0 raise
     while rank 1 waited for its answer (a hang until the collective timed out)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     (tmp_path / "run" / "phases").mkdir(parents=True)
     (tmp_path / "run" / "phases" / "tokenizer.json").write_text('{"name": "tokeni')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [mp.get_context("spawn").Process(target=_prepare_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
+    run_ranks(_prepare_worker, str(tmp_path))
     raised = [(tmp_path / f"raised{r}.txt").read_text() if (tmp_path / f"raised{r}.txt").is_file() else None
               for r in range(2)]
     assert all(r is not None and r.startswith("CorruptFileError: ") and "tokenizer.json is not valid JSON" in r

@@ -3,13 +3,13 @@ LPIPS/discriminator paths, the command, and 2-rank gloo DDP."""
 
 import csv
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
+from _gloo import free_port
 from ctfgen.tokenizer import VQModel
 from ctfgen.tokenizer.losses import (LPIPS, NLayerDiscriminator, adopt_weight, hinge_d_loss, hinge_g_loss,
                                      load_lpips, merge_lpips_weights, reconstruction_loss)
@@ -287,10 +287,7 @@ def _ddp_worker(rank, world, port, out):
 def test_ddp_two_ranks_keep_identical_weights(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     # Parameters agree on both ranks; only the usage window (local statistics) may differ.
