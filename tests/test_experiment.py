@@ -175,6 +175,34 @@ def test_training_losses_are_the_exact_likelihoods(synthetic, tmp_path):
     assert GPT.from_pretrained(str(tmp_path / "ar" / "model")).config == ar.config
 
 
+def test_the_training_seed_picks_each_items_augmentation(tmp_path, monkeypatch):
+    """Two seeds see other augmentations of the same image (every seed used to see seed 0's)."""
+    import ctfgen.train.stages as stages
+
+    n, views = 32, 4
+    book = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    codes = torch.arange(views)[None, :, None].expand(n, views, 16)  # a code is its view's number
+    header = {"tokenizer_fingerprint": codebook_fingerprint(book), "grid_size": 4, "augment": "flip",
+              "dataset": "synthetic", "num_classes": 3, "codebook_size": 64}
+    write_codes(tmp_path / "codes", codes, torch.arange(n) % 3, header)
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def record_views(model, loss_fn, dataset, cfg, out_dir, **kwargs):
+        seen[cfg.seed] = [int(dataset[i][0][0]) for i in range(n)]
+        raise Seen
+
+    monkeypatch.setattr(stages, "train", record_views)
+    for seed in (0, 1):
+        with pytest.raises(Seen):
+            train_stage("baseline", tmp_path / "codes", tmp_path / str(seed), preset="GPT-tiny",
+                        train_config={**TRAIN, "seed": seed})
+    assert seen[0] != seen[1]
+    assert seen[0] == [int(CodeDataset(tmp_path / "codes", seed=0)[i][0][0]) for i in range(n)]
+
+
 def test_cluster_and_train_commands(tmp_path):
     from ctfgen.tokenizer.vq import VQConfig, VQModel
 

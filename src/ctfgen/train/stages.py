@@ -41,8 +41,8 @@ class Stage(NamedTuple):
     loss_fn: Callable  # loss_fn(model, batch)
 
 
-def _code_dataset(codes):
-    return codes if isinstance(codes, CodeDataset) else CodeDataset(codes)
+def _code_dataset(codes, seed: int = 0):
+    return codes if isinstance(codes, CodeDataset) else CodeDataset(codes, seed=seed)
 
 
 def build_stage(stage: str, codes, coarse_map=None, preset: str | None = None,
@@ -147,7 +147,7 @@ def train_stage(stage: str, codes, out_dir, *, coarse_map=None, preset: str | No
     """Train one stage on a code directory; the finished model (EMA weights when EMA is on) is
     written to `out_dir/model` (save_pretrained) by rank 0 and returned on every rank (CPU)."""
     tcfg = train_config if isinstance(train_config, TrainConfig) else from_dict(TrainConfig, train_config, "train")
-    dataset = _code_dataset(codes)
+    dataset = _code_dataset(codes, tcfg.seed)  # the seed also picks each item's augmentation
     # The initial weights are a function of the seed alone (and identical on every rank).
     torch.manual_seed(tcfg.seed)
     st = build_stage(stage, dataset, coarse_map, preset, model, num_classes)
