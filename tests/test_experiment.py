@@ -369,12 +369,18 @@ def test_a_phase_rank_0_records_before_another_rank_looks_is_run_by_every_rank(t
     assert (tmp_path / "run" / "phases" / "tokenizer.json").is_file()
 
 
-def _prepare_worker(rank, port, out):
-    """Two gloo ranks prepare a resumed run whose phase record rank 0 cannot use; each saves what it raised."""
+def _prepare_worker(rank, port, out, os_error=False):
+    """Two gloo ranks prepare a resumed run whose phase record rank 0 cannot use (or whose directory rank 0
+    cannot read); each saves what it raised."""
     import torch.distributed as dist
 
     init_gloo(rank, port, timeout_s=20)
     from ctfgen.experiments import run as R
+
+    if os_error and rank == 0:
+        def unreadable(self):
+            raise PermissionError(13, "Permission denied", str(self.run.root))
+        R.Experiment._check_dir = unreadable
 
     cfg, raw = R.load_experiment_config(TINY)
     x = R.Experiment(cfg, raw, Path(out) / "run", True, None, False)
@@ -397,6 +403,14 @@ def test_a_phase_record_rank_0_cannot_use_stops_every_rank_with_its_error(tmp_pa
               for r in range(2)]
     assert all(r is not None and r.startswith("CorruptFileError: ") and "tokenizer.json is not valid JSON" in r
                for r in raised), raised
+
+
+def test_an_os_error_of_rank_0s_checks_stops_every_rank(tmp_path):
+    """Only ctfgen's own errors reached the other ranks: an OSError of rank 0 left rank 1 waiting."""
+    run_ranks(_prepare_worker, str(tmp_path), True)
+    raised = [(tmp_path / f"raised{r}.txt").read_text() if (tmp_path / f"raised{r}.txt").is_file() else None
+              for r in range(2)]
+    assert all(r is not None and r.startswith("PermissionError: ") for r in raised), raised
 
 
 def test_an_old_phase_record_that_does_not_load_is_named(tmp_path):

@@ -117,6 +117,13 @@ def test_lock_file_this_user_cannot_open_is_a_run_error_even_as_root(tmp_path, m
     _assert_lock_of_another_user_is_refused(tmp_path)
 
 
+def test_a_run_directory_that_cannot_be_made_is_a_run_error(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    with pytest.raises(RunError, match=r"cannot use .*taken as a run directory \(File exists\); choose another"):
+        WriterLock(tmp_path / "taken", "pipeline").acquire()
+    assert (tmp_path / "taken").read_text() == "a file, not a directory"
+
+
 @pytest.mark.parametrize("text", ["[1, 2]", "3", "null", '"a"'])
 def test_a_record_that_is_json_but_not_an_object_is_a_corrupt_file(tmp_path, text):
     (tmp_path / "r.json").write_text(text)

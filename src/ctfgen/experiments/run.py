@@ -50,7 +50,7 @@ from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.train.stages import load_stage_model, matched_depth, train_stage
 from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.utils import distributed as D
-from ctfgen.utils.errors import ConfigError, CorruptFileError, CtfgenError, MismatchError, RunError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, RunError
 from ctfgen.utils.fileio import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text,
                                  publish_dir)
 from ctfgen.utils.hub import write_model_card
@@ -118,7 +118,7 @@ class Experiment:
             try:
                 self.lock.acquire()
                 self._check_dir()
-            except CtfgenError as e:  # a corrupt or unloadable phase record too, not only a RunError
+            except Exception as e:  # noqa: BLE001 - whatever stops rank 0 (a corrupt record, an OSError) stops all
                 error = e
         if (error := D.broadcast_object(error)) is not None:  # every rank stops, not only rank 0
             raise error

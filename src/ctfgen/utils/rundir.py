@@ -48,7 +48,11 @@ class WriterLock:
     def acquire(self) -> "WriterLock":
         if not self.hold:
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file of that name, a read-only parent
+            raise RunError(f"cannot use {self.directory} as a run directory ({e.strerror}); choose another "
+                           "directory") from None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except PermissionError as e:
