@@ -176,6 +176,34 @@ def test_bad_values_give_one_error_line_before_any_work(command, args, message, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "something was written"
 
 
+# The commands that write into a directory, with {o} for it.
+OUTPUT_DIRECTORIES = {
+    "train-tokenizer": ["x.yaml", "--out", "{o}"],
+    "extract-codes": ["--tokenizer", "x", "--out", "{o}"],
+    "train": ["--stage", "ar", "--codes", "x", "--out", "{o}"],
+    "pipeline": ["x.yaml", "--out", "{o}"],
+    "train-classifier": ["--out", "{o}"],
+    "compare": ["x.json", "--out", "{o}"],
+    "study": ["x", "--records", "{o}"],
+}
+
+
+@pytest.mark.parametrize("inside", [False, True])
+@pytest.mark.parametrize("command", sorted(OUTPUT_DIRECTORIES))
+def test_an_output_directory_where_a_file_is_is_refused(command, inside, tmp_path, capsys):
+    """A file where the output directory (or one of its parents) would be ended in a FileExistsError
+    traceback from deep inside the work."""
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    out = taken / "sub" if inside else taken
+    assert main([command] + [a.format(o=out) for a in OUTPUT_DIRECTORIES[command]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert (f"{taken} is a file, so no directory can be made there" if inside else f"{taken} is a file, not a "
+            "directory") in err, err
+    assert taken.read_text() == "kept"
+
+
 def test_temperature_zero_is_greedy_as_documented(tiny, tmp_path):
     """Temperature 0 is accepted and means argmax: two seeds give the same images."""
     from PIL import Image

@@ -241,14 +241,14 @@ def image_suffixes() -> tuple[str, ...]:
     return tuple(s for s in COMMON_IMAGE_SUFFIXES if s in writable)
 
 
-def _writable_parent(path: Path, label: str) -> None:
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{label} {path}: {parent} is a file, so no directory can be made there")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{label} {path}: cannot write in {parent} (permission denied)")
+def _writable(path: Path, label: str, place: Path) -> None:
+    """`place`, or the nearest of its parents that exists (the rest is made), is a directory this user writes in."""
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"{label} {path}: {place} is a file, so no directory can be made there")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label} {path}: cannot write in {place} (permission denied)")
 
 
 def check_output_file(path, suffixes: tuple[str, ...] | str | None = None, label: str = "--out") -> Path:
@@ -265,14 +265,14 @@ def check_output_file(path, suffixes: tuple[str, ...] | str | None = None, label
             raise ConfigError(f"{label} {str(path)!r} must end in {' or '.join(suffixes)} (got {path.suffix or 'none'})")
     if path.is_dir():
         raise ConfigError(f"{label} {path} is a directory; give a file name inside it")
-    _writable_parent(path, label)
+    _writable(path, label, path.parent)
     return path
 
 
-def check_output_dir(path, label: str) -> Path:
-    """An output directory that exists as one or can be made."""
+def check_output_dir(path, label: str = "--out") -> Path:
+    """An output directory that exists as one or can be made, and can be written in."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{label} {path} is a file, not a directory")
-    _writable_parent(path / "x", label)
+    _writable(path, label, path)
     return path

@@ -11,7 +11,8 @@ from ctfgen.data.fashion_mnist import class_index
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.shipped import PRETRAINED, pretrained
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import COUNTS, SAMPLING, SEED, Option, check_device, check_output_file, cli_help
+from ctfgen.utils.options import (COUNTS, SAMPLING, SEED, Option, check_device, check_output_dir, check_output_file,
+                                  cli_help)
 from ctfgen.utils.precision import DTYPE_CHOICES
 from ctfgen.utils.threads import use_sampling_threads
 
@@ -45,7 +46,8 @@ def check_args(args: argparse.Namespace, outputs: dict[str, str] | None = None, 
     """Every number and output the user gave, checked before any work: the device; each option whose
     name is a sampling option, a count or "seed" of ctfgen.utils.options, or that `rules` give an
     option's name or an Option, a list value by value (their model-free ranges: a model's own bounds
-    wait for the model); and the output files `outputs` gives the suffixes of (check_output_file)."""
+    wait for the model); and the outputs `outputs` names: the suffixes of an output file (check_output_file)
+    or "dir" for an output directory (check_output_dir)."""
     if hasattr(args, "device"):
         args.device = check_device(args.device, "--device")
     for name, value in vars(args).items():
@@ -55,8 +57,12 @@ def check_args(args: argparse.Namespace, outputs: dict[str, str] | None = None, 
             flag = "--" + name.replace("_", "-")
             setattr(args, name, [option.check(v, flag) for v in value] if isinstance(value, list) else option.check(value, flag))
     for name, suffixes in (outputs or {}).items():
-        if getattr(args, name) is not None:
-            check_output_file(getattr(args, name), suffixes, "--" + name)
+        if (path := getattr(args, name)) is None:
+            continue
+        if suffixes == "dir":
+            check_output_dir(path, "--" + name)
+        else:
+            check_output_file(path, suffixes, "--" + name)
 
 
 def load_model(spec: str, device: str):

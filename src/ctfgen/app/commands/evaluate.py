@@ -64,6 +64,7 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> None:
+    check_args(args, outputs={"out": "dir"})
     table, pngs = compare(args.runs, args.out)
     print(table, end="")
     if args.out:
@@ -161,7 +162,8 @@ def configure_study(parser: argparse.ArgumentParser) -> None:
 def run_study(args: argparse.Namespace) -> None:
     """Each RUN is a finished `ctfgen pipeline` run of configs/study/fmnist_v<V>.yaml; every measurement
     is one JSON record under RECORDS/<run>/, computed once; the report is made from the records alone."""
-    check_args(args, **{name: rule for name, (rule, _) in STUDY_OPTIONS.items()})
+    outputs = {"report": None, **({"records": "dir"} if args.runs else {})}  # a report alone only reads the records
+    check_args(args, outputs=outputs, **{name: rule for name, (rule, _) in STUDY_OPTIONS.items()})
     settings = StudySettings(**{name: getattr(args, name) for name in STUDY_OPTIONS})
     if print_config(args, settings, "records"):
         return

@@ -37,7 +37,7 @@ def configure_train_tokenizer(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_tokenizer(args: argparse.Namespace) -> None:
-    check_args(args)
+    check_args(args, outputs={"out": "dir"})
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if not print_config(args, cfg.tokenizer, "out"):
         train_tokenizer_from_config(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
@@ -66,7 +66,7 @@ def configure_extract_codes(parser: argparse.ArgumentParser) -> None:
 
 
 def run_extract_codes(args: argparse.Namespace) -> None:
-    check_args(args)
+    check_args(args, outputs={"out": "dir"})
     if args.dataset == "image_folder" and args.limit is not None:
         raise ConfigError("--limit applies to fashion_mnist only")
     data = DataConfig(dataset=args.dataset, root=args.data_root, test_root=args.data_root, image_size=args.image_size,
@@ -121,6 +121,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    check_args(args, outputs={"out": "dir"})
     cfg = load_stage_config(args.config, args.stage, args.overrides)
     if args.preset:
         cfg = dataclasses.replace(cfg, preset=args.preset)
@@ -150,6 +151,7 @@ def configure_pipeline(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
+    check_args(args, outputs={"out": "dir"})
     cfg = load_experiment_config(args.config, args.out, args.resume, args.overrides, args.dry_run)[0] if args.print_config else None
     if not print_config(args, cfg, "out"):
         run_experiment(args.config, args.out, resume=args.resume, overrides=args.overrides,
@@ -170,7 +172,7 @@ def configure_train_classifier(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_classifier(args: argparse.Namespace) -> None:
-    check_args(args)
+    check_args(args, outputs={"out": "dir"})
     _, info = train_classifier(args.out, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                                data_root=args.data_root, limit=args.limit, validation_images=args.validation_images)
     print(f"test accuracy {info['test_accuracy']:.4f}; saved to {args.out} "
