@@ -73,6 +73,22 @@ def test_write_read_round_trip_and_dtype(tmp_path):
         write_codes(tmp_path / "oob", np.full((1, 1, 4), 300), [0], HEADER)
 
 
+def test_write_refuses_non_integer_codes_and_negative_labels(tmp_path):
+    # The integer memory maps took float codes truncated (2.7 -> 2) and NaN as code 0, and negative
+    # labels reached training, whose class embedding fails on them far from the cause.
+    from ctfgen.utils.errors import MismatchError, WrongTypeError
+    for name, codes, labels, error, match in (
+            ("nan", np.full((1, 1, 4), np.nan), [0], WrongTypeError, "codes must be integers"),
+            ("float", np.full((1, 1, 4), 2.7), [0], WrongTypeError, "codes must be integers"),
+            ("float_labels", np.zeros((1, 1, 4), int), [1.5], WrongTypeError, "labels must be integers"),
+            ("negative", np.zeros((2, 1, 4), int), [0, -1], MismatchError, "labels must be >= 0")):
+        with pytest.raises(error, match=match):
+            write_codes(tmp_path / name, codes, labels, HEADER)
+        assert list(tmp_path.iterdir()) == []
+    out = write_codes(tmp_path / "ok", torch.zeros(2, 1, 4, dtype=torch.int32), torch.tensor([0, 3]), HEADER)
+    assert CodeDataset(out)[1][1] == 3
+
+
 def test_random_augmentation_is_deterministic_per_epoch(tmp_path):
     n, a = 64, 10
     codes = np.broadcast_to(np.arange(a)[None, :, None], (n, a, 3))  # the code value is the augmentation id

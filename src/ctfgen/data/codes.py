@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from ctfgen import __version__
 from ctfgen.compat import check_parts
-from ctfgen.utils.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
+from ctfgen.utils.errors import (CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError,
+                                 WrongTypeError)
 from ctfgen.utils.fileio import atomic_write_json, fsync_file, read_json, replace_dir
 
 FORMAT_VERSION = 1
@@ -98,6 +99,12 @@ class CodeWriter:
                              f"{expected} and labels ({n},)")
         if self.count + n > self.num_images:
             raise MismatchError(f"append of {n} rows overflows the {self.num_images} images declared")
+        # Assigning into the integer memory maps would truncate 2.7 to 2 and write NaN as 0, silently.
+        for name, arr in (("codes", codes), ("labels", labels)):
+            if n and not np.issubdtype(arr.dtype, np.integer):
+                raise WrongTypeError(f"{name} must be integers, got dtype {arr.dtype}")
+        if n and labels.min() < 0:
+            raise MismatchError(f"class labels must be >= 0, got {labels.min()}")
         if n and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise MismatchError(f"codes outside [0, {self.codebook_size}) (min {codes.min()}, max {codes.max()}): "
                              "the encoder's codebook does not match header codebook_size")
