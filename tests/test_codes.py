@@ -145,6 +145,17 @@ def test_exception_mid_write_leaves_no_directory(tmp_path):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_failed_commit_leaves_no_partial_directory(tmp_path):
+    # commit refusing a directory that appeared meanwhile (or failing on a full disk) left the hidden
+    # partial directory, full-size arrays and all, until some later writer after this process's exit
+    target = tmp_path / "codes"
+    with pytest.raises(FileExistsError, match="appeared while writing"):
+        with CodeWriter(target, 10, 1, 4, HEADER) as w:
+            w.append(np.ones((5, 1, 4), int), np.zeros(5, int))
+            target.mkdir()  # another writer finished first
+    assert [p.name for p in tmp_path.iterdir()] == ["codes"] and list(target.iterdir()) == []
+
+
 def test_sigkill_mid_write_leaves_no_directory(tmp_path):
     target = tmp_path / "codes"
     script = textwrap.dedent(f"""

@@ -130,22 +130,26 @@ class CodeWriter:
         """Finish: write the header and rename the temporary directory to `out_dir`."""
         if self.closed:
             raise RunError("CodeWriter already closed")
-        self._codes.flush()
-        self._labels.flush()
-        if self.count < self.num_images:
-            self._shrink()
-        self._codes = self._labels = None
-        header = {k: v for k, v in self.header.items()}
-        header.update(format_version=FORMAT_VERSION, num_images=self.count,
-                      num_augmentations=self.num_augmentations, image_tokens=self.image_tokens,
-                      codebook_size=self.codebook_size, code_dtype=self.dtype.name)
-        header.setdefault("created_by", _created_by())
-        atomic_write_json(self.tmp_dir / "header.json", dict(sorted(header.items())))
-        for name in ("codes.npy", "labels.npy"):
-            fsync_file(self.tmp_dir / name)
-        if self.out_dir.exists() and not self.overwrite:
-            raise OutputExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
-        replace_dir(self.tmp_dir, self.out_dir)
+        try:
+            self._codes.flush()
+            self._labels.flush()
+            if self.count < self.num_images:
+                self._shrink()
+            self._codes = self._labels = None
+            header = {k: v for k, v in self.header.items()}
+            header.update(format_version=FORMAT_VERSION, num_images=self.count,
+                          num_augmentations=self.num_augmentations, image_tokens=self.image_tokens,
+                          codebook_size=self.codebook_size, code_dtype=self.dtype.name)
+            header.setdefault("created_by", _created_by())
+            atomic_write_json(self.tmp_dir / "header.json", dict(sorted(header.items())))
+            for name in ("codes.npy", "labels.npy"):
+                fsync_file(self.tmp_dir / name)
+            if self.out_dir.exists() and not self.overwrite:
+                raise OutputExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
+            replace_dir(self.tmp_dir, self.out_dir)
+        except BaseException:
+            self.abort()  # the full-size partial arrays would otherwise stay until this process has exited
+            raise
         self.closed = True
         return self.out_dir
 
