@@ -89,6 +89,19 @@ def test_write_refuses_non_integer_codes_and_negative_labels(tmp_path):
     assert CodeDataset(out)[1][1] == 3
 
 
+def test_writer_refuses_a_header_the_reader_would_refuse(tmp_path):
+    # a header without grid_size, augment or dataset was written, and read_header then called the
+    # finished directory unusable
+    for key in ("tokenizer_fingerprint", "grid_size", "augment", "dataset"):
+        header = {k: v for k, v in HEADER.items() if k != key}
+        with pytest.raises(ValueError, match=f"header lacks \\['{key}'\\]"):
+            write_codes(tmp_path / key, np.zeros((1, 1, 4), int), [0], header)
+    assert list(tmp_path.iterdir()) == []
+    no_stamp = {k: v for k, v in HEADER.items() if k != "created_by"}
+    out = write_codes(tmp_path / "ok", np.zeros((1, 1, 4), int), [0], no_stamp)
+    assert read_header(out)["created_by"].startswith("ctfgen")
+
+
 def test_random_augmentation_is_deterministic_per_epoch(tmp_path):
     n, a = 64, 10
     codes = np.broadcast_to(np.arange(a)[None, :, None], (n, a, 3))  # the code value is the augmentation id

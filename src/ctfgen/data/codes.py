@@ -28,6 +28,7 @@ from ctfgen.utils.fileio import atomic_write_json, fsync_file, read_json, replac
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",
                "num_augmentations", "augment", "num_images", "dataset", "created_by")
+_FILLED_BY_WRITER = ("format_version", "num_images", "num_augmentations", "image_tokens", "created_by")
 _REDO = "re-run `ctfgen extract-codes --tokenizer <the tokenizer you train with>` to make matching codes"
 
 
@@ -73,6 +74,10 @@ class CodeWriter:
                                   "(--overwrite)")
         if "codebook_size" not in header:
             raise MismatchError("header needs 'codebook_size' to choose the code dtype")
+        # read_header refuses a directory without these, so a header lacking one would be written in vain
+        missing = [k for k in HEADER_KEYS if k not in header and k not in _FILLED_BY_WRITER]
+        if missing:
+            raise MismatchError(f"header lacks {missing}; give them to the writer (extract-codes records them)")
         self.num_images, self.num_augmentations, self.image_tokens = num_images, num_augmentations, image_tokens
         self.overwrite = overwrite
         self.header = dict(header)
