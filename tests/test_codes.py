@@ -73,6 +73,35 @@ def test_write_read_round_trip_and_dtype(tmp_path):
         write_codes(tmp_path / "oob", np.full((1, 1, 4), 300), [0], HEADER)
 
 
+def test_write_refuses_non_integer_codes_and_negative_labels(tmp_path):
+    # The integer memory maps took float codes truncated (2.7 -> 2) and NaN as code 0, and negative
+    # labels reached training, whose class embedding fails on them far from the cause.
+    from ctfgen.utils.errors import MismatchError, WrongTypeError
+    for name, codes, labels, error, match in (
+            ("nan", np.full((1, 1, 4), np.nan), [0], WrongTypeError, "codes must be integers"),
+            ("float", np.full((1, 1, 4), 2.7), [0], WrongTypeError, "codes must be integers"),
+            ("float_labels", np.zeros((1, 1, 4), int), [1.5], WrongTypeError, "labels must be integers"),
+            ("negative", np.zeros((2, 1, 4), int), [0, -1], MismatchError, "labels must be >= 0")):
+        with pytest.raises(error, match=match):
+            write_codes(tmp_path / name, codes, labels, HEADER)
+        assert list(tmp_path.iterdir()) == []
+    out = write_codes(tmp_path / "ok", torch.zeros(2, 1, 4, dtype=torch.int32), torch.tensor([0, 3]), HEADER)
+    assert CodeDataset(out)[1][1] == 3
+
+
+def test_writer_refuses_a_header_the_reader_would_refuse(tmp_path):
+    # a header without grid_size, augment or dataset was written, and read_header then called the
+    # finished directory unusable
+    for key in ("tokenizer_fingerprint", "grid_size", "augment", "dataset"):
+        header = {k: v for k, v in HEADER.items() if k != key}
+        with pytest.raises(ValueError, match=f"header lacks \\['{key}'\\]"):
+            write_codes(tmp_path / key, np.zeros((1, 1, 4), int), [0], header)
+    assert list(tmp_path.iterdir()) == []
+    no_stamp = {k: v for k, v in HEADER.items() if k != "created_by"}
+    out = write_codes(tmp_path / "ok", np.zeros((1, 1, 4), int), [0], no_stamp)
+    assert read_header(out)["created_by"].startswith("ctfgen")
+
+
 def test_random_augmentation_is_deterministic_per_epoch(tmp_path):
     n, a = 64, 10
     codes = np.broadcast_to(np.arange(a)[None, :, None], (n, a, 3))  # the code value is the augmentation id
@@ -127,6 +156,17 @@ def test_exception_mid_write_leaves_no_directory(tmp_path):
             w.append(np.ones((5, 1, 4), int), np.zeros(5, int))
             raise RuntimeError("boom")
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_failed_commit_leaves_no_partial_directory(tmp_path):
+    # commit refusing a directory that appeared meanwhile (or failing on a full disk) left the hidden
+    # partial directory, full-size arrays and all, until some later writer after this process's exit
+    target = tmp_path / "codes"
+    with pytest.raises(FileExistsError, match="appeared while writing"):
+        with CodeWriter(target, 10, 1, 4, HEADER) as w:
+            w.append(np.ones((5, 1, 4), int), np.zeros(5, int))
+            target.mkdir()  # another writer finished first
+    assert [p.name for p in tmp_path.iterdir()] == ["codes"] and list(target.iterdir()) == []
 
 
 def test_sigkill_mid_write_leaves_no_directory(tmp_path):

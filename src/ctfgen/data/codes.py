@@ -21,12 +21,14 @@ from torch.utils.data import Dataset
 
 from ctfgen import __version__
 from ctfgen.compat import check_parts
-from ctfgen.utils.errors import CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError
+from ctfgen.utils.errors import (CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError,
+                                 WrongTypeError)
 from ctfgen.utils.fileio import atomic_write_json, fsync_file, read_json, replace_dir
 
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",
                "num_augmentations", "augment", "num_images", "dataset", "created_by")
+_FILLED_BY_WRITER = ("format_version", "num_images", "num_augmentations", "image_tokens", "created_by")
 _REDO = "re-run `ctfgen extract-codes --tokenizer <the tokenizer you train with>` to make matching codes"
 
 
@@ -72,6 +74,10 @@ class CodeWriter:
                                   "(--overwrite)")
         if "codebook_size" not in header:
             raise MismatchError("header needs 'codebook_size' to choose the code dtype")
+        # read_header refuses a directory without these, so a header lacking one would be written in vain
+        missing = [k for k in HEADER_KEYS if k not in header and k not in _FILLED_BY_WRITER]
+        if missing:
+            raise MismatchError(f"header lacks {missing}; give them to the writer (extract-codes records them)")
         self.num_images, self.num_augmentations, self.image_tokens = num_images, num_augmentations, image_tokens
         self.overwrite = overwrite
         self.header = dict(header)
@@ -98,6 +104,12 @@ class CodeWriter:
                              f"{expected} and labels ({n},)")
         if self.count + n > self.num_images:
             raise MismatchError(f"append of {n} rows overflows the {self.num_images} images declared")
+        # Assigning into the integer memory maps would truncate 2.7 to 2 and write NaN as 0, silently.
+        for name, arr in (("codes", codes), ("labels", labels)):
+            if n and not np.issubdtype(arr.dtype, np.integer):
+                raise WrongTypeError(f"{name} must be integers, got dtype {arr.dtype}")
+        if n and labels.min() < 0:
+            raise MismatchError(f"class labels must be >= 0, got {labels.min()}")
         if n and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise MismatchError(f"codes outside [0, {self.codebook_size}) (min {codes.min()}, max {codes.max()}): "
                              "the encoder's codebook does not match header codebook_size")
@@ -123,22 +135,26 @@ class CodeWriter:
         """Finish: write the header and rename the temporary directory to `out_dir`."""
         if self.closed:
             raise RunError("CodeWriter already closed")
-        self._codes.flush()
-        self._labels.flush()
-        if self.count < self.num_images:
-            self._shrink()
-        self._codes = self._labels = None
-        header = {k: v for k, v in self.header.items()}
-        header.update(format_version=FORMAT_VERSION, num_images=self.count,
-                      num_augmentations=self.num_augmentations, image_tokens=self.image_tokens,
-                      codebook_size=self.codebook_size, code_dtype=self.dtype.name)
-        header.setdefault("created_by", _created_by())
-        atomic_write_json(self.tmp_dir / "header.json", dict(sorted(header.items())))
-        for name in ("codes.npy", "labels.npy"):
-            fsync_file(self.tmp_dir / name)
-        if self.out_dir.exists() and not self.overwrite:
-            raise OutputExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
-        replace_dir(self.tmp_dir, self.out_dir)
+        try:
+            self._codes.flush()
+            self._labels.flush()
+            if self.count < self.num_images:
+                self._shrink()
+            self._codes = self._labels = None
+            header = {k: v for k, v in self.header.items()}
+            header.update(format_version=FORMAT_VERSION, num_images=self.count,
+                          num_augmentations=self.num_augmentations, image_tokens=self.image_tokens,
+                          codebook_size=self.codebook_size, code_dtype=self.dtype.name)
+            header.setdefault("created_by", _created_by())
+            atomic_write_json(self.tmp_dir / "header.json", dict(sorted(header.items())))
+            for name in ("codes.npy", "labels.npy"):
+                fsync_file(self.tmp_dir / name)
+            if self.out_dir.exists() and not self.overwrite:
+                raise OutputExistsError(f"{self.out_dir} appeared while writing; refusing to replace it")
+            replace_dir(self.tmp_dir, self.out_dir)
+        except BaseException:
+            self.abort()  # the full-size partial arrays would otherwise stay until this process has exited
+            raise
         self.closed = True
         return self.out_dir
 
