@@ -179,3 +179,15 @@ def test_unset_sampling_defaults_keep_the_paper_s(ctf16):
         assert pipe.sample_tokens([0], generator=0).shape == (1, 16)
         with pytest.raises(TypeError, match="must be a dict"):
             cls(*args, sampling_defaults=[("cfg_scale", 2.0)])
+
+
+def test_decode_refuses_tokens_of_another_grid(ctf16):
+    # decode reshaped whatever it got to (-1, g, g): two rows of 64 tokens (an 8x8 grid) decoded
+    # to eight 4x4 images without a word, and 15 tokens were torch's RuntimeError
+    for pipe in (CTFPipeline(*ctf16), ARPipeline(*tiny_baseline(vocab=32, image_tokens=16))):
+        with pytest.raises(ValueError, match=r"expected tokens of shape \(B, 16\) or \(B, h, w\) grids, got \(2, 64\)"):
+            pipe.decode(torch.zeros(2, 64, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"got \(2, 15\)"):
+            pipe.decode(torch.zeros(2, 15, dtype=torch.long))
+        assert pipe.decode(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 1, 8, 8)
+        assert pipe.decode(torch.zeros(2, 4, 4, dtype=torch.long)).shape == (2, 1, 8, 8)

@@ -250,3 +250,18 @@ def test_labels_that_are_not_whole_numbers_are_refused(labels):
 def test_whole_float_labels_are_classes():
     gpt = tiny_gpt()
     assert torch.equal(generate(gpt, [2.0, 1.0], top_k=1), generate(gpt, [2, 1], top_k=1))
+
+
+def test_log_prob_refuses_sequences_longer_than_the_grid_or_empty():
+    # the forward sees tokens[:, :-1]: grid + 1 tokens were scored (the last from a position past the
+    # grid) without a word, grid + 2 were refused as "got grid + 1 tokens", and none was torch's RuntimeError
+    gpt = tiny_gpt(image_tokens=4)
+    tokens = torch.randint(0, 11, (2, 6))
+    with pytest.raises(ValueError, match="tokens must hold 1 to 4 tokens per image .*got 5"):
+        log_prob(gpt, tokens[:, :5], [0, 1])
+    with pytest.raises(ValueError, match="got 6"):
+        log_prob(gpt, tokens, [0, 1])
+    with pytest.raises(ValueError, match="got 0"):
+        log_prob(gpt, tokens[:, :0], [0, 1])
+    assert log_prob(gpt, tokens[:, :4], [0, 1]).shape == (2,)
+    assert log_prob(gpt, tokens[:, :1], [0, 1]).shape == (2,)  # a prefix is scored

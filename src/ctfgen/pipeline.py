@@ -195,6 +195,8 @@ class _Pipeline:
             raise MismatchError(f"this {type(self).__name__} has no tokenizer; pass tokenizer= to decode images "
                              "(sample_tokens works without one)")
         g = self.grid_size
+        # checked before the reshape: (B, 4 * image_tokens) tokens would otherwise decode to 4B images
+        tokens = _flat_tokens(tokens, self.image_tokens, self.device)
         return self.tokenizer.decode(tokens.reshape(-1, g, g)).clamp(-1, 1)
 
     def _sample_and_decode(self, labels, generator, kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -228,6 +228,10 @@ def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     tokens = integer_tokens(tokens).to(device=device, dtype=torch.long)
     if tokens.dim() != 2:
         raise ConfigError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+    # the forward takes tokens[:, :-1], so one token past the grid (or none) would slip past its length check
+    n = gpt.config.image_tokens
+    if not 1 <= tokens.shape[1] <= n:
+        raise MismatchError(f"tokens must hold 1 to {n} tokens per image (the model's grid), got {tokens.shape[1]}")
     V = gpt.config.vocab_size
     # out-of-range tokens would index past the embedding and logits: an IndexError here, a device assert on CUDA
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
