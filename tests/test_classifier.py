@@ -254,6 +254,21 @@ def test_compare_orders_mixed_epochs_and_missing_is_std():
     assert lines == [("run", (1, 1, 2), (5.0, 5.0, 4.0), (0.1, 0.2, 0.3))]
 
 
+def test_compare_skips_flags_that_are_not_metrics(tmp_path):
+    """`ctfgen reproduce` records carry bits_per_token_exact (a bool): it was a column of dashes and a figure of
+    True/False against epoch."""
+    from ctfgen.metrics.compare import compare
+
+    (tmp_path / "ctf").mkdir()
+    for epoch in (1, 2):
+        rec = {"name": "ctf", "epoch": epoch, "metrics": {"fd": 1.0 / epoch, "bits_per_token": 4.0,
+                                                          "bits_per_token_exact": False}}
+        (tmp_path / "ctf" / f"step-{epoch}.json").write_text(json.dumps(rec))
+    table, pngs = compare([tmp_path / "ctf"], tmp_path / "out")
+    assert "bits_per_token_exact" not in table and "| 4.0000 (bound) |" in table
+    assert sorted(p.name for p in pngs) == ["bits_per_token.png", "fd.png"]
+
+
 def test_compare_names_a_record_that_is_not_utf8(tmp_path, capsys):
     """A record saved as UTF-16 (with a byte-order mark) was a UnicodeDecodeError traceback."""
     (tmp_path / "run" / "eval").mkdir(parents=True)

@@ -12,6 +12,7 @@ from ctfgen.app.cli import main
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.sampling import generate
 from ctfgen.app.figures import change_heat, stage_figure, stage_rows
+from ctfgen.utils.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +87,17 @@ def test_preview_needs_a_tokenizer_and_valid_labels(ctf16):
         CTFPipeline(ar, aux, cmap, vq).coarse_preview(torch.full((1, 16), 8))
     out = CTFPipeline(ar, aux, cmap, vq)([0], generator=0, preview=False)
     assert out.coarse_preview is None and out.coarse is not None
+    pipe = CTFPipeline(ar, aux, cmap, vq)
+    with pytest.raises(ConfigError, match="preview=True"):  # was an AttributeError traceback
+        stage_rows(pipe, out)
 
 
 def test_baseline_call_has_no_stages():
     gpt, vq = tiny_baseline(vocab=8, num_classes=3)
     out = ARPipeline(gpt, vq)([0, 1], generator=0)
     assert out.images.shape == (2, 1, 4, 4) and out.coarse is None and out.changed is None
+    with pytest.raises(ConfigError, match="CTF pipeline's output"):  # was an AttributeError traceback
+        stage_rows(None, out)
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,16 @@ def test_precision_recall_identical_sets_are_perfect_and_disjoint_sets_zero():
         core.precision_recall(x[:3], x)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_precision_recall_on_a_gpu_device():
+    """`ctfgen eval` passes its device here; the k-NN radii came back on the CPU and comparing them with
+    the distances on the GPU was a device-mismatch RuntimeError."""
+    rng = np.random.default_rng(4)
+    real, fake = rng.standard_normal((45, 3)), rng.standard_normal((35, 3)) * 0.6 + np.array([2.0, 0.0, 0.0])
+    assert core.precision_recall(real, fake, device="cuda") == pytest.approx(core.precision_recall(real, fake),
+                                                                             abs=1e-12)
+
+
 def _reference_inception_score(probs, splits):
     scores = []
     n = len(probs)

@@ -97,6 +97,11 @@ def heat_legend(width: int = 360, font_size: int = 12, padding: int = 4) -> Imag
 def stage_rows(pipe, out: PipelineOutput, baseline_images: torch.Tensor | None = None) -> list[tuple[str, np.ndarray]]:
     """The rows of a stage figure, each (name, (B, H, W, 3) uint8): coarse preview, final image,
     heat map of stage 2's changes, and the baseline's images when given."""
+    # a baseline's output, or a CTF call with preview=False, was an AttributeError traceback in rgb(None)
+    if out.coarse_tokens is None:
+        raise ConfigError("a stage figure needs a CTF pipeline's output; a baseline has no coarse stage")
+    if out.coarse_preview is None:
+        raise ConfigError("a stage figure needs the coarse preview: call the pipeline with preview=True (the default)")
     size = tuple(out.images.shape[-2:])
     rows = [("coarse", rgb(out.coarse_preview)), ("final", rgb(out.images)),
             (HEAT_ROW, heat_rgb(change_heat(pipe, out), size))]

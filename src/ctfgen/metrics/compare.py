@@ -118,8 +118,14 @@ def load_records(run: str | Path) -> list[dict]:
     return records
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _metric_keys(records: list[dict]) -> list[str]:
-    present = {k for r in records for k in r["metrics"]}
+    # flags such as reproduce's bits_per_token_exact (a bool) are not metrics: they became a column of
+    # dashes and a figure of True/False against epoch
+    present = {k for r in records for k, v in r["metrics"].items() if _is_number(v)}
     ordered = [k for k in METRIC_INFO if k in present]
     return ordered + sorted(present - set(ordered))
 
@@ -171,7 +177,7 @@ def _epoch_lines(records: list[dict], key: str) -> list[tuple]:
     lines = []
     for name in sorted({r["name"] for r in records}):
         pts = sorted(((r["epoch"], r["metrics"][key], r["metrics"].get("is_std")) for r in records
-                      if r["name"] == name and isinstance(r["metrics"].get(key), (int, float))),
+                      if r["name"] == name and _is_number(r["metrics"].get(key))),
                      key=lambda p: tuple(map(_order, p)))
         if pts:
             xs, ys, err = zip(*pts)

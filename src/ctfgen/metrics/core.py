@@ -147,12 +147,14 @@ def precision_recall(real_features, fake_features, k: int = 3, batch_size: int =
     if min(len(real), len(fake)) <= k:
         raise ConfigError(f"precision/recall with k={k} needs more than {k} real and fake samples; "
                          f"got {len(real)} and {len(fake)}")
+    # knn_radii goes through numpy, so without the device its radii came back on the CPU and
+    # comparing them with distances on `device` raised a device-mismatch RuntimeError
     if real_radii is None:
-        real_radii = knn_radii(real, k, batch_size)
+        real_radii = knn_radii(real, k, batch_size, device=real.device)
     real_radii = torch.as_tensor(real_radii, dtype=torch.float64, device=real.device)
     if real_radii.shape != (len(real),):
         raise ConfigError(f"real_radii must be ({len(real)},), got {tuple(real_radii.shape)}")
-    fake_radii = knn_radii(fake, k, batch_size)
+    fake_radii = knn_radii(fake, k, batch_size, device=fake.device)
     precision = _fraction_inside(fake, real, real_radii, batch_size)
     recall = _fraction_inside(real, fake, fake_radii, batch_size)
     return precision, recall
