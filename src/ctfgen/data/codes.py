@@ -220,7 +220,8 @@ class CodeDataset(Dataset):
 
     `augmentation="random"` picks one of the A stored augmentations per item, deterministically from
     (seed, epoch, index), so a resumed run sees the same data; call `set_epoch` each epoch.
-    An int always picks that augmentation (0 = the unaugmented image).
+    An int always picks that augmentation: 0 is the image itself for `none` and `flip` codes, but the
+    top-left crop for `tencrop` ones (4 is their centre crop; see `ten_crop`).
     """
 
     def __init__(self, code_dir: str | os.PathLike, augmentation: str | int = "random", seed: int = 0):
