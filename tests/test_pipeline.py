@@ -191,3 +191,17 @@ def test_decode_refuses_tokens_of_another_grid(ctf16):
             pipe.decode(torch.zeros(2, 15, dtype=torch.long))
         assert pipe.decode(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 1, 8, 8)
         assert pipe.decode(torch.zeros(2, 4, 4, dtype=torch.long)).shape == (2, 1, 8, 8)
+
+
+def test_stage_2_guidance_without_a_class_prefix_is_refused_before_stage_1(ctf16, monkeypatch):
+    """It was accepted as a default and refused by sample_fine at every call, after stage 1 had run."""
+    ar, aux, cmap, vq = ctf16
+    plain = AuxModel(AuxConfig(**{**aux.config.__dict__, "class_prefix": False}), coarse_map=cmap)
+    with pytest.raises(ValueError, match=r"cfg_scale_fine 2.0: stage-2 guidance needs .*class_prefix=True"):
+        CTFPipeline(ar, plain, cmap, vq, sampling_defaults={"cfg_scale_fine": 2.0})
+    pipe = CTFPipeline(ar, plain, cmap, vq)
+    monkeypatch.setattr("ctfgen.pipeline.generate", lambda *a, **k: pytest.fail("stage 1 ran"))
+    with pytest.raises(ValueError, match=r"--cfg-scale-fine 3.0: stage-2"):  # as the commands name it
+        pipe.resolve_sampling({"cfg_scale_fine": 3.0}, {"cfg_scale_fine": "--cfg-scale-fine"})
+    with pytest.raises(ValueError, match=r"cfg_scale_fine 3.0: stage-2"):
+        pipe.sample_tokens([0], cfg_scale_fine=3.0)

@@ -302,6 +302,15 @@ class CTFPipeline(_Pipeline):
         fine = int(self.coarse_map.sizes.max()) if self.aux.config.restrict_to_cluster else self.coarse_map.vocab_size
         return {"top_k": self.ar.config.vocab_size, "top_k_fine": fine, "cfg_steps": self.image_tokens}
 
+    def resolve_sampling(self, kwargs: dict, labels: dict | None = None) -> dict:
+        o = super().resolve_sampling(kwargs, labels)
+        # checked here, before stage 1 runs, and when the defaults are set (sample_fine would refuse it later)
+        if o["cfg_scale_fine"] != 1.0 and not self.aux.config.class_prefix:
+            name = (labels or {}).get("cfg_scale_fine", "cfg_scale_fine")
+            raise ConfigError(f"{name} {o['cfg_scale_fine']}: stage-2 guidance needs an auxiliary model with "
+                              "class_prefix=True, and this one has none; use 1.0")
+        return o
+
     @property
     def log_prob_is_exact(self) -> bool:
         """True when `log_prob` is the exact log-likelihood (in-cluster aux); otherwise it is a lower bound."""
