@@ -276,3 +276,13 @@ def test_compare_names_a_record_that_is_not_utf8(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "epoch_0001.json is not valid JSON" in err and "Traceback" not in err
+
+
+def test_compare_takes_records_whose_name_is_null_or_a_number(tmp_path):
+    """`"name": null` was kept by setdefault and sorting the runs' names was a TypeError."""
+    from ctfgen.metrics.compare import compare
+
+    for stem, name in (("a", None), ("b", 7), ("c", "ctf")):
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"name": name, "epoch": 1, "metrics": {"fd": 1.0}}))
+    table, _ = compare([tmp_path / f"{s}.json" for s in "abc"], None)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["7", "a", "ctf"]

@@ -10,14 +10,13 @@ should carry the same name and its own `epoch`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import matplotlib
 
 from ctfgen.utils.errors import CorruptFileError, MissingFileError
-from ctfgen.utils.fileio import atomic_save, atomic_write_text
+from ctfgen.utils.fileio import atomic_save, atomic_write_text, read_json
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,13 +104,11 @@ def load_records(run: str | Path) -> list[dict]:
         raise MissingFileError(f"{run} does not exist (expected an evaluation JSON or a run directory)")
     records = []
     for f in files:
-        try:
-            rec = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # e.g. saved as UTF-16 by an editor
-            raise CorruptFileError(f"{f} is not valid JSON: {err}") from err
-        if not isinstance(rec, dict) or not isinstance(rec.get("metrics"), dict):
+        rec = read_json(f, "give the evaluation records `ctfgen eval --out` writes")
+        if not isinstance(rec.get("metrics"), dict):
             raise CorruptFileError(f"{f} is not an evaluation record (needs a 'metrics' object; see `ctfgen eval --out`)")
-        rec.setdefault("name", run.stem if run.is_file() else run.name)
+        # a name given as null (or a number) would make sorting the runs a TypeError
+        rec["name"] = str(run.stem if run.is_file() else run.name) if rec.get("name") is None else str(rec["name"])
         rec.setdefault("epoch", None)
         rec["_source"] = str(f)
         records.append(rec)
