@@ -111,3 +111,19 @@ def test_log_prob_refuses_tokens_and_labels_out_of_range():
     with pytest.raises(ConfigError, match="class labels must be in"):
         log_prob(gpt, torch.tensor([[0, 1, 2, 3]]), [4])
     assert torch.isfinite(log_prob(gpt, torch.tensor([[0, 1, 2, 3]]), [3]))  # the null label is allowed
+
+
+def test_heldout_bits_per_token_of_no_images_is_refused(tmp_path):
+    """A limit of 0 (or codes without images) gave nan bits per token, as if measured."""
+    from ctfgen.data.codes import write_codes
+    from ctfgen.pipeline import heldout_bits_per_token
+
+    gpt, vq = tiny_baseline()
+    header = {"tokenizer_fingerprint": vq.fingerprint, "grid_size": 2, "augment": "none", "dataset": "test",
+              "codebook_size": 4, "num_classes": 3}
+    codes = write_codes(tmp_path / "codes", torch.zeros(2, 1, 4, dtype=torch.long), [0, 1], header)
+    pipe = ARPipeline(gpt, vq)
+    assert heldout_bits_per_token(pipe, codes, limit=1)["images"] == 1
+    for limit in (0, -3):
+        with pytest.raises(ConfigError, match="no images to score"):
+            heldout_bits_per_token(pipe, codes, limit=limit)

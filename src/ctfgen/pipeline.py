@@ -62,6 +62,9 @@ def heldout_bits_per_token(pipeline, codes, limit: int | None = None, batch_size
     (False: an upper bound), images."""
     codes = codes if isinstance(codes, CodeDataset) else CodeDataset(codes, augmentation=0)
     n = len(codes) if limit is None else min(len(codes), int(limit))
+    if n < 1:  # the mean over no images would be reported as nan bits per token
+        raise ConfigError(f"no images to score: {codes.dir} holds {len(codes)} and the limit is {limit}; "
+                          "give a limit of at least 1 and codes with images")
     mine = list(range(D.get_rank(), n, D.get_world_size()))
     device = pipeline.device
     total = torch.zeros(2, dtype=torch.float64, device=device)
