@@ -238,6 +238,21 @@ def test_a_reference_of_other_parts_is_refused(study, ctf_only, tmp_path, capsys
     assert not (records / other.name).exists()
 
 
+def test_snapshots_sample_with_the_run_s_sampling_defaults(study):
+    """Snapshot pipelines took the paper's defaults whatever the run's `sampling` section gave its finished ones."""
+    import dataclasses
+
+    from ctfgen.config import SamplingConfig
+    from ctfgen.experiments.run import FinishedRun
+
+    run = FinishedRun(study[0])
+    run.settings = dataclasses.replace(run.settings, sampling=SamplingConfig(ctf={"temperature": 0.7},
+                                                                             baseline={"cfg_scale": 3.0}))
+    assert run.snapshot_pipeline("ctf", 5).sampling_defaults["temperature"] == 0.7
+    for method in ("baseline", "matched"):
+        assert run.snapshot_pipeline(method, 5).sampling_defaults["cfg_scale"] == 3.0
+
+
 def test_split_halves_are_class_balanced_and_disjoint():
     import numpy as np
 

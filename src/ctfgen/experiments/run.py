@@ -479,11 +479,13 @@ class FinishedRun(RunDir):
         return load_stage_model(stage, path)
 
     def snapshot_pipeline(self, method: str, step: int):
-        """`method`'s pipeline (default sampling) from its stages' snapshots at optimizer step `step`."""
+        """`method`'s pipeline from its stages' snapshots at optimizer step `step`, with the sampling
+        defaults the run's finished pipelines have (its `sampling` section)."""
+        defaults = self.settings.sampling
         if method == "ctf":
             return CTFPipeline(self.snapshot_model("ar", step), self.snapshot_model("aux", step),
-                               self.load_coarse_map(), self.load_tokenizer())
-        return ARPipeline(self.snapshot_model(method, step), self.load_tokenizer())
+                               self.load_coarse_map(), self.load_tokenizer(), sampling_defaults=defaults.ctf)
+        return ARPipeline(self.snapshot_model(method, step), self.load_tokenizer(), sampling_defaults=defaults.baseline)
 
     def steps_per_epoch(self, stage: str) -> float:
         """Optimizer steps in one pass of `stage` over the training codes, as the training loop counts
