@@ -241,6 +241,22 @@ def test_sample_many_removes_the_parts_a_run_killed_after_its_merge_left(pipelin
     assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == merged
 
 
+def test_sample_many_finishes_a_set_whose_killed_run_left_a_temporary_file(pipelines, tmp_path, capsys):
+    """A run killed (SIGKILL) while writing a part leaves its hidden temporary file in OUT.parts/; the run
+    that finishes the set removes it with the folder, rather than ending in "Directory not empty"."""
+    from ctfgen.app import sample_sets as sm
+
+    out = tmp_path / "x.npz"
+    parts = out.with_name("x.npz.parts")
+    sm.sample_many(load_pipeline(pipelines / "ctf"), np.zeros(4, np.int64), out, 2, seed=0, sampling={"dtype": "auto"},
+                   progress=False)
+    (parts / "batch000001.npz").unlink()
+    (parts / ".batch000001.npz.0123456789ab.npz").write_bytes(b"PK half")
+    assert main(["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--per-class", "4",
+                 "--batch-size", "2", "--no-progress", "--out", str(out)]) == 0
+    assert list(tmp_path.iterdir()) == [out] and np.load(out)["arr_0"].shape[0] == 4
+
+
 def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     from ctfgen.app import bench
 

@@ -162,8 +162,8 @@ def merge_parts(out: Path, num_batches: int) -> None:
             _stream_array(zf, "labels.npy", parts, "labels")
     for p in parts:
         p.unlink()
-    (parts_dir / PARTS_REQUEST).unlink(missing_ok=True)
-    parts_dir.rmdir()
+    # with request.json, whatever a run killed inside _atomic_savez left there (its hidden temporary file)
+    shutil.rmtree(parts_dir)
 
 
 def check_sample_set(out, per_class: int, batch_size: int, png_dir=None) -> Path:
