@@ -194,6 +194,10 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
     bad = [c for c in classes if not 0 <= c < pipeline.num_classes]
     if bad:
         raise ConfigError(f"class ids {bad} are out of range for a model with {pipeline.num_classes} classes")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:  # each would get a multiple of per_class images: a set skewed towards them, not N per class
+        raise ConfigError(f"class ids {twice} are given more than once; give each class once (--per-class sets "
+                          "how many images it gets)")
     sampling = sampling or {}
     pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})  # every option checked before work
     labels = np.repeat(np.asarray(classes, np.int64), per_class)
