@@ -185,6 +185,37 @@ def test_sample_many_refuses_to_finish_a_set_with_another_model_or_defaults(pipe
     assert main(args + ["--model", str(pipelines / "baseline")]) == 0 and out.is_file()
 
 
+def test_sample_many_refuses_to_finish_a_set_in_another_precision(pipelines, tmp_path, monkeypatch, capsys):
+    """--dtype auto is bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere: a set started on one
+    machine must not be finished in another precision on the next."""
+    from ctfgen.utils import precision
+
+    out = tmp_path / "x.npz"
+    args = ["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--per-class", "4", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    real, calls = CTFPipeline.sample, []
+
+    def killed_after_one_batch(self, *a, **k):
+        calls.append(k.get("dtype"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", killed_after_one_batch)
+        m.setattr(precision, "cpu_has_native_bf16", lambda: True)
+        assert main(args) == 130
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(precision, "cpu_has_native_bf16", lambda: False)
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "another request" in err and "'dtype': 'bfloat16'" in err and "'dtype': 'float32'" in err, err
+    with monkeypatch.context() as m:
+        m.setattr(precision, "cpu_has_native_bf16", lambda: True)
+        assert main(args) == 0 and out.is_file()
+
+
 def test_sample_many_streams_the_merge(pipelines, tmp_path):
     """The final .npz is written part by part: it equals np.savez of the whole set."""
     from ctfgen.app import sample_sets as sm

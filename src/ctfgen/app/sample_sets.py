@@ -29,6 +29,7 @@ from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.fileio import atomic_path, atomic_save, atomic_write_json, read_json
 from ctfgen.utils.images import save_grid, save_images, to_uint8
 from ctfgen.utils.options import MAX_GRID_PIXELS, check, check_output_dir, check_output_file, fmt
+from ctfgen.utils.precision import dtype_name, resolve_dtype
 
 PARTS_REQUEST = "request.json"
 
@@ -70,6 +71,8 @@ def _request(pipeline, labels: np.ndarray, batch_size: int, seed: int, sampling:
     model["weights_sha1"] = _weights_sha1(pipeline)
     # the options the batches are drawn with: unset ones take the pipeline's stored defaults, which differ by model
     sampling = {**sampling, **pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})}
+    if sampling.get("dtype") is not None:  # what it draws in: "auto" is bfloat16 on one machine, float32 on another
+        sampling["dtype"] = dtype_name(resolve_dtype(sampling["dtype"], pipeline.device))
     return {"model": model, "images": int(len(labels)), "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(),
             "batch_size": int(batch_size), "seed": int(seed),
             "sampling": json.loads(json.dumps(sampling, sort_keys=True, default=str))}
