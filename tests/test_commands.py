@@ -74,6 +74,19 @@ def test_sample_rejects_unknown_class_and_fine_options_on_baseline(pipelines, tm
     assert "only apply to a CTF" in capsys.readouterr().err
 
 
+def test_sample_takes_every_class_id_of_a_model_with_more_classes_than_fashion_mnist(tmp_path, capsys):
+    """--class ids are the model's (1000 for the ImageNet recipes), not Fashion-MNIST's 0-9; its names
+    mean nothing to another model."""
+    ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=20)
+    CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "ctf")
+    args = ["sample", "--model", str(tmp_path / "ctf"), "--n", "2", "--no-progress", "--out", str(tmp_path / "x.png")]
+    assert main(args + ["--class", "15", "19"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["0000_class15.png", "0001_class19.png"]
+    for bad, message in (("20", "out of range for a model with 20 classes"), ("sneaker", "class names are Fashion")):
+        assert main(args + ["--class", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("picture", [["--stages"], ["--compare-baseline", "--baseline"]])
 def test_sample_writes_its_figures_whole_or_not_at_all(pipelines, tmp_path, monkeypatch, picture):
     """A --stages or --compare-baseline picture killed while being written leaves no half file."""
