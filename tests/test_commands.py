@@ -87,6 +87,17 @@ def test_sample_takes_every_class_id_of_a_model_with_more_classes_than_fashion_m
         assert message in capsys.readouterr().err
 
 
+def test_sample_refuses_a_pipeline_saved_without_a_tokenizer(pipelines, tmp_path, capsys):
+    """A baseline saved without its tokenizer (as the shipped one is) ended `ctfgen sample` in an AttributeError
+    traceback from image_shape."""
+    ARPipeline(load_pipeline(pipelines / "baseline").gpt).save_pretrained(tmp_path / "bare")
+    out = tmp_path / "x.png"
+    assert main(["sample", "--model", str(tmp_path / "bare"), "--n", "2", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "without a tokenizer" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("picture", [["--stages"], ["--compare-baseline", "--baseline"]])
 def test_sample_writes_its_figures_whole_or_not_at_all(pipelines, tmp_path, monkeypatch, picture):
     """A --stages or --compare-baseline picture killed while being written leaves no half file."""

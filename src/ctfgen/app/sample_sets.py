@@ -239,6 +239,10 @@ def image_shape(pipeline) -> tuple[int, int, int]:
 def check_picture(pipeline, n: int, out, nrow: int = 8, scale: int = 4, singles: bool = True, rows: int = 1,
                   batch_size: int = 64) -> Path:
     """`ctfgen sample`'s counts, output paths and picture size, checked before any work."""
+    if pipeline.tokenizer is None:  # image_shape reads the tokenizer: an AttributeError traceback otherwise
+        raise ConfigError(f"this {pipeline.kind} pipeline was saved without a tokenizer, so it cannot decode images: "
+                          "save it with one, or sample a baseline that shares its CTF model's beside that model "
+                          "(--model CTF --compare-baseline --baseline DIR)")
     out = check_output_file(out, "image", "--out")
     n = check("n", n, "--n")
     nrow, scale = check("nrow", nrow, "--nrow"), check("scale", scale, "--scale")
