@@ -133,6 +133,7 @@ BAD_VALUES = {
         (["--per-class", "1", "--out", "{t}/x.npz", "--top-k-fine", "999"], "--top-k-fine must be between 0 and 3"),
         (["--per-class", "1", "--out", "{t}/x.npz", "--device", "cuda:7" if CUDA_BUILD else "cuda"], "available here"),
         (["--per-class", "1", "--out", "{t}/x.npz", "--classes", "12"], "out of range"),
+        (["--per-class", "1", "--out", "{t}/x.npz", "--classes", "3", "1", "3"], "[3] are given more than once"),
     ],
     "demo": [
         (["--device", "cuda:7" if CUDA_BUILD else "cuda"], "available here"),

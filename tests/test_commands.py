@@ -74,6 +74,30 @@ def test_sample_rejects_unknown_class_and_fine_options_on_baseline(pipelines, tm
     assert "only apply to a CTF" in capsys.readouterr().err
 
 
+def test_sample_takes_every_class_id_of_a_model_with_more_classes_than_fashion_mnist(tmp_path, capsys):
+    """--class ids are the model's (1000 for the ImageNet recipes), not Fashion-MNIST's 0-9; its names
+    mean nothing to another model."""
+    ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=20)
+    CTFPipeline(ar, aux, cmap, vq).save_pretrained(tmp_path / "ctf")
+    args = ["sample", "--model", str(tmp_path / "ctf"), "--n", "2", "--no-progress", "--out", str(tmp_path / "x.png")]
+    assert main(args + ["--class", "15", "19"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["0000_class15.png", "0001_class19.png"]
+    for bad, message in (("20", "out of range for a model with 20 classes"), ("sneaker", "class names are Fashion")):
+        assert main(args + ["--class", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_sample_refuses_a_pipeline_saved_without_a_tokenizer(pipelines, tmp_path, capsys):
+    """A baseline saved without its tokenizer (as the shipped one is) ended `ctfgen sample` in an AttributeError
+    traceback from image_shape."""
+    ARPipeline(load_pipeline(pipelines / "baseline").gpt).save_pretrained(tmp_path / "bare")
+    out = tmp_path / "x.png"
+    assert main(["sample", "--model", str(tmp_path / "bare"), "--n", "2", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "without a tokenizer" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("picture", [["--stages"], ["--compare-baseline", "--baseline"]])
 def test_sample_writes_its_figures_whole_or_not_at_all(pipelines, tmp_path, monkeypatch, picture):
     """A --stages or --compare-baseline picture killed while being written leaves no half file."""
@@ -185,6 +209,37 @@ def test_sample_many_refuses_to_finish_a_set_with_another_model_or_defaults(pipe
     assert main(args + ["--model", str(pipelines / "baseline")]) == 0 and out.is_file()
 
 
+def test_sample_many_refuses_to_finish_a_set_in_another_precision(pipelines, tmp_path, monkeypatch, capsys):
+    """--dtype auto is bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere: a set started on one
+    machine must not be finished in another precision on the next."""
+    from ctfgen.utils import precision
+
+    out = tmp_path / "x.npz"
+    args = ["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--per-class", "4", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    real, calls = CTFPipeline.sample, []
+
+    def killed_after_one_batch(self, *a, **k):
+        calls.append(k.get("dtype"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(CTFPipeline, "sample", killed_after_one_batch)
+        m.setattr(precision, "cpu_has_native_bf16", lambda: True)
+        assert main(args) == 130
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(precision, "cpu_has_native_bf16", lambda: False)
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "another request" in err and "'dtype': 'bfloat16'" in err and "'dtype': 'float32'" in err, err
+    with monkeypatch.context() as m:
+        m.setattr(precision, "cpu_has_native_bf16", lambda: True)
+        assert main(args) == 0 and out.is_file()
+
+
 def test_sample_many_streams_the_merge(pipelines, tmp_path):
     """The final .npz is written part by part: it equals np.savez of the whole set."""
     from ctfgen.app import sample_sets as sm
@@ -239,6 +294,22 @@ def test_sample_many_removes_the_parts_a_run_killed_after_its_merge_left(pipelin
     assert sorted(p.name for p in parts.iterdir()) == ["batch000000.npz", "batch000001.npz", "request.json"]
     assert sm.sample_set(pipeline, out, 4, classes=[0], batch_size=2, progress=False) is None
     assert list(tmp_path.iterdir()) == [out] and out.read_bytes() == merged
+
+
+def test_sample_many_finishes_a_set_whose_killed_run_left_a_temporary_file(pipelines, tmp_path, capsys):
+    """A run killed (SIGKILL) while writing a part leaves its hidden temporary file in OUT.parts/; the run
+    that finishes the set removes it with the folder, rather than ending in "Directory not empty"."""
+    from ctfgen.app import sample_sets as sm
+
+    out = tmp_path / "x.npz"
+    parts = out.with_name("x.npz.parts")
+    sm.sample_many(load_pipeline(pipelines / "ctf"), np.zeros(4, np.int64), out, 2, seed=0, sampling={"dtype": "auto"},
+                   progress=False)
+    (parts / "batch000001.npz").unlink()
+    (parts / ".batch000001.npz.0123456789ab.npz").write_bytes(b"PK half")
+    assert main(["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--per-class", "4",
+                 "--batch-size", "2", "--no-progress", "--out", str(out)]) == 0
+    assert list(tmp_path.iterdir()) == [out] and np.load(out)["arr_0"].shape[0] == 4
 
 
 def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):

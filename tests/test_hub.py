@@ -243,6 +243,21 @@ def test_models_load_by_hub_id(tmp_path, monkeypatch):
     assert asked == ["ctfgen-test/tiny-gpt"]
 
 
+def test_models_by_hub_id_download_with_the_options_given(tmp_path, monkeypatch):
+    """from_pretrained("org/name", ...) dropped every download option but the revision: a token for a private
+    repo, a cache_dir and local_files_only (no network) were ignored without a word."""
+    from ctfgen.utils import hub
+
+    model = GPT(GPTConfig(vocab_size=8, image_tokens=4, num_classes=2, dim=16, n_layer=1, n_head=2, multiple_of=16))
+    model.save_pretrained(tmp_path / "snapshot")
+    asked = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **k: asked.append(k) or str(tmp_path / "snapshot"))
+    GPT.from_pretrained("ctfgen-test/tiny-gpt", revision="v1", token="hf_x", cache_dir=str(tmp_path / "cache"),
+                        local_files_only=True)
+    assert asked[0]["revision"] == "v1" and asked[0]["token"] == "hf_x" and asked[0]["local_files_only"] is True
+    assert asked[0]["cache_dir"] == str(tmp_path / "cache")
+
+
 def test_save_weights_writes_through_fileio(tmp_path, monkeypatch):
     """save_weights wrote with safetensors' save_file in place; the same bytes now appear whole or not at all."""
     from safetensors.torch import save_file

@@ -13,6 +13,15 @@ def test_unknown_name_lists_the_shipped_models():
         ctfgen.pretrained("imagenet")
 
 
+def test_a_revision_is_refused_where_it_would_be_ignored(tmp_path):
+    """revision picks a version of a Hub repo; for a shipped name or a local directory it was dropped without a
+    word, so the caller got a model other than the version asked for."""
+    with pytest.raises(ValueError, match="'fashion-mnist' is a shipped model"):
+        ctfgen.pretrained("fashion-mnist", revision="v2")
+    with pytest.raises(ValueError, match="is a local path"):
+        ctfgen.pretrained(str(ASSETS / SHIPPED_CTF), revision="v2")
+
+
 def test_shipped_models_sample_and_share_one_tokenizer():
     ctf = ctfgen.pretrained("fashion-mnist")
     base = ctfgen.pretrained("fashion-mnist-baseline")

@@ -54,7 +54,11 @@ def pretrained(name: str = "fashion-mnist", device: str = "cpu", revision: str |
     The shipped models sample `(B, 1, 28, 28)` images in [-1, 1] with `pipe.sample(labels, ...)`.
     """
     device = check_device(device) or "cpu"
-    if Path(name).exists() or (name not in PRETRAINED and is_repo_id(name)):
+    from_hub = not Path(name).exists() and name not in PRETRAINED and is_repo_id(name)
+    if revision is not None and not from_hub:  # it would be ignored: the user would get another version than asked
+        raise ConfigError(f"revision {revision!r} picks a version of a Hugging Face Hub repo, but {name!r} is "
+                          f"{'a local path' if Path(name).exists() else 'a shipped model'}; leave revision unset")
+    if from_hub or Path(name).exists():
         return load_pipeline(name, revision=revision).to(device).eval()
     pipe = load_pipeline(pretrained_path(name))  # which refuses a name that is none of these
     if pipe.tokenizer is None:

@@ -29,6 +29,7 @@ from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.fileio import atomic_path, atomic_save, atomic_write_json, read_json
 from ctfgen.utils.images import save_grid, save_images, to_uint8
 from ctfgen.utils.options import MAX_GRID_PIXELS, check, check_output_dir, check_output_file, fmt
+from ctfgen.utils.precision import dtype_name, resolve_dtype
 
 PARTS_REQUEST = "request.json"
 
@@ -70,6 +71,8 @@ def _request(pipeline, labels: np.ndarray, batch_size: int, seed: int, sampling:
     model["weights_sha1"] = _weights_sha1(pipeline)
     # the options the batches are drawn with: unset ones take the pipeline's stored defaults, which differ by model
     sampling = {**sampling, **pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})}
+    if sampling.get("dtype") is not None:  # what it draws in: "auto" is bfloat16 on one machine, float32 on another
+        sampling["dtype"] = dtype_name(resolve_dtype(sampling["dtype"], pipeline.device))
     return {"model": model, "images": int(len(labels)), "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(),
             "batch_size": int(batch_size), "seed": int(seed),
             "sampling": json.loads(json.dumps(sampling, sort_keys=True, default=str))}
@@ -162,8 +165,8 @@ def merge_parts(out: Path, num_batches: int) -> None:
             _stream_array(zf, "labels.npy", parts, "labels")
     for p in parts:
         p.unlink()
-    (parts_dir / PARTS_REQUEST).unlink(missing_ok=True)
-    parts_dir.rmdir()
+    # with request.json, whatever a run killed inside _atomic_savez left there (its hidden temporary file)
+    shutil.rmtree(parts_dir)
 
 
 def check_sample_set(out, per_class: int, batch_size: int, png_dir=None) -> Path:
@@ -194,6 +197,10 @@ def sample_set(pipeline, out, per_class: int, classes: list[int] | None = None, 
     bad = [c for c in classes if not 0 <= c < pipeline.num_classes]
     if bad:
         raise ConfigError(f"class ids {bad} are out of range for a model with {pipeline.num_classes} classes")
+    twice = sorted({c for c in classes if classes.count(c) > 1})
+    if twice:  # each would get a multiple of per_class images: a set skewed towards them, not N per class
+        raise ConfigError(f"class ids {twice} are given more than once; give each class once (--per-class sets "
+                          "how many images it gets)")
     sampling = sampling or {}
     pipeline.resolve_sampling({k: v for k, v in sampling.items() if k != "dtype"})  # every option checked before work
     labels = np.repeat(np.asarray(classes, np.int64), per_class)
@@ -232,6 +239,10 @@ def image_shape(pipeline) -> tuple[int, int, int]:
 def check_picture(pipeline, n: int, out, nrow: int = 8, scale: int = 4, singles: bool = True, rows: int = 1,
                   batch_size: int = 64) -> Path:
     """`ctfgen sample`'s counts, output paths and picture size, checked before any work."""
+    if pipeline.tokenizer is None:  # image_shape reads the tokenizer: an AttributeError traceback otherwise
+        raise ConfigError(f"this {pipeline.kind} pipeline was saved without a tokenizer, so it cannot decode images: "
+                          "save it with one, or sample a baseline that shares its CTF model's beside that model "
+                          "(--model CTF --compare-baseline --baseline DIR)")
     out = check_output_file(out, "image", "--out")
     n = check("n", n, "--n")
     nrow, scale = check("nrow", nrow, "--nrow"), check("scale", scale, "--scale")

@@ -57,6 +57,10 @@ LLAMAGEN_REPO = "FoundationVision/LlamaGen"   # where LlamaGen's released checkp
 STORED_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# What from_pretrained takes from huggingface_hub's signature for a download, besides the revision.
+HUB_DOWNLOAD_OPTIONS = ("cache_dir", "token", "force_download", "local_files_only")
+
+
 class StateDictMismatch(MismatchError):
     """A checkpoint does not fit the model it is loaded into."""
 
@@ -153,8 +157,10 @@ class HubMixin(PyTorchModelHubMixin):
                     f"{path} is not a directory: expected a saved {cls.__name__} "
                     f"(config.json and {SAFETENSORS_FILE}, as written by save_pretrained)"
                 )
-            # `org/name` (which holds os.sep, as every repo id does): fetched as the pipelines are
-            path = pretrained_model_name_or_path = str(download_snapshot(path, kwargs.get("revision")))
+            # `org/name` (which holds os.sep, as every repo id does): fetched as the pipelines are, with the
+            # download options huggingface_hub's from_pretrained takes (a token, a cache, offline)
+            hub = {k: kwargs[k] for k in HUB_DOWNLOAD_OPTIONS if kwargs.get(k) is not None}
+            path = pretrained_model_name_or_path = str(download_snapshot(path, kwargs.get("revision"), **hub))
         config = Path(path) / constants.CONFIG_NAME
         if config.is_file():  # huggingface_hub reads any JSON, and a list or null in it was an AttributeError
             read_json(config, f"save the {cls.__name__} again (save_pretrained)")
@@ -218,16 +224,18 @@ def is_repo_id(spec) -> bool:
     return True
 
 
-def download_snapshot(repo_id: str, revision: str | None = None) -> Path:
+def download_snapshot(repo_id: str, revision: str | None = None, **options) -> Path:
     """The local folder of a Hub repo's safetensors, JSON and model card, through huggingface_hub
-    (its cache, HF_HUB_OFFLINE and token apply). Errors are one line that says what to do."""
+    (its cache, HF_HUB_OFFLINE and token apply; `options`: snapshot_download's HUB_DOWNLOAD_OPTIONS).
+    Errors are one line that says what to do."""
     where = f"{repo_id!r} is not a local directory"
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"],
-                                      library_name="ctfgen", library_version=__version__))
+                                      library_name="ctfgen", library_version=__version__, **options))
     except LocalEntryNotFoundError:
         offline = " and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
-        raise ConfigError(f"{where}, and as a Hugging Face Hub repo it is not in the cache ({constants.HF_HUB_CACHE})"
+        cache = options.get("cache_dir") or constants.HF_HUB_CACHE
+        raise ConfigError(f"{where}, and as a Hugging Face Hub repo it is not in the cache ({cache})"
                           f"{offline}: download it once with network access, or pass a local directory") from None
     except RevisionNotFoundError:
         raise ConfigError(f"{where}; the Hub repo has no revision {revision!r}") from None

@@ -4,10 +4,11 @@ trailing overrides and --print-config."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ctfgen.config import dump
-from ctfgen.data.fashion_mnist import class_index
+from ctfgen.data.fashion_mnist import CLASS_NAMES, class_index
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.shipped import PRETRAINED, pretrained
 from ctfgen.utils.errors import ConfigError
@@ -116,7 +117,13 @@ def resolve_classes(values: list[str], num_classes: int) -> list[int]:
     """Class ids from ids or Fashion-MNIST names, each within the model's classes."""
     ids = []
     for v in values:
-        c = class_index(v)
+        text = str(v).strip()
+        is_id = re.fullmatch(r"-?[0-9]+", text) is not None
+        # class_index knows Fashion-MNIST's 10 classes only: an id is the model's, of however many classes it has
+        if not is_id and num_classes != len(CLASS_NAMES):
+            raise ConfigError(f"class {v!r}: class names are Fashion-MNIST's, and this model has {num_classes} "
+                              f"classes; give class ids 0-{num_classes - 1}")
+        c = int(text) if is_id else class_index(text)
         if not 0 <= c < num_classes:
             raise ConfigError(f"class {v!r} -> {c} is out of range for a model with {num_classes} classes")
         ids.append(c)
