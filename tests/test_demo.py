@@ -284,6 +284,16 @@ def test_backend_output_and_download(backend):
     assert again["baseline"] is None and all((a == b).all() for a, b in zip(r["final"], again["final"]))
 
 
+def test_a_backend_reusing_a_download_folder_writes_its_downloads(tmp_path):
+    """A second backend on the same download folder (a restarted demo) met the first one's 000001/ with a
+    FileExistsError."""
+    ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)
+    for _ in range(2):
+        r = DemoBackend(CTFPipeline(ar, aux, cmap, vq), None, Limits(max_images=4), download_dir=tmp_path)(
+            "Bag", 3, 2.0, 1.0, 1.0, 0, 1, False)
+        assert Path(r["download"]).is_file()
+
+
 def test_timings_table_is_for_people():
     from ctfgen.app.demo import _timings_markdown
 

@@ -37,6 +37,7 @@ from ctfgen.app.figures import change_heat, heat_legend, heat_rgb, stage_figure,
 from ctfgen.data.fashion_mnist import CLASS_NAMES
 from ctfgen.pipeline import CTFPipeline
 from ctfgen.utils.errors import ConfigError, CtfgenError, WrongTypeError
+from ctfgen.utils.fileio import atomic_write_bytes
 from ctfgen.utils.images import to_uint8
 from ctfgen.utils.options import COUNTS, SAMPLING, SEED, fmt
 
@@ -181,8 +182,7 @@ class DemoBackend:
         with self._lock:
             self._count += 1
             path = self.download_dir / f"{self._count:06d}" / f"{stem}.zip"
-        path.parent.mkdir()
-        path.write_bytes(buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())  # its folder is made; one left by an earlier backend is reused
         old = sorted(p for p in self.download_dir.iterdir() if p.is_dir())[:-KEEP_DOWNLOADS]
         for d in old:
             for f in d.iterdir():
