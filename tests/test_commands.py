@@ -312,6 +312,17 @@ def test_sample_many_finishes_a_set_whose_killed_run_left_a_temporary_file(pipel
     assert list(tmp_path.iterdir()) == [out] and np.load(out)["arr_0"].shape[0] == 4
 
 
+def test_sample_many_refuses_a_file_where_its_batches_go_before_any_work(pipelines, tmp_path, monkeypatch, capsys):
+    """A file named OUT.parts was a FileExistsError traceback after the first batch had been sampled."""
+    (tmp_path / "x.npz.parts").write_text("kept")
+    monkeypatch.setattr(CTFPipeline, "sample", lambda *a, **k: pytest.fail("sampling started"))
+    assert main(["sample-many", "--model", str(pipelines / "ctf"), "--classes", "0", "--per-class", "2",
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "x.npz.parts is a file, not a directory" in err
+    assert (tmp_path / "x.npz.parts").read_text() == "kept"
+
+
 def test_bench_times_both_methods(pipelines, tmp_path, monkeypatch, capsys):
     from ctfgen.app import bench
 

@@ -176,6 +176,7 @@ def check_sample_set(out, per_class: int, batch_size: int, png_dir=None) -> Path
     check("batch_size", batch_size, "--batch-size")
     if png_dir is not None:
         check_output_dir(png_dir, "--png-dir")
+    check_output_dir(_parts_dir(out), "the folder of finished batches")  # a file there failed after a batch
     return out
 
 
