@@ -249,6 +249,16 @@ def test_resume_past_the_steps_asked_for_is_refused_and_a_finished_run_resumes(t
     assert again.step == 8 and all(torch.equal(done.state_dict[k], v) for k, v in again.state_dict.items())
 
 
+def test_resume_trains_with_the_betas_and_weight_decay_asked_for_now(tmp_path):
+    """Loading the optimizer's state put back the betas and weight decay saved with it: a resume with others was
+    logged as changing them but went on with the old ones (the lr, set every step, did change)."""
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=2, checkpoint_every=2), tmp_path)
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=3, weight_decay=0.0, betas=(0.8, 0.9), lr=1e-3), tmp_path,
+          resume=True)
+    groups = C.load_checkpoint(C.latest_checkpoint(tmp_path / "checkpoints"))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["lr"]) for g in groups] == [(0.0, (0.8, 0.9), 1e-3)] * 2
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1, mixed_precision="none"), tmp_path / "a")
     b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4, mixed_precision="none"), tmp_path / "b")
