@@ -260,7 +260,10 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                             with autocast:
                                 loss = loss_fn(wrapped, batch)
                             if isinstance(loss, tuple):
-                                loss, metrics = loss
+                                loss, parts = loss
+                                # The step's values, as its loss: over all its micro-batches, not the last one's.
+                                for k, v in parts.items():
+                                    metrics[k] = metrics.get(k, 0) + (v if isinstance(v, int) else v / cfg.grad_accum)
                             (loss / cfg.grad_accum).backward()
                         loss = loss.detach().float()
                         bad += (~torch.isfinite(loss)).float()
