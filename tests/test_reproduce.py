@@ -119,3 +119,20 @@ def test_ablations_of_another_length_are_refused(finished, tmp_path, capsys):
     # --independent-only reuses a finished ablation the same way
     assert cli(["reproduce", str(longer), "--run", str(run), "--independent-only"]) == 2
     assert "was trained for 4 steps, but steps is 8" in capsys.readouterr().err
+
+
+def test_clusters_holding_the_main_runs_k_are_refused_before_any_work(finished, tmp_path, capsys):
+    """kmeans-k8 is the record of the main run's snapshot (K = 8): with 8 in clusters an ablation of K = 8 was
+    trained, and then its record was refused as one made from other models than the snapshot's."""
+    import shutil
+
+    out, settings = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run, symlinks=True)
+    shutil.rmtree(run / "eval")
+    same_k = tmp_path / "same_k.yaml"
+    same_k.write_text(settings.read_text().replace("clusters: [4]", "clusters: [4, 8]"))
+    for independent in ([], ["--independent-only"]):
+        assert cli(["reproduce", str(same_k), "--run", str(run), *independent]) == 2
+        assert "holds the main run's num_coarse=8" in capsys.readouterr().err
+    assert not (run / "ablations" / "kmeans-k8").exists() and not (run / "eval").exists()

@@ -128,6 +128,18 @@ def test_nan_discriminator_stops_before_its_update_reaches_a_checkpoint(tmp_path
     assert all(torch.isfinite(v).all() for v in disc.values() if v.is_floating_point())
 
 
+def test_a_resume_trains_the_discriminator_with_the_settings_asked_for_now(tmp_path):
+    """Loading the discriminator's optimizer state put back its lr, betas and weight decay: resumed with a lower
+    train.lr after a discriminator NaN, as the message advises, it went on at the old lr."""
+    cfg = dict(checkpoint_every=2, disc_weight=0.5, disc_start=0, disc_dim=8, disc_layers=2)
+    train_tokenizer(config(steps=2, **cfg), Blobs(), tmp_path, progress=False)
+    train_tokenizer(config(steps=3, lr=1e-4, betas=(0.8, 0.9), weight_decay=0.01, **cfg), Blobs(), tmp_path,
+                    resume=True, progress=False)
+    extra = torch.load(tmp_path / "checkpoints" / "ckpt-00000003.pt", weights_only=True)["extra"]
+    groups = extra["disc_optimizer"]["param_groups"]
+    assert [(g["lr"], tuple(g["betas"]), g["weight_decay"]) for g in groups] == [(1e-4, (0.8, 0.9), 0.01)]
+
+
 def test_existing_run_is_refused_before_the_kmeans_initialisation(tmp_path, monkeypatch):
     """The k-means codebook initialisation (minutes on real data) used to run before the refusal."""
     import ctfgen.train.tokenizer as T

@@ -249,6 +249,36 @@ def test_resume_past_the_steps_asked_for_is_refused_and_a_finished_run_resumes(t
     assert again.step == 8 and all(torch.equal(done.state_dict[k], v) for k, v in again.state_dict.items())
 
 
+def test_resume_trains_with_the_betas_and_weight_decay_asked_for_now(tmp_path):
+    """Loading the optimizer's state put back the betas and weight decay saved with it: a resume with others was
+    logged as changing them but went on with the old ones (the lr, set every step, did change)."""
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=2, checkpoint_every=2), tmp_path)
+    train(Toy(), toy_loss, toy_dataset(), small_cfg(steps=3, weight_decay=0.0, betas=(0.8, 0.9), lr=1e-3), tmp_path,
+          resume=True)
+    groups = C.load_checkpoint(C.latest_checkpoint(tmp_path / "checkpoints"))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["lr"]) for g in groups] == [(0.0, (0.8, 0.9), 1e-3)] * 2
+
+
+def test_logged_metrics_are_over_all_micro_batches_of_a_step(tmp_path):
+    """Under grad_accum the loss's metrics (the tokenizer's reconstruction, ...) were the last micro-batch's alone,
+    while the logged loss was the mean over the step's micro-batches."""
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        loss = toy_loss(model, batch)
+        return loss, {"call": torch.tensor(float(len(calls))), "loss_again": loss.detach()}
+
+    class Columns:  # an `extra` that only names the metrics' columns
+        log_columns = ["call", "loss_again"]
+        setup = load_state_dict = lambda *a, **k: None
+        after_step = state_dict = lambda *a: {}
+
+    rows = train(Toy(), loss_fn, toy_dataset(), small_cfg(steps=2, grad_accum=4), tmp_path, extra=Columns()).history
+    assert [float(r["call"]) for r in rows] == [2.5, 6.5]  # calls 1-4, then 5-8
+    assert all(float(r["loss_again"]) == pytest.approx(float(r["loss"]), abs=1e-5) for r in rows)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=1, mixed_precision="none"), tmp_path / "a")
     b = train(Toy(0.0), toy_loss, toy_dataset(), small_cfg(steps=6, grad_accum=4, mixed_precision="none"), tmp_path / "b")

@@ -31,7 +31,7 @@ from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
 from ctfgen.pipeline import CTFPipeline, heldout_bits_per_token, load_pipeline
 from ctfgen.train.checkpoint import list_checkpoints
 from ctfgen.train.stages import train_stage
-from ctfgen.utils.errors import RunError
+from ctfgen.utils.errors import ConfigError, RunError
 from ctfgen.utils.fileio import atomic_write_json, atomic_write_text, publish_dir, read_json
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.rundir import Records, WriterLock
@@ -48,6 +48,11 @@ def ablations(run: FinishedRun, settings: ReproduceConfig, independent_only: boo
     those that need only the tokenizer and codes, not the main run's models, so they can train beside
     the main run (`ctfgen reproduce --independent-only`)."""
     k_main = int(run.settings.clustering.num_coarse)
+    # kmeans-k<K> names the main run's snapshot's record at its own K: an ablation of that K was trained, and
+    # then its record was refused as one made from other models.
+    if k_main in settings.clusters:
+        raise ConfigError(f"clusters {list(settings.clusters)} holds the main run's num_coarse={k_main}, whose "
+                          "ablation is the main run's snapshot (evaluated anyway); drop it from clusters")
     variants = [(f"kmeans-k{k}", int(k), {}) for k in settings.clusters]
     if settings.random_clusters:
         variants.append((f"random-k{k_main}", k_main, {"method": "random"}))
@@ -98,6 +103,7 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
     settings and models (`ctfgen.utils.rundir.Records`)."""
     run.require(run.part("ctf"), run.part("baseline"))
     e, steps, k_main = settings.evaluation, int(settings.steps), int(run.settings.clustering.num_coarse)
+    trained = ablations(run, settings)  # settings it refuses stop the run here, before any evaluation
 
     def once(group: str, name: str, model_dirs: list[Path], make_pipeline, sampling: dict | None = None,
              heldout: bool = True, **extra) -> dict:
@@ -138,7 +144,7 @@ def run_evaluations(run: FinishedRun, settings: ReproduceConfig, force: bool = F
 
     # Ablations at `steps`, against the main run's snapshot at the same step.
     group = [snapshot("ctf", steps, "ablations", f"kmeans-k{k_main}", num_coarse=k_main)]
-    for name, k, options in ablations(run, settings):
+    for name, k, options in trained:
         path = train_ablation(run, name, settings, k, **options)
         group.append(once("ablations", name, [path], lambda: load_pipeline(path), num_coarse=k))
     results["ablations"] = group + [snapshot("baseline", steps, "ablations", f"baseline-step{steps}")]

@@ -260,7 +260,10 @@ def train(model: nn.Module, loss_fn: Callable, dataset: Dataset, config: TrainCo
                             with autocast:
                                 loss = loss_fn(wrapped, batch)
                             if isinstance(loss, tuple):
-                                loss, metrics = loss
+                                loss, parts = loss
+                                # The step's values, as its loss: over all its micro-batches, not the last one's.
+                                for k, v in parts.items():
+                                    metrics[k] = metrics.get(k, 0) + (v if isinstance(v, int) else v / cfg.grad_accum)
                             (loss / cfg.grad_accum).backward()
                         loss = loss.detach().float()
                         bad += (~torch.isfinite(loss)).float()
@@ -407,7 +410,12 @@ class Run:
             diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
             raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
                                   "resume with the same model settings or start a new run")
+        # Loading puts back the betas and weight decay saved with the state: settings changed for this resume
+        # (logged as changed below) would not be used. The lr is set every step.
+        current = [{k: g[k] for k in ("betas", "weight_decay")} for g in self.optimizer.param_groups]
         D.load_optimizer_state(self.wrapped, self.optimizer, ck["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, current):
+            group.update(settings)
         if self.ema is not None:
             if ck.get("ema") is None:
                 raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")

@@ -142,7 +142,12 @@ class VQTraining:
                 raise CheckpointError(f"{source} has no discriminator state but tokenizer.loss.disc_weight > 0 now; "
                                       "resume with disc_weight: 0 or start a new run")
             self.disc.load_state_dict(state["disc"])
+            # Loading puts back the lr, betas and weight decay saved with the state: a resume with a lower lr
+            # (as a NaN's message advises) would go on with the old one. Its lr is constant, set here only.
+            current = [{k: g[k] for k in ("lr", "betas", "weight_decay")} for g in self.d_opt.param_groups]
             self.d_opt.load_state_dict(state["disc_optimizer"])
+            for group, settings in zip(self.d_opt.param_groups, current):
+                group.update(settings)
         if self.restarter is not None:
             if "dead_codes" not in state:
                 raise CheckpointError(f"{source} has no dead-code restart state but tokenizer.train.dead_code_steps "
