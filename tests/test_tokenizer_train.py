@@ -16,6 +16,7 @@ from ctfgen.tokenizer.losses import (LPIPS, NLayerDiscriminator, adopt_weight, h
 from ctfgen.utils.errors import CheckpointError, ConfigError
 from ctfgen.train.tokenizer import train_tokenizer
 from ctfgen.train.loop import NonFiniteLossError
+from ctfgen.utils.rundir import WriterLock
 
 TINY_MODEL = dict(in_channels=1, base_ch=16, norm_groups=8, num_res_blocks=1, encoder_ch_mult=[1, 2],
                   decoder_ch_mult=[1, 2], z_channels=16, codebook_size=32)
@@ -281,6 +282,13 @@ def test_command_with_overrides(tmp_path):
     assert main(args) == 2  # exists, no --resume
     assert main(args + ["--resume", "tokenizer.train.steps=3"]) == 0
     assert int(read_log(out)[-1]["step"]) == 3
+    recorded = (out / "config.yaml").read_text()
+    assert yaml.safe_load(recorded)["tokenizer"]["train"]["steps"] == 3  # the resumed run's config
+    # A resume refused (another model, or a second writer) leaves the run's config.yaml as it was.
+    assert main(args + ["--resume", "tokenizer.train.steps=4", "tokenizer.model.base_ch=32"]) == 2
+    with WriterLock(out, "train-tokenizer"):
+        assert main(args + ["--resume", "tokenizer.train.steps=4"]) == 2
+    assert (out / "config.yaml").read_text() == recorded
     assert main(args + ["tokenizer.train.stepz=3"]) == 2
 
 

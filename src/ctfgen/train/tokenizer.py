@@ -29,6 +29,7 @@ from ctfgen.train.loop import refuse_earlier_run, train, training_autocast
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError, NonFiniteLossError
 from ctfgen.utils.fileio import atomic_write_text
+from ctfgen.utils.rundir import WriterLock
 
 __all__ = ["train_tokenizer", "VQTraining"]
 
@@ -191,6 +192,15 @@ def train_tokenizer_from_config(cfg: ExperimentConfig, out_dir, resume: bool = F
     """`ctfgen train-tokenizer`: the `data` and `tokenizer` sections of an experiment config; the
     resolved config is kept as out_dir/config.yaml."""
     dataset = make_dataset(cfg.data, "train", channels=cfg.tokenizer.model.get("in_channels", 3))
-    if D.is_main() and (resume or not list_checkpoints(Path(out_dir) / "checkpoints")):
-        atomic_write_text(Path(out_dir) / "config.yaml", dump(cfg))
-    return train_tokenizer(cfg.tokenizer, dataset, out_dir, resume=resume, device=device, progress=progress)
+    D.init_distributed()  # before the lock: rank 0 alone takes it and writes
+    out_dir = Path(out_dir)
+    # The config.yaml of a run that a second writer, a missing --resume or another model stops stays as it was:
+    # a new run records its config before it trains, a resumed one once it has gone ahead and finished.
+    with WriterLock(out_dir, "train-tokenizer", hold=D.is_main()):
+        fresh = not list_checkpoints(out_dir / "checkpoints")
+        if D.is_main() and fresh:
+            atomic_write_text(out_dir / "config.yaml", dump(cfg))
+        vq = train_tokenizer(cfg.tokenizer, dataset, out_dir, resume=resume, device=device, progress=progress)
+        if D.is_main() and not fresh:
+            atomic_write_text(out_dir / "config.yaml", dump(cfg))
+    return vq
