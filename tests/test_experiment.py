@@ -602,11 +602,36 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
     ("train.steps=0", "train.steps must be >= 1, got 0"), ("stage1.train.epochs=-1", "stage1.train.epochs must be >= 1"),
     ("train.lr=0", "train.lr must be > 0"), ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
     ("data.train_limit=0", "data.train_limit must be >= 1"), ("clustering.num_coarse=0", "num_coarse must be >= 1"),
-    ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1")])
+    ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1"),
+    # scikit-learn's k-means (clustering, tokenizer.train.codebook_init: kmeans) refused these after the tokenizer trained
+    ("seed=-1", "error: seed must be >= 0, got -1"), ("clustering.seed=-1", "clustering.seed must be >= 0, got -1"),
+    ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296")])
 def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+# (settings class, field, a value the code that uses the field cannot take, the message)
+BAD_SETTINGS = [
+    ("ExperimentConfig", "seed", -1, "seed must be >= 0, got -1"),
+    ("ClusteringConfig", "seed", 2**32, "seed must be <= 4294967295, got 4294967296"),
+    ("TrainConfig", "seed", -1, "seed must be >= 0, got -1"),
+    ("EvaluationConfig", "seed", 2**32, "seed must be <= 4294967295"),
+    ("StudySettings", "select_seed", -1, "select_seed must be >= 0, got -1"),
+    ("StudySettings", "seeds", (0, 2**64), "seeds.1 must be <= 4294967295"),
+    ("StudySettings", "diagnosis_seed", -5, "diagnosis_seed must be >= 0, got -5"),
+    ("StudySettings", "epoch_seed", 2**32, "epoch_seed must be <= 4294967295"),
+]
+
+
+@pytest.mark.parametrize("cls,name,value,message", BAD_SETTINGS, ids=lambda v: v if isinstance(v, str) else None)
+def test_every_numeric_setting_refuses_what_its_user_cannot_take(cls, name, value, message):
+    import ctfgen.config as config
+
+    with pytest.raises(ConfigError) as e:
+        getattr(config, cls)(**{name: value})
+    assert str(e.value).startswith(message), e.value
 
 
 @pytest.mark.parametrize("override,message", [

@@ -34,6 +34,7 @@ import yaml
 from ctfgen.models.transformer import AuxConfig, GPTConfig
 from ctfgen.tokenizer.vq import VQConfig
 from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.options import SEED
 
 # --- the loader ------------------------------------------------------------------------------------
 
@@ -188,6 +189,9 @@ Count = Annotated[int, pydantic.Field(ge=1)]
 Natural = Annotated[int, pydantic.Field(ge=0)]
 Positive = Annotated[float, pydantic.Field(gt=0)]
 NonNegative = Annotated[float, pydantic.Field(ge=0)]
+# The range every ctfgen seed has (`--seed`): numpy's RandomState, which scikit-learn's k-means seeds from, refuses
+# any other, and a seed far above it overflows torch's generators once the epoch or batch is added to it.
+Seed = Annotated[int, pydantic.Field(ge=SEED.lo, le=SEED.hi)]
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ class TrainConfig:
     # "bf16": bf16 autocast on CUDA and CPU, refused on other devices (MPS, ...); "none": float32.
     # Loss, optimiser state and master weights stay float32 in every case.
     mixed_precision: Literal["auto", "bf16", "none"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: Count = 1000
     keep_checkpoints: Natural = 2
     log_every: Count = 10
@@ -302,7 +306,7 @@ class TokenizerConfig:
 class ClusteringConfig:
     num_coarse: Count = 512
     method: Literal["kmeans", "random"] = "kmeans"
-    seed: int | None = None             # default: the top-level seed
+    seed: Seed | None = None            # default: the top-level seed
 
 
 @settings
@@ -349,7 +353,7 @@ STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched
 @settings
 class ExperimentConfig:
     name: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
@@ -454,7 +458,7 @@ def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> S
 class EvaluationConfig:
     per_class: Count = 100  # samples per class for every evaluation
     batch_size: Count = 500
-    seed: Natural = 0
+    seed: Seed = 0
     heldout_images: Count = 2000  # test images for the exact bits per token
     temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
 
@@ -479,18 +483,18 @@ class StudySettings:
     guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
     temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
     select_per_class: Count = 200  # validation samples per class for each grid point (2000 in all)
-    select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
+    select_seed: Seed = 1000            # the selection's sampling stream, apart from every test seed
     test_per_class: Count = 500  # test samples per class for each reported cell (5000 in all)
-    seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
+    seeds: tuple[Seed, ...] = (0,)      # sampling seeds of the test cells (two: a spread to judge noise by)
     tokenizer_images: Count | None = None  # test images for codebook usage and PSNR (None: all)
     heldout_images: Count = 10000  # test images for bits/token at every epoch
     coarse_images: Count = 2000  # test images for the teacher-forced coarse prediction
     # Test images per class whose codes make the diagnosis sets; the other test images of each class: their reference.
     diagnosis_per_class: Count = 500
-    diagnosis_seed: int = 2000          # the diagnosis' sampling stream
+    diagnosis_seed: Seed = 2000         # the diagnosis' sampling stream
     # FD against epoch: samples per class of each epoch snapshot at the chosen setting, on their own stream.
     epoch_per_class: Count = 200
-    epoch_seed: int = 3000
+    epoch_seed: Seed = 3000
     batch_size: Count = 250
 
     def __post_init__(self):
