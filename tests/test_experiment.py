@@ -603,7 +603,7 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
     ("train.lr=0", "train.lr must be > 0"), ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
     ("data.train_limit=0", "data.train_limit must be >= 1"), ("clustering.num_coarse=0", "num_coarse must be >= 1"),
     ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1"),
-    # scikit-learn's k-means (clustering, tokenizer.train.codebook_init: kmeans) refused these after the tokenizer trained
+    # scikit-learn's k-means (clustering, tokenizer codebook_init: kmeans) refused these after the tokenizer trained
     ("seed=-1", "error: seed must be >= 0, got -1"), ("clustering.seed=-1", "clustering.seed must be >= 0, got -1"),
     ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296")])
 def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys):
@@ -622,6 +622,10 @@ BAD_SETTINGS = [
     ("StudySettings", "seeds", (0, 2**64), "seeds.1 must be <= 4294967295"),
     ("StudySettings", "diagnosis_seed", -5, "diagnosis_seed must be >= 0, got -5"),
     ("StudySettings", "epoch_seed", 2**32, "epoch_seed must be <= 4294967295"),
+    # every weight is -inf after AdamW's first step; a NaN loss weight makes every loss NaN
+    ("TrainConfig", "lr", math.inf, "lr must be a finite number, got inf"),
+    ("TrainConfig", "weight_decay", math.inf, "weight_decay must be a finite number, got inf"),
+    ("VQLossConfig", "reconstruction_weight", math.nan, "reconstruction_weight must be a finite number, got nan"),
 ]
 
 
@@ -641,7 +645,8 @@ def test_every_numeric_setting_refuses_what_its_user_cannot_take(cls, name, valu
     ("train.betas=[0.9]", "train.betas.1: field required"), ("data.root=[1]", "data.root must be a valid string"),
     ("heldout.enabled=2", "heldout.enabled must be a valid boolean, got 2"),
     ("stage1=5", "stage1 must be a mapping of settings, got 5"),
-    ("train.fsdp=sometimes", "train.fsdp must be one of true, false, auto, got 'sometimes'")])
+    ("train.fsdp=sometimes", "train.fsdp must be one of true, false, auto, got 'sometimes'"),
+    ("train.lr=.inf", "train.lr must be a finite number, got inf")])
 def test_config_values_of_the_wrong_type_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err

@@ -42,8 +42,9 @@ from ctfgen.utils.options import SEED
 def settings(cls):
     """A settings dataclass, checked by pydantic when made: unknown keys and bad values are
     ConfigErrors naming their key path, dicts become the dataclass-typed fields, strings YAML 1.1
-    reads numbers as (`3e-4`) become floats, lists become tuples."""
-    cls = pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
+    reads numbers as (`3e-4`) become floats, lists become tuples. NaN and infinities are refused: no
+    setting means them, and an infinite lr or weight decay makes every weight -inf at AdamW's first step."""
+    cls = pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False))
     make = cls.__init__
 
     def __init__(self, *args, **kwargs):
@@ -184,7 +185,7 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-# Counts and bounds the settings share (pydantic checks them; NaN fails every bound).
+# Counts and bounds the settings share (pydantic checks them; NaN and infinities are refused everywhere).
 Count = Annotated[int, pydantic.Field(ge=1)]
 Natural = Annotated[int, pydantic.Field(ge=0)]
 Positive = Annotated[float, pydantic.Field(gt=0)]
