@@ -626,6 +626,14 @@ BAD_SETTINGS = [
     ("TrainConfig", "lr", math.inf, "lr must be a finite number, got inf"),
     ("TrainConfig", "weight_decay", math.inf, "weight_decay must be a finite number, got inf"),
     ("VQLossConfig", "reconstruction_weight", math.nan, "reconstruction_weight must be a finite number, got nan"),
+    # torch's AdamW (loop.py:104, tokenizer.py:79) raised a ValueError when the stage's training began
+    ("TrainConfig", "betas", (0.9, 1.0), "betas.1 must be < 1.0, got 1.0"),
+    ("TokenizerTrainConfig", "betas", (-0.1, 0.9), "betas.0 must be >= 0.0, got -0.1"),
+    ("VQLossConfig", "disc_lr", -1e-4, "disc_lr must be > 0.0, got -0.0001"),
+    # 0: torch.cat of no images; -5: every image but five (codebook.py:61)
+    ("TokenizerTrainConfig", "codebook_init_images", 0, "codebook_init_images must be >= 1, got 0"),
+    ("VQLossConfig", "disc_dim", -2, "disc_dim must be >= 1, got -2"),  # NLayerDiscriminator: negative dimension
+    ("VQLossConfig", "disc_layers", -1, "disc_layers must be >= 0, got -1"),  # 2 ** -1 channels: a TypeError
 ]
 
 

@@ -193,6 +193,7 @@ NonNegative = Annotated[float, pydantic.Field(ge=0)]
 # The range every ctfgen seed has (`--seed`): numpy's RandomState, which scikit-learn's k-means seeds from, refuses
 # any other, and a seed far above it overflows torch's generators once the epoch or batch is added to it.
 Seed = Annotated[int, pydantic.Field(ge=SEED.lo, le=SEED.hi)]
+Beta = Annotated[float, pydantic.Field(ge=0, lt=1)]  # torch's Adam and AdamW refuse any other
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ class TrainConfig:
     grad_accum: Count = 1
     lr: Positive = 1e-4
     weight_decay: NonNegative = 0.05  # on >=2-D parameters only, as LlamaGen
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: NonNegative = 1.0  # 0 disables clipping (the norm is still logged)
     warmup_steps: Natural = 0
     schedule: Literal["constant", "cosine"] = "constant"  # constant (LlamaGen) or cosine
@@ -246,7 +247,7 @@ class TokenizerTrainConfig(TrainConfig):
     fsdp: Literal[True, False, "auto"] = False
     # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
     codebook_init: Literal["random", "kmeans"] = "random"  # LlamaGen's, or k-means of initial encoder outputs
-    codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
+    codebook_init_images: Count = 4096  # training images whose encoder outputs the k-means initialisation clusters
     # > 0: move codes no batch chose for this many steps onto recent encoder outputs
     dead_code_steps: Natural = 0
     # Restarts stop after this fraction of the steps, so that usage is not measured on codes that were just moved.
@@ -267,9 +268,9 @@ class VQLossConfig:
     disc_start: int = 20000             # steps before the adversarial loss starts
     disc_adaptive: bool = False         # VQGAN's |grad rec| / |grad adv| at the decoder's last layer
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    disc_dim: int = 64
-    disc_layers: int = 3
-    disc_lr: float | None = None        # default: train.lr
+    disc_dim: Count = 64                # 0 would leave the discriminator no weights but its last bias
+    disc_layers: Natural = 3            # its stride-2 convolutions (NLayerDiscriminator's n_layers)
+    disc_lr: Positive | None = None     # default: train.lr
 
     def __post_init__(self):
         if self.perceptual_weight > 0 and not self.lpips_weights:
