@@ -605,7 +605,8 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
     ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1"),
     # scikit-learn's k-means (clustering, tokenizer codebook_init: kmeans) refused these after the tokenizer trained
     ("seed=-1", "error: seed must be >= 0, got -1"), ("clustering.seed=-1", "clustering.seed must be >= 0, got -1"),
-    ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296")])
+    ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296"),
+    ("sampling.ctf.temperature_fine=-1", "sampling.ctf.temperature_fine must be between 0 and 10")])
 def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err
@@ -634,6 +635,12 @@ BAD_SETTINGS = [
     ("TokenizerTrainConfig", "codebook_init_images", 0, "codebook_init_images must be >= 1, got 0"),
     ("VQLossConfig", "disc_dim", -2, "disc_dim must be >= 1, got -2"),  # NLayerDiscriminator: negative dimension
     ("VQLossConfig", "disc_layers", -1, "disc_layers must be >= 0, got -1"),  # 2 ** -1 channels: a TypeError
+    # the pipelines refused them when assembled, after every stage had trained; the ablations after training
+    ("SamplingConfig", "ctf", {"top_p": 5}, "ctf.top_p must be greater than 0 and at most 1 (1 = all), got 5"),
+    ("SamplingConfig", "baseline", {"top_k": 2.5}, "baseline.top_k must be a whole number, got 2.5"),
+    ("EvaluationConfig", "temperatures", [1, "x"], "temperatures.1 must be a number, got 'x'"),
+    ("StudySettings", "guidance", (2.0, 25), "guidance.1 must be <= 20.0, got 25"),
+    ("StudySettings", "temperatures", (-1,), "temperatures.0 must be >= 0.0, got -1"),
 ]
 
 

@@ -34,7 +34,7 @@ import yaml
 from ctfgen.models.transformer import AuxConfig, GPTConfig
 from ctfgen.tokenizer.vq import VQConfig
 from ctfgen.utils.errors import ConfigError
-from ctfgen.utils.options import SEED
+from ctfgen.utils.options import SAMPLING, SEED, check_sampling
 
 # --- the loader ------------------------------------------------------------------------------------
 
@@ -70,6 +70,8 @@ def _message(cls, error: dict, where: str = "") -> str:
         return _unknown_key(path, {f.name for f in fields(cls) if f.init})
     if kind == "unknown_key":
         return _unknown_key(f"{path}.{ctx['key']}", ctx["known"])
+    if kind == "sampling_option":  # check_sampling's message, which starts with the option's name
+        return f"{path}.{ctx['message']}"
     if kind == "value_error":  # a ConfigError of __post_init__
         return str(ctx["error"])
     if kind in ("dataclass_type", "dict_type"):
@@ -104,6 +106,30 @@ def keys_of(allowed):
         return {} if value is None else value
 
     return pydantic.BeforeValidator(check)
+
+
+def sampling_values(option: str | None = None):
+    """A check of a dict of sampling options, or of a list of values of the one `option`: each in its
+    option's range (the model's own bounds, such as top_k against the vocabulary, wait for the model),
+    the values kept as given."""
+
+    def check(value):
+        items = value.items() if option is None else ((str(i), v) for i, v in enumerate(value))
+        for key, v in items:
+            try:
+                check_sampling({option or key: v}, labels={option or key: key})
+            except ConfigError as e:
+                raise pydantic_core.PydanticCustomError("sampling_option", "{message}", {"message": str(e)}) from None
+        return value
+
+    return pydantic.AfterValidator(check)
+
+
+def sampling_range(name: str):
+    """A float in the range of the sampling option `name` (ctfgen.utils.options.SAMPLING)."""
+    option = SAMPLING[name]
+    return Annotated[float, pydantic.Field(gt=option.lo) if option.lo_open else pydantic.Field(ge=option.lo),
+                     pydantic.Field(le=option.hi)]
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
@@ -194,6 +220,8 @@ NonNegative = Annotated[float, pydantic.Field(ge=0)]
 # any other, and a seed far above it overflows torch's generators once the epoch or batch is added to it.
 Seed = Annotated[int, pydantic.Field(ge=SEED.lo, le=SEED.hi)]
 Beta = Annotated[float, pydantic.Field(ge=0, lt=1)]  # torch's Adam and AdamW refuse any other
+Temperature, Guidance = sampling_range("temperature"), sampling_range("cfg_scale")  # as the samplers check them
+SAMPLING_VALUES = sampling_values()
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -345,8 +373,8 @@ BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg
 class SamplingConfig:
     """Sampling defaults stored in the finished pipelines (unset: the paper's, see pipeline.py)."""
 
-    ctf: Annotated[dict, keys_of(CTF_DEFAULTS)] = field(default_factory=dict)
-    baseline: Annotated[dict, keys_of(BASELINE_DEFAULTS)] = field(default_factory=dict)
+    ctf: Annotated[dict, keys_of(CTF_DEFAULTS), SAMPLING_VALUES] = field(default_factory=dict)
+    baseline: Annotated[dict, keys_of(BASELINE_DEFAULTS), SAMPLING_VALUES] = field(default_factory=dict)
 
 
 STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched": "matched"}
@@ -462,7 +490,9 @@ class EvaluationConfig:
     batch_size: Count = 500
     seed: Seed = 0
     heldout_images: Count = 2000  # test images for the exact bits per token
-    temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    # each the stage-1 and the stage-2 temperature of a sampling ablation (reproduce.py:146), sampled last
+    # (as written: they name the records, `temperature-1`)
+    temperatures: Annotated[list, sampling_values("temperature")] = field(default_factory=lambda: [0.9, 1.0, 1.1])
 
 
 @settings
@@ -482,8 +512,8 @@ class ReproduceConfig:
 class StudySettings:
     """`ctfgen study` settings (see ctfgen.experiments.study): the sampling grid, the sample counts and the seeds."""
 
-    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
-    temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
+    guidance: tuple[Guidance, ...] = (1.5, 2.0, 3.0)
+    temperatures: tuple[Temperature, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
     select_per_class: Count = 200  # validation samples per class for each grid point (2000 in all)
     select_seed: Seed = 1000            # the selection's sampling stream, apart from every test seed
     test_per_class: Count = 500  # test samples per class for each reported cell (5000 in all)
