@@ -573,6 +573,12 @@ def test_matched_baseline_inherits_the_baseline_and_needs_both_methods():
         check_experiment(resolve({"baseline": {"enabled": False}, "matched": {"enabled": True}, "train": {"steps": 3}}))
 
 
+def test_model_numbers_yaml_reads_as_strings_become_numbers():
+    # YAML 1.1 reads 1e-6 as a string, which RMSNorm added to a tensor at the first step
+    cfg = resolve({"stage1": {"model": {"norm_eps": "1e-6", "dim": 64}}})
+    assert cfg.stage1.model == {"norm_eps": 1e-6, "dim": 64} and cfg.baseline.model["norm_eps"] == 1e-6
+
+
 def test_matched_baseline_is_off_unless_enabled():
     assert not resolve({"stage1": {"preset": "GPT-tiny"}}).matched.enabled
     assert resolve({"stage1": {"preset": "GPT-tiny"}, "matched": {"enabled": True}}).matched.enabled
@@ -641,6 +647,10 @@ BAD_SETTINGS = [
     ("EvaluationConfig", "temperatures", [1, "x"], "temperatures.1 must be a number, got 'x'"),
     ("StudySettings", "guidance", (2.0, 25), "guidance.1 must be <= 20.0, got 25"),
     ("StudySettings", "temperatures", (-1,), "temperatures.0 must be >= 0.0, got -1"),
+    # nn.Dropout, the FFN's rounding and RMSNorm refused them when the stage's model was built, after the stages before
+    ("StageConfig", "model", {"resid_dropout": 2}, "model.resid_dropout must be <= 1.0, got 2"),
+    ("AuxStageConfig", "model", {"multiple_of": 0}, "model.multiple_of must be >= 1, got 0"),
+    ("StageConfig", "model", {"norm_eps": "x"}, "model.norm_eps must be a valid number, got 'x'"),
 ]
 
 
@@ -661,7 +671,10 @@ def test_every_numeric_setting_refuses_what_its_user_cannot_take(cls, name, valu
     ("heldout.enabled=2", "heldout.enabled must be a valid boolean, got 2"),
     ("stage1=5", "stage1 must be a mapping of settings, got 5"),
     ("train.fsdp=sometimes", "train.fsdp must be one of true, false, auto, got 'sometimes'"),
-    ("train.lr=.inf", "train.lr must be a finite number, got inf")])
+    ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+    # refused only when the stage's turn came, after stage 1 and the baseline had trained
+    ("aux.preset=Aux-BB", "aux: unknown Aux preset 'Aux-BB'"),
+    ("aux.model.dim=100", "aux: head_dim 50 (dim/n_head) must be a multiple of 4")])
 def test_config_values_of_the_wrong_type_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err

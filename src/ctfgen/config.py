@@ -70,7 +70,7 @@ def _message(cls, error: dict, where: str = "") -> str:
         return _unknown_key(path, {f.name for f in fields(cls) if f.init})
     if kind == "unknown_key":
         return _unknown_key(f"{path}.{ctx['key']}", ctx["known"])
-    if kind == "sampling_option":  # check_sampling's message, which starts with the option's name
+    if kind == "dict_value":  # a message about one value of a dict, which starts with its key
         return f"{path}.{ctx['message']}"
     if kind == "value_error":  # a ConfigError of __post_init__
         return str(ctx["error"])
@@ -119,7 +119,7 @@ def sampling_values(option: str | None = None):
             try:
                 check_sampling({option or key: v}, labels={option or key: key})
             except ConfigError as e:
-                raise pydantic_core.PydanticCustomError("sampling_option", "{message}", {"message": str(e)}) from None
+                raise pydantic_core.PydanticCustomError("dict_value", "{message}", {"message": str(e)}) from None
         return value
 
     return pydantic.AfterValidator(check)
@@ -222,6 +222,33 @@ Seed = Annotated[int, pydantic.Field(ge=SEED.lo, le=SEED.hi)]
 Beta = Annotated[float, pydantic.Field(ge=0, lt=1)]  # torch's Adam and AdamW refuse any other
 Temperature, Guidance = sampling_range("temperature"), sampling_range("cfg_scale")  # as the samplers check them
 SAMPLING_VALUES = sampling_values()
+Dropout = Annotated[float, pydantic.Field(ge=0, le=1)]  # a probability, as nn.Dropout and the class dropout take it
+# What a stage's model settings take: the GPT and the auxiliary model (models/transformer.py) divide by the
+# counts, raise the RoPE base to fractional powers, add the norm's eps under a square root.
+MODEL_VALUES = dict(vocab_size=Count, num_coarse=Count, image_tokens=Count, num_classes=Count, dim=Count, n_layer=Count,
+                    n_head=Count, multiple_of=Count, norm_eps=NonNegative, rope_base=Positive, token_dropout=Dropout,
+                    resid_dropout=Dropout, ffn_dropout=Dropout, class_dropout=Dropout, class_prefix=bool,
+                    restrict_to_cluster=bool)
+
+
+def _model_values(value: dict) -> dict:
+    """A stage's model settings, each of the type and in the range the model takes; numbers YAML 1.1
+    reads as strings (`norm_eps: 1e-6`) become numbers, the rest stay as written."""
+    out = dict(value)
+    for key, v in value.items():
+        if key not in MODEL_VALUES:
+            continue
+        try:
+            checked = pydantic.TypeAdapter(MODEL_VALUES[key], config=pydantic.ConfigDict(allow_inf_nan=False)
+                                           ).validate_python(v)
+        except pydantic.ValidationError as e:
+            message = _message(None, e.errors()[0], key)
+            raise pydantic_core.PydanticCustomError("dict_value", "{message}", {"message": message}) from None
+        out[key] = checked if isinstance(v, str) else v
+    return out
+
+
+MODEL_CHECK = pydantic.AfterValidator(_model_values)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -344,7 +371,7 @@ class StageConfig:
     """A model trained on codes: stage 1 (`ar`), the auxiliary model or the baseline."""
 
     preset: str | None = None
-    model: Annotated[dict, keys_of(GPTConfig)] = field(default_factory=dict)  # fields over the preset's
+    model: Annotated[dict, keys_of(GPTConfig), MODEL_CHECK] = field(default_factory=dict)  # over the preset's
     train: TrainConfig = field(default_factory=TrainConfig)
     enabled: bool = True                # CTF needs stage1 and aux; the baseline is optional
 
@@ -352,7 +379,7 @@ class StageConfig:
 @settings
 class AuxStageConfig(StageConfig):
     preset: str | None = "Aux-B"
-    model: Annotated[dict, keys_of(AuxConfig)] = field(default_factory=dict)
+    model: Annotated[dict, keys_of(AuxConfig), MODEL_CHECK] = field(default_factory=dict)
 
 
 @settings
@@ -450,6 +477,17 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     for stage, section in STAGE_SECTIONS.items():
         if cfg.stage(stage).enabled and not cfg.stage(stage).train.length_given:
             raise ConfigError(f"{section}.train needs steps or epochs (e.g. train.steps=1000)")
+    for stage, section in STAGE_SECTIONS.items():
+        # The preset and the model's shape, checked now rather than when the stage's turn comes after the
+        # stages before it have trained; the sizes the data gives (vocabulary, tokens) stand in as placeholders.
+        s = cfg.stage(stage)
+        if s.enabled:
+            kind = AuxConfig if stage == "aux" else GPTConfig
+            data = {"vocab_size": 2**31, "image_tokens": 1, **({"num_coarse": 1} if stage == "aux" else {})}
+            try:
+                kind.from_preset(s.preset or ("Aux-B" if stage == "aux" else "GPT-B"), **{**data, **s.model})
+            except ConfigError as e:
+                raise ConfigError(f"{section}: {e}") from None
     if cfg.data.dataset == "image_folder" and not cfg.data.root:
         raise ConfigError("data.root is required for dataset: image_folder (a folder of class sub-folders)")
 
