@@ -674,7 +674,8 @@ def test_every_numeric_setting_refuses_what_its_user_cannot_take(cls, name, valu
     ("train.lr=.inf", "train.lr must be a finite number, got inf"),
     # refused only when the stage's turn came, after stage 1 and the baseline had trained
     ("aux.preset=Aux-BB", "aux: unknown Aux preset 'Aux-BB'"),
-    ("aux.model.dim=100", "aux: head_dim 50 (dim/n_head) must be a multiple of 4")])
+    ("aux.model.dim=100", "aux: head_dim 50 (dim/n_head) must be a multiple of 4"),
+    ("train.grad_accum=3", "stage1.train.batch_size=50 must be a multiple of stage1.train.grad_accum=3")])
 def test_config_values_of_the_wrong_type_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err

@@ -477,6 +477,13 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     for stage, section in STAGE_SECTIONS.items():
         if cfg.stage(stage).enabled and not cfg.stage(stage).train.length_given:
             raise ConfigError(f"{section}.train needs steps or epochs (e.g. train.steps=1000)")
+    trained = {} if cfg.tokenizer.pretrained else {"tokenizer": cfg.tokenizer.train}
+    trained.update({section: cfg.stage(stage).train for stage, section in STAGE_SECTIONS.items()
+                    if cfg.stage(stage).enabled})
+    for section, t in trained.items():
+        if t.batch_size % t.grad_accum:  # the training loop splits the batch into grad_accum micro-batches
+            raise ConfigError(f"{section}.train.batch_size={t.batch_size} must be a multiple of {section}.train."
+                              f"grad_accum={t.grad_accum} (and of that times the ranks under torchrun)")
     for stage, section in STAGE_SECTIONS.items():
         # The preset and the model's shape, checked now rather than when the stage's turn comes after the
         # stages before it have trained; the sizes the data gives (vocabulary, tokens) stand in as placeholders.
