@@ -651,7 +651,54 @@ BAD_SETTINGS = [
     ("StageConfig", "model", {"resid_dropout": 2}, "model.resid_dropout must be <= 1.0, got 2"),
     ("AuxStageConfig", "model", {"multiple_of": 0}, "model.multiple_of must be >= 1, got 0"),
     ("StageConfig", "model", {"norm_eps": "x"}, "model.norm_eps must be a valid number, got 'x'"),
+    # the bounds the fields had before
+    *((cls, name, 0, f"{name} must be >= 1, got 0") for cls, names in (
+        ("TrainConfig", "steps epochs batch_size grad_accum checkpoint_every log_every"),
+        ("TokenizerTrainConfig", "steps batch_size checkpoint_every log_every"),
+        ("DataConfig", "image_size channels train_limit test_limit extract_batch_size"),
+        ("ClusteringConfig", "num_coarse"), ("HeldoutConfig", "limit batch_size"), ("ReproduceConfig", "steps"),
+        ("EvaluationConfig", "per_class batch_size heldout_images"),
+        ("StudySettings", "select_per_class test_per_class tokenizer_images heldout_images coarse_images "
+                          "diagnosis_per_class epoch_per_class batch_size")) for name in names.split()),
+    *((cls, name, -1, f"{name} must be >= 0") for cls, names in (
+        ("TrainConfig", "grad_clip warmup_steps keep_checkpoints snapshot_every num_workers"),
+        ("TokenizerTrainConfig", "weight_decay dead_code_steps"), ("DataConfig", "validation_images num_workers"))
+      for name in names.split()),
+    ("TrainConfig", "min_lr_ratio", 1.5, "min_lr_ratio must be <= 1"),
+    ("TrainConfig", "ema_decay", 1, "ema_decay must be < 1"),
+    ("TokenizerTrainConfig", "dead_code_until", 0, "dead_code_until must be > 0"),
+    ("ReproduceConfig", "clusters", [64, 0], "clusters.1 must be >= 1, got 0"),
+    ("VQLossConfig", "perceptual_weight", math.inf, "perceptual_weight must be a finite number"),
+    ("VQLossConfig", "disc_weight", math.nan, "disc_weight must be a finite number"),
 ]
+
+
+# Numeric settings no value of their type breaks, with the reason.
+UNBOUNDED_SETTINGS = {
+    ("VQLossConfig", "disc_start"): "a step before the first is the first (tokenizer.py:93)",
+    ("TokenizerConfig", "model"): "the VQConfig the tokenizer phase, the first, builds before any work",
+}
+
+
+def test_every_numeric_setting_has_a_bad_value_case():
+    """A new number (or a dict or untyped list that may hold numbers) in the settings needs its bound, and a case
+    above, or a reason it takes any value."""
+    import inspect
+    import typing
+
+    import ctfgen.config as config
+
+    def numeric(t):
+        return t in (int, float, dict, list) or any(numeric(a) for a in typing.get_args(t) if a is not bool)
+
+    found = {(name, key) for name, cls in vars(config).items()
+             if inspect.isclass(cls) and cls.__module__ == config.__name__ and hasattr(cls, "__pydantic_validator__")
+             for key, kind in typing.get_type_hints(cls).items()
+             if key in cls.__dict__.get("__annotations__", {}) and numeric(kind)}
+    covered = {(cls, name) for cls, name, *_ in BAD_SETTINGS}
+    missing = found - covered - set(UNBOUNDED_SETTINGS)
+    assert not missing, f"numeric settings without a bad-value case: {sorted(missing)}"
+    assert set(UNBOUNDED_SETTINGS) <= found
 
 
 @pytest.mark.parametrize("cls,name,value,message", BAD_SETTINGS, ids=lambda v: v if isinstance(v, str) else None)
