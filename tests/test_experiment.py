@@ -573,6 +573,12 @@ def test_matched_baseline_inherits_the_baseline_and_needs_both_methods():
         check_experiment(resolve({"baseline": {"enabled": False}, "matched": {"enabled": True}, "train": {"steps": 3}}))
 
 
+def test_model_numbers_yaml_reads_as_strings_become_numbers():
+    # YAML 1.1 reads 1e-6 as a string, which RMSNorm added to a tensor at the first step
+    cfg = resolve({"stage1": {"model": {"norm_eps": "1e-6", "dim": 64}}})
+    assert cfg.stage1.model == {"norm_eps": 1e-6, "dim": 64} and cfg.baseline.model["norm_eps"] == 1e-6
+
+
 def test_matched_baseline_is_off_unless_enabled():
     assert not resolve({"stage1": {"preset": "GPT-tiny"}}).matched.enabled
     assert resolve({"stage1": {"preset": "GPT-tiny"}, "matched": {"enabled": True}}).matched.enabled
@@ -602,11 +608,106 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
     ("train.steps=0", "train.steps must be >= 1, got 0"), ("stage1.train.epochs=-1", "stage1.train.epochs must be >= 1"),
     ("train.lr=0", "train.lr must be > 0"), ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
     ("data.train_limit=0", "data.train_limit must be >= 1"), ("clustering.num_coarse=0", "num_coarse must be >= 1"),
-    ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1")])
+    ("heldout.batch_size=0", "heldout.batch_size must be >= 1"), ("tokenizer.train.batch_size=-3", "batch_size must be >= 1"),
+    # scikit-learn's k-means (clustering, tokenizer codebook_init: kmeans) refused these after the tokenizer trained
+    ("seed=-1", "error: seed must be >= 0, got -1"), ("clustering.seed=-1", "clustering.seed must be >= 0, got -1"),
+    ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296"),
+    ("sampling.ctf.temperature_fine=-1", "sampling.ctf.temperature_fine must be between 0 and 10")])
 def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+# (settings class, field, a value the code that uses the field cannot take, the message)
+BAD_SETTINGS = [
+    ("ExperimentConfig", "seed", -1, "seed must be >= 0, got -1"),
+    ("ClusteringConfig", "seed", 2**32, "seed must be <= 4294967295, got 4294967296"),
+    ("TrainConfig", "seed", -1, "seed must be >= 0, got -1"),
+    ("EvaluationConfig", "seed", 2**32, "seed must be <= 4294967295"),
+    ("StudySettings", "select_seed", -1, "select_seed must be >= 0, got -1"),
+    ("StudySettings", "seeds", (0, 2**64), "seeds.1 must be <= 4294967295"),
+    ("StudySettings", "diagnosis_seed", -5, "diagnosis_seed must be >= 0, got -5"),
+    ("StudySettings", "epoch_seed", 2**32, "epoch_seed must be <= 4294967295"),
+    # every weight is -inf after AdamW's first step; a NaN loss weight makes every loss NaN
+    ("TrainConfig", "lr", math.inf, "lr must be a finite number, got inf"),
+    ("TrainConfig", "weight_decay", math.inf, "weight_decay must be a finite number, got inf"),
+    ("VQLossConfig", "reconstruction_weight", math.nan, "reconstruction_weight must be a finite number, got nan"),
+    # torch's AdamW (loop.py:104, tokenizer.py:79) raised a ValueError when the stage's training began
+    ("TrainConfig", "betas", (0.9, 1.0), "betas.1 must be < 1.0, got 1.0"),
+    ("TokenizerTrainConfig", "betas", (-0.1, 0.9), "betas.0 must be >= 0.0, got -0.1"),
+    ("VQLossConfig", "disc_lr", -1e-4, "disc_lr must be > 0.0, got -0.0001"),
+    # 0: torch.cat of no images; -5: every image but five (codebook.py:61)
+    ("TokenizerTrainConfig", "codebook_init_images", 0, "codebook_init_images must be >= 1, got 0"),
+    ("VQLossConfig", "disc_dim", -2, "disc_dim must be >= 1, got -2"),  # NLayerDiscriminator: negative dimension
+    ("VQLossConfig", "disc_layers", -1, "disc_layers must be >= 0, got -1"),  # 2 ** -1 channels: a TypeError
+    # the pipelines refused them when assembled, after every stage had trained; the ablations after training
+    ("SamplingConfig", "ctf", {"top_p": 5}, "ctf.top_p must be greater than 0 and at most 1 (1 = all), got 5"),
+    ("SamplingConfig", "baseline", {"top_k": 2.5}, "baseline.top_k must be a whole number, got 2.5"),
+    ("EvaluationConfig", "temperatures", [1, "x"], "temperatures.1 must be a number, got 'x'"),
+    ("StudySettings", "guidance", (2.0, 25), "guidance.1 must be <= 20.0, got 25"),
+    ("StudySettings", "temperatures", (-1,), "temperatures.0 must be >= 0.0, got -1"),
+    # nn.Dropout, the FFN's rounding and RMSNorm refused them when the stage's model was built, after the stages before
+    ("StageConfig", "model", {"resid_dropout": 2}, "model.resid_dropout must be <= 1.0, got 2"),
+    ("AuxStageConfig", "model", {"multiple_of": 0}, "model.multiple_of must be >= 1, got 0"),
+    ("StageConfig", "model", {"norm_eps": "x"}, "model.norm_eps must be a valid number, got 'x'"),
+    # the bounds the fields had before
+    *((cls, name, 0, f"{name} must be >= 1, got 0") for cls, names in (
+        ("TrainConfig", "steps epochs batch_size grad_accum checkpoint_every log_every"),
+        ("TokenizerTrainConfig", "steps batch_size checkpoint_every log_every"),
+        ("DataConfig", "image_size channels train_limit test_limit extract_batch_size"),
+        ("ClusteringConfig", "num_coarse"), ("HeldoutConfig", "limit batch_size"), ("ReproduceConfig", "steps"),
+        ("EvaluationConfig", "per_class batch_size heldout_images"),
+        ("StudySettings", "select_per_class test_per_class tokenizer_images heldout_images coarse_images "
+                          "diagnosis_per_class epoch_per_class batch_size")) for name in names.split()),
+    *((cls, name, -1, f"{name} must be >= 0") for cls, names in (
+        ("TrainConfig", "grad_clip warmup_steps keep_checkpoints snapshot_every num_workers"),
+        ("TokenizerTrainConfig", "weight_decay dead_code_steps"), ("DataConfig", "validation_images num_workers"))
+      for name in names.split()),
+    ("TrainConfig", "min_lr_ratio", 1.5, "min_lr_ratio must be <= 1"),
+    ("TrainConfig", "ema_decay", 1, "ema_decay must be < 1"),
+    ("TokenizerTrainConfig", "dead_code_until", 0, "dead_code_until must be > 0"),
+    ("ReproduceConfig", "clusters", [64, 0], "clusters.1 must be >= 1, got 0"),
+    ("VQLossConfig", "perceptual_weight", math.inf, "perceptual_weight must be a finite number"),
+    ("VQLossConfig", "disc_weight", math.nan, "disc_weight must be a finite number"),
+]
+
+
+# Numeric settings no value of their type breaks, with the reason.
+UNBOUNDED_SETTINGS = {
+    ("VQLossConfig", "disc_start"): "a step before the first is the first (tokenizer.py:93)",
+    ("TokenizerConfig", "model"): "the VQConfig the tokenizer phase, the first, builds before any work",
+}
+
+
+def test_every_numeric_setting_has_a_bad_value_case():
+    """A new number (or a dict or untyped list that may hold numbers) in the settings needs its bound, and a case
+    above, or a reason it takes any value."""
+    import inspect
+    import typing
+
+    import ctfgen.config as config
+
+    def numeric(t):
+        return t in (int, float, dict, list) or any(numeric(a) for a in typing.get_args(t) if a is not bool)
+
+    found = {(name, key) for name, cls in vars(config).items()
+             if inspect.isclass(cls) and cls.__module__ == config.__name__ and hasattr(cls, "__pydantic_validator__")
+             for key, kind in typing.get_type_hints(cls).items()
+             if key in cls.__dict__.get("__annotations__", {}) and numeric(kind)}
+    covered = {(cls, name) for cls, name, *_ in BAD_SETTINGS}
+    missing = found - covered - set(UNBOUNDED_SETTINGS)
+    assert not missing, f"numeric settings without a bad-value case: {sorted(missing)}"
+    assert set(UNBOUNDED_SETTINGS) <= found
+
+
+@pytest.mark.parametrize("cls,name,value,message", BAD_SETTINGS, ids=lambda v: v if isinstance(v, str) else None)
+def test_every_numeric_setting_refuses_what_its_user_cannot_take(cls, name, value, message):
+    import ctfgen.config as config
+
+    with pytest.raises(ConfigError) as e:
+        getattr(config, cls)(**{name: value})
+    assert str(e.value).startswith(message), e.value
 
 
 @pytest.mark.parametrize("override,message", [
@@ -616,7 +717,12 @@ def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys)
     ("train.betas=[0.9]", "train.betas.1: field required"), ("data.root=[1]", "data.root must be a valid string"),
     ("heldout.enabled=2", "heldout.enabled must be a valid boolean, got 2"),
     ("stage1=5", "stage1 must be a mapping of settings, got 5"),
-    ("train.fsdp=sometimes", "train.fsdp must be one of true, false, auto, got 'sometimes'")])
+    ("train.fsdp=sometimes", "train.fsdp must be one of true, false, auto, got 'sometimes'"),
+    ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+    # refused only when the stage's turn came, after stage 1 and the baseline had trained
+    ("aux.preset=Aux-BB", "aux: unknown Aux preset 'Aux-BB'"),
+    ("aux.model.dim=100", "aux: head_dim 50 (dim/n_head) must be a multiple of 4"),
+    ("train.grad_accum=3", "stage1.train.batch_size=50 must be a multiple of stage1.train.grad_accum=3")])
 def test_config_values_of_the_wrong_type_are_refused(override, message, capsys):
     assert cli(["pipeline", TINY, "--print-config", override]) == 2
     err = capsys.readouterr().err

@@ -34,6 +34,7 @@ import yaml
 from ctfgen.models.transformer import AuxConfig, GPTConfig
 from ctfgen.tokenizer.vq import VQConfig
 from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.options import SAMPLING, SEED, check_sampling
 
 # --- the loader ------------------------------------------------------------------------------------
 
@@ -41,8 +42,9 @@ from ctfgen.utils.errors import ConfigError
 def settings(cls):
     """A settings dataclass, checked by pydantic when made: unknown keys and bad values are
     ConfigErrors naming their key path, dicts become the dataclass-typed fields, strings YAML 1.1
-    reads numbers as (`3e-4`) become floats, lists become tuples."""
-    cls = pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid"))
+    reads numbers as (`3e-4`) become floats, lists become tuples. NaN and infinities are refused: no
+    setting means them, and an infinite lr or weight decay makes every weight -inf at AdamW's first step."""
+    cls = pydantic.dataclasses.dataclass(cls, config=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False))
     make = cls.__init__
 
     def __init__(self, *args, **kwargs):
@@ -68,6 +70,8 @@ def _message(cls, error: dict, where: str = "") -> str:
         return _unknown_key(path, {f.name for f in fields(cls) if f.init})
     if kind == "unknown_key":
         return _unknown_key(f"{path}.{ctx['key']}", ctx["known"])
+    if kind == "dict_value":  # a message about one value of a dict, which starts with its key
+        return f"{path}.{ctx['message']}"
     if kind == "value_error":  # a ConfigError of __post_init__
         return str(ctx["error"])
     if kind in ("dataclass_type", "dict_type"):
@@ -102,6 +106,30 @@ def keys_of(allowed):
         return {} if value is None else value
 
     return pydantic.BeforeValidator(check)
+
+
+def sampling_values(option: str | None = None):
+    """A check of a dict of sampling options, or of a list of values of the one `option`: each in its
+    option's range (the model's own bounds, such as top_k against the vocabulary, wait for the model),
+    the values kept as given."""
+
+    def check(value):
+        items = value.items() if option is None else ((str(i), v) for i, v in enumerate(value))
+        for key, v in items:
+            try:
+                check_sampling({option or key: v}, labels={option or key: key})
+            except ConfigError as e:
+                raise pydantic_core.PydanticCustomError("dict_value", "{message}", {"message": str(e)}) from None
+        return value
+
+    return pydantic.AfterValidator(check)
+
+
+def sampling_range(name: str):
+    """A float in the range of the sampling option `name` (ctfgen.utils.options.SAMPLING)."""
+    option = SAMPLING[name]
+    return Annotated[float, pydantic.Field(gt=option.lo) if option.lo_open else pydantic.Field(ge=option.lo),
+                     pydantic.Field(le=option.hi)]
 
 
 def from_dict(cls, data: dict | None, where: str = ""):
@@ -183,11 +211,44 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-# Counts and bounds the settings share (pydantic checks them; NaN fails every bound).
+# Counts and bounds the settings share (pydantic checks them; NaN and infinities are refused everywhere).
 Count = Annotated[int, pydantic.Field(ge=1)]
 Natural = Annotated[int, pydantic.Field(ge=0)]
 Positive = Annotated[float, pydantic.Field(gt=0)]
 NonNegative = Annotated[float, pydantic.Field(ge=0)]
+# The range every ctfgen seed has (`--seed`): numpy's RandomState, which scikit-learn's k-means seeds from, refuses
+# any other, and a seed far above it overflows torch's generators once the epoch or batch is added to it.
+Seed = Annotated[int, pydantic.Field(ge=SEED.lo, le=SEED.hi)]
+Beta = Annotated[float, pydantic.Field(ge=0, lt=1)]  # torch's Adam and AdamW refuse any other
+Temperature, Guidance = sampling_range("temperature"), sampling_range("cfg_scale")  # as the samplers check them
+SAMPLING_VALUES = sampling_values()
+Dropout = Annotated[float, pydantic.Field(ge=0, le=1)]  # a probability, as nn.Dropout and the class dropout take it
+# What a stage's model settings take: the GPT and the auxiliary model (models/transformer.py) divide by the
+# counts, raise the RoPE base to fractional powers, add the norm's eps under a square root.
+MODEL_VALUES = dict(vocab_size=Count, num_coarse=Count, image_tokens=Count, num_classes=Count, dim=Count, n_layer=Count,
+                    n_head=Count, multiple_of=Count, norm_eps=NonNegative, rope_base=Positive, token_dropout=Dropout,
+                    resid_dropout=Dropout, ffn_dropout=Dropout, class_dropout=Dropout, class_prefix=bool,
+                    restrict_to_cluster=bool)
+
+
+def _model_values(value: dict) -> dict:
+    """A stage's model settings, each of the type and in the range the model takes; numbers YAML 1.1
+    reads as strings (`norm_eps: 1e-6`) become numbers, the rest stay as written."""
+    out = dict(value)
+    for key, v in value.items():
+        if key not in MODEL_VALUES:
+            continue
+        try:
+            checked = pydantic.TypeAdapter(MODEL_VALUES[key], config=pydantic.ConfigDict(allow_inf_nan=False)
+                                           ).validate_python(v)
+        except pydantic.ValidationError as e:
+            message = _message(None, e.errors()[0], key)
+            raise pydantic_core.PydanticCustomError("dict_value", "{message}", {"message": message}) from None
+        out[key] = checked if isinstance(v, str) else v
+    return out
+
+
+MODEL_CHECK = pydantic.AfterValidator(_model_values)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -203,7 +264,7 @@ class TrainConfig:
     grad_accum: Count = 1
     lr: Positive = 1e-4
     weight_decay: NonNegative = 0.05  # on >=2-D parameters only, as LlamaGen
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: NonNegative = 1.0  # 0 disables clipping (the norm is still logged)
     warmup_steps: Natural = 0
     schedule: Literal["constant", "cosine"] = "constant"  # constant (LlamaGen) or cosine
@@ -214,7 +275,7 @@ class TrainConfig:
     # "bf16": bf16 autocast on CUDA and CPU, refused on other devices (MPS, ...); "none": float32.
     # Loss, optimiser state and master weights stay float32 in every case.
     mixed_precision: Literal["auto", "bf16", "none"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: Count = 1000
     keep_checkpoints: Natural = 2
     log_every: Count = 10
@@ -241,7 +302,7 @@ class TokenizerTrainConfig(TrainConfig):
     fsdp: Literal[True, False, "auto"] = False
     # Keeping the codebook in use (ctfgen.tokenizer.codebook); LlamaGen's entropy loss is model.entropy_loss_ratio.
     codebook_init: Literal["random", "kmeans"] = "random"  # LlamaGen's, or k-means of initial encoder outputs
-    codebook_init_images: int = 4096    # training images whose encoder outputs the k-means initialisation clusters
+    codebook_init_images: Count = 4096  # training images whose encoder outputs the k-means initialisation clusters
     # > 0: move codes no batch chose for this many steps onto recent encoder outputs
     dead_code_steps: Natural = 0
     # Restarts stop after this fraction of the steps, so that usage is not measured on codes that were just moved.
@@ -262,9 +323,9 @@ class VQLossConfig:
     disc_start: int = 20000             # steps before the adversarial loss starts
     disc_adaptive: bool = False         # VQGAN's |grad rec| / |grad adv| at the decoder's last layer
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    disc_dim: int = 64
-    disc_layers: int = 3
-    disc_lr: float | None = None        # default: train.lr
+    disc_dim: Count = 64                # 0 would leave the discriminator no weights but its last bias
+    disc_layers: Natural = 3            # its stride-2 convolutions (NLayerDiscriminator's n_layers)
+    disc_lr: Positive | None = None     # default: train.lr
 
     def __post_init__(self):
         if self.perceptual_weight > 0 and not self.lpips_weights:
@@ -302,7 +363,7 @@ class TokenizerConfig:
 class ClusteringConfig:
     num_coarse: Count = 512
     method: Literal["kmeans", "random"] = "kmeans"
-    seed: int | None = None             # default: the top-level seed
+    seed: Seed | None = None            # default: the top-level seed
 
 
 @settings
@@ -310,7 +371,7 @@ class StageConfig:
     """A model trained on codes: stage 1 (`ar`), the auxiliary model or the baseline."""
 
     preset: str | None = None
-    model: Annotated[dict, keys_of(GPTConfig)] = field(default_factory=dict)  # fields over the preset's
+    model: Annotated[dict, keys_of(GPTConfig), MODEL_CHECK] = field(default_factory=dict)  # over the preset's
     train: TrainConfig = field(default_factory=TrainConfig)
     enabled: bool = True                # CTF needs stage1 and aux; the baseline is optional
 
@@ -318,7 +379,7 @@ class StageConfig:
 @settings
 class AuxStageConfig(StageConfig):
     preset: str | None = "Aux-B"
-    model: Annotated[dict, keys_of(AuxConfig)] = field(default_factory=dict)
+    model: Annotated[dict, keys_of(AuxConfig), MODEL_CHECK] = field(default_factory=dict)
 
 
 @settings
@@ -339,8 +400,8 @@ BASELINE_DEFAULTS = dict(cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, cfg
 class SamplingConfig:
     """Sampling defaults stored in the finished pipelines (unset: the paper's, see pipeline.py)."""
 
-    ctf: Annotated[dict, keys_of(CTF_DEFAULTS)] = field(default_factory=dict)
-    baseline: Annotated[dict, keys_of(BASELINE_DEFAULTS)] = field(default_factory=dict)
+    ctf: Annotated[dict, keys_of(CTF_DEFAULTS), SAMPLING_VALUES] = field(default_factory=dict)
+    baseline: Annotated[dict, keys_of(BASELINE_DEFAULTS), SAMPLING_VALUES] = field(default_factory=dict)
 
 
 STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched": "matched"}
@@ -349,7 +410,7 @@ STAGE_SECTIONS = {"ar": "stage1", "aux": "aux", "baseline": "baseline", "matched
 @settings
 class ExperimentConfig:
     name: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
@@ -416,6 +477,24 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     for stage, section in STAGE_SECTIONS.items():
         if cfg.stage(stage).enabled and not cfg.stage(stage).train.length_given:
             raise ConfigError(f"{section}.train needs steps or epochs (e.g. train.steps=1000)")
+    trained = {} if cfg.tokenizer.pretrained else {"tokenizer": cfg.tokenizer.train}
+    trained.update({section: cfg.stage(stage).train for stage, section in STAGE_SECTIONS.items()
+                    if cfg.stage(stage).enabled})
+    for section, t in trained.items():
+        if t.batch_size % t.grad_accum:  # the training loop splits the batch into grad_accum micro-batches
+            raise ConfigError(f"{section}.train.batch_size={t.batch_size} must be a multiple of {section}.train."
+                              f"grad_accum={t.grad_accum} (and of that times the ranks under torchrun)")
+    for stage, section in STAGE_SECTIONS.items():
+        # The preset and the model's shape, checked now rather than when the stage's turn comes after the
+        # stages before it have trained; the sizes the data gives (vocabulary, tokens) stand in as placeholders.
+        s = cfg.stage(stage)
+        if s.enabled:
+            kind = AuxConfig if stage == "aux" else GPTConfig
+            data = {"vocab_size": 2**31, "image_tokens": 1, **({"num_coarse": 1} if stage == "aux" else {})}
+            try:
+                kind.from_preset(s.preset or ("Aux-B" if stage == "aux" else "GPT-B"), **{**data, **s.model})
+            except ConfigError as e:
+                raise ConfigError(f"{section}: {e}") from None
     if cfg.data.dataset == "image_folder" and not cfg.data.root:
         raise ConfigError("data.root is required for dataset: image_folder (a folder of class sub-folders)")
 
@@ -454,9 +533,11 @@ def load_stage_config(path, stage: str, overrides: list[str] | None = None) -> S
 class EvaluationConfig:
     per_class: Count = 100  # samples per class for every evaluation
     batch_size: Count = 500
-    seed: Natural = 0
+    seed: Seed = 0
     heldout_images: Count = 2000  # test images for the exact bits per token
-    temperatures: list = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    # each the stage-1 and the stage-2 temperature of a sampling ablation (reproduce.py:146), sampled last
+    # (as written: they name the records, `temperature-1`)
+    temperatures: Annotated[list, sampling_values("temperature")] = field(default_factory=lambda: [0.9, 1.0, 1.1])
 
 
 @settings
@@ -476,21 +557,21 @@ class ReproduceConfig:
 class StudySettings:
     """`ctfgen study` settings (see ctfgen.experiments.study): the sampling grid, the sample counts and the seeds."""
 
-    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)
-    temperatures: tuple[float, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
+    guidance: tuple[Guidance, ...] = (1.5, 2.0, 3.0)
+    temperatures: tuple[Temperature, ...] = (0.9, 1.0, 1.1)  # stage 1 for CTF, the only one for the baselines
     select_per_class: Count = 200  # validation samples per class for each grid point (2000 in all)
-    select_seed: int = 1000             # the selection's sampling stream, apart from every test seed
+    select_seed: Seed = 1000            # the selection's sampling stream, apart from every test seed
     test_per_class: Count = 500  # test samples per class for each reported cell (5000 in all)
-    seeds: tuple[int, ...] = (0,)       # sampling seeds of the test cells (two: a spread to judge noise by)
+    seeds: tuple[Seed, ...] = (0,)      # sampling seeds of the test cells (two: a spread to judge noise by)
     tokenizer_images: Count | None = None  # test images for codebook usage and PSNR (None: all)
     heldout_images: Count = 10000  # test images for bits/token at every epoch
     coarse_images: Count = 2000  # test images for the teacher-forced coarse prediction
     # Test images per class whose codes make the diagnosis sets; the other test images of each class: their reference.
     diagnosis_per_class: Count = 500
-    diagnosis_seed: int = 2000          # the diagnosis' sampling stream
+    diagnosis_seed: Seed = 2000         # the diagnosis' sampling stream
     # FD against epoch: samples per class of each epoch snapshot at the chosen setting, on their own stream.
     epoch_per_class: Count = 200
-    epoch_seed: int = 3000
+    epoch_seed: Seed = 3000
     batch_size: Count = 250
 
     def __post_init__(self):
