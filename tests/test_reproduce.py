@@ -136,3 +136,25 @@ def test_clusters_holding_the_main_runs_k_are_refused_before_any_work(finished, 
         assert cli(["reproduce", str(same_k), "--run", str(run), *independent]) == 2
         assert "holds the main run's num_coarse=8" in capsys.readouterr().err
     assert not (run / "ablations" / "kmeans-k8").exists() and not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (("clusters: [4]", "clusters: [4, 100000]"), "clusters [100000] exceed the run's codebook of"),
+    (("steps: 4", "steps: 6"), "steps=6: the main run's ar snapshots (train.snapshot_every=4) hold none"),
+])
+def test_ablations_that_cannot_be_compared_are_refused_before_any_training(finished, tmp_path, capsys, change,
+                                                                             message):
+    """A K above the codebook failed at its ablation's clustering, and --independent-only trained ablations for a
+    step the main run has no snapshot at, after the ablations before them had trained."""
+    import shutil
+
+    out, settings = finished
+    run = tmp_path / "run"
+    shutil.copytree(out, run, symlinks=True)
+    shutil.rmtree(run / "ablations")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(settings.read_text().replace(*change))
+    for independent in (["--independent-only"], []):
+        assert cli(["reproduce", str(bad), "--run", str(run), "--force", *independent]) == 2
+        assert message in capsys.readouterr().err
+    assert not (run / "ablations").exists()

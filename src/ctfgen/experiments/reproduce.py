@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ctfgen.clustering import CoarseMap
 from ctfgen.config import ReproduceConfig
+from ctfgen.data.codes import read_header
 from ctfgen.experiments.run import STAGES_OF, FinishedRun
 from ctfgen.metrics.compare import markdown_table, plot_metrics
 from ctfgen.metrics.evaluate import evaluate_fmnist, sample_per_class
@@ -53,6 +54,17 @@ def ablations(run: FinishedRun, settings: ReproduceConfig, independent_only: boo
     if k_main in settings.clusters:
         raise ConfigError(f"clusters {list(settings.clusters)} holds the main run's num_coarse={k_main}, whose "
                           "ablation is the main run's snapshot (evaluated anyway); drop it from clusters")
+    # Checked before any ablation trains, so that none is trained for nothing.
+    codebook = int(read_header(run.codes("train"))["codebook_size"])
+    if too_many := [k for k in settings.clusters if k > codebook]:
+        raise ConfigError(f"clusters {too_many} exceed the run's codebook of {codebook} codes; give each at most "
+                          f"{codebook}")
+    for stage in ("ar", "baseline"):  # the main run's snapshots at `steps` are the ablations' references
+        every = run.settings.stage(stage).train.snapshot_every
+        if not every or int(settings.steps) % every:
+            raise ConfigError(f"steps={settings.steps}: the main run's {stage} snapshots (train.snapshot_every="
+                              f"{every}) hold none at that step, and the ablations are compared with them there; "
+                              "set steps to a multiple of snapshot_every")
     variants = [(f"kmeans-k{k}", int(k), {}) for k in settings.clusters]
     if settings.random_clusters:
         variants.append((f"random-k{k_main}", k_main, {"method": "random"}))
