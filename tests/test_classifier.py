@@ -198,6 +198,16 @@ def test_eval_cli_fmnist_on_tiny_npz(tmp_path, test_split, train_split, capsys):
     assert np.array_equal(load_images(tmp_path / "ref")[0][..., 0], train_split[0][:300])
 
 
+def test_eval_folder_with_an_unreadable_image_is_one_error_line(tmp_path, capsys):
+    # PIL's UnidentifiedImageError (an OSError) went up as a traceback, naming no way out
+    _write_png_folder(tmp_path / "ref", np.zeros((3, 28, 28), np.uint8))
+    (tmp_path / "ref" / "00001.png").write_bytes(b"not a png")
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((20, 28, 28, 1), np.uint8))
+    assert main(["eval", str(npz), "--ref", str(tmp_path / "ref"), "--metric-set", "fmnist"]) == 2
+    assert "00001.png cannot be read as an image" in capsys.readouterr().err
+
+
 def test_eval_cli_missing_inception_weights(tmp_path, monkeypatch, capsys):
     from ctfgen.metrics import inception
 

@@ -80,8 +80,12 @@ def _load_folder(folder: Path) -> np.ndarray:
         raise ConfigError(f"{folder} contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     arrays = []
     for f in files:
-        with Image.open(f) as img:
-            a = np.asarray(img.convert("L") if img.mode in ("L", "I;16", "I", "1") else img.convert("RGB"))
+        try:
+            with Image.open(f) as img:
+                a = np.asarray(img.convert("L") if img.mode in ("L", "I;16", "I", "1") else img.convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a file it cannot decode
+            raise CorruptFileError(f"{f} cannot be read as an image ({type(e).__name__}: {e}); "
+                                   f"replace or remove it from {folder}") from None
         arrays.append(a[..., None] if a.ndim == 2 else a)
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
