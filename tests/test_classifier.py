@@ -208,6 +208,19 @@ def test_eval_folder_with_an_unreadable_image_is_one_error_line(tmp_path, capsys
     assert "00001.png cannot be read as an image" in capsys.readouterr().err
 
 
+def test_eval_folder_mixing_grayscale_and_rgb_images_reads_them_as_rgb(tmp_path):
+    # they were refused as images "of different shapes" to be resized, although all had one size
+    rng = np.random.default_rng(0)
+    gray, rgb = rng.integers(0, 256, (28, 28), dtype=np.uint8), rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    (tmp_path / "ref").mkdir()
+    Image.fromarray(gray).save(tmp_path / "ref" / "a.png")
+    Image.fromarray(rgb).save(tmp_path / "ref" / "b.jpg", quality=100)
+    images, _ = load_images(tmp_path / "ref")
+    assert images.shape == (2, 28, 28, 3)
+    assert np.array_equal(images[0], np.repeat(gray[..., None], 3, axis=-1))
+    assert np.array_equal(images[1], np.asarray(Image.open(tmp_path / "ref" / "b.jpg").convert("RGB")))
+
+
 def test_eval_cli_missing_inception_weights(tmp_path, monkeypatch, capsys):
     from ctfgen.metrics import inception
 

@@ -87,6 +87,9 @@ def _load_folder(folder: Path) -> np.ndarray:
             raise CorruptFileError(f"{f} cannot be read as an image ({type(e).__name__}: {e}); "
                                    f"replace or remove it from {folder}") from None
         arrays.append(a[..., None] if a.ndim == 2 else a)
+    if len({a.shape[-1] for a in arrays}) > 1:
+        # a few grayscale files among RGB ones (ImageNet has some): RGB, as torch-fidelity's convert("RGB") reads them
+        arrays = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in arrays]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ConfigError(f"images in {folder} have different shapes {sorted(shapes)[:5]}; resize them to one size first")
