@@ -293,6 +293,24 @@ def test_sfid_against_an_adm_reference_batch_uses_adms_feature_order(random_ince
     assert got["sfid"] == pytest.approx(want, rel=1e-3)
 
 
+def test_a_damaged_reference_batch_is_a_corrupt_file_error(random_inception_weights, tmp_path):
+    # reading its mu/sigma went past load_images' checks: a zipfile.BadZipFile traceback; and a lone .npy
+    # under an .npz name was a TypeError from `with np.load(...)`
+    from ctfgen.metrics.evaluate import evaluate_inception, load_images
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(ref, arr_0=images, mu=np.zeros(3), sigma=np.eye(3))
+    ref.write_bytes(ref.read_bytes()[: ref.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match="VIRTUAL_ref.npz cannot be read as an .npz file"):
+        evaluate_inception(images, ref, weights=random_inception_weights, device="cpu", sfid=False)
+    one = tmp_path / "one.npz"
+    with open(one, "wb") as f:
+        np.save(f, images)
+    with pytest.raises(CorruptFileError, match="not an .npz archive"):
+        load_images(one)
+
+
 def test_fashion_mnist_reference_features_follow_the_data_folder(tmp_path, monkeypatch):
     # Two copies of the test split with different images: pointing $CTFGEN_FASHION_MNIST at the second
     # within one process must not reuse the first one's cached reference features or radii.

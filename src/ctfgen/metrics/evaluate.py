@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import zipfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,18 +61,28 @@ def load_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise MissingFileError(f"{path} does not exist (expected an .npz sample/reference batch or an image folder)")
     if path.suffix != ".npz":
         raise ConfigError(f"{path}: expected an .npz file (ADM format, images under arr_0) or a folder of images")
+    data, names = _read_npz(path, ("arr_0", "labels", "arr_1"))
+    if "arr_0" not in data:
+        raise ConfigError(f"{path} has no `arr_0` array (keys: {names}); ADM-style files keep uint8 "
+                          "images (N,H,W,C) under arr_0")
+    labels = data.get("labels", data.get("arr_1"))
+    return _check_images(data["arr_0"], str(path)), (None if labels is None else np.asarray(labels).astype(np.int64))
+
+
+def _read_npz(path: Path, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """({key: array} for those of `keys` the .npz holds, all its names); CorruptFileError for a file that is
+    no .npz archive or has a damaged member."""
     try:
-        with np.load(path) as data:
-            if "arr_0" not in data.files:
-                raise ConfigError(f"{path} has no `arr_0` array (keys: {data.files}); ADM-style files keep uint8 "
-                                  "images (N,H,W,C) under arr_0")
-            images = data["arr_0"]
-            labels = data["labels"] if "labels" in data.files else data["arr_1"] if "arr_1" in data.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        if isinstance(e, ConfigError):
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array saved under an .npz name
+            raise CorruptFileError(f"{path} holds one .npy array, not an .npz archive; save it with np.savez "
+                                   "(images under arr_0)")
+        with data:
+            return {k: data[k] for k in keys if k in data.files}, list(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, CorruptFileError):
             raise
-        raise CorruptFileError(f"{path} cannot be read as an .npz file ({e})") from None
-    return _check_images(images, str(path)), (None if labels is None else np.asarray(labels).astype(np.int64))
+        raise CorruptFileError(f"{path} cannot be read as an .npz file ({type(e).__name__}: {e})") from None
 
 
 def _load_folder(folder: Path) -> np.ndarray:
@@ -219,11 +230,11 @@ def _reference_inception(ref, net, batch_size, device, need_spatial):
     stats = spatial_stats = None
     path = Path(ref)
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path) as data:
-            if "mu" in data.files and "sigma" in data.files:
-                stats = (data["mu"], data["sigma"])
-            if "mu_s" in data.files and "sigma_s" in data.files:
-                spatial_stats = (data["mu_s"], data["sigma_s"])
+        data, _ = _read_npz(path, ("mu", "sigma", "mu_s", "sigma_s"))
+        if "mu" in data and "sigma" in data:
+            stats = (data["mu"], data["sigma"])
+        if "mu_s" in data and "sigma_s" in data:
+            spatial_stats = (data["mu_s"], data["sigma_s"])
     images, _ = load_images(path)
     need_spatial = need_spatial and spatial_stats is None
     f = inception_features(images, net=net, batch_size=batch_size, device=device, spatial=need_spatial, progress=True)
