@@ -66,7 +66,7 @@ def code_commit() -> str:
     """
     if COMMIT_STAMP.is_file():
         return COMMIT_STAMP.read_text().strip()
-    src = Path(__file__).parent
+    src = Path(__file__).parents[1]  # ctfgen, not utils/: a change anywhere in its code is "-dirty"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
