@@ -165,3 +165,23 @@ def test_code_commit_is_dirty_when_any_of_the_package_changed(tmp_path, monkeypa
     assert fp.code_commit() == head
     (package / "sampling.py").write_text("# changed code\n")
     assert fp.code_commit() == head + "-dirty"
+
+
+def test_code_commit_of_an_install_inside_another_repository_is_unknown(tmp_path, monkeypatch):
+    # a non-editable install in a project's ignored .venv/ answered that project's HEAD as ctfgen's commit
+    import ctfgen.utils.fingerprint as fp
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    package = tmp_path / ".venv" / "site-packages" / "ctfgen"
+    (package / "utils").mkdir(parents=True)
+    (package / "utils" / "fingerprint.py").write_text("# code\n")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(fp, "__file__", str(package / "utils" / "fingerprint.py"))
+    monkeypatch.setattr(fp, "COMMIT_STAMP", package / "COMMIT")
+    assert fp.code_commit() == "unknown"
