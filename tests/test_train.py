@@ -69,6 +69,29 @@ def test_publish_dir_that_fails_leaves_the_old_directory_and_no_temporary(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (tmp_path / "model" / "w.txt").read_text() == "old"
 
 
+def test_publish_dir_syncs_what_write_left_unsynced_before_the_rename(tmp_path, monkeypatch):
+    # a writer that does not fsync (shutil.copytree, huggingface_hub's model card) had its folder renamed
+    # into place with its bytes maybe still in memory: after a crash, a published model of empty files
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("replace", str(src))) or real_replace(src, dst))
+
+    def write(d):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "w.txt").write_text("weights")
+        (d / "card.md").write_text("card")
+        (d / "card.md").chmod(0o444)
+        os.symlink("card.md", d / "link.md")
+
+    final = publish_dir(write, tmp_path / "model")
+    tmp = f".model.tmp-{os.getpid()}"
+    renamed = events.index(("replace", str(tmp_path / tmp)))
+    synced_before = {os.path.relpath(p, tmp_path) for kind, p in events[:renamed] if kind == "fsync"}
+    assert {f"{tmp}/sub/w.txt", f"{tmp}/card.md", f"{tmp}/sub", tmp} <= synced_before
+    assert (final / "sub" / "w.txt").read_text() == "weights" and (final / "link.md").is_symlink()
+
+
 def test_replace_dir_that_cannot_rename_the_new_directory_puts_the_old_one_back(tmp_path, monkeypatch):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "w.txt").write_text("old")

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +157,21 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and every folder under `root` (links are not followed)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY)  # not fsync_file's rb+: a copied read-only file is still synced
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def publish_dir(write: Callable[[Path], Any], final: str | os.PathLike) -> Path:
     """Let `write(tmp_dir)` fill a directory under a temporary name, then rename it into place
     (replacing a stale one). A `write` that fails leaves nothing behind."""
@@ -166,6 +182,9 @@ def publish_dir(write: Callable[[Path], Any], final: str | os.PathLike) -> Path:
         shutil.rmtree(tmp)
     try:
         write(tmp)
+        # Writers that do not sync (shutil.copytree, huggingface_hub's model card) would otherwise have
+        # the rename reach the disk before their bytes: after a crash, a published folder of empty files.
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # named by this PID: no later run would ever remove it
         raise

@@ -66,10 +66,14 @@ def code_commit() -> str:
     """
     if COMMIT_STAMP.is_file():
         return COMMIT_STAMP.read_text().strip()
-    src = Path(__file__).parent
+    src = Path(__file__).parents[1]  # ctfgen, not utils/: a change anywhere in its code is "-dirty"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
+        # An install inside another repository (a project's ignored .venv/) is no checkout of ctfgen:
+        # that repository's HEAD says nothing about this code.
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", Path(__file__).relative_to(src)],
+                                 cwd=src, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or tracked.returncode != 0:
             return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=src,
                                capture_output=True, text=True, timeout=10).stdout.strip()
