@@ -129,3 +129,28 @@ def test_a_record_that_is_json_but_not_an_object_is_a_corrupt_file(tmp_path, tex
     (tmp_path / "r.json").write_text(text)
     with pytest.raises(CorruptFileError, match=r"r\.json holds \w+ JSON, not an object; delete it to compute"):
         Records(tmp_path).read("r")
+
+
+def test_json_records_are_read_as_utf_8_whatever_the_locale(tmp_path):
+    """read_json took the locale's encoding: under an ASCII locale a record holding "é" (a class or run name)
+    was called corrupt."""
+    (tmp_path / "r.json").write_bytes('{"name": "é"}'.encode())
+    env = dict(ENV, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    code = (f"from ctfgen.utils.fileio import read_json; "
+            f"print(read_json({str(tmp_path / 'r.json')!r}, '')['name'] == '\\xe9')")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "True", res.stderr[-2000:]
+
+
+def test_a_config_is_read_as_utf_8_whatever_the_locale(tmp_path):
+    (tmp_path / "c.yaml").write_bytes("name: caf\u00e9\n".encode())
+    (tmp_path / "latin.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    env = dict(ENV, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    code = (f"from ctfgen.config import read_yaml; print(read_yaml({str(tmp_path / 'c.yaml')!r})['name'] == 'caf\\xe9')")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "True", res.stderr[-2000:]
+    from ctfgen.config import read_yaml
+    from ctfgen.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="latin.yaml is not valid YAML"):  # was a UnicodeDecodeError traceback
+        read_yaml(tmp_path / "latin.yaml")

@@ -86,7 +86,7 @@ def read_json(path: str | os.PathLike, remedy: str) -> dict:
     """The JSON object in `path` (every file ctfgen writes holds one); anything else is a
     CorruptFileError that says `remedy`."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))  # JSON is UTF-8, whatever the locale
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{path} is not valid JSON ({e}); {remedy}") from None
     if not isinstance(data, dict):
