@@ -146,7 +146,7 @@ def test_a_config_is_read_as_utf_8_whatever_the_locale(tmp_path):
     (tmp_path / "c.yaml").write_bytes("name: caf\u00e9\n".encode())
     (tmp_path / "latin.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     env = dict(ENV, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
-    code = (f"from ctfgen.config import read_yaml; print(read_yaml({str(tmp_path / 'c.yaml')!r})['name'] == 'caf\\xe9')")
+    code = f"from ctfgen.config import read_yaml; print(read_yaml({str(tmp_path / 'c.yaml')!r})['name'] == 'caf\\xe9')"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "True", res.stderr[-2000:]
     from ctfgen.config import read_yaml
