@@ -351,3 +351,27 @@ def test_report_finds_the_fd_records_of_an_epoch_that_rounds_across_a_boundary(t
                                                  "metrics": {"fd": fd}})
     md = study_module.write_report(tmp_path)
     assert "| 64 | 1.67 | 6.000 | 5.000 | 4.25 / 3.75 / – |" in md
+
+
+def test_report_refuses_seeds_of_one_cell_made_from_other_inputs(tmp_path):
+    """A seed the study no longer runs keeps its record: `--seeds 0 1 2` at 500 per class, then `--seeds 0 1
+    --test-per-class 200 --force` left seed 2's cell of 500 samples a class, and the report averaged the three
+    into one mean ± spread labelled with the first's setting."""
+    import ctfgen.experiments.study as study_module
+    from ctfgen.utils.errors import RunError
+
+    run = tmp_path / "v64"
+    run.mkdir()
+    write = lambda name, record: (run / f"{name}.json").write_text(json.dumps({"name": name, **record}))  # noqa: E731
+    write("tokenizer", {"codebook_size": 64, "num_coarse": 8, "usage": 1.0, "perplexity": 60.0, "psnr": 20.0})
+    sampling = {"cfg_scale": 2.0, "temperature": 1.0}
+    for seed, per_class, fd in ((0, 200, 4.0), (1, 200, 5.0), (2, 500, 9.0)):
+        write(f"test-ctf-chosen-seed{seed}", {
+            "inputs": {"sampling": sampling, "per_class": per_class, "seed": seed, "models": {"ctf": "abc"}},
+            "sampling": sampling, "metrics": {"fd": fd, "kid": 0.1, "precision": 0.8, "recall": 0.5,
+                                              "class_consistency": 0.9}})
+    with pytest.raises(RunError, match=r"test-ctf-chosen-seed0\.json and test-ctf-chosen-seed2\.json beside it.*"
+                                       r"inputs\.per_class: 200 then, 500 now"):
+        study_module.write_report(tmp_path)
+    (run / "test-ctf-chosen-seed2.json").unlink()
+    assert "| ctf | chosen (g 2.0, T 1.0) | 4.50 ± 0.71 |" in study_module.write_report(tmp_path)

@@ -53,7 +53,7 @@ from ctfgen.tokenizer.codebook import evaluate_tokenizer
 from ctfgen.utils.errors import ConfigError, MismatchError, RunError
 from ctfgen.utils.fingerprint import directory_fingerprint
 from ctfgen.utils.images import to_uint8
-from ctfgen.utils.rundir import Records, WriterLock
+from ctfgen.utils.rundir import Records, WriterLock, diff_lines
 
 logger = logging.getLogger("ctfgen.experiments.study")
 
@@ -289,6 +289,21 @@ def _epochs(recs: dict) -> list[dict]:
     return sorted((v for k, v in recs.items() if k.startswith("epoch-")), key=lambda v: v["step"])
 
 
+def _check_one_cell(run_records: Path, tests: dict[str, dict]) -> None:
+    """Refuse seeds of one table cell made from other inputs than each other: a seed the study no longer
+    runs keeps its record (of older models, another setting or sample count), and its mean would mix them."""
+    def apart(record: dict) -> dict:
+        return {k: v for k, v in (record.get("inputs") or {}).items() if k != "seed"}
+
+    (first, then), *others = tests.items()
+    for name, record in others:
+        if changed := diff_lines(apart(then), apart(record), "inputs."):
+            raise RunError(f"{run_records / first}.json and {name}.json beside it, seeds of one cell, were made "
+                           f"from other inputs ({'; '.join(changed)}): delete the records of seeds the study no "
+                           "longer runs, or compute them again with the others' settings (ctfgen study --seeds ... "
+                           "--force)")
+
+
 def _fd_line(label: str, cells: list[tuple]) -> tuple:
     """Mean and spread of the Fréchet distance of (codebook size, FDs of the seeds, bits) cells, by size."""
     cells = sorted(cells, key=lambda c: c[0])
@@ -338,9 +353,11 @@ def write_report(records_dir, figure_dir=None) -> str:
                 edges.append(f"- V = {name}, {method}: the chosen {selection['chosen']} is at the edge of the grid in "
                              f"{', '.join(selection['at_edge'])}.")
             for setting in ("chosen", "default"):
-                tests = [v for k, v in recs.items() if k.startswith(f"test-{method}-{setting}-seed")]
+                tests = {k: v for k, v in recs.items() if k.startswith(f"test-{method}-{setting}-seed")}
                 if not tests:
                     continue
+                _check_one_cell(root / r, tests)
+                tests = list(tests.values())
                 cells = [t["metrics"] for t in tests]
                 bits = last.get(method, {}).get("bits_per_token")
                 kid = _mean_std([100 * c["kid"] for c in cells]) if all("kid" in c for c in cells) else "–"
