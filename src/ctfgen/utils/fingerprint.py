@@ -44,9 +44,11 @@ def fingerprint_of(obj) -> str:
 
 
 def directory_fingerprint(path) -> str:
-    """sha256 over the relative names and bytes of every file under `path` (links followed); first
-    16 hex chars. Two model directories with the same fingerprint hold the same model. A file (a
-    checkpoint) is hashed as a directory holding only it."""
+    """sha256 over the relative names and bytes of every file under `path`; first 16 hex chars. Two
+    model directories with the same fingerprint hold the same model. A link to a file counts as the
+    file, but a linked folder is not entered (rglob's rule): hash a pipeline's own directory (RUN/ctf),
+    not a run's root, whose ar/, aux/ and tokenizer/ are links into it. A file (a checkpoint) is
+    hashed as a directory holding only it."""
     root = Path(path)
     h = hashlib.sha256()
     for f in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
