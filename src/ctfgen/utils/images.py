@@ -14,7 +14,9 @@ from ctfgen.utils.fileio import atomic_save
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B,C,H,W) floats in [-1,1] -> (B,H,W,C) uint8, rounding as ADM's sampler does."""
+    """(B,C,H,W) floats in [-1,1] -> (B,H,W,C) uint8, rounded to the nearest level: LlamaGen's sample
+    writer (127.5x + 128, truncated) but for exact halves, which go to the even level here. ADM's
+    sampler truncates (x + 1) * 127.5, half a level darker on average."""
     if images.dim() != 4:
         raise ConfigError(f"expected images of shape (B,C,H,W), got {tuple(images.shape)}")
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
