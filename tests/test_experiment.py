@@ -462,6 +462,44 @@ def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     prepare("sampling.ctf.cfg_scale=3.0")
 
 
+def test_resume_may_change_how_finished_phases_ran_but_not_what_they_made(tmp_path):
+    """A resume changing only data-loading processes, the progress bar or which checkpoints are written was refused
+    where a phase they cannot affect had finished (data.num_workers=2 after the tokenizer and extraction)."""
+    from ctfgen.config import to_dict
+    from ctfgen.experiments.run import PHASE_SECTIONS, Experiment, load_experiment_config, sections
+    from ctfgen.utils.errors import RunError
+    from ctfgen.utils.fileio import atomic_write_json
+    from ctfgen.utils.rundir import Records
+
+    out = tmp_path / "run"
+    cfg, _ = load_experiment_config(TINY)
+    for phase in ("ar", "baseline", "heldout"):
+        Records(out / "phases").once(phase, sections(cfg, phase), lambda: {})
+    full = to_dict(cfg)
+    for phase in ("tokenizer", "extract", "aux"):  # as written before: whole sections, these settings among them
+        atomic_write_json(out / "phases" / f"{phase}.json",
+                          {"name": phase, "inputs": {s: full[s] for s in PHASE_SECTIONS[phase]}, "commit": "x"})
+
+    def prepare(*overrides):
+        cfg, raw = load_experiment_config(TINY, overrides=list(overrides))
+        x = Experiment(cfg, raw, out, True, None, False)
+        try:
+            x.prepare()
+        finally:
+            x.lock.release()
+
+    prepare("data.num_workers=2", "tokenizer.train.num_workers=2", "tokenizer.train.checkpoint_every=7",
+            "tokenizer.train.progress=false", "train.num_workers=2", "train.progress=false", "train.checkpoint_every=7",
+            "train.keep_checkpoints=0", "aux.train.keep_checkpoints=5", "baseline.train.num_workers=1")
+    with pytest.raises(RunError, match=r"extract: data\.augment: 'none' then, 'flip' now"):
+        prepare("data.num_workers=2", "data.augment=flip")
+    # a phase's final_loss is the mean over the last log window; heldout batches may move the last bits
+    with pytest.raises(RunError, match=r"ar: .*stage1\.train\.log_every: 10 then, 5 now"):
+        prepare("train.log_every=5")
+    with pytest.raises(RunError, match=r"heldout: heldout\.batch_size: 100 then, 50 now"):
+        prepare("heldout.batch_size=50")
+
+
 def test_pipeline_without_config_or_resume_says_to_pass_one(tmp_path):
     """Without --resume the message said there was no DIR/input.yaml to resume from, even where there was one."""
     from ctfgen.experiments.run import load_experiment_config

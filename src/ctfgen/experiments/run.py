@@ -74,6 +74,14 @@ PHASE_SECTIONS = {
     "matched": ("seed", "train", "stage1", "aux", "baseline", "matched"), "assemble": (*ENABLED, "sampling"),
     "heldout": ("heldout", *ENABLED),
 }
+# Settings of those sections that change how a phase runs but not what it makes (weights, codes, records), left out
+# of what a phase depends on so that a resume may change them: data-loading processes (the data order is the seeded
+# sampler's, the pipeline's datasets draw no randomness, extraction's batches are extract_batch_size's), the progress
+# bar, and which checkpoints are written and kept. Not log_every (a phase's final_loss is the mean over the last log
+# window) nor heldout.batch_size (a batch's shape can move the log-likelihoods' last bits).
+TRAIN_SECTIONS = ("train", "tokenizer.train", "stage1.train", "aux.train", "baseline.train", "matched.train")
+RUN_ONLY = ("data.num_workers", *(f"{section}.{key}" for section in TRAIN_SECTIONS
+                                  for key in ("num_workers", "progress", "checkpoint_every", "keep_checkpoints")))
 
 
 def sections(cfg: ExperimentConfig, phase: str) -> dict:
@@ -84,7 +92,15 @@ def sections(cfg: ExperimentConfig, phase: str) -> dict:
             picked.setdefault(section, {})[setting] = d[section][setting]
         else:
             picked[section] = d[section]
-    return plain(picked)
+    picked = plain(picked)
+    for path in RUN_ONLY:
+        *parents, key = path.split(".")
+        node = picked
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return picked
 
 
 class Experiment:
