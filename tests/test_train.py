@@ -111,6 +111,23 @@ def test_replace_dir_that_cannot_rename_the_new_directory_puts_the_old_one_back(
     assert (tmp_path / "model" / "w.txt").read_text() == "old"
 
 
+@pytest.mark.parametrize("kind", ["link", "file", "dangling link"])
+def test_replace_dir_over_a_link_or_a_file_leaves_nothing_aside(tmp_path, kind):
+    # rmtree(ignore_errors=True) refused the link or file moved aside: a hidden .model.old-* stayed for good
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "w.txt").write_text("kept")
+    if kind == "file":
+        (tmp_path / "model").write_text("a file")
+    else:
+        (tmp_path / "model").symlink_to(tmp_path / ("elsewhere" if kind == "link" else "gone"))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "w.txt").write_text("new")
+    replace_dir(tmp_path / "new", tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model"]
+    assert (tmp_path / "model" / "w.txt").read_text() == "new" and not (tmp_path / "model").is_symlink()
+    assert (tmp_path / "elsewhere" / "w.txt").read_text() == "kept"  # a link's target is not the old version
+
+
 def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):
     C.save_checkpoint({"step": 1}, tmp_path, 1, keep=0)
     (tmp_path / "ckpt-00000002.pt").write_bytes(b"truncated")

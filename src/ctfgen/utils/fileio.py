@@ -142,7 +142,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Rename the finished directory `tmp` to `final`. A `final` already there is first moved
     aside and removed afterwards, so at every moment one whole version is in place."""
     tmp, final = Path(tmp), Path(final)
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}") if final.exists() else None
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}") if os.path.lexists(final) else None
     if old is not None:
         os.replace(final, old)
     try:
@@ -153,8 +153,17 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
         raise
     fsync_dir(final.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete what `path` names, quietly: rmtree refuses a link or a file, and its ignore_errors would
+    leave them; a link is removed, not the folder it points to."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_tree(root: Path) -> None:
