@@ -6,6 +6,8 @@ import csv
 import math
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +71,23 @@ def test_publish_dir_that_fails_leaves_the_old_directory_and_no_temporary(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (tmp_path / "model" / "w.txt").read_text() == "old"
 
 
+def test_publish_dir_removes_what_killed_publishers_left_but_not_a_live_ones(tmp_path):
+    # only this process's own leftover was removed: every killed run's full model copy stayed for good
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        prefix = fileio.temporary_prefix(tmp_path / "model", "tmp")
+        for pid in (dead.pid, alive.pid):
+            (tmp_path / f"{prefix}{pid}").mkdir()
+            (tmp_path / f"{prefix}{pid}" / "w.txt").write_text("a copy")
+        publish_dir(lambda d: d.mkdir(), tmp_path / "model")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{prefix}{alive.pid}", "model"])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_publish_dir_syncs_what_write_left_unsynced_before_the_rename(tmp_path, monkeypatch):
     # a writer that does not fsync (shutil.copytree, huggingface_hub's model card) had its folder renamed
     # into place with its bytes maybe still in memory: after a crash, a published model of empty files
@@ -85,7 +104,7 @@ def test_publish_dir_syncs_what_write_left_unsynced_before_the_rename(tmp_path, 
         os.symlink("card.md", d / "link.md")
 
     final = publish_dir(write, tmp_path / "model")
-    tmp = f".model.tmp-{os.getpid()}"
+    tmp = f"{fileio.temporary_prefix(tmp_path / 'model', 'tmp')}{os.getpid()}"
     renamed = events.index(("replace", str(tmp_path / tmp)))
     synced_before = {os.path.relpath(p, tmp_path) for kind, p in events[:renamed] if kind == "fsync"}
     assert {f"{tmp}/sub/w.txt", f"{tmp}/card.md", f"{tmp}/sub", tmp} <= synced_before

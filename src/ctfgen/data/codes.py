@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from ctfgen import __version__
 from ctfgen.compat import check_parts
 from ctfgen.utils.errors import (CorruptFileError, MismatchError, MissingFileError, OutputExistsError, RunError,
                                  WrongTypeError)
-from ctfgen.utils.fileio import atomic_write_json, fsync_file, read_json, replace_dir
+from ctfgen.utils.fileio import (atomic_write_json, fsync_file, read_json, remove_stale_temporaries, replace_dir,
+                                 temporary_prefix)
 
 FORMAT_VERSION = 1
 HEADER_KEYS = ("format_version", "tokenizer_fingerprint", "grid_size", "image_tokens", "codebook_size",
@@ -39,19 +39,6 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 def _created_by() -> str:
     return f"ctfgen {__version__}"
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Delete temporary directories left by killed writers of `out_dir` on this host."""
-    prefix = f".{out_dir.name}.partial-{socket.gethostname()}-"
-    for p in out_dir.parent.glob(f"{prefix}*"):
-        try:
-            pid = int(p.name[len(prefix):].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, OSError):  # not our naming, or a live process we may not signal
-            continue
 
 
 class CodeWriter:
@@ -84,9 +71,9 @@ class CodeWriter:
         self.codebook_size = int(header["codebook_size"])
         self.dtype = code_dtype(self.codebook_size)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.out_dir)
+        remove_stale_temporaries(self.out_dir, "partial")
         self.tmp_dir = self.out_dir.parent / (
-            f".{self.out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            f"{temporary_prefix(self.out_dir, 'partial')}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.tmp_dir.mkdir()
         shape = (num_images, num_augmentations, image_tokens)
         self._codes = open_memmap(self.tmp_dir / "codes.npy", mode="w+", dtype=self.dtype, shape=shape)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import stat
 import uuid
 from contextlib import contextmanager
@@ -166,6 +167,28 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def temporary_prefix(final: Path, kind: str) -> str:
+    """How the names of `final`'s temporary siblings made on this host begin; the writer's process id follows,
+    so that `remove_stale_temporaries` can tell a killed writer's from a live one's."""
+    return f".{final.name}.{kind}-{socket.gethostname()}-"
+
+
+def remove_stale_temporaries(final: Path, kind: str) -> None:
+    """Delete `final`'s temporary siblings (named after `temporary_prefix`) whose writer on this host is no
+    longer running: a killed writer leaves its copy, full size, and no one else would remove it."""
+    prefix = temporary_prefix(final, kind)
+    for p in final.parent.iterdir():  # not glob: a name holding [ or * would be taken for a pattern
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            _remove(p)
+        except (ValueError, OSError):  # not our naming, or a live process we may not signal
+            continue
+
+
 def _fsync_tree(root: Path) -> None:
     """fsync every regular file and every folder under `root` (links are not followed)."""
     for folder, _, files in os.walk(root):
@@ -183,10 +206,12 @@ def _fsync_tree(root: Path) -> None:
 
 def publish_dir(write: Callable[[Path], Any], final: str | os.PathLike) -> Path:
     """Let `write(tmp_dir)` fill a directory under a temporary name, then rename it into place
-    (replacing a stale one). A `write` that fails leaves nothing behind."""
+    (replacing a stale one). A `write` that fails leaves nothing behind, and what a killed one left
+    is removed by the next publish of `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(final, "tmp")
+    tmp = final.with_name(f"{temporary_prefix(final, 'tmp')}{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
