@@ -6,6 +6,8 @@ import csv
 import math
 import os
 import random
+import resource
+import signal
 import subprocess
 import sys
 
@@ -17,7 +19,9 @@ from torch import nn
 from _train_toy import Toy as _Toy, toy_dataset, toy_loss
 from ctfgen.train import checkpoint as C
 from ctfgen.train.loop import NonFiniteLossError, ShardedBatches, TrainConfig, lr_at, make_optimizer, train
-from ctfgen.utils.fileio import atomic_save_safetensors, atomic_write_json, publish_dir, replace_dir
+from ctfgen.utils import fileio
+from ctfgen.utils.fileio import (append_csv_row, atomic_save_safetensors, atomic_write_csv, atomic_write_json,
+                                 publish_dir, replace_dir)
 
 
 def Toy(dropout=0.2, seed=0):  # noqa: N802 - the toy model, initialised the same way every time
@@ -145,6 +149,25 @@ def test_replace_dir_over_a_link_or_a_file_leaves_nothing_aside(tmp_path, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model"]
     assert (tmp_path / "model" / "w.txt").read_text() == "new" and not (tmp_path / "model").is_symlink()
     assert (tmp_path / "elsewhere" / "w.txt").read_text() == "kept"  # a link's target is not the old version
+
+
+def test_a_csv_row_cut_short_by_a_full_disk_is_not_left_in_the_table(tmp_path):
+    # the row's head stayed: "...\r\n10,0.5\r\n1", which a run resumed at step 10 kept as a second step 1
+    path = tmp_path / "metrics.csv"
+    atomic_write_csv(path, ["step", "loss"], [{"step": s, "loss": 0.5} for s in range(1, 11)])
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is then an error, as ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 1, hard))  # room for one byte of the row
+    try:
+        with pytest.raises(OSError):
+            append_csv_row(path, ["step", "loss"], {"step": 11, "loss": 0.5})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before
+    append_csv_row(path, ["step", "loss"], {"step": 11, "loss": 0.5})
+    assert path.read_bytes() == before + b"11,0.5\r\n"
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):

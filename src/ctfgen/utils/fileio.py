@@ -134,14 +134,30 @@ def atomic_write_csv(path: str | os.PathLike, columns: list[str], rows: Iterable
 
 def append_csv_row(path: str | os.PathLike, columns: list[str], row: dict) -> None:
     """One more row of a CSV table written by `atomic_write_csv` (a log growing line by line; a
-    reader sees whole lines, and a killed writer loses at most the row being written)."""
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=columns, restval="").writerow(row)
+    reader sees whole lines, and a killed writer loses at most the row being written). A write that
+    fails part-way (a full disk) is cut back off: the head of a row left behind would be read back,
+    by a resumed run, as a row of its own."""
+    out = io.StringIO()
+    csv.DictWriter(out, fieldnames=columns, restval="").writerow(row)
+    data = memoryview(out.getvalue().encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except BaseException:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
-    """Rename the finished directory `tmp` to `final`. A `final` already there is first moved
-    aside and removed afterwards, so at every moment one whole version is in place."""
+    """Rename the finished directory `tmp` to `final`. A `final` already there is first moved aside
+    (and put back if the rename fails), then removed. A process killed between the two renames leaves
+    no `final`: the old version is then the hidden `.NAME.old-*` beside it (os.replace cannot put a
+    directory over a non-empty one in one step)."""
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}") if os.path.lexists(final) else None
     if old is not None:
