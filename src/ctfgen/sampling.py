@@ -213,9 +213,10 @@ def _compiled_step(gpt):
 
 
 def integer_tokens(tokens, what: str = "tokens") -> torch.Tensor:
-    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them."""
+    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them, and
+    bools, which it would take for tokens 0 and 1 (a mask passed by mistake)."""
     tokens = torch.as_tensor(tokens)
-    if tokens.is_floating_point() or tokens.is_complex():
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise WrongTypeError(f"{what} must be an integer tensor, got {tokens.dtype}")
     return tokens
 
