@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.errors import ConfigError, WrongTypeError
 from ctfgen.utils.fingerprint import codebook_fingerprint
 from ctfgen.utils.hub import StateDictMismatch, check_state_dict
 from ctfgen.tokenizer import VQConfig, VQModel, load_llamagen_vq
@@ -44,6 +44,15 @@ def test_grayscale_28x28_gives_7x7_grid(vq):
         vq.encode(torch.zeros(1, 3, 28, 28))
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         vq.decode(torch.full((1, 7, 7), 64))
+
+
+def test_encode_refuses_integer_images(vq):
+    """uint8 pixels were torch's RuntimeError "Input type (unsigned char) and bias type (float) should be the same"."""
+    pixels = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    for images in (pixels, pixels.long(), pixels > 127):
+        with pytest.raises(WrongTypeError, match=r"images must be floats in \[-1, 1\], got a torch\.\w+ tensor"):
+            vq.encode(images)
+    assert vq.encode(pixels.float() / 127.5 - 1).shape == (2, 7, 7)
 
 
 def test_downsample_pads_right_and_bottom_only():

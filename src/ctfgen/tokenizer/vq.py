@@ -392,6 +392,10 @@ class VQModel(nn.Module, HubMixin):
             raise ConfigError(
                 f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
             )
+        # the encoder's convolutions refuse other dtypes with torch's bare RuntimeError about bias types
+        if not images.is_floating_point():
+            raise WrongTypeError(f"images must be floats in [-1, 1], got a {images.dtype} tensor; "
+                                 "convert 0..255 pixels with images.float() / 127.5 - 1")
 
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) pre-quantisation latents (after quant_conv)."""
