@@ -55,6 +55,14 @@ def test_encode_refuses_integer_images(vq):
     assert vq.encode(pixels.float() / 127.5 - 1).shape == (2, 7, 7)
 
 
+def test_encode_refuses_sizes_the_grid_does_not_divide(vq):
+    """30x30 images silently gave a 7x7 grid, the codes of their first 28x28 pixels at best."""
+    for shape in ((1, 1, 30, 30), (1, 1, 28, 30), (1, 1, 30, 28)):
+        with pytest.raises(ConfigError, match="image size 30 is not divisible by the tokenizer's downsampling factor 4"):
+            vq.encode(torch.zeros(shape))
+    assert vq.encode(torch.zeros(1, 1, 28, 32)).shape == (1, 7, 8)
+
+
 def test_downsample_pads_right_and_bottom_only():
     d = Downsample(1)
     with torch.no_grad():

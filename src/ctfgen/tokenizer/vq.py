@@ -396,6 +396,9 @@ class VQModel(nn.Module, HubMixin):
         if not images.is_floating_point():
             raise WrongTypeError(f"images must be floats in [-1, 1], got a {images.dtype} tensor; "
                                  "convert 0..255 pixels with images.float() / 127.5 - 1")
+        # the encoder's padded strided convolutions would drop the last rows/columns and give a smaller grid
+        for side in images.shape[-2:]:
+            self.grid_size(side)
 
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) pre-quantisation latents (after quant_conv)."""
