@@ -148,6 +148,16 @@ def test_usage_tracks_recent_indices():
     assert torch.equal(m.quantize.codebook_used, window)
 
 
+def test_usage_window_is_unchanged_by_an_empty_batch():
+    """An empty batch in training mode (e.g. encode of an empty chunk) was a shape error in the usage window."""
+    torch.manual_seed(0)
+    m = VQModel(fmnist_config(usage_window=100)).train()
+    m.quantize(m.encode_latent(torch.rand(1, 1, 28, 28) * 2 - 1))
+    before = m.quantize.codebook_used.clone()
+    assert m.encode(torch.zeros(0, 1, 28, 28)).shape == (0, 7, 7)
+    assert torch.equal(m.quantize.codebook_used, before)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="norm_groups"):
         VQConfig(base_ch=48)

@@ -296,6 +296,8 @@ class VectorQuantizer(nn.Module):
         window = self.codebook_used.numel()
         idx = indices.reshape(-1)[-window:]
         n = idx.numel()
+        if n == 0:  # nothing seen; the slices below would read [:-0] as empty and [0:] as the whole window
+            return
         if n < window:
             self.codebook_used[:-n] = self.codebook_used[n:].clone()
         self.codebook_used[-n:] = idx
