@@ -63,6 +63,21 @@ def test_encode_refuses_sizes_the_grid_does_not_divide(vq):
     assert vq.encode(torch.zeros(1, 1, 28, 32)).shape == (1, 7, 8)
 
 
+def test_decode_takes_codes_of_every_integer_dtype(vq):
+    """int8 codes were refused as "codes must be an integer tensor, got torch.int8", which they are."""
+    codes = torch.randint(0, 64, (2, 7, 7))
+    want = vq.decode(codes)
+    dtypes = [torch.int8, torch.uint8, torch.int16, torch.int32] + [getattr(torch, n) for n in ("uint16", "uint32")
+                                                                     if hasattr(torch, n)]
+    for dtype in dtypes:
+        assert torch.equal(vq.decode(codes.to(dtype)), want), dtype
+    with pytest.raises(ConfigError, match=r"codes must lie in \[0, 64\), got values in \[-1, "):
+        vq.decode(torch.full((1, 7, 7), -1, dtype=torch.int8))
+    for dtype in (torch.bool, torch.float32):
+        with pytest.raises(WrongTypeError, match=f"codes must be an integer tensor, got {dtype}"):
+            vq.decode(codes.to(dtype))
+
+
 def test_downsample_pads_right_and_bottom_only():
     d = Downsample(1)
     with torch.no_grad():

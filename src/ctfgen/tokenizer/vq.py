@@ -333,11 +333,13 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int codes -> (B, D, h, w) codewords."""
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        # every integer dtype (int8 and uint16..uint64 too); bools and floats are not codes
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise WrongTypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        codes = codes.long()  # before min/max, which torch lacks for uint16..uint64
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_e):
             raise ConfigError(f"codes must lie in [0, {self.n_e}), got values in [{int(codes.min())}, {int(codes.max())}]")
-        return F.embedding(codes.long(), self.codebook()).permute(0, 3, 1, 2).contiguous()
+        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
 
 class VQModel(nn.Module, HubMixin):
