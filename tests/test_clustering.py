@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ctfgen.clustering import CoarseMap, _repair_empty, codebook_fingerprint
-from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.errors import ConfigError, MismatchError
 
 
 def _codebook(v=1024, d=8, seed=0):
@@ -231,6 +231,16 @@ def test_bad_arguments():
         CoarseMap.fit(w, 4, method="spectral")
     with pytest.raises(ValueError, match="empty cluster"):
         CoarseMap(torch.zeros(16, dtype=torch.long), 2, codebook_fingerprint="x")
+
+
+def test_labels_that_are_not_whole_numbers_are_refused():
+    """1.7 was truncated to label 1 without a word."""
+    with pytest.raises(MismatchError, match="fine_to_coarse must hold whole-number labels, got 1.7"):
+        CoarseMap(torch.tensor([0.0, 1.7, 1.0, 0.0]), 2, codebook_fingerprint="x")
+    with pytest.raises(MismatchError, match="fine_to_coarse must hold whole-number labels, got a torch.bool tensor"):
+        CoarseMap(torch.tensor([False, True, True, False]), 2, codebook_fingerprint="x")
+    whole = CoarseMap(np.array([0.0, 1.0, 1.0, 0.0]), 2, codebook_fingerprint="x")
+    assert whole.fingerprint == CoarseMap([0, 1, 1, 0], 2, codebook_fingerprint="x").fingerprint
 
 
 def test_fingerprint_spec():

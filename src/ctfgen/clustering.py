@@ -132,7 +132,14 @@ class CoarseMap:
         spread=None,
         inertia: float | None = None,
     ):
-        f2c = np.asarray(torch.as_tensor(fine_to_coarse).cpu().numpy(), dtype=np.int64).reshape(-1)
+        raw = torch.as_tensor(fine_to_coarse).cpu().reshape(-1)
+        # a cast to int64 alone would truncate 1.7 to label 1 and take True for label 1
+        if raw.dtype == torch.bool or raw.is_complex():
+            raise MismatchError(f"fine_to_coarse must hold whole-number labels, got a {raw.dtype} tensor")
+        if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+            bad = raw[raw != raw.round()][0].item()
+            raise MismatchError(f"fine_to_coarse must hold whole-number labels, got {bad}")
+        f2c = np.asarray(raw.numpy(), dtype=np.int64)
         num_coarse = int(num_coarse)
         if method not in METHODS:
             raise MismatchError(f"unknown clustering method {method!r}; choose one of {METHODS}")
