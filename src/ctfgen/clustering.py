@@ -52,19 +52,23 @@ def _codewords(codebook, normalize: bool | None) -> tuple[np.ndarray, str, bool]
         fp = codebook_fingerprint(weight)
         data = weight.detach().to("cpu", torch.float64)
         normalize = True if normalize is None else normalize
+        l2_norm = False  # a raw weight: normalised only when asked
     elif hasattr(codebook, "codebook") and hasattr(codebook, "fingerprint"):
         fp = codebook.fingerprint
         with torch.no_grad():
             data = codebook.codebook().detach().to("cpu", torch.float64)
+        l2_norm = bool(getattr(getattr(codebook, "config", None), "codebook_l2_norm", True))
         if normalize is None:
-            normalize = bool(getattr(getattr(codebook, "config", None), "codebook_l2_norm", True))
+            normalize = l2_norm
     else:
         raise WrongTypeError(f"expected a VQModel or a (V, D) codebook tensor, got {type(codebook).__name__}")
     if normalize:
         data = torch.nn.functional.normalize(data, p=2, dim=-1)
     if not torch.isfinite(data).all():
         raise MismatchError("the codebook contains NaN or inf values")
-    return data.numpy(), fp, bool(normalize)
+    # codebook() of an l2-normalising tokenizer is normalised already, so normalize=False clusters normalised
+    # codewords all the same; the map records that, for representatives() and readers of its metadata
+    return data.numpy(), fp, bool(normalize) or l2_norm
 
 
 def _map_fingerprint(fine_to_coarse: np.ndarray, num_coarse: int, method: str, codebook_fp: str) -> str:
