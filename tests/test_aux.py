@@ -7,6 +7,7 @@ import torch
 
 from ctfgen.models import AUX_PRESETS, AuxConfig, AuxModel
 from ctfgen.sampling import sample_fine
+from ctfgen.utils.errors import ConfigError, WrongTypeError
 
 V, K, L = 12, 4, 9
 
@@ -76,6 +77,27 @@ def test_sampled_fine_tokens_map_back_to_coarse():
         assert torch.equal(fine % K, coarse), kw
     assert torch.equal(sample_fine(model, coarse, labels, top_k=1), model(coarse, labels).argmax(-1))
     assert torch.equal(sample_fine(model, coarse, labels, generator=3), sample_fine(model, coarse, labels, generator=3))
+
+
+def test_sample_fine_refuses_bad_coarse_labels_and_options():
+    """Float coarse labels were truncated (1.7 -> 1), out-of-range ones an IndexError in the embedding, and the
+    sampling options were never range-checked (temperature -1 sampled greedily, top_p 0 took the top token)."""
+    model = tiny_aux()
+    coarse, labels = torch.randint(0, K, (2, L)), [0, 1]
+    with pytest.raises(WrongTypeError, match="coarse labels must be an integer tensor"):
+        sample_fine(model, coarse.float() + 0.7, labels)
+    for bad in (coarse + K, coarse - K):
+        with pytest.raises(ConfigError, match=rf"coarse labels must be in \[0, {K}\)"):
+            sample_fine(model, bad, labels)
+    with pytest.raises(ConfigError, match=r"coarse labels must be \(B, L\)"):
+        sample_fine(model, coarse[0], labels)
+    for kw, match in ((dict(temperature=-1), "temperature must be between 0 and 10"),
+                      (dict(top_p=0), "top_p must be greater than 0"),
+                      (dict(top_k=-3), "top_k must be at least 0"),
+                      (dict(top_k=1.5), "top_k must be a whole number"),
+                      (dict(cfg_scale=float("nan")), "cfg_scale must be between 0 and 20")):
+        with pytest.raises(ConfigError, match=match):
+            sample_fine(model, coarse, labels, generator=0, **kw)
 
 
 def test_stage2_guidance_formula():

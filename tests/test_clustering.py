@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ctfgen.clustering import CoarseMap, _repair_empty, codebook_fingerprint
-from ctfgen.utils.errors import ConfigError
+from ctfgen.tokenizer import VQConfig, VQModel
+from ctfgen.utils.errors import ConfigError, MismatchError
 
 
 def _codebook(v=1024, d=8, seed=0):
@@ -73,6 +74,25 @@ def test_kmeans_clusters_normalised_codewords():
     assert a.codebook_fingerprint != b.codebook_fingerprint
     c = CoarseMap.fit(w * scale, 16, seed=0, normalize=False)
     assert not c.normalize and not torch.equal(a.fine_to_coarse, c.fine_to_coarse)
+
+
+def test_the_map_records_that_a_normalising_tokenizer_s_codewords_were_clustered_normalised():
+    """fit(vq, normalize=False) clustered vq.codebook(), normalised by the tokenizer, but recorded normalize=False,
+    so representatives() of the raw weight measured distances in another space than the one clustered."""
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(codebook_size=64, codebook_embed_dim=4, encoder_ch_mult=(1, 2), decoder_ch_mult=(1, 2),
+                          z_channels=8, base_ch=8, num_res_blocks=1, in_channels=1, norm_groups=4))
+    with torch.no_grad():
+        vq.quantize.embedding.weight.mul_(torch.rand(64, 1) * 10 + 0.1)  # rows of very different lengths
+    default, plain = CoarseMap.fit(vq, 8, seed=0), CoarseMap.fit(vq, 8, seed=0, normalize=False)
+    assert default.normalize and plain.normalize
+    assert plain.fingerprint == default.fingerprint  # maps fitted either way keep their fingerprint
+    weight = vq.quantize.embedding.weight.detach()
+    assert torch.equal(plain.representatives(weight), default.representatives(vq))
+    for fake in (_FakeVQ(weight), vq):  # a duck-typed tokenizer without a config counts as normalising
+        assert CoarseMap.fit(fake, 8, seed=0, normalize=False).normalize
+    vq.config.codebook_l2_norm = vq.quantize.l2_norm = False
+    assert not CoarseMap.fit(vq, 8, seed=0).normalize and not CoarseMap.fit(vq, 8, seed=0, normalize=False).normalize
 
 
 def test_no_empty_clusters_even_with_duplicate_codewords():
@@ -231,6 +251,16 @@ def test_bad_arguments():
         CoarseMap.fit(w, 4, method="spectral")
     with pytest.raises(ValueError, match="empty cluster"):
         CoarseMap(torch.zeros(16, dtype=torch.long), 2, codebook_fingerprint="x")
+
+
+def test_labels_that_are_not_whole_numbers_are_refused():
+    """1.7 was truncated to label 1 without a word."""
+    with pytest.raises(MismatchError, match="fine_to_coarse must hold whole-number labels, got 1.7"):
+        CoarseMap(torch.tensor([0.0, 1.7, 1.0, 0.0]), 2, codebook_fingerprint="x")
+    with pytest.raises(MismatchError, match="fine_to_coarse must hold whole-number labels, got a torch.bool tensor"):
+        CoarseMap(torch.tensor([False, True, True, False]), 2, codebook_fingerprint="x")
+    whole = CoarseMap(np.array([0.0, 1.0, 1.0, 0.0]), 2, codebook_fingerprint="x")
+    assert whole.fingerprint == CoarseMap([0, 1, 1, 0], 2, codebook_fingerprint="x").fingerprint
 
 
 def test_fingerprint_spec():

@@ -9,6 +9,7 @@ from _tiny_ctf import tiny_baseline, tiny_ctf, tiny_vq
 from ctfgen.experiments.diagnosis import STAGEWISE_SETS, coarse_prediction, most_frequent_members, stagewise_sets
 from ctfgen.pipeline import ARPipeline, CTFPipeline
 from ctfgen.sampling import log_prob
+from ctfgen.utils.errors import MismatchError, WrongTypeError
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,18 @@ def test_most_frequent_members(parts):
     assert torch.equal(cmap(rep), torch.arange(8))
     none_seen = most_frequent_members(cmap, torch.tensor([], dtype=torch.long))
     assert none_seen.tolist() == [int(cmap.members(c)[0]) for c in range(8)]  # ties: the lowest id
+
+
+def test_most_frequent_members_refuses_tokens_of_another_vocabulary(parts):
+    """A token >= vocab_size was numpy's "all keys need to be the same shape", a negative one bincount's
+    RuntimeError, and 1.7 was counted as token 1."""
+    cmap = parts[2]
+    V = cmap.vocab_size
+    for bad, shown in ((torch.tensor([[1, 2, V]]), rf"\[1, {V}\]"), (torch.tensor([[1, -1]]), r"\[-1, 1\]")):
+        with pytest.raises(MismatchError, match=rf"tokens must be in \[0, {V}\), got range {shown}"):
+            most_frequent_members(cmap, bad)
+    with pytest.raises(WrongTypeError, match="tokens must be an integer tensor, got torch.float32"):
+        most_frequent_members(cmap, torch.tensor([1.7, 2.0]))
 
 
 def test_stagewise_sets(parts):

@@ -8,7 +8,7 @@ from ctfgen.clustering import CoarseMap
 from ctfgen.models.transformer import GPT, AuxConfig, AuxModel, GPTConfig
 from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
 from ctfgen.sampling import generate
-from ctfgen.utils.errors import CorruptFileError
+from ctfgen.utils.errors import CorruptFileError, WrongTypeError
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,16 @@ def test_decode_refuses_tokens_of_another_grid(ctf16):
             pipe.decode(torch.zeros(2, 15, dtype=torch.long))
         assert pipe.decode(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 1, 8, 8)
         assert pipe.decode(torch.zeros(2, 4, 4, dtype=torch.long)).shape == (2, 1, 8, 8)
+
+
+def test_bool_tokens_are_refused(ctf16):
+    """A bool tensor was taken for tokens 0 and 1: a mask passed by mistake decoded and scored without a word."""
+    pipe = CTFPipeline(*ctf16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    for call in (lambda: pipe.decode(mask), lambda: pipe.log_prob(mask, [0, 1]), lambda: pipe.coarse_preview(mask)):
+        with pytest.raises(WrongTypeError, match="must be an integer tensor, got torch.bool"):
+            call()
 
 
 def test_stage_2_guidance_without_a_class_prefix_is_refused_before_stage_1(ctf16, monkeypatch):

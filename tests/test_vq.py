@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.errors import ConfigError, WrongTypeError
 from ctfgen.utils.fingerprint import codebook_fingerprint
 from ctfgen.utils.hub import StateDictMismatch, check_state_dict
 from ctfgen.tokenizer import VQConfig, VQModel, load_llamagen_vq
@@ -44,6 +44,38 @@ def test_grayscale_28x28_gives_7x7_grid(vq):
         vq.encode(torch.zeros(1, 3, 28, 28))
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         vq.decode(torch.full((1, 7, 7), 64))
+
+
+def test_encode_refuses_integer_images(vq):
+    """uint8 pixels were torch's RuntimeError "Input type (unsigned char) and bias type (float) should be the same"."""
+    pixels = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    for images in (pixels, pixels.long(), pixels > 127):
+        with pytest.raises(WrongTypeError, match=r"images must be floats in \[-1, 1\], got a torch\.\w+ tensor"):
+            vq.encode(images)
+    assert vq.encode(pixels.float() / 127.5 - 1).shape == (2, 7, 7)
+
+
+def test_encode_refuses_sizes_the_grid_does_not_divide(vq):
+    """30x30 images silently gave a 7x7 grid, the codes of their first 28x28 pixels at best."""
+    for shape in ((1, 1, 30, 30), (1, 1, 28, 30), (1, 1, 30, 28)):
+        with pytest.raises(ConfigError, match="image size 30 is not divisible by the tokenizer's downsampling factor 4"):
+            vq.encode(torch.zeros(shape))
+    assert vq.encode(torch.zeros(1, 1, 28, 32)).shape == (1, 7, 8)
+
+
+def test_decode_takes_codes_of_every_integer_dtype(vq):
+    """int8 codes were refused as "codes must be an integer tensor, got torch.int8", which they are."""
+    codes = torch.randint(0, 64, (2, 7, 7))
+    want = vq.decode(codes)
+    dtypes = [torch.int8, torch.uint8, torch.int16, torch.int32] + [getattr(torch, n) for n in ("uint16", "uint32")
+                                                                     if hasattr(torch, n)]
+    for dtype in dtypes:
+        assert torch.equal(vq.decode(codes.to(dtype)), want), dtype
+    with pytest.raises(ConfigError, match=r"codes must lie in \[0, 64\), got values in \[-1, "):
+        vq.decode(torch.full((1, 7, 7), -1, dtype=torch.int8))
+    for dtype in (torch.bool, torch.float32):
+        with pytest.raises(WrongTypeError, match=f"codes must be an integer tensor, got {dtype}"):
+            vq.decode(codes.to(dtype))
 
 
 def test_downsample_pads_right_and_bottom_only():
@@ -129,6 +161,16 @@ def test_usage_tracks_recent_indices():
     _, idx2, _ = m.quantize(z[:1])  # 49 more: the window keeps the last 100 (2 + 49 + 49)
     window = torch.cat([idx.reshape(-1)[-51:], idx2.reshape(-1)])
     assert torch.equal(m.quantize.codebook_used, window)
+
+
+def test_usage_window_is_unchanged_by_an_empty_batch():
+    """An empty batch in training mode (e.g. encode of an empty chunk) was a shape error in the usage window."""
+    torch.manual_seed(0)
+    m = VQModel(fmnist_config(usage_window=100)).train()
+    m.quantize(m.encode_latent(torch.rand(1, 1, 28, 28) * 2 - 1))
+    before = m.quantize.codebook_used.clone()
+    assert m.encode(torch.zeros(0, 1, 28, 28)).shape == (0, 7, 7)
+    assert torch.equal(m.quantize.codebook_used, before)
 
 
 def test_config_validation():

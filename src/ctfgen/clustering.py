@@ -52,19 +52,23 @@ def _codewords(codebook, normalize: bool | None) -> tuple[np.ndarray, str, bool]
         fp = codebook_fingerprint(weight)
         data = weight.detach().to("cpu", torch.float64)
         normalize = True if normalize is None else normalize
+        l2_norm = False  # a raw weight: normalised only when asked
     elif hasattr(codebook, "codebook") and hasattr(codebook, "fingerprint"):
         fp = codebook.fingerprint
         with torch.no_grad():
             data = codebook.codebook().detach().to("cpu", torch.float64)
+        l2_norm = bool(getattr(getattr(codebook, "config", None), "codebook_l2_norm", True))
         if normalize is None:
-            normalize = bool(getattr(getattr(codebook, "config", None), "codebook_l2_norm", True))
+            normalize = l2_norm
     else:
         raise WrongTypeError(f"expected a VQModel or a (V, D) codebook tensor, got {type(codebook).__name__}")
     if normalize:
         data = torch.nn.functional.normalize(data, p=2, dim=-1)
     if not torch.isfinite(data).all():
         raise MismatchError("the codebook contains NaN or inf values")
-    return data.numpy(), fp, bool(normalize)
+    # codebook() of an l2-normalising tokenizer is normalised already, so normalize=False clusters normalised
+    # codewords all the same; the map records that, for representatives() and readers of its metadata
+    return data.numpy(), fp, bool(normalize) or l2_norm
 
 
 def _map_fingerprint(fine_to_coarse: np.ndarray, num_coarse: int, method: str, codebook_fp: str) -> str:
@@ -132,7 +136,14 @@ class CoarseMap:
         spread=None,
         inertia: float | None = None,
     ):
-        f2c = np.asarray(torch.as_tensor(fine_to_coarse).cpu().numpy(), dtype=np.int64).reshape(-1)
+        raw = torch.as_tensor(fine_to_coarse).cpu().reshape(-1)
+        # a cast to int64 alone would truncate 1.7 to label 1 and take True for label 1
+        if raw.dtype == torch.bool or raw.is_complex():
+            raise MismatchError(f"fine_to_coarse must hold whole-number labels, got a {raw.dtype} tensor")
+        if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+            bad = raw[raw != raw.round()][0].item()
+            raise MismatchError(f"fine_to_coarse must hold whole-number labels, got {bad}")
+        f2c = np.asarray(raw.numpy(), dtype=np.int64)
         num_coarse = int(num_coarse)
         if method not in METHODS:
             raise MismatchError(f"unknown clustering method {method!r}; choose one of {METHODS}")

@@ -212,11 +212,12 @@ def _compiled_step(gpt):
     return compiled
 
 
-def integer_tokens(tokens) -> torch.Tensor:
-    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them."""
+def integer_tokens(tokens, what: str = "tokens") -> torch.Tensor:
+    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them, and
+    bools, which it would take for tokens 0 and 1 (a mask passed by mistake)."""
     tokens = torch.as_tensor(tokens)
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise WrongTypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise WrongTypeError(f"{what} must be an integer tensor, got {tokens.dtype}")
     return tokens
 
 
@@ -278,9 +279,21 @@ def sample_fine(
     is the masked full softmax's distribution, temperature and top-k/top-p included (top-k counts
     members); the draws differ from the full softmax's for the same generator.
     """
+    # stage 2's ranges, named by this function's keywords; no upper bound on top-k: one above a cluster's size
+    # has always meant all of its members here (the pipeline bounds it by the largest cluster)
+    o = check_sampling(dict(temperature_fine=temperature, top_k_fine=top_k, top_p=top_p, cfg_scale_fine=cfg_scale),
+                       labels={"temperature_fine": "temperature", "top_k_fine": "top_k", "cfg_scale_fine": "cfg_scale"})
+    temperature, top_k, top_p, cfg_scale = (o[k] for k in ("temperature_fine", "top_k_fine", "top_p", "cfg_scale_fine"))
     aux = cast_weights(aux, dtype)
     device = aux.tok_embeddings.weight.device
-    coarse = torch.as_tensor(coarse, dtype=torch.long, device=device)
+    # a cast to int64 alone would truncate 1.7 to label 1, and an out-of-range label is an IndexError in the embedding
+    coarse = integer_tokens(coarse, "coarse labels").to(device=device, dtype=torch.long)
+    if coarse.dim() != 2:
+        raise ConfigError(f"coarse labels must be (B, L), got shape {tuple(coarse.shape)}")
+    K = aux.config.num_coarse
+    if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= K):
+        raise ConfigError(f"coarse labels must be in [0, {K}), got range [{int(coarse.min())}, {int(coarse.max())}]; "
+                          "are these labels from another coarse map?")
     B = coarse.shape[0]
     if labels is not None:
         labels = check_labels(labels, aux.config.num_classes, device, allow_null=True)

@@ -296,6 +296,8 @@ class VectorQuantizer(nn.Module):
         window = self.codebook_used.numel()
         idx = indices.reshape(-1)[-window:]
         n = idx.numel()
+        if n == 0:  # nothing seen; the slices below would read [:-0] as empty and [0:] as the whole window
+            return
         if n < window:
             self.codebook_used[:-n] = self.codebook_used[n:].clone()
         self.codebook_used[-n:] = idx
@@ -331,11 +333,13 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int codes -> (B, D, h, w) codewords."""
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        # every integer dtype (int8 and uint16..uint64 too); bools and floats are not codes
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise WrongTypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        codes = codes.long()  # before min/max, which torch lacks for uint16..uint64
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_e):
             raise ConfigError(f"codes must lie in [0, {self.n_e}), got values in [{int(codes.min())}, {int(codes.max())}]")
-        return F.embedding(codes.long(), self.codebook()).permute(0, 3, 1, 2).contiguous()
+        return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
 
 class VQModel(nn.Module, HubMixin):
@@ -392,6 +396,13 @@ class VQModel(nn.Module, HubMixin):
             raise ConfigError(
                 f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
             )
+        # the encoder's convolutions refuse other dtypes with torch's bare RuntimeError about bias types
+        if not images.is_floating_point():
+            raise WrongTypeError(f"images must be floats in [-1, 1], got a {images.dtype} tensor; "
+                                 "convert 0..255 pixels with images.float() / 127.5 - 1")
+        # the encoder's padded strided convolutions would drop the last rows/columns and give a smaller grid
+        for side in images.shape[-2:]:
+            self.grid_size(side)
 
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D, h, w) pre-quantisation latents (after quant_conv)."""
