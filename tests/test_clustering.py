@@ -4,7 +4,7 @@ import torch
 
 from ctfgen.clustering import CoarseMap, _repair_empty, codebook_fingerprint
 from ctfgen.tokenizer import VQConfig, VQModel
-from ctfgen.utils.errors import ConfigError, MismatchError
+from ctfgen.utils.errors import ConfigError, MismatchError, WrongTypeError
 
 
 def _codebook(v=1024, d=8, seed=0):
@@ -141,6 +141,22 @@ def test_views_are_consistent():
         cmap(torch.tensor([300]))
     with pytest.raises(ConfigError, match="out of range"):
         cmap.members(12)
+
+
+def test_fine_tokens_of_every_integer_dtype_are_mapped():
+    """int8 (and uint16/uint32) tokens were refused as "fine tokens must be an integer tensor, got torch.int8"."""
+    cmap = CoarseMap([0, 1, 1, 0], 2, codebook_fingerprint="x")
+    tokens = torch.tensor([[0, 1], [2, 3]])
+    want = cmap(tokens)
+    dtypes = [torch.int8, torch.uint8, torch.int16, torch.int32] + [getattr(torch, n) for n in ("uint16", "uint32")
+                                                                     if hasattr(torch, n)]
+    for dtype in dtypes:
+        assert torch.equal(cmap(tokens.to(dtype)), want), dtype
+    with pytest.raises(MismatchError, match=r"fine tokens must be in \[0, 4\), got range \[-1, "):
+        cmap(torch.tensor([-1, 0], dtype=torch.int8))
+    for dtype in (torch.bool, torch.float32):
+        with pytest.raises(WrongTypeError, match=f"fine tokens must be an integer tensor, got {dtype}"):
+            cmap(tokens.to(dtype))
 
 
 def test_save_load_round_trip(tmp_path):

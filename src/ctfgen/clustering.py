@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ctfgen.compat import check_parts
+from ctfgen.sampling import integer_tokens
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_save_safetensors
 from ctfgen.utils.fingerprint import codebook_fingerprint, fingerprint_of
@@ -271,16 +272,14 @@ class CoarseMap:
 
     def __call__(self, fine: torch.Tensor) -> torch.Tensor:
         """Coarse labels of fine tokens, any shape, on the tokens' device."""
-        fine = torch.as_tensor(fine)
-        if fine.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise WrongTypeError(f"fine tokens must be an integer tensor, got {fine.dtype}")
+        fine = integer_tokens(fine, "fine tokens").long()  # before min/max, which torch lacks for uint16..uint64
         if fine.numel() and (int(fine.min()) < 0 or int(fine.max()) >= self.vocab_size):
             raise MismatchError(f"fine tokens must be in [0, {self.vocab_size}), got range "
                              f"[{int(fine.min())}, {int(fine.max())}]; are these tokens from another tokenizer?")
         table = self._tables.get(fine.device)
         if table is None:
             table = self._tables[fine.device] = torch.from_numpy(self._f2c).to(fine.device)
-        return table[fine.long()]
+        return table[fine]
 
     def stats(self) -> dict:
         sizes = self.sizes.double()
