@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.models import GPT, GPTConfig, llamagen_generate
-from ctfgen.sampling import as_generator, cfg_combine, filter_logits, generate, log_prob, sample_from_logits
+from ctfgen.sampling import (as_generator, cfg_combine, filter_logits, generate, integer_tokens, log_prob,
+                             sample_from_logits)
+from ctfgen.utils.errors import WrongTypeError
 
 NEG = float("-inf")
 
@@ -265,3 +267,14 @@ def test_log_prob_refuses_sequences_longer_than_the_grid_or_empty():
         log_prob(gpt, tokens[:, :0], [0, 1])
     assert log_prob(gpt, tokens[:, :4], [0, 1]).shape == (2,)
     assert log_prob(gpt, tokens[:, :1], [0, 1]).shape == (2,)  # a prefix is scored
+
+
+@pytest.mark.parametrize("tokens", [[[1, 2], [3]], [[1], [2, 3]], ["a"], None])
+def test_tokens_torch_cannot_read_are_a_clear_error(tokens):
+    # a ragged list was torch.as_tensor's bare ValueError "expected sequence of length 2 at dim 1 (got 1)",
+    # None its RuntimeError "Could not infer dtype of NoneType"
+    with pytest.raises(WrongTypeError, match="tokens must be an integer tensor or a nested list of integers"):
+        integer_tokens(tokens)
+    with pytest.raises(WrongTypeError, match="tokens must be an integer tensor or a nested list of integers"):
+        log_prob(tiny_gpt(image_tokens=4), tokens, [0, 1])
+    assert torch.equal(integer_tokens([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 4]]))

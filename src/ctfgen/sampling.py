@@ -215,7 +215,11 @@ def _compiled_step(gpt):
 def integer_tokens(tokens, what: str = "tokens") -> torch.Tensor:
     """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them, and
     bools, which it would take for tokens 0 and 1 (a mask passed by mistake)."""
-    tokens = torch.as_tensor(tokens)
+    try:
+        tokens = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, strings, None
+        raise WrongTypeError(f"{what} must be an integer tensor or a nested list of integers with rows of one "
+                             f"length; torch could not read the {type(tokens).__name__} given: {e}") from None
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise WrongTypeError(f"{what} must be an integer tensor, got {tokens.dtype}")
     return tokens
