@@ -55,6 +55,26 @@ def test_encode_refuses_integer_images(vq):
     assert vq.encode(pixels.float() / 127.5 - 1).shape == (2, 7, 7)
 
 
+def test_encode_refuses_float_images_of_another_dtype_than_the_weights(vq):
+    """float64 or float16 images were torch's RuntimeError "Input type (double) and bias type (float) should be
+    the same"."""
+    images = torch.rand(2, 1, 28, 28) * 2 - 1
+    want = vq.encode(images)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        with pytest.raises(WrongTypeError, match=rf"images are {dtype} but the tokenizer's weights are torch.float32; "
+                                                 r"pass images.to\(torch.float32\)"):
+            vq.encode(images.to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself, except float64
+        assert vq.encode(images.bfloat16()).shape == (2, 7, 7)
+        with pytest.raises(WrongTypeError, match="images are torch.float64"):
+            vq.encode(images.double())
+    half = VQModel(fmnist_config()).to(torch.bfloat16).eval()
+    half.load_state_dict(vq.state_dict())
+    assert half.encode(images.bfloat16()).shape == want.shape  # a tokenizer cast to bf16 takes bf16 images
+    with pytest.raises(WrongTypeError, match="images are torch.float32 but the tokenizer's weights are torch.bfloat16"):
+        half.encode(images)
+
+
 def test_encode_refuses_sizes_the_grid_does_not_divide(vq):
     """30x30 images silently gave a 7x7 grid, the codes of their first 28x28 pixels at best."""
     for shape in ((1, 1, 30, 30), (1, 1, 28, 30), (1, 1, 30, 28)):

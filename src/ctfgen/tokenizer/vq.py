@@ -400,6 +400,12 @@ class VQModel(nn.Module, HubMixin):
         if not images.is_floating_point():
             raise WrongTypeError(f"images must be floats in [-1, 1], got a {images.dtype} tensor; "
                                  "convert 0..255 pixels with images.float() / 127.5 - 1")
+        # and another float dtype than the weights' alike; autocast casts the inputs itself, except float64
+        weight = self.encoder.conv_in.weight
+        autocast = torch.is_autocast_enabled(images.device.type) and images.dtype != torch.float64
+        if images.dtype != weight.dtype and not autocast:
+            raise WrongTypeError(f"images are {images.dtype} but the tokenizer's weights are {weight.dtype}; "
+                                 f"pass images.to({weight.dtype}) (or cast the tokenizer to {images.dtype})")
         # the encoder's padded strided convolutions would drop the last rows/columns and give a smaller grid
         for side in images.shape[-2:]:
             self.grid_size(side)
