@@ -193,6 +193,17 @@ def test_usage_window_is_unchanged_by_an_empty_batch():
     assert torch.equal(m.quantize.codebook_used, before)
 
 
+def test_forward_refuses_an_empty_batch_in_training_mode():
+    """Its codebook and commitment losses were NaN (the mean of nothing), as if training had diverged."""
+    torch.manual_seed(0)
+    m = VQModel(fmnist_config()).train()
+    with pytest.raises(ConfigError, match=r"an empty batch \(images of shape \(0, 1, 28, 28\)\) has no training"):
+        m(torch.zeros(0, 1, 28, 28))
+    assert m.encode(torch.zeros(0, 1, 28, 28)).shape == (0, 7, 7)  # encoding an empty chunk stays possible
+    recon, losses = m.eval()(torch.zeros(0, 1, 28, 28))
+    assert recon.shape == (0, 1, 28, 28) and losses == {}
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="norm_groups"):
         VQConfig(base_ch=48)

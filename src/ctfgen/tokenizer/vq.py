@@ -439,6 +439,10 @@ class VQModel(nn.Module, HubMixin):
         return self.decode_latent(z_q.to(self.post_quant_conv.weight.dtype))
 
     def forward(self, images: torch.Tensor):
+        # the losses are means over the batch: of no image they would be NaN, read as a diverged run
+        if self.training and images.numel() == 0:
+            raise ConfigError(f"an empty batch (images of shape {tuple(images.shape)}) has no training losses; "
+                              "pass at least one image, or call .eval() first to reconstruct nothing")
         z_q, _, losses = self.quantize(self.encode_latent(images))
         return self.decode_latent(z_q.to(self.post_quant_conv.weight.dtype)), losses
 
