@@ -35,6 +35,19 @@ def test_profile_decode_parts_add_up_and_the_library_is_restored(tmp_path, capsy
             transformer.RMSNorm.forward) == originals
 
 
+@pytest.mark.parametrize("mode", ["--profile", "--speedups"])
+@pytest.mark.parametrize("image_tokens", ["1", "4"])
+def test_decode_profiles_refuse_a_grid_too_small_for_their_windows(mode, image_tokens, capsys):
+    # --image-tokens 1 and 4 passed the option's check (at least 1), then generate ended before its warm-up
+    # window's last step and the profile was a KeyError traceback
+    args = ["bench", mode, "--models", "GPT-tiny", "--batch-sizes", "1", "--image-tokens", image_tokens,
+            "--dtype", "float32"]
+    assert main(args) == 2
+    assert f"--image-tokens must be at least 5 (--profile and --speedups warm up on decode steps 1 to 4; " \
+           f"9 = 3x3 is the smallest square grid they take), got {image_tokens}" in capsys.readouterr().err
+    assert main(args[:-3] + ["9", "--dtype", "float32"]) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_pipes():
     ar, aux, cmap, vq = tiny_ctf(vocab=8, num_coarse=3, num_classes=10)

@@ -46,6 +46,7 @@ from ctfgen.shipped import pretrained, pretrained_path
 from ctfgen.tokenizer.vq import VQConfig, VQModel
 from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.fileio import atomic_write_json
+from ctfgen.utils.options import Option
 from ctfgen.utils.precision import Int8, cast_weights, drop_casts, dtype_name, resolve_dtype
 from ctfgen.utils.threads import SHORT_SPIN, WAITING_VARIABLES, use_sampling_threads
 
@@ -344,9 +345,17 @@ def _decode_window(model, labels, cfg_scale: float, window: tuple[int, int], pro
     return marks["end"] - marks["start"]
 
 
+WARMUP_WINDOW = (1, 4)  # the decode steps both profiles run first, untimed
+# a window ends when its last step is called, so both windows must end within the image's decode steps 1..L-1
+DECODE_TOKENS = Option("image_tokens", WARMUP_WINDOW[1] + 1, integer=True,
+                       meaning=f"--profile and --speedups warm up on decode steps {WARMUP_WINDOW[0]} to "
+                               f"{WARMUP_WINDOW[1]}; 9 = 3x3 is the smallest square grid they take")
+
+
 def _decode_setup(preset: str, vocab_size: int, image_tokens: int, batch_size: int, cfg_scale: float, device):
     """A random-weight GPT, the decode window both profiles time (the middle quarter of the image,
     whose average cache fill is the whole image's), the batch's labels and its rows with guidance."""
+    DECODE_TOKENS.check(image_tokens, "--image-tokens")
     gpt = random_gpt(preset, vocab_size, image_tokens, device=device)
     window = (max(1, 3 * image_tokens // 8), max(2, 5 * image_tokens // 8))
     labels = torch.arange(batch_size, device=device) % gpt.config.num_classes
@@ -372,7 +381,7 @@ def profile_decode(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float 
     for dtype in _precisions(dtypes, device):
         model = cast_weights(gpt, dtype)
         with torch.inference_mode():
-            _decode_window(model, labels, cfg_scale, (1, 4))  # warm-up: kernels, allocator
+            _decode_window(model, labels, cfg_scale, WARMUP_WINDOW)  # warm-up: kernels, allocator
             plain = _decode_window(model, labels, cfg_scale, window)
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             with _named_parts(model.output):
@@ -426,7 +435,7 @@ def decode_speedups(preset: str = "GPT-B", batch_size: int = 8, cfg_scale: float
         model = cast_weights(gpt, dtype)
         r = results[dtype] = {}
         with torch.inference_mode():
-            _decode_window(model, labels, cfg_scale, (1, 4))
+            _decode_window(model, labels, cfg_scale, WARMUP_WINDOW)
             r["filled cache (as shipped)"] = _decode_window(model, labels, cfg_scale, window) * 1e3 / steps
             forward_step = model.forward_step
             model.forward_step = lambda tokens, pos: forward_step(tokens, torch.tensor([pos], device=device))
