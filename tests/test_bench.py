@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,20 @@ def test_use_sampling_threads_on_a_pipeline(tiny_pipes, monkeypatch):
         assert threads.use_sampling_threads(tiny_pipes[1]) == 2 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_worker_samples_the_shipped_model_in_float32_as_the_docs_say(monkeypatch):
+    # labelled `make demo`'s sampling, it sampled in the weights' float32 while `make demo` samples at
+    # --dtype auto (bf16 on CPUs with native bf16); docs/performance.md's numbers are float32 ones
+    calls = []
+
+    class Pipe:
+        def sample(self, labels, generator=None, **kwargs):
+            calls.append((list(labels), kwargs))
+
+    monkeypatch.setattr(bench, "pretrained", lambda name: Pipe())
+    out = bench._busy_worker(dict(workload="fashion-mnist", threads=None, dtype="bfloat16", steps=1,
+                                  warmup_steps=0, repeats=1))
+    assert out["seconds"] >= 0 and calls == [([7] * 16, {"dtype": "float32"})] * 2
+    assert "in float32 (`make demo` itself samples with `--dtype auto`" in \
+        (Path(__file__).parents[1] / "docs" / "performance.md").read_text().replace("\n", " ")
