@@ -38,8 +38,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     add("--out", help="write the evaluation record to this JSON file")
     add("--name", help="run name stored in the record (default: the samples' file name)")
     add("--epoch", type=int, help="training epoch of the evaluated model, for `ctfgen compare`")
-    add("--inception-weights", help="path to weights-inception-2015-12-05-6726825d.pth (default: "
-                                    "$CTFGEN_INCEPTION_WEIGHTS, then ~/.cache/ctfgen/)")
+    add("--inception-weights", help="path to weights-inception-2015-12-05-6726825d.pth or a folder holding it "
+                                    "(default: $CTFGEN_INCEPTION_WEIGHTS, then ~/.cache/ctfgen/)")
     add("--k", type=int, default=3, help="nearest neighbour for precision/recall radii")
     add("--splits", type=int, default=10, help="splits for the Inception Score")
     add("--batch-size", type=int, default=50, help="images per feature-extraction batch")
