@@ -198,6 +198,28 @@ def test_eval_cli_fmnist_on_tiny_npz(tmp_path, test_split, train_split, capsys):
     assert np.array_equal(load_images(tmp_path / "ref")[0][..., 0], train_split[0][:300])
 
 
+def test_eval_ref_named_like_a_split_that_is_also_a_folder(tmp_path, monkeypatch, capsys):
+    # --ref test always meant the Fashion-MNIST split: with fmnist a ./test folder was silently not used, with
+    # inception it was refused as "a Fashion-MNIST split" although inception has no splits
+    from ctfgen.metrics import inception
+
+    monkeypatch.chdir(tmp_path)
+    _write_png_folder(tmp_path / "test", np.full((12, 28, 28), 90, np.uint8))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((20, 28, 28, 1), np.uint8))
+    assert main(["eval", "s.npz", "--ref", "test", "--metric-set", "fmnist"]) == 2
+    err = capsys.readouterr().err
+    assert "both the Fashion-MNIST test split and the path" in err and "./test" in err and "fashion-mnist-test" in err
+    assert main(["eval", "s.npz", "--ref", "./test", "--metric-set", "fmnist", "--out", "e.json"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["num_reference"] == 12
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(inception, "DEFAULT_DIR", tmp_path)
+    monkeypatch.setattr(inception, "TORCH_HUB_DIR", tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "s.npz", "--ref", "test"]) == 2  # got past the split check: no weights here
+    err = capsys.readouterr().err
+    assert "Inception-v3 weights not found" in err and "Fashion-MNIST split" not in err
+
+
 def test_eval_folder_with_an_unreadable_image_is_one_error_line(tmp_path, capsys):
     # PIL's UnidentifiedImageError (an OSError) went up as a traceback, naming no way out
     _write_png_folder(tmp_path / "ref", np.zeros((3, 28, 28), np.uint8))
