@@ -102,6 +102,21 @@ def test_preprocess_refuses_images_of_another_range_or_dtype(model, test_split):
     assert torch.equal(model.preprocess(a.double()), a) and torch.equal(model.preprocess(a.numpy()), a)
 
 
+def test_the_0_1_look_is_judged_on_the_whole_set_not_per_batch(model, test_split):
+    # a [-1, 1] set whose last batch is uniform grey (no value below 0) was refused as "[0, 1] images"
+    x = model.preprocess(test_split[0][:7])
+    x[5:] = 0.2
+    feats, probs = model.embed(x, batch_size=5)
+    whole_feats, whole_probs = model.embed(x, batch_size=7)
+    np.testing.assert_allclose(feats, whole_feats, atol=1e-5)
+    assert probs.shape == whole_probs.shape == (7, 10)
+    with pytest.raises(ValueError, match=r"\[0, 1\] images"):
+        model.embed(x.clamp(min=0), batch_size=5)
+    with pytest.raises(ValueError, match=r"got values in \[0, 255\]"):  # not "[0, 1] images"
+        model.embed(torch.from_numpy(test_split[0][:7]).float(), batch_size=5)
+    assert model.embed(np.full((3, 28, 28), 200, np.uint8))[0].shape == (3, 128)  # uint8 has no such look
+
+
 def test_class_consistency_of_real_images_equals_test_accuracy(model, test_split, train_split):
     images, labels = test_split
     # accuracy computed directly from the network, batch by batch
