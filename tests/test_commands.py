@@ -14,6 +14,7 @@ from ctfgen.app.cli import main
 from ctfgen.app.commands import sample
 from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
 from ctfgen.utils import distributed as D
+from ctfgen.utils import threads
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,33 @@ def test_sample_is_reproducible(pipelines, tmp_path):
         main(["sample", "--model", str(pipelines / "ctf"), "--n", "4", "--seed", "3", "--no-singles",
               "--out", str(tmp_path / f"{name}.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_compare_baseline_samples_on_the_threads_of_the_larger_model(pipelines, tmp_path, monkeypatch):
+    # each load set torch's one thread count for its own model, so the baseline, loaded last, decided it for CTF too
+    ctf, baseline = (threads.count_parameters(load_pipeline(pipelines / kind)) for kind in ("ctf", "baseline"))
+    assert baseline < ctf
+    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", baseline + 1)  # CTF "large", the baseline "small"
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+
+    def spy(real):
+        def call(self, *a, **k):
+            seen.append((type(self).__name__, torch.get_num_threads()))
+            return real(self, *a, **k)
+        return call
+
+    for cls in (CTFPipeline, ARPipeline):
+        monkeypatch.setattr(cls, "__call__", spy(cls.__call__))
+    before = torch.get_num_threads()
+    try:
+        assert main(["sample", "--model", str(pipelines / "ctf"), "--compare-baseline", "--baseline",
+                     str(pipelines / "baseline"), "--n", "2", "--no-progress", "--out", str(tmp_path / "g.png")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [("CTFPipeline", 3), ("ARPipeline", 3)]
 
 
 def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def run_sample(args: argparse.Namespace) -> None:
     sampling = sampling_kwargs(args, pipeline)
     rows = (3 if args.stages else 1) + args.compare_baseline
     check_picture(pipeline, args.n, args.out, args.nrow, args.scale, not args.no_singles, rows, args.batch_size)
-    baseline = load_baseline(args.model, args.baseline, args.device, pipeline.tokenizer) if args.compare_baseline else None
+    baseline = load_baseline(args.model, args.baseline, args.device, pipeline) if args.compare_baseline else None
     load_s = time.perf_counter() - t0
     r = sample_grid(pipeline, classes, args.n, args.out, args.seed, args.nrow, args.scale, not args.no_singles,
                     sampling, stages=args.stages, baseline=baseline, batch_size=args.batch_size,
@@ -125,7 +125,7 @@ def run_demo(args: argparse.Namespace) -> None:
     if not isinstance(ctf, CTFPipeline):
         raise ConfigError(f"--model {args.model!r} is a baseline; the demo shows a CTF model (pass the baseline as --baseline)")
     try:
-        baseline = load_baseline(args.model, args.baseline, args.device, ctf.tokenizer)
+        baseline = load_baseline(args.model, args.baseline, args.device, ctf)
     except ConfigError as e:
         if args.baseline is not None:
             raise
