@@ -102,6 +102,21 @@ def test_preprocess_refuses_images_of_another_range_or_dtype(model, test_split):
     assert torch.equal(model.preprocess(a.double()), a) and torch.equal(model.preprocess(a.numpy()), a)
 
 
+def test_the_0_1_look_is_judged_on_the_whole_set_not_per_batch(model, test_split):
+    # a [-1, 1] set whose last batch is uniform grey (no value below 0) was refused as "[0, 1] images"
+    x = model.preprocess(test_split[0][:7])
+    x[5:] = 0.2
+    feats, probs = model.embed(x, batch_size=5)
+    whole_feats, whole_probs = model.embed(x, batch_size=7)
+    np.testing.assert_allclose(feats, whole_feats, atol=1e-5)
+    assert probs.shape == whole_probs.shape == (7, 10)
+    with pytest.raises(ValueError, match=r"\[0, 1\] images"):
+        model.embed(x.clamp(min=0), batch_size=5)
+    with pytest.raises(ValueError, match=r"got values in \[0, 255\]"):  # not "[0, 1] images"
+        model.embed(torch.from_numpy(test_split[0][:7]).float(), batch_size=5)
+    assert model.embed(np.full((3, 28, 28), 200, np.uint8))[0].shape == (3, 128)  # uint8 has no such look
+
+
 def test_class_consistency_of_real_images_equals_test_accuracy(model, test_split, train_split):
     images, labels = test_split
     # accuracy computed directly from the network, batch by batch
@@ -196,6 +211,28 @@ def test_eval_cli_fmnist_on_tiny_npz(tmp_path, test_split, train_split, capsys):
     loaded, lab = load_images(npz)
     assert loaded.shape == (200, 28, 28, 1) and lab.tolist() == labels[:200].tolist()
     assert np.array_equal(load_images(tmp_path / "ref")[0][..., 0], train_split[0][:300])
+
+
+def test_eval_ref_named_like_a_split_that_is_also_a_folder(tmp_path, monkeypatch, capsys):
+    # --ref test always meant the Fashion-MNIST split: with fmnist a ./test folder was silently not used, with
+    # inception it was refused as "a Fashion-MNIST split" although inception has no splits
+    from ctfgen.metrics import inception
+
+    monkeypatch.chdir(tmp_path)
+    _write_png_folder(tmp_path / "test", np.full((12, 28, 28), 90, np.uint8))
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((20, 28, 28, 1), np.uint8))
+    assert main(["eval", "s.npz", "--ref", "test", "--metric-set", "fmnist"]) == 2
+    err = capsys.readouterr().err
+    assert "both the Fashion-MNIST test split and the path" in err and "./test" in err and "fashion-mnist-test" in err
+    assert main(["eval", "s.npz", "--ref", "./test", "--metric-set", "fmnist", "--out", "e.json"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["num_reference"] == 12
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "absent.pth"))
+    monkeypatch.setattr(inception, "DEFAULT_DIR", tmp_path)
+    monkeypatch.setattr(inception, "TORCH_HUB_DIR", tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "s.npz", "--ref", "test"]) == 2  # got past the split check: no weights here
+    err = capsys.readouterr().err
+    assert "Inception-v3 weights not found" in err and "Fashion-MNIST split" not in err
 
 
 def test_eval_folder_with_an_unreadable_image_is_one_error_line(tmp_path, capsys):

@@ -8,9 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from _gloo import free_port
 from _tiny_ctf import tiny_baseline, tiny_ctf
 from ctfgen.app.cli import main
+from ctfgen.app.commands import sample
 from ctfgen.pipeline import ARPipeline, CTFPipeline, load_pipeline
+from ctfgen.utils import distributed as D
+from ctfgen.utils import threads
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,33 @@ def test_sample_is_reproducible(pipelines, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
+def test_compare_baseline_samples_on_the_threads_of_the_larger_model(pipelines, tmp_path, monkeypatch):
+    # each load set torch's one thread count for its own model, so the baseline, loaded last, decided it for CTF too
+    ctf, baseline = (threads.count_parameters(load_pipeline(pipelines / kind)) for kind in ("ctf", "baseline"))
+    assert baseline < ctf
+    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", baseline + 1)  # CTF "large", the baseline "small"
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+
+    def spy(real):
+        def call(self, *a, **k):
+            seen.append((type(self).__name__, torch.get_num_threads()))
+            return real(self, *a, **k)
+        return call
+
+    for cls in (CTFPipeline, ARPipeline):
+        monkeypatch.setattr(cls, "__call__", spy(cls.__call__))
+    before = torch.get_num_threads()
+    try:
+        assert main(["sample", "--model", str(pipelines / "ctf"), "--compare-baseline", "--baseline",
+                     str(pipelines / "baseline"), "--n", "2", "--no-progress", "--out", str(tmp_path / "g.png")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [("CTFPipeline", 3), ("ARPipeline", 3)]
+
+
 def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path, monkeypatch):
     args = ["sample-many", "--model", str(pipelines / "ctf"), "--per-class", "3", "--classes", "0", "4",
             "--batch-size", "4", "--seed", "1"]
@@ -154,6 +185,31 @@ def test_sample_many_resumes_and_matches_a_fresh_run(pipelines, tmp_path, monkey
     resumed = np.load(out)
     assert np.array_equal(resumed["arr_0"], fresh["arr_0"]) and np.array_equal(resumed["labels"], fresh["labels"])
     assert not parts.exists()
+
+
+def test_sample_many_under_torchrun_keeps_the_device_asked_for(pipelines, tmp_path, monkeypatch):
+    # under torchrun --device was ignored: on a CUDA machine --device cpu sampled on the rank's GPU (an NCCL group)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("a rank took a GPU"))
+    loaded_on = []
+    real = sample.load_model
+
+    def spy(*a, **k):
+        pipe = real(*a, **k)
+        loaded_on.append((pipe.device.type, torch.distributed.get_backend()))
+        return pipe
+
+    monkeypatch.setattr(sample, "load_model", spy)
+    try:
+        assert main(["sample-many", "--model", str(pipelines / "ctf"), "--per-class", "1", "--classes", "0",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "s.npz")]) == 0
+    finally:
+        D.cleanup()
+    assert loaded_on == [("cpu", "gloo")] and (tmp_path / "s.npz").is_file()
 
 
 def test_sample_many_refuses_to_mix_requests_and_leaves_nothing_when_empty(pipelines, tmp_path, monkeypatch, capsys):

@@ -208,6 +208,19 @@ def test_missing_inception_weights_error_names_file_and_how_to_provide(tmp_path,
         inception.load_inception(tmp_path / "missing.pth")
 
 
+def test_inception_weights_option_given_a_folder_looks_inside_it(tmp_path, monkeypatch):
+    # as $CTFGEN_INCEPTION_WEIGHTS does: the folder itself was tried as the file and named as "looked in"
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(inception, "DEFAULT_DIR", tmp_path / "nothing-here")
+    monkeypatch.setattr(inception, "TORCH_HUB_DIR", tmp_path / "nor-here")
+    with pytest.raises(FileNotFoundError) as info:
+        inception.find_inception_weights(tmp_path)
+    assert f"  - {tmp_path / inception.WEIGHTS_FILE}\n" in str(info.value)
+    (tmp_path / inception.WEIGHTS_FILE).write_bytes(b"")
+    assert inception.find_inception_weights(tmp_path) == tmp_path / inception.WEIGHTS_FILE
+    assert inception.find_inception_weights(str(tmp_path)) == tmp_path / inception.WEIGHTS_FILE
+
+
 def test_corrupt_weights_file_detected_by_hash(tmp_path):
     bad = tmp_path / inception.WEIGHTS_FILE
     bad.write_bytes(b"not the weights")

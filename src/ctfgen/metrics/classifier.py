@@ -78,6 +78,13 @@ class FMNISTClassifier(nn.Module, HubMixin):
 
         Returns float32 (N,1,28,28) in [-1,1], the convention of the rest of the project.
         """
+        x = FMNISTClassifier._preprocess_batch(images)
+        _refuse_unit_range(images)
+        return x
+
+    @staticmethod
+    def _preprocess_batch(images) -> torch.Tensor:
+        """`preprocess` of a batch of a set whose look of [0, 1] images the caller checks whole."""
         # np.array copies, so read-only inputs (np.load mmap, np.frombuffer) are fine
         x = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else torch.as_tensor(images)
         if x.dim() == 3:
@@ -101,11 +108,6 @@ class FMNISTClassifier(nn.Module, HubMixin):
                 f"float images must lie in [-1, 1] (got values in [{x.min():.3g}, {x.max():.3g}]); "
                 "pass uint8 images in [0, 255] or rescale"
             )
-        if len(x) and x.min() >= 0:
-            # [0, 1] images passed silently as [-1, 1] ones: black read as mid-grey. In [-1, 1] a
-            # Fashion-MNIST image's black background is -1, so no value below 0 means the other convention.
-            raise ConfigError("float images must lie in [-1, 1] with black at -1, but none of these is below 0: "
-                              "they look like [0, 1] images; pass images * 2 - 1, or uint8 images in [0, 255]")
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +126,11 @@ class FMNISTClassifier(nn.Module, HubMixin):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
+        # on the whole set: a batch of it may hold only images without black (a uniform grey one)
+        _refuse_unit_range(images)
         feats, probs = [], []
         for i in range(0, len(images), batch_size):
-            x = self.preprocess(images[i : i + batch_size]).to(device)
+            x = self._preprocess_batch(images[i : i + batch_size]).to(device)
             f = self.features(x)
             feats.append(f.double().cpu())
             probs.append(F.softmax(self.head(f), dim=-1).double().cpu())
@@ -134,6 +138,19 @@ class FMNISTClassifier(nn.Module, HubMixin):
         if not feats:
             raise ConfigError("no images to embed")
         return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def _refuse_unit_range(images) -> None:
+    """ConfigError if a whole set of float images in [-1, 1] has no value below 0.
+
+    [0, 1] images passed silently as [-1, 1] ones: black read as mid-grey. In [-1, 1] a Fashion-MNIST
+    image's black background is -1, so no value below 0 in a whole set means the other convention.
+    Values above 1 are left to the range error of `_preprocess_batch`, which says more."""
+    whole = images if isinstance(images, torch.Tensor) else np.asarray(images)
+    floating = whole.is_floating_point() if isinstance(whole, torch.Tensor) else whole.dtype.kind == "f"
+    if floating and len(whole) and whole.max() <= 1.01 and whole.min() >= 0:
+        raise ConfigError("float images must lie in [-1, 1] with black at -1, but none of these is below 0: "
+                          "they look like [0, 1] images; pass images * 2 - 1, or uint8 images in [0, 255]")
 
 
 def load_default_classifier(device: str | torch.device = "cpu") -> FMNISTClassifier:

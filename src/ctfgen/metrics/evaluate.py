@@ -268,14 +268,23 @@ def evaluate_inception(images, ref, weights: str | Path | None = None, k: int = 
 def evaluate(samples: str | Path, ref: str, metric_set: str = "inception", name: str | None = None,
              epoch: int | None = None, inception_weights=None, k: int = 3, splits: int = 10,
              batch_size: int = 50, device=None, sfid: bool = True) -> dict:
-    """Load `samples` (.npz or folder), compute `metric_set` against `ref`, return an evaluation record."""
+    """Load `samples` (.npz or folder), compute `metric_set` against `ref`, return an evaluation record.
+
+    `ref` names a Fashion-MNIST split (FMNIST_REFS) only with metric_set "fmnist"; there a split name that is
+    also an existing path is refused as ambiguous, while with "inception" (which has no splits) it is the path."""
+    ambiguous = ref in FMNIST_REFS and Path(ref).exists()
+    if ambiguous and metric_set == "fmnist":
+        other = [name for name, split in FMNIST_REFS.items() if split == FMNIST_REFS[ref] and not Path(name).exists()]
+        for_split = f"{other[0]} for the split" if other else "run from another folder for the split"
+        raise ConfigError(f"--ref {ref} is both the Fashion-MNIST {FMNIST_REFS[ref]} split and the path "
+                          f"{Path(ref).resolve()}; write ./{ref} for the path, or {for_split}")
     images, labels = load_images(samples)
     if metric_set == "fmnist":
         ref_arg = ref if ref in FMNIST_REFS else load_images(ref)[0]
         metrics = evaluate_fmnist(images, labels, ref=ref_arg, k=k, splits=splits)
         n_ref = len(_fmnist_split_embedding(FMNIST_REFS[ref])[0]) if ref in FMNIST_REFS else len(ref_arg)
     elif metric_set == "inception":
-        if ref in FMNIST_REFS:
+        if ref in FMNIST_REFS and not ambiguous:
             raise ConfigError(f"--ref {ref} is a Fashion-MNIST split; it goes with --metric-set fmnist")
         metrics, n_ref = evaluate_inception(images, ref, weights=inception_weights, k=k, splits=splits,
                                             batch_size=batch_size, device=device, sfid=sfid)

@@ -58,16 +58,14 @@ def _missing_weights_message(searched: list[Path]) -> str:
 
 
 def find_inception_weights(path: str | Path | None = None) -> Path:
-    """The weights file: `path` if given, else $CTFGEN_INCEPTION_WEIGHTS (a file or a folder),
-    else ~/.cache/ctfgen/, else torch-hub's checkpoint cache. Raises a helpful error otherwise."""
-    if path is not None:
-        candidates = [Path(path).expanduser()]
-    else:
-        candidates = []
-        env = os.environ.get(WEIGHTS_ENV)
-        if env:
-            env_path = Path(env).expanduser()
-            candidates.append(env_path / WEIGHTS_FILE if env_path.is_dir() else env_path)
+    """The weights file: `path` if given, else $CTFGEN_INCEPTION_WEIGHTS (each a file or a folder
+    holding it), else ~/.cache/ctfgen/, else torch-hub's checkpoint cache. Raises a helpful error otherwise."""
+    given = path if path is not None else os.environ.get(WEIGHTS_ENV) or None
+    candidates = []
+    if given is not None:
+        given_path = Path(given).expanduser()
+        candidates.append(given_path / WEIGHTS_FILE if given_path.is_dir() else given_path)
+    if path is None:
         candidates += [DEFAULT_DIR / WEIGHTS_FILE, TORCH_HUB_DIR / WEIGHTS_FILE]
     for c in candidates:
         if c.is_file():

@@ -48,13 +48,16 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed() -> torch.device:
-    """Start the process group if torchrun launched us (once); return the device this rank should use."""
+def init_distributed(cuda: bool | None = None) -> torch.device:
+    """Start the process group if torchrun launched us (once); return the device this rank should use.
+    `cuda=False`: the ranks work off CUDA though it is there (e.g. `--device cpu`), so the group is gloo's
+    and the answer the CPU; default: CUDA when available."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if launched_by_torchrun() and not is_distributed():
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=30))
-    return default_device()
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return default_device() if cuda else torch.device("cpu")
 
 
 def default_device() -> torch.device:

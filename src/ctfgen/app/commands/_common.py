@@ -15,7 +15,7 @@ from ctfgen.utils.errors import ConfigError
 from ctfgen.utils.options import (COUNTS, SAMPLING, SEED, Option, check_device, check_output_dir, check_output_file,
                                   cli_help)
 from ctfgen.utils.precision import DTYPE_CHOICES
-from ctfgen.utils.threads import use_sampling_threads
+from ctfgen.utils.threads import count_parameters, use_sampling_threads
 
 
 def add_device_argument(parser, default: str | None = "auto") -> None:
@@ -66,18 +66,21 @@ def check_args(args: argparse.Namespace, outputs: dict[str, str] | None = None, 
             check_output_file(path, suffixes, "--" + name)
 
 
-def load_model(spec: str, device: str):
-    """--model: a shipped name, a directory (a run's root included) or a Hub repo id, on `device`."""
+def load_model(spec: str, device: str, beside=None):
+    """--model: a shipped name, a directory (a run's root included) or a Hub repo id, on `device`. `beside`:
+    a pipeline loaded before it, sampled in the same process."""
     pipe = pretrained(spec, device=device)
     if pipe.device.type == "cpu":
-        use_sampling_threads(pipe)  # one thread for a small model, no more than the free cores (OMP_NUM_THREADS wins)
+        # one thread for a small model, no more than the free cores (OMP_NUM_THREADS wins); torch has one
+        # count for the process, so with two models it is the larger one's, whichever was loaded last
+        use_sampling_threads(max([pipe] + ([beside] if beside is not None else []), key=count_parameters))
     return pipe
 
 
-def load_baseline(model_spec: str, baseline_spec: str | None, device: str, tokenizer):
-    """The baseline to compare a CTF model with: `baseline_spec` when given, else the shipped baseline
-    for the shipped model, else a run's `baseline` directory: inside --model when it is the run's
-    root, beside it when it is RUN/ctf. A baseline saved without its tokenizer borrows `tokenizer`
+def load_baseline(model_spec: str, baseline_spec: str | None, device: str, ctf):
+    """The baseline to compare the CTF pipeline `ctf` with: `baseline_spec` when given, else the shipped
+    baseline for the shipped model, else a run's `baseline` directory: inside --model when it is the run's
+    root, beside it when it is RUN/ctf. A baseline saved without its tokenizer borrows ctf's
     (checked against its codebook fingerprint)."""
     if baseline_spec is None:
         model = Path(model_spec)
@@ -89,14 +92,14 @@ def load_baseline(model_spec: str, baseline_spec: str | None, device: str, token
         else:
             raise ConfigError(f"no baseline found for --model {model_spec!r} (looked for {model / 'baseline'} and "
                               f"{model.parent / 'baseline'}); pass --baseline DIR_OR_REPO")
-    baseline = load_model(baseline_spec, device)
+    baseline = load_model(baseline_spec, device, beside=ctf)
     if not isinstance(baseline, ARPipeline):
         raise ConfigError(f"--baseline {baseline_spec!r} is a {baseline.kind} pipeline, not a baseline")
     if baseline.tokenizer is None:
-        if tokenizer is None:
+        if ctf.tokenizer is None:
             raise ConfigError(f"the baseline {baseline_spec!r} was saved without a tokenizer and none is at hand")
         try:  # its parts are on `device` already, and it puts itself in eval mode
-            return ARPipeline(baseline.gpt, tokenizer, sampling_defaults=baseline.sampling_defaults)
+            return ARPipeline(baseline.gpt, ctf.tokenizer, sampling_defaults=baseline.sampling_defaults)
         except ValueError as e:
             raise ConfigError(f"the baseline {baseline_spec!r} does not fit the CTF model's tokenizer: {e}") from None
     return baseline

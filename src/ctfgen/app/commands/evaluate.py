@@ -31,15 +31,16 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("samples", help="an ADM-style .npz (uint8 arr_0 N,H,W,C; labels in 'labels' or arr_1) or a folder of images")
     add("--ref", required=True, help="an ADM reference batch .npz (its mu/sigma are used if present) or a folder of "
-        "images; with --metric-set fmnist also 'fashion-mnist-test' (or 'test') / 'fashion-mnist-train'")
+        "images; with --metric-set fmnist also 'fashion-mnist-test' (or 'test') / 'fashion-mnist-train' (or 'train'), "
+        "refused there if a path of that name exists too (write ./NAME for the path; with inception it is the path)")
     add("--metric-set", choices=["inception", "fmnist"], default="inception",
         help="inception: FID/sFID/IS/precision/recall (needs the Inception weights file); fmnist: the same on the "
              "shipped Fashion-MNIST classifier's features, plus class consistency (offline; not comparable to ImageNet FID)")
     add("--out", help="write the evaluation record to this JSON file")
     add("--name", help="run name stored in the record (default: the samples' file name)")
     add("--epoch", type=int, help="training epoch of the evaluated model, for `ctfgen compare`")
-    add("--inception-weights", help="path to weights-inception-2015-12-05-6726825d.pth (default: "
-                                    "$CTFGEN_INCEPTION_WEIGHTS, then ~/.cache/ctfgen/)")
+    add("--inception-weights", help="path to weights-inception-2015-12-05-6726825d.pth or a folder holding it "
+                                    "(default: $CTFGEN_INCEPTION_WEIGHTS, then ~/.cache/ctfgen/)")
     add("--k", type=int, default=3, help="nearest neighbour for precision/recall radii")
     add("--splits", type=int, default=10, help="splits for the Inception Score")
     add("--batch-size", type=int, default=50, help="images per feature-extraction batch")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from ctfgen.app.commands._common import (add_model_arguments, add_sampling_arguments, check_args, load_baseline,
                                          load_model, resolve_classes, sampling_kwargs)
 from ctfgen.app.demo import Limits, build_app, launch
@@ -57,7 +59,7 @@ def run_sample(args: argparse.Namespace) -> None:
     sampling = sampling_kwargs(args, pipeline)
     rows = (3 if args.stages else 1) + args.compare_baseline
     check_picture(pipeline, args.n, args.out, args.nrow, args.scale, not args.no_singles, rows, args.batch_size)
-    baseline = load_baseline(args.model, args.baseline, args.device, pipeline.tokenizer) if args.compare_baseline else None
+    baseline = load_baseline(args.model, args.baseline, args.device, pipeline) if args.compare_baseline else None
     load_s = time.perf_counter() - t0
     r = sample_grid(pipeline, classes, args.n, args.out, args.seed, args.nrow, args.scale, not args.no_singles,
                     sampling, stages=args.stages, baseline=baseline, batch_size=args.batch_size,
@@ -92,7 +94,11 @@ def configure_sample_many(parser: argparse.ArgumentParser) -> None:
 def run_sample_many(args: argparse.Namespace) -> None:
     check_args(args, classes=CLASS_ID)
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
-    device = str(D.init_distributed()) if D.launched_by_torchrun() else args.device
+    device = args.device
+    if D.launched_by_torchrun():
+        own = D.init_distributed(cuda=torch.device(device).type == "cuda")
+        # "cuda" (also what auto became) is this rank's GPU; another device is the one the user asked for
+        device = str(own) if device == "cuda" else device
     pipeline = load_model(args.model, device)
     out = sample_set(pipeline, args.out, args.per_class, args.classes or None, args.batch_size, args.seed,
                      sampling_kwargs(args, pipeline), args.png_dir, progress=not args.no_progress)
@@ -119,7 +125,7 @@ def run_demo(args: argparse.Namespace) -> None:
     if not isinstance(ctf, CTFPipeline):
         raise ConfigError(f"--model {args.model!r} is a baseline; the demo shows a CTF model (pass the baseline as --baseline)")
     try:
-        baseline = load_baseline(args.model, args.baseline, args.device, ctf.tokenizer)
+        baseline = load_baseline(args.model, args.baseline, args.device, ctf)
     except ConfigError as e:
         if args.baseline is not None:
             raise
