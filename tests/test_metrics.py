@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ctfgen.metrics import core, inception
-from ctfgen.utils.errors import ConfigError, CorruptFileError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MissingFileError
 
 
 def _random_spd(rng, d, rank=None):
@@ -197,7 +197,7 @@ def test_missing_inception_weights_error_names_file_and_how_to_provide(tmp_path,
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path))
     monkeypatch.setattr(inception, "DEFAULT_DIR", tmp_path / "nothing-here")
     monkeypatch.setattr(inception, "TORCH_HUB_DIR", tmp_path / "nor-here")
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(MissingFileError) as info:  # the project's error base, so library callers catch it as such
         inception.load_inception()
     msg = str(info.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in msg

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctfgen.utils.errors import ConfigError, CorruptFileError
+from ctfgen.utils.errors import ConfigError, CorruptFileError, MissingFileError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "CTFGEN_INCEPTION_WEIGHTS"
@@ -39,8 +39,8 @@ NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7
 
 
-class InceptionWeightsNotFound(FileNotFoundError):
-    pass
+class InceptionWeightsNotFound(MissingFileError):
+    """The Inception-v3 weights file is not where it was looked for."""
 
 
 def _missing_weights_message(searched: list[Path]) -> str:
