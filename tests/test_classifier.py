@@ -117,6 +117,14 @@ def test_the_0_1_look_is_judged_on_the_whole_set_not_per_batch(model, test_split
     assert model.embed(np.full((3, 28, 28), 200, np.uint8))[0].shape == (3, 128)  # uint8 has no such look
 
 
+def test_float_images_holding_nan_are_refused(model, test_split):
+    """NaN passed the [-1, 1] range test (comparisons with NaN are false) and gave NaN features and metrics."""
+    x = model.preprocess(test_split[0][:4])
+    x[2, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.embed(x)
+
+
 def test_class_consistency_of_real_images_equals_test_accuracy(model, test_split, train_split):
     images, labels = test_split
     # accuracy computed directly from the network, batch by batch

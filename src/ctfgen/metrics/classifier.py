@@ -103,6 +103,8 @@ class FMNISTClassifier(nn.Module, HubMixin):
             raise WrongTypeError(f"the Fashion-MNIST classifier takes uint8 images in [0, 255] or float images in "
                                  f"[-1, 1]; got {x.dtype}")
         x = x.float()
+        if not bool(torch.isfinite(x).all()):  # NaN passes the range test below and gives NaN metrics
+            raise ConfigError("float images hold NaN or infinite values; check the sampler's output")
         if len(x) and (x.min() < -1.01 or x.max() > 1.01):
             raise ConfigError(
                 f"float images must lie in [-1, 1] (got values in [{x.min():.3g}, {x.max():.3g}]); "
