@@ -13,6 +13,7 @@ from ctfgen.data import fashion_mnist as fm
 from ctfgen.data.fashion_mnist import (CLASS_NAMES, FashionMNIST, class_index, find_fashion_mnist,
                                        load_fashion_mnist, read_idx)
 from ctfgen.data.folder import CorruptImageError, ImageFolder, center_crop_arr
+from ctfgen.utils.errors import CtfgenError
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -187,8 +188,9 @@ def test_image_folder_skips_corrupt_and_counts(tmp_path, caplog):
     ds = ImageFolder(tmp_path, image_size=16)
     assert len(ds) == 6 and ds.skipped == 0
     bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("1b_garbage.png")][0]
-    with pytest.raises(CorruptImageError):
+    with pytest.raises(CorruptImageError) as info:
         ds.load(bad)
+    assert isinstance(info.value, CtfgenError)  # one `error:` line if it reaches a command; it was a bare Exception
     with caplog.at_level(logging.WARNING, logger="ctfgen.data.folder"):
         seen = [ds[i] for i in range(len(ds))]  # iterating never raises
     assert len(seen) == 6 and ds.skipped == 1 and "1b_garbage.png" in ds.report()

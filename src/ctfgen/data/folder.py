@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
-class CorruptImageError(Exception):
+class CorruptImageError(CorruptFileError):
     """An image file that PIL cannot decode."""
 
 
