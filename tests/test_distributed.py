@@ -147,3 +147,29 @@ def test_single_process_helpers_without_torchrun(monkeypatch):
     assert D.wrap_model(model, torch.device("cpu")) is model
     with D.main_first() as first:
         assert first
+
+
+@pytest.mark.parametrize("asked", ["cpu", None])
+def test_a_rank_works_on_the_device_asked_for(asked, monkeypatch, tmp_path):
+    """Under torchrun on a CUDA machine, `--device cpu` joined an NCCL group (train-tokenizer) or was ignored
+    for the rank's GPU (extract-codes); now the CPU it asked for, in a gloo group."""
+    from _gloo import free_port
+    from ctfgen.train.tokenizer import train_tokenizer
+    from ctfgen.utils import distributed as D
+    from test_tokenizer_train import Blobs, config
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")
+    if asked == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("a rank took a GPU"))
+    try:
+        assert D.rank_device(asked) == torch.device("cpu") and torch.distributed.get_backend() == "gloo"
+        if asked == "cpu":  # the training entry point joins the same way
+            D.cleanup()
+            vq = train_tokenizer(config(steps=1, batch_size=2), Blobs(n=4), tmp_path, device="cpu", progress=False)
+            assert torch.distributed.get_backend() == "gloo" and vq.quantize.embedding.weight.device.type == "cpu"
+    finally:
+        D.cleanup()

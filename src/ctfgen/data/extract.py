@@ -210,8 +210,7 @@ def extract_dataset(tokenizer, data, split: str, out_dir, batch_size: int = 256,
     applies) by the tokenizer saved at `tokenizer`; returns the written header (on every rank)."""
     if Path(out_dir).exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} already exists; remove it or pass --overwrite")
-    dev = D.init_distributed()
-    device = torch.device(device) if device is not None and not D.is_distributed() else dev
+    device = D.rank_device(device)
     vq = load_tokenizer(tokenizer).to(device).eval()
     dataset = make_dataset(data, split, channels=vq.config.in_channels, for_codes=True, verify=verify,
                            crop_range=crop_range)

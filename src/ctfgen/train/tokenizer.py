@@ -163,8 +163,7 @@ def train_tokenizer(config: TokenizerConfig | dict, dataset, out_dir, resume: bo
     `tokenizer:` section (model: VQConfig fields; train: TrainConfig; loss: VQLossConfig)."""
     cfg = config if isinstance(config, TokenizerConfig) else from_dict(TokenizerConfig, config, "tokenizer")
     vq_config = from_dict(VQConfig, cfg.model, "tokenizer.model")
-    own_device = D.init_distributed()  # a no-op unless torchrun (or its environment) started us
-    device = torch.device(device) if device is not None else own_device
+    device = D.rank_device(device)  # joins torchrun's group, if it started us
     out_dir = Path(out_dir)
     refuse_earlier_run(out_dir, resume)  # before the k-means initialisation, which can take long
     seed_everything(cfg.train.seed)  # the initial weights are a function of the seed alone
@@ -192,7 +191,7 @@ def train_tokenizer_from_config(cfg: ExperimentConfig, out_dir, resume: bool = F
     """`ctfgen train-tokenizer`: the `data` and `tokenizer` sections of an experiment config; the
     resolved config is kept as out_dir/config.yaml."""
     dataset = make_dataset(cfg.data, "train", channels=cfg.tokenizer.model.get("in_channels", 3))
-    D.init_distributed()  # before the lock: rank 0 alone takes it and writes
+    D.rank_device(device)  # the group joined before the lock: rank 0 alone takes it and writes
     out_dir = Path(out_dir)
     # The config.yaml of a run that a second writer, a missing --resume or another model stops stays as it was:
     # a new run records its config before it trains, a resumed one once it has gone ahead and finished.

@@ -60,6 +60,15 @@ def init_distributed(cuda: bool | None = None) -> torch.device:
     return default_device() if cuda else torch.device("cpu")
 
 
+def rank_device(device=None) -> torch.device:
+    """Join torchrun's group (if it started us) for the device asked for, and return the one this rank
+    works on: its own GPU for "cuda" (or for None where CUDA is), otherwise `device` as given, so that
+    `--device cpu` on a CUDA machine works on the CPU in a gloo group."""
+    asked = torch.device(device) if device is not None else None
+    own = init_distributed(cuda=None if asked is None else asked.type == "cuda")
+    return own if asked is None or (asked.type == "cuda" and is_distributed()) else asked
+
+
 def default_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")

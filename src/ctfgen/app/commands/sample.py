@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from ctfgen.app.commands._common import (add_model_arguments, add_sampling_arguments, check_args, load_baseline,
                                          load_model, resolve_classes, sampling_kwargs)
 from ctfgen.app.demo import Limits, build_app, launch
@@ -94,11 +92,7 @@ def configure_sample_many(parser: argparse.ArgumentParser) -> None:
 def run_sample_many(args: argparse.Namespace) -> None:
     check_args(args, classes=CLASS_ID)
     check_sample_set(args.out, args.per_class, args.batch_size, args.png_dir)
-    device = args.device
-    if D.launched_by_torchrun():
-        own = D.init_distributed(cuda=torch.device(device).type == "cuda")
-        # "cuda" (also what auto became) is this rank's GPU; another device is the one the user asked for
-        device = str(own) if device == "cuda" else device
+    device = str(D.rank_device(args.device)) if D.launched_by_torchrun() else args.device
     pipeline = load_model(args.model, device)
     out = sample_set(pipeline, args.out, args.per_class, args.classes or None, args.batch_size, args.seed,
                      sampling_kwargs(args, pipeline), args.png_dir, progress=not args.no_progress)
