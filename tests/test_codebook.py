@@ -140,23 +140,24 @@ def test_code_commit_names_the_running_code(tmp_path, monkeypatch):
     assert fp.code_commit() == "0123abcd"
 
 
+def _commit_all(repo):
+    """A git repository at `repo` holding what is there, in one commit."""
+    for args in (("init", "-q"), ("add", "."), ("commit", "-q", "-m", "c")):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                       capture_output=True)
+
+
 def test_code_commit_is_dirty_when_any_of_the_package_changed(tmp_path, monkeypatch):
     # it asked git about ctfgen/utils/ alone (the folder of fingerprint.py since the move to utils/):
     # records made by an edited sampling.py were stored, and reused, as made by the clean commit
     import ctfgen.utils.fingerprint as fp
-
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
 
     package = tmp_path / "src" / "ctfgen"
     (package / "utils").mkdir(parents=True)
     for name in ("sampling.py", "utils/fingerprint.py"):
         (package / name).write_text("# code\n")
     (tmp_path / "README.md").write_text("# docs\n")
-    git("init", "-q")
-    git("add", ".")
-    git("commit", "-q", "-m", "c")
+    _commit_all(tmp_path)
     monkeypatch.setattr(fp, "__file__", str(package / "utils" / "fingerprint.py"))
     monkeypatch.setattr(fp, "COMMIT_STAMP", package / "COMMIT")
     head = fp.code_commit()
@@ -171,17 +172,11 @@ def test_code_commit_of_an_install_inside_another_repository_is_unknown(tmp_path
     # a non-editable install in a project's ignored .venv/ answered that project's HEAD as ctfgen's commit
     import ctfgen.utils.fingerprint as fp
 
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
-
     package = tmp_path / ".venv" / "site-packages" / "ctfgen"
     (package / "utils").mkdir(parents=True)
     (package / "utils" / "fingerprint.py").write_text("# code\n")
     (tmp_path / ".gitignore").write_text(".venv/\n")
-    git("init", "-q")
-    git("add", ".")
-    git("commit", "-q", "-m", "c")
+    _commit_all(tmp_path)
     monkeypatch.setattr(fp, "__file__", str(package / "utils" / "fingerprint.py"))
     monkeypatch.setattr(fp, "COMMIT_STAMP", package / "COMMIT")
     assert fp.code_commit() == "unknown"

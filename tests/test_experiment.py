@@ -430,11 +430,23 @@ def test_an_old_phase_record_that_does_not_load_is_named(tmp_path):
         x.lock.release()
 
 
+def _resume_checks(out, *overrides):
+    """What `ctfgen pipeline --resume --out OUT` checks before any work, with these overrides of tiny.yaml."""
+    from ctfgen.experiments.run import Experiment, load_experiment_config
+
+    cfg, raw = load_experiment_config(TINY, overrides=list(overrides))
+    x = Experiment(cfg, raw, out, True, None, False)
+    try:
+        x.prepare()
+    finally:
+        x.lock.release()
+
+
 def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     """The assembled pipelines hold the sampling defaults, and assembly and the held-out phase cover the enabled
     stages: a resume that changed either used to pass, leaving config.yaml saying what the pipelines are not
     (or a newly enabled baseline trained but never assembled or measured)."""
-    from ctfgen.experiments.run import Experiment, load_experiment_config, sections
+    from ctfgen.experiments.run import load_experiment_config, sections
     from ctfgen.utils.errors import RunError
     from ctfgen.utils.fileio import atomic_write_json
     from ctfgen.utils.rundir import Records
@@ -444,29 +456,21 @@ def test_resume_refuses_sampling_or_stages_changed_after_assembly(tmp_path):
     for phase in ("assemble", "heldout"):
         Records(out / "phases").once(phase, sections(cfg, phase), lambda: {})
 
-    def prepare(*overrides):
-        cfg, raw = load_experiment_config(TINY, overrides=list(overrides))
-        x = Experiment(cfg, raw, out, True, None, False)
-        try:
-            x.prepare()
-        finally:
-            x.lock.release()
-
-    prepare("name=renamed", "stage1.train.lr=0.5")  # neither phase depends on these
+    _resume_checks(out, "name=renamed", "stage1.train.lr=0.5")  # neither phase depends on these
     with pytest.raises(RunError, match=r"assemble: sampling\.ctf\.cfg_scale: None then, 3\.0 now"):
-        prepare("sampling.ctf.cfg_scale=3.0")
+        _resume_checks(out, "sampling.ctf.cfg_scale=3.0")
     with pytest.raises(RunError, match=r"assemble: matched\.enabled: False then, True now\n.*heldout: matched"):
-        prepare("matched.enabled=true")
+        _resume_checks(out, "matched.enabled=true")
     # a record made before assembly depended on these holds none of them, and still resumes
     atomic_write_json(out / "phases" / "assemble.json", {"name": "assemble", "inputs": {}, "commit": "x"})
-    prepare("sampling.ctf.cfg_scale=3.0")
+    _resume_checks(out, "sampling.ctf.cfg_scale=3.0")
 
 
 def test_resume_may_change_how_finished_phases_ran_but_not_what_they_made(tmp_path):
     """A resume changing only data-loading processes, the progress bar or which checkpoints are written was refused
     where a phase they cannot affect had finished (data.num_workers=2 after the tokenizer and extraction)."""
     from ctfgen.config import to_dict
-    from ctfgen.experiments.run import PHASE_SECTIONS, Experiment, load_experiment_config, sections
+    from ctfgen.experiments.run import PHASE_SECTIONS, load_experiment_config, sections
     from ctfgen.utils.errors import RunError
     from ctfgen.utils.fileio import atomic_write_json
     from ctfgen.utils.rundir import Records
@@ -480,24 +484,17 @@ def test_resume_may_change_how_finished_phases_ran_but_not_what_they_made(tmp_pa
         atomic_write_json(out / "phases" / f"{phase}.json",
                           {"name": phase, "inputs": {s: full[s] for s in PHASE_SECTIONS[phase]}, "commit": "x"})
 
-    def prepare(*overrides):
-        cfg, raw = load_experiment_config(TINY, overrides=list(overrides))
-        x = Experiment(cfg, raw, out, True, None, False)
-        try:
-            x.prepare()
-        finally:
-            x.lock.release()
-
-    prepare("data.num_workers=2", "tokenizer.train.num_workers=2", "tokenizer.train.checkpoint_every=7",
-            "tokenizer.train.progress=false", "train.num_workers=2", "train.progress=false", "train.checkpoint_every=7",
-            "train.keep_checkpoints=0", "aux.train.keep_checkpoints=5", "baseline.train.num_workers=1")
+    _resume_checks(out, "data.num_workers=2", "tokenizer.train.num_workers=2", "tokenizer.train.checkpoint_every=7",
+                   "tokenizer.train.progress=false", "train.num_workers=2", "train.progress=false",
+                   "train.checkpoint_every=7", "train.keep_checkpoints=0", "aux.train.keep_checkpoints=5",
+                   "baseline.train.num_workers=1")
     with pytest.raises(RunError, match=r"extract: data\.augment: 'none' then, 'flip' now"):
-        prepare("data.num_workers=2", "data.augment=flip")
+        _resume_checks(out, "data.num_workers=2", "data.augment=flip")
     # a phase's final_loss is the mean over the last log window; heldout batches may move the last bits
     with pytest.raises(RunError, match=r"ar: .*stage1\.train\.log_every: 10 then, 5 now"):
-        prepare("train.log_every=5")
+        _resume_checks(out, "train.log_every=5")
     with pytest.raises(RunError, match=r"heldout: heldout\.batch_size: 100 then, 50 now"):
-        prepare("heldout.batch_size=50")
+        _resume_checks(out, "heldout.batch_size=50")
 
 
 def test_pipeline_without_config_or_resume_says_to_pass_one(tmp_path):
