@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.models import GPT, GPTConfig, llamagen_generate
-from ctfgen.sampling import (as_generator, cfg_combine, filter_logits, generate, integer_tokens, log_prob,
-                             sample_from_logits)
+from ctfgen.sampling import as_generator, cfg_combine, filter_logits, generate, log_prob, sample_from_logits
 from ctfgen.utils.errors import WrongTypeError
+from ctfgen.utils.options import integer_tokens
 
 NEG = float("-inf")
 

@@ -28,10 +28,10 @@ import torch
 from safetensors import safe_open
 
 from ctfgen.compat import check_parts
-from ctfgen.sampling import integer_tokens
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_save_safetensors
 from ctfgen.utils.fingerprint import codebook_fingerprint, fingerprint_of
+from ctfgen.utils.options import tokens_below, whole_numbers
 
 __all__ = ["CoarseMap", "codebook_fingerprint", "fingerprint_of"]
 
@@ -137,14 +137,8 @@ class CoarseMap:
         spread=None,
         inertia: float | None = None,
     ):
-        raw = torch.as_tensor(fine_to_coarse).cpu().reshape(-1)
-        # a cast to int64 alone would truncate 1.7 to label 1 and take True for label 1
-        if raw.dtype == torch.bool or raw.is_complex():
-            raise MismatchError(f"fine_to_coarse must hold whole-number labels, got a {raw.dtype} tensor")
-        if raw.is_floating_point() and not bool((raw == raw.round()).all()):
-            bad = raw[raw != raw.round()][0].item()
-            raise MismatchError(f"fine_to_coarse must hold whole-number labels, got {bad}")
-        f2c = np.asarray(raw.numpy(), dtype=np.int64)
+        f2c = whole_numbers(fine_to_coarse, "fine_to_coarse must hold whole-number labels", MismatchError)
+        f2c = f2c.cpu().reshape(-1).numpy()
         num_coarse = int(num_coarse)
         if method not in METHODS:
             raise MismatchError(f"unknown clustering method {method!r}; choose one of {METHODS}")
@@ -272,10 +266,7 @@ class CoarseMap:
 
     def __call__(self, fine: torch.Tensor) -> torch.Tensor:
         """Coarse labels of fine tokens, any shape, on the tokens' device."""
-        fine = integer_tokens(fine, "fine tokens").long()  # before min/max, which torch lacks for uint16..uint64
-        if fine.numel() and (int(fine.min()) < 0 or int(fine.max()) >= self.vocab_size):
-            raise MismatchError(f"fine tokens must be in [0, {self.vocab_size}), got range "
-                             f"[{int(fine.min())}, {int(fine.max())}]; are these tokens from another tokenizer?")
+        fine = tokens_below(fine, self.vocab_size, "fine tokens", "are these tokens from another tokenizer?")
         table = self._tables.get(fine.device)
         if table is None:
             table = self._tables[fine.device] = torch.from_numpy(self._f2c).to(fine.device)

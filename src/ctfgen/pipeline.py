@@ -31,14 +31,14 @@ from ctfgen.compat import check_parts
 from ctfgen.config import BASELINE_DEFAULTS, CTF_DEFAULTS
 from ctfgen.data.codes import CodeDataset
 from ctfgen.models.transformer import GPT, AuxModel
-from ctfgen.sampling import (as_generator, check_labels, generate, integer_tokens, log_prob as ar_log_prob, sample_fine,
+from ctfgen.sampling import (as_generator, check_labels, generate, log_prob as ar_log_prob, sample_fine,
                              token_log_probs)
 from ctfgen.tokenizer.vq import VQModel
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import ConfigError, CorruptFileError, MismatchError, MissingFileError, WrongTypeError
 from ctfgen.utils.fileio import atomic_write_json, read_json
 from ctfgen.utils.hub import download_snapshot, is_repo_id, read_model_card, write_model_card
-from ctfgen.utils.options import check_sampling
+from ctfgen.utils.options import check_sampling, integer_tokens, tokens_below
 from ctfgen.utils.precision import drop_casts
 
 __all__ = ["CTFPipeline", "ARPipeline", "PipelineOutput", "load_pipeline", "pipeline_dir", "bits_per_token",
@@ -348,9 +348,7 @@ class CTFPipeline(_Pipeline):
         """(B, image_tokens) coarse labels -> (B, C, H, W) images: each label decoded through its
         cluster's representative codeword, i.e. what stage 1 alone decided."""
         coarse = _flat_tokens(coarse, self.image_tokens, self.device)
-        if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= self.coarse_map.num_coarse):
-            raise ConfigError(f"coarse labels must be in [0, {self.coarse_map.num_coarse}), got range "
-                             f"[{int(coarse.min())}, {int(coarse.max())}]")
+        tokens_below(coarse, self.coarse_map.num_coarse, "coarse labels", error=ConfigError)
         return self.decode(self.representatives.to(coarse.device)[coarse])
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.utils.errors import ConfigError, MismatchError, WrongTypeError
-from ctfgen.utils.options import check_sampling, check_seed
+from ctfgen.utils.options import check_sampling, check_seed, integer_tokens, tokens_below, whole_numbers
 from ctfgen.utils.precision import cast_weights
 
 GeneratorLike = Union[torch.Generator, int, None]
@@ -118,17 +118,7 @@ def _eval_mode(module: torch.nn.Module):
 
 def check_labels(labels, num_classes: int, device, allow_null: bool = False) -> torch.Tensor:
     """(B,) int64 class ids on `device`; `allow_null` also takes `num_classes`, the unconditional label."""
-    try:
-        raw = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"class labels must be whole numbers, got {labels!r}") from None
-    # a cast to int64 alone would truncate 2.5 to class 2 and take True for class 1
-    if raw.dtype == torch.bool or raw.is_complex():
-        raise ConfigError(f"class labels must be whole numbers, got a {raw.dtype} tensor")
-    if raw.is_floating_point() and not bool((raw == raw.round()).all()):
-        bad = raw.reshape(-1)[raw.reshape(-1) != raw.reshape(-1).round()][0].item()
-        raise ConfigError(f"class labels must be whole numbers, got {bad}")
-    labels = raw.to(torch.long).reshape(-1)
+    labels = whole_numbers(labels, "class labels must be whole numbers").reshape(-1)
     if labels.numel() == 0:
         raise ConfigError("no labels given: pass one class id per image")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes + allow_null:
@@ -212,20 +202,6 @@ def _compiled_step(gpt):
     return compiled
 
 
-def integer_tokens(tokens, what: str = "tokens") -> torch.Tensor:
-    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them, and
-    bools, which it would take for tokens 0 and 1 (a mask passed by mistake)."""
-    try:
-        tokens = torch.as_tensor(tokens)
-    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, strings, None
-        raise WrongTypeError(f"{what} must be an integer tensor or a nested list of integers with rows of one "
-                             f"length; torch could not read the {type(tokens).__name__} given: {e}") from None
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise WrongTypeError(f"{what} must be an integer tensor, got {tokens.dtype}")
-    return tokens
-
-
-@torch.no_grad()
 def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     """Teacher-forced log p(tokens | label) in nats, (B,) float64 (eval mode: no dropout, no
     class dropout). `labels=None` scores under the null label (unconditional)."""
@@ -237,11 +213,7 @@ def log_prob(gpt, tokens: torch.Tensor, labels=None) -> torch.Tensor:
     n = gpt.config.image_tokens
     if not 1 <= tokens.shape[1] <= n:
         raise MismatchError(f"tokens must hold 1 to {n} tokens per image (the model's grid), got {tokens.shape[1]}")
-    V = gpt.config.vocab_size
-    # out-of-range tokens would index past the embedding and logits: an IndexError here, a device assert on CUDA
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
-        raise MismatchError(f"tokens must be in [0, {V}), got range [{int(tokens.min())}, {int(tokens.max())}]; "
-                            "are these tokens from another tokenizer?")
+    tokens_below(tokens, gpt.config.vocab_size, hint="are these tokens from another tokenizer?")
     if labels is not None:
         labels = check_labels(labels, gpt.config.num_classes, device, allow_null=True)
     with _eval_mode(gpt):
@@ -294,10 +266,8 @@ def sample_fine(
     coarse = integer_tokens(coarse, "coarse labels").to(device=device, dtype=torch.long)
     if coarse.dim() != 2:
         raise ConfigError(f"coarse labels must be (B, L), got shape {tuple(coarse.shape)}")
-    K = aux.config.num_coarse
-    if coarse.numel() and (int(coarse.min()) < 0 or int(coarse.max()) >= K):
-        raise ConfigError(f"coarse labels must be in [0, {K}), got range [{int(coarse.min())}, {int(coarse.max())}]; "
-                          "are these labels from another coarse map?")
+    tokens_below(coarse, aux.config.num_coarse, "coarse labels", "are these labels from another coarse map?",
+                 ConfigError)
     B = coarse.shape[0]
     if labels is not None:
         labels = check_labels(labels, aux.config.num_classes, device, allow_null=True)

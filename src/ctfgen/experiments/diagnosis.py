@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ctfgen.clustering import CoarseMap
-from ctfgen.sampling import generate, integer_tokens, sample_fine
+from ctfgen.sampling import generate, sample_fine
 from ctfgen.utils.errors import ConfigError, MismatchError
+from ctfgen.utils.options import tokens_below
 
 __all__ = ["coarse_prediction", "most_frequent_members", "stagewise_sets", "STAGEWISE_SETS"]
 
@@ -93,13 +94,9 @@ def most_frequent_members(coarse_map: CoarseMap, tokens) -> torch.Tensor:
     """(K,) int64: each cluster's most frequent member in `tokens` (any shape of fine tokens, e.g. the
     training codes). Ties go to the lowest token id; a cluster none of whose members occurs takes its
     lowest member, so every label still decodes."""
-    tokens = integer_tokens(tokens).long().reshape(-1)
-    V = coarse_map.vocab_size
     # a token >= V would lengthen the counts (a lexsort shape error below), a negative one is bincount's RuntimeError
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
-        raise MismatchError(f"tokens must be in [0, {V}), got range [{int(tokens.min())}, {int(tokens.max())}]; "
-                            "are these tokens from another tokenizer?")
-    counts = torch.bincount(tokens, minlength=V)
+    tokens = tokens_below(tokens, coarse_map.vocab_size, hint="are these tokens from another tokenizer?")
+    counts = torch.bincount(tokens.reshape(-1), minlength=coarse_map.vocab_size)
     f2c = coarse_map.fine_to_coarse
     # Sort by (cluster, -count, id): the first entry of each cluster is its representative.
     order = np.lexsort((np.arange(coarse_map.vocab_size), -counts.numpy(), f2c.numpy()))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ctfgen.utils.errors import ConfigError, WrongTypeError
 from ctfgen.utils.fingerprint import codebook_fingerprint
 from ctfgen.utils.hub import HubMixin
+from ctfgen.utils.options import integer_tokens
 
 __all__ = ["VQConfig", "VQModel", "VectorQuantizer", "Encoder", "Decoder", "compute_entropy_loss"]
 
@@ -333,10 +334,7 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int codes -> (B, D, h, w) codewords."""
-        # every integer dtype (int8 and uint16..uint64 too); bools and floats are not codes
-        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise WrongTypeError(f"codes must be an integer tensor, got {codes.dtype}")
-        codes = codes.long()  # before min/max, which torch lacks for uint16..uint64
+        codes = integer_tokens(codes, "codes").long()  # int64 before min/max, which torch lacks for uint16..uint64
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.n_e):
             raise ConfigError(f"codes must lie in [0, {self.n_e}), got values in [{int(codes.min())}, {int(codes.max())}]")
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ctfgen.utils.errors import ConfigError
+from ctfgen.utils.errors import ConfigError, MismatchError, WrongTypeError
 
 __all__ = ["Option", "SAMPLING", "COUNTS", "SEED", "MAX_SAMPLE_IMAGES", "MAX_GRID_PIXELS", "check", "check_sampling",
            "check_seed", "fmt", "available_devices", "default_device", "check_device", "check_output_file",
-           "check_output_dir", "image_suffixes", "cli_help"]
+           "check_output_dir", "image_suffixes", "cli_help", "integer_tokens", "tokens_below", "whole_numbers"]
 
 # `ctfgen sample` keeps its grid in memory; larger sets stream to disk with `ctfgen sample-many`.
 MAX_SAMPLE_IMAGES = 1024
@@ -276,3 +276,44 @@ def check_output_dir(path, label: str = "--out") -> Path:
         raise ConfigError(f"{label} {path} is a file, not a directory")
     _writable(path, label, path)
     return path
+
+
+# --- token and label tensors ------------------------------------------------------------------------
+
+def integer_tokens(tokens, what: str = "tokens") -> torch.Tensor:
+    """`tokens` as a tensor of integers; floats are refused, since a cast to int64 would truncate them, and
+    bools, which it would take for tokens 0 and 1 (a mask passed by mistake)."""
+    try:
+        tokens = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, strings, None
+        raise WrongTypeError(f"{what} must be an integer tensor or a nested list of integers with rows of one "
+                             f"length; torch could not read the {type(tokens).__name__} given: {e}") from None
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise WrongTypeError(f"{what} must be an integer tensor, got {tokens.dtype}")
+    return tokens
+
+
+def tokens_below(tokens, n: int, what: str = "tokens", hint: str = "", error: type = MismatchError) -> torch.Tensor:
+    """`tokens` (integer_tokens) as int64, each in [0, n); otherwise `error` naming their range, and `hint`
+    (what a stray one suggests). Past `n` they would index beyond an embedding or a table: an IndexError,
+    a device assert on CUDA."""
+    tokens = integer_tokens(tokens, what).long()  # int64 before min/max, which torch lacks for uint16..uint64
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= n):
+        raise error(f"{what} must be in [0, {n}), got range [{int(tokens.min())}, {int(tokens.max())}]"
+                    + (f"; {hint}" if hint else ""))
+    return tokens
+
+
+def whole_numbers(values, refusal: str, error: type = ConfigError) -> torch.Tensor:
+    """`values` as an int64 tensor, refused (`error`, its message opening with `refusal`) where a cast would
+    change them: a cast to int64 alone truncates 2.5 to 2 and takes True for 1. Whole floats (2.0) are taken."""
+    try:
+        raw = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise error(f"{refusal}, got {values!r}") from None
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise error(f"{refusal}, got a {raw.dtype} tensor")
+    if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+        flat = raw.reshape(-1)
+        raise error(f"{refusal}, got {flat[flat != flat.round()][0].item()}")
+    return raw.to(torch.long)
