@@ -108,3 +108,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def settings_kept(optimizer: torch.optim.Optimizer):
+    """Around an optimizer state load: put back the lr, betas and weight decay its param groups had before.
+    Loading restores the ones saved with the state, and a resume trains with those asked for now (a lower
+    lr after a NaN, as its message advises)."""
+    kept = [{k: g[k] for k in ("lr", "betas", "weight_decay") if k in g} for g in optimizer.param_groups]
+    yield
+    for group, values in zip(optimizer.param_groups, kept):
+        group.update(values)

@@ -410,12 +410,8 @@ class Run:
             diff = {k: (then.get(k), now.get(k)) for k in set(then) | set(now) if then.get(k) != now.get(k)}
             raise CheckpointError(f"{path} was trained with another model config (checkpoint, now): {diff}; "
                                   "resume with the same model settings or start a new run")
-        # Loading puts back the betas and weight decay saved with the state: settings changed for this resume
-        # (logged as changed below) would not be used. The lr is set every step.
-        current = [{k: g[k] for k in ("betas", "weight_decay")} for g in self.optimizer.param_groups]
-        D.load_optimizer_state(self.wrapped, self.optimizer, ck["optimizer"])
-        for group, settings in zip(self.optimizer.param_groups, current):
-            group.update(settings)
+        with C.settings_kept(self.optimizer):  # settings changed for this resume are logged below, and used
+            D.load_optimizer_state(self.wrapped, self.optimizer, ck["optimizer"])
         if self.ema is not None:
             if ck.get("ema") is None:
                 raise CheckpointError(f"{path} has no EMA weights but train.ema is on; resume with train.ema=false")

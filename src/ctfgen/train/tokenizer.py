@@ -24,7 +24,7 @@ from ctfgen.tokenizer.codebook import DeadCodeRestarter, kmeans_init_codebook
 from ctfgen.tokenizer.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, load_lpips,
                                      reconstruction_loss, vanilla_d_loss)
 from ctfgen.tokenizer.vq import VQConfig, VQModel
-from ctfgen.train.checkpoint import list_checkpoints, seed_everything
+from ctfgen.train.checkpoint import list_checkpoints, seed_everything, settings_kept
 from ctfgen.train.loop import refuse_earlier_run, train, training_autocast
 from ctfgen.utils import distributed as D
 from ctfgen.utils.errors import CheckpointError, NonFiniteLossError
@@ -143,12 +143,8 @@ class VQTraining:
                 raise CheckpointError(f"{source} has no discriminator state but tokenizer.loss.disc_weight > 0 now; "
                                       "resume with disc_weight: 0 or start a new run")
             self.disc.load_state_dict(state["disc"])
-            # Loading puts back the lr, betas and weight decay saved with the state: a resume with a lower lr
-            # (as a NaN's message advises) would go on with the old one. Its lr is constant, set here only.
-            current = [{k: g[k] for k in ("lr", "betas", "weight_decay")} for g in self.d_opt.param_groups]
-            self.d_opt.load_state_dict(state["disc_optimizer"])
-            for group, settings in zip(self.d_opt.param_groups, current):
-                group.update(settings)
+            with settings_kept(self.d_opt):  # its lr is constant, set when it is made: a new one must stay
+                self.d_opt.load_state_dict(state["disc_optimizer"])
         if self.restarter is not None:
             if "dead_codes" not in state:
                 raise CheckpointError(f"{source} has no dead-code restart state but tokenizer.train.dead_code_steps "
@@ -191,7 +187,7 @@ def train_tokenizer_from_config(cfg: ExperimentConfig, out_dir, resume: bool = F
     """`ctfgen train-tokenizer`: the `data` and `tokenizer` sections of an experiment config; the
     resolved config is kept as out_dir/config.yaml."""
     dataset = make_dataset(cfg.data, "train", channels=cfg.tokenizer.model.get("in_channels", 3))
-    D.rank_device(device)  # the group joined before the lock: rank 0 alone takes it and writes
+    device = D.rank_device(device)  # the group joined before the lock: rank 0 alone takes it and writes
     out_dir = Path(out_dir)
     # The config.yaml of a run that a second writer, a missing --resume or another model stops stays as it was:
     # a new run records its config before it trains, a resumed one once it has gone ahead and finished.
