@@ -26,8 +26,11 @@ from ctfgen.utils.errors import CorruptFileError
 
 
 def fsync_file(path: str | os.PathLike) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)  # read-only is enough for fsync, and a read-only file (a copy) opens so too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -210,13 +213,8 @@ def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             path = os.path.join(folder, name)
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue
-            fd = os.open(path, os.O_RDONLY)  # not fsync_file's rb+: a copied read-only file is still synced
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                fsync_file(path)
         fsync_dir(folder)
 
 
