@@ -639,6 +639,13 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
         load_stage_config(path, "baseline", ["train.lrr=1"])
 
 
+def _refused_when_loaded(override, message, capsys):
+    """The override of tiny.yaml is one `error:` line holding `message`, before any work (--print-config)."""
+    assert cli(["pipeline", TINY, "--print-config", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.steps=0", "train.steps must be >= 1, got 0"), ("stage1.train.epochs=-1", "stage1.train.epochs must be >= 1"),
     ("train.lr=0", "train.lr must be > 0"), ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
@@ -649,9 +656,7 @@ def test_stage_config_from_an_experiment_inherits_then_takes_the_overrides(tmp_p
     ("train.seed=4294967296", "train.seed must be <= 4294967295, got 4294967296"),
     ("sampling.ctf.temperature_fine=-1", "sampling.ctf.temperature_fine must be between 0 and 10")])
 def test_config_numbers_at_zero_and_below_are_refused(override, message, capsys):
-    assert cli(["pipeline", TINY, "--print-config", override]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    _refused_when_loaded(override, message, capsys)
 
 
 # (settings class, field, a value the code that uses the field cannot take, the message)
@@ -759,9 +764,7 @@ def test_every_numeric_setting_refuses_what_its_user_cannot_take(cls, name, valu
     ("aux.model.dim=100", "aux: head_dim 50 (dim/n_head) must be a multiple of 4"),
     ("train.grad_accum=3", "stage1.train.batch_size=50 must be a multiple of stage1.train.grad_accum=3")])
 def test_config_values_of_the_wrong_type_are_refused(override, message, capsys):
-    assert cli(["pipeline", TINY, "--print-config", override]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    _refused_when_loaded(override, message, capsys)
 
 
 @pytest.mark.parametrize("argv,shows", [
